@@ -1,0 +1,1 @@
+"""Qwen2.5 training on Megatron-Core: model, data, tokenizer and the CPU backend."""

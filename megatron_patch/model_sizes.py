@@ -1,0 +1,136 @@
+"""The Qwen2.5 size table: the one place that knows each model's shape.
+
+Values are the official Hugging Face Qwen2.5 base configs. `tiny` keeps the real vocabulary so the real
+tokenizer fits, and is small enough to train on a CPU.
+
+Shell scripts ask this module instead of repeating the table:
+    eval "$(python -m megatron_patch.model_sizes 0.5B --bash)"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Qwen25Size:
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int  # HF: num_key_value_heads
+    ffn_hidden_size: int  # HF: intermediate_size
+    vocab_size: int  # padded vocab = HF config vocab_size
+    tie_word_embeddings: bool
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float = 1_000_000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+QWEN2_5_SIZES: dict[str, Qwen25Size] = {
+    "tiny": Qwen25Size(2, 64, 4, 2, 128, 151936, True, 1e-6, 32768),
+    "0.5B": Qwen25Size(24, 896, 14, 2, 4864, 151936, True, 1e-6, 32768),
+    "1.5B": Qwen25Size(28, 1536, 12, 2, 8960, 151936, True, 1e-6, 131072),
+    "3B": Qwen25Size(36, 2048, 16, 2, 11008, 151936, True, 1e-6, 32768),
+    "7B": Qwen25Size(28, 3584, 28, 4, 18944, 152064, False, 1e-6, 131072),
+    "14B": Qwen25Size(48, 5120, 40, 8, 13824, 152064, False, 1e-5, 131072),
+    "32B": Qwen25Size(64, 5120, 40, 8, 27648, 152064, False, 1e-5, 131072),
+    "72B": Qwen25Size(80, 8192, 64, 8, 29568, 152064, False, 1e-5, 131072),
+}
+
+# HF config.json key for each field that decides the weights' shapes (max positions may differ between the
+# base and instruct releases, so it is not compared).
+HF_CONFIG_KEYS = {
+    "num_layers": "num_hidden_layers",
+    "hidden_size": "hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_key_value_heads",
+    "ffn_hidden_size": "intermediate_size",
+    "vocab_size": "vocab_size",
+    "tie_word_embeddings": "tie_word_embeddings",
+}
+
+
+def get_size(name: str) -> Qwen25Size:
+    try:
+        return QWEN2_5_SIZES[name]
+    except KeyError:
+        raise SystemExit(
+            f"error: unknown MODEL_SIZE '{name}'. Choose one of: {', '.join(QWEN2_5_SIZES)}."
+        ) from None
+
+
+def size_from_hf_config(config: dict) -> Qwen25Size:
+    """The shape a Hugging Face Qwen2 config.json describes."""
+    return Qwen25Size(
+        num_layers=config["num_hidden_layers"],
+        hidden_size=config["hidden_size"],
+        num_attention_heads=config["num_attention_heads"],
+        num_query_groups=config.get("num_key_value_heads", config["num_attention_heads"]),
+        ffn_hidden_size=config["intermediate_size"],
+        vocab_size=config["vocab_size"],
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=config.get("max_position_embeddings", 32768),
+        rope_theta=config.get("rope_theta", 1_000_000.0),
+    )
+
+
+def hf_config_mismatches(size: Qwen25Size, config: dict) -> list[str]:
+    """Fields where a named size disagrees with a checkpoint's config.json, as 'field: size vs config'."""
+    found = []
+    for field, key in HF_CONFIG_KEYS.items():
+        if key in config and getattr(size, field) != config[key]:
+            found.append(f"{key}: {getattr(size, field)} (size table) vs {config[key]} (config.json)")
+    return found
+
+
+def resolve_size(name: str, checkpoint_dir: str | Path | None = None) -> Qwen25Size:
+    """A size-table entry, or `auto` to read config.json; a named size must agree with config.json if present."""
+    config_path = Path(checkpoint_dir) / "config.json" if checkpoint_dir else None
+    config = json.loads(config_path.read_text()) if config_path and config_path.is_file() else None
+    if name == "auto":
+        if config is None:
+            raise SystemExit(f"error: MODEL_SIZE=auto needs a config.json, and none is at {config_path}.")
+        return size_from_hf_config(config)
+    size = get_size(name)
+    if config is not None:
+        bad = hf_config_mismatches(size, config)
+        if bad:
+            raise SystemExit(
+                f"error: MODEL_SIZE={name} does not match {config_path}:\n  " + "\n  ".join(bad)
+                + f"\nPass the size this checkpoint was trained as, or MODEL_SIZE=auto."
+            )
+    return size
+
+
+def bash_assignments(size: Qwen25Size) -> str:
+    values = asdict(size) | {"head_dim": size.head_dim}
+    lines = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            value = str(value).lower()
+        lines.append(f"{key.upper()}={shlex.quote(str(value))}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("size", choices=[*QWEN2_5_SIZES, "auto"])
+    parser.add_argument("--checkpoint", help="checkpoint folder whose config.json must match (or define, with auto)")
+    parser.add_argument("--bash", action="store_true", help="print NAME=value lines for a shell's eval")
+    args = parser.parse_args(argv)
+    size = resolve_size(args.size, args.checkpoint)
+    print(bash_assignments(size) if args.bash else json.dumps(asdict(size), indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
