@@ -1,0 +1,64 @@
+"""Qwen2.5's Megatron flags (from the size table) and the extra arguments our entrypoint adds."""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_patch.model_sizes import Qwen25Size, get_size
+
+
+def qwen2_5_model_flags(size: Qwen25Size) -> list[str]:
+    """The megatron-core architecture flags that make GPTModel a Qwen2.5 of this size."""
+    flags = [
+        "--num-layers", str(size.num_layers),
+        "--hidden-size", str(size.hidden_size),
+        "--num-attention-heads", str(size.num_attention_heads),
+        "--group-query-attention",
+        "--num-query-groups", str(size.num_query_groups),
+        "--ffn-hidden-size", str(size.ffn_hidden_size),
+        "--max-position-embeddings", str(size.max_position_embeddings),
+        "--position-embedding-type", "rope",
+        "--rotary-base", str(int(size.rope_theta)),
+        "--rotary-percent", "1.0",
+        "--normalization", "RMSNorm",
+        "--norm-epsilon", str(size.rms_norm_eps),
+        "--swiglu",
+        # Qwen2.5: no bias anywhere except q/k/v.
+        "--disable-bias-linear",
+        "--add-qkv-bias",
+        "--attention-dropout", "0.0",
+        "--hidden-dropout", "0.0",
+        "--padded-vocab-size", str(size.vocab_size),
+    ]
+    if not size.tie_word_embeddings:
+        flags.append("--untie-embeddings-and-output-weights")
+    return flags
+
+
+def expand_model_size(argv: list[str]) -> list[str]:
+    """Replace `--model-size NAME` in a command line by the Qwen2.5 flags of that size.
+
+    Flags given explicitly after it still win (argparse keeps the last value).
+    """
+    if "--model-size" not in argv:
+        return argv
+    i = argv.index("--model-size")
+    if i + 1 >= len(argv):
+        raise SystemExit("error: --model-size needs a value, e.g. --model-size 0.5B")
+    return argv[:i] + qwen2_5_model_flags(get_size(argv[i + 1])) + argv[i + 2:]
+
+
+def add_extra_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    group = parser.add_argument_group("Qwen2.5 (megatron_patch)")
+    group.add_argument("--dataset-type", choices=["mock", "idxmap", "raw"], default="idxmap",
+                       help="mock: random tokens; idxmap: Megatron .bin/.idx; raw: JSON SFT tokenized on the fly")
+    # Not megatron's own --sft: that one averages validation loss per micro-batch, we average per answer token.
+    group.add_argument("--instruction-tuning", action="store_true",
+                       help="SFT data: loss on answer tokens only, averaged over all answer tokens of the global batch")
+    group.add_argument("--sft-packing", action="store_true",
+                       help="pack several SFT samples into one sequence, never attending across them")
+    group.add_argument("--max-padding-length", type=int, default=None,
+                       help="raw JSON SFT: pad or truncate each sample to this many tokens")
+    group.add_argument("--cpu-threads", type=int, default=None,
+                       help="CPU runs: torch threads per process (default: cores / processes)")
+    return parser

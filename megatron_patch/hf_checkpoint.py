@@ -1,0 +1,87 @@
+"""Random-init Hugging Face Qwen2.5 checkpoints of any size-table shape, for the demo, tests and benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from megatron_patch.model_sizes import QWEN2_5_SIZES, Qwen25Size, get_size
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def hf_config_for(size: Qwen25Size, dtype: str = "bfloat16"):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=size.vocab_size,
+        hidden_size=size.hidden_size,
+        intermediate_size=size.ffn_hidden_size,
+        num_hidden_layers=size.num_layers,
+        num_attention_heads=size.num_attention_heads,
+        num_key_value_heads=size.num_query_groups,
+        max_position_embeddings=size.max_position_embeddings,
+        rms_norm_eps=size.rms_norm_eps,
+        rope_theta=size.rope_theta,
+        tie_word_embeddings=size.tie_word_embeddings,
+        hidden_act="silu",
+        bos_token_id=151643,
+        eos_token_id=151643,
+        torch_dtype=dtype,
+        use_sliding_window=False,
+    )
+
+
+def write_random_hf_checkpoint(
+    size: Qwen25Size | str,
+    out_dir: str | Path,
+    dtype: str = "bfloat16",
+    seed: int = 1234,
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
+    """Save a random-init Qwen2ForCausalLM with `size`'s shape (and a tokenizer's files beside it)."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    size = get_size(size) if isinstance(size, str) else size
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(hf_config_for(size, dtype)).to(getattr(torch, dtype))
+    # HF's default init leaves the RMSNorm weights at 1: perturb them so conversion tests see every tensor.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.is_file() and not (out_dir / name).exists():
+                shutil.copy(src, out_dir / name)
+    return out_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("size", choices=list(QWEN2_5_SIZES))
+    parser.add_argument("out_dir")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--tokenizer", help="folder whose tokenizer files are copied beside the weights")
+    args = parser.parse_args()
+    write_random_hf_checkpoint(args.size, args.out_dir, args.dtype, args.seed, args.tokenizer)
+    print(f"wrote a random-init Qwen2.5-{args.size} checkpoint to {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The Qwen2.5 model for megatron-core: its layer spec and the model provider `pretrain()` calls."""
+
+from __future__ import annotations
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # TE's import fails in many ways when its CUDA libraries are missing
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def qwen2_5_layer_spec(use_te: bool) -> ModuleSpec:
+    """Pre-norm RMSNorm decoder layer with GQA self-attention and a SwiGLU MLP.
+
+    With Transformer Engine the norms fuse into the following linear layers; the local spec keeps them as
+    separate modules but saves them under TE's key names, so checkpoints move freely between the two.
+    """
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
+    from megatron.training import get_args, print_rank_0
+    from megatron.training.argument_utils import core_transformer_config_from_args
+
+    args = get_args()
+    use_te = args.transformer_impl == "transformer_engine"
+    if config is None:
+        config = core_transformer_config_from_args(args)
+    print_rank_0(f"building Qwen2.5 GPTModel ({'Transformer Engine' if use_te else 'local'} spec)")
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=qwen2_5_layer_spec(use_te),
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+        vp_stage=vp_stage,
+        pg_collection=pg_collection,
+    )

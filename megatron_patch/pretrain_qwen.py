@@ -1,0 +1,79 @@
+"""Qwen2.5 pre-training and fine-tuning entrypoint: model provider, forward step with its loss, datasets.
+
+Launch it with torchrun (examples/qwen2_5/run_mcore_qwen.sh builds the command):
+    torchrun --nproc-per-node N -m megatron_patch.pretrain_qwen --model-size 0.5B [Megatron flags]
+Without a GPU the same command trains on the CPU (see megatron_patch/cpu_backend.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import partial
+
+# Megatron orders tensor-parallel communication behind compute on one CUDA queue; it must be set before the
+# CUDA context exists (as Pai-Megatron-Patch's launcher does).
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+import torch  # noqa: E402
+
+from megatron_patch import cpu_backend, megatron_compat  # noqa: E402
+
+ON_CPU = cpu_backend.enable()
+megatron_compat.apply()
+
+from megatron.core.enums import ModelType  # noqa: E402
+from megatron.training import get_args, get_timers, pretrain, print_rank_0  # noqa: E402
+from megatron.training.argument_utils import pretrain_cfg_container_from_args  # noqa: E402
+from megatron.training.arguments import parse_and_validate_args  # noqa: E402
+
+from megatron_patch.arguments import add_extra_args, expand_model_size  # noqa: E402
+from megatron_patch.data.providers import get_batch, train_valid_test_datasets_provider  # noqa: E402
+from megatron_patch.model import model_provider  # noqa: E402
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of token losses and the token count: Megatron divides by the global batch's token count
+    (--calculate-per-token-loss), so SFT loss is the mean over all answer tokens, not over samples."""
+    losses = output_tensor.view(-1).float()
+    loss_mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * loss_mask)
+    num_tokens = loss_mask.sum().clone().detach().to(torch.int)
+    report = torch.cat([loss.clone().detach().view(1), num_tokens.view(1).float()])
+    return loss, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    timers = get_timers()
+    timers("batch-generator", log_level=2).start()
+    batch = get_batch(data_iterator)
+    timers("batch-generator").stop()
+    output_tensor = model(
+        batch["tokens"],
+        batch["position_ids"],
+        batch.get("attention_mask"),
+        labels=batch["labels"],
+        packed_seq_params=batch.get("packed_seq_params"),
+    )
+    return output_tensor, partial(loss_func, batch["loss_mask"])
+
+
+def main(argv: list[str]) -> None:
+    argv = expand_model_size(argv)
+    if ON_CPU:
+        argv = cpu_backend.cpu_argv(argv)
+    sys.argv = [sys.argv[0], *argv]
+    args = parse_and_validate_args(extra_args_provider=add_extra_args)
+    if ON_CPU:
+        cpu_backend.configure_args(args)
+    pretrain(
+        pretrain_cfg_container_from_args(args),
+        train_valid_test_datasets_provider,
+        ModelType.encoder_or_decoder,
+        forward_step,
+        model_provider=model_provider,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
