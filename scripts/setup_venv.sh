@@ -34,8 +34,12 @@ if ! is_py312 .venv/bin/python 2>/dev/null; then
 fi
 
 echo "setup: installing the project and its pinned dependencies into .venv (first time: a few minutes)"
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+# Some machines' pip configs name local indexes that may be absent; their warnings are noise here.
+quiet_pip() { .venv/bin/python -m pip install --quiet "$@" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }; }
+quiet_pip --upgrade pip
+quiet_pip -e '.[test]'
+.venv/bin/python -W ignore -c 'import megatron.core, megatron.training, torch, transformers' \
+  || { echo "error: the install finished but megatron-core/torch/transformers do not import; see the pip output above" >&2; exit 1; }
 rm -f .venv/.installed-*
 touch "$stamp"
 echo "setup: done"

@@ -1,0 +1,170 @@
+"""Evaluate a Hugging Face checkpoint on CMMLU / C-Eval with the real lm-eval package, offline.
+
+    run_eval.sh MODEL_DIR [TASKS] [extra lm_eval args...]      (TASKS default: cmmlu,ceval-valid)
+
+Runs the best practice's command,
+    accelerate launch --main_process_port 29051 -m lm_eval --model hf \
+        --model_args pretrained=MODEL_DIR,trust_remote_code=True --tasks cmmlu,ceval-valid --batch_size 16
+data parallel with one process per visible GPU (plain `python -m lm_eval --device cpu` without a GPU), with the
+hub switched off and lm-eval's cmmlu/ceval-valid reading prepare_data.py's files from EVAL_DATA_DIR.
+Results (JSON, plus the task configs used) go to MODEL_DIR/eval_results/ unless --output_path is given.
+
+Environment: EVAL_DATA_DIR (default LM-Evaluation-Harness/data), MAIN_PROCESS_PORT (default 29051),
+EVAL_DRY_RUN=1 prints the lm_eval command instead of running it. HF_HUB_OFFLINE / HF_DATASETS_OFFLINE /
+TRANSFORMERS_OFFLINE default to 1; export them as 0 to let lm-eval reach the hub.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+from benchmarks import BENCHMARKS, Benchmark, default_data_dir, prepare_command
+
+DEFAULT_TASKS = "cmmlu,ceval-valid"
+DEFAULT_BATCH_SIZE = "16"
+DEFAULT_PORT = "29051"
+MIN_LM_EVAL = "0.4.12"  # the TaskManager API local_tasks.py reads lm-eval's own configs with
+# Without these, every hub lookup on a cluster without internet waits out ~25 s of retries before failing.
+OFFLINE_DEFAULTS = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1"}
+TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+
+def check_model_dir(model_dir: Path) -> None:
+    if not model_dir.is_dir():
+        raise SystemExit(f"error: MODEL_DIR {model_dir} is not a folder.")
+    if not (model_dir / "config.json").is_file():
+        raise SystemExit(
+            f"error: MODEL_DIR {model_dir} has no config.json, so it is not a Hugging Face checkpoint.\n"
+            "If it is a Megatron checkpoint, convert it back to Hugging Face format first (the best practice's "
+            "mcore -> HF conversion step), then pass the converted folder."
+        )
+    if not any(all((model_dir / name).is_file() for name in files) for files in TOKENIZER_FILE_SETS):
+        raise SystemExit(
+            f"error: MODEL_DIR {model_dir} has no tokenizer (tokenizer.json, or vocab.json + merges.txt).\n"
+            "Copy the tokenizer files of the Hugging Face model you started from into it."
+        )
+
+
+def check_lm_eval_version() -> None:
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    if Version(version("lm_eval")) < Version(MIN_LM_EVAL):
+        raise SystemExit(f"error: lm-eval {version('lm_eval')} is installed; run_eval.sh needs lm-eval>={MIN_LM_EVAL}.")
+
+
+def benchmark_of(task: str) -> Benchmark | None:
+    """The benchmark a --tasks entry belongs to: its group, or one of its subject tasks."""
+    for bench in BENCHMARKS.values():
+        if task == bench.group or task.startswith(f"{bench.group}_"):
+            return bench
+    return None
+
+
+def write_task_configs(tasks: list[str], data_dir: Path, tasks_root: Path) -> None:
+    """Point each requested benchmark at its local data, or stop with how to get that data."""
+    from local_tasks import write_local_tasks
+
+    # Start clean: configs left by an earlier run (another lm-eval, other data) must not be indexed.
+    shutil.rmtree(tasks_root, ignore_errors=True)
+    requested = {bench.name: bench for bench in map(benchmark_of, tasks) if bench is not None}
+    for bench in requested.values():
+        local = write_local_tasks(bench, data_dir, tasks_root)
+        data_folder = data_dir / bench.name
+        if not local.prepared:
+            raise SystemExit(
+                f"error: no local {bench.name} data for task '{bench.group}': {data_folder} is missing or holds no "
+                f"subject with all of {', '.join(bench.splits)}.\n"
+                f"lm-eval's built-in task would fetch it from the Hugging Face hub, which is switched off here.\n"
+                f"Get the data once, on any machine with internet:\n  {bench.download_hint}\n"
+                f"then convert it:\n  {prepare_command(bench, data_dir)}\n"
+                f"(or set EVAL_DATA_DIR to where you prepared it before)."
+            )
+        missing_subtasks = [t for t in tasks if t in local.unprepared]
+        if missing_subtasks:
+            raise SystemExit(f"error: no local data in {data_folder} for {', '.join(missing_subtasks)}; "
+                             f"rerun {prepare_command(bench, data_dir)} with a download that has them.")
+        if local.unprepared:
+            print(f"warning: {bench.group} covers {len(local.prepared)} of {len(local.prepared) + len(local.unprepared)} "
+                  f"subjects, those prepared in {data_folder}; missing: {', '.join(local.unprepared)}", file=sys.stderr)
+
+
+def passed(extra: list[str], flag: str) -> bool:
+    return any(arg == flag or arg.startswith(f"{flag}=") for arg in extra)
+
+
+def build_command(model_dir: Path, tasks: str, extra: list[str], include_path: Path, output_path: Path,
+                  num_gpus: int, python: str = sys.executable, port: str = DEFAULT_PORT) -> list[str]:
+    """The lm_eval command line; defaults are added only where the user's extra args don't set them."""
+    # One process per GPU, each holding a full model replica (lm-eval's data parallel); an explicit --device
+    # asks for a single device, which plain `python -m lm_eval` gives.
+    if num_gpus > 0 and not passed(extra, "--device"):
+        launcher = [python, "-m", "accelerate.commands.accelerate_cli", "launch",
+                    "--num_processes", str(num_gpus), "--main_process_port", port, "-m", "lm_eval"]
+    else:
+        launcher = [python, "-m", "lm_eval"]
+    command = [*launcher, "--model", "hf", "--model_args", f"pretrained={model_dir},trust_remote_code=True",
+               "--tasks", tasks, "--include_path", str(include_path)]
+    defaults = {"--batch_size": DEFAULT_BATCH_SIZE, "--output_path": str(output_path)}
+    if num_gpus == 0:
+        defaults["--device"] = "cpu"
+    for flag, value in defaults.items():
+        if not passed(extra, flag):
+            command += [flag, value]
+    return command + extra
+
+
+def output_path_of(extra: list[str], model_dir: Path) -> Path:
+    for i, arg in enumerate(extra):
+        if arg.startswith("--output_path="):
+            return Path(arg.split("=", 1)[1]).resolve()
+        if arg == "--output_path" and i + 1 < len(extra):
+            return Path(extra[i + 1]).resolve()
+    return model_dir / "eval_results"
+
+
+def lm_eval_env(environ: dict[str, str]) -> dict[str, str]:
+    return {**OFFLINE_DEFAULTS, **environ}  # a variable the user set wins, e.g. HF_HUB_OFFLINE=0
+
+
+def visible_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0 if argv else 2)
+    model_dir = Path(argv[0]).expanduser().resolve()
+    has_tasks = len(argv) > 1 and not argv[1].startswith("-")
+    tasks = argv[1] if has_tasks else DEFAULT_TASKS
+    extra = argv[2:] if has_tasks else argv[1:]
+    for flag, why in (("--tasks", "give TASKS as the second argument"),
+                      ("--include_path", "run_eval.sh passes its own, with the local cmmlu/ceval-valid tasks"),
+                      ("--model", "run_eval.sh evaluates Hugging Face checkpoints with --model hf")):
+        if passed(extra, flag):
+            raise SystemExit(f"error: don't pass {flag}: {why}. (Extra model args go in --model_args key=value,...)")
+
+    check_model_dir(model_dir)
+    check_lm_eval_version()
+    output_path = output_path_of(extra, model_dir)
+    tasks_root = output_path / "lm_eval_tasks"
+    write_task_configs([t.strip() for t in tasks.split(",") if t.strip()], default_data_dir(), tasks_root)
+
+    command = build_command(model_dir, tasks, extra, tasks_root, output_path, visible_gpu_count(),
+                            port=os.environ.get("MAIN_PROCESS_PORT", DEFAULT_PORT))
+    print("+ " + shlex.join(command), flush=True)
+    if os.environ.get("EVAL_DRY_RUN") == "1":
+        return
+    os.execve(command[0], command, lm_eval_env(dict(os.environ)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

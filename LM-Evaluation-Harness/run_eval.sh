@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Evaluate a Hugging Face checkpoint on CMMLU / C-Eval with lm-eval, offline; logic lives in run_eval.py.
+#   bash run_eval.sh MODEL_DIR [TASKS=cmmlu,ceval-valid] [extra lm_eval args, e.g. --limit 10 --batch_size 8]
+# Data: prepare it once with prepare_data.py; EVAL_DATA_DIR says where (default: this folder's data/).
+set -euo pipefail
+
+if [[ $# -lt 1 ]]; then
+    echo "usage: $0 MODEL_DIR [TASKS] [extra lm_eval args]   (TASKS default: cmmlu,ceval-valid)" >&2
+    exit 2
+fi
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# The project's venv (made by `make setup`) when there is one, so lm-eval and accelerate are the pinned ones.
+if [[ -z "${PYTHON:-}" ]]; then
+    PYTHON=python
+    [[ -x "$HERE/../.venv/bin/python" ]] && PYTHON="$HERE/../.venv/bin/python"
+fi
+exec "$PYTHON" "$HERE/run_eval.py" "$@"

@@ -1,0 +1,225 @@
+"""Pre-training corpus -> Megatron idxmap: one document per input record, token ids + end-of-document.
+
+Inputs:
+  * JSON lines (.jsonl/.ndjson/.json): one object per line, its text under `json_key`.
+  * anything else is plain UTF-8 text: by default one document per paragraph (lines up to a blank line, joined
+    with their newlines); `text_mode="line"` makes every line a document instead.
+
+Output: `{output_prefix}_{json_key}_document.{bin,idx}` (Megatron's naming), one sequence per document, int32 ids.
+Workers only import `tokenizers` (not transformers or megatron), so a pool of them starts in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from megatron_patch.data.parallel import ordered_parallel_map
+from megatron_patch.data.records import JSON_LINES_SUFFIXES, InputError, iter_raw_lines
+from megatron_patch.tokenizer import EOD_TOKEN, EOD_TOKEN_ID
+
+CHUNK_DOCUMENTS = 256  # documents per task sent to a worker: big enough to amortise pickling, small for memory
+MAX_REPORTED_BAD_LINES = 10
+
+
+@dataclass
+class PreprocessStats:
+    documents: int = 0  # written
+    tokens: int = 0  # written, end-of-document tokens included
+    skipped_bad_lines: int = 0
+    empty_documents: int = 0  # blank text: counted, not written
+    seconds: float = 0.0
+    bad_line_messages: list[str] = field(default_factory=list)
+
+    def summary(self, output: str) -> str:
+        rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"done: {self.documents:,} documents, {self.tokens:,} tokens, "
+            f"{self.skipped_bad_lines:,} bad lines skipped, {self.empty_documents:,} empty documents skipped, "
+            f"{self.seconds:.1f}s ({rate:,.0f} tokens/s) -> {output}.{{bin,idx}}"
+        )
+
+
+# ---- worker side: keep this light, it runs in every spawned process ----
+
+_ENCODER = None
+_LOADED: dict[str, object] = {}  # tokenizer.json path -> tokenizers.Tokenizer, loaded once per process
+
+
+def load_fast_tokenizer(tokenizer_dir: str | Path):
+    from tokenizers import Tokenizer
+
+    path = str(Path(tokenizer_dir).resolve() / "tokenizer.json")
+    if path not in _LOADED:
+        _LOADED[path] = Tokenizer.from_file(path)
+    return _LOADED[path]
+
+
+def init_encoder(tokenizer_dir: str, in_worker: bool = True) -> None:
+    """Load the fast tokenizer once per process."""
+    global _ENCODER
+    if in_worker:
+        # Each worker is already one of N processes; rayon threads on top would only oversubscribe the cores.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _ENCODER = load_fast_tokenizer(tokenizer_dir)
+
+
+def _document_text(raw: str, json_key: str | None) -> tuple[str | None, str | None]:
+    """(text, error) of one input record: raw text as is, or a JSON line's `json_key` field."""
+    if json_key is None:
+        return raw, None
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        return None, f"malformed JSON: {e.msg} (column {e.colno})"
+    if not isinstance(obj, dict):
+        return None, f"expected a JSON object, got {type(obj).__name__}"
+    if json_key not in obj:
+        keys = ", ".join(list(obj)[:8])
+        return None, f"no '{json_key}' key (keys: {keys}); choose the text field with --json-key"
+    text = obj[json_key]
+    if not isinstance(text, str):
+        return None, f"'{json_key}' is {type(text).__name__}, expected a string"
+    return text, None
+
+
+def encode_chunk(chunk: tuple[list[tuple[int, str]], str | None]) -> list[tuple[int, np.ndarray | None, str | None]]:
+    """[(line, ids or None, error or None)] for one chunk of raw records; ids are int32, without EOD.
+
+    Blank documents come back as an empty array so the writer can count them.
+    """
+    items, json_key = chunk
+    texts, results = [], []
+    for line, raw in items:
+        text, error = _document_text(raw, json_key)
+        results.append([line, None, error])
+        if error is None:
+            texts.append(text)
+    encodings = iter(_ENCODER.encode_batch(texts, add_special_tokens=False) if texts else [])
+    for result in results:
+        if result[2] is None:
+            ids = next(encodings).ids
+            result[1] = np.asarray(ids, dtype=np.int32)
+    return [tuple(r) for r in results]
+
+
+# ---- reading inputs ----
+
+
+def is_json_lines(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in JSON_LINES_SUFFIXES
+
+
+def iter_documents(path: str | Path, text_mode: str = "paragraph") -> Iterator[tuple[int, str]]:
+    """(line where the document starts, raw record) for a JSONL or plain-text file."""
+    if is_json_lines(path):
+        for line, raw in iter_raw_lines(path):
+            if raw.strip():
+                yield line, raw
+        return
+    if text_mode == "line":
+        yield from iter_raw_lines(path)
+        return
+    if text_mode != "paragraph":
+        raise ValueError(f"text_mode must be 'paragraph' or 'line', not {text_mode!r}")
+    start, lines = 0, []
+    for line, raw in iter_raw_lines(path):
+        if raw.strip():
+            if not lines:
+                start = line
+            lines.append(raw)
+        elif lines:
+            yield start, "\n".join(lines)
+            lines = []
+    if lines:
+        yield start, "\n".join(lines)
+
+
+def iter_chunks(path: str | Path, text_mode: str, json_key: str) -> Iterator[tuple[list[tuple[int, str]], str | None]]:
+    key = json_key if is_json_lines(path) else None
+    batch: list[tuple[int, str]] = []
+    for item in iter_documents(path, text_mode):
+        batch.append(item)
+        if len(batch) >= CHUNK_DOCUMENTS:
+            yield batch, key
+            batch = []
+    if batch:
+        yield batch, key
+
+
+def check_tokenizer_dir(tokenizer_dir: str | Path) -> None:
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise InputError(
+            f"{path} not found: preprocessing needs a fast tokenizer file. Write the Qwen2.5 one with\n"
+            f"  python -m megatron_patch.tokenizer --write-default {tokenizer_dir}"
+        )
+    eod = load_fast_tokenizer(tokenizer_dir).token_to_id(EOD_TOKEN)
+    if eod != EOD_TOKEN_ID:
+        raise InputError(f"{path} maps {EOD_TOKEN} to {eod}, not {EOD_TOKEN_ID}: this is not a Qwen2.5 tokenizer.")
+
+
+def output_prefix_for(output_prefix: str | Path, json_key: str = "text") -> str:
+    return f"{output_prefix}_{json_key}_document"
+
+
+def preprocess_pretrain_corpus(
+    inputs: list[str | Path],
+    output_prefix: str | Path,
+    tokenizer_dir: str | Path,
+    json_key: str = "text",
+    workers: int = 1,
+    append_eod: bool = True,
+    skip_bad_lines: bool = False,
+    text_mode: str = "paragraph",
+    show_progress: bool = True,
+) -> tuple[str, PreprocessStats]:
+    """Tokenize `inputs` into one idxmap; returns (its prefix, stats). Raises InputError on a bad line."""
+    from tqdm import tqdm
+
+    from megatron_patch.data.indexed_writer import atomic_indexed_writers, token_dtype
+
+    for path in inputs:
+        if not Path(path).is_file():
+            raise InputError(f"{path}: no such file; check --input.")
+    check_tokenizer_dir(tokenizer_dir)
+    out = output_prefix_for(output_prefix, json_key)
+    stats = PreprocessStats()
+    eod = np.array([EOD_TOKEN_ID], dtype=np.int32)
+    dtype = token_dtype()  # imports megatron.core (seconds): before the clock starts
+    start = time.perf_counter()
+    progress = tqdm(unit=" docs", disable=not show_progress, file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+    with progress, atomic_indexed_writers([(out, dtype)]) as (writer,):
+        for path in inputs:
+            progress.set_description(Path(path).name)
+            for results in ordered_parallel_map(
+                encode_chunk, iter_chunks(path, text_mode, json_key), workers, init_encoder, (str(tokenizer_dir), workers > 1)
+            ):
+                for line, ids, error in results:
+                    if error is not None:
+                        message = f"{path}:{line}: {error}"
+                        if not skip_bad_lines:
+                            raise InputError(f"{message}\nFix that line, or pass --skip-bad-lines to skip such lines.")
+                        stats.skipped_bad_lines += 1
+                        if len(stats.bad_line_messages) < MAX_REPORTED_BAD_LINES:
+                            stats.bad_line_messages.append(message)
+                        continue
+                    if len(ids) == 0:
+                        stats.empty_documents += 1
+                        continue
+                    document = np.concatenate([ids, eod]) if append_eod else ids
+                    writer.add_document([document])
+                    stats.documents += 1
+                    stats.tokens += len(document)
+                progress.update(len(results))
+                elapsed = time.perf_counter() - start
+                progress.set_postfix_str(f"{stats.tokens / max(elapsed, 1e-9):,.0f} tokens/s", refresh=False)
+    stats.seconds = time.perf_counter() - start
+    return out, stats

@@ -1,0 +1,303 @@
+"""LM-Evaluation-Harness/: the best practice's lm-eval command on CMMLU / C-Eval, offline, on local data.
+
+The expected prompts are rendered here from lm-eval's own yaml templates and the raw CSV rows, independently
+of prepare_data.py and the generated task configs.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import jinja2
+import pytest
+import yaml
+
+from conftest import REPO_ROOT, SHARED_DIR
+
+EVAL_DIR = REPO_ROOT / "LM-Evaluation-Harness"
+RUN_EVAL = EVAL_DIR / "run_eval.sh"
+PREPARE_DATA = EVAL_DIR / "prepare_data.py"
+CMMLU_DOWNLOAD = SHARED_DIR / "data" / "cmmlu"
+UPSTREAM_TASKS = Path(importlib.util.find_spec("lm_eval").origin).parent / "tasks"
+
+sys.path.insert(0, str(EVAL_DIR))
+import run_eval  # noqa: E402  (LM-Evaluation-Harness/ is a script folder, not a package)
+
+# lm-eval's TaskConfig defaults; the cmmlu and ceval templates don't override them.
+TARGET_DELIMITER, FEWSHOT_DELIMITER = " ", "\n\n"
+
+
+def run_script(args: list, data_dir: Path, tmp_path: Path, timeout: int = 400) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "EVAL_DATA_DIR": str(data_dir),
+           "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets_cache")}
+    return subprocess.run([str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def upstream_template(benchmark: str, default_file: str, subject_task: str) -> dict:
+    """What lm-eval's yaml says for one subject: its folder's default template, then the subject file."""
+    config = yaml.safe_load((UPSTREAM_TASKS / benchmark / default_file).read_text(encoding="utf-8"))
+    subject = yaml.safe_load((UPSTREAM_TASKS / benchmark / f"{subject_task}.yaml").read_text(encoding="utf-8"))
+    return config | subject
+
+
+def render_question(template: dict, row: dict) -> str:
+    return jinja2.Template(template["doc_to_text"], keep_trailing_newline=True).render(**row)
+
+
+def render_answer(template: dict, row: dict) -> str:
+    index = int(jinja2.Template(template["doc_to_target"]).render(**row))
+    return template["doc_to_choice"][index]
+
+
+def latest_results(folder: Path) -> dict:
+    found = sorted(folder.glob("*/results_*.json"))
+    assert found, f"no results_*.json under {folder}"
+    return json.loads(found[-1].read_text(encoding="utf-8"))
+
+
+def samples_of(folder: Path, task: str) -> list[dict]:
+    (path,) = folder.glob(f"*/samples_{task}_*.jsonl")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+# ---------------------------------------------------------------- CMMLU, the real download
+
+
+@pytest.fixture(scope="module")
+def cmmlu_data_dir(tmp_path_factory) -> Path:
+    if not (CMMLU_DOWNLOAD / "test").is_dir():
+        pytest.skip(f"the real CMMLU CSVs are not at {CMMLU_DOWNLOAD} (shared data folder absent)")
+    data_dir = tmp_path_factory.mktemp("eval_data")
+    done = subprocess.run([sys.executable, PREPARE_DATA, "--cmmlu", CMMLU_DOWNLOAD, "--out", data_dir],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "[67/67]" in done.stdout and "wrote 67 subjects (11582 test questions)" in done.stdout
+    return data_dir
+
+
+def test_cmmlu_scores_all_67_subjects_on_cpu_with_upstream_prompts(tiny_hf_checkpoint, cmmlu_data_dir, tmp_path):
+    done = run_script(["bash", RUN_EVAL, tiny_hf_checkpoint, "cmmlu", "--limit", "2", "--log_samples"],
+                      cmmlu_data_dir, tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    command = next(line for line in done.stdout.splitlines() if line.startswith("+ "))
+    assert " -m lm_eval " in command and "accelerate" not in command and "--device cpu" in command
+    # lm-eval's own tables: an acc and an acc_norm row per subject and for the group, then the groups table.
+    assert "| - cmmlu_agronomy" in done.stdout and "|Groups|" in done.stdout
+    assert done.stdout.count("|acc_norm|") == done.stdout.count("|acc     |") == 67 + 1 + 1
+
+    results_dir = tiny_hf_checkpoint / "eval_results"
+    results = latest_results(results_dir)
+    subject_tasks = [name for name in results["results"] if name.startswith("cmmlu_")]
+    assert len(subject_tasks) == 67
+    assert results["group_subtasks"]["cmmlu"] and len(results["group_subtasks"]["cmmlu"]) == 67
+    for name in [*subject_tasks, "cmmlu"]:
+        assert f"| - {name}" in done.stdout or name == "cmmlu"
+        assert 0.0 <= results["results"][name]["acc,none"] <= 1.0
+        assert 0.0 <= results["results"][name]["acc_norm,none"] <= 1.0
+    for name in subject_tasks:
+        config = results["configs"][name]
+        assert config["dataset_path"] == "json"  # our local task, not the built-in hub one
+        assert config["metadata"]["config_source"].startswith(str(results_dir / "lm_eval_tasks"))
+        assert results["n-samples"][name]["effective"] == 2
+
+    # Every scored prompt is exactly lm-eval's template applied to the CSV row (numeric options like 0.80 included).
+    for name in subject_tasks:
+        subject = name.removeprefix("cmmlu_")
+        template = upstream_template("cmmlu", "_default_template_yaml", name)
+        rows = read_csv_rows(CMMLU_DOWNLOAD / "test" / f"{subject}.csv")
+        for sample in samples_of(results_dir, name):
+            row = rows[sample["doc_id"]]
+            expected_prompt = template["description"] + render_question(template, row)
+            requests = list(sample["arguments"].values())
+            assert [r["arg_0"] for r in requests] == [expected_prompt] * 4, name
+            assert [r["arg_1"] for r in requests] == [TARGET_DELIMITER + c for c in "ABCD"]
+            assert sample["target"] == str("ABCD".index(row["Answer"]))
+
+
+# ---------------------------------------------------------------- C-Eval, ceval-exam.zip's layout
+
+CEVAL_SUBJECTS = {
+    "accountant": [
+        # a cell reading None must stay the text None; an empty cell must stay empty
+        {"id": "0", "question": "下列各项中，不属于流动资产的是？", "A": "存货", "B": "None", "C": "", "D": "固定资产",
+         "answer": "D", "explanation": "1. 固定资产属于非流动资产"},
+        {"id": "1", "question": "1+1=?", "A": "1", "B": "2", "C": "3.0", "D": "0.50", "answer": "B",
+         "explanation": "简单, \"加法\"\n第二行"},
+    ],
+    "high_school_physics": [
+        {"id": "0", "question": "g 约为多少 m/s²？", "A": "9.8", "B": "10.00", "C": "1e3", "D": "007", "answer": "A",
+         "explanation": ""},
+        {"id": "1", "question": "光速约为？", "A": "3×10^8 m/s", "B": "340 m/s", "C": "0", "D": "-1", "answer": "A",
+         "explanation": "常识"},
+    ],
+    "computer_network": [
+        {"id": "0", "question": "HTTP 默认端口是？", "A": "80", "B": "443", "C": "21", "D": "22", "answer": "A",
+         "explanation": "解析"},
+        {"id": "1", "question": "IPv4 地址有多少位？", "A": "32", "B": "64", "C": "128", "D": "16", "answer": "A",
+         "explanation": "解析"},
+    ],
+}
+# The zip's columns differ by split: dev explains its answers, val doesn't, test has no answer at all.
+CEVAL_SPLIT_COLUMNS = {
+    "dev": ["id", "question", "A", "B", "C", "D", "answer", "explanation"],
+    "val": ["id", "question", "A", "B", "C", "D", "answer"],
+    "test": ["id", "question", "A", "B", "C", "D"],
+}
+
+
+def ceval_rows(subject: str, split: str) -> list[dict[str, str]]:
+    """The fixture's rows of one split; dev's questions are marked, so a few-shot example shows where it came from."""
+    rows = CEVAL_SUBJECTS[subject]
+    return [{**row, "question": f"例题：{row['question']}"} for row in rows] if split == "dev" else rows
+
+
+def write_ceval_download(root: Path) -> Path:
+    for split, columns in CEVAL_SPLIT_COLUMNS.items():
+        (root / split).mkdir(parents=True)
+        for subject in CEVAL_SUBJECTS:
+            with (root / split / f"{subject}_{split}.csv").open("w", encoding="utf-8", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(columns)
+                writer.writerows([row[col] for col in columns] for row in ceval_rows(subject, split))
+    return root
+
+
+@pytest.fixture
+def ceval_zip(tmp_path) -> Path:
+    extracted = write_ceval_download(tmp_path / "unzipped")
+    archive = tmp_path / "ceval-exam.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(extracted.rglob("*.csv")):
+            zf.write(path, path.relative_to(extracted).as_posix())
+    return archive
+
+
+def test_prepare_data_keeps_every_ceval_cell_as_its_text(ceval_zip, tmp_path):
+    # Also a download folder holding the archive's extracted top folder, and a .tgz with a top folder.
+    parent = tmp_path / "downloads"
+    write_ceval_download(parent / "ceval-exam")
+    tgz = Path(shutil.make_archive(str(tmp_path / "ceval"), "gztar", root_dir=parent))
+    for source in (ceval_zip, parent, tgz):
+        out = tmp_path / f"data_from_{source.name}"
+        done = subprocess.run([sys.executable, PREPARE_DATA, "--ceval", source, "--out", out],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "[3/3]" in done.stdout
+        assert sorted(p.name for p in (out / "ceval").iterdir()) == ["dev", "val"]  # test/ has no answers
+        for split in ("dev", "val"):
+            for subject in CEVAL_SUBJECTS:
+                lines = (out / "ceval" / split / f"{subject}.jsonl").read_text(encoding="utf-8").splitlines()
+                expected = [{col: row[col] if col in CEVAL_SPLIT_COLUMNS[split] else "" for col in
+                             ("id", "question", "A", "B", "C", "D", "answer", "explanation")}
+                            for row in ceval_rows(subject, split)]
+                assert [json.loads(line) for line in lines] == expected
+
+
+def test_ceval_valid_scores_the_prepared_subjects_with_upstream_few_shot_prompts(tiny_hf_checkpoint, ceval_zip,
+                                                                                  tmp_path):
+    data_dir = tmp_path / "data"
+    prepared = subprocess.run([sys.executable, PREPARE_DATA, "--ceval", ceval_zip, "--out", data_dir],
+                              capture_output=True, text=True, timeout=60)
+    assert prepared.returncode == 0, prepared.stderr
+    results_dir = tmp_path / "results"
+    done = run_script(["bash", RUN_EVAL, tiny_hf_checkpoint, "ceval-valid", "--limit", "2", "--num_fewshot", "1",
+                       "--log_samples", "--batch_size", "4", "--output_path", results_dir], data_dir, tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "covers 3 of 52 subjects" in done.stderr  # the partial download is said, not hidden
+    command = next(line for line in done.stdout.splitlines() if line.startswith("+ "))
+    assert command.count("--batch_size") == 1 and "--batch_size 4" in command
+
+    results = latest_results(results_dir)
+    tasks = {f"ceval-valid_{subject}" for subject in CEVAL_SUBJECTS}
+    assert set(results["group_subtasks"]["ceval-valid"]) == tasks
+    assert set(results["results"]) == tasks | {"ceval-valid"}
+    for name in tasks | {"ceval-valid"}:
+        assert 0.0 <= results["results"][name]["acc,none"] <= 1.0
+        assert 0.0 <= results["results"][name]["acc_norm,none"] <= 1.0
+
+    # One-shot: upstream's first_n sampler takes the first dev row as the example.
+    for name in tasks:
+        subject = name.removeprefix("ceval-valid_")
+        template = upstream_template("ceval", "_default_ceval_yaml", name)
+        first_dev_row = ceval_rows(subject, "dev")[0]
+        shot = render_question(template, first_dev_row) + TARGET_DELIMITER + render_answer(template, first_dev_row)
+        for sample in samples_of(results_dir, name):
+            row = ceval_rows(subject, "val")[sample["doc_id"]]
+            expected_prompt = template["description"] + shot + FEWSHOT_DELIMITER + render_question(template, row)
+            assert {r["arg_0"] for r in sample["arguments"].values()} == {expected_prompt}, name
+    assert "B. None\nC. \nD. 固定资产" in samples_of(results_dir, "ceval-valid_accountant")[0]["arguments"]["gen_args_0"]["arg_0"]
+
+
+# ---------------------------------------------------------------- errors a user meets
+
+
+@pytest.mark.parametrize("task,folder,archive", [("cmmlu", "cmmlu", "cmmlu.tgz"), ("ceval-valid", "ceval", "ceval.tgz")])
+def test_missing_data_names_the_folder_and_how_to_get_it(tiny_hf_checkpoint, tmp_path, task, folder, archive):
+    data_dir = tmp_path / "no_data_here"
+    done = run_script(["bash", RUN_EVAL, tiny_hf_checkpoint, task], data_dir, tmp_path, timeout=120)
+    assert done.returncode != 0
+    assert str(data_dir / folder) in done.stderr
+    assert f"evaluation-datasets/{archive}" in done.stderr and "prepare_data.py" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_model_dir_without_config_json_is_refused(tmp_path):
+    not_a_checkpoint = tmp_path / "megatron_ckpt"
+    not_a_checkpoint.mkdir()
+    done = run_script(["bash", RUN_EVAL, not_a_checkpoint], tmp_path, tmp_path, timeout=60)
+    assert done.returncode != 0
+    assert f"{not_a_checkpoint} has no config.json" in done.stderr and "convert it back" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_bad_answer_in_a_download_names_file_and_row(tmp_path):
+    root = write_ceval_download(tmp_path / "ceval-exam")
+    bad = root / "val" / "accountant_val.csv"
+    bad.write_text(bad.read_text(encoding="utf-8").replace(",D\n", ",E\n", 1), encoding="utf-8")
+    done = subprocess.run([sys.executable, PREPARE_DATA, "--ceval", root, "--out", tmp_path / "data"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"{bad}, data row 1" in done.stderr and "'E'" in done.stderr
+    assert not (tmp_path / "data" / "ceval").exists()  # nothing half-written
+
+
+# ---------------------------------------------------------------- the command line, for GPU runs
+
+
+def test_gpus_get_one_accelerate_process_each_and_user_args_win(tmp_path):
+    model, tasks_dir, out = tmp_path / "model", tmp_path / "tasks", tmp_path / "out"
+    on_gpus = run_eval.build_command(model, "cmmlu,ceval-valid", ["--limit", "10", "--batch_size", "8"], tasks_dir,
+                                     out, num_gpus=8, python="python")
+    assert on_gpus[:10] == ["python", "-m", "accelerate.commands.accelerate_cli", "launch", "--num_processes", "8",
+                            "--main_process_port", "29051", "-m", "lm_eval"]
+    assert on_gpus[on_gpus.index("--model_args") + 1] == f"pretrained={model},trust_remote_code=True"
+    assert on_gpus[on_gpus.index("--tasks") + 1] == "cmmlu,ceval-valid"
+    assert on_gpus.count("--batch_size") == 1 and on_gpus[on_gpus.index("--batch_size") + 1] == "8"
+    assert on_gpus[-4:] == ["--limit", "10", "--batch_size", "8"] and "--device" not in on_gpus
+
+    on_cpu = run_eval.build_command(model, "cmmlu", [], tasks_dir, out, num_gpus=0, python="python")
+    assert on_cpu[:3] == ["python", "-m", "lm_eval"]
+    assert on_cpu[on_cpu.index("--device") + 1] == "cpu" and on_cpu[on_cpu.index("--batch_size") + 1] == "16"
+    assert on_cpu[on_cpu.index("--output_path") + 1] == str(out)
+
+    one_device = run_eval.build_command(model, "cmmlu", ["--device", "cuda:1"], tasks_dir, out, num_gpus=8)
+    assert "accelerate.commands.accelerate_cli" not in one_device and one_device.count("--device") == 1
+
+
+def test_offline_by_default_unless_the_user_says_otherwise():
+    assert run_eval.lm_eval_env({})["HF_HUB_OFFLINE"] == "1"
+    assert run_eval.lm_eval_env({})["HF_DATASETS_OFFLINE"] == "1"
+    assert run_eval.lm_eval_env({"HF_HUB_OFFLINE": "0"})["HF_HUB_OFFLINE"] == "0"

@@ -1,0 +1,79 @@
+"""The real entrypoint, launched with torchrun on the CPU: layouts agree and resume is exact."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from training_utils import run_entrypoint, tensorboard_losses, tiny_mock_args
+
+pytestmark = pytest.mark.timeout(900)
+
+LAYOUTS = {
+    "tp1": (1, []),
+    "tp2": (2, ["--tensor-model-parallel-size", "2"]),
+    "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
+    "dp2_distributed_optimizer": (2, ["--use-distributed-optimizer"]),
+}
+
+
+@pytest.fixture(scope="module")
+def start_checkpoint(tmp_path_factory):
+    """A checkpoint every layout starts from, so they share weights (fp32, single process)."""
+    work = tmp_path_factory.mktemp("start")
+    run_entrypoint(work, 1, tiny_mock_args(iters=2) + ["--save", str(work / "ckpt"), "--save-interval", "2"])
+    assert (work / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    return work / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def layout_losses(start_checkpoint, tmp_path_factory):
+    losses = {}
+    for name, (nproc, flags) in LAYOUTS.items():
+        work = tmp_path_factory.mktemp(name)
+        args = tiny_mock_args(iters=3) + flags + ["--load", str(start_checkpoint), "--finetune", "--no-load-optim",
+                                                  "--no-load-rng"]
+        run_entrypoint(work, nproc, args)
+        losses[name] = tensorboard_losses(work)
+    return losses
+
+
+def test_every_layout_trains_three_iterations_with_finite_loss(layout_losses):
+    for name, losses in layout_losses.items():
+        assert sorted(losses) == [1, 2, 3], name
+        assert all(math.isfinite(v) for v in losses.values()), (name, losses)
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2_distributed_optimizer"])
+def test_first_iteration_loss_matches_single_process(layout_losses, layout):
+    assert abs(layout_losses[layout][1] - layout_losses["tp1"][1]) <= 1e-5, layout_losses
+
+
+def test_data_parallel_with_distributed_optimizer_follows_single_process(layout_losses):
+    # Same global batch split over two ranks: every iteration, not only the first, must agree.
+    for it in (2, 3):
+        assert abs(layout_losses["dp2_distributed_optimizer"][it] - layout_losses["tp1"][it]) <= 1e-5
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
+    base = tiny_mock_args(iters=6)
+    straight = tmp_path / "straight"
+    run_entrypoint(straight, 1, base)
+    reference = tensorboard_losses(straight)
+
+    resumed = tmp_path / "resumed"
+    ckpt = ["--save", str(resumed / "ckpt"), "--load", str(resumed / "ckpt"), "--save-interval", "3"]
+    # The first launch stops right after its iteration-3 checkpoint, as a preempted job would.
+    run_entrypoint(resumed, 1, base + ckpt + ["--exit-interval", "3"])
+    assert (resumed / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    first = tensorboard_losses(resumed)
+    assert sorted(first) == [1, 2, 3]
+
+    (resumed / "tb").rename(resumed / "tb_first")
+    run_entrypoint(resumed, 1, base + ckpt)
+    second = tensorboard_losses(resumed)
+    assert sorted(second) == [4, 5, 6], "the relaunch must continue at the saved iteration"
+    for it in (4, 5, 6):
+        assert abs(second[it] - reference[it]) <= 1e-5, (it, second[it], reference[it])
+    assert "iteration        4/" in (resumed / "train.log").read_text()

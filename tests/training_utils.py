@@ -1,0 +1,62 @@
+"""Launch the real training entrypoint with torchrun on the CPU and read back its per-iteration losses."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_mock_args(iters: int, seq_length: int = 64, micro_batch: int = 2, global_batch: int = 4) -> list[str]:
+    return [
+        "--model-size", "tiny",
+        "--micro-batch-size", str(micro_batch), "--global-batch-size", str(global_batch),
+        "--seq-length", str(seq_length),
+        "--train-iters", str(iters), "--lr", "1e-3", "--min-lr", "1e-4",
+        "--lr-decay-style", "cosine", "--lr-warmup-iters", "1",
+        "--dataset-type", "mock", "--mock-data",
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", "151643",
+        "--log-interval", "1", "--eval-iters", "0", "--eval-interval", "100000",
+        "--seed", "1234", "--calculate-per-token-loss", "--ckpt-format", "torch_dist",
+    ]
+
+
+def run_entrypoint(workdir: Path, nproc: int, args: list[str], timeout: int = 600, check: bool = True):
+    """torchrun -m megatron_patch.pretrain_qwen with TensorBoard under workdir/tb; returns the process."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        "-m", "megatron_patch.pretrain_qwen", *args,
+        "--tensorboard-dir", str(workdir / "tb"), "--tensorboard-log-interval", "1",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)))
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+    (workdir / "train.log").write_text(proc.stdout + proc.stderr)
+    if check and proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
+        raise AssertionError(f"training failed (exit {proc.returncode}); log tail:\n{tail}")
+    return proc
+
+
+def tensorboard_losses(workdir: Path, tag: str = "lm loss") -> dict[int, float]:
+    """{iteration: loss} from the TensorBoard events the run wrote (full float precision)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    losses: dict[int, float] = {}
+    for events in sorted((workdir / "tb").glob("**/events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            losses.update({e.step: e.value for e in acc.Scalars(tag)})
+    return losses

@@ -1,0 +1,76 @@
+"""Tokenize pre-training text into a Megatron idxmap (.bin/.idx), or merge several idxmaps into one.
+
+  python toolkits/pretrain_data_preprocessing/preprocess_data.py \\
+      --input corpus.jsonl more.jsonl --output-prefix data/corpus --tokenizer TOKENIZER_DIR --workers 8
+  -> data/corpus_text_document.{bin,idx}; train with --data-path data/corpus_text_document
+
+  python toolkits/pretrain_data_preprocessing/preprocess_data.py \\
+      --merge data/a_text_document data/b_text_document --output-prefix data/ab_text_document
+
+Inputs: .jsonl/.ndjson/.json files hold one JSON object per line (text under --json-key); any other file is plain
+text, one document per blank-line-separated paragraph (--text-mode line: one per line). Every document ends with
+<|endoftext|> (151643) unless --no-append-eod. Outputs appear only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--input", nargs="+", metavar="FILE", help="JSONL or plain-text files, in order")
+    mode.add_argument("--merge", nargs="+", metavar="PREFIX", help="idxmap prefixes (no .bin/.idx) to concatenate")
+    parser.add_argument("--output-prefix", required=True,
+                        help="with --input: P gives P_<json-key>_document.{bin,idx}; with --merge: the exact prefix")
+    parser.add_argument("--tokenizer", help="Hugging Face tokenizer folder (python -m megatron_patch.tokenizer "
+                                            "--write-default DIR writes Qwen2.5's)")
+    parser.add_argument("--json-key", default="text", help="field of each JSON line holding the text (default: text)")
+    parser.add_argument("--text-mode", choices=["paragraph", "line"], default="paragraph",
+                        help="plain-text inputs: one document per blank-line-separated paragraph, or per line")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1: in this process)")
+    parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
+                        help="end every document with <|endoftext|> (default: on)")
+    parser.add_argument("--skip-bad-lines", action="store_true",
+                        help="skip and count malformed lines instead of stopping at the first one")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.input and not args.tokenizer:
+        parser.error("--tokenizer is required with --input")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Imported here, not at the top: spawned workers re-import this script and must stay light.
+    from megatron_patch.data.records import InputError
+
+    try:
+        if args.merge:
+            from megatron_patch.data.indexed_writer import merge_indexed_datasets
+
+            documents = merge_indexed_datasets(args.merge, args.output_prefix)
+            print(f"merged {len(args.merge)} idxmaps, {documents:,} documents -> {args.output_prefix}.{{bin,idx}}")
+            return 0
+        from megatron_patch.data.pretrain_preprocess import preprocess_pretrain_corpus
+
+        out, stats = preprocess_pretrain_corpus(
+            args.input, args.output_prefix, args.tokenizer, json_key=args.json_key, workers=args.workers,
+            append_eod=args.append_eod, skip_bad_lines=args.skip_bad_lines, text_mode=args.text_mode,
+            show_progress=not args.no_progress,
+        )
+    except (InputError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for message in stats.bad_line_messages:
+        print(f"skipped: {message}", file=sys.stderr)
+    print(stats.summary(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Tokenize SFT data (alpaca JSON array or JSONL, messages, ShareGPT) into an idxmap pair for fine-tuning.
+
+  python toolkits/sft_data_preprocessing/build_idxmap_sft_dataset.py \\
+      --input alpaca_zh.json --output-prefix data/sft --tokenizer TOKENIZER_DIR --seq-length 2048 --packing
+  -> data/sft_text_document.{bin,idx}   token ids, one sequence per sample
+     data/sft_label_document.{bin,idx}  answer mask (1 = trained token), same layout
+     data/sft_sft_meta.json             seq_length, packing and counts
+  train with --dataset-type idxmap --data-path data/sft (the prefix, without _text_document)
+
+Each conversation is rendered with the tokenizer's chat template; only assistant answers and their <|im_end|>
+are trained. Samples longer than --seq-length are cut (and counted); samples left with no answer token are
+kept and counted. With --packing, several samples share one row of --seq-length tokens, boundaries kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="JSON array file or JSONL of SFT records")
+    parser.add_argument("--output-prefix", required=True, help="P gives P_text_document / P_label_document")
+    parser.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer folder with a chat template")
+    parser.add_argument("--seq-length", type=int, required=True, help="training sequence length (tokens)")
+    parser.add_argument("--packing", action="store_true", help="pack several samples per row of --seq-length")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1: in this process)")
+    parser.add_argument("--skip-bad-lines", action="store_true",
+                        help="skip and count malformed records instead of stopping at the first one")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.seq_length < 2:
+        parser.error("--seq-length must be at least 2")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Imported here, not at the top: spawned workers re-import this script and must stay light.
+    from megatron_patch.data.records import InputError
+    from megatron_patch.data.sft_preprocess import build_sft_idxmap
+
+    try:
+        stats = build_sft_idxmap(
+            args.input, args.output_prefix, args.tokenizer, args.seq_length, packing=args.packing,
+            workers=args.workers, skip_bad_lines=args.skip_bad_lines, show_progress=not args.no_progress,
+        )
+    except (InputError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for message in stats.bad_record_messages:
+        print(f"skipped: {message}", file=sys.stderr)
+    print(stats.summary(args.output_prefix, args.seq_length, args.packing))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
