@@ -16,6 +16,7 @@ Everything here is applied only when `torch.cuda.is_available()` is False: GPU r
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import os
@@ -155,7 +156,7 @@ def _patch_torch_cuda() -> None:
         "memory_reserved": _zero,
         "max_memory_reserved": _zero,
         "reset_peak_memory_stats": _noop,
-        "memory_stats": lambda *a, **k: {},
+        "memory_stats": lambda *a, **k: collections.defaultdict(int),
         "get_device_properties": lambda *a, **k: _DeviceProperties(),
         "get_device_capability": lambda *a, **k: (0, 0),
         "get_device_name": lambda *a, **k: "cpu",

@@ -25,7 +25,10 @@ from megatron_patch.data.parallel import ordered_parallel_map
 from megatron_patch.data.records import JSON_LINES_SUFFIXES, InputError, iter_raw_lines
 from megatron_patch.tokenizer import EOD_TOKEN, EOD_TOKEN_ID
 
-CHUNK_DOCUMENTS = 256  # documents per task sent to a worker: big enough to amortise pickling, small for memory
+# A task sent to a worker ends at whichever comes first: big enough to amortise inter-process overhead,
+# small enough to keep memory flat and the progress bar moving.
+CHUNK_DOCUMENTS = 4096
+CHUNK_CHARACTERS = 1 << 20
 MAX_REPORTED_BAD_LINES = 10
 
 
@@ -90,24 +93,33 @@ def _document_text(raw: str, json_key: str | None) -> tuple[str | None, str | No
     return text, None
 
 
-def encode_chunk(chunk: tuple[list[tuple[int, str]], str | None]) -> list[tuple[int, np.ndarray | None, str | None]]:
-    """[(line, ids or None, error or None)] for one chunk of raw records; ids are int32, without EOD.
+def encode_chunk(chunk: tuple[list[tuple[int, str]], str | None, bool]) -> tuple[list[int], np.ndarray, np.ndarray, list]:
+    """Encode one chunk of raw records: (lines, ids of all documents concatenated (int32, each followed by EOD
+    when asked), per-document lengths, per-document error or None).
 
-    Blank documents come back as an empty array so the writer can count them.
+    One flat array per chunk, not one per document, keeps pickling between processes cheap. A blank document
+    has length 0 (and no EOD) so the writer can count it.
     """
-    items, json_key = chunk
-    texts, results = [], []
+    items, json_key, append_eod = chunk
+    lines, texts, errors = [], [], []
     for line, raw in items:
         text, error = _document_text(raw, json_key)
-        results.append([line, None, error])
+        lines.append(line)
+        errors.append(error)
         if error is None:
             texts.append(text)
     encodings = iter(_ENCODER.encode_batch(texts, add_special_tokens=False) if texts else [])
-    for result in results:
-        if result[2] is None:
+    pieces, lengths = [], np.zeros(len(items), dtype=np.int64)
+    for i, error in enumerate(errors):
+        if error is None:
             ids = next(encodings).ids
-            result[1] = np.asarray(ids, dtype=np.int32)
-    return [tuple(r) for r in results]
+            if ids:
+                if append_eod:
+                    ids.append(EOD_TOKEN_ID)
+                pieces.append(np.asarray(ids, dtype=np.int32))
+                lengths[i] = len(ids)
+    flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    return lines, flat, lengths, errors
 
 
 # ---- reading inputs ----
@@ -142,16 +154,18 @@ def iter_documents(path: str | Path, text_mode: str = "paragraph") -> Iterator[t
         yield start, "\n".join(lines)
 
 
-def iter_chunks(path: str | Path, text_mode: str, json_key: str) -> Iterator[tuple[list[tuple[int, str]], str | None]]:
+def iter_chunks(path: str | Path, text_mode: str, json_key: str, append_eod: bool = True) -> Iterator[tuple]:
     key = json_key if is_json_lines(path) else None
     batch: list[tuple[int, str]] = []
+    characters = 0
     for item in iter_documents(path, text_mode):
         batch.append(item)
-        if len(batch) >= CHUNK_DOCUMENTS:
-            yield batch, key
-            batch = []
+        characters += len(item[1])
+        if len(batch) >= CHUNK_DOCUMENTS or characters >= CHUNK_CHARACTERS:
+            yield batch, key, append_eod
+            batch, characters = [], 0
     if batch:
-        yield batch, key
+        yield batch, key, append_eod
 
 
 def check_tokenizer_dir(tokenizer_dir: str | Path) -> None:
@@ -192,17 +206,17 @@ def preprocess_pretrain_corpus(
     check_tokenizer_dir(tokenizer_dir)
     out = output_prefix_for(output_prefix, json_key)
     stats = PreprocessStats()
-    eod = np.array([EOD_TOKEN_ID], dtype=np.int32)
     dtype = token_dtype()  # imports megatron.core (seconds): before the clock starts
     start = time.perf_counter()
     progress = tqdm(unit=" docs", disable=not show_progress, file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
     with progress, atomic_indexed_writers([(out, dtype)]) as (writer,):
         for path in inputs:
             progress.set_description(Path(path).name)
-            for results in ordered_parallel_map(
-                encode_chunk, iter_chunks(path, text_mode, json_key), workers, init_encoder, (str(tokenizer_dir), workers > 1)
-            ):
-                for line, ids, error in results:
+            chunks = iter_chunks(path, text_mode, json_key, append_eod)
+            initargs = (str(tokenizer_dir), workers > 1)
+            for lines, flat, lengths, errors in ordered_parallel_map(encode_chunk, chunks, workers, init_encoder, initargs):
+                ends = np.cumsum(lengths)
+                for line, error, length, end in zip(lines, errors, lengths.tolist(), ends.tolist()):
                     if error is not None:
                         message = f"{path}:{line}: {error}"
                         if not skip_bad_lines:
@@ -211,14 +225,13 @@ def preprocess_pretrain_corpus(
                         if len(stats.bad_line_messages) < MAX_REPORTED_BAD_LINES:
                             stats.bad_line_messages.append(message)
                         continue
-                    if len(ids) == 0:
+                    if length == 0:
                         stats.empty_documents += 1
                         continue
-                    document = np.concatenate([ids, eod]) if append_eod else ids
-                    writer.add_document([document])
+                    writer.add_document([flat[end - length : end]])
                     stats.documents += 1
-                    stats.tokens += len(document)
-                progress.update(len(results))
+                    stats.tokens += length
+                progress.update(len(lines))
                 elapsed = time.perf_counter() - start
                 progress.set_postfix_str(f"{stats.tokens / max(elapsed, 1e-9):,.0f} tokens/s", refresh=False)
     stats.seconds = time.perf_counter() - start

@@ -52,6 +52,17 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
 train_valid_test_datasets_provider.is_distributed = True
 
 
+def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s] mask, True where attention is forbidden: later tokens and other packed samples.
+
+    RoPE keeps scores relative, so samples packed after others see the same attention as alone.
+    """
+    seq = segment_ids.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=segment_ids.device).tril()
+    same_sample = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return ~(causal[None] & same_sample)[:, None]
+
+
 def get_batch(data_iterator) -> dict:
     """Next micro-batch, on this rank's device."""
     batch = next(data_iterator)
@@ -59,6 +70,9 @@ def get_batch(data_iterator) -> dict:
     out = {key: value.to(device, non_blocking=True) for key, value in batch.items() if torch.is_tensor(value)}
     if "attention_mask" in out and out["attention_mask"].dtype != torch.bool:
         out["attention_mask"] = out["attention_mask"] < 0.5
+    segment_ids = out.pop("segment_ids", None)
+    if segment_ids is not None:
+        out["attention_mask"] = packed_attention_mask(segment_ids)
     if mpu.get_context_parallel_world_size() > 1:
         from megatron.core.utils import get_batch_on_this_cp_rank
 

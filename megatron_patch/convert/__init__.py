@@ -1,0 +1,8 @@
+"""Qwen2.5 checkpoint conversion between Hugging Face safetensors and Megatron torch_dist.
+
+    mapping.py        the one Qwen2.5 weight-name table (both directions)
+    hf_io.py          streaming safetensors read/write
+    mcore_runtime.py  megatron in-process, as the training entrypoint sets it up
+    convertor.py      hf_to_mcore / mcore_to_hf / compare_logits
+    cli.py            `python -m megatron_patch.convert` (what toolkits/distributed_checkpoints_convertor runs)
+"""

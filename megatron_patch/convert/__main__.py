@@ -1,0 +1,4 @@
+from megatron_patch.convert.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Command line of the Qwen2.5 convertor (the toolkit's shell scripts build this command).
+
+    python -m megatron_patch.convert --model-size auto --load-dir HF --save-dir MCORE --precision bf16
+    python -m megatron_patch.convert --mg2hf --model-size 7B --load-dir MCORE --save-dir HF_OUT --hf-dir HF
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+
+def _bool(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("true", "1", "yes", "y"):
+        return True
+    if v in ("false", "0", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{value}'")
+
+
+def _bytes(value: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*", value, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a size like 5GB or 500MB, got '{value}'")
+    unit = (m.group(2) or "B").upper().rstrip("B")
+    scale = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "KI": 1024, "MI": 1024**2, "GI": 1024**3}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m megatron_patch.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-size", required=True,
+                   help="size-table name (tiny, 0.5B, ..., 72B) or 'auto' to take the shape from config.json")
+    p.add_argument("--load-dir", required=True, help="HF folder (HF->Megatron) or Megatron checkpoint folder")
+    p.add_argument("--save-dir", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--mg2hf", type=_bool, nargs="?", const=True, default=False,
+                   help="true: Megatron -> HF; false (default): HF -> Megatron")
+    p.add_argument("--hf-dir", default=None, help="Megatron -> HF: reference HF folder (config.json, tokenizer)")
+    p.add_argument("--precision", default="bf16", help="fp32, bf16 or fp16: dtype of the written weights")
+    p.add_argument("--use-cuda", type=_bool, default=False,
+                   help="true: build the Megatron model on the GPU (error if none); false: CPU only")
+    p.add_argument("--tp", type=int, default=1, help="checked only: torch_dist loads with any TP")
+    p.add_argument("--pp", type=int, default=1, help="checked only: torch_dist loads with any PP")
+    p.add_argument("--use-te", type=_bool, default=None, help="informational (older script's USE_TE)")
+    p.add_argument("--max-shard-size", type=_bytes, default="5GB", help="Megatron -> HF: max bytes per shard")
+    p.add_argument("--check-logits", action="store_true",
+                   help="after converting, run HF transformers and the Megatron model on the same tokens (fp32) "
+                        "and print the max abs logit difference and both losses")
+    p.add_argument("--logits-tolerance", type=float, default=None,
+                   help="with --check-logits: fail if the max abs logit difference is larger")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty SAVE_DIR (only on success)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if not args.use_cuda:
+        # Before anything touches CUDA: a CPU conversion must not see the GPU, so megatron_patch.cpu_backend
+        # takes over exactly as it does for CPU training.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    from megatron_patch.convert.convertor import mcore_to_hf, hf_to_mcore
+    from megatron_patch.convert.hf_io import ConversionError
+
+    try:
+        if args.mg2hf:
+            check = mcore_to_hf(args.model_size, args.load_dir, args.save_dir, args.hf_dir, args.precision,
+                                args.use_cuda, args.check_logits, args.max_shard_size, args.tp, args.pp,
+                                args.overwrite)
+        else:
+            if args.use_te and not args.use_cuda:
+                print("note: USE_TE=true is informational here; the checkpoint uses the TE key names either way "
+                      "and loads into a Transformer Engine model.", file=sys.stderr)
+            check = hf_to_mcore(args.model_size, args.load_dir, args.save_dir, args.precision, args.use_cuda,
+                                args.check_logits, args.tp, args.pp, args.overwrite)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if check is not None and args.logits_tolerance is not None and check.max_abs_logit_diff > args.logits_tolerance:
+        print(f"error: max abs logit difference {check.max_abs_logit_diff:.3e} exceeds --logits-tolerance "
+              f"{args.logits_tolerance:g}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,488 @@
+"""The conversion engine: walks the Qwen2.5 mapping table in either direction.
+
+HF -> Megatron (`hf_to_mcore`): HF tensors are read one at a time, fused by the table and copied into the
+training entrypoint's own model (built by `megatron_patch.model.model_provider`, TP=1/PP=1), which megatron's
+`save_checkpoint` writes as a `torch_dist` release checkpoint. torch_dist stores global tensors, so training
+loads it with any TP/PP (dist_checkpointing reshards on load).
+
+Megatron -> HF (`mcore_to_hf`): the model weights of a torch_dist checkpoint (any TP/PP; optimizer state is never
+read) are read one decoder layer at a time as global tensors, split by the table and written to safetensors
+shards that are flushed as they fill.
+
+Every input is validated before anything is written; output goes to a hidden folder beside SAVE_DIR and is
+renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_patch.convert.hf_io import (
+    DTYPES,
+    HF_DTYPE_NAMES,
+    ConversionError,
+    HFCheckpointReader,
+    HFShardWriter,
+)
+from megatron_patch.convert.mapping import (
+    HF_IGNORED_SUFFIXES,
+    Mapping,
+    TiedLMHead,
+    hf_shapes,
+    mcore_shapes,
+    qwen2_5_mappings,
+    stacked_key,
+)
+from megatron_patch.hf_checkpoint import TOKENIZER_FILES
+from megatron_patch.model_sizes import Qwen25Size, resolve_size
+
+# Files that travel with the weights: the HF config and everything the tokenizer and generation need.
+SIDE_FILES = ("config.json", *TOKENIZER_FILES)
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+# torch_dist keys that are not model weights (optimizer state, RNG, rerun machine, common state).
+NON_MODEL_PREFIXES = ("optimizer", "rng_state", "rerun_state_machine", "common_state")
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
+
+
+@dataclass
+class LogitCheck:
+    max_abs_logit_diff: float
+    hf_loss: float
+    mcore_loss: float
+
+    def __str__(self) -> str:
+        return (f"max abs logit diff {self.max_abs_logit_diff:.3e}; loss HF {self.hf_loss:.8f} vs Megatron "
+                f"{self.mcore_loss:.8f} (diff {abs(self.hf_loss - self.mcore_loss):.3e})")
+
+
+def _listing(names, limit: int = 12) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _precision(pr: str) -> torch.dtype:
+    if pr not in DTYPES:
+        raise ConversionError(f"PR must be one of {', '.join(DTYPES)}, got '{pr}'.")
+    return DTYPES[pr]
+
+
+def _size(model_size: str, config_dir: Path) -> Qwen25Size:
+    config = config_dir / "config.json"
+    if not config.is_file():
+        raise ConversionError(f"no config.json in {config_dir}: the HF folder must hold the model's config.json.")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type not in (None, "qwen2"):
+        raise ConversionError(f"{config} describes a '{model_type}' model; this convertor handles Qwen2.5 (qwen2).")
+    try:
+        return resolve_size(model_size, config_dir)
+    except SystemExit as e:  # the size table reports with SystemExit, the convertor with one exception type
+        raise ConversionError(str(e).removeprefix("error: ")) from None
+
+
+def check_parallel_layout(size: Qwen25Size, tp: int, pp: int) -> None:
+    """TP/PP of the older script: torch_dist reshards on load, so they only have to be a layout training can use."""
+    problems = []
+    if tp < 1 or pp < 1:
+        problems.append(f"TP and PP must be >= 1 (got TP={tp}, PP={pp})")
+    else:
+        if size.num_query_groups % tp:
+            problems.append(f"TP={tp} does not divide the {size.num_query_groups} key/value heads")
+        if size.num_attention_heads % tp:
+            problems.append(f"TP={tp} does not divide the {size.num_attention_heads} attention heads")
+        if size.num_layers % pp:
+            problems.append(f"PP={pp} does not divide the {size.num_layers} layers")
+    if problems:
+        raise ConversionError("; ".join(problems) + ". Pick a TP that divides the kv heads and a PP that divides "
+                              "the layers (the checkpoint itself loads with any valid TP/PP).")
+
+
+def _check_output(save_dir: Path, overwrite: bool, inputs: list[Path]) -> None:
+    save_dir = save_dir.resolve()
+    for src in inputs:
+        if src is not None and save_dir == Path(src).resolve():
+            raise ConversionError(f"SAVE_DIR {save_dir} is also an input folder; write the output elsewhere.")
+    if save_dir.exists() and (not save_dir.is_dir() or any(save_dir.iterdir())) and not overwrite:
+        raise ConversionError(f"SAVE_DIR {save_dir} already exists and is not empty; remove it, choose another "
+                              "folder, or pass --overwrite.")
+
+
+class _StagedOutput:
+    """A hidden folder beside SAVE_DIR, renamed to SAVE_DIR on success and deleted on failure, so a
+    half-written output never sits where a complete one is expected."""
+
+    def __init__(self, save_dir: Path):
+        self.save_dir = save_dir.resolve()
+        self.tmp = self.save_dir.parent / f".{self.save_dir.name}.partial-{os.getpid()}"
+
+    def __enter__(self) -> Path:
+        self.save_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.save_dir.exists():
+            old = self.save_dir.parent / f".{self.save_dir.name}.old-{os.getpid()}"
+            os.replace(self.save_dir, old)
+            os.replace(self.tmp, self.save_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.save_dir)
+        return False
+
+
+def _copy_side_files(src_dir: Path, dst_dir: Path, dtype: torch.dtype | None = None) -> list[str]:
+    copied = []
+    for name in SIDE_FILES:
+        src = src_dir / name
+        if not src.is_file():
+            continue
+        if name == "config.json" and dtype is not None:
+            config = json.loads(src.read_text())
+            keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+            for k in keys:
+                config[k] = HF_DTYPE_NAMES[dtype]
+            (dst_dir / name).write_text(json.dumps(config, indent=2) + "\n")
+        else:
+            shutil.copy2(src, dst_dir / name)
+        copied.append(name)
+    return copied
+
+
+def _progress(iterable, desc: str, total: int | None = None):
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit="tensor", dynamic_ncols=True)
+
+
+def _use_device(use_cuda: bool) -> None:
+    """USE_CUDA=true needs a visible GPU (a clear error, never a silent CPU run); false hides any GPU so
+    megatron takes the CPU/gloo path of megatron_patch.cpu_backend."""
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise ConversionError("USE_CUDA=true but no CUDA GPU is visible to this process. Run with "
+                                  "USE_CUDA=false to convert on the CPU.")
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        if torch.cuda.is_available():  # CUDA was initialised before we could hide it
+            raise ConversionError("USE_CUDA=false, but CUDA was already initialised in this process; set "
+                                  "CUDA_VISIBLE_DEVICES= before starting it.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HF -> Megatron
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def validate_hf_checkpoint(reader: HFCheckpointReader, size: Qwen25Size) -> None:
+    """Every tensor the table needs is present with its shape, and nothing unknown is there."""
+    expected = hf_shapes(size)
+    present = set(reader.names())
+    ignorable = {n for n in present if n.endswith(HF_IGNORED_SUFFIXES)}
+    if size.tie_word_embeddings:
+        ignorable.add("lm_head.weight")  # some tied checkpoints store the (identical) head anyway
+    problems = []
+    missing = set(expected) - present
+    if missing:
+        problems.append(f"{len(missing)} tensors missing from {reader.folder}: {_listing(missing)}")
+    unknown = present - set(expected) - ignorable
+    if unknown:
+        problems.append(f"{len(unknown)} tensors in {reader.folder} that a Qwen2.5 of this shape does not have: "
+                        f"{_listing(unknown)}")
+    bad = [f"{n}: {reader.shape(n)} (expected {expected[n]})" for n in sorted(present & set(expected))
+           if reader.shape(n) != expected[n]]
+    if bad:
+        problems.append("tensors with the wrong shape for this config: " + "; ".join(bad[:8])
+                        + (f" ... and {len(bad) - 8} more" if len(bad) > 8 else ""))
+    if problems:
+        raise ConversionError("the HF checkpoint does not match its Qwen2.5 config:\n  " + "\n  ".join(problems))
+
+
+def hf_to_mcore(model_size: str, load_dir: str | Path, save_dir: str | Path, precision: str = "bf16",
+                use_cuda: bool = False, check_logits: bool = False, tp: int = 1, pp: int = 1,
+                overwrite: bool = False) -> LogitCheck | None:
+    """Convert a HF Qwen2.5 folder into a torch_dist release checkpoint (+ config and tokenizer) in save_dir."""
+    load_dir, save_dir = Path(load_dir), Path(save_dir)
+    dtype = _precision(precision)
+    if not load_dir.is_dir():
+        raise ConversionError(f"LOAD_DIR {load_dir} does not exist (expected a HF checkpoint folder).")
+    size = _size(model_size, load_dir)
+    check_parallel_layout(size, tp, pp)
+    reader = HFCheckpointReader(load_dir)
+    validate_hf_checkpoint(reader, size)
+    _check_output(save_dir, overwrite, [load_dir])
+    _use_device(use_cuda)
+
+    from megatron_patch.convert import mcore_runtime
+
+    mcore_runtime.init_megatron(size, dtype)
+    model = mcore_runtime.build_model()
+    weights = mcore_runtime.named_weights(model)
+    table = [m for m in qwen2_5_mappings(size) if not isinstance(m, TiedLMHead)]
+    unmapped = set(weights) - {m.mcore for m in table}
+    if unmapped:
+        raise ConversionError(f"the Megatron model has parameters the mapping table does not cover: "
+                              f"{_listing(unmapped)}")
+    check = None
+    with _StagedOutput(save_dir) as out, torch.no_grad():
+        for m in _progress(table, "HF -> Megatron"):
+            tensor = m.to_mcore([reader.get(name) for name in m.hf], size)
+            target = weights[m.mcore]
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ConversionError(f"{m.mcore}: built {tuple(tensor.shape)} from {', '.join(m.hf)} but the "
+                                      f"model has {tuple(target.shape)}")
+            target.copy_(tensor)
+            del tensor
+        reader.close()
+        mcore_runtime.save_release_checkpoint(model, out)
+        _copy_side_files(load_dir, out)
+        if check_logits:
+            for p in model.parameters():  # a load that misses a tensor must show up in the logits
+                p.zero_()
+            mcore_runtime.load_checkpoint_into(model, out)
+            check = compare_logits(load_dir, model.float())
+            print(f"check-logits (HF vs converted Megatron, fp32): {check}", flush=True)
+    print(f"wrote a torch_dist checkpoint of Qwen2.5 ({precision}) to {save_dir}", flush=True)
+    return check
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Megatron -> HF
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def find_mcore_checkpoint(load_dir: Path) -> Path:
+    """The torch_dist folder to read: LOAD_DIR itself, or the newest iteration of a training --save folder."""
+    if not load_dir.is_dir():
+        raise ConversionError(f"LOAD_DIR {load_dir} does not exist (expected a Megatron checkpoint folder).")
+    if (load_dir / "metadata.json").is_file():
+        ckpt = load_dir
+    elif (load_dir / TRACKER_FILE).is_file():
+        tag = (load_dir / TRACKER_FILE).read_text().strip()
+        ckpt = load_dir / ("release" if tag == "release" else f"iter_{int(tag):07d}")
+        if not ckpt.is_dir():
+            raise ConversionError(f"{load_dir / TRACKER_FILE} names iteration '{tag}', but {ckpt} is missing.")
+    else:
+        raise ConversionError(f"no Megatron checkpoint in {load_dir}: expected {TRACKER_FILE} (a training --save "
+                              "folder) or metadata.json (one iteration folder).")
+    meta = ckpt / "metadata.json"
+    backend = json.loads(meta.read_text()).get("sharded_backend") if meta.is_file() else "torch (legacy)"
+    if backend != "torch_dist":
+        raise ConversionError(f"{ckpt} is a '{backend}' checkpoint; only torch_dist is read. Re-save it from "
+                              "training with --ckpt-format torch_dist.")
+    return ckpt
+
+
+def _mcore_tensor_metadata(ckpt: Path) -> dict:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    return {k: v for k, v in meta.items()
+            if isinstance(v, TensorStorageMetadata) and not k.startswith(NON_MODEL_PREFIXES)}
+
+
+def validate_mcore_checkpoint(ckpt: Path, size: Qwen25Size) -> dict:
+    """Model tensors of the checkpoint against the table (names and global shapes); returns their metadata."""
+    meta = _mcore_tensor_metadata(ckpt)
+    expected: dict[str, tuple[int, ...]] = {}
+    for name, shape in mcore_shapes(size).items():
+        key, layer = stacked_key(name)
+        expected[key] = (size.num_layers, *shape) if layer is not None else shape
+    problems = []
+    missing = set(expected) - set(meta)
+    if missing:
+        problems.append(f"{len(missing)} model tensors missing: {_listing(missing)}")
+    unknown = set(meta) - set(expected)
+    if unknown:
+        problems.append(f"{len(unknown)} model tensors that a Qwen2.5 of this shape does not have: "
+                        f"{_listing(unknown)}")
+    bad = [f"{k}: {tuple(meta[k].size)} (expected {expected[k]})" for k in sorted(set(meta) & set(expected))
+           if tuple(meta[k].size) != expected[k]]
+    if bad:
+        problems.append("tensors with the wrong shape: " + "; ".join(bad[:8]))
+    try:
+        from megatron.core import dist_checkpointing
+
+        ckpt_args = dist_checkpointing.load_common_state_dict(str(ckpt)).get("args")
+    except Exception:  # noqa: BLE001 -- args are only a cross-check; shapes above already decide
+        ckpt_args = None
+    if ckpt_args is not None:
+        groups = getattr(ckpt_args, "num_query_groups", None) if getattr(ckpt_args, "group_query_attention", False) \
+            else getattr(ckpt_args, "num_attention_heads", None)
+        for what, theirs, ours in (("num_attention_heads", getattr(ckpt_args, "num_attention_heads", None),
+                                    size.num_attention_heads),
+                                   ("num_query_groups", groups, size.num_query_groups)):
+            if theirs is not None and theirs != ours:
+                problems.append(f"{what}: {theirs} (checkpoint args) vs {ours} (MODEL_SIZE/config.json)")
+    if problems:
+        raise ConversionError(f"the Megatron checkpoint {ckpt} does not match the Qwen2.5 config:\n  "
+                              + "\n  ".join(problems))
+    return meta
+
+
+def _read_mcore_tensors(ckpt: Path, mappings: list[Mapping], meta: dict) -> dict[str, torch.Tensor]:
+    """Global (unsharded) tensors for `mappings`, whatever TP/PP saved them. Decoder layers are stored stacked,
+    so only this layer's slice of each stacked tensor is requested: that much is read and held, no more."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+
+    requests = {}
+    for m in mappings:
+        key, layer = stacked_key(m.mcore)
+        info = meta[key]
+        shape = tuple(info.size)
+        offsets = (0,) * len(shape) if layer is None else (layer,) + (0,) * (len(shape) - 1)
+        sizes = shape if layer is None else (1, *shape[1:])
+        requests[key] = (offsets, torch.empty(sizes, dtype=info.properties.dtype))
+    load({}, storage_reader=FileSystemReader(str(ckpt)), planner=_SliceLoadPlanner(requests), no_dist=True)
+    out = {}
+    for m in mappings:
+        key, layer = stacked_key(m.mcore)
+        out[m.mcore] = requests[key][1] if layer is None else requests[key][1][0]
+    return out
+
+
+def _slice_load_planner_class():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class SliceLoadPlanner(DefaultLoadPlanner):
+        """Reads given slices (offsets + destination tensor) of checkpoint tensors; DCP maps each slice onto
+        however many saved chunks (TP/PP shards, SwiGLU halves) it overlaps."""
+
+        def __init__(self, requests: dict[str, tuple[tuple[int, ...], torch.Tensor]]):
+            super().__init__()
+            self.requests = requests
+
+        def create_local_plan(self) -> LoadPlan:
+            items = []
+            for key, (offsets, dest) in self.requests.items():
+                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
+                items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+            return LoadPlan(items)
+
+        def lookup_tensor(self, index):
+            return self.requests[index.fqn][1]
+
+    return SliceLoadPlanner
+
+
+def _SliceLoadPlanner(requests):  # noqa: N802 -- a class, built lazily so torch.distributed loads on first use
+    return _slice_load_planner_class()(requests)
+
+
+def _groups(table: list[Mapping]) -> list[list[Mapping]]:
+    """The table cut into read units: each decoder layer, and each tensor outside the layers."""
+    groups: list[list[Mapping]] = []
+    for m in table:
+        layer = stacked_key(m.mcore)[1]
+        if layer is not None and groups and stacked_key(groups[-1][0].mcore)[1] == layer:
+            groups[-1].append(m)
+        else:
+            groups.append([m])
+    return groups
+
+
+def mcore_to_hf(model_size: str, load_dir: str | Path, save_dir: str | Path, hf_dir: str | Path | None,
+                precision: str = "bf16", use_cuda: bool = False, check_logits: bool = False,
+                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tp: int = 1, pp: int = 1,
+                overwrite: bool = False) -> LogitCheck | None:
+    """Convert a torch_dist checkpoint into HF safetensors shards with HF_DIR's config and tokenizer."""
+    load_dir, save_dir = Path(load_dir), Path(save_dir)
+    dtype = _precision(precision)
+    if hf_dir is None or str(hf_dir) == "":
+        raise ConversionError("Megatron -> HF (MG2HF=true) needs HF_DIR: the reference HF checkpoint folder "
+                              "whose config.json and tokenizer files go with the output.")
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise ConversionError(f"HF_DIR {hf_dir} does not exist (expected the reference HF checkpoint folder).")
+    size = _size(model_size, hf_dir)
+    check_parallel_layout(size, tp, pp)
+    ckpt = find_mcore_checkpoint(load_dir)
+    _check_output(save_dir, overwrite, [load_dir, hf_dir])
+    _use_device(use_cuda)
+
+    meta = validate_mcore_checkpoint(ckpt, size)
+    table = qwen2_5_mappings(size)
+    check = None
+    with _StagedOutput(save_dir) as out, torch.no_grad():
+        writer = HFShardWriter(out, max_shard_bytes)
+        progress = _progress(None, "Megatron -> HF", total=len(table))
+        for group in _groups(table):
+            wanted = [m for m in group if not isinstance(m, TiedLMHead)]
+            tensors = _read_mcore_tensors(ckpt, wanted, meta) if wanted else {}
+            for m in group:
+                if not isinstance(m, TiedLMHead):
+                    for name, t in zip(m.hf, m.to_hf(tensors.pop(m.mcore), size)):
+                        writer.add(name, t.to(dtype))
+                progress.update(1)
+        progress.close()
+        shards = writer.close()
+        _copy_side_files(hf_dir, out, dtype)
+        if check_logits:
+            check = _check_mcore_against_hf(size, load_dir, ckpt, out)
+            print(f"check-logits (converted HF vs Megatron checkpoint, fp32): {check}", flush=True)
+    print(f"wrote {len(shards)} safetensors shard(s) of Qwen2.5 ({precision}) to {save_dir}", flush=True)
+    return check
+
+
+def _check_mcore_against_hf(size: Qwen25Size, load_dir: Path, ckpt: Path, hf_out: Path) -> LogitCheck:
+    """The checkpoint through megatron.training's own load_checkpoint into the entrypoint's model, vs the HF
+    output through transformers."""
+    from megatron.training import get_args
+
+    from megatron_patch.convert import mcore_runtime
+
+    mcore_runtime.init_megatron(size, torch.float32)
+    model = mcore_runtime.build_model()
+    root = ckpt.parent
+    if ckpt.name != "release":
+        get_args().ckpt_step = int(ckpt.name.removeprefix("iter_"))
+    mcore_runtime.load_checkpoint_into(model, root)
+    return compare_logits(hf_out, model)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logit parity
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_tokens(size: Qwen25Size, batch: int = 2, seq_length: int = 32, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, min(size.vocab_size, 151_643), (batch, seq_length), generator=generator)
+
+
+@torch.no_grad()
+def compare_logits(hf_dir: Path, mcore_model, tokens: torch.Tensor | None = None) -> LogitCheck:
+    """HF transformers and a Megatron model on the same tokens, both fp32: max abs logit difference and each
+    one's mean next-token loss."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_patch.convert import mcore_runtime
+    from megatron_patch.model_sizes import size_from_hf_config
+
+    if tokens is None:
+        tokens = check_tokens(size_from_hf_config(json.loads((Path(hf_dir) / "config.json").read_text())))
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    hf_out = hf(input_ids=tokens, labels=tokens)
+    mcore_logits = mcore_runtime.forward(mcore_model, tokens).float().cpu()
+    # Megatron's labels are the next tokens; the last position has none (masked out of the mean).
+    labels = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)
+    mcore_losses = mcore_runtime.forward(mcore_model, tokens, labels).float().cpu()
+    return LogitCheck(
+        max_abs_logit_diff=(hf_out.logits.float() - mcore_logits).abs().max().item(),
+        hf_loss=hf_out.loss.item(),
+        mcore_loss=mcore_losses[:, :-1].mean().item(),
+    )

@@ -1,0 +1,116 @@
+"""Streaming Hugging Face safetensors I/O: read one tensor at a time, write shards as they fill."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class ConversionError(Exception):
+    """A problem with the user's input, reported as one message before anything is written."""
+
+
+class HFCheckpointReader:
+    """The tensors of a HF checkpoint folder (single model.safetensors or a sharded index), read lazily."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._file_of = {name: self.folder / f for name, f in weight_map.items()}
+        elif (self.folder / SINGLE_FILE).is_file():
+            from safetensors import safe_open
+
+            with safe_open(self.folder / SINGLE_FILE, framework="pt") as f:
+                self._file_of = {name: self.folder / SINGLE_FILE for name in f.keys()}
+        else:
+            raise ConversionError(
+                f"no HF weights in {self.folder}: expected {SINGLE_FILE} or {INDEX_FILE} (only safetensors is "
+                "read; re-save a .bin checkpoint with save_pretrained(safe_serialization=True))."
+            )
+        missing_files = sorted({str(p) for p in self._file_of.values() if not p.is_file()})
+        if missing_files:
+            raise ConversionError(f"{INDEX_FILE} in {self.folder} lists shard files that are missing: "
+                                  + ", ".join(missing_files))
+        self._handles: dict[Path, object] = {}
+
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+    def _handle(self, name: str):
+        from safetensors import safe_open
+
+        path = self._file_of[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="pt")
+        return self._handles[path]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class HFShardWriter:
+    """Writes tensors to safetensors shards of at most `max_shard_bytes`, flushing each as it fills, then
+    `model.safetensors.index.json` (the HF layout `from_pretrained` reads)."""
+
+    def __init__(self, folder: str | Path, max_shard_bytes: int):
+        self.folder = Path(folder)
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []  # tensor names per written shard
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        # A copy of its own: safetensors refuses views sharing storage (e.g. q/k/v split from one qkv tensor).
+        self._pending[name] = tensor.detach().to("cpu").contiguous().clone()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self._pending, self.folder / f"shard-{len(self._shards):05d}.tmp", metadata={"format": "pt"})
+        self._shards.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Flush the last shard, give shards their final names, write the index; returns the shard names."""
+        if self._pending or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        weight_map, files = {}, []
+        for i, names in enumerate(self._shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / f"shard-{i:05d}.tmp", self.folder / final)
+            os.chmod(self.folder / final, 0o666 & ~_umask())  # safetensors creates files owner-only
+            files.append(final)
+            weight_map |= {name: final for name in names}
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return files

@@ -1,0 +1,351 @@
+"""HF <-> Megatron torch_dist conversion of Qwen2.5: bit-exact round trips, logit parity, training from a converted
+checkpoint with other TP/PP layouts, converting a TP=2 training checkpoint back, and clean failures.
+
+Conversions run the real CLI / toolkit scripts in subprocesses (Megatron keeps its setup in process globals).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training_utils import REPO_ROOT, run_entrypoint, tensorboard_losses, tiny_mock_args
+
+from megatron_patch.convert.mapping import (
+    GateUpFused,
+    QKVFused,
+    canonical_mcore_name,
+    hf_shapes,
+    mcore_shapes,
+    qwen2_5_mappings,
+    stacked_key,
+)
+from megatron_patch.model_sizes import Qwen25Size
+
+pytestmark = pytest.mark.timeout(900)
+
+TOOLKIT = REPO_ROOT / "toolkits" / "distributed_checkpoints_convertor"
+RUN_8X = TOOLKIT / "scripts" / "qwen2_5" / "run_8xH20.sh"
+OLD_SCRIPT = TOOLKIT / "hf2mcore_qwen2.5_convertor.sh"
+
+# Real Qwen2.5 head / kv-head ratios, scaled down: 0.5B-like (14 heads / 2 kv, tied) and 7B-like (28 / 4, untied).
+SHAPES = {
+    "tied": Qwen25Size(2, 224, 14, 2, 256, 151936, True, 1e-6, 4096),
+    "untied": Qwen25Size(2, 224, 28, 4, 256, 152064, False, 1e-6, 4096),
+}
+HF_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+              "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+
+
+def run(cmd: list[str], check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="2")
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def convert(*flags) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "megatron_patch.convert", *flags])
+
+
+def safetensors_dict(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as h:
+            out |= {k: h.get_tensor(k) for k in h.keys()}
+    return out
+
+
+def logit_check(stdout: str) -> tuple[float, float, float]:
+    number = r"([-+0-9.eE]+|nan|inf)"
+    m = re.search(rf"max abs logit diff {number}; loss HF {number} vs Megatron {number}", stdout)
+    assert m, stdout[-3000:]
+    return tuple(float(g) for g in m.groups())
+
+
+def partial_leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if ".partial-" in p.name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The mapping table itself
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_qkv_fusion_follows_megatron_group_layout():
+    size = Qwen25Size(1, 16, 4, 2, 8, 10, True, 1e-6, 64)  # 2 groups of 2 q heads, head_dim 4
+    q = torch.arange(16 * 16).reshape(16, 16).float()
+    k = -torch.arange(8 * 16).reshape(8, 16).float() - 1
+    v = torch.arange(8 * 16).reshape(8, 16).float() + 10_000
+    m = QKVFused("x", ("q", "k", "v"))
+    fused = m.to_mcore([q, k, v], size)
+    # group 0: q heads 0-1 (rows 0-7), k head 0, v head 0; then group 1 likewise
+    expected = torch.cat([q[0:8], k[0:4], v[0:4], q[8:16], k[4:8], v[4:8]])
+    assert torch.equal(fused, expected)
+    assert all(torch.equal(a, b) for a, b in zip(m.to_hf(fused, size), (q, k, v)))
+    bias = m.to_mcore([q[:, 0], k[:, 0], v[:, 0]], size)
+    assert torch.equal(bias, expected[:, 0])
+    g = GateUpFused("y", ("gate", "up"))
+    assert all(torch.equal(a, b) for a, b in zip(g.to_hf(g.to_mcore([q, q + 1], size), size), (q, q + 1)))
+
+
+def test_table_covers_every_hf_tensor_once_and_local_names_map_to_te_names():
+    for size in SHAPES.values():
+        table = qwen2_5_mappings(size)
+        hf_names = [n for m in table for n in m.hf]
+        assert len(hf_names) == len(set(hf_names))
+        assert set(hf_names) - {"lm_head.weight"} == set(hf_shapes(size)) - {"lm_head.weight"}
+        assert ("output_layer.weight" in mcore_shapes(size)) == (not size.tie_word_embeddings)
+    assert canonical_mcore_name("decoder.layers.3.input_layernorm.weight") == \
+        "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight"
+    assert canonical_mcore_name("decoder.layers.0.pre_mlp_layernorm.weight") == \
+        "decoder.layers.0.mlp.linear_fc1.layer_norm_weight"
+    assert stacked_key("decoder.layers.7.mlp.linear_fc2.weight") == ("decoder.layers.mlp.linear_fc2.weight", 7)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Round trips and logit parity
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory, default_tokenizer_dir) -> dict[tuple[str, str], Path]:
+    from megatron_patch.hf_checkpoint import write_random_hf_checkpoint
+
+    root = tmp_path_factory.mktemp("hf")
+    return {
+        (kind, pr): write_random_hf_checkpoint(size, root / f"{kind}_{pr}", dtype=HF_DTYPE[pr], seed=7,
+                                               tokenizer_dir=default_tokenizer_dir)
+        for kind, size in SHAPES.items() for pr in HF_DTYPE
+    }
+
+
+@pytest.fixture(scope="module")
+def round_trips(hf_models, tmp_path_factory):
+    """Every (tied/untied, fp32/bf16) model HF -> Megatron -> HF. fp32 runs the Python CLI with --check-logits,
+    bf16 the upstream script (bf16 back with 40 MB shards, so the output has several)."""
+    root = tmp_path_factory.mktemp("round_trips")
+    results = {}
+    for (kind, pr), hf in hf_models.items():
+        mcore, back = root / f"{kind}_{pr}_mcore", root / f"{kind}_{pr}_hf"
+        if pr == "fp32":
+            there = convert("--model-size", "auto", "--load-dir", hf, "--save-dir", mcore, "--precision", pr,
+                            "--check-logits")
+            again = convert("--mg2hf", "true", "--model-size", "auto", "--load-dir", mcore, "--save-dir", back,
+                            "--hf-dir", hf, "--precision", pr, "--check-logits")
+        else:
+            there = run(["bash", RUN_8X, "auto", hf, mcore, "false", "false", pr], cwd=root)
+            again = run(["bash", RUN_8X, "auto", mcore, back, "true", "false", pr, hf, "--max-shard-size", "40MB"],
+                        cwd=Path("/"))
+        results[kind, pr] = dict(hf=hf, mcore=mcore, back=back, there=there, again=again)
+    return results
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+@pytest.mark.parametrize("pr", list(HF_DTYPE))
+def test_hf_to_megatron_to_hf_is_bit_exact(round_trips, kind, pr):
+    r = round_trips[kind, pr]
+    original, back = safetensors_dict(r["hf"]), safetensors_dict(r["back"])
+    assert set(back) == set(original)
+    for name, tensor in original.items():
+        assert back[name].dtype == tensor.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[pr], name
+        assert torch.equal(back[name], tensor), name
+    index = json.loads((r["back"] / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(original)
+    assert {f.name for f in r["back"].glob("*.safetensors")} == set(index["weight_map"].values())
+    if pr == "bf16":
+        assert len(set(index["weight_map"].values())) > 1, "40 MB shards: the output must be split"
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+def test_config_and_tokenizer_files_come_through_and_output_loads_in_transformers(round_trips, kind):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    r = round_trips[kind, "bf16"]
+    for name in SIDE_FILES:
+        assert (r["mcore"] / name).read_bytes() == (r["hf"] / name).read_bytes(), name
+        if name != "config.json":
+            assert (r["back"] / name).read_bytes() == (r["hf"] / name).read_bytes(), name
+    config_in, config_out = (json.loads((d / "config.json").read_text()) for d in (r["hf"], r["back"]))
+    assert config_out.pop("dtype", config_out.pop("torch_dtype", None)) == "bfloat16"
+    config_in.pop("dtype", None), config_in.pop("torch_dtype", None)
+    assert config_out == config_in
+    model = AutoModelForCausalLM.from_pretrained(r["back"])
+    assert model.config.tie_word_embeddings == SHAPES[kind].tie_word_embeddings
+    assert AutoTokenizer.from_pretrained(r["back"])("hello world")["input_ids"]
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+def test_logits_match_transformers_through_the_entrypoint_model_provider(round_trips, kind):
+    r = round_trips[kind, "fp32"]
+    for proc in (r["there"], r["again"]):
+        diff, hf_loss, mc_loss = logit_check(proc.stdout)
+        assert diff <= 1e-4, proc.stdout
+        assert abs(hf_loss - mc_loss) <= 1e-5, proc.stdout
+        assert 5.0 < hf_loss < 20.0  # a real loss over a ~150k vocab, not a degenerate one
+
+
+def test_checkpoint_layout_is_a_megatron_release_with_te_key_names(round_trips):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    mcore = round_trips["untied", "bf16"]["mcore"]
+    assert (mcore / "latest_checkpointed_iteration.txt").read_text().strip() == "release"
+    assert json.loads((mcore / "release" / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
+    keys = set(FileSystemReader(str(mcore / "release")).read_metadata().state_dict_metadata)
+    assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in keys
+    assert "decoder.layers.mlp.linear_fc1.layer_norm_weight" in keys
+    assert not any("input_layernorm" in k or "pre_mlp_layernorm" in k for k in keys)
+    assert "output_layer.weight" in keys and not any(k.startswith("optimizer") for k in keys)
+    assert "common_state/shard_0_1" in keys or any(k.startswith("common_state") for k in keys)
+    assert not partial_leftovers(mcore.parent)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training from a converted checkpoint, and a training checkpoint back to HF
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def converted_tiny(tiny_hf_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_mcore") / "ckpt"
+    # The older script's TP/PP are checked (TP=2 divides tiny's 2 kv heads, PP=2 its 2 layers), not baked in.
+    run(["bash", OLD_SCRIPT, "tiny", tiny_hf_checkpoint, out, "2", "2", "fp32", "true", "false"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def layouts_from_converted(converted_tiny, tmp_path_factory):
+    runs = {}
+    for name, nproc, flags in (("tp1", 1, []), ("tp2", 2, ["--tensor-model-parallel-size", "2"]),
+                               ("pp2", 2, ["--pipeline-model-parallel-size", "2"])):
+        work = tmp_path_factory.mktemp(f"from_converted_{name}")
+        args = tiny_mock_args(iters=2) + flags + ["--pretrained-checkpoint", str(converted_tiny)]
+        if name == "tp2":  # this run's checkpoint (TP=2, with optimizer state) goes back to HF below
+            args += ["--save", str(work / "ckpt"), "--save-interval", "2"]
+        run_entrypoint(work, nproc, args)
+        runs[name] = dict(work=work, losses=tensorboard_losses(work), log=(work / "train.log").read_text())
+    return runs
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_converted_checkpoint_trains_with_other_layouts_and_same_first_loss(layouts_from_converted, layout):
+    runs = layouts_from_converted
+    for r in (runs["tp1"], runs[layout]):
+        assert "loading release distributed checkpoint" in r["log"]
+        assert sorted(r["losses"]) == [1, 2]
+    assert abs(runs[layout]["losses"][1] - runs["tp1"]["losses"][1]) <= 1e-5, runs
+
+
+def test_tp2_training_checkpoint_converts_back_and_equals_a_tp1_load(layouts_from_converted, tiny_hf_checkpoint,
+                                                                     tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from transformers import AutoModelForCausalLM
+
+    from megatron_patch.model_sizes import get_size
+
+    ckpt = layouts_from_converted["tp2"]["work"] / "ckpt"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    out = tmp_path / "hf"
+    proc = run(["bash", OLD_SCRIPT, "tiny", ckpt, out, "1", "1", "fp32", "false", "true", tiny_hf_checkpoint,
+                "--check-logits"])
+    diff, hf_loss, mc_loss = logit_check(proc.stdout)
+    assert diff <= 1e-4 and abs(hf_loss - mc_loss) <= 1e-5, proc.stdout
+
+    # Reference: the checkpoint's global (TP=1) tensors read whole, then split as a TP=1 model holds them.
+    size = get_size("tiny")
+    meta = FileSystemReader(str(ckpt / "iter_0000002")).read_metadata().state_dict_metadata
+    wanted = {stacked_key(n)[0] for n in mcore_shapes(size)}
+    full = {k: torch.empty(tuple(meta[k].size), dtype=meta[k].properties.dtype) for k in wanted}
+    load(full, storage_reader=FileSystemReader(str(ckpt / "iter_0000002")), no_dist=True)
+    back = safetensors_dict(out)
+    original = safetensors_dict(tiny_hf_checkpoint)
+    assert set(back) == set(original)
+    trained = 0
+    for m in qwen2_5_mappings(size):
+        key, layer = stacked_key(m.mcore)
+        if key not in full:
+            continue
+        tensor = full[key] if layer is None else full[key][layer]
+        for name, t in zip(m.hf, m.to_hf(tensor, size)):
+            assert torch.equal(back[name], t), name
+            trained += not torch.equal(back[name], original[name])
+    assert trained > 0, "two training steps must have moved the weights"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(model.model.embed_tokens.weight, back["model.embed_tokens.weight"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one clear error, nothing written
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def assert_fails_cleanly(proc: subprocess.CompletedProcess, save_dir: Path, *phrases: str) -> None:
+    assert proc.returncode != 0
+    for phrase in phrases:
+        assert phrase in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not save_dir.exists()
+    assert not partial_leftovers(save_dir.parent)
+
+
+def test_named_size_that_disagrees_with_config_is_an_error(hf_models, tmp_path):
+    out = tmp_path / "out"
+    proc = run(["bash", RUN_8X, "0.5B", hf_models["tied", "bf16"], out, "false", "false", "bf16"], check=False)
+    assert_fails_cleanly(proc, out, "MODEL_SIZE=0.5B does not match", "num_hidden_layers")
+
+
+def test_missing_and_unknown_tensors_are_named(hf_models, tmp_path):
+    from safetensors.torch import save_file
+
+    src = hf_models["untied", "bf16"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_bytes((src / "config.json").read_bytes())
+    tensors = safetensors_dict(src)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    tensors["model.layers.0.self_attn.q_norm.weight"] = torch.ones(8)
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    proc = run(["bash", RUN_8X, "auto", broken, out, "false", "false", "bf16"], check=False)
+    assert_fails_cleanly(proc, out, "model.layers.1.mlp.up_proj.weight", "model.layers.0.self_attn.q_norm.weight")
+
+
+def test_mg2hf_without_hf_dir_and_bad_arguments_are_errors(round_trips, tmp_path):
+    mcore = round_trips["tied", "bf16"]["mcore"]
+    out = tmp_path / "out"
+    proc = run(["bash", RUN_8X, "auto", mcore, out, "true", "false", "bf16"], check=False)
+    assert_fails_cleanly(proc, out, "needs HF_DIR")
+    hf = round_trips["tied", "bf16"]["hf"]
+    proc = run(["bash", RUN_8X, "auto", hf, out, "false", "false", "fp8"], check=False)
+    assert_fails_cleanly(proc, out, "PR must be one of fp32, bf16, fp16")
+    proc = run(["bash", OLD_SCRIPT, "auto", hf, out, "4", "1", "bf16", "true", "false"], check=False)
+    assert_fails_cleanly(proc, out, "TP=4 does not divide the 2 key/value heads")
+    proc = run(["bash", RUN_8X, "auto", tmp_path / "nowhere", out, "false", "false", "bf16"], check=False)
+    assert_fails_cleanly(proc, out, "does not exist")
+
+
+def test_failure_midway_leaves_no_output(round_trips, tmp_path):
+    """A checkpoint whose metadata is intact but whose data file is gone fails while writing: the staged output
+    is removed and SAVE_DIR never appears."""
+    import shutil
+
+    r = round_trips["untied", "bf16"]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(r["mcore"], damaged)
+    for f in (damaged / "release").glob("*.distcp"):
+        f.unlink()
+    out = tmp_path / "out"
+    proc = run(["bash", RUN_8X, "auto", damaged, out, "true", "false", "bf16", r["hf"]], check=False)
+    assert proc.returncode != 0
+    assert not out.exists() and not partial_leftovers(tmp_path)

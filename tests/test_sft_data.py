@@ -1,0 +1,306 @@
+"""SFT data: answer masks token by token, idxmap vs raw JSON identity, packing, epochs, errors, atomic output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_patch.data.records import InputError
+from megatron_patch.data.sft import SFTRecordError, build_sft_sample, pack_samples, plan_packing, record_to_messages
+from megatron_patch.data.sft_dataset import RawJSONSFTDataset, SFTIdxMapDataset
+from megatron_patch.data.sft_preprocess import build_sft_idxmap, label_prefix, meta_path, text_prefix
+from megatron_patch.tokenizer import IM_END_TOKEN_ID, IM_START_TOKEN_ID, PAD_TOKEN_ID, load_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUILD_SFT = REPO_ROOT / "toolkits" / "sft_data_preprocessing" / "build_idxmap_sft_dataset.py"
+
+ALPACA_WITH_SYSTEM_AND_HISTORY = {
+    "system": "你是一个翻译助手。", "history": [["1+1=?", "2"], ["Capital of France?", "Paris."]],
+    "instruction": "把下面的句子翻译成英文", "input": "今天天气很好", "output": "The weather is nice today.",
+}
+MESSAGES_MULTI_TURN = {"messages": [
+    {"role": "user", "content": "Write an add function in Python."},
+    {"role": "assistant", "content": "def add(a, b):\n    return a + b"},
+    {"role": "user", "content": "And subtraction?"},
+    {"role": "assistant", "content": "def sub(a, b):\n    return a - b"},
+    {"role": "user", "content": "谢谢"},
+    {"role": "assistant", "content": "不客气！"},
+]}
+SHAREGPT = {"conversations": [
+    {"from": "system", "value": "Answer briefly."},
+    {"from": "human", "value": "天空为什么是蓝色的？"},
+    {"from": "gpt", "value": "因为瑞利散射：蓝光散射得更多。"},
+]}
+ALPACA_PLAIN = {"instruction": "Name a primary color.", "input": "", "output": "Red."}
+RECORDS = [ALPACA_WITH_SYSTEM_AND_HISTORY, MESSAGES_MULTI_TURN, SHAREGPT, ALPACA_PLAIN]
+# (assistant answers in order) for each record, written out by hand
+EXPECTED_ANSWERS = [
+    ["2", "Paris.", "The weather is nice today."],
+    ["def add(a, b):\n    return a + b", "def sub(a, b):\n    return a - b", "不客气！"],
+    ["因为瑞利散射：蓝光散射得更多。"],
+    ["Red."],
+]
+
+
+@pytest.fixture(scope="module")
+def tok(default_tokenizer_dir):
+    return load_tokenizer(default_tokenizer_dir)
+
+
+def expected_answer_mask(tokens: list[int], tok) -> list[int]:
+    """Independent of build_sft_sample: scan the ids for '<|im_start|>assistant\\n' and mark what follows up to
+    and including the next <|im_end|>."""
+    header = [IM_START_TOKEN_ID] + tok("assistant\n", add_special_tokens=False)["input_ids"]
+    mask, i = [0] * len(tokens), 0
+    while i < len(tokens):
+        if tokens[i : i + len(header)] == header:
+            j = i + len(header)
+            while j < len(tokens):
+                mask[j] = 1
+                if tokens[j] == IM_END_TOKEN_ID:
+                    break
+                j += 1
+            i = j
+        i += 1
+    return mask
+
+
+@pytest.mark.parametrize("index", range(len(RECORDS)))
+def test_answer_mask_covers_exactly_the_answers_and_their_im_end(tok, index):
+    record, answers = RECORDS[index], EXPECTED_ANSWERS[index]
+    sample = build_sft_sample(record, tok, max_length=4096)
+    tokens = sample.tokens.tolist()
+    # Same ids as tokenizing the template's rendering in one go.
+    rendered = tok.apply_chat_template(record_to_messages(record), tokenize=False)
+    assert tokens == tok(rendered, add_special_tokens=False)["input_ids"]
+    assert sample.answer_mask.tolist() == expected_answer_mask(tokens, tok)
+    # Each trained run decodes to one answer + <|im_end|>; the "\n" after it is never trained.
+    runs, current = [], []
+    for t, m in zip(tokens, sample.answer_mask.tolist()):
+        if m:
+            current.append(t)
+        elif current:
+            runs.append(current)
+            current = []
+    assert [tok.decode(r) for r in runs] == [a + "<|im_end|>" for a in answers]
+    assert not sample.truncated and not sample.is_empty
+
+
+def test_alpaca_fields_become_chat_turns():
+    messages = record_to_messages(ALPACA_WITH_SYSTEM_AND_HISTORY)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
+    assert messages[-2]["content"] == "把下面的句子翻译成英文\n今天天气很好"
+    assert record_to_messages(ALPACA_PLAIN)[0]["content"] == "Name a primary color."
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"text": "pre-training text"}, "not an SFT record"),
+    ({"conversations": [{"from": "narrator", "value": "x"}]}, "role 'narrator'"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "starts with an assistant turn"),
+    ({"instruction": "q", "output": 3}, "'output' must be a string"),
+    ({"instruction": "q", "output": "a", "history": [["only one"]]}, r"'history'\[0\]"),
+])
+def test_bad_records_say_what_is_wrong(tok, record, message):
+    with pytest.raises(SFTRecordError, match=message):
+        build_sft_sample(record, tok, 128)
+
+
+def test_truncation_is_explicit(tok):
+    full = build_sft_sample(MESSAGES_MULTI_TURN, tok, 4096)
+    cut = build_sft_sample(MESSAGES_MULTI_TURN, tok, 40)
+    assert cut.truncated and len(cut) == 40
+    assert cut.tokens.tolist() == full.tokens[:40].tolist() and cut.answer_mask.tolist() == full.answer_mask[:40].tolist()
+    prompt_only = build_sft_sample(MESSAGES_MULTI_TURN, tok, 20)  # cut inside the system prompt
+    assert prompt_only.truncated and prompt_only.is_empty
+
+
+def test_plan_packing_is_a_deterministic_partition():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 100, size=500).tolist()
+    rows = plan_packing(lengths, 128)
+    assert sorted(i for row in rows for i in row) == list(range(500))
+    assert all(sum(lengths[i] for i in row) <= 128 for row in rows)
+    assert rows == plan_packing(lengths, 128)
+    assert sum(lengths) / (len(rows) * 128) > 0.9  # best-fit decreasing packs tightly
+    with pytest.raises(ValueError, match="seq_length"):
+        plan_packing([10, 200], 128)
+
+
+def test_pack_samples_keeps_each_samples_tokens_positions_and_segments(tok):
+    samples = [build_sft_sample(r, tok, 256) for r in RECORDS]
+    packed = pack_samples(samples, 256)
+    seen = []
+    for row in packed:
+        assert len(row.tokens) == sum(row.sample_lengths) <= 256
+        at = 0
+        for k, n in enumerate(row.sample_lengths):
+            piece = row.tokens[at : at + n].tolist()
+            match = [i for i, s in enumerate(samples) if s.tokens.tolist() == piece]
+            assert match, "a packed piece is not one of the samples"
+            seen.append(match[0])
+            assert row.answer_mask[at : at + n].tolist() == samples[match[0]].answer_mask.tolist()
+            assert row.position_ids[at : at + n].tolist() == list(range(n))
+            assert set(row.segment_ids[at : at + n].tolist()) == {k}
+            at += n
+    assert sorted(seen) == list(range(len(samples)))
+
+
+def write_sft_files(folder: Path) -> tuple[Path, Path]:
+    """The same records as a JSON array (alpaca style) and as JSONL; more of them so packing has choices."""
+    records = RECORDS * 3 + [
+        {"instruction": f"Count to {n}.", "output": " ".join(str(i) for i in range(1, n + 1))} for n in (3, 20, 60)
+    ] + [{"instruction": "Say nothing.", "output": ""}]
+    array = folder / "sft.json"
+    array.write_text(json.dumps(records, ensure_ascii=False, indent=2), encoding="utf-8")
+    lines = folder / "sft.jsonl"
+    lines.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
+    return array, lines
+
+
+def assert_same_items(a, b, indices):
+    for i in indices:
+        x, y = a[i], b[i]
+        assert x.keys() == y.keys()
+        for key in x:
+            assert torch.equal(x[key], y[key]), f"item {i} differs in {key}"
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_raw_json_and_idxmap_datasets_give_identical_items(tmp_path, default_tokenizer_dir, tok, packing):
+    array, lines = write_sft_files(tmp_path)
+    seq_length = 160
+    stats = build_sft_idxmap(array, tmp_path / "sft", default_tokenizer_dir, seq_length, packing=packing,
+                             show_progress=False)
+    assert stats.samples == 16 and stats.empty == 1 and stats.truncated >= 1  # the 60-count and long chats
+    meta = json.loads(Path(meta_path(tmp_path / "sft")).read_text())
+    assert (meta["packed"], meta["seq_length"], meta["samples"], meta["rows"]) == (packing, 160, 16, stats.rows)
+    num_samples = 3 * stats.rows + 2  # wraps into a 4th epoch
+    idxmap = SFTIdxMapDataset(tmp_path / "sft", seq_length, num_samples, seed=11, packing=packing)
+    for source in (array, lines):
+        raw = RawJSONSFTDataset(source, tok, seq_length, num_samples, seed=11, packing=packing)
+        assert len(raw) == len(idxmap) == num_samples
+        assert_same_items(idxmap, raw, range(num_samples))
+    item = idxmap[0]
+    expected_keys = {"tokens", "labels", "loss_mask", "position_ids"} | ({"segment_ids"} if packing else set())
+    assert set(item) == expected_keys
+    assert all(v.shape == (seq_length,) for v in item.values())
+    assert item["tokens"].dtype == item["labels"].dtype == item["position_ids"].dtype == torch.int64
+    assert item["loss_mask"].dtype == torch.float32
+
+
+def test_packing_at_load_time_matches_prepacked(tmp_path, default_tokenizer_dir):
+    array, _ = write_sft_files(tmp_path)
+    build_sft_idxmap(array, tmp_path / "flat", default_tokenizer_dir, 160, packing=False, show_progress=False)
+    build_sft_idxmap(array, tmp_path / "packed", default_tokenizer_dir, 160, packing=True, show_progress=False)
+    at_load = SFTIdxMapDataset(tmp_path / "flat", 160, 20, seed=3, packing=True)
+    prepacked = SFTIdxMapDataset(tmp_path / "packed", 160, 20, seed=3, packing=True)
+    assert_same_items(at_load, prepacked, range(20))
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    text = IndexedDataset(text_prefix(tmp_path / "packed"))
+    assert len(text.document_indices) - 1 == prepacked.row_count < len(text)  # documents hold several samples
+
+
+def test_item_labels_positions_and_segments(tmp_path, default_tokenizer_dir, tok):
+    array, _ = write_sft_files(tmp_path)
+    samples = [build_sft_sample(r, tok, 160) for r in json.loads(array.read_text())]
+    build_sft_idxmap(array, tmp_path / "p", default_tokenizer_dir, 160, packing=True, show_progress=False)
+    dataset = SFTIdxMapDataset(tmp_path / "p", 160, None, seed=0, packing=True)
+    plan = plan_packing([len(s) for s in samples], 160)  # the preprocessor wrote rows in this order
+    assert len(dataset) == len(plan)
+    for i in range(len(dataset)):
+        item = {k: v.tolist() for k, v in dataset[i].items()}
+        row = [samples[j] for j in plan[dataset.row_index(i)]]
+        at = 0
+        for k, sample in enumerate(row):
+            span = range(at, at + len(sample))
+            assert [item["tokens"][j] for j in span] == sample.tokens.tolist()
+            assert [item["segment_ids"][j] for j in span] == [k] * len(sample)
+            assert [item["position_ids"][j] for j in span] == list(range(len(sample)))
+            # Targets stay inside the sample: the last token predicts nothing.
+            assert [item["labels"][j] for j in span][:-1] == sample.tokens[1:].tolist()
+            assert item["labels"][span[-1]] == PAD_TOKEN_ID
+            assert [item["loss_mask"][j] for j in span] == sample.answer_mask[1:].astype(float).tolist() + [0.0]
+            at += len(sample)
+        padding = range(at, 160)
+        assert all(item["tokens"][j] == PAD_TOKEN_ID and item["loss_mask"][j] == 0 for j in padding)
+        assert all(item["segment_ids"][j] == len(row) for j in padding)  # an id no real token has
+        assert [item["position_ids"][j] for j in padding] == list(range(len(padding)))
+
+
+def test_epochs_are_reproducible_shuffles(tmp_path, default_tokenizer_dir):
+    array, _ = write_sft_files(tmp_path)
+    build_sft_idxmap(array, tmp_path / "e", default_tokenizer_dir, 160, show_progress=False)
+    a = SFTIdxMapDataset(tmp_path / "e", 160, 48, seed=5, packing=False)
+    b = SFTIdxMapDataset(tmp_path / "e", 160, 48, seed=5, packing=False)
+    rows = [a.row_index(i) for i in range(48)]
+    assert rows == [b.row_index(i) for i in range(48)]
+    epochs = [rows[e * 16 : (e + 1) * 16] for e in range(3)]
+    assert all(sorted(e) == list(range(16)) for e in epochs)  # each epoch sees every sample once
+    assert epochs[0] != epochs[1]
+    assert rows != [SFTIdxMapDataset(tmp_path / "e", 160, 48, seed=6, packing=False).row_index(i) for i in range(48)]
+    with pytest.raises(IndexError):
+        a[48]
+
+
+def test_malformed_json_line_names_file_and_line_and_writes_nothing(tmp_path, default_tokenizer_dir):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(ALPACA_PLAIN) + "\n" + '{"instruction": "x", "output": \n' + json.dumps(SHAREGPT) + "\n")
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=rf"(?s){path}:2: malformed JSON.*--skip-bad-lines"):
+        build_sft_idxmap(path, out / "sft", default_tokenizer_dir, 128, packing=True, show_progress=False)
+    assert not out.exists() or list(out.iterdir()) == []
+    stats = build_sft_idxmap(path, out / "sft", default_tokenizer_dir, 128, skip_bad_lines=True, show_progress=False)
+    assert stats.samples == 2 and stats.skipped_bad_records == 1
+    assert stats.bad_record_messages[0].startswith(f"{path}:2: malformed JSON")
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        Path(p).name for p in (text_prefix(out / "sft") + ".bin", text_prefix(out / "sft") + ".idx",
+                               label_prefix(out / "sft") + ".bin", label_prefix(out / "sft") + ".idx",
+                               meta_path(out / "sft")))
+
+
+def test_bad_record_in_json_array_names_its_line(tmp_path, default_tokenizer_dir, tok):
+    path = tmp_path / "arr.json"
+    path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"prompt": "wrong keys"}\n]\n')
+    with pytest.raises(InputError, match=rf"{path}:3: not an SFT record"):
+        build_sft_idxmap(path, tmp_path / "x", default_tokenizer_dir, 64, show_progress=False)
+    with pytest.raises(InputError, match=rf"{path}:3: not an SFT record"):
+        RawJSONSFTDataset(path, tok, 64, None, 0, packing=False)
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": oops}\n]\n')
+    with pytest.raises(InputError, match=rf"{broken}:3: malformed JSON array"):
+        build_sft_idxmap(broken, tmp_path / "y", default_tokenizer_dir, 64, show_progress=False)
+    assert list(tmp_path.glob("x*")) == [] and list(tmp_path.glob("y*")) == []
+
+
+def test_cli_on_a_real_alpaca_corpus(tmp_path, default_tokenizer_dir, tok):
+    from megatron_patch.data.sample_corpora import CorpusUnavailable, alpaca_zh_demo_path
+
+    try:
+        source = alpaca_zh_demo_path()
+    except CorpusUnavailable as e:
+        pytest.skip(f"alpaca_zh_demo.json comes from the llamafactory sdist on PyPI, unreachable here: {e}")
+    records = json.loads(source.read_text(encoding="utf-8"))[:200]  # capped to keep the test quick
+    path = tmp_path / "alpaca_zh.json"
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    run = subprocess.run(
+        [sys.executable, str(BUILD_SFT), "--input", str(path), "--output-prefix", str(tmp_path / "az"),
+         "--tokenizer", str(default_tokenizer_dir), "--seq-length", "256", "--packing"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    meta = json.loads(Path(meta_path(tmp_path / "az")).read_text())
+    assert meta["samples"] == 200 and meta["packed"] and f"{meta['truncated']:,} truncated to 256" in run.stdout
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    text, labels = IndexedDataset(text_prefix(tmp_path / "az")), IndexedDataset(label_prefix(tmp_path / "az"))
+    assert len(text) == 200 and meta["rows"] == len(text.document_indices) - 1 < 200
+    untruncated = {r["output"] + "<|im_end|>" for r in records}
+    decoded = [tok.decode(text[i][labels[i] == 1]) for i in range(len(text))]
+    assert sum(d in untruncated for d in decoded) == 200 - meta["truncated"]
