@@ -329,6 +329,15 @@ def validate(launch: Launch, machine: Machine) -> None:
         raise LaunchError(f"error: TRAIN_TOKENS_OR_ITERS={launch.train_tokens_or_iters} tokens is less than one "
                           f"iteration of GLOBAL_BATCH_SIZE x SEQ_LEN = {launch.global_batch_size * launch.seq_len} "
                           "tokens.")
+    # Megatron checks both only after startup, with a bare AssertionError in its LR scheduler.
+    if launch.warmup_iters >= launch.train_iters:
+        raise LaunchError(f"error: WARMUP_TOKENS_OR_ITERS={launch.warmup_tokens_or_iters} gives {launch.warmup_iters} "
+                          f"warmup iterations, but training has only {launch.train_iters}; warmup must end before "
+                          "training does. Lower WARMUP_TOKENS_OR_ITERS or raise TRAIN_TOKENS_OR_ITERS "
+                          + ("(both are iterations for SFT)." if launch.sft else "(both are tokens for pre-training)."))
+    if launch.min_lr > launch.lr or launch.min_lr < 0:
+        raise LaunchError(f"error: MIN_LR={launch.min_lr:g} is above LR={launch.lr:g} or negative: the cosine schedule "
+                          "decays from LR down to MIN_LR. Pass 0 <= MIN_LR <= LR.")
     _validate_paths(launch)
     if launch.sp and launch.tp == 1:
         launch.warnings.append("SP=true has no effect with TP=1: sequence parallelism is left off.")
@@ -476,7 +485,8 @@ def _attention_flags(launch: Launch, machine: Machine) -> list[str]:
     if not machine.has_gpu:
         return flags
     # Without TE, Apex's fused kernels are absent too.
-    flags += ["--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-masked-softmax-fusion"]
+    flags += ["--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
+              "--no-rope-fusion"]
     return flags
 
 

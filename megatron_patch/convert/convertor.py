@@ -243,7 +243,6 @@ def hf_to_mcore(model_size: str, load_dir: str | Path, save_dir: str | Path, pre
                                       f"model has {tuple(target.shape)}")
             target.copy_(tensor)
             del tensor
-        reader.close()
         mcore_runtime.save_release_checkpoint(model, out)
         _copy_side_files(load_dir, out)
         if check_logits:
@@ -447,10 +446,16 @@ def _check_mcore_against_hf(size: Qwen25Size, load_dir: Path, ckpt: Path, hf_out
 
     mcore_runtime.init_megatron(size, torch.float32)
     model = mcore_runtime.build_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
     root = ckpt.parent
-    if ckpt.name != "release":
+    if ckpt.name.startswith("iter_"):
         get_args().ckpt_step = int(ckpt.name.removeprefix("iter_"))
     mcore_runtime.load_checkpoint_into(model, root)
+    if not any(p.abs().sum() > 0 for p in model.parameters()):
+        raise ConversionError(f"--check-logits: megatron's load_checkpoint found nothing to load under {root}; "
+                              "pass the checkpoint's top folder (with latest_checkpointed_iteration.txt).")
     return compare_logits(hf_out, model)
 
 

@@ -48,27 +48,24 @@ class HFCheckpointReader:
         if missing_files:
             raise ConversionError(f"{INDEX_FILE} in {self.folder} lists shard files that are missing: "
                                   + ", ".join(missing_files))
-        self._handles: dict[Path, object] = {}
 
     def names(self) -> list[str]:
         return list(self._file_of)
 
-    def _handle(self, name: str):
+    def _open(self, name: str):
         from safetensors import safe_open
 
-        path = self._file_of[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
-        return self._handles[path]
+        return safe_open(self._file_of[name], framework="pt")
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        with self._open(name) as f:
+            return tuple(f.get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
-
-    def close(self) -> None:
-        self._handles.clear()
+        # One open per tensor: the file's mapping is dropped right after, so memory holds only this tensor's copy
+        # (headers are small; reopening costs next to nothing next to the read).
+        with self._open(name) as f:
+            return f.get_tensor(name)
 
 
 class HFShardWriter:

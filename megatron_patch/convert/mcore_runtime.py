@@ -75,6 +75,11 @@ def init_megatron(size: Qwen25Size, dtype: torch.dtype, seq_length: int = 128):
     ]
     if on_cpu:
         argv = cpu_backend.cpu_argv(argv)
+    else:
+        from megatron_patch.model import transformer_engine_available
+
+        if not transformer_engine_available():
+            argv += ["--transformer-impl", "local"]
     saved_argv = sys.argv
     sys.argv = [saved_argv[0], *argv]
     try:

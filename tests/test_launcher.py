@@ -1,0 +1,490 @@
+"""run_mcore_qwen.sh without training: the flags each argument combination produces (MP_DRY_RUN=1), and the
+invalid combinations that stop before torchrun, each with its own message.
+
+The shell script is driven as a user would (`sh`/`bash`, from a folder outside the repository); combinations that
+need a GPU with Transformer Engine (fp8, AC=offload, OPTIMIZER_OFFLOAD=auto) go through megatron_patch.launcher
+with a pretend Machine, since neither exists here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from megatron_patch import launcher
+from megatron_patch.launcher import POSITIONAL, LaunchError, Machine
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "examples" / "qwen2_5" / "run_mcore_qwen.sh"
+
+pytestmark = pytest.mark.timeout(120)
+
+# The pre-training command of the best-practice guide, MODEL_SIZE tiny; paths are filled in by `argv()`.
+BEST_PRACTICE = dict(
+    ENV="dsw", MODEL_SIZE="tiny", BATCH_SIZE="1", GLOBAL_BATCH_SIZE="8", LR="1e-5", MIN_LR="1e-6", SEQ_LEN="128",
+    PAD_LEN="128", PR="bf16", TP="1", PP="1", CP="1", SP="true", DO="true", FL="true", SFT="false", AC="false",
+    OPTIMIZER_OFFLOAD="false", SAVE_INTERVAL="100000", TRAIN_TOKENS_OR_ITERS="10000", WARMUP_TOKENS_OR_ITERS="100",
+)
+
+
+@dataclass
+class Paths:
+    root: Path
+    train: Path  # idxmap prefix
+    valid: Path  # idxmap prefix
+    train_json: Path
+    valid_json: Path
+    checkpoint: Path  # a converted tiny checkpoint folder
+    checkpoint_05b: Path  # converted as 0.5B
+    tokenizer: Path
+    out: Path
+
+
+@pytest.fixture
+def paths(tmp_path, default_tokenizer_dir) -> Paths:
+    from megatron_patch.hf_checkpoint import hf_config_for
+    from megatron_patch.model_sizes import QWEN2_5_SIZES
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for prefix in ("train_text_document", "valid_text_document"):
+        for ext in (".bin", ".idx"):  # the launcher only checks that the pair exists
+            (data / f"{prefix}{ext}").touch()
+    for name in ("train.json", "valid.json"):
+        (data / name).write_text(json.dumps([{"instruction": "你好", "output": "你好！"}], ensure_ascii=False))
+    checkpoints = {}
+    for size in ("tiny", "0.5B"):
+        ckpt = tmp_path / f"qwen2.5-{size}-to-mcore"
+        ckpt.mkdir()
+        (ckpt / "latest_checkpointed_iteration.txt").write_text("release")
+        hf_config_for(QWEN2_5_SIZES[size]).to_json_file(ckpt / "config.json")
+        checkpoints[size] = ckpt
+    return Paths(tmp_path, data / "train_text_document", data / "valid_text_document", data / "train.json",
+                 data / "valid.json", checkpoints["tiny"], checkpoints["0.5B"], default_tokenizer_dir,
+                 tmp_path / "output_mcore_qwen2.5")
+
+
+def argv(paths: Paths, **overrides: str) -> list[str]:
+    values = dict(BEST_PRACTICE, DATASET_PATH=str(paths.train), VALID_DATASET_PATH=str(paths.train),
+                  PRETRAIN_CHECKPOINT_PATH="none", OUTPUT_BASEPATH=str(paths.out))
+    if overrides.get("SFT") == "true":
+        values.update(TRAIN_TOKENS_OR_ITERS="10000", WARMUP_TOKENS_OR_ITERS="100")
+    values.update(overrides)
+    assert set(values) == set(POSITIONAL), set(values) ^ set(POSITIONAL)
+    return [values[name] for name in POSITIONAL]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without the launcher's knobs or a scheduler's variables, plus `extra`."""
+    knobs = ("MP_", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "KUBERNETES_CONTAINER_RESOURCE_GPU")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(knobs)}
+    env.update(extra)
+    return env
+
+
+@dataclass
+class DryRun:
+    env: dict[str, str]  # what the launcher exports for torchrun
+    torchrun: dict[str, str]  # torchrun's own options
+    flags: list[str]  # pretrain_qwen's flags
+    stderr: str
+
+    def has(self, flag: str) -> bool:
+        return flag in self.flags
+
+    def value(self, flag: str) -> str:
+        assert flag in self.flags, f"{flag} missing from {self.flags}"
+        return self.flags[self.flags.index(flag) + 1]
+
+
+def parse_dry_run(stdout: str, stderr: str) -> DryRun:
+    words = shlex.split(stdout.strip().splitlines()[-1])
+    env = {}
+    while "=" in words[0] and not words[0].startswith("/"):
+        key, value = words.pop(0).split("=", 1)
+        env[key] = value
+    assert words[1:3] == ["-m", "torch.distributed.run"], words[:3]
+    split = words.index("megatron_patch.pretrain_qwen")
+    assert words[split - 1] == "-m"
+    opts = words[3 : split - 1]
+    torchrun = dict(zip(opts[::2], opts[1::2]))
+    return DryRun(env, torchrun, words[split + 1 :], stderr)
+
+
+def run_script(args: list[str], env: dict[str, str], cwd: Path, shell: str = "sh", timeout: int = 60):
+    return subprocess.run([shell, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def dry_run(paths: Paths, args: list[str], shell: str = "sh", tokenizer: bool = True, **env: str) -> DryRun:
+    """The script with MP_DRY_RUN=1, run from a folder outside the repository."""
+    cwd = paths.root / "elsewhere"
+    cwd.mkdir(exist_ok=True)
+    if tokenizer:
+        env.setdefault("MP_TOKENIZER_PATH", str(paths.tokenizer))
+    proc = run_script(args, clean_env(MP_DRY_RUN="1", **env), cwd, shell)
+    assert proc.returncode == 0, proc.stderr
+    assert not paths.out.exists(), "a dry run must not create the output folder"
+    return parse_dry_run(proc.stdout, proc.stderr)
+
+
+RECOMPUTE_FLAGS = ("--recompute-activations", "--recompute-granularity", "--recompute-method",
+                   "--recompute-num-layers", "--cpu-offloading-num-layers")
+OFFLOAD_FLAGS = ("--optimizer-cpu-offload", "--use-precision-aware-optimizer", "--optimizer-offload-fraction")
+
+
+# ---- valid combinations through the shell script ----
+
+
+def test_best_practice_pretraining_command(paths):
+    run = dry_run(paths, argv(paths))
+    name = ("mcore-qwen2.5-tiny-pretrain-lr-1e-05-minlr-1e-06-bs-1-gbs-8-seqlen-128-pr-bf16-tp-1-pp-1-cp-1-ac-false"
+            "-do-true-sp-false-ti-9-wi-0")
+    assert run.torchrun == {"--nproc-per-node": "1", "--nnodes": "1", "--node-rank": "0",
+                            "--master-addr": "localhost", "--master-port": run.torchrun["--master-port"]}
+    assert run.value("--model-size") == "tiny"
+    assert run.value("--micro-batch-size") == "1" and run.value("--global-batch-size") == "8"
+    assert run.value("--seq-length") == "128"
+    assert float(run.value("--lr")) == 1e-5 and float(run.value("--min-lr")) == 1e-6
+    # 10000 tokens / (8 x 128) = 9 iterations; 100 warmup tokens are less than one iteration.
+    assert run.value("--train-iters") == "9" and run.value("--lr-decay-iters") == "9"
+    assert run.value("--lr-warmup-iters") == "0"
+    assert run.has("--bf16") and not run.has("--fp16")
+    assert run.has("--use-distributed-optimizer")
+    assert not run.has("--sequence-parallel")  # SP=true is meaningless with TP=1 ...
+    assert "SP=true has no effect with TP=1" in run.stderr  # ... and the user is told
+    assert not any(run.has(f) for f in RECOMPUTE_FLAGS + OFFLOAD_FLAGS)
+    assert not run.has("--pretrained-checkpoint") and not run.has("--instruction-tuning")
+    assert run.value("--data-path") == str(paths.train) and run.value("--split") == "99,1,0"
+    assert run.value("--dataset-type") == "idxmap"
+    assert run.value("--save") == run.value("--load") == str(paths.out / "checkpoint" / name)
+    assert run.value("--tensorboard-dir") == str(paths.out / "tensorboard" / name)
+    assert run.value("--save-interval") == "100000"
+    assert run.value("--tokenizer-model") == str(paths.tokenizer)
+    assert run.value("--transformer-impl") == "local"  # no Transformer Engine here
+    assert run.has("--calculate-per-token-loss")
+    assert run.env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert str(REPO_ROOT) in run.env["PYTHONPATH"].split(os.pathsep)
+
+
+@pytest.mark.parametrize("pr, present, absent", [
+    ("fp32", [], ["--bf16", "--fp16", "--fp8-format"]),
+    ("bf16", ["--bf16"], ["--fp16", "--fp8-format"]),
+    ("fp16", ["--fp16", "--initial-loss-scale"], ["--bf16", "--fp8-format"]),
+])
+def test_precision(paths, pr, present, absent):
+    run = dry_run(paths, argv(paths, PR=pr))
+    assert all(run.has(f) for f in present) and not any(run.has(f) for f in absent)
+    assert f"-pr-{pr}-" in run.value("--save")
+
+
+@pytest.mark.parametrize("ac, env, expected", [
+    ("sel", {}, ["--recompute-activations"]),
+    ("full", {}, ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]),
+    ("full", {"MP_AC_LAYERS": "2"},
+     ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "2"]),
+    ("false", {}, []),
+])
+def test_activation_checkpointing(paths, ac, env, expected):
+    run = dry_run(paths, argv(paths, AC=ac), **env)
+    recompute = [f for i, f in enumerate(run.flags)
+                 if f in RECOMPUTE_FLAGS or (i and run.flags[i - 1] in RECOMPUTE_FLAGS[1:])]
+    assert recompute == expected
+
+
+def test_static_optimizer_offload_turns_the_distributed_optimizer_on(paths):
+    run = dry_run(paths, argv(paths, DO="false", OPTIMIZER_OFFLOAD="static"))
+    assert run.has("--use-distributed-optimizer")
+    assert "OPTIMIZER_OFFLOAD=static needs the distributed optimizer: DO is turned on" in run.stderr
+    assert run.has("--optimizer-cpu-offload") and run.has("--use-precision-aware-optimizer")
+    assert run.value("--optimizer-offload-fraction") == "1.00"
+    assert "-do-true-" in run.value("--save")
+
+
+def test_no_optimizer_offload_and_no_distributed_optimizer(paths):
+    run = dry_run(paths, argv(paths, DO="false", OPTIMIZER_OFFLOAD="false"))
+    assert not run.has("--use-distributed-optimizer")
+    assert not any(run.has(f) for f in OFFLOAD_FLAGS)
+    warnings = [line for line in run.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: SP=true has no effect with TP=1: sequence parallelism is left off."]
+
+
+@pytest.mark.parametrize("sp", ["true", "false"])
+def test_tensor_parallel_with_and_without_sequence_parallel(paths, sp):
+    run = dry_run(paths, argv(paths, TP="2", SP=sp), MP_NPROC_PER_NODE="2")
+    assert run.value("--tensor-model-parallel-size") == "2"
+    assert run.torchrun["--nproc-per-node"] == "2"
+    assert run.has("--sequence-parallel") == (sp == "true")
+    assert "SP=true has no effect" not in run.stderr
+    assert f"-tp-2-pp-1-cp-1-" in run.value("--save") and f"-sp-{sp}-" in run.value("--save")
+
+
+def test_pipeline_and_context_parallel_on_four_processes(paths):
+    run = dry_run(paths, argv(paths, MODEL_SIZE="0.5B", PP="2", CP="2"), MP_NPROC_PER_NODE="4")
+    assert run.value("--pipeline-model-parallel-size") == "2"
+    assert run.value("--context-parallel-size") == "2"
+    assert run.torchrun["--nproc-per-node"] == "4"
+
+
+def test_virtual_pipeline(paths):
+    # 0.5B has 24 layers: PP=2 stages x MP_VP=3 chunks -> 4 layers per virtual stage.
+    run = dry_run(paths, argv(paths, MODEL_SIZE="0.5B", PP="2"), MP_VP="3", MP_NPROC_PER_NODE="2")
+    assert run.value("--num-layers-per-virtual-pipeline-stage") == "4"
+
+
+def test_dsw_uses_every_local_process(paths):
+    run = dry_run(paths, argv(paths), MP_NPROC_PER_NODE="4")  # four GPUs: DP=4, GBS 8 = 1 x 4 x 2 micro-batches
+    assert run.torchrun["--nproc-per-node"] == "4" and run.torchrun["--nnodes"] == "1"
+    assert run.torchrun["--master-addr"] == "localhost"
+
+
+def test_dlc_takes_the_layout_from_the_scheduler(paths):
+    run = dry_run(paths, argv(paths, GLOBAL_BATCH_SIZE="32", TRAIN_TOKENS_OR_ITERS="409600", ENV="dlc"),
+                  WORLD_SIZE="2", RANK="1", MASTER_ADDR="10.0.0.7", MASTER_PORT="23456",
+                  KUBERNETES_CONTAINER_RESOURCE_GPU="8")
+    assert run.torchrun == {"--nproc-per-node": "8", "--nnodes": "2", "--node-rank": "1",
+                            "--master-addr": "10.0.0.7", "--master-port": "23456"}
+    assert run.value("--train-iters") == "100"  # 409600 / 32 / 128
+
+
+def test_pretraining_budgets_are_tokens(paths):
+    run = dry_run(paths, argv(paths, TRAIN_TOKENS_OR_ITERS="1000000", WARMUP_TOKENS_OR_ITERS="10000"))
+    assert run.value("--train-iters") == str(1000000 // 8 // 128) == "976"
+    assert run.value("--lr-warmup-iters") == str(10000 // 8 // 128) == "9"
+    assert run.value("--lr-decay-iters") == "976"
+    assert "-ti-976-wi-9" in run.value("--save")
+
+
+def test_pretraining_with_a_separate_validation_set(paths):
+    run = dry_run(paths, argv(paths, VALID_DATASET_PATH=str(paths.valid)))
+    assert not run.has("--data-path") and not run.has("--split")
+    assert run.value("--train-data-path") == str(paths.train)
+    assert run.value("--valid-data-path") == str(paths.valid)
+
+
+def test_best_practice_finetuning_command_on_idxmap(paths):
+    run = dry_run(paths, argv(paths, SFT="true", VALID_DATASET_PATH=str(paths.valid)))
+    # SFT budgets are iterations.
+    assert run.value("--train-iters") == "10000" and run.value("--lr-warmup-iters") == "100"
+    assert run.value("--lr-decay-iters") == "10000"
+    assert run.has("--instruction-tuning") and run.value("--dataset-type") == "idxmap"
+    assert run.value("--train-data-path") == str(paths.train)
+    assert run.value("--valid-data-path") == str(paths.valid)
+    assert not run.has("--max-padding-length") and not run.has("--sft-packing")
+    assert "-finetune-" in run.value("--save") and run.value("--save").endswith("-data-idxmap")
+
+
+def test_finetuning_on_raw_json_pads_to_pad_len(paths):
+    run = dry_run(paths, argv(paths, SFT="true", PAD_LEN="96", DATASET_PATH=str(paths.train_json),
+                              VALID_DATASET_PATH=str(paths.valid_json)), MP_DATASET_TYPE="raw")
+    assert run.value("--dataset-type") == "raw" and run.value("--max-padding-length") == "96"
+    assert run.value("--train-data-path") == str(paths.train_json)
+    assert run.value("--valid-data-path") == str(paths.valid_json)
+    assert run.value("--save").endswith("-data-raw")
+
+
+def test_packed_finetuning(paths):
+    run = dry_run(paths, argv(paths, SFT="true"), MP_SFT_PACKING="true")
+    assert run.has("--sft-packing") and run.value("--save").endswith("-data-idxmap-packed")
+
+
+def test_converted_checkpoint_is_the_starting_point(paths):
+    run = dry_run(paths, argv(paths, PRETRAIN_CHECKPOINT_PATH=str(paths.checkpoint)))
+    assert run.value("--pretrained-checkpoint") == str(paths.checkpoint)
+    # --load stays the run's own folder, so a relaunch resumes there instead of restarting from the checkpoint.
+    assert run.value("--load") == run.value("--save") != str(paths.checkpoint)
+
+
+def test_bash_from_another_folder_with_a_relative_output_path(paths):
+    cwd = paths.root / "elsewhere"
+    cwd.mkdir()
+    proc = run_script(argv(paths, OUTPUT_BASEPATH="runs/out"), clean_env(MP_DRY_RUN="1",
+                      MP_TOKENIZER_PATH=str(paths.tokenizer)), cwd, shell="bash")
+    assert proc.returncode == 0, proc.stderr
+    run = parse_dry_run(proc.stdout, proc.stderr)
+    assert run.value("--save").startswith(str(cwd / "runs" / "out" / "checkpoint") + "/")
+    assert run.value("--tensorboard-dir").startswith(str(cwd / "runs" / "out" / "tensorboard") + "/")
+    assert not (cwd / "runs").exists()
+
+
+def test_default_tokenizer_is_written_to_the_cache(paths):
+    cache = paths.root / "cache"
+    run = dry_run(paths, argv(paths), tokenizer=False, XDG_CACHE_HOME=str(cache))
+    assert run.value("--tokenizer-model") == str(cache / "megatron_patch" / "qwen2.5-tokenizer")
+    assert (cache / "megatron_patch" / "qwen2.5-tokenizer" / "tokenizer_config.json").is_file()
+
+
+# ---- combinations that need a GPU with Transformer Engine: the Python API with a pretend machine ----
+
+GPU_TE = Machine(nnodes=1, node_rank=0, nproc_per_node=8, master_addr="localhost", master_port=6000,
+                 has_gpu=True, has_te=True)
+
+
+def api_flags(paths: Paths, machine: Machine = GPU_TE, environ: dict | None = None, **overrides: str):
+    launch = launcher.parse(argv(paths, **overrides), {"MP_TOKENIZER_PATH": str(paths.tokenizer), **(environ or {})})
+    launcher.validate(launch, machine)
+    return launch, launcher.megatron_flags(launch, machine)
+
+
+def value(flags: list[str], flag: str) -> str:
+    return flags[flags.index(flag) + 1]
+
+
+def test_fp8_with_transformer_engine(paths):
+    _, flags = api_flags(paths, PR="fp8")
+    assert "--bf16" in flags and value(flags, "--fp8-format") == "hybrid"
+    assert value(flags, "--fp8-amax-history-len") == "1024" and value(flags, "--fp8-amax-compute-algo") == "max"
+    assert value(flags, "--transformer-impl") == "transformer_engine"
+
+
+@pytest.mark.parametrize("fl, backend", [("true", "flash"), ("false", "fused")])
+def test_flash_attention_switch_with_transformer_engine(paths, fl, backend):
+    _, flags = api_flags(paths, FL=fl)
+    assert value(flags, "--attention-backend") == backend
+
+
+def test_activation_offload_with_transformer_engine(paths):
+    _, flags = api_flags(paths, MODEL_SIZE="0.5B", AC="offload", environ={"MP_AC_LAYERS": "4"})
+    assert value(flags, "--cpu-offloading-num-layers") == "4"
+    assert not any(f in flags for f in RECOMPUTE_FLAGS[:4])
+
+
+def test_gpu_overlap_flags(paths):
+    _, flags = api_flags(paths, TP="2", SP="true")
+    assert {"--sequence-parallel", "--overlap-grad-reduce", "--overlap-param-gather", "--tp-comm-overlap"} <= set(flags)
+    _, flags = api_flags(paths, DO="false")
+    assert "--overlap-grad-reduce" in flags and "--overlap-param-gather" not in flags
+
+
+@pytest.mark.parametrize("free_gib, fraction", [(None, "1.00"), (1000.0, "0.00"), (0.001, "1.00")])
+def test_auto_optimizer_offload_follows_free_gpu_memory(paths, monkeypatch, free_gib, fraction):
+    monkeypatch.setattr(launcher, "_free_gpu_bytes", lambda: None if free_gib is None else int(free_gib * 2**30))
+    launch, flags = api_flags(paths, MODEL_SIZE="0.5B", DO="false", OPTIMIZER_OFFLOAD="auto")
+    assert "--use-distributed-optimizer" in flags and launch.distributed_optimizer
+    assert any("OPTIMIZER_OFFLOAD=auto needs the distributed optimizer" in w for w in launch.warnings)
+    assert "--optimizer-cpu-offload" in flags and value(flags, "--optimizer-offload-fraction") == fraction
+
+
+def test_auto_optimizer_offload_keeps_what_fits(paths, monkeypatch):
+    # 0.5B: 12 bytes of Adam state per parameter over 8 data-parallel ranks; half the free memory is for state.
+    launch = launcher.parse(argv(paths, MODEL_SIZE="0.5B", OPTIMIZER_OFFLOAD="auto"), {})
+    size = launch.size
+    params = 12 * size.num_layers * size.hidden_size ** 2 + 2 * size.vocab_size * size.hidden_size
+    state = 12 * params / 8
+    monkeypatch.setattr(launcher, "_free_gpu_bytes", lambda: int(state))  # half of the state fits on the GPU
+    assert launcher.auto_offload_fraction(launch, GPU_TE) == 0.5
+
+
+def test_checkpoint_tokenizer_is_preferred_to_the_default(paths):
+    (paths.checkpoint / "tokenizer_config.json").write_text("{}")
+    launch = launcher.parse(argv(paths, PRETRAIN_CHECKPOINT_PATH=str(paths.checkpoint)), {})
+    assert launcher.tokenizer_dir(launch) == str(paths.checkpoint)
+    launch = launcher.parse(argv(paths, PRETRAIN_CHECKPOINT_PATH=str(paths.checkpoint)),
+                            {"MP_TOKENIZER_PATH": "/my/tokenizer"})
+    assert launcher.tokenizer_dir(launch) == "/my/tokenizer"
+
+
+@pytest.mark.parametrize("overrides, environ", [
+    ({"PR": "fp8", "TP": "2", "SP": "true", "AC": "offload", "OPTIMIZER_OFFLOAD": "auto"}, {}),
+    ({"MODEL_SIZE": "0.5B", "PR": "fp16", "PP": "2", "AC": "full", "OPTIMIZER_OFFLOAD": "static"},
+     {"MP_VP": "2", "MP_AC_LAYERS": "3"}),
+    ({"SFT": "true", "PR": "fp32", "AC": "sel", "CP": "2"}, {"MP_DATASET_TYPE": "raw", "MP_SFT_PACKING": "true"}),
+])
+def test_every_flag_is_known_to_megatron_core(paths, overrides, environ):
+    """The produced flags parse with megatron-core 0.19.2's own argument parser plus ours."""
+    from megatron.training.arguments import add_megatron_arguments
+
+    from megatron_patch.arguments import add_extra_args, expand_model_size
+
+    if environ.get("MP_DATASET_TYPE") == "raw":
+        overrides.update(DATASET_PATH=str(paths.train_json), VALID_DATASET_PATH=str(paths.valid_json))
+    _, flags = api_flags(paths, environ=environ, **overrides)
+    parser = add_extra_args(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    args = parser.parse_args(expand_model_size(flags))  # exits on an unknown flag
+    assert args.calculate_per_token_loss and args.save == args.load
+
+
+# ---- invalid combinations: their own message, exit status 2, no torchrun, no output folder ----
+
+INVALID = [
+    # (id, overrides, environment, distinctive part of the message)
+    ("arg_count", None, {}, "takes 25 arguments, got 24. Missing: OUTPUT_BASEPATH"),
+    ("model_size", {"MODEL_SIZE": "0.6B"}, {}, "MODEL_SIZE must be one of tiny, 0.5B"),
+    ("precision", {"PR": "int8"}, {}, "PR must be one of fp32, bf16, fp16, fp8; got 'int8'"),
+    ("ac_mode", {"AC": "selective"}, {}, "AC must be one of sel, full, offload, false; got 'selective'"),
+    ("sp_not_boolean", {"SP": "maybe"}, {}, "SP must be true or false, got 'maybe'"),
+    ("optimizer_offload", {"OPTIMIZER_OFFLOAD": "true"}, {}, "OPTIMIZER_OFFLOAD must be one of false, static, auto"),
+    ("env", {"ENV": "k8s"}, {}, "ENV must be one of dsw, dlc; got 'k8s'"),
+    ("tp_kv_heads", {"TP": "4"}, {}, "TP=4 must divide Qwen2.5-tiny's 4 attention heads and 2 key/value heads"),
+    ("gbs_dp", {"GLOBAL_BATCH_SIZE": "3"}, {"MP_NPROC_PER_NODE": "2"},
+     "GLOBAL_BATCH_SIZE=3 must be a multiple of BATCH_SIZE x data-parallel size = 1 x 2"),
+    ("seq_len", {"SEQ_LEN": "65536", "PAD_LEN": "65536", "TRAIN_TOKENS_OR_ITERS": "1000000000"}, {},
+     "SEQ_LEN=65536 exceeds Qwen2.5-tiny's 32768 positions"),
+    ("pad_len_raw", {"SFT": "true", "PAD_LEN": "256", "DATASET_PATH": "{train_json}",
+                     "VALID_DATASET_PATH": "{valid_json}"}, {"MP_DATASET_TYPE": "raw"},
+     "PAD_LEN=256 exceeds SEQ_LEN=128"),
+    ("ac_layers", {"MODEL_SIZE": "0.5B", "AC": "full", "PP": "2"}, {"MP_AC_LAYERS": "5", "MP_NPROC_PER_NODE": "2"},
+     "MP_AC_LAYERS=5 must divide the 12 layers per pipeline stage"),
+    ("missing_prefix", {"DATASET_PATH": "{root}/data/nope_text_document"}, {},
+     "nope_text_document is not an idxmap dataset prefix: missing"),
+    ("prefix_with_extension", {"DATASET_PATH": "{train}.bin"}, {}, "train_text_document.bin is not an idxmap"),
+    ("missing_raw_json", {"SFT": "true", "DATASET_PATH": "{root}/data/nope.json", "VALID_DATASET_PATH": "{valid_json}"},
+     {"MP_DATASET_TYPE": "raw"}, "nope.json is not a file; MP_DATASET_TYPE=raw reads a JSON/JSONL file"),
+    ("not_a_checkpoint", {"PRETRAIN_CHECKPOINT_PATH": "{root}/data"}, {},
+     "is not a Megatron checkpoint (no latest_checkpointed_iteration.txt)"),
+    ("checkpoint_size", {"PRETRAIN_CHECKPOINT_PATH": "{checkpoint_05b}"}, {}, "MODEL_SIZE=tiny does not match"),
+    ("dlc_without_world_size", {"ENV": "dlc"}, {"RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
+     "ENV=dlc needs the scheduler's WORLD_SIZE"),
+    ("dlc_without_gpus", {"ENV": "dlc"}, {"WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
+     "ENV=dlc needs KUBERNETES_CONTAINER_RESOURCE_GPU"),
+    ("fp8_without_te", {"PR": "fp8"}, {}, "PR=fp8 needs Transformer Engine"),
+    ("offload_without_te", {"AC": "offload"}, {}, "AC=offload uses Transformer Engine's CPU offload"),
+    ("vp_without_pp", {}, {"MP_VP": "2"}, "MP_VP (virtual pipeline stages) needs PP >= 2"),
+    ("raw_pretraining", {"DATASET_PATH": "{train_json}", "VALID_DATASET_PATH": "{valid_json}"},
+     {"MP_DATASET_TYPE": "raw"}, "MP_DATASET_TYPE=raw is for fine-tuning (SFT=true)"),
+    ("packing_pretraining", {}, {"MP_SFT_PACKING": "true"}, "MP_SFT_PACKING=true needs SFT=true"),
+    ("tokens_below_one_iteration", {"TRAIN_TOKENS_OR_ITERS": "1000"}, {}, "tokens is less than one iteration"),
+    ("warmup_not_below_train", {"SFT": "true", "TRAIN_TOKENS_OR_ITERS": "30", "WARMUP_TOKENS_OR_ITERS": "100"}, {},
+     "WARMUP_TOKENS_OR_ITERS=100 gives 100 warmup iterations"),
+    ("min_lr_above_lr", {"MIN_LR": "1e-4"}, {}, "MIN_LR=0.0001 is above LR=1e-05"),
+    ("pp_layers", {"PP": "3"}, {"MP_NPROC_PER_NODE": "3"}, "PP=3 must divide Qwen2.5-tiny's 2 layers"),
+    ("model_parallel_world", {"TP": "2"}, {"MP_NPROC_PER_NODE": "3"}, "TP*PP*CP = 2*1*1 = 2 does not divide the 3"),
+]
+
+
+def invalid_argv(paths: Paths, overrides: dict | None) -> list[str]:
+    if overrides is None:
+        return argv(paths)[:-1]
+    fill = {k: str(v) for k, v in vars(paths).items()}
+    return argv(paths, **{k: v.format(**fill) for k, v in overrides.items()})
+
+
+@pytest.mark.parametrize("case", INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_combination_stops_before_torchrun(paths, case):
+    _, overrides, environ, message = case
+    # No MP_DRY_RUN: if validation let this through, training would really start (and create the output folder).
+    proc = run_script(invalid_argv(paths, overrides),
+                      clean_env(MP_TOKENIZER_PATH=str(paths.tokenizer), **environ), paths.root)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert message in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: ")
+    assert "torch.distributed.run" not in proc.stdout + proc.stderr
+    assert not paths.out.exists()
+
+
+def test_every_invalid_combination_has_its_own_message(paths):
+    messages = {}
+    for case_id, overrides, environ, _ in INVALID:
+        args = invalid_argv(paths, overrides)
+        with pytest.raises(LaunchError) as err:
+            launch = launcher.parse(args, {"MP_TOKENIZER_PATH": str(paths.tokenizer), **environ})
+            launcher.validate(launch, launcher.detect_machine(launch, environ))
+        messages[case_id] = err.value.message.splitlines()[0]
+    assert len(set(messages.values())) == len(messages), messages
