@@ -34,8 +34,13 @@ if ! is_py312 .venv/bin/python 2>/dev/null; then
 fi
 
 echo "setup: installing the project and its pinned dependencies into .venv (first time: a few minutes)"
-# Some machines' pip configs name local indexes that may be absent; their warnings are noise here.
-quiet_pip() { .venv/bin/python -m pip install --quiet "$@" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }; }
+# pip's output goes to a log, shown only when the install fails.
+log=.venv/install.log
+quiet_pip() {
+  .venv/bin/python -m pip install --quiet "$@" >>"$log" 2>&1 \
+    || { grep -v "^WARNING: Location 'file:" "$log" | tail -40 >&2; echo "error: pip install $* failed; full log: $log" >&2; exit 1; }
+}
+: >"$log"
 quiet_pip --upgrade pip
 quiet_pip -e '.[test]'
 .venv/bin/python -W ignore -c 'import megatron.core, megatron.training, torch, transformers' \

