@@ -9,6 +9,8 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_patch.attention import SDPACoreAttention
+
 
 def transformer_engine_available() -> bool:
     try:
@@ -28,7 +30,10 @@ def qwen2_5_layer_spec(use_te: bool) -> ModuleSpec:
     """
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    # The local spec's DotProductAttention builds S x S scores; SDPA uses flash/fused kernels instead.
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
 
 
 def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
