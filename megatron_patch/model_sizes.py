@@ -80,7 +80,8 @@ def size_from_hf_config(config: dict) -> Qwen25Size:
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         rms_norm_eps=config.get("rms_norm_eps", 1e-6),
         max_position_embeddings=config.get("max_position_embeddings", 32768),
-        rope_theta=config.get("rope_theta", 1_000_000.0),
+        # transformers >= 5 nests it under rope_parameters
+        rope_theta=config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 1_000_000.0),
     )
 
 

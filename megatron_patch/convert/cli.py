@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> None:
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        import torch
+
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if check is not None and args.logits_tolerance is not None and check.max_abs_logit_diff > args.logits_tolerance:
         print(f"error: max abs logit difference {check.max_abs_logit_diff:.3e} exceeds --logits-tolerance "
               f"{args.logits_tolerance:g}", file=sys.stderr)

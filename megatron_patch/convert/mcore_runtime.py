@@ -79,7 +79,10 @@ def init_megatron(size: Qwen25Size, dtype: torch.dtype, seq_length: int = 128):
         from megatron_patch.model import transformer_engine_available
 
         if not transformer_engine_available():
-            argv += ["--transformer-impl", "local"]
+            # A GPU without Transformer Engine: megatron's defaults (rope, softmax and grad-accumulation fusions)
+            # need TE or apex kernels, so take the same pure-PyTorch paths as the CPU backend.
+            argv += [f for f in cpu_backend.CPU_FLAGS
+                     if f.startswith("--no-") or f in ("--transformer-impl", "local")]
     saved_argv = sys.argv
     sys.argv = [saved_argv[0], *argv]
     try:

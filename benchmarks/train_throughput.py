@@ -1,0 +1,146 @@
+"""Training throughput on one machine: our launcher path against Hugging Face transformers, same model shape,
+sequence length and global batch.
+
+    python benchmarks/train_throughput.py --size 0.5B --seq-len 2048 --micro-batch 4 --global-batch 32 \
+        --data PREFIX --tokenizer DIR [--skip-hf] [--skip-megatron]
+
+HF variants: (a) fp32 master weights + bf16 autocast + torch.compile (the numerics of our Megatron bf16 runs),
+(b) pure bf16 parameters + torch.compile (a speed bound). Both use fused AdamW and gradient accumulation to
+the same global batch.
+
+FLOP count (per token, forward + backward): 6 * (parameters in the transformer layers and the output layer)
++ 6 * layers * hidden * seq_len (causal attention scores and context: 12 * L * h * s halved by the mask).
+MFU is against 989 TFLOP/s dense bf16 for an H100 SXM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from megatron_patch.model_sizes import get_size  # noqa: E402
+
+H100_BF16_DENSE = 989e12
+
+
+def flops_per_token(size, seq_len: int) -> float:
+    layer_params = size.num_layers * (
+        size.hidden_size * (size.hidden_size + 2 * size.num_query_groups * size.head_dim)  # q, k, v
+        + size.hidden_size * size.hidden_size  # o
+        + 3 * size.hidden_size * size.ffn_hidden_size  # gate, up, down
+    )
+    output_params = size.vocab_size * size.hidden_size
+    return 6 * (layer_params + output_params) + 6 * size.num_layers * size.hidden_size * seq_len
+
+
+def report(name: str, tokens_per_s: float, size, seq_len: int, peak_gib: float) -> None:
+    tflops = tokens_per_s * flops_per_token(size, seq_len) / 1e12
+    print(f"{name:58s} {tokens_per_s:10,.0f} tokens/s/GPU  {tflops:6.1f} TFLOP/s/GPU  "
+          f"MFU {100 * tflops * 1e12 / H100_BF16_DENSE:5.1f}%  peak {peak_gib:5.1f} GiB", flush=True)
+
+
+def hf_throughput(size_name: str, seq_len: int, micro: int, global_batch: int, pure_bf16: bool,
+                  steps: int, warmup: int) -> tuple[float, float]:
+    from transformers import Qwen2ForCausalLM
+
+    from megatron_patch.hf_checkpoint import hf_config_for
+
+    size = get_size(size_name)
+    torch.manual_seed(0)
+    config = hf_config_for(size, "bfloat16" if pure_bf16 else "float32")
+    config._attn_implementation = "sdpa"
+    model = Qwen2ForCausalLM(config).cuda()
+    if pure_bf16:
+        model = model.to(torch.bfloat16)
+    model.gradient_checkpointing_disable()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    compiled = torch.compile(model)
+    accumulation = global_batch // micro
+    tokens = torch.randint(0, 151643, (micro, seq_len), device="cuda")
+
+    def step():
+        for _ in range(accumulation):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not pure_bf16):
+                loss = compiled(input_ids=tokens, labels=tokens).loss / accumulation
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 1024 ** 3
+    del model, compiled, optimizer
+    torch.cuda.empty_cache()
+    return steps * global_batch * seq_len / elapsed, peak
+
+
+def megatron_throughput(size_name: str, seq_len: int, micro: int, global_batch: int, data: str, tokenizer: str,
+                        iters: int, out: Path, extra_env: dict[str, str]) -> tuple[float, float]:
+    """Our launcher path (random init, pre-training on an idxmap); mean tokens/s/GPU after the first 5 iterations."""
+    args = ["dsw", size_name, str(micro), str(global_batch), "1e-4", "1e-5", str(seq_len), str(seq_len), "bf16",
+            "1", "1", "1", "false", "true", "true", "false", "false", "false", "100000", data, data, "none",
+            str(iters * global_batch * seq_len), "0", str(out)]
+    env = {**os.environ, "MP_TOKENIZER_PATH": tokenizer, **extra_env}
+    proc = subprocess.run(["sh", str(REPO / "examples/qwen2_5/run_mcore_qwen.sh"), *args], env=env,
+                          capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    (out / "megatron.log").parent.mkdir(parents=True, exist_ok=True)
+    (out / "megatron.log").write_text(log)
+    if proc.returncode != 0:
+        raise SystemExit("megatron run failed:\n" + "\n".join(log.splitlines()[-30:]))
+    rates = [float(v.replace(",", "")) for v in re.findall(r"tokens/s/GPU: ([0-9,]+)", log)]
+    peaks = [float(v) for v in re.findall(r"memory allocated/peak/reserved \(GiB\): [0-9.]+/([0-9.]+)", log)]
+    steady = rates[5:] or rates
+    return sum(steady) / len(steady), max(peaks or [0.0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="0.5B")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--global-batch", type=int, default=32)
+    parser.add_argument("--data", help="idxmap prefix for the Megatron run")
+    parser.add_argument("--tokenizer", help="tokenizer folder for the Megatron run")
+    parser.add_argument("--iters", type=int, default=15)
+    parser.add_argument("--hf-steps", type=int, default=5)
+    parser.add_argument("--out", default="/tmp/throughput")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-megatron", action="store_true")
+    args = parser.parse_args()
+
+    size = get_size(args.size)
+    print(f"device: {torch.cuda.get_device_name()} | Qwen2.5-{args.size} | seq {args.seq_len} | micro-batch "
+          f"{args.micro_batch} | global batch {args.global_batch} | {flops_per_token(size, args.seq_len) / 1e9:.2f} "
+          "GFLOP/token", flush=True)
+    if not args.skip_megatron:
+        rate, peak = megatron_throughput(args.size, args.seq_len, args.micro_batch, args.global_batch, args.data,
+                                         args.tokenizer, args.iters, Path(args.out) / f"mcore-{args.size}", {})
+        report("megatron_patch (run_mcore_qwen.sh, bf16, local spec + SDPA)", rate, size, args.seq_len, peak)
+    if not args.skip_hf:
+        for pure in (False, True):
+            rate, peak = hf_throughput(args.size, args.seq_len, args.micro_batch, args.global_batch, pure,
+                                       args.hf_steps, warmup=2)
+            name = "HF (b) pure bf16 + compile" if pure else "HF (a) fp32 master + bf16 autocast + compile"
+            report(name, rate, size, args.seq_len, peak)
+
+
+if __name__ == "__main__":
+    main()
