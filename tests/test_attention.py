@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -18,15 +16,15 @@ def model_parallel():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    # tcp:// init instead of MASTER_* variables: the environment leaks into every later test's subprocesses.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     model_parallel_cuda_manual_seed(1234)  # the plain attention draws its dropout from this tracker
     yield
     parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
 
 
 def attention_pair(heads: int, groups: int, head_dim: int):

@@ -30,8 +30,8 @@ def _single_process_env() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         raise RuntimeError("the convertor runs as a single process; launch it with python, not torchrun")
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # A private one-process group: never reuse a MASTER_PORT inherited from some other job's environment.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 
