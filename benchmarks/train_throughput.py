@@ -86,7 +86,6 @@ def hf_throughput(size_name: str, seq_len: int, micro: int, global_batch: int, p
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 1024 ** 3
-    del model, compiled, optimizer
     torch.cuda.empty_cache()
     return steps * global_batch * seq_len / elapsed, peak
 

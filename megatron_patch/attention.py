@@ -8,7 +8,6 @@ It has no parameters of its own, so checkpoints are those of DotProductAttention
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType

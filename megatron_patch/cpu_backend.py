@@ -181,7 +181,6 @@ def _patch_torch_cuda() -> None:
 
 
 def _patch_megatron() -> None:
-    import megatron.training.arguments as arguments
     import megatron.training.initialize as initialize
     import megatron.training.training as training
 

@@ -269,6 +269,11 @@ def _dataset_files_missing(prefix: str) -> list[str]:
     return [f"{prefix}{ext}" for ext in (".bin", ".idx") if not Path(f"{prefix}{ext}").is_file()]
 
 
+def _sft_dataset_files_missing(prefix: str) -> list[str]:
+    """build_idxmap_sft_dataset.py writes a token and an answer-mask idxmap under one prefix."""
+    return _dataset_files_missing(f"{prefix}_text_document") + _dataset_files_missing(f"{prefix}_label_document")
+
+
 def _checkpoint_config(path: Path) -> dict | None:
     config = path / "config.json"
     return json.loads(config.read_text()) if config.is_file() else None
@@ -341,6 +346,11 @@ def validate(launch: Launch, machine: Machine) -> None:
     _validate_paths(launch)
     if launch.sp and launch.tp == 1:
         launch.warnings.append("SP=true has no effect with TP=1: sequence parallelism is left off.")
+    elif launch.sp and not machine.has_te:
+        # megatron-core's local (torch) norms refuse sequence parallelism; only TE's fused norms support it.
+        launch.sp = False
+        launch.warnings.append("SP=true needs Transformer Engine (megatron-core's local norms cannot shard the "
+                               "sequence): sequence parallelism is left off.")
     if launch.optimizer_offload != "false" and not launch.distributed_optimizer:
         launch.distributed_optimizer = True
         launch.warnings.append(f"OPTIMIZER_OFFLOAD={launch.optimizer_offload} needs the distributed optimizer: "
@@ -352,13 +362,21 @@ def _validate_paths(launch: Launch) -> None:
         if launch.dataset_type == "raw":
             if not Path(path).is_file():
                 raise LaunchError(f"error: {label} {path} is not a file; MP_DATASET_TYPE=raw reads a JSON/JSONL file.")
+        elif launch.sft:
+            missing = _sft_dataset_files_missing(path)
+            if missing:
+                raise LaunchError(
+                    f"error: {label} {path} is not an SFT idxmap prefix: missing {', '.join(missing)}. Pass the "
+                    "--output-prefix given to toolkits/sft_data_preprocessing/build_idxmap_sft_dataset.py (without "
+                    "_text_document); for a JSON file set MP_DATASET_TYPE=raw."
+                )
         else:
             missing = _dataset_files_missing(path)
             if missing:
                 raise LaunchError(
                     f"error: {label} {path} is not an idxmap dataset prefix: missing {', '.join(missing)}. Pass the "
                     "prefix without .bin/.idx, as written by toolkits/pretrain_data_preprocessing/preprocess_data.py"
-                    " (or build_idxmap_sft_dataset.py for SFT); for a JSON file set MP_DATASET_TYPE=raw."
+                    "; SFT=true reads a JSON file with MP_DATASET_TYPE=raw."
                 )
     if launch.pretrain_checkpoint is not None:
         ckpt = Path(launch.pretrain_checkpoint)
@@ -383,25 +401,10 @@ def tokenizer_dir(launch: Launch) -> str:
         return launch.tokenizer_path
     if launch.pretrain_checkpoint and (Path(launch.pretrain_checkpoint) / "tokenizer_config.json").is_file():
         return launch.pretrain_checkpoint
+    from megatron_patch.tokenizer import cached_default_tokenizer
+
     return str(cached_default_tokenizer())
 
-
-def cached_default_tokenizer() -> Path:
-    """The embedded default Qwen2.5 tokenizer, written once into the user's cache."""
-    from megatron_patch.tokenizer import write_default_tokenizer
-
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "megatron_patch" / "qwen2.5-tokenizer"
-    if not (cache / "tokenizer_config.json").is_file():
-        tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
-        write_default_tokenizer(tmp)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            tmp.rename(cache)
-        except OSError:  # another launch wrote it first
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    return cache
 
 
 def megatron_flags(launch: Launch, machine: Machine) -> list[str]:
@@ -540,8 +543,7 @@ def _data_flags(launch: Launch) -> list[str]:
     if launch.sft:
         flags = ["--instruction-tuning", "--dataset-type", launch.dataset_type,
                  "--train-data-path", launch.dataset_path,
-                 "--valid-data-path", launch.valid_dataset_path,
-                 "--test-data-path", launch.valid_dataset_path]
+                 "--valid-data-path", launch.valid_dataset_path]
         if launch.dataset_type == "raw":
             flags += ["--max-padding-length", str(launch.pad_len)]
         if launch.sft_packing:
@@ -550,7 +552,7 @@ def _data_flags(launch: Launch) -> list[str]:
     if launch.valid_dataset_path == launch.dataset_path:
         return ["--dataset-type", "idxmap", "--data-path", launch.dataset_path, "--split", "99,1,0"]
     return ["--dataset-type", "idxmap", "--train-data-path", launch.dataset_path,
-            "--valid-data-path", launch.valid_dataset_path, "--test-data-path", launch.valid_dataset_path]
+            "--valid-data-path", launch.valid_dataset_path]
 
 
 def torchrun_command(launch: Launch, machine: Machine) -> list[str]:
@@ -577,13 +579,15 @@ def launch_env(machine: Machine) -> dict[str, str]:
 def run(command: list[str], env: dict[str, str], log_path: Path) -> int:
     """Run torchrun, copying its output to the terminal and to the log file."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a", encoding="utf-8") as log:
+    # Line-buffered, and stdout flushed per line: a job killed with SIGKILL (OOM, preemption) keeps its last lines.
+    with open(log_path, "a", encoding="utf-8", buffering=1) as log:
         log.write(f"# {datetime.datetime.now().isoformat()} {shlex.join(command)}\n")
         proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
         assert proc.stdout is not None
         for line in proc.stdout:
             sys.stdout.write(line)
+            sys.stdout.flush()
             log.write(line)
         return proc.wait()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 
 def skip_dataset_helper_compilation() -> None:
     """The wheel ships the compiled dataset helpers (helpers_cpp) but no Makefile, so Megatron's
@@ -67,6 +69,53 @@ def _log_tokens_and_memory(training, iteration: int) -> None:
     training.print_rank_last(line)
 
 
+def let_distributed_optimizer_resume() -> None:
+    """Two megatron-core 0.19.2 DistributedOptimizer bugs that stop a DO=true run from resuming its checkpoint.
+
+    * fp32 (no fp16/bf16): the main params are views of the model params, and the dp_reshardable loader copies
+      into them with autograd on ("a view of a leaf Variable that requires grad is being used in an in-place
+      operation"). Loading is a no_grad affair.
+    * Without Apex/TE (torch Adam: CPU runs, GPUs without TE) the state dict a checkpoint is loaded into reads
+      Adam's 'step' from the optimizer state, which is empty before the first step: `assert len(steps) == 1`
+      fails. The step is only a placeholder there (load_state_dict sets the checkpoint's), so report 0.
+      load_state_dict then gives every parameter one shared 'step' tensor (torch Adam increments it in place once
+      per parameter), and its parameter-state loader copies the placeholder over it. Adam's bias correction
+      would be wrong after every resume: each parameter gets its own tensor holding the checkpoint's step.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    optimizer_class = distrib_optimizer.DistributedOptimizer
+    optimizer_class._set_main_param_and_optimizer_states = torch.no_grad()(
+        optimizer_class._set_main_param_and_optimizer_states)
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    original = optimizer_class.state_dict
+
+    def state_dict(self):
+        if self.optimizer.state:
+            return original(self)
+        inner = self.optimizer.state_dict()
+        out = {"optimizer": {k: v for k, v in inner.items() if k != "state"}}
+        for group in out["optimizer"]["param_groups"]:
+            del group["params"]
+            group["step"] = 0
+        if self.grad_scaler:
+            out["grad_scaler"] = self.grad_scaler.state_dict()
+        return out
+
+    optimizer_class.state_dict = state_dict
+    original_load = optimizer_class.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        original_load(self, state_dict)
+        (step,) = {group["step"] for group in state_dict["optimizer"]["param_groups"]}
+        for state in self.optimizer.state.values():
+            state["step"] = torch.tensor(float(step))
+
+    optimizer_class.load_state_dict = load_state_dict
+
+
 def apply() -> None:
     skip_dataset_helper_compilation()
     reset_loss_average_on_log_boundaries()
+    let_distributed_optimizer_resume()

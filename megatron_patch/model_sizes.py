@@ -108,7 +108,7 @@ def resolve_size(name: str, checkpoint_dir: str | Path | None = None) -> Qwen25S
         if bad:
             raise SystemExit(
                 f"error: MODEL_SIZE={name} does not match {config_path}:\n  " + "\n  ".join(bad)
-                + f"\nPass the size this checkpoint was trained as, or MODEL_SIZE=auto."
+                + "\nPass the size this checkpoint was trained as, or MODEL_SIZE=auto."
             )
     return size
 

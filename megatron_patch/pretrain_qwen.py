@@ -23,7 +23,7 @@ ON_CPU = cpu_backend.enable()
 megatron_compat.apply()
 
 from megatron.core.enums import ModelType  # noqa: E402
-from megatron.training import get_args, get_timers, pretrain, print_rank_0  # noqa: E402
+from megatron.training import get_timers, pretrain  # noqa: E402
 from megatron.training.argument_utils import pretrain_cfg_container_from_args  # noqa: E402
 from megatron.training.arguments import parse_and_validate_args  # noqa: E402
 
@@ -58,7 +58,20 @@ def forward_step(data_iterator, model):
     return output_tensor, partial(loss_func, batch["loss_mask"])
 
 
+def die_with_torchrun() -> None:
+    """A rank whose torchrun was killed (kill -9, the OOM killer) would live on, blocked in a collective and
+    holding its GPU: ask Linux to SIGKILL this process when its parent dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before the request
+            os._exit(1)
+
+
 def main(argv: list[str]) -> None:
+    die_with_torchrun()
     argv = expand_model_size(argv)
     if ON_CPU:
         argv = cpu_backend.cpu_argv(argv)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -260,6 +261,19 @@ def write_default_tokenizer(out_dir: str | Path, eos_token: str = EOD_TOKEN) -> 
     dump("added_tokens.json", {c: i for i, (c, _) in enumerate(QWEN2_5_ADDED_TOKENS, start=BPE_VOCAB_SIZE)})
     (out_dir / "chat_template.jinja").write_text(QWEN2_5_CHAT_TEMPLATE, encoding="utf-8")
     return out_dir
+
+def cached_default_tokenizer() -> Path:
+    """The embedded default Qwen2.5 tokenizer, written once into the user's cache."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "megatron_patch" / "qwen2.5-tokenizer"
+    if not (cache / "tokenizer_config.json").is_file():
+        tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+        write_default_tokenizer(tmp)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.rename(cache)
+        except OSError:  # another launch wrote it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return cache
 
 
 def load_tokenizer(tokenizer_dir: str | Path):

@@ -43,7 +43,7 @@ quiet_pip() {
 : >"$log"
 quiet_pip --upgrade pip
 quiet_pip -e '.[test]'
-.venv/bin/python -W ignore -c 'import megatron.core, megatron.training, torch, transformers' \
+.venv/bin/python -W ignore -c 'import megatron.core, megatron.training, torch, transformers' 2>>"$log" \
   || { echo "error: the install finished but megatron-core/torch/transformers do not import; see the pip output above" >&2; exit 1; }
 rm -f .venv/.installed-*
 touch "$stamp"

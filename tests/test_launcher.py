@@ -37,8 +37,10 @@ BEST_PRACTICE = dict(
 @dataclass
 class Paths:
     root: Path
-    train: Path  # idxmap prefix
-    valid: Path  # idxmap prefix
+    train: Path  # pre-training idxmap prefix
+    valid: Path  # pre-training idxmap prefix
+    sft: Path  # SFT idxmap prefix (build_idxmap_sft_dataset.py --output-prefix)
+    sft_valid: Path
     train_json: Path
     valid_json: Path
     checkpoint: Path  # a converted tiny checkpoint folder
@@ -54,7 +56,8 @@ def paths(tmp_path, default_tokenizer_dir) -> Paths:
 
     data = tmp_path / "data"
     data.mkdir()
-    for prefix in ("train_text_document", "valid_text_document"):
+    for prefix in ("train_text_document", "valid_text_document", "sft_text_document", "sft_label_document",
+                   "sft_valid_text_document", "sft_valid_label_document"):
         for ext in (".bin", ".idx"):  # the launcher only checks that the pair exists
             (data / f"{prefix}{ext}").touch()
     for name in ("train.json", "valid.json"):
@@ -66,7 +69,8 @@ def paths(tmp_path, default_tokenizer_dir) -> Paths:
         (ckpt / "latest_checkpointed_iteration.txt").write_text("release")
         hf_config_for(QWEN2_5_SIZES[size]).to_json_file(ckpt / "config.json")
         checkpoints[size] = ckpt
-    return Paths(tmp_path, data / "train_text_document", data / "valid_text_document", data / "train.json",
+    return Paths(tmp_path, data / "train_text_document", data / "valid_text_document", data / "sft",
+                 data / "sft_valid", data / "train.json",
                  data / "valid.json", checkpoints["tiny"], checkpoints["0.5B"], default_tokenizer_dir,
                  tmp_path / "output_mcore_qwen2.5")
 
@@ -75,7 +79,8 @@ def argv(paths: Paths, **overrides: str) -> list[str]:
     values = dict(BEST_PRACTICE, DATASET_PATH=str(paths.train), VALID_DATASET_PATH=str(paths.train),
                   PRETRAIN_CHECKPOINT_PATH="none", OUTPUT_BASEPATH=str(paths.out))
     if overrides.get("SFT") == "true":
-        values.update(TRAIN_TOKENS_OR_ITERS="10000", WARMUP_TOKENS_OR_ITERS="100")
+        values.update(TRAIN_TOKENS_OR_ITERS="10000", WARMUP_TOKENS_OR_ITERS="100", DATASET_PATH=str(paths.sft),
+                      VALID_DATASET_PATH=str(paths.sft))
     values.update(overrides)
     assert set(values) == set(POSITIONAL), set(values) ^ set(POSITIONAL)
     return [values[name] for name in POSITIONAL]
@@ -221,9 +226,18 @@ def test_tensor_parallel_with_and_without_sequence_parallel(paths, sp):
     run = dry_run(paths, argv(paths, TP="2", SP=sp), MP_NPROC_PER_NODE="2")
     assert run.value("--tensor-model-parallel-size") == "2"
     assert run.torchrun["--nproc-per-node"] == "2"
-    assert run.has("--sequence-parallel") == (sp == "true")
+    # Here (no Transformer Engine) sequence parallelism is dropped with a warning; with TE see the next test.
+    assert not run.has("--sequence-parallel") and "-tp-2-pp-1-cp-1-" in run.value("--save")
+    assert ("SP=true needs Transformer Engine" in run.stderr) == (sp == "true")
     assert "SP=true has no effect" not in run.stderr
-    assert f"-tp-2-pp-1-cp-1-" in run.value("--save") and f"-sp-{sp}-" in run.value("--save")
+
+
+@pytest.mark.parametrize("tp, sp, expected", [("2", "true", True), ("2", "false", False), ("1", "true", False)])
+def test_sequence_parallel_with_transformer_engine(paths, tp, sp, expected):
+    launch, flags = api_flags(paths, TP=tp, SP=sp)
+    assert ("--sequence-parallel" in flags) == expected
+    assert f"-sp-{str(expected).lower()}-" in launch.run_name
+    assert any("SP=true has no effect with TP=1" in w for w in launch.warnings) == (tp == "1" and sp == "true")
 
 
 def test_pipeline_and_context_parallel_on_four_processes(paths):
@@ -270,13 +284,13 @@ def test_pretraining_with_a_separate_validation_set(paths):
 
 
 def test_best_practice_finetuning_command_on_idxmap(paths):
-    run = dry_run(paths, argv(paths, SFT="true", VALID_DATASET_PATH=str(paths.valid)))
+    run = dry_run(paths, argv(paths, SFT="true", VALID_DATASET_PATH=str(paths.sft_valid)))
     # SFT budgets are iterations.
     assert run.value("--train-iters") == "10000" and run.value("--lr-warmup-iters") == "100"
     assert run.value("--lr-decay-iters") == "10000"
     assert run.has("--instruction-tuning") and run.value("--dataset-type") == "idxmap"
-    assert run.value("--train-data-path") == str(paths.train)
-    assert run.value("--valid-data-path") == str(paths.valid)
+    assert run.value("--train-data-path") == str(paths.sft)
+    assert run.value("--valid-data-path") == str(paths.sft_valid)
     assert not run.has("--max-padding-length") and not run.has("--sft-packing")
     assert "-finetune-" in run.value("--save") and run.value("--save").endswith("-data-idxmap")
 
@@ -435,6 +449,8 @@ INVALID = [
     ("missing_prefix", {"DATASET_PATH": "{root}/data/nope_text_document"}, {},
      "nope_text_document is not an idxmap dataset prefix: missing"),
     ("prefix_with_extension", {"DATASET_PATH": "{train}.bin"}, {}, "train_text_document.bin is not an idxmap"),
+    ("sft_on_a_pretraining_prefix", {"SFT": "true", "DATASET_PATH": "{train}"}, {},
+     "train_text_document is not an SFT idxmap prefix: missing"),
     ("missing_raw_json", {"SFT": "true", "DATASET_PATH": "{root}/data/nope.json", "VALID_DATASET_PATH": "{valid_json}"},
      {"MP_DATASET_TYPE": "raw"}, "nope.json is not a file; MP_DATASET_TYPE=raw reads a JSON/JSONL file"),
     ("not_a_checkpoint", {"PRETRAIN_CHECKPOINT_PATH": "{root}/data"}, {},
@@ -466,8 +482,15 @@ def invalid_argv(paths: Paths, overrides: dict | None) -> list[str]:
     return argv(paths, **{k: v.format(**fill) for k, v in overrides.items()})
 
 
-@pytest.mark.parametrize("case", INVALID, ids=[c[0] for c in INVALID])
-def test_invalid_combination_stops_before_torchrun(paths, case):
+# Through the shell script: the parse-time errors and a sample of the later ones (each costs a process start).
+SHELL_CASES = {"arg_count", "model_size", "precision", "ac_mode", "sp_not_boolean", "optimizer_offload", "env",
+               "tp_kv_heads", "gbs_dp", "missing_prefix", "missing_raw_json", "checkpoint_size",
+               "dlc_without_world_size", "fp8_without_te", "vp_without_pp"}
+
+
+@pytest.mark.parametrize("case", [c for c in INVALID if c[0] in SHELL_CASES],
+                         ids=[c[0] for c in INVALID if c[0] in SHELL_CASES])
+def test_invalid_combination_stops_the_script_before_torchrun(paths, case):
     _, overrides, environ, message = case
     # No MP_DRY_RUN: if validation let this through, training would really start (and create the output folder).
     proc = run_script(invalid_argv(paths, overrides),
@@ -476,6 +499,22 @@ def test_invalid_combination_stops_before_torchrun(paths, case):
     assert message in proc.stderr, proc.stderr
     assert proc.stderr.startswith("error: ")
     assert "torch.distributed.run" not in proc.stdout + proc.stderr
+    assert not paths.out.exists()
+
+
+@pytest.mark.parametrize("case", INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_combination_never_starts_torchrun(paths, case, monkeypatch, capsys):
+    """Every case, through the launcher's main() with process starts forbidden."""
+    _, overrides, environ, message = case
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError(f"torchrun was started: {args}")
+
+    monkeypatch.setattr(launcher, "run", forbidden)
+    monkeypatch.setattr(launcher.subprocess, "Popen", forbidden)
+    status = launcher.main(invalid_argv(paths, overrides), {"MP_TOKENIZER_PATH": str(paths.tokenizer), **environ})
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error: ") and message in err, err
     assert not paths.out.exists()
 
 

@@ -18,7 +18,8 @@ def _one_path(paths, what: str) -> str:
 def build_sft_datasets(args, num_samples):
     train_path = _one_path(args.train_data_path, "train")
     valid_path = _one_path(args.valid_data_path, "valid")
-    test_path = _one_path(args.test_data_path, "test") if args.test_data_path else valid_path
+    # Upstream passed the validation file as the test file too, evaluating it twice: no test set unless asked.
+    test_path = _one_path(args.test_data_path, "test") if args.test_data_path else None
     packing = args.sft_packing
     if args.dataset_type == "raw":
         from megatron_patch.tokenizer import load_tokenizer
@@ -36,7 +37,7 @@ def build_sft_datasets(args, num_samples):
     datasets = []
     for path, n, offset in ((train_path, num_samples[0], 0), (valid_path, num_samples[1], 1),
                             (test_path, num_samples[2], 2)):
-        datasets.append(build(path, n, args.seed + offset) if n else None)
+        datasets.append(build(path, n, args.seed + offset) if n and path else None)
         if datasets[-1] is not None:
             print_rank_0(f"> SFT {('train', 'valid', 'test')[offset]}: {datasets[-1].describe()}, {n} samples"
                          + (", packed" if packing else ""))

