@@ -77,3 +77,46 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     for it in (4, 5, 6):
         assert abs(second[it] - reference[it]) <= 1e-5, (it, second[it], reference[it])
     assert "iteration        4/" in (resumed / "train.log").read_text()
+
+
+def test_ranks_exit_when_torchrun_is_killed(tmp_path):
+    """kill -9 of torchrun alone (an OOM killer, a careless scheduler) must not leave ranks running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from training_utils import REPO_ROOT, free_port
+
+    marker = str(tmp_path / "tb-orphan-check")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "megatron_patch.pretrain_qwen",
+           *tiny_mock_args(iters=100000), "--tensorboard-dir", marker]
+    torchrun = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def ranks() -> list[int]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if b"megatron_patch.pretrain_qwen" in args and marker.encode() in args and int(pid) != torchrun.pid:
+                found.append(int(pid))
+        return found
+
+    deadline = time.time() + 300
+    while not (tmp_path / "tb-orphan-check").exists() and time.time() < deadline:
+        time.sleep(1)  # TensorBoard's folder appears once the ranks are up
+    assert len(ranks()) >= 2, "the ranks never started"
+    torchrun.send_signal(signal.SIGKILL)
+    torchrun.wait()
+    deadline = time.time() + 30
+    while ranks() and time.time() < deadline:
+        time.sleep(0.5)
+    leftover = ranks()
+    for pid in leftover:
+        os.kill(pid, signal.SIGKILL)
+    assert not leftover, f"ranks {leftover} outlived their torchrun"
