@@ -247,7 +247,7 @@ def detect_machine(launch: Launch, environ: dict[str, str]) -> Machine:
     else:
         # On the CPU, start just enough processes for the requested model-parallel layout.
         nproc = launch.tp * launch.pp * launch.cp
-    return Machine(1, 0, nproc, "localhost", _free_port(), has_gpu, has_te)
+    return Machine(1, 0, nproc, "localhost", free_port(), has_gpu, has_te)
 
 
 def _gpu_count() -> int:
@@ -259,7 +259,8 @@ def _gpu_count() -> int:
         return 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a rendezvous on this host."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from megatron_patch.launcher import POSITIONAL
+from test_launcher import clean_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "qwen2_5" / "run_mcore_qwen.sh"
@@ -56,13 +57,6 @@ def command(template: str, paths: dict[str, Path | str], **changes: str) -> list
     args = dict(zip(POSITIONAL, words))
     args.update(changes)
     return [args[name] for name in POSITIONAL]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    knobs = ("MP_", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "KUBERNETES_CONTAINER_RESOURCE_GPU")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(knobs)}
-    env.update(extra)
-    return env
 
 
 def guide_form(args: list[str]) -> list[str]:

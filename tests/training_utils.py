@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from megatron_patch.launcher import free_port  # noqa: F401  (tests import it from here)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_mock_args(iters: int, seq_length: int = 64, micro_batch: int = 2, global_batch: int = 4) -> list[str]:

@@ -8,22 +8,16 @@ what is saved here is exactly what `pretrain_qwen` builds and loads.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
 import torch
 
 from megatron_patch.convert.mapping import canonical_mcore_name
+from megatron_patch.launcher import free_port
 from megatron_patch.model_sizes import Qwen25Size
 
 DTYPE_FLAGS = {torch.float32: [], torch.bfloat16: ["--bf16"], torch.float16: ["--fp16"]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _single_process_env() -> None:
@@ -31,7 +25,7 @@ def _single_process_env() -> None:
         raise RuntimeError("the convertor runs as a single process; launch it with python, not torchrun")
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     # A private one-process group: never reuse a MASTER_PORT inherited from some other job's environment.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 
