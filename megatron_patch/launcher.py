@@ -283,6 +283,15 @@ def _checkpoint_config(path: Path) -> dict | None:
 def validate(launch: Launch, machine: Machine) -> None:
     """Every check that can fail before torchrun, each with its own message."""
     size = launch.size
+    if launch.sft_packing and machine.has_te:
+        # Packed samples need block masks; the TE attention configured here is causal only and would let them
+        # attend to each other. The local spec's SDPA attention takes the masks.
+        if launch.precision == "fp8" or launch.activation_checkpointing == "offload":
+            raise LaunchError("error: MP_SFT_PACKING=true trains on megatron-core's local spec (packed samples need "
+                              "block attention masks), but PR=fp8 and AC=offload need the Transformer Engine spec. "
+                              "Turn packing off, or use PR=bf16 with AC=sel/full/false.")
+        launch.warnings.append("MP_SFT_PACKING=true: training on the local spec with SDPA block masks, so packed "
+                               "samples never attend to each other.")
     if launch.precision == "fp8" and not machine.has_te:
         raise LaunchError("error: PR=fp8 needs Transformer Engine on a GPU, and it is not importable here. "
                           "Use PR=bf16, or run in the NGC PyTorch image (see the Dockerfile).")
@@ -347,7 +356,7 @@ def validate(launch: Launch, machine: Machine) -> None:
     _validate_paths(launch)
     if launch.sp and launch.tp == 1:
         launch.warnings.append("SP=true has no effect with TP=1: sequence parallelism is left off.")
-    elif launch.sp and not machine.has_te:
+    elif launch.sp and not uses_te(launch, machine):
         # megatron-core's local (torch) norms refuse sequence parallelism; only TE's fused norms support it.
         launch.sp = False
         launch.warnings.append("SP=true needs Transformer Engine (megatron-core's local norms cannot shard the "
@@ -475,13 +484,18 @@ def _parallel_flags(launch: Launch, machine: Machine) -> list[str]:
         flags.append("--overlap-grad-reduce")
         if launch.distributed_optimizer:
             flags.append("--overlap-param-gather")
-        if launch.tp > 1 and launch.sp and machine.has_te:
+        if launch.tp > 1 and launch.sp and uses_te(launch, machine):
             flags.append("--tp-comm-overlap")
     return flags
 
 
+def uses_te(launch: Launch, machine: Machine) -> bool:
+    """The Transformer Engine spec, when TE is here and no packed samples need block masks."""
+    return machine.has_te and not launch.sft_packing
+
+
 def _attention_flags(launch: Launch, machine: Machine) -> list[str]:
-    if machine.has_te:
+    if uses_te(launch, machine):
         return ["--transformer-impl", "transformer_engine",
                 "--attention-backend", "flash" if launch.flash_attention else "fused",
                 "--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "te"]

@@ -527,3 +527,18 @@ def test_every_invalid_combination_has_its_own_message(paths):
             launcher.validate(launch, launcher.detect_machine(launch, environ))
         messages[case_id] = err.value.message.splitlines()[0]
     assert len(set(messages.values())) == len(messages), messages
+
+
+def test_packed_finetuning_uses_the_local_spec_even_with_transformer_engine(paths):
+    # TE's causal attention here would let packed samples see each other; the local spec's SDPA takes the masks.
+    launch, flags = api_flags(paths, SFT="true", environ={"MP_SFT_PACKING": "true"})
+    assert value(flags, "--transformer-impl") == "local" and "--sft-packing" in flags
+    assert "--attention-backend" not in flags
+    assert any("block masks" in w for w in launch.warnings)
+    assert GPU_TE.has_te, "the machine description must not be changed by validation"
+
+
+def test_packed_finetuning_refuses_what_needs_the_te_spec(paths):
+    with pytest.raises(launcher.LaunchError) as err:
+        api_flags(paths, SFT="true", PR="fp8", environ={"MP_SFT_PACKING": "true"})
+    assert "MP_SFT_PACKING=true trains on megatron-core's local spec" in err.value.message
