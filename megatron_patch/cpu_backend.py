@@ -215,8 +215,7 @@ def cpu_argv(argv: list[str]) -> list[str]:
 
 
 def configure_args(args) -> None:
-    """Settings validate_args derives for a GPU that must not hold on the CPU."""
-
+    """Share the host's cores among the ranks, and say once that the run is on the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     threads = args.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     torch.set_num_threads(threads)

@@ -68,8 +68,6 @@ def get_batch(data_iterator) -> dict:
     batch = next(data_iterator)
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     out = {key: value.to(device, non_blocking=True) for key, value in batch.items() if torch.is_tensor(value)}
-    if "attention_mask" in out and out["attention_mask"].dtype != torch.bool:
-        out["attention_mask"] = out["attention_mask"] < 0.5
     segment_ids = out.pop("segment_ids", None)
     if segment_ids is not None:
         out["attention_mask"] = packed_attention_mask(segment_ids)
