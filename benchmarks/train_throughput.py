@@ -2,7 +2,11 @@
 sequence length and global batch.
 
     python benchmarks/train_throughput.py --size 0.5B --seq-len 2048 --micro-batch 4 --global-batch 32 \
-        --data PREFIX --tokenizer DIR [--skip-hf] [--skip-megatron]
+        --data PREFIX --tokenizer DIR [--mcore fused:8 --mcore plain:4] [--skip-hf] [--loss-check-iters 50]
+
+Each `--mcore KERNELS:MICRO_BATCH` is one launcher run: KERNELS `fused` (default path) or `plain`
+(MP_FUSED_KERNELS=false: megatron-core's unfused modules and logits + cross-entropy). `--loss-check-iters N`
+instead trains N iterations of both paths (same seed, same data) and prints their per-iteration losses.
 
 HF variants: (a) fp32 master weights + bf16 autocast + torch.compile (the numerics of our Megatron bf16 runs),
 (b) pure bf16 parameters + torch.compile (a speed bound). Both use fused AdamW and gradient accumulation to
@@ -16,6 +20,7 @@ MFU is against 989 TFLOP/s dense bf16 for an H100 SXM.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import subprocess
@@ -90,24 +95,58 @@ def hf_throughput(size_name: str, seq_len: int, micro: int, global_batch: int, p
     return steps * global_batch * seq_len / elapsed, peak
 
 
-def megatron_throughput(size_name: str, seq_len: int, micro: int, global_batch: int, data: str, tokenizer: str,
-                        iters: int, out: Path, extra_env: dict[str, str]) -> tuple[float, float]:
-    """Our launcher path (random init, pre-training on an idxmap); mean tokens/s/GPU after the first 5 iterations."""
+def megatron_run(size_name: str, seq_len: int, micro: int, global_batch: int, data: str, tokenizer: str,
+                 iters: int, out: Path, extra_env: dict[str, str], tp: int = 1, nproc: int = 1) -> str:
+    """Our launcher path (random init, pre-training on an idxmap); returns its log."""
     args = ["dsw", size_name, str(micro), str(global_batch), "1e-4", "1e-5", str(seq_len), str(seq_len), "bf16",
-            "1", "1", "1", "false", "true", "true", "false", "false", "false", "100000", data, data, "none",
+            str(tp), "1", "1", str(tp > 1).lower(), "true", "true", "false", "false", "false", "100000", data, data, "none",
             str(iters * global_batch * seq_len), "0", str(out)]
-    env = {**os.environ, "MP_TOKENIZER_PATH": tokenizer, **extra_env}
-    proc = subprocess.run(["sh", str(REPO / "examples/qwen2_5/run_mcore_qwen.sh"), *args], env=env,
-                          capture_output=True, text=True)
-    log = proc.stdout + proc.stderr
-    (out / "megatron.log").parent.mkdir(parents=True, exist_ok=True)
-    (out / "megatron.log").write_text(log)
+    env = {**os.environ, "MP_TOKENIZER_PATH": tokenizer, "MP_NPROC_PER_NODE": str(nproc), **extra_env}
+    out.mkdir(parents=True, exist_ok=True)
+    # Written as it runs, so a run cut short still leaves its log.
+    with open(out / "megatron.log", "w") as log_file:
+        proc = subprocess.run(["sh", str(REPO / "examples/qwen2_5/run_mcore_qwen.sh"), *args], env=env,
+                              stdout=log_file, stderr=subprocess.STDOUT)
+    log = (out / "megatron.log").read_text()
     if proc.returncode != 0:
         raise SystemExit("megatron run failed:\n" + "\n".join(log.splitlines()[-30:]))
+    return log
+
+
+def throughput_from_log(log: str) -> tuple[float, float]:
+    """Mean tokens/s/GPU after the first 5 iterations, and peak memory."""
     rates = [float(v.replace(",", "")) for v in re.findall(r"tokens/s/GPU: ([0-9,]+)", log)]
     peaks = [float(v) for v in re.findall(r"memory allocated/peak/reserved \(GiB\): [0-9.]+/([0-9.]+)", log)]
     steady = rates[5:] or rates
     return sum(steady) / len(steady), max(peaks or [0.0])
+
+
+def kernel_env(kernels: str) -> dict[str, str]:
+    """fused: our kernels (the default path); plain: megatron-core's modules."""
+    if kernels not in ("fused", "plain"):
+        raise SystemExit(f"--mcore: unknown kernels {kernels!r} (fused or plain)")
+    return {"MP_FUSED_KERNELS": str(kernels == "fused").lower()}
+
+
+def losses_from_log(log: str) -> list[float]:
+    return [float(v) for v in re.findall(r"lm loss: ([0-9.E+-]+)", log)]
+
+
+def check_losses(args) -> None:
+    """The fused and plain paths from the same seed: per-iteration loss difference over the first N iterations."""
+    curves = {}
+    fast = "fused"
+    for kernels in (fast, "plain"):
+        log = megatron_run(args.size, args.seq_len, args.micro_batch, args.global_batch, args.data, args.tokenizer,
+                           args.loss_check_iters, Path(args.out) / f"losscheck-{kernels}", kernel_env(kernels))
+        curves[kernels] = losses_from_log(log)
+    fused, plain = curves[fast], curves["plain"]
+    diffs = [abs(a - b) for a, b in zip(fused, plain)]
+    print(f"loss check, {len(diffs)} iterations: {fast} {fused[0]:.4f} -> {fused[-1]:.4f}, plain {plain[0]:.4f} -> "
+          f"{plain[-1]:.4f}; max |difference| {max(diffs):.4f} (iteration {diffs.index(max(diffs)) + 1}), "
+          f"mean {sum(diffs) / len(diffs):.4f}", flush=True)
+    print(f"{fast}:", " ".join(f"{v:.4f}" for v in fused))
+    print("plain:", " ".join(f"{v:.4f}" for v in plain), flush=True)
 
 
 def main() -> None:
@@ -122,17 +161,29 @@ def main() -> None:
     parser.add_argument("--hf-steps", type=int, default=5)
     parser.add_argument("--out", default="/tmp/throughput")
     parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--skip-megatron", action="store_true")
+    parser.add_argument("--mcore", action="append", default=None, metavar="KERNELS:MICRO_BATCH",
+                        help="a launcher run: fused|plain and its micro-batch (default fused:<--micro-batch>)")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--nproc", type=int, default=1, help="GPUs for the Megatron runs (DP = nproc / tp)")
+    parser.add_argument("--loss-check-iters", type=int, default=0)
     args = parser.parse_args()
 
     size = get_size(args.size)
     print(f"device: {torch.cuda.get_device_name()} | Qwen2.5-{args.size} | seq {args.seq_len} | micro-batch "
           f"{args.micro_batch} | global batch {args.global_batch} | {flops_per_token(size, args.seq_len) / 1e9:.2f} "
           "GFLOP/token", flush=True)
-    if not args.skip_megatron:
-        rate, peak = megatron_throughput(args.size, args.seq_len, args.micro_batch, args.global_batch, args.data,
-                                         args.tokenizer, args.iters, Path(args.out) / f"mcore-{args.size}", {})
-        report("megatron_patch (run_mcore_qwen.sh, bf16, local spec + SDPA)", rate, size, args.seq_len, peak)
+    if args.loss_check_iters:
+        check_losses(args)
+        return
+    te = "TE spec" if importlib.util.find_spec("transformer_engine") else "local spec"
+    for run in args.mcore or [f"fused:{args.micro_batch}"]:
+        kernels, micro = run.split(":")
+        log = megatron_run(args.size, args.seq_len, int(micro), args.global_batch, args.data, args.tokenizer,
+                           args.iters, Path(args.out) / f"mcore-{args.size}-{kernels}-{micro}",
+                           kernel_env(kernels), args.tp, args.nproc)
+        rate, peak = throughput_from_log(log)
+        report(f"megatron_patch {te}, {kernels} kernels, TP{args.tp} DP{args.nproc // args.tp}, mb {micro}",
+               rate, size, args.seq_len, peak)
     if not args.skip_hf:
         for pure in (False, True):
             rate, peak = hf_throughput(args.size, args.seq_len, args.micro_batch, args.global_batch, pure,

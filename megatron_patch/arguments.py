@@ -59,6 +59,9 @@ def add_extra_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="pack several SFT samples into one sequence, never attending across them")
     group.add_argument("--max-padding-length", type=int, default=None,
                        help="raw JSON SFT: pad or truncate each sample to this many tokens")
+    group.add_argument("--plain-kernels", action="store_true",
+                       help="megatron-core's unfused RMSNorm and RoPE (without TE) and logits + cross-entropy, "
+                            "instead of our fused kernels and chunked linear + cross-entropy (for comparison)")
     group.add_argument("--cpu-threads", type=int, default=None,
                        help="CPU runs: torch threads per process (default: cores / processes)")
     return parser

@@ -204,7 +204,6 @@ CPU_FLAGS = [
     "--no-bias-swiglu-fusion",
     "--no-bias-dropout-fusion",
     "--no-masked-softmax-fusion",
-    "--no-rope-fusion",
     "--no-persist-layer-norm",
 ]
 

@@ -6,7 +6,8 @@ mapped onto megatron-core 0.19.2 flags, then one torchrun.
         PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS_OR_ITERS WARMUP_TOKENS_OR_ITERS OUTPUT_BASEPATH
 
 Environment knobs: MP_DATASET_TYPE (idxmap|raw), MP_AC_LAYERS (layers to recompute/offload, default 1),
-MP_VP (virtual pipeline stages), MP_SFT_PACKING (true|false), MP_DRY_RUN=1 (print the command, run nothing),
+MP_VP (virtual pipeline stages), MP_SFT_PACKING (true|false), MP_FUSED_KERNELS (true|false, default true: our
+fused RMSNorm/RoPE without TE and the chunked linear + cross-entropy; false: megatron-core's plain path), MP_DRY_RUN=1 (print the command, run nothing),
 MP_TOKENIZER_PATH (tokenizer folder when the checkpoint has none), MP_NPROC_PER_NODE (processes per node,
 overriding the GPU count). ENV=dlc reads WORLD_SIZE (nodes), RANK (node rank), MASTER_ADDR, MASTER_PORT and
 KUBERNETES_CONTAINER_RESOURCE_GPU (GPUs per node) from the scheduler.
@@ -97,6 +98,7 @@ class Launch:
     ac_layers: int = 1
     virtual_pipeline: int | None = None
     sft_packing: bool = False
+    fused_kernels: bool = True
     tokenizer_path: str | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -213,6 +215,7 @@ def parse(argv: list[str], environ: dict[str, str]) -> Launch:
         ac_layers=_int("MP_AC_LAYERS", environ.get("MP_AC_LAYERS", "1") or "1", 1),
         virtual_pipeline=_int("MP_VP", vp, 1) if vp else None,
         sft_packing=_bool("MP_SFT_PACKING", environ.get("MP_SFT_PACKING", "false") or "false"),
+        fused_kernels=_bool("MP_FUSED_KERNELS", environ.get("MP_FUSED_KERNELS", "true") or "true"),
         tokenizer_path=environ.get("MP_TOKENIZER_PATH") or None,
     )
 
@@ -453,6 +456,8 @@ def megatron_flags(launch: Launch, machine: Machine) -> list[str]:
     flags += _precision_flags(launch)
     flags += _parallel_flags(launch, machine)
     flags += _attention_flags(launch, machine)
+    if not launch.fused_kernels:
+        flags.append("--plain-kernels")
     flags += _recompute_flags(launch)
     flags += _optimizer_offload_flags(launch, machine)
     flags += _data_flags(launch)
@@ -503,8 +508,7 @@ def _attention_flags(launch: Launch, machine: Machine) -> list[str]:
     if not machine.has_gpu:
         return flags
     # Without TE, Apex's fused kernels are absent too.
-    flags += ["--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
-              "--no-rope-fusion"]
+    flags += ["--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-masked-softmax-fusion"]
     return flags
 
 

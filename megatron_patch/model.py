@@ -8,8 +8,10 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megatron_patch.attention import SDPACoreAttention
+from megatron_patch.fused.rms_norm import FusedRMSNorm
 
 
 def transformer_engine_available() -> bool:
@@ -22,18 +24,32 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available()
 
 
-def qwen2_5_layer_spec(use_te: bool) -> ModuleSpec:
+def qwen2_5_layer_spec(use_te: bool, fused_kernels: bool = True) -> ModuleSpec:
     """Pre-norm RMSNorm decoder layer with GQA self-attention and a SwiGLU MLP.
 
     With Transformer Engine the norms fuse into the following linear layers; the local spec keeps them as
     separate modules but saves them under TE's key names, so checkpoints move freely between the two.
+    Without TE, `fused_kernels` swaps torch's RMSNorm for one compiled kernel (megatron-core's plain one otherwise).
     """
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     # The local spec's DotProductAttention builds S x S scores; SDPA uses flash/fused kernels instead.
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    if fused_kernels:
+        spec.submodules.input_layernorm = FusedRMSNorm
+        spec.submodules.pre_mlp_layernorm = FusedRMSNorm
     return spec
+
+
+def qwen2_5_decoder_spec(config, use_te: bool, fused_kernels: bool, vp_stage=None):
+    """The layer spec, or (local spec with fused kernels) the block of this pipeline stage's layers with the
+    fused RMSNorm as final norm too."""
+    layer = qwen2_5_layer_spec(use_te, fused_kernels)
+    if use_te or not fused_kernels:
+        return layer
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
+                                      layer_norm=FusedRMSNorm)
 
 
 def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
@@ -44,10 +60,12 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     use_te = args.transformer_impl == "transformer_engine"
     if config is None:
         config = core_transformer_config_from_args(args)
-    print_rank_0(f"building Qwen2.5 GPTModel ({'Transformer Engine' if use_te else 'local'} spec)")
-    return GPTModel(
+    fused = not args.plain_kernels
+    print_rank_0(f"building Qwen2.5 GPTModel ({'Transformer Engine' if use_te else 'local'} spec, "
+                 f"{'fused' if fused else 'plain'} kernels)")
+    model = GPTModel(
         config=config,
-        transformer_layer_spec=qwen2_5_layer_spec(use_te),
+        transformer_layer_spec=qwen2_5_decoder_spec(config, use_te, fused, vp_stage),
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
@@ -61,3 +79,4 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
         vp_stage=vp_stage,
         pg_collection=pg_collection,
     )
+    return model

@@ -29,6 +29,7 @@ from megatron.training.arguments import parse_and_validate_args  # noqa: E402
 
 from megatron_patch.arguments import add_extra_args, expand_model_size  # noqa: E402
 from megatron_patch.data.providers import get_batch, train_valid_test_datasets_provider  # noqa: E402
+from megatron_patch.fused import linear_cross_entropy, rope  # noqa: E402
 from megatron_patch.model import model_provider  # noqa: E402
 
 
@@ -43,19 +44,32 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss, num_tokens, {"lm loss": report}
 
 
+def summed_loss_func(loss_mask: torch.Tensor, loss_sum: torch.Tensor):
+    """loss_func for the fused linear + cross-entropy, whose output is already the masked sum of token losses."""
+    num_tokens = loss_mask.sum().clone().detach().to(torch.int)
+    report = torch.cat([loss_sum.clone().detach().view(1).float(), num_tokens.view(1).float()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
 def forward_step(data_iterator, model):
+    from megatron.training import get_args
+
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
     batch = get_batch(data_iterator)
     timers("batch-generator").stop()
+    fused_loss = not get_args().plain_kernels
+    extra = {"output_processor": linear_cross_entropy.output_processor, "loss_mask": batch["loss_mask"]} \
+        if fused_loss else {}
     output_tensor = model(
         batch["tokens"],
         batch["position_ids"],
         batch.get("attention_mask"),
         labels=batch["labels"],
         packed_seq_params=batch.get("packed_seq_params"),
+        **extra,
     )
-    return output_tensor, partial(loss_func, batch["loss_mask"])
+    return output_tensor, partial(summed_loss_func if fused_loss else loss_func, batch["loss_mask"])
 
 
 def die_with_torchrun() -> None:
@@ -79,6 +93,7 @@ def main(argv: list[str]) -> None:
     args = parse_and_validate_args(extra_args_provider=add_extra_args)
     if ON_CPU:
         cpu_backend.configure_args(args)
+    rope.configure(args)
     pretrain(
         pretrain_cfg_container_from_args(args),
         train_valid_test_datasets_provider,

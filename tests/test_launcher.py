@@ -309,6 +309,11 @@ def test_packed_finetuning(paths):
     assert run.has("--sft-packing") and run.value("--save").endswith("-data-idxmap-packed")
 
 
+def test_fused_kernels_are_the_default_and_can_be_turned_off(paths):
+    assert not dry_run(paths, argv(paths)).has("--plain-kernels")
+    assert dry_run(paths, argv(paths), MP_FUSED_KERNELS="false").has("--plain-kernels")
+
+
 def test_converted_checkpoint_is_the_starting_point(paths):
     run = dry_run(paths, argv(paths, PRETRAIN_CHECKPOINT_PATH=str(paths.checkpoint)))
     assert run.value("--pretrained-checkpoint") == str(paths.checkpoint)
@@ -409,7 +414,8 @@ def test_checkpoint_tokenizer_is_preferred_to_the_default(paths):
     ({"PR": "fp8", "TP": "2", "SP": "true", "AC": "offload", "OPTIMIZER_OFFLOAD": "auto"}, {}),
     ({"MODEL_SIZE": "0.5B", "PR": "fp16", "PP": "2", "AC": "full", "OPTIMIZER_OFFLOAD": "static"},
      {"MP_VP": "2", "MP_AC_LAYERS": "3"}),
-    ({"SFT": "true", "PR": "fp32", "AC": "sel", "CP": "2"}, {"MP_DATASET_TYPE": "raw", "MP_SFT_PACKING": "true"}),
+    ({"SFT": "true", "PR": "fp32", "AC": "sel", "CP": "2"}, {"MP_DATASET_TYPE": "raw", "MP_SFT_PACKING": "true",
+                                                            "MP_FUSED_KERNELS": "false"}),
 ])
 def test_every_flag_is_known_to_megatron_core(paths, overrides, environ):
     """The produced flags parse with megatron-core 0.19.2's own argument parser plus ours."""
@@ -466,6 +472,7 @@ INVALID = [
     ("raw_pretraining", {"DATASET_PATH": "{train_json}", "VALID_DATASET_PATH": "{valid_json}"},
      {"MP_DATASET_TYPE": "raw"}, "MP_DATASET_TYPE=raw is for fine-tuning (SFT=true)"),
     ("packing_pretraining", {}, {"MP_SFT_PACKING": "true"}, "MP_SFT_PACKING=true needs SFT=true"),
+    ("fused_kernels_not_boolean", {}, {"MP_FUSED_KERNELS": "fast"}, "MP_FUSED_KERNELS must be true or false"),
     ("tokens_below_one_iteration", {"TRAIN_TOKENS_OR_ITERS": "1000"}, {}, "tokens is less than one iteration"),
     ("warmup_not_below_train", {"SFT": "true", "TRAIN_TOKENS_OR_ITERS": "30", "WARMUP_TOKENS_OR_ITERS": "100"}, {},
      "WARMUP_TOKENS_OR_ITERS=100 gives 100 warmup iterations"),

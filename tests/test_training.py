@@ -12,6 +12,7 @@ pytestmark = pytest.mark.timeout(900)
 
 LAYOUTS = {
     "tp1": (1, []),
+    "tp1_plain_kernels": (1, ["--plain-kernels"]),
     "tp2": (2, ["--tensor-model-parallel-size", "2"]),
     "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
     "dp2_distributed_optimizer": (2, ["--use-distributed-optimizer"]),
@@ -48,6 +49,12 @@ def test_every_layout_trains_three_iterations_with_finite_loss(layout_losses):
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2_distributed_optimizer"])
 def test_first_iteration_loss_matches_single_process(layout_losses, layout):
     assert abs(layout_losses[layout][1] - layout_losses["tp1"][1]) <= 1e-5, layout_losses
+
+
+def test_fused_kernels_follow_megatron_plain_path(layout_losses):
+    # Fused RMSNorm/RoPE and the chunked linear + cross-entropy against megatron-core's own modules, 3 iterations.
+    for it in (1, 2, 3):
+        assert abs(layout_losses["tp1_plain_kernels"][it] - layout_losses["tp1"][it]) <= 1e-5, layout_losses
 
 
 def test_data_parallel_with_distributed_optimizer_follows_single_process(layout_losses):

@@ -1,0 +1,7 @@
+#!/bin/sh
+# Profile one step of a run_mcore_qwen.sh command: same 25 arguments and MP_* knobs; prints the kernel table.
+#   MP_PROFILE_STEP=4 sh benchmarks/profile_launch.sh dsw 0.5B 8 32 ... OUTPUT_BASEPATH
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+cmd=$(MP_DRY_RUN=1 sh "$here/../examples/qwen2_5/run_mcore_qwen.sh" "$@" | tail -n 1)
+eval "$(printf '%s' "$cmd" | sed "s# -m megatron_patch.pretrain_qwen # $here/profile_step.py #")"

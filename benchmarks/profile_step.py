@@ -1,0 +1,43 @@
+"""Where one training step's GPU time goes: runs the entrypoint with the given Megatron flags and prints
+torch.profiler's kernel table for one step (after warm-up), sorted by GPU time.
+
+    MP_PROFILE_STEP=4 torchrun --nproc-per-node 1 benchmarks/profile_step.py --model-size 0.5B [Megatron flags]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_patch import pretrain_qwen  # noqa: E402  (applies the CPU backend / compat patches first)
+from megatron.training import training  # noqa: E402
+
+PROFILE_STEP = int(os.environ.get("MP_PROFILE_STEP", "4"))
+_plain_train_step = training.train_step
+_calls = 0
+
+
+def profiled_train_step(*args, **kwargs):
+    global _calls
+    _calls += 1
+    if _calls != PROFILE_STEP:
+        return _plain_train_step(*args, **kwargs)
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        result = _plain_train_step(*args, **kwargs)
+        torch.cuda.synchronize()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90),
+              flush=True)
+    return result
+
+
+training.train_step = profiled_train_step
+
+if __name__ == "__main__":
+    pretrain_qwen.main(sys.argv[1:])

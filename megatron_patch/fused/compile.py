@@ -1,0 +1,24 @@
+"""torch.compile on the GPU only: the CPU path (tests, the CPU backend) runs the same function eagerly."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def compiled_on_cuda(fn):
+    """Decorate `fn` so that calls whose first argument is a CUDA tensor run the torch.compile'd version."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def wrapper(first, *args, **kwargs):
+        nonlocal compiled
+        if not first.is_cuda:
+            return fn(first, *args, **kwargs)
+        if compiled is None:
+            compiled = torch.compile(fn)
+        return compiled(first, *args, **kwargs)
+
+    wrapper.eager = fn
+    return wrapper

@@ -1,0 +1,124 @@
+"""Output layer + cross-entropy in token chunks, without ever holding the [tokens, vocab] fp32 logits.
+
+For Qwen2.5 the vocabulary is 151,936: at micro-batch 8 x 2048 tokens the plain path keeps bf16 logits (5 GB),
+their fp32 copy and its softmax (10 GB each) alive until the backward pass. Here the forward pass computes, chunk by
+chunk, the logits (a bf16 GEMM), the loss and already the gradients for the hidden states and the output weight
+(the softmax minus the one-hot target, scaled by the loss mask); only those gradients (the size of the hidden
+states and of the weight) wait for the backward pass, which scales them by the incoming gradient.
+
+The numerics are the plain path's: bf16 logits from the GEMM, log-softmax in fp32, bf16 gradient of the logits.
+Tensor parallelism: the weight is split along the vocabulary (megatron's ColumnParallelLinear); max/sum/target
+are all-reduced across the tensor-parallel group, the input goes through the same copy/gather region as the
+output layer's, so its backward all-reduces (or reduce-scatters) the hidden-state gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_patch.fused.compile import compiled_on_cuda
+
+# Tokens per chunk are chosen so one chunk's logits take about this many bytes (the fp32 softmax never exists
+# on the GPU: the compiled kernels read the bf16 logits).
+CHUNK_LOGIT_BYTES = 1 << 30
+
+
+@compiled_on_cuda
+def _local_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits.float(), dim=-1)
+
+
+@compiled_on_cuda
+def _target_logit(logits: torch.Tensor, local_target: torch.Tensor, in_shard: torch.Tensor) -> torch.Tensor:
+    picked = logits.gather(1, local_target.unsqueeze(1)).squeeze(1).float()
+    return torch.where(in_shard, picked, torch.zeros_like(picked))
+
+
+@compiled_on_cuda
+def _logit_grad(logits: torch.Tensor, logsumexp: torch.Tensor, local_target: torch.Tensor, in_shard: torch.Tensor,
+                weight: torch.Tensor) -> torch.Tensor:
+    """(softmax - onehot(target)) * weight per token, in the logits' dtype."""
+    softmax = torch.exp(logits.float() - logsumexp.unsqueeze(1))
+    columns = torch.arange(logits.shape[1], device=logits.device)
+    onehot = (columns.unsqueeze(0) == local_target.unsqueeze(1)) & in_shard.unsqueeze(1)
+    return ((softmax - onehot.float()) * weight.unsqueeze(1)).to(logits.dtype)
+
+
+def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, token_weight, tp_group, chunk_tokens):
+        tp_rank = dist.get_rank(tp_group) if tp_group is not None and dist.get_world_size(tp_group) > 1 else 0
+        shard = weight.shape[0]
+        local_labels = labels - tp_rank * shard
+        in_shard = (local_labels >= 0) & (local_labels < shard)
+        local_labels = torch.where(in_shard, local_labels, torch.zeros_like(local_labels))
+
+        tokens = hidden.shape[0]
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, tokens, chunk_tokens):
+            end = min(start + chunk_tokens, tokens)
+            h, target, inside, w = hidden[start:end], local_labels[start:end], in_shard[start:end], token_weight[start:end]
+            logits = h @ weight.t()
+            lse_local = _local_logsumexp(logits)
+            # logsumexp across the vocabulary shards: max, then the sum of the shards' exp(lse - max).
+            lse_max = _all_reduce(lse_local.clone(), dist.ReduceOp.MAX, tp_group)
+            lse = lse_max + torch.log(_all_reduce(torch.exp(lse_local - lse_max), dist.ReduceOp.SUM, tp_group))
+            target_logit = _all_reduce(_target_logit(logits, target, inside), dist.ReduceOp.SUM, tp_group)
+            loss_sum += ((lse - target_logit) * w).sum()
+            grad_logits = _logit_grad(logits, lse, target, inside, w)
+            del logits
+            torch.matmul(grad_logits, weight, out=grad_hidden[start:end])
+            grad_weight += (grad_logits.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), \
+            None, None, None, None
+
+
+def chunk_tokens_for(vocab_shard: int, dtype_bytes: int) -> int:
+    return max(64, CHUNK_LOGIT_BYTES // (vocab_shard * dtype_bytes))
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, token_weight: torch.Tensor,
+                         tp_group=None, chunk_tokens: int | None = None) -> torch.Tensor:
+    """sum over tokens of token_weight * cross_entropy(hidden @ weight.T, labels).
+
+    hidden [tokens, h] (the full tokens of this rank), weight [vocab_shard, h], labels and token_weight [tokens].
+    """
+    if chunk_tokens is None:
+        chunk_tokens = chunk_tokens_for(weight.shape[0], hidden.element_size())
+    return _LinearCrossEntropy.apply(hidden, weight, labels, token_weight.to(torch.float32), tp_group, chunk_tokens)
+
+
+def output_processor(*, hidden_states, output_layer, output_weight, labels, loss_mask, **_unused):
+    """GPTModel's `output_processor` hook: returns the loss-mask-weighted sum of token losses (a scalar)
+    instead of logits. hidden_states [s, b, h]; labels and loss_mask [b, s]."""
+    from megatron.core.tensor_parallel.mappings import (
+        copy_to_tensor_model_parallel_region,
+        gather_from_sequence_parallel_region,
+    )
+
+    if labels is None or loss_mask is None:
+        raise ValueError("the fused linear + cross-entropy needs labels and a loss mask")
+    weight = output_layer.weight if output_weight is None else output_weight
+    group = output_layer.tp_group
+    if output_layer.sequence_parallel:
+        hidden_states = gather_from_sequence_parallel_region(hidden_states, group=group)
+    else:
+        hidden_states = copy_to_tensor_model_parallel_region(hidden_states, group=group)
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    # [b, s] -> [s, b], the order of the hidden states.
+    return linear_cross_entropy(hidden, weight, labels.t().reshape(-1), loss_mask.t().reshape(-1), group)

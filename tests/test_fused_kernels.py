@@ -1,0 +1,206 @@
+"""Parity of the fused kernels (megatron_patch/fused) with the plain paths they replace.
+
+On the GPU each kernel is a torch.compile'd function; here the same Python runs eagerly against megatron-core's
+and transformers' modules, and a full-graph trace (aot_eager, no C++ compiler needed) proves it compiles whole.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from megatron_patch.fused import linear_cross_entropy as lce
+from megatron_patch.fused.rms_norm import FusedRMSNorm, rms_norm
+from megatron_patch.fused.rope import fused_apply_rotary_pos_emb, _rope
+
+
+def _close(a, b, rtol, atol, what):
+    assert torch.allclose(a.float(), b.float(), rtol=rtol, atol=atol), \
+        f"{what}: max abs difference {(a.float() - b.float()).abs().max().item():.3g}"
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_rms_norm_matches_transformers_qwen2_norm(dtype, tol):
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    torch.manual_seed(0)
+    reference = Qwen2RMSNorm(96, eps=1e-6).to(dtype)
+    torch.nn.init.normal_(reference.weight, 1.0, 0.2)
+    x = (torch.randn(7, 3, 96) * 4).to(dtype)
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    weight = reference.weight.detach().clone().requires_grad_()
+
+    expected = reference(x_ref)
+    got = rms_norm(x_ours, weight, 1e-6)
+    _close(got, expected, tol, tol, "forward")
+    upstream = torch.randn_like(expected)
+    expected.backward(upstream)
+    got.backward(upstream)
+    _close(x_ours.grad, x_ref.grad, tol, tol, "input gradient")
+    _close(weight.grad, reference.weight.grad, tol, tol * 10, "weight gradient")
+
+
+def test_rms_norm_module_keeps_the_norm_parameter_layout():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, normalization="RMSNorm",
+                               sequence_parallel=False)
+    norm = FusedRMSNorm(config, 32, eps=1e-6)
+    # One parameter called `weight`, as torch.nn.RMSNorm: the local spec's TE key mapping applies unchanged.
+    assert list(norm.state_dict()) == ["weight"]
+    torch_norm = torch.nn.RMSNorm(32, eps=1e-6)
+    x = torch.randn(5, 2, 32)
+    _close(norm(x), torch_norm(x), 1e-6, 1e-6, "module forward")
+
+
+def test_rms_norm_refuses_layer_norm_configs():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, normalization="LayerNorm")
+    with pytest.raises(ValueError, match="FusedRMSNorm is an RMSNorm"):
+        FusedRMSNorm(config, 32)
+
+
+# ---------------------------------------------------------------- RoPE
+
+def _rope_inputs(dtype):
+    torch.manual_seed(1)
+    seq, batch, heads, dim = 11, 2, 3, 16
+    # megatron-core's RotaryEmbedding layout: [s, 1, 1, dim], the angles repeated for both halves.
+    inv_freq = 1.0 / (1000000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    angles = torch.outer(torch.arange(seq, dtype=torch.float32), inv_freq)
+    freqs = torch.cat((angles, angles), dim=-1)[:, None, None, :]
+    return torch.randn(seq, batch, heads, dim, dtype=dtype), freqs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_matches_megatron_unfused_rope(dtype):
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    t, freqs = _rope_inputs(dtype)
+    t_ref, t_ours = t.clone().requires_grad_(), t.clone().requires_grad_()
+    expected = _apply_rotary_pos_emb_bshd(t_ref, freqs)
+    got = fused_apply_rotary_pos_emb(t_ours, freqs)
+    assert torch.equal(got, expected)  # same operations in the same order when run eagerly
+    upstream = torch.randn_like(expected)
+    expected.backward(upstream)
+    got.backward(upstream)
+    assert torch.equal(t_ours.grad, t_ref.grad)
+
+
+def test_rope_matches_transformers_qwen2_rope():
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    t, freqs = _rope_inputs(torch.float32)
+    # transformers: [b, heads, s, d] with cos/sin [b, s, d]
+    cos, sin = freqs.cos()[:, 0, 0][None], freqs.sin()[:, 0, 0][None]
+    q = t.permute(1, 2, 0, 3)
+    expected, _ = apply_rotary_pos_emb(q, q, cos.expand(2, -1, -1), sin.expand(2, -1, -1))
+    _close(fused_apply_rotary_pos_emb(t, freqs).permute(1, 2, 0, 3), expected, 1e-6, 1e-6, "rope")
+
+
+def test_rope_refuses_interleaved_layout():
+    t, freqs = _rope_inputs(torch.float32)
+    with pytest.raises(NotImplementedError, match="interleaved"):
+        fused_apply_rotary_pos_emb(t, freqs, interleaved=True)
+
+
+# ---------------------------------------------------------------- linear + cross-entropy
+
+def _plain_loss(hidden, weight, labels, mask):
+    logits = hidden @ weight.t()
+    losses = F.cross_entropy(logits.float(), labels, reduction="none")
+    return (losses * mask).sum()
+
+
+def _ce_inputs(dtype, tokens=37, hidden_size=24, vocab=101):
+    torch.manual_seed(2)
+    hidden = (torch.randn(tokens, hidden_size) * 2).to(dtype)
+    weight = (torch.randn(vocab, hidden_size) * 0.5).to(dtype)
+    labels = torch.randint(0, vocab, (tokens,))
+    mask = (torch.rand(tokens) > 0.3).float()  # prompt tokens of SFT data are masked out
+    return hidden, weight, labels, mask
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("chunk_tokens", [5, 64])  # several chunks, one chunk
+def test_linear_cross_entropy_matches_logits_then_cross_entropy(dtype, tol, chunk_tokens):
+    hidden, weight, labels, mask = _ce_inputs(dtype)
+    h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h_ours, w_ours = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+
+    expected = _plain_loss(h_ref, w_ref, labels, mask)
+    got = lce.linear_cross_entropy(h_ours, w_ours, labels, mask, chunk_tokens=chunk_tokens)
+    _close(got, expected, tol, tol, "loss")
+    (expected * 0.37).backward()  # the incoming gradient scales both gradients
+    (got * 0.37).backward()
+    _close(h_ours.grad, h_ref.grad, tol, tol, "hidden gradient")
+    _close(w_ours.grad, w_ref.grad, tol, tol, "weight gradient")
+    assert h_ours.grad.dtype == dtype and w_ours.grad.dtype == dtype
+
+
+def test_linear_cross_entropy_chunks_by_logit_bytes():
+    # 0.5B at micro-batch 8 x 2048: chunks keep one chunk's bf16 logits near 1 GiB.
+    chunk = lce.chunk_tokens_for(151936, 2)
+    assert 3000 < chunk < 4000
+    assert chunk * 151936 * 2 <= lce.CHUNK_LOGIT_BYTES
+
+
+def _tensor_parallel_worker(rank, world, port, hidden, weight, labels, mask, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    shard = weight.shape[0] // world
+    h = hidden.clone().requires_grad_()
+    w = weight[rank * shard:(rank + 1) * shard].clone().requires_grad_()
+    loss = lce.linear_cross_entropy(h, w, labels, mask, tp_group=dist.group.WORLD, chunk_tokens=8)
+    loss.backward()
+    out[rank] = (loss.detach(), h.grad, w.grad)
+    dist.destroy_process_group()
+
+
+def test_linear_cross_entropy_over_two_vocabulary_shards_matches_one():
+    from megatron_patch.launcher import free_port
+
+    hidden, weight, labels, mask = _ce_inputs(torch.float32, vocab=100)
+    h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    expected = _plain_loss(h_ref, w_ref, labels, mask)
+    expected.backward()
+
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_tensor_parallel_worker, args=(2, free_port(), hidden, weight, labels, mask, out), nprocs=2)
+        results = [out[r] for r in range(2)]
+    for loss, _, _ in results:
+        _close(loss, expected, 1e-5, 1e-5, "loss on each rank")
+    # Each rank's hidden gradient is its shard's part; megatron's copy-to-TP region all-reduces them.
+    _close(results[0][1] + results[1][1], h_ref.grad, 1e-5, 1e-5, "hidden gradient")
+    _close(torch.cat([results[0][2], results[1][2]]), w_ref.grad, 1e-5, 1e-5, "weight gradient")
+
+
+# ---------------------------------------------------------------- each kernel compiles as one graph
+
+def test_kernels_trace_as_single_graphs():
+    t, freqs = _rope_inputs(torch.bfloat16)
+    torch._dynamo.reset()
+    traced = torch.compile(_rope.eager, backend="aot_eager", fullgraph=True)
+    assert torch.equal(traced(t, freqs), _rope.eager(t, freqs))
+
+    x, w = torch.randn(4, 3, 32, dtype=torch.bfloat16), torch.randn(32, dtype=torch.bfloat16)
+    traced = torch.compile(rms_norm.eager, backend="aot_eager", fullgraph=True)
+    assert torch.equal(traced(x, w, 1e-6), rms_norm.eager(x, w, 1e-6))
+
+    hidden, weight, labels, mask = _ce_inputs(torch.bfloat16)
+    logits = hidden @ weight.t()
+    inside = labels < 80
+    lse = lce._local_logsumexp.eager(logits)
+    traced = torch.compile(lce._logit_grad.eager, backend="aot_eager", fullgraph=True)
+    assert torch.equal(traced(logits, lse, labels, inside, mask), lce._logit_grad.eager(logits, lse, labels, inside, mask))
+    traced = torch.compile(lce._target_logit.eager, backend="aot_eager", fullgraph=True)
+    assert torch.equal(traced(logits, labels, inside), lce._target_logit.eager(logits, labels, inside))
