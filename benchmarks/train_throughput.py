@@ -135,17 +135,16 @@ def losses_from_log(log: str) -> list[float]:
 def check_losses(args) -> None:
     """The fused and plain paths from the same seed: per-iteration loss difference over the first N iterations."""
     curves = {}
-    fast = "fused"
-    for kernels in (fast, "plain"):
+    for kernels in ("fused", "plain"):
         log = megatron_run(args.size, args.seq_len, args.micro_batch, args.global_batch, args.data, args.tokenizer,
                            args.loss_check_iters, Path(args.out) / f"losscheck-{kernels}", kernel_env(kernels))
         curves[kernels] = losses_from_log(log)
-    fused, plain = curves[fast], curves["plain"]
+    fused, plain = curves["fused"], curves["plain"]
     diffs = [abs(a - b) for a, b in zip(fused, plain)]
-    print(f"loss check, {len(diffs)} iterations: {fast} {fused[0]:.4f} -> {fused[-1]:.4f}, plain {plain[0]:.4f} -> "
+    print(f"loss check, {len(diffs)} iterations: fused {fused[0]:.4f} -> {fused[-1]:.4f}, plain {plain[0]:.4f} -> "
           f"{plain[-1]:.4f}; max |difference| {max(diffs):.4f} (iteration {diffs.index(max(diffs)) + 1}), "
           f"mean {sum(diffs) / len(diffs):.4f}", flush=True)
-    print(f"{fast}:", " ".join(f"{v:.4f}" for v in fused))
+    print("fused:", " ".join(f"{v:.4f}" for v in fused))
     print("plain:", " ".join(f"{v:.4f}" for v in plain), flush=True)
 
 

@@ -7,9 +7,9 @@ mapped onto megatron-core 0.19.2 flags, then one torchrun.
 
 Environment knobs: MP_DATASET_TYPE (idxmap|raw), MP_AC_LAYERS (layers to recompute/offload, default 1),
 MP_VP (virtual pipeline stages), MP_SFT_PACKING (true|false), MP_FUSED_KERNELS (true|false, default true: our
-fused RMSNorm/RoPE without TE and the chunked linear + cross-entropy; false: megatron-core's plain path), MP_DRY_RUN=1 (print the command, run nothing),
-MP_TOKENIZER_PATH (tokenizer folder when the checkpoint has none), MP_NPROC_PER_NODE (processes per node,
-overriding the GPU count). ENV=dlc reads WORLD_SIZE (nodes), RANK (node rank), MASTER_ADDR, MASTER_PORT and
+fused RMSNorm/RoPE without TE and the chunked linear + cross-entropy; false: megatron-core's plain path),
+MP_DRY_RUN=1 (print the command, run nothing), MP_TOKENIZER_PATH (tokenizer folder when the checkpoint has none),
+MP_NPROC_PER_NODE (processes per node, overriding the GPU count). ENV=dlc reads WORLD_SIZE (nodes), RANK (node rank), MASTER_ADDR, MASTER_PORT and
 KUBERNETES_CONTAINER_RESOURCE_GPU (GPUs per node) from the scheduler.
 """
 

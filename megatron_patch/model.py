@@ -63,7 +63,7 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     fused = not args.plain_kernels
     print_rank_0(f"building Qwen2.5 GPTModel ({'Transformer Engine' if use_te else 'local'} spec, "
                  f"{'fused' if fused else 'plain'} kernels)")
-    model = GPTModel(
+    return GPTModel(
         config=config,
         transformer_layer_spec=qwen2_5_decoder_spec(config, use_te, fused, vp_stage),
         vocab_size=args.padded_vocab_size,
@@ -79,4 +79,3 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
         vp_stage=vp_stage,
         pg_collection=pg_collection,
     )
-    return model

@@ -23,7 +23,7 @@ ON_CPU = cpu_backend.enable()
 megatron_compat.apply()
 
 from megatron.core.enums import ModelType  # noqa: E402
-from megatron.training import get_timers, pretrain  # noqa: E402
+from megatron.training import get_args, get_timers, pretrain  # noqa: E402
 from megatron.training.argument_utils import pretrain_cfg_container_from_args  # noqa: E402
 from megatron.training.arguments import parse_and_validate_args  # noqa: E402
 
@@ -34,26 +34,21 @@ from megatron_patch.model import model_provider  # noqa: E402
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Sum of token losses and the token count: Megatron divides by the global batch's token count
-    (--calculate-per-token-loss), so SFT loss is the mean over all answer tokens, not over samples."""
-    losses = output_tensor.view(-1).float()
+    """Per-token losses (the plain path's output) masked and summed, then as summed_loss_func."""
     loss_mask = loss_mask.view(-1).float()
-    loss = torch.sum(losses * loss_mask)
-    num_tokens = loss_mask.sum().clone().detach().to(torch.int)
-    report = torch.cat([loss.clone().detach().view(1), num_tokens.view(1).float()])
-    return loss, num_tokens, {"lm loss": report}
+    return summed_loss_func(loss_mask, torch.sum(output_tensor.view(-1).float() * loss_mask))
 
 
 def summed_loss_func(loss_mask: torch.Tensor, loss_sum: torch.Tensor):
-    """loss_func for the fused linear + cross-entropy, whose output is already the masked sum of token losses."""
+    """Sum of token losses and the token count: Megatron divides by the global batch's token count
+    (--calculate-per-token-loss), so SFT loss is the mean over all answer tokens, not over samples.
+    The fused linear + cross-entropy returns this masked sum itself."""
     num_tokens = loss_mask.sum().clone().detach().to(torch.int)
     report = torch.cat([loss_sum.clone().detach().view(1).float(), num_tokens.view(1).float()])
     return loss_sum, num_tokens, {"lm loss": report}
 
 
 def forward_step(data_iterator, model):
-    from megatron.training import get_args
-
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
     batch = get_batch(data_iterator)
