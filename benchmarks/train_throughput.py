@@ -2,11 +2,13 @@
 sequence length and global batch.
 
     python benchmarks/train_throughput.py --size 0.5B --seq-len 2048 --micro-batch 4 --global-batch 32 \
-        --data PREFIX --tokenizer DIR [--mcore fused:8 --mcore plain:4] [--skip-hf] [--loss-check-iters 50]
+        --data PREFIX --tokenizer DIR [--mcore fused:8:graph --mcore plain:4] [--skip-hf] [--loss-check-iters 50]
 
-Each `--mcore KERNELS:MICRO_BATCH` is one launcher run: KERNELS `fused` (default path) or `plain`
-(MP_FUSED_KERNELS=false: megatron-core's unfused modules and logits + cross-entropy). `--loss-check-iters N`
-instead trains N iterations of both paths (same seed, same data) and prints their per-iteration losses.
+Each `--mcore KERNELS:MICRO_BATCH[:graph]` is one launcher run: KERNELS `fused` (default path) or `plain`
+(MP_FUSED_KERNELS=false: megatron-core's unfused modules and logits + cross-entropy); `graph` adds
+MP_CUDA_GRAPH=true (each iteration's forward and backward replayed from one CUDA graph). `--loss-check-iters N`
+instead trains N iterations of the plain path, the fused kernels and fused + graph (same seed, same data) and
+prints their per-iteration losses.
 
 HF variants: (a) fp32 master weights + bf16 autocast + torch.compile (the numerics of our Megatron bf16 runs),
 (b) pure bf16 parameters + torch.compile (a speed bound). Both use fused AdamW and gradient accumulation to
@@ -23,6 +25,7 @@ import argparse
 import importlib.util
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -103,11 +106,19 @@ def megatron_run(size_name: str, seq_len: int, micro: int, global_batch: int, da
             str(iters * global_batch * seq_len), "0", str(out)]
     env = {**os.environ, "MP_TOKENIZER_PATH": tokenizer, "MP_NPROC_PER_NODE": str(nproc), **extra_env}
     out.mkdir(parents=True, exist_ok=True)
-    # Written as it runs, so a run cut short still leaves its log.
+    last_iteration = f"[qwen] iteration {iters:8d}"
+    # Written as it runs, so a run cut short still leaves its log. Stopped once the last iteration is logged:
+    # the final checkpoint save (tens of seconds at 1.5B) measures the disk, not training.
     with open(out / "megatron.log", "w") as log_file:
-        proc = subprocess.run(["sh", str(REPO / "examples/qwen2_5/run_mcore_qwen.sh"), *args], env=env,
-                              stdout=log_file, stderr=subprocess.STDOUT)
-    log = (out / "megatron.log").read_text()
+        proc = subprocess.Popen(["sh", str(REPO / "examples/qwen2_5/run_mcore_qwen.sh"), *args], env=env,
+                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        while proc.poll() is None:
+            time.sleep(1)
+            if last_iteration in (out / "megatron.log").read_text(errors="replace"):
+                os.killpg(proc.pid, signal.SIGKILL)  # SIGTERM would make Megatron save first
+                proc.wait()
+                return (out / "megatron.log").read_text(errors="replace")
+    log = (out / "megatron.log").read_text(errors="replace")
     if proc.returncode != 0:
         raise SystemExit("megatron run failed:\n" + "\n".join(log.splitlines()[-30:]))
     return log
@@ -121,11 +132,11 @@ def throughput_from_log(log: str) -> tuple[float, float]:
     return sum(steady) / len(steady), max(peaks or [0.0])
 
 
-def kernel_env(kernels: str) -> dict[str, str]:
-    """fused: our kernels (the default path); plain: megatron-core's modules."""
+def kernel_env(kernels: str, graph: bool = False) -> dict[str, str]:
+    """fused: our kernels (the default path); plain: megatron-core's modules; graph: MP_CUDA_GRAPH=true."""
     if kernels not in ("fused", "plain"):
         raise SystemExit(f"--mcore: unknown kernels {kernels!r} (fused or plain)")
-    return {"MP_FUSED_KERNELS": str(kernels == "fused").lower()}
+    return {"MP_FUSED_KERNELS": str(kernels == "fused").lower(), "MP_CUDA_GRAPH": str(graph).lower()}
 
 
 def losses_from_log(log: str) -> list[float]:
@@ -133,19 +144,23 @@ def losses_from_log(log: str) -> list[float]:
 
 
 def check_losses(args) -> None:
-    """The fused and plain paths from the same seed: per-iteration loss difference over the first N iterations."""
+    """The plain path, the fused kernels and fused + CUDA graph from the same seed: per-iteration loss
+    differences against the plain path over the first N iterations."""
     curves = {}
-    for kernels in ("fused", "plain"):
+    for name, env in (("plain", kernel_env("plain")), ("fused", kernel_env("fused")),
+                      ("fused+graph", kernel_env("fused", graph=True))):
         log = megatron_run(args.size, args.seq_len, args.micro_batch, args.global_batch, args.data, args.tokenizer,
-                           args.loss_check_iters, Path(args.out) / f"losscheck-{kernels}", kernel_env(kernels))
-        curves[kernels] = losses_from_log(log)
-    fused, plain = curves["fused"], curves["plain"]
-    diffs = [abs(a - b) for a, b in zip(fused, plain)]
-    print(f"loss check, {len(diffs)} iterations: fused {fused[0]:.4f} -> {fused[-1]:.4f}, plain {plain[0]:.4f} -> "
-          f"{plain[-1]:.4f}; max |difference| {max(diffs):.4f} (iteration {diffs.index(max(diffs)) + 1}), "
-          f"mean {sum(diffs) / len(diffs):.4f}", flush=True)
-    print("fused:", " ".join(f"{v:.4f}" for v in fused))
-    print("plain:", " ".join(f"{v:.4f}" for v in plain), flush=True)
+                           args.loss_check_iters, Path(args.out) / f"losscheck-{name.replace('+', '-')}", env)
+        curves[name] = losses_from_log(log)
+    plain = curves["plain"]
+    print(f"loss check, {len(plain)} iterations: plain {plain[0]:.4f} -> {plain[-1]:.4f}", flush=True)
+    for name in ("fused", "fused+graph"):
+        diffs = [abs(a - b) for a, b in zip(curves[name], plain)]
+        print(f"  {name:12s} {curves[name][0]:.4f} -> {curves[name][-1]:.4f}; max |difference| from plain "
+              f"{max(diffs):.4f} (iteration {diffs.index(max(diffs)) + 1}), mean {sum(diffs) / len(diffs):.4f}",
+              flush=True)
+    for name, curve in curves.items():
+        print(f"{name}:", " ".join(f"{v:.4f}" for v in curve), flush=True)
 
 
 def main() -> None:
@@ -160,7 +175,9 @@ def main() -> None:
     parser.add_argument("--hf-steps", type=int, default=5)
     parser.add_argument("--out", default="/tmp/throughput")
     parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--mcore", action="append", default=None, metavar="KERNELS:MICRO_BATCH",
+    parser.add_argument("--skip-mcore", action="store_true")
+    parser.add_argument("--hf", default="ab", help="HF variants to run: a, b or ab")
+    parser.add_argument("--mcore", action="append", default=None, metavar="KERNELS:MICRO_BATCH[:graph]",
                         help="a launcher run: fused|plain and its micro-batch (default fused:<--micro-batch>)")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--nproc", type=int, default=1, help="GPUs for the Megatron runs (DP = nproc / tp)")
@@ -175,16 +192,22 @@ def main() -> None:
         check_losses(args)
         return
     te = "TE spec" if importlib.util.find_spec("transformer_engine") else "local spec"
-    for run in args.mcore or [f"fused:{args.micro_batch}"]:
-        kernels, micro = run.split(":")
-        log = megatron_run(args.size, args.seq_len, int(micro), args.global_batch, args.data, args.tokenizer,
-                           args.iters, Path(args.out) / f"mcore-{args.size}-{kernels}-{micro}",
-                           kernel_env(kernels), args.tp, args.nproc)
+    for run in [] if args.skip_mcore else args.mcore or [f"fused:{args.micro_batch}"]:
+        kernels, micro, *graph = run.split(":")
+        if graph not in ([], ["graph"]):
+            raise SystemExit(f"--mcore {run}: expected KERNELS:MICRO_BATCH or KERNELS:MICRO_BATCH:graph")
+        try:
+            log = megatron_run(args.size, args.seq_len, int(micro), args.global_batch, args.data, args.tokenizer,
+                               args.iters, Path(args.out) / f"mcore-{args.size}-{args.seq_len}-{run.replace(':', '-')}",
+                               kernel_env(kernels, bool(graph)), args.tp, args.nproc)
+        except SystemExit as failed:  # report it and go on with the other runs
+            print(f"--mcore {run}: {failed}", flush=True)
+            continue
         rate, peak = throughput_from_log(log)
-        report(f"megatron_patch {te}, {kernels} kernels, TP{args.tp} DP{args.nproc // args.tp}, mb {micro}",
-               rate, size, args.seq_len, peak)
+        report(f"megatron_patch {te}, {kernels}{' + CUDA graph' if graph else ''}, TP{args.tp} "
+               f"DP{args.nproc // args.tp}, mb {micro}", rate, size, args.seq_len, peak)
     if not args.skip_hf:
-        for pure in (False, True):
+        for pure in [variant == "b" for variant in args.hf]:
             rate, peak = hf_throughput(args.size, args.seq_len, args.micro_batch, args.global_batch, pure,
                                        args.hf_steps, warmup=2)
             name = "HF (b) pure bf16 + compile" if pure else "HF (a) fp32 master + bf16 autocast + compile"

@@ -8,6 +8,8 @@ mapped onto megatron-core 0.19.2 flags, then one torchrun.
 Environment knobs: MP_DATASET_TYPE (idxmap|raw), MP_AC_LAYERS (layers to recompute/offload, default 1),
 MP_VP (virtual pipeline stages), MP_SFT_PACKING (true|false), MP_FUSED_KERNELS (true|false, default true: our
 fused RMSNorm/RoPE without TE and the chunked linear + cross-entropy; false: megatron-core's plain path),
+MP_CUDA_GRAPH (true|false, default false: capture each training iteration's forward and backward in one CUDA graph,
+which removes the host's kernel-launch time; GPU, PP=1),
 MP_DRY_RUN=1 (print the command, run nothing), MP_TOKENIZER_PATH (tokenizer folder when the checkpoint has none),
 MP_NPROC_PER_NODE (processes per node, overriding the GPU count). ENV=dlc reads WORLD_SIZE (nodes), RANK (node rank), MASTER_ADDR, MASTER_PORT and
 KUBERNETES_CONTAINER_RESOURCE_GPU (GPUs per node) from the scheduler.
@@ -99,6 +101,7 @@ class Launch:
     virtual_pipeline: int | None = None
     sft_packing: bool = False
     fused_kernels: bool = True
+    cuda_graph: bool = False
     tokenizer_path: str | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -216,6 +219,7 @@ def parse(argv: list[str], environ: dict[str, str]) -> Launch:
         virtual_pipeline=_int("MP_VP", vp, 1) if vp else None,
         sft_packing=_bool("MP_SFT_PACKING", environ.get("MP_SFT_PACKING", "false") or "false"),
         fused_kernels=_bool("MP_FUSED_KERNELS", environ.get("MP_FUSED_KERNELS", "true") or "true"),
+        cuda_graph=_bool("MP_CUDA_GRAPH", environ.get("MP_CUDA_GRAPH", "false") or "false"),
         tokenizer_path=environ.get("MP_TOKENIZER_PATH") or None,
     )
 
@@ -301,6 +305,8 @@ def validate(launch: Launch, machine: Machine) -> None:
     if launch.activation_checkpointing == "offload" and not machine.has_te:
         raise LaunchError("error: AC=offload uses Transformer Engine's CPU offload, which is not importable here. "
                           "Use AC=sel or AC=full, or run in the NGC PyTorch image.")
+    if launch.cuda_graph:
+        _validate_cuda_graph(launch, machine)
     model_parallel = launch.tp * launch.pp * launch.cp
     if machine.world_size % model_parallel:
         raise LaunchError(f"error: TP*PP*CP = {launch.tp}*{launch.pp}*{launch.cp} = {model_parallel} does not divide "
@@ -419,6 +425,22 @@ def tokenizer_dir(launch: Launch) -> str:
     return str(cached_default_tokenizer())
 
 
+def _validate_cuda_graph(launch: Launch, machine: Machine) -> None:
+    """The layouts whose whole iteration replays from one graph: fixed shapes, no host work inside the step."""
+    reason = None
+    if not machine.has_gpu:
+        reason = "it needs a GPU"
+    elif launch.pp > 1:
+        reason = "it captures PP=1 layouts only (TP, CP and data parallelism)"
+    elif launch.sft_packing:
+        reason = "packed SFT samples build their attention masks on the host"
+    elif launch.activation_checkpointing == "offload":
+        reason = "AC=offload copies activations to the host inside the step"
+    elif launch.precision == "fp8":
+        reason = "PR=fp8 updates its scaling factors outside the step"
+    if reason:
+        raise LaunchError(f"error: MP_CUDA_GRAPH=true, but {reason}. Unset MP_CUDA_GRAPH (or set it to false).")
+
 
 def megatron_flags(launch: Launch, machine: Machine) -> list[str]:
     out = launch.output_basepath
@@ -458,6 +480,9 @@ def megatron_flags(launch: Launch, machine: Machine) -> list[str]:
     flags += _attention_flags(launch, machine)
     if not launch.fused_kernels:
         flags.append("--plain-kernels")
+    if launch.cuda_graph:
+        # The NaN check reads the loss on the host, which a graph replay cannot do.
+        flags += ["--cuda-graph-impl", "full_iteration", "--no-check-for-nan-in-loss-and-grad"]
     flags += _recompute_flags(launch)
     flags += _optimizer_offload_flags(launch, machine)
     flags += _data_flags(launch)
@@ -487,7 +512,8 @@ def _parallel_flags(launch: Launch, machine: Machine) -> list[str]:
     if machine.has_gpu:
         # Overlap only where it exists: param gather needs the distributed optimizer (upstream adds it always).
         flags.append("--overlap-grad-reduce")
-        if launch.distributed_optimizer:
+        # The overlapped gather is waited on in forward hooks, outside a captured graph's reach.
+        if launch.distributed_optimizer and not launch.cuda_graph:
             flags.append("--overlap-param-gather")
         if launch.tp > 1 and launch.sp and uses_te(launch, machine):
             flags.append("--tp-comm-overlap")
@@ -507,8 +533,8 @@ def _attention_flags(launch: Launch, machine: Machine) -> list[str]:
     flags = ["--transformer-impl", "local"]
     if not machine.has_gpu:
         return flags
-    # Without TE, Apex's fused kernels are absent too.
-    flags += ["--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-masked-softmax-fusion"]
+    # Without TE, Apex's fused kernels are absent too (the entrypoint supplies the gradient-accumulation GEMM).
+    flags += ["--no-persist-layer-norm", "--no-masked-softmax-fusion"]
     return flags
 
 

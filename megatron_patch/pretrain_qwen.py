@@ -29,7 +29,8 @@ from megatron.training.arguments import parse_and_validate_args  # noqa: E402
 
 from megatron_patch.arguments import add_extra_args, expand_model_size  # noqa: E402
 from megatron_patch.data.providers import get_batch, train_valid_test_datasets_provider  # noqa: E402
-from megatron_patch.fused import linear_cross_entropy, rope  # noqa: E402
+from megatron_patch import fused  # noqa: E402
+from megatron_patch.fused import linear_cross_entropy  # noqa: E402
 from megatron_patch.model import model_provider  # noqa: E402
 
 
@@ -88,7 +89,7 @@ def main(argv: list[str]) -> None:
     args = parse_and_validate_args(extra_args_provider=add_extra_args)
     if ON_CPU:
         cpu_backend.configure_args(args)
-    rope.configure(args)
+    fused.configure(args)
     pretrain(
         pretrain_cfg_container_from_args(args),
         train_valid_test_datasets_provider,

@@ -382,6 +382,25 @@ def test_gpu_overlap_flags(paths):
     assert "--overlap-grad-reduce" in flags and "--overlap-param-gather" not in flags
 
 
+def test_cuda_graph_captures_whole_iterations(paths):
+    _, flags = api_flags(paths, environ={"MP_CUDA_GRAPH": "true"})
+    assert value(flags, "--cuda-graph-impl") == "full_iteration" and "--no-check-for-nan-in-loss-and-grad" in flags
+    # The distributed optimizer's overlapped gather waits in forward hooks, which a replay would skip.
+    assert "--use-distributed-optimizer" in flags and "--overlap-param-gather" not in flags
+    assert "--cuda-graph-impl" not in api_flags(paths)[1]
+
+
+@pytest.mark.parametrize("overrides, environ, reason", [
+    ({"PP": "2"}, {}, "it captures PP=1 layouts only"),
+    ({"SFT": "true"}, {"MP_SFT_PACKING": "true"}, "packed SFT samples"),
+    ({"PR": "fp8"}, {}, "PR=fp8 updates its scaling factors"),
+])
+def test_cuda_graph_refuses_layouts_it_cannot_replay(paths, overrides, environ, reason):
+    with pytest.raises(LaunchError) as err:
+        api_flags(paths, environ={"MP_CUDA_GRAPH": "true", **environ}, **overrides)
+    assert reason in err.value.message
+
+
 @pytest.mark.parametrize("free_gib, fraction", [(None, "1.00"), (1000.0, "0.00"), (0.001, "1.00")])
 def test_auto_optimizer_offload_follows_free_gpu_memory(paths, monkeypatch, free_gib, fraction):
     monkeypatch.setattr(launcher, "_free_gpu_bytes", lambda: None if free_gib is None else int(free_gib * 2**30))
@@ -416,6 +435,7 @@ def test_checkpoint_tokenizer_is_preferred_to_the_default(paths):
      {"MP_VP": "2", "MP_AC_LAYERS": "3"}),
     ({"SFT": "true", "PR": "fp32", "AC": "sel", "CP": "2"}, {"MP_DATASET_TYPE": "raw", "MP_SFT_PACKING": "true",
                                                             "MP_FUSED_KERNELS": "false"}),
+    ({"TP": "2", "SP": "true"}, {"MP_CUDA_GRAPH": "true"}),
 ])
 def test_every_flag_is_known_to_megatron_core(paths, overrides, environ):
     """The produced flags parse with megatron-core 0.19.2's own argument parser plus ours."""
@@ -473,6 +493,7 @@ INVALID = [
      {"MP_DATASET_TYPE": "raw"}, "MP_DATASET_TYPE=raw is for fine-tuning (SFT=true)"),
     ("packing_pretraining", {}, {"MP_SFT_PACKING": "true"}, "MP_SFT_PACKING=true needs SFT=true"),
     ("fused_kernels_not_boolean", {}, {"MP_FUSED_KERNELS": "fast"}, "MP_FUSED_KERNELS must be true or false"),
+    ("cuda_graph_on_cpu", {}, {"MP_CUDA_GRAPH": "true"}, "MP_CUDA_GRAPH=true, but it needs a GPU"),
     ("tokens_below_one_iteration", {"TRAIN_TOKENS_OR_ITERS": "1000"}, {}, "tokens is less than one iteration"),
     ("warmup_not_below_train", {"SFT": "true", "TRAIN_TOKENS_OR_ITERS": "30", "WARMUP_TOKENS_OR_ITERS": "100"}, {},
      "WARMUP_TOKENS_OR_ITERS=100 gives 100 warmup iterations"),

@@ -85,9 +85,9 @@ def init_megatron(size: Qwen25Size, dtype: torch.dtype, seq_length: int = 128):
         sys.argv = saved_argv
     if on_cpu:
         cpu_backend.configure_args(args)
-    from megatron_patch.fused import rope
+    from megatron_patch import fused
 
-    rope.configure(args)
+    fused.configure(args)
     initialize_megatron(allow_no_cuda=on_cpu)
     # Every weight is overwritten from the checkpoint: skip the random init (minutes on a CPU for large sizes).
     args.perform_initialization = False

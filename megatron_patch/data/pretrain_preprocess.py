@@ -22,14 +22,13 @@ from typing import Iterator
 import numpy as np
 
 from megatron_patch.data.parallel import ordered_parallel_map
-from megatron_patch.data.records import JSON_LINES_SUFFIXES, InputError, iter_raw_lines
+from megatron_patch.data.records import JSON_LINES_SUFFIXES, InputError, iter_raw_lines, stop_or_note_bad_input
 from megatron_patch.tokenizer import EOD_TOKEN, EOD_TOKEN_ID
 
 # A task sent to a worker ends at whichever comes first: big enough to amortise inter-process overhead,
 # small enough to keep memory flat and the progress bar moving.
 CHUNK_DOCUMENTS = 4096
 CHUNK_CHARACTERS = 1 << 20
-MAX_REPORTED_BAD_LINES = 10
 
 
 @dataclass
@@ -218,12 +217,9 @@ def preprocess_pretrain_corpus(
                 ends = np.cumsum(lengths)
                 for line, error, length, end in zip(lines, errors, lengths.tolist(), ends.tolist()):
                     if error is not None:
-                        message = f"{path}:{line}: {error}"
-                        if not skip_bad_lines:
-                            raise InputError(f"{message}\nFix that line, or pass --skip-bad-lines to skip such lines.")
+                        stop_or_note_bad_input(f"{path}:{line}: {error}", skip_bad_lines, "line",
+                                               stats.bad_line_messages)
                         stats.skipped_bad_lines += 1
-                        if len(stats.bad_line_messages) < MAX_REPORTED_BAD_LINES:
-                            stats.bad_line_messages.append(message)
                         continue
                     if length == 0:
                         stats.empty_documents += 1

@@ -14,6 +14,19 @@ class InputError(ValueError):
     """A problem with one input record; str() is a full message naming file:line."""
 
 
+# Skipped bad lines/records named in the summary; the rest are only counted.
+MAX_REPORTED_BAD_INPUTS = 10
+
+
+def stop_or_note_bad_input(message: str, skip: bool, kind: str, reported: list[str]) -> None:
+    """A malformed line or record (`kind`): stop with the fix, or (--skip-bad-lines) note it for the summary.
+    The caller counts it."""
+    if not skip:
+        raise InputError(f"{message}\nFix that {kind}, or pass --skip-bad-lines to skip such {kind}s.")
+    if len(reported) < MAX_REPORTED_BAD_INPUTS:
+        reported.append(message)
+
+
 @dataclass(frozen=True)
 class JsonRecord:
     source: str  # file path, for messages

@@ -21,11 +21,10 @@ from typing import Iterator
 import numpy as np
 
 from megatron_patch.data.parallel import ordered_parallel_map
-from megatron_patch.data.records import InputError, JsonRecord, iter_json_records
+from megatron_patch.data.records import InputError, JsonRecord, iter_json_records, stop_or_note_bad_input
 from megatron_patch.data.sft import SFTRecordError, build_sft_sample, plan_packing, record_to_messages
 
 CHUNK_RECORDS = 64
-MAX_REPORTED_BAD_RECORDS = 10
 META_FORMAT = "megatron_patch.sft_idxmap/1"
 
 
@@ -64,12 +63,8 @@ class SFTPreprocessStats:
 
 
 def _bad(record: JsonRecord, why: str, skip: bool, stats: SFTPreprocessStats) -> None:
-    message = f"{record.where}: {why}"
-    if not skip:
-        raise InputError(f"{message}\nFix that record, or pass --skip-bad-lines to skip such records.")
+    stop_or_note_bad_input(f"{record.where}: {why}", skip, "record", stats.bad_record_messages)
     stats.skipped_bad_records += 1
-    if len(stats.bad_record_messages) < MAX_REPORTED_BAD_RECORDS:
-        stats.bad_record_messages.append(message)
 
 
 def iter_valid_sft_records(path: str | Path, skip_bad: bool, stats: SFTPreprocessStats) -> Iterator[JsonRecord]:
