@@ -10,6 +10,7 @@ H100). cuBLAS can accumulate a bf16 x bf16 product into an fp32 output directly 
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import torch
 
@@ -32,16 +33,10 @@ def apex_available() -> bool:
 
 
 def supported_here() -> bool:
-    """A CUDA device and a torch whose addmm takes out_dtype (2.8 and later)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        a = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
-        c = torch.zeros(2, 2, device="cuda")
-        torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
-        return bool(c[0, 0] == 2)
-    except (RuntimeError, TypeError):
-        return False
+    """A CUDA device and a torch whose addmm takes out_dtype (2.8 and later). Asked of torch, not of the GPU:
+    this runs before Megatron picks each rank's device, so touching CUDA here would open every rank's context
+    on GPU 0."""
+    return torch.cuda.is_available() and "dtype_out" in torch.ops.aten.addmm.overloads()
 
 
 def configure(args) -> None:
@@ -52,8 +47,6 @@ def configure(args) -> None:
     if not supported_here():
         args.gradient_accumulation_fusion = False
         return
-    import sys
-
     from megatron.core.tensor_parallel import layers
 
     layers.fused_weight_gradient_mlp_cuda = sys.modules[__name__]
