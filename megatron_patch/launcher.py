@@ -62,6 +62,7 @@ class Machine:
     master_port: int
     has_gpu: bool
     has_te: bool
+    has_flash_attn: bool = False
 
     @property
     def world_size(self) -> int:
@@ -227,6 +228,7 @@ def parse(argv: list[str], environ: dict[str, str]) -> Launch:
 def detect_machine(launch: Launch, environ: dict[str, str]) -> Machine:
     has_gpu = _gpu_count() > 0
     has_te = has_gpu and importlib.util.find_spec("transformer_engine") is not None
+    has_flash_attn = has_gpu and importlib.util.find_spec("flash_attn") is not None
     override = environ.get("MP_NPROC_PER_NODE")
     if launch.env == "dlc":
         missing = [k for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT") if not environ.get(k)]
@@ -246,6 +248,7 @@ def detect_machine(launch: Launch, environ: dict[str, str]) -> Machine:
             master_port=_int("MASTER_PORT", environ["MASTER_PORT"], 1),
             has_gpu=has_gpu,
             has_te=has_te,
+            has_flash_attn=has_flash_attn,
         )
     if override:
         nproc = _int("MP_NPROC_PER_NODE", override, 1)
@@ -254,7 +257,7 @@ def detect_machine(launch: Launch, environ: dict[str, str]) -> Machine:
     else:
         # On the CPU, start just enough processes for the requested model-parallel layout.
         nproc = launch.tp * launch.pp * launch.cp
-    return Machine(1, 0, nproc, "localhost", free_port(), has_gpu, has_te)
+    return Machine(1, 0, nproc, "localhost", free_port(), has_gpu, has_te, has_flash_attn)
 
 
 def _gpu_count() -> int:
@@ -290,6 +293,11 @@ def _checkpoint_config(path: Path) -> dict | None:
 def validate(launch: Launch, machine: Machine) -> None:
     """Every check that can fail before torchrun, each with its own message."""
     size = launch.size
+    if launch.flash_attention and uses_te(launch, machine) and not machine.has_flash_attn:
+        # TE's flash backend is flash-attn's kernels; without them TE stops at the first attention call.
+        raise LaunchError("error: FL=true asks Transformer Engine for flash-attn's attention kernels, but the "
+                          "flash_attn package is not installed. Install it (pip install flash-attn "
+                          "--no-build-isolation), or set FL=false for TE's cuDNN fused attention.")
     if launch.sft_packing and machine.has_te:
         # Packed samples need block masks; the TE attention configured here is causal only and would let them
         # attend to each other. The local spec's SDPA attention takes the masks.
@@ -529,7 +537,7 @@ def _attention_flags(launch: Launch, machine: Machine) -> list[str]:
     if uses_te(launch, machine):
         return ["--transformer-impl", "transformer_engine",
                 "--attention-backend", "flash" if launch.flash_attention else "fused",
-                "--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "te"]
+                "--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "native"]
     flags = ["--transformer-impl", "local"]
     if not machine.has_gpu:
         return flags

@@ -221,6 +221,61 @@ def test_gradient_accumulation_fusion_falls_back_where_its_gemm_cannot_run(monke
     assert args.gradient_accumulation_fusion is False
 
 
+# ---------------------------------------------------------------- multi-tensor optimizer step
+
+def test_multi_tensor_norm_and_scale_match_per_tensor_maths():
+    from megatron_patch.fused import optimizer_step
+
+    torch.manual_seed(4)
+    grads = [torch.randn(shape) for shape in [(64, 32), (32,), (7, 5, 3), (1,)]]
+    norm, _ = optimizer_step.multi_tensor_l2_norm(65536, None, [grads], False)
+    assert norm.shape == (1,) and norm.dtype == torch.float32
+    _close(norm, torch.cat([g.flatten() for g in grads]).norm().reshape(1), 1e-6, 1e-6, "total norm")
+
+    scaled = [g.clone() for g in grads]
+    optimizer_step.multi_tensor_scale(65536, None, [scaled, scaled], 0.25)  # in place: clipping
+    for got, g in zip(scaled, grads):
+        assert torch.equal(got, g * 0.25)
+    bf16 = [torch.empty_like(g, dtype=torch.bfloat16) for g in grads]
+    optimizer_step.multi_tensor_scale(65536, None, [grads, bf16], 1.0)  # fp32 main params -> bf16 model params
+    for got, g in zip(bf16, grads):
+        assert torch.equal(got, g.bfloat16())
+
+
+def test_optimizer_step_configure_makes_megatron_build_fused_adamw(monkeypatch):
+    from types import SimpleNamespace
+
+    from megatron.core import optimizer as mcore_optimizer
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    from megatron_patch.fused import optimizer_step
+
+    for module, name in [(clip_grads, "l2_norm_impl"), (clip_grads, "multi_tensor_scale_impl"),
+                         (mcore_optimizer.optimizer, "multi_tensor_scale_impl"),
+                         (mcore_optimizer, "USING_PYTORCH_OPTIMIZER"), (mcore_optimizer, "Adam")]:
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    assert clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm  # this venv has neither Apex nor TE
+
+    optimizer_step.configure(SimpleNamespace(plain_kernels=True, optimizer="adam"))
+    assert clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm and mcore_optimizer.USING_PYTORCH_OPTIMIZER
+
+    optimizer_step.configure(SimpleNamespace(plain_kernels=False, optimizer="adam"))
+    assert clip_grads.l2_norm_impl is optimizer_step.multi_tensor_l2_norm
+    assert mcore_optimizer.optimizer.multi_tensor_scale_impl is optimizer_step.multi_tensor_scale
+    # megatron-core's own builder, called the way it calls Apex's FusedAdam.
+    weight = torch.nn.Parameter(torch.randn(4, 4))
+    built = mcore_optimizer.Adam(params=[weight], lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8,
+                                 capturable=False, adam_w_mode=True)
+    assert isinstance(built, torch.optim.AdamW) and built.param_groups[0]["fused"] is True
+    reference = torch.optim.AdamW([torch.nn.Parameter(weight.detach().clone())], lr=1e-3, weight_decay=0.1,
+                                  betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    for opt in (built, reference):
+        opt.param_groups[0]["params"][0].grad = torch.ones(4, 4)
+        opt.step()
+    _close(weight.detach(), reference.param_groups[0]["params"][0].detach(), 1e-6, 1e-6, "fused AdamW step")
+
+
 # ---------------------------------------------------------------- on a GPU (the device machine; skipped on CPU)
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

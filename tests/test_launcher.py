@@ -343,7 +343,7 @@ def test_default_tokenizer_is_written_to_the_cache(paths):
 # ---- combinations that need a GPU with Transformer Engine: the Python API with a pretend machine ----
 
 GPU_TE = Machine(nnodes=1, node_rank=0, nproc_per_node=8, master_addr="localhost", master_port=6000,
-                 has_gpu=True, has_te=True)
+                 has_gpu=True, has_te=True, has_flash_attn=True)
 
 
 def api_flags(paths: Paths, machine: Machine = GPU_TE, environ: dict | None = None, **overrides: str):
@@ -367,6 +367,20 @@ def test_fp8_with_transformer_engine(paths):
 def test_flash_attention_switch_with_transformer_engine(paths, fl, backend):
     _, flags = api_flags(paths, FL=fl)
     assert value(flags, "--attention-backend") == backend
+
+
+def test_flash_attention_with_transformer_engine_needs_flash_attn(paths):
+    from dataclasses import replace
+
+    no_flash = replace(GPU_TE, has_flash_attn=False)
+    with pytest.raises(LaunchError) as err:
+        api_flags(paths, no_flash, FL="true")
+    assert "flash_attn package is not installed" in err.value.message and "FL=false" in err.value.message
+    _, flags = api_flags(paths, no_flash, FL="false")
+    assert value(flags, "--attention-backend") == "fused"
+    # Packed SFT trains on the local spec (SDPA), which needs no flash-attn.
+    _, flags = api_flags(paths, no_flash, SFT="true", FL="true", environ={"MP_SFT_PACKING": "true"})
+    assert value(flags, "--transformer-impl") == "local"
 
 
 def test_activation_offload_with_transformer_engine(paths):
@@ -437,9 +451,10 @@ def test_checkpoint_tokenizer_is_preferred_to_the_default(paths):
                                                             "MP_FUSED_KERNELS": "false"}),
     ({"TP": "2", "SP": "true"}, {"MP_CUDA_GRAPH": "true"}),
 ])
-def test_every_flag_is_known_to_megatron_core(paths, overrides, environ):
-    """The produced flags parse with megatron-core 0.19.2's own argument parser plus ours."""
-    from megatron.training.arguments import add_megatron_arguments
+def test_every_flag_is_known_to_megatron_core(paths, overrides, environ, monkeypatch):
+    """The produced flags parse with megatron-core 0.19.2's own argument parser plus ours, and pass its checks."""
+    from megatron.training import arguments as megatron_arguments
+    from megatron.training.arguments import add_megatron_arguments, validate_args
 
     from megatron_patch.arguments import add_extra_args, expand_model_size
 
@@ -449,6 +464,13 @@ def test_every_flag_is_known_to_megatron_core(paths, overrides, environ):
     parser = add_extra_args(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
     args = parser.parse_args(expand_model_size(flags))  # exits on an unknown flag
     assert args.calculate_per_token_loss and args.save == args.load
+    # megatron-core's own checks of the combination (8 Hopper GPUs of GPU_TE), e.g. it refuses TE's cross-entropy
+    # fusion, which the TE spec once asked for.
+    monkeypatch.setattr(megatron_arguments, "get_device_arch_version", lambda: 9)
+    for name, value in launcher.launch_env(GPU_TE).items():
+        monkeypatch.setenv(name, value)
+    args.rank, args.world_size = 0, GPU_TE.world_size
+    validate_args(args, {})
 
 
 # ---- invalid combinations: their own message, exit status 2, no torchrun, no output folder ----

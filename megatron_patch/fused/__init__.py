@@ -1,11 +1,13 @@
-"""Fused kernels for the local (non-Transformer-Engine) spec: RMSNorm, RoPE and a linear + cross-entropy that
-never holds the full fp32 logits. On the GPU each is one torch.compile'd (Triton) function; on the CPU the same
-Python runs eagerly, which is what the parity tests check against megatron-core's plain modules."""
+"""Faster paths for what megatron-core runs without Transformer Engine or Apex: RMSNorm, RoPE and a linear +
+cross-entropy that never holds the full fp32 logits (each one torch.compile'd Triton function on the GPU, the
+same Python eagerly on the CPU, which is what the parity tests check against megatron-core's plain modules),
+weight-gradient GEMMs into the fp32 main_grad, and a multi-tensor optimizer step."""
 
 
 def configure(args) -> None:
     """After parsing Megatron's arguments, before its config is built (the entrypoint and the convertor)."""
-    from megatron_patch.fused import grad_accumulation, rope
+    from megatron_patch.fused import grad_accumulation, optimizer_step, rope
 
     rope.configure(args)
     grad_accumulation.configure(args)
+    optimizer_step.configure(args)

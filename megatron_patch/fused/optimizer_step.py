@@ -1,0 +1,57 @@
+"""The optimizer step when neither Apex nor Transformer Engine is installed.
+
+megatron-core then falls back to per-tensor Python: the gradient norm (`local_multi_tensor_l2_norm`) gathers
+every parameter's norm into a host list, one device-to-host sync per parameter (about 290 at 0.5B), and
+clipping and main-to-model copies scale one tensor at a time; Adam is torch's multi-kernel foreach AdamW. Here
+the norm and the scaling are a few `torch._foreach_*` kernels with one sync for the total (Megatron's own
+`.item()`), and Adam is torch's single-kernel fused AdamW (CUDA, and CPU since torch 2.4).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def multi_tensor_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for amp_C.multi_tensor_l2norm (per_tensor=False): the l2 norm of all tensors together, [1] fp32."""
+    norms = torch._foreach_norm(tensor_lists[0])
+    return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
+
+
+def multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """Drop-in for amp_C.multi_tensor_scale: dst = src * scale (in place when they are the same tensors)."""
+    src, dst = tensor_lists
+    if all(s is d for s, d in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, src if scale == 1.0 else torch._foreach_mul(src, scale))
+
+
+def fused_adam(params, adam_w_mode: bool = True, **kwargs):
+    """What megatron-core calls as Apex's/TE's FusedAdam: torch's AdamW (decoupled weight decay) or Adam."""
+    adam_class = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
+    return adam_class(params, fused=True, **kwargs)
+
+
+def configure(args) -> None:
+    """After parsing Megatron's arguments: replace megatron-core's per-tensor fallbacks, unless Apex/TE filled
+    them or --plain-kernels asks for megatron-core's own path. Optimizer offload and the precision-aware
+    optimizer need TE's FusedAdam, so Adam is left to megatron-core there."""
+    if args.plain_kernels:
+        return
+    from megatron.core import optimizer, utils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as base_optimizer
+
+    if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = multi_tensor_l2_norm
+    for module in (clip_grads, base_optimizer):
+        if module.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
+            module.multi_tensor_scale_impl = multi_tensor_scale
+    needs_te_adam = getattr(args, "optimizer_cpu_offload", False) or getattr(
+        args, "use_precision_aware_optimizer", False)
+    if optimizer.USING_PYTORCH_OPTIMIZER and args.optimizer == "adam" and not needs_te_adam:
+        # megatron-core builds torch's foreach AdamW when this flag is set; otherwise it calls `Adam`
+        # with Apex's signature (adam_w_mode), which fused_adam takes.
+        optimizer.USING_PYTORCH_OPTIMIZER = False
+        optimizer.Adam = fused_adam
