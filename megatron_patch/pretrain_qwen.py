@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from functools import partial
 
 # Megatron orders tensor-parallel communication behind compute on one CUDA queue; it must be set before the
@@ -99,5 +100,19 @@ def main(argv: list[str]) -> None:
     )
 
 
+def run_exiting_on_error(entry, *args) -> None:
+    """Run the entrypoint; if it raises, print the error and end the process at once. After a failed step the
+    interpreter's normal shutdown can wait forever (seen on a GPU: a TE attention error left the rank alive,
+    holding its GPU, until the job's time limit), and torchrun only reports a failure once the rank is gone.
+    Megatron's own exits (SystemExit, e.g. after SIGTERM's checkpoint) keep their normal shutdown."""
+    try:
+        entry(*args)
+    except Exception:
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_exiting_on_error(main, sys.argv[1:])

@@ -127,3 +127,28 @@ def test_ranks_exit_when_torchrun_is_killed(tmp_path):
     for pid in leftover:
         os.kill(pid, signal.SIGKILL)
     assert not leftover, f"ranks {leftover} outlived their torchrun"
+
+
+def test_a_failed_rank_exits_even_when_shutdown_would_block(tmp_path):
+    """After an error the rank must end (so torchrun reports it and frees the GPUs) even if something, like a
+    non-daemon thread or a communicator, would make the interpreter's shutdown wait forever."""
+    import os
+    import subprocess
+    import sys
+
+    from training_utils import REPO_ROOT
+
+    script = """
+import threading
+from megatron_patch.pretrain_qwen import run_exiting_on_error
+
+def entry(reason):
+    threading.Thread(target=threading.Event().wait).start()  # never ends: a normal shutdown waits on it
+    raise ValueError(reason)
+
+run_exiting_on_error(entry, "no attention backend")
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert done.returncode == 1
+    assert "ValueError: no attention backend" in done.stderr
