@@ -228,7 +228,9 @@ def parse(argv: list[str], environ: dict[str, str]) -> Launch:
 def detect_machine(launch: Launch, environ: dict[str, str]) -> Machine:
     has_gpu = _gpu_count() > 0
     has_te = has_gpu and importlib.util.find_spec("transformer_engine") is not None
-    has_flash_attn = has_gpu and importlib.util.find_spec("flash_attn") is not None
+    # TE's flash backend takes flash-attn 2 (flash_attn) or 3 (flash_attn_3 / flash_attn_interface).
+    has_flash_attn = has_gpu and any(importlib.util.find_spec(name) is not None
+                                     for name in ("flash_attn", "flash_attn_3", "flash_attn_interface"))
     override = environ.get("MP_NPROC_PER_NODE")
     if launch.env == "dlc":
         missing = [k for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT") if not environ.get(k)]
