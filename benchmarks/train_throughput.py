@@ -36,6 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from megatron_patch.launcher import flash_attn_importable  # noqa: E402
 from megatron_patch.model_sizes import get_size  # noqa: E402
 
 H100_BF16_DENSE = 989e12
@@ -101,10 +102,10 @@ def hf_throughput(size_name: str, seq_len: int, micro: int, global_batch: int, p
 def megatron_run(size_name: str, seq_len: int, micro: int, global_batch: int, data: str, tokenizer: str,
                  iters: int, out: Path, extra_env: dict[str, str], tp: int = 1, nproc: int = 1) -> str:
     """Our launcher path (random init, pre-training on an idxmap); returns its log."""
-    # FL: flash attention; with TE it needs the flash_attn package, else TE's cuDNN fused attention (FL=false).
-    flash = importlib.util.find_spec("flash_attn") or not importlib.util.find_spec("transformer_engine")
+    # FL: flash attention; with TE it needs flash-attn, else TE's cuDNN fused attention (FL=false).
+    flash = flash_attn_importable() or not importlib.util.find_spec("transformer_engine")
     args = ["dsw", size_name, str(micro), str(global_batch), "1e-4", "1e-5", str(seq_len), str(seq_len), "bf16",
-            str(tp), "1", "1", str(tp > 1).lower(), "true", str(bool(flash)).lower(), "false", "false", "false",
+            str(tp), "1", "1", str(tp > 1).lower(), "true", str(flash).lower(), "false", "false", "false",
             "100000", data, data, "none",
             str(iters * global_batch * seq_len), "0", str(out)]
     env = {**os.environ, "MP_TOKENIZER_PATH": tokenizer, "MP_NPROC_PER_NODE": str(nproc), **extra_env}

@@ -228,9 +228,7 @@ def parse(argv: list[str], environ: dict[str, str]) -> Launch:
 def detect_machine(launch: Launch, environ: dict[str, str]) -> Machine:
     has_gpu = _gpu_count() > 0
     has_te = has_gpu and importlib.util.find_spec("transformer_engine") is not None
-    # TE's flash backend takes flash-attn 2 (flash_attn) or 3 (flash_attn_3 / flash_attn_interface).
-    has_flash_attn = has_gpu and any(importlib.util.find_spec(name) is not None
-                                     for name in ("flash_attn", "flash_attn_3", "flash_attn_interface"))
+    has_flash_attn = has_gpu and flash_attn_importable()
     override = environ.get("MP_NPROC_PER_NODE")
     if launch.env == "dlc":
         missing = [k for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT") if not environ.get(k)]
@@ -260,6 +258,12 @@ def detect_machine(launch: Launch, environ: dict[str, str]) -> Machine:
         # On the CPU, start just enough processes for the requested model-parallel layout.
         nproc = launch.tp * launch.pp * launch.cp
     return Machine(1, 0, nproc, "localhost", free_port(), has_gpu, has_te, has_flash_attn)
+
+
+def flash_attn_importable() -> bool:
+    """TE's flash backend takes flash-attn 2 (flash_attn) or 3 (flash_attn_3 / flash_attn_interface)."""
+    return any(importlib.util.find_spec(name) is not None
+               for name in ("flash_attn", "flash_attn_3", "flash_attn_interface"))
 
 
 def _gpu_count() -> int:
