@@ -467,8 +467,8 @@ def test_every_flag_is_known_to_megatron_core(paths, overrides, environ, monkeyp
     # megatron-core's own checks of the combination (8 Hopper GPUs of GPU_TE), e.g. it refuses TE's cross-entropy
     # fusion, which the TE spec once asked for.
     monkeypatch.setattr(megatron_arguments, "get_device_arch_version", lambda: 9)
-    for name, value in launcher.launch_env(GPU_TE).items():
-        monkeypatch.setenv(name, value)
+    for name, setting in launcher.launch_env(GPU_TE).items():
+        monkeypatch.setenv(name, setting)
     args.rank, args.world_size = 0, GPU_TE.world_size
     validate_args(args, {})
 
