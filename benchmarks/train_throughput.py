@@ -117,12 +117,14 @@ def megatron_run(size_name: str, seq_len: int, micro: int, global_batch: int, da
         proc = subprocess.Popen(["sh", str(REPO / "examples/qwen2_5/run_mcore_qwen.sh"), *args], env=env,
                                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         trained = False
-        while not trained and proc.poll() is None:
-            time.sleep(1)
-            trained = last_iteration in (out / "megatron.log").read_text(errors="replace")
-        if trained:
-            os.killpg(proc.pid, signal.SIGKILL)  # SIGTERM would make Megatron save first
-            proc.wait()
+        try:
+            while not trained and proc.poll() is None:
+                time.sleep(1)
+                trained = last_iteration in (out / "megatron.log").read_text(errors="replace")
+        finally:  # trained, or this benchmark stopped (e.g. by `timeout`): the run's own session goes too
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # SIGTERM would make Megatron save first
+                proc.wait()
     log = (out / "megatron.log").read_text(errors="replace")
     if not trained and proc.returncode != 0:
         raise SystemExit("megatron run failed:\n" + "\n".join(log.splitlines()[-30:]))
@@ -188,6 +190,8 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=1, help="GPUs for the Megatron runs (DP = nproc / tp)")
     parser.add_argument("--loss-check-iters", type=int, default=0)
     args = parser.parse_args()
+    # SIGTERM (timeout, a scheduler) as an exception, so the launcher runs' process sessions are ended too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     size = get_size(args.size)
     print(f"device: {torch.cuda.get_device_name()} | Qwen2.5-{args.size} | seq {args.seq_len} | micro-batch "

@@ -1,0 +1,84 @@
+"""Causal attention forward + backward through each scaled_dot_product_attention backend, at Qwen2.5 shapes, in the
+layout our core attention hands it ([s, b, heads, d] permuted to [b, heads, s, d]).
+
+    python benchmarks/attention_backends.py [--sizes 0.5B 1.5B 7B] [--seq-lens 2048 4096] [--tokens 16384]
+
+GQA: the flash, memory-efficient and math backends take K/V with fewer heads (enable_gqa); for a backend that
+refuses that, K/V are expanded to the query heads first (the expand is part of the timing, as it would be in
+training). FLOPs: forward 2 * 2 * b * heads * s^2 * d / 2 (causal), backward 2.5x the forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_patch.model_sizes import get_size  # noqa: E402
+
+BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def attention_step(q, k, v, backend, expand_kv: bool):
+    with sdpa_kernel([backend]):
+        if expand_kv and k.shape[1] != q.shape[1]:
+            repeat = q.shape[1] // k.shape[1]
+            k, v = (t.repeat_interleave(repeat, dim=1) for t in (k, v))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+    out.backward(torch.ones_like(out))
+
+
+def time_ms(fn, warmup: int = 3, reps: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["0.5B", "1.5B", "7B"])
+    parser.add_argument("--seq-lens", nargs="+", type=int, default=[2048, 4096])
+    parser.add_argument("--tokens", type=int, default=16384, help="batch x sequence per call")
+    args = parser.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    for size_name in args.sizes:
+        size = get_size(size_name)
+        for seq in args.seq_lens:
+            batch = max(1, args.tokens // seq)
+
+            def make(heads):
+                t = torch.randn(seq, batch, heads, size.head_dim, device="cuda", dtype=torch.bfloat16)
+                return t.permute(1, 2, 0, 3).requires_grad_()
+
+            q, k, v = make(size.num_attention_heads), make(size.num_query_groups), make(size.num_query_groups)
+            flops = 3.5 * 2 * 2 * batch * size.num_attention_heads * seq * seq * size.head_dim / 2
+            for name, backend in BACKENDS.items():
+                for expand in (False, True):
+                    try:
+                        ms = time_ms(lambda: attention_step(q, k, v, backend, expand))
+                    except RuntimeError as error:
+                        print(f"{size_name:5s} s={seq} b={batch} {name:9s} expand_kv={expand!s:5s} "
+                              f"unavailable: {str(error).splitlines()[0][:90]}", flush=True)
+                        continue
+                    print(f"{size_name:5s} s={seq} b={batch} {name:9s} expand_kv={expand!s:5s} {ms:8.2f} ms "
+                          f"{flops / ms / 1e9:6.1f} TFLOP/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
