@@ -20,6 +20,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cuda_timing import time_ms  # noqa: E402
+
 from megatron_patch.model_sizes import get_size  # noqa: E402
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -35,19 +37,6 @@ def attention_step(q, k, v, backend, expand_kv: bool):
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
     out.backward(torch.ones_like(out))
-
-
-def time_ms(fn, warmup: int = 3, reps: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main() -> None:
@@ -71,7 +60,7 @@ def main() -> None:
             for name, backend in BACKENDS.items():
                 for expand in (False, True):
                     try:
-                        ms = time_ms(lambda: attention_step(q, k, v, backend, expand))
+                        ms = time_ms(lambda: attention_step(q, k, v, backend, expand), reps=10)
                     except RuntimeError as error:
                         print(f"{size_name:5s} s={seq} b={batch} {name:9s} expand_kv={expand!s:5s} "
                               f"unavailable: {str(error).splitlines()[0][:90]}", flush=True)

@@ -15,21 +15,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cuda_timing import time_ms  # noqa: E402
+
 from megatron_patch.fused.swiglu import swiglu_backward  # noqa: E402
 from megatron_patch.model_sizes import get_size  # noqa: E402
-
-
-def time_ms(fn, warmup: int = 3, reps: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main() -> None:
@@ -48,7 +37,7 @@ def main() -> None:
         difference = (swiglu_backward(grad, y).float() - swiglu_back(grad, y).float()).abs().max().item()
         for name, fn in (("megatron-core swiglu_back (compiled)", lambda: swiglu_back(grad, y)),
                          ("megatron_patch Triton kernel", lambda: swiglu_backward(grad, y))):
-            ms = time_ms(fn)
+            ms = time_ms(fn, reps=20)
             print(f"{size_name:5s} tokens {args.tokens} n {n:6d}  {name:38s} {ms:7.3f} ms  "
                   f"{moved / ms / 1e9:6.2f} TB/s", flush=True)
         print(f"{size_name:5s} max |difference| between the two: {difference:.3g}", flush=True)
