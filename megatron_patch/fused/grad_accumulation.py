@@ -32,11 +32,16 @@ def apex_available() -> bool:
     return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
 
 
+def out_dtype_addmm_available() -> bool:
+    """torch's addmm takes out_dtype (2.8 and later): a bf16 GEMM accumulating into an fp32 output."""
+    return "dtype_out" in torch.ops.aten.addmm.overloads()
+
+
 def supported_here() -> bool:
     """A CUDA device and a torch whose addmm takes out_dtype (2.8 and later). Asked of torch, not of the GPU:
     this runs before Megatron picks each rank's device, so touching CUDA here would open every rank's context
     on GPU 0."""
-    return torch.cuda.is_available() and "dtype_out" in torch.ops.aten.addmm.overloads()
+    return torch.cuda.is_available() and out_dtype_addmm_available()
 
 
 def configure(args) -> None:
