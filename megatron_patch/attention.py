@@ -9,25 +9,81 @@ Backend order: cuDNN first. On an H200 (torch 2.11, bf16, causal, GQA) its forwa
 the flash backend that torch picks by default (381 vs 211 TFLOP/s at Qwen2.5-1.5B, sequence 2048;
 benchmarks/attention_backends.py). Where cuDNN cannot take the call (a CPU, another GPU, a dropout or mask it
 does not support) torch goes down the list to flash, memory-efficient, then math.
+
+Packed samples (SFT packing): on a GPU the batch reader hands over the samples' boundaries (PackedSeqParams,
+cumulative lengths over the micro-batch's rows) and attention runs through torch's variable-length flash kernel,
+which skips every block between two samples; elsewhere it gets the dense block mask instead.
 """
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
+
+import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
+
+try:  # torch 2.10 and later
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
 
 BACKEND_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                     SDPBackend.MATH]
 
 
+@dataclass
+class PackedSamples(PackedSeqParams):
+    """Packed samples' boundaries, [s, b, heads, d] layout. max_seqlen_q/kv hold the row length (GPTModel sizes
+    its rotary table by them whenever packed_seq_params is given); longest_sample bounds the kernel's grid."""
+    longest_sample: int = 0
+
+
+def varlen_available() -> bool:
+    return varlen_attn is not None and torch.cuda.is_available()
+
+
+def _varlen_causal_kwargs(gqa: bool) -> dict:
+    # The first releases take is_causal; later ones a (left, right) window, (-1, 0) being causal.
+    params = inspect.signature(varlen_attn).parameters
+    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if gqa and "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    return kwargs
+
+
+def packed_varlen_attention(query, key, value, packed_seq_params, scale):
+    """Causal attention within each packed sample. query/key/value [s, b, heads, d]; the cumulative lengths
+    count tokens row by row ([b, s] flattened). Returns [s, b, heads * d]."""
+    seq, batch = query.shape[:2]
+    # [s, b, heads, d] -> [b * s, heads, d]: tokens in the order of the cumulative lengths.
+    q, k, v = (t.transpose(0, 1).reshape(batch * seq, t.shape[2], t.shape[3]) for t in (query, key, value))
+    p = packed_seq_params
+    longest_q, longest_kv = (p.longest_sample, p.longest_sample) if isinstance(p, PackedSamples) \
+        else (p.max_seqlen_q, p.max_seqlen_kv)
+    context = varlen_attn(q, k, v, p.cu_seqlens_q, p.cu_seqlens_kv, longest_q, longest_kv, scale=scale,
+                          **_varlen_causal_kwargs(k.shape[1] != q.shape[1]))
+    return context.reshape(batch, seq, -1).transpose(0, 1).contiguous()
+
+
 class SDPACoreAttention(DotProductAttention):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("SDPA core attention takes masks, not packed_seq_params or attention_bias.")
+        if attention_bias is not None:
+            raise NotImplementedError("SDPA core attention takes masks, not attention_bias.")
+        # DotProductAttention divides its scale by the layer number under query-key layer scaling and
+        # multiplies it back inside its softmax: undo the division.
+        scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
+        if packed_seq_params is not None:
+            if packed_seq_params.qkv_format != "sbhd" or (self.training and self.config.attention_dropout):
+                raise NotImplementedError("SDPA core attention takes packed samples as [s, b, heads, d] (qkv_format "
+                                          "'sbhd') and without attention dropout.")
+            return packed_varlen_attention(query, key, value, packed_seq_params, scale)
         # [s, b, heads, d] -> [b, heads, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         mask_type = attn_mask_type or self.attn_mask_type
@@ -37,9 +93,6 @@ class SDPACoreAttention(DotProductAttention):
         else:
             mask, causal = None, mask_type == AttnMaskType.causal
         dropout = self.config.attention_dropout if self.training else 0.0
-        # DotProductAttention divides its scale by the layer number under query-key layer scaling and
-        # multiplies it back inside its softmax: undo the division.
-        scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
         with sdpa_kernel(BACKEND_PRIORITY, set_priority=True):
             context = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scale,

@@ -311,8 +311,8 @@ def validate(launch: Launch, machine: Machine) -> None:
             raise LaunchError("error: MP_SFT_PACKING=true trains on megatron-core's local spec (packed samples need "
                               "block attention masks), but PR=fp8 and AC=offload need the Transformer Engine spec. "
                               "Turn packing off, or use PR=bf16 with AC=sel/full/false.")
-        launch.warnings.append("MP_SFT_PACKING=true: training on the local spec with SDPA block masks, so packed "
-                               "samples never attend to each other.")
+        launch.warnings.append("MP_SFT_PACKING=true: training on the local spec, whose attention keeps packed "
+                               "samples apart (variable-length flash kernel on the GPU, block masks elsewhere).")
     if launch.precision == "fp8" and not machine.has_te:
         raise LaunchError("error: PR=fp8 needs Transformer Engine on a GPU, and it is not importable here. "
                           "Use PR=bf16, or run in the NGC PyTorch image (see the Dockerfile).")

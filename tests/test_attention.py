@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from training_utils import free_port
 
@@ -81,7 +82,6 @@ def test_packed_mask_matches_plain_attention_and_isolates_samples(model_parallel
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_bf16_attention_takes_cudnn_and_matches_fp32_plain_attention(model_parallel):
-    import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     plain, sdpa = attention_pair(12, 2, 128)
@@ -103,3 +103,107 @@ def test_cuda_bf16_attention_takes_cudnn_and_matches_fp32_plain_attention(model_
         # bf16 inputs and kernel: single elements stray by a few bf16 steps, the whole gradient stays close.
         relative_error = ((got.float() - want).norm() / want.norm()).item()
         assert relative_error < 1e-2, f"d{name}: relative error {relative_error:.3g} against fp32 attention"
+
+
+def test_packed_seq_params_count_samples_row_by_row():
+    from megatron_patch.data.providers import packed_seq_params_for
+
+    # Two rows: samples of 2 and 3 tokens and 1 padding token; samples of 4 and 2 tokens.
+    segments = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 0, 1, 1]])
+    params = packed_seq_params_for(segments, "cpu")
+    assert params.qkv_format == "sbhd"
+    assert params.cu_seqlens_q.tolist() == [0, 2, 5, 6, 10, 12] and params.cu_seqlens_q.dtype == torch.int32
+    assert params.cu_seqlens_kv is params.cu_seqlens_q
+    assert params.max_seqlen_q == params.max_seqlen_kv == 6  # the row: GPTModel sizes its rotary table by it
+    assert params.longest_sample == 4
+    # A row whose last sample has the same id as the next row's first still splits at the row boundary.
+    assert packed_seq_params_for(torch.tensor([[0, 0, 0], [0, 1, 1]]), "cpu").cu_seqlens_q.tolist() == [0, 3, 4, 6]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_packed_samples_through_varlen_match_fp32_block_mask(model_parallel):
+    from megatron_patch import attention
+    from megatron_patch.data.providers import packed_attention_mask, packed_seq_params_for
+
+    assert attention.varlen_available()
+    plain, sdpa = attention_pair(12, 2, 128)
+    segments = torch.tensor([[0] * 150 + [1] * 70 + [2] * 36, [0] * 256])  # the last 36: padding
+    q, k, v = (t.detach() for t in qkv(256, 2, 12, 2, 128))
+    mask = packed_attention_mask(segments).to(DEVICE)
+    qf, kf, vf = (t.clone().requires_grad_() for t in (q, k, v))
+    reference = plain(qf, kf, vf, mask)  # fp32, S x S scores with the block mask
+    grads_ref = torch.autograd.grad(reference.square().sum(), (qf, kf, vf))
+    bf16 = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    out = sdpa(*bf16, None, packed_seq_params=packed_seq_params_for(segments, DEVICE))
+    assert out.shape == reference.shape
+    grads = torch.autograd.grad(out.float().square().sum(), bf16)
+    for name, got, want in [("output", out, reference)] + list(zip(("dq", "dk", "dv"), grads, grads_ref)):
+        relative_error = ((got.float() - want).norm() / want.norm()).item()
+        assert relative_error < 1e-2, f"{name}: relative error {relative_error:.3g} against the fp32 block mask"
+
+
+def _reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                           is_causal=False, enable_gqa=False):
+    """torch's varlen_attn on the CPU, one SDPA call per sample: lets the CPU test the model's packed-sample
+    wiring (the kernel itself is tested on the GPU above)."""
+    assert window_size == (-1, 0) or is_causal, "packed samples attend causally"
+    bounds = cu_q.tolist()
+    assert max_q >= max(b - a for a, b in zip(bounds, bounds[1:]))
+    out = []
+    for start, end in zip(bounds, bounds[1:]):
+        qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
+        out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)[0]
+                   .transpose(0, 1))
+    return torch.cat(out)
+
+
+def test_model_with_packed_seq_params_matches_block_mask(model_parallel, monkeypatch):
+    """The whole GPTModel (rotary table, attention, loss) given the samples' boundaries, as get_batch hands them
+    over on a GPU, computes the losses the block mask gives."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_patch import attention
+    from megatron_patch.data.providers import packed_attention_mask, packed_seq_params_for
+    from megatron_patch.model import qwen2_5_layer_spec
+
+    monkeypatch.setattr(attention, "varlen_attn", _reference_varlen_attn)
+    config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                               ffn_hidden_size=96, normalization="RMSNorm", gated_linear_unit=True,
+                               activation_func=F.silu, add_bias_linear=False, add_qkv_bias=True,
+                               attention_dropout=0.0, hidden_dropout=0.0, masked_softmax_fusion=False,
+                               bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False)
+    torch.manual_seed(5)
+    model = GPTModel(config, qwen2_5_layer_spec(use_te=False, fused_kernels=False), vocab_size=96,
+                     max_sequence_length=64, position_embedding_type="rope", rotary_base=1000000).to(DEVICE)
+    # Row 1: samples of 9, 20 and 3 tokens, 8 padding; row 2: 40 and a short last sample.
+    segments = torch.tensor([[0] * 9 + [1] * 20 + [2] * 3 + [3] * 8, [0] * 37 + [1] * 3])
+    tokens = torch.randint(0, 96, segments.shape, device=DEVICE)
+    labels = torch.randint(0, 96, segments.shape, device=DEVICE)
+    position_ids = torch.arange(40, device=DEVICE).expand(2, 40)
+    with_mask = model(tokens, position_ids, packed_attention_mask(segments).to(DEVICE), labels=labels)
+    with_bounds = model(tokens, position_ids, None, labels=labels,
+                        packed_seq_params=packed_seq_params_for(segments, DEVICE))
+    assert with_bounds.shape == with_mask.shape == (2, 40)
+    torch.testing.assert_close(with_bounds, with_mask, atol=TOL, rtol=TOL)
+    # ... and not what plain causal attention across the samples gives.
+    assert (model(tokens, position_ids, None, labels=labels) - with_mask).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("changes,expected", [
+    ({}, True),
+    ({"bf16": False}, False),  # fp32: the flash kernel takes bf16/fp16 only
+    ({"transformer_impl": "transformer_engine"}, False),
+    ({"attention_dropout": 0.1}, False),  # the kernel has no dropout
+])
+def test_packed_samples_take_varlen_only_where_it_runs(model_parallel, monkeypatch, changes, expected):
+    from types import SimpleNamespace
+
+    from megatron_patch.data import providers
+
+    monkeypatch.setattr(providers, "varlen_available", lambda: True)
+    args = SimpleNamespace(**{"transformer_impl": "local", "bf16": True, "fp16": False, "attention_dropout": 0.0,
+                              **changes})
+    assert providers.packed_attention_by_varlen(args) is expected
+    monkeypatch.setattr(providers, "varlen_available", lambda: False)  # a CPU, or torch before 2.10
+    assert providers.packed_attention_by_varlen(args) is False

@@ -9,6 +9,8 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.training import get_args, get_tokenizer, print_rank_0
 from megatron.training.utils import get_blend_and_blend_per_split
 
+from megatron_patch.attention import PackedSamples, varlen_available
+
 
 def _gpt_dataset_config(args) -> GPTDatasetConfig:
     blend, blend_per_split = get_blend_and_blend_per_split(args)
@@ -63,14 +65,40 @@ def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return ~(causal[None] & same_sample)[:, None]
 
 
+def packed_seq_params_for(segment_ids: torch.Tensor, device) -> PackedSamples:
+    """The packed samples' boundaries for variable-length attention: cumulative lengths over the rows of
+    segment_ids [b, s] read one after the other (a row always starts a new sample; so does its padding)."""
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    total = torch.tensor([segment_ids.numel()])
+    cu_seqlens = torch.cat([starts.reshape(-1).nonzero().squeeze(1), total]).to(torch.int32)
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    cu_seqlens = cu_seqlens.to(device, non_blocking=True)
+    row = segment_ids.shape[1]
+    return PackedSamples(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                         max_seqlen_q=row, max_seqlen_kv=row, longest_sample=longest)
+
+
+def packed_attention_by_varlen(args) -> bool:
+    """Packed samples go to the local spec's SDPA attention as boundaries (variable-length flash kernel) where it
+    can run: a GPU, a torch that has it, bf16/fp16, no attention dropout, no context parallelism (its split of the
+    sequence needs the mask). Otherwise as the dense block mask."""
+    return (varlen_available() and args.transformer_impl == "local" and (args.bf16 or args.fp16)
+            and not args.attention_dropout and mpu.get_context_parallel_world_size() == 1)
+
+
 def get_batch(data_iterator) -> dict:
     """Next micro-batch, on this rank's device."""
     batch = next(data_iterator)
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    out = {key: value.to(device, non_blocking=True) for key, value in batch.items() if torch.is_tensor(value)}
-    segment_ids = out.pop("segment_ids", None)
-    if segment_ids is not None:
-        out["attention_mask"] = packed_attention_mask(segment_ids)
+    out = {key: value.to(device, non_blocking=True) for key, value in batch.items()
+           if torch.is_tensor(value) and key != "segment_ids"}
+    segment_ids = batch.get("segment_ids")
+    if segment_ids is not None and packed_attention_by_varlen(get_args()):
+        # Computed from the reader's CPU tensor: the longest sample's length needs no GPU sync.
+        out["packed_seq_params"] = packed_seq_params_for(segment_ids.cpu(), device)
+    elif segment_ids is not None:
+        out["attention_mask"] = packed_attention_mask(segment_ids.to(device, non_blocking=True))
     if mpu.get_context_parallel_world_size() > 1:
         from megatron.core.utils import get_batch_on_this_cp_rank
 
