@@ -10,7 +10,6 @@ training). FLOPs: forward 2 * 2 * b * heads * s^2 * d / 2 (causal), backward 2.5
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,9 +19,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cuda_timing import time_ms  # noqa: E402
+from cuda_timing import attention_shape_sweep, time_ms  # noqa: E402
 
-from megatron_patch.model_sizes import get_size  # noqa: E402
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -40,33 +38,24 @@ def attention_step(q, k, v, backend, expand_kv: bool):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["0.5B", "1.5B", "7B"])
-    parser.add_argument("--seq-lens", nargs="+", type=int, default=[2048, 4096])
-    parser.add_argument("--tokens", type=int, default=16384, help="batch x sequence per call")
-    args = parser.parse_args()
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    for size_name in args.sizes:
-        size = get_size(size_name)
-        for seq in args.seq_lens:
-            batch = max(1, args.tokens // seq)
+    for size_name, size, seq, batch in attention_shape_sweep(__doc__):
 
-            def make(heads):
-                t = torch.randn(seq, batch, heads, size.head_dim, device="cuda", dtype=torch.bfloat16)
-                return t.permute(1, 2, 0, 3).requires_grad_()
+        def make(heads):
+            t = torch.randn(seq, batch, heads, size.head_dim, device="cuda", dtype=torch.bfloat16)
+            return t.permute(1, 2, 0, 3).requires_grad_()
 
-            q, k, v = make(size.num_attention_heads), make(size.num_query_groups), make(size.num_query_groups)
-            flops = 3.5 * 2 * 2 * batch * size.num_attention_heads * seq * seq * size.head_dim / 2
-            for name, backend in BACKENDS.items():
-                for expand in (False, True):
-                    try:
-                        ms = time_ms(lambda: attention_step(q, k, v, backend, expand), reps=10)
-                    except RuntimeError as error:
-                        print(f"{size_name:5s} s={seq} b={batch} {name:9s} expand_kv={expand!s:5s} "
-                              f"unavailable: {str(error).splitlines()[0][:90]}", flush=True)
-                        continue
-                    print(f"{size_name:5s} s={seq} b={batch} {name:9s} expand_kv={expand!s:5s} {ms:8.2f} ms "
-                          f"{flops / ms / 1e9:6.1f} TFLOP/s", flush=True)
+        q, k, v = make(size.num_attention_heads), make(size.num_query_groups), make(size.num_query_groups)
+        flops = 3.5 * 2 * 2 * batch * size.num_attention_heads * seq * seq * size.head_dim / 2
+        for name, backend in BACKENDS.items():
+            for expand in (False, True):
+                try:
+                    ms = time_ms(lambda: attention_step(q, k, v, backend, expand), reps=10)
+                except RuntimeError as error:
+                    print(f"{size_name:5s} s={seq} b={batch} {name:9s} expand_kv={expand!s:5s} "
+                          f"unavailable: {str(error).splitlines()[0][:90]}", flush=True)
+                    continue
+                print(f"{size_name:5s} s={seq} b={batch} {name:9s} expand_kv={expand!s:5s} {ms:8.2f} ms "
+                      f"{flops / ms / 1e9:6.1f} TFLOP/s", flush=True)
 
 
 if __name__ == "__main__":

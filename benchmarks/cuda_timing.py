@@ -1,8 +1,13 @@
-"""GPU time of a callable for the kernel benchmarks (benchmarks/ is on sys.path when they run as scripts)."""
+"""What the kernel benchmarks share: GPU time of a callable, and the sweep over Qwen2.5 sizes and sequence lengths
+(benchmarks/ is on sys.path when they run as scripts, and they put the repository root there first)."""
 
 from __future__ import annotations
 
+import argparse
+
 import torch
+
+from megatron_patch.model_sizes import get_size
 
 
 def time_ms(fn, reps: int, warmup: int = 3) -> float:
@@ -17,3 +22,17 @@ def time_ms(fn, reps: int, warmup: int = 3) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps
+
+
+def attention_shape_sweep(description: str):
+    """Parses --sizes, --seq-lens and --tokens, prints the device, then yields (size name, ModelSize, sequence
+    length, batch) with batch x sequence about --tokens."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["0.5B", "1.5B", "7B"])
+    parser.add_argument("--seq-lens", nargs="+", type=int, default=[2048, 4096])
+    parser.add_argument("--tokens", type=int, default=16384, help="batch x sequence per call")
+    args = parser.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    for size_name in args.sizes:
+        for seq in args.seq_lens:
+            yield size_name, get_size(size_name), seq, max(1, args.tokens // seq)

@@ -9,7 +9,6 @@ TFLOP/s count only the work inside samples: 3.5 * 2 * 2 * heads * d * sum(len^2)
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,11 +18,10 @@ from torch.nn.attention import sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cuda_timing import time_ms  # noqa: E402
+from cuda_timing import attention_shape_sweep, time_ms  # noqa: E402
 
 from megatron_patch.attention import BACKEND_PRIORITY, packed_varlen_attention  # noqa: E402
 from megatron_patch.data.providers import packed_attention_mask, packed_seq_params_for  # noqa: E402
-from megatron_patch.model_sizes import get_size  # noqa: E402
 
 
 def packed_segments(batch: int, seq: int, generator: torch.Generator) -> torch.Tensor:
@@ -41,46 +39,36 @@ def packed_segments(batch: int, seq: int, generator: torch.Generator) -> torch.T
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["0.5B", "1.5B", "7B"])
-    parser.add_argument("--seq-lens", nargs="+", type=int, default=[2048, 4096])
-    parser.add_argument("--tokens", type=int, default=16384, help="batch x sequence per call")
-    args = parser.parse_args()
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     generator = torch.Generator().manual_seed(0)
-    for size_name in args.sizes:
-        size = get_size(size_name)
-        for seq in args.seq_lens:
-            batch = max(1, args.tokens // seq)
-            segments = packed_segments(batch, seq, generator)
-            lengths = torch.unique_consecutive(segments.reshape(-1) + seq * torch.arange(batch).repeat_interleave(seq),
-                                               return_counts=True)[1]
-            flops = 3.5 * 2 * 2 * size.num_attention_heads * size.head_dim * float((lengths.double() ** 2).sum()) / 2
+    for size_name, size, seq, batch in attention_shape_sweep(__doc__):
+        segments = packed_segments(batch, seq, generator)
+        params = packed_seq_params_for(segments, "cpu")
+        lengths = params.cu_seqlens_q.diff().double()
+        flops = 3.5 * 2 * 2 * size.num_attention_heads * size.head_dim * float((lengths ** 2).sum()) / 2
+        params = packed_seq_params_for(segments, "cuda")
 
-            def make(heads):
-                return torch.randn(seq, batch, heads, size.head_dim, device="cuda", dtype=torch.bfloat16,
-                                   requires_grad=True)
+        def make(heads):
+            return torch.randn(seq, batch, heads, size.head_dim, device="cuda", dtype=torch.bfloat16,
+                               requires_grad=True)
 
-            q, k, v = make(size.num_attention_heads), make(size.num_query_groups), make(size.num_query_groups)
-            allowed = ~packed_attention_mask(segments.cuda())
-            params = packed_seq_params_for(segments, "cuda")
-            scale = size.head_dim ** -0.5
+        q, k, v = make(size.num_attention_heads), make(size.num_query_groups), make(size.num_query_groups)
+        allowed = ~packed_attention_mask(segments.cuda())
+        scale = size.head_dim ** -0.5
 
-            def block_mask_step():
-                with sdpa_kernel(BACKEND_PRIORITY, set_priority=True):
-                    out = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)),
-                                                         attn_mask=allowed, scale=scale, enable_gqa=True)
-                out.backward(torch.ones_like(out))
+        def block_mask_step():
+            with sdpa_kernel(BACKEND_PRIORITY, set_priority=True):
+                out = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)),
+                                                     attn_mask=allowed, scale=scale, enable_gqa=True)
+            out.backward(torch.ones_like(out))
 
-            def varlen_step():
-                out = packed_varlen_attention(q, k, v, params, scale)
-                out.backward(torch.ones_like(out))
+        def varlen_step():
+            out = packed_varlen_attention(q, k, v, params, scale)
+            out.backward(torch.ones_like(out))
 
-            for name, step in (("block mask (SDPA)", block_mask_step), ("varlen flash", varlen_step)):
-                ms = time_ms(step, reps=10)
-                print(f"{size_name:5s} s={seq} b={batch} samples={len(lengths)} {name:18s} {ms:8.2f} ms "
-                      f"{flops / ms / 1e9:6.1f} TFLOP/s", flush=True)
-
+        for name, step in (("block mask (SDPA)", block_mask_step), ("varlen flash", varlen_step)):
+            ms = time_ms(step, reps=10)
+            print(f"{size_name:5s} s={seq} b={batch} samples={len(lengths)} {name:18s} {ms:8.2f} ms "
+                  f"{flops / ms / 1e9:6.1f} TFLOP/s", flush=True)
 
 if __name__ == "__main__":
     main()

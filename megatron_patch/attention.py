@@ -17,6 +17,7 @@ which skips every block between two samples; elsewhere it gets the dense block m
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ def varlen_available() -> bool:
     return varlen_attn is not None and torch.cuda.is_available()
 
 
+@functools.cache  # asked once, not at every layer of every micro-batch
 def _varlen_causal_kwargs(gqa: bool) -> dict:
     # The first releases take is_causal; later ones a (left, right) window, (-1, 0) being causal.
     params = inspect.signature(varlen_attn).parameters
