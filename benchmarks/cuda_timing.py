@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -22,6 +23,20 @@ def time_ms(fn, reps: int, warmup: int = 3) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps
+
+
+def host_ms(fn, reps: int, warmup: int = 3) -> float:
+    """Mean milliseconds of host (launch) time per call: the loop's wall time before the GPU is waited for. At
+    small micro-batches a step is bound by it, not by the kernels."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed * 1e3 / reps
 
 
 def attention_shape_sweep(description: str):

@@ -4,7 +4,8 @@ against torch's variable-length flash kernel (megatron_patch.attention.packed_va
     python benchmarks/packed_attention.py [--sizes 0.5B 1.5B 7B] [--seq-lens 2048 4096] [--tokens 16384]
 
 Rows are filled with samples of 64 to 1,024 tokens (seeded), the rest of a row is padding, as the SFT packer does.
-TFLOP/s count only the work inside samples: 3.5 * 2 * 2 * heads * d * sum(len^2) / 2.
+TFLOP/s count only the work inside samples: 3.5 * 2 * 2 * heads * d * sum(len^2) / 2. "host" is the launch
+time per call on the CPU (what bounds a step at small micro-batches): try --seq-lens 256 --tokens 512.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch.nn.attention import sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cuda_timing import attention_shape_sweep, time_ms  # noqa: E402
+from cuda_timing import attention_shape_sweep, host_ms, time_ms  # noqa: E402
 
 from megatron_patch.attention import BACKEND_PRIORITY, packed_varlen_attention  # noqa: E402
 from megatron_patch.data.providers import packed_attention_mask, packed_seq_params_for  # noqa: E402
@@ -68,7 +69,7 @@ def main() -> None:
         for name, step in (("block mask (SDPA)", block_mask_step), ("varlen flash", varlen_step)):
             ms = time_ms(step, reps=10)
             print(f"{size_name:5s} s={seq} b={batch} samples={len(lengths)} {name:18s} {ms:8.2f} ms "
-                  f"{flops / ms / 1e9:6.1f} TFLOP/s", flush=True)
+                  f"{flops / ms / 1e9:6.1f} TFLOP/s  host {host_ms(step, reps=10):6.2f} ms", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -27,13 +27,16 @@ def profiled_train_step(*args, **kwargs):
         return _plain_train_step(*args, **kwargs)
     import torch
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
         result = _plain_train_step(*args, **kwargs)
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
     if int(os.environ.get("RANK", "0")) == 0:
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90),
-              flush=True)
+        sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort_by, row_limit=45, max_name_column_width=90), flush=True)
     return result
 
 

@@ -142,11 +142,10 @@ def test_cuda_packed_samples_through_varlen_match_fp32_block_mask(model_parallel
         assert relative_error < 1e-2, f"{name}: relative error {relative_error:.3g} against the fp32 block mask"
 
 
-def _reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
-                           is_causal=False, enable_gqa=False):
-    """torch's varlen_attn on the CPU, one SDPA call per sample: lets the CPU test the model's packed-sample
-    wiring (the kernel itself is tested on the GPU above)."""
-    assert window_size == (-1, 0) or is_causal, "packed samples attend causally"
+def _reference_varlen_flash_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    """attention.varlen_flash_attention on the CPU, one causal SDPA call per sample: lets the CPU test the
+    model's packed-sample wiring (the kernel itself is tested on the GPU above)."""
+    assert torch.equal(cu_q, cu_k) and max_q == max_k
     bounds = cu_q.tolist()
     assert max_q >= max(b - a for a, b in zip(bounds, bounds[1:]))
     out = []
@@ -167,7 +166,7 @@ def test_model_with_packed_seq_params_matches_block_mask(model_parallel, monkeyp
     from megatron_patch.data.providers import packed_attention_mask, packed_seq_params_for
     from megatron_patch.model import qwen2_5_layer_spec
 
-    monkeypatch.setattr(attention, "varlen_attn", _reference_varlen_attn)
+    monkeypatch.setattr(attention, "varlen_flash_attention", _reference_varlen_flash_attention)
     config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                                ffn_hidden_size=96, normalization="RMSNorm", gated_linear_unit=True,
                                activation_func=F.silu, add_bias_linear=False, add_qkv_bias=True,

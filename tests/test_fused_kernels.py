@@ -132,9 +132,16 @@ def _ce_inputs(dtype, tokens=37, hidden_size=24, vocab=101):
     return hidden, weight, labels, mask
 
 
+# The CPU's in-place chunk maths, and the CUDA path's kernels run eagerly here.
+CHUNK_MATHS = {"in_place": lce._chunk_loss_and_grad_in_place, "cuda_kernels": lce._chunk_loss_and_grad_compiled}
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("chunk_tokens", [5, 64])  # several chunks, one chunk
-def test_linear_cross_entropy_matches_logits_then_cross_entropy(dtype, tol, chunk_tokens):
+@pytest.mark.parametrize("maths", sorted(CHUNK_MATHS))
+def test_linear_cross_entropy_matches_logits_then_cross_entropy(dtype, tol, chunk_tokens, maths, monkeypatch):
+    assert lce._chunk_maths(torch.device("cpu")) is lce._chunk_loss_and_grad_in_place
+    monkeypatch.setattr(lce, "_chunk_maths", lambda device: CHUNK_MATHS[maths])
     hidden, weight, labels, mask = _ce_inputs(dtype)
     h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     h_ours, w_ours = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -156,8 +163,9 @@ def test_linear_cross_entropy_chunks_by_logit_bytes():
     assert chunk * 151936 * 2 <= lce.CHUNK_LOGIT_BYTES
 
 
-def _tensor_parallel_worker(rank, world, port, hidden, weight, labels, mask, out):
+def _tensor_parallel_worker(rank, world, port, maths, hidden, weight, labels, mask, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    lce._chunk_maths = lambda device: CHUNK_MATHS[maths]
     dist.init_process_group("gloo", rank=rank, world_size=world)
     shard = weight.shape[0] // world
     h = hidden.clone().requires_grad_()
@@ -168,7 +176,8 @@ def _tensor_parallel_worker(rank, world, port, hidden, weight, labels, mask, out
     dist.destroy_process_group()
 
 
-def test_linear_cross_entropy_over_two_vocabulary_shards_matches_one():
+@pytest.mark.parametrize("maths", sorted(CHUNK_MATHS))
+def test_linear_cross_entropy_over_two_vocabulary_shards_matches_one(maths):
     from megatron_patch.launcher import free_port
 
     hidden, weight, labels, mask = _ce_inputs(torch.float32, vocab=100)
@@ -178,7 +187,7 @@ def test_linear_cross_entropy_over_two_vocabulary_shards_matches_one():
 
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_tensor_parallel_worker, args=(2, free_port(), hidden, weight, labels, mask, out), nprocs=2)
+        mp.spawn(_tensor_parallel_worker, args=(2, free_port(), maths, hidden, weight, labels, mask, out), nprocs=2)
         results = [out[r] for r in range(2)]
     for loss, _, _ in results:
         _close(loss, expected, 1e-5, 1e-5, "loss on each rank")

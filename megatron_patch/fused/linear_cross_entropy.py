@@ -52,6 +52,38 @@ def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
     return tensor
 
 
+def _chunk_loss_and_grad_compiled(logits, target, inside, token_weight, tp_group):
+    """The chunk's weighted loss sum and the bf16 gradient of its logits, through the compiled kernels (on CUDA
+    they read the bf16 logits and never write an fp32 copy)."""
+    lse_local = _local_logsumexp(logits)
+    # logsumexp across the vocabulary shards: max, then the sum of the shards' exp(lse - max).
+    lse_max = _all_reduce(lse_local.clone(), dist.ReduceOp.MAX, tp_group)
+    lse = lse_max + torch.log(_all_reduce(torch.exp(lse_local - lse_max), dist.ReduceOp.SUM, tp_group))
+    target_logit = _all_reduce(_target_logit(logits, target, inside), dist.ReduceOp.SUM, tp_group)
+    loss = ((lse - target_logit) * token_weight).sum()
+    return loss, _logit_grad(logits, lse, target, inside, token_weight)
+
+
+def _chunk_loss_and_grad_in_place(logits, target, inside, token_weight, tp_group):
+    """The same maths in eager mode, for the CPU: one fp32 copy of the logits becomes the gradient in place. The
+    CPU allocator caches nothing, so each [tokens, vocab] temporary of the eager kernels above costs page faults
+    (3.6x slower per micro-batch at the tiny test model's real vocabulary)."""
+    probs = logits.float()
+    rows = torch.arange(probs.shape[0], device=probs.device)
+    target_logit = _all_reduce(torch.where(inside, probs[rows, target], 0.0), dist.ReduceOp.SUM, tp_group)
+    row_max = _all_reduce(probs.amax(dim=1), dist.ReduceOp.MAX, tp_group)
+    probs.sub_(row_max.unsqueeze(1)).exp_()
+    row_sum = _all_reduce(probs.sum(dim=1), dist.ReduceOp.SUM, tp_group)
+    loss = ((row_max + row_sum.log() - target_logit) * token_weight).sum()
+    probs.mul_((token_weight / row_sum).unsqueeze(1))  # softmax * weight
+    probs[rows[inside], target[inside]] -= token_weight[inside]  # - onehot * weight
+    return loss, probs.to(logits.dtype)
+
+
+def _chunk_maths(device: torch.device):
+    return _chunk_loss_and_grad_compiled if device.type == "cuda" else _chunk_loss_and_grad_in_place
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, token_weight, tp_group, chunk_tokens):
@@ -64,24 +96,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         tokens = hidden.shape[0]
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        one_chunk = tokens <= chunk_tokens
+        grad_weight = None if one_chunk else torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         # On CUDA the GEMM adds each chunk's bf16 product straight into the fp32 sum (beta = 1): no bf16
         # product, fp32 copy and separate add per chunk (about 60 GB of memory traffic per 1.5B step).
         accumulate_in_gemm = hidden.is_cuda and out_dtype_addmm_available()
+        chunk_maths = _chunk_maths(hidden.device)
         for start in range(0, tokens, chunk_tokens):
             end = min(start + chunk_tokens, tokens)
             h, target, inside, w = hidden[start:end], local_labels[start:end], in_shard[start:end], token_weight[start:end]
             logits = h @ weight.t()
-            lse_local = _local_logsumexp(logits)
-            # logsumexp across the vocabulary shards: max, then the sum of the shards' exp(lse - max).
-            lse_max = _all_reduce(lse_local.clone(), dist.ReduceOp.MAX, tp_group)
-            lse = lse_max + torch.log(_all_reduce(torch.exp(lse_local - lse_max), dist.ReduceOp.SUM, tp_group))
-            target_logit = _all_reduce(_target_logit(logits, target, inside), dist.ReduceOp.SUM, tp_group)
-            loss_sum += ((lse - target_logit) * w).sum()
-            grad_logits = _logit_grad(logits, lse, target, inside, w)
+            chunk_loss, grad_logits = chunk_maths(logits, target, inside, w, tp_group)
+            loss_sum += chunk_loss
             del logits
             torch.matmul(grad_logits, weight, out=grad_hidden[start:end])
-            if accumulate_in_gemm:
+            if one_chunk:  # nothing to sum: the GEMM's output is the gradient, rounded once as in the fp32 sum
+                grad_weight = grad_logits.t() @ h
+            elif accumulate_in_gemm:
                 wgrad_gemm_accum_fp32(h, grad_logits, grad_weight)
             else:
                 grad_weight += (grad_logits.t() @ h).float()
