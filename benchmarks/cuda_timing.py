@@ -11,32 +11,27 @@ import torch
 from megatron_patch.model_sizes import get_size
 
 
-def time_ms(fn, reps: int, warmup: int = 3) -> float:
-    """Mean milliseconds per call of `fn` over `reps` calls after `warmup`, timed with CUDA events."""
+def gpu_and_host_ms(fn, reps: int, warmup: int = 3) -> tuple[float, float]:
+    """Mean milliseconds per call of `fn` over `reps` calls after `warmup`: GPU time (CUDA events) and host
+    (launch) time, the loop's wall time before the GPU is waited for. At small micro-batches a step is bound by
+    the host time, not by the kernels."""
     for _ in range(warmup):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
+    host_start = time.perf_counter()
     for _ in range(reps):
         fn()
+    host = time.perf_counter() - host_start
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+    return start.elapsed_time(end) / reps, host * 1e3 / reps
 
 
-def host_ms(fn, reps: int, warmup: int = 3) -> float:
-    """Mean milliseconds of host (launch) time per call: the loop's wall time before the GPU is waited for. At
-    small micro-batches a step is bound by it, not by the kernels."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed * 1e3 / reps
+def time_ms(fn, reps: int, warmup: int = 3) -> float:
+    """Mean GPU milliseconds per call (see gpu_and_host_ms)."""
+    return gpu_and_host_ms(fn, reps, warmup)[0]
 
 
 def attention_shape_sweep(description: str):

@@ -19,7 +19,7 @@ from torch.nn.attention import sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cuda_timing import attention_shape_sweep, host_ms, time_ms  # noqa: E402
+from cuda_timing import attention_shape_sweep, gpu_and_host_ms  # noqa: E402
 
 from megatron_patch.attention import BACKEND_PRIORITY, packed_varlen_attention  # noqa: E402
 from megatron_patch.data.providers import packed_attention_mask, packed_seq_params_for  # noqa: E402
@@ -67,9 +67,9 @@ def main() -> None:
             out.backward(torch.ones_like(out))
 
         for name, step in (("block mask (SDPA)", block_mask_step), ("varlen flash", varlen_step)):
-            ms = time_ms(step, reps=10)
+            ms, host = gpu_and_host_ms(step, reps=10)
             print(f"{size_name:5s} s={seq} b={batch} samples={len(lengths)} {name:18s} {ms:8.2f} ms "
-                  f"{flops / ms / 1e9:6.1f} TFLOP/s  host {host_ms(step, reps=10):6.2f} ms", flush=True)
+                  f"{flops / ms / 1e9:6.1f} TFLOP/s  host {host:6.2f} ms", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ which skips every block between two samples; elsewhere it gets the dense block m
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -38,10 +39,10 @@ class PackedSamples(PackedSeqParams):
     longest_sample: int = 0
 
 
+@functools.cache  # asked by every micro-batch's get_batch; the answer is fixed for the process
 def varlen_available() -> bool:
     """torch's variable-length flash kernels: a CUDA GPU of compute capability 8.0 or later (Ampere on)."""
-    return (torch.cuda.is_available() and hasattr(torch.ops.aten, "_flash_attention_forward")
-            and torch.cuda.get_device_capability() >= (8, 0))
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
 
 class _VarlenFlashAttention(torch.autograd.Function):

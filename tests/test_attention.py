@@ -204,5 +204,5 @@ def test_packed_samples_take_varlen_only_where_it_runs(model_parallel, monkeypat
     args = SimpleNamespace(**{"transformer_impl": "local", "bf16": True, "fp16": False, "attention_dropout": 0.0,
                               **changes})
     assert providers.packed_attention_by_varlen(args) is expected
-    monkeypatch.setattr(providers, "varlen_available", lambda: False)  # a CPU, or torch before 2.10
+    monkeypatch.setattr(providers, "varlen_available", lambda: False)  # a CPU, or a GPU before Ampere
     assert providers.packed_attention_by_varlen(args) is False
