@@ -1,5 +1,7 @@
-"""Where one training step's GPU time goes: runs the entrypoint with the given Megatron flags and prints
-torch.profiler's kernel table for one step (after warm-up), sorted by GPU time.
+"""Where one training step's time goes: runs the entrypoint with the given Megatron flags and prints
+torch.profiler's kernel table for one step (after warm-up), sorted by GPU time (CPU time on a CPU).
+MP_PROFILE_HOST=1 instead prints the step's Python functions by host time (cProfile): what bounds a step whose
+GPU waits on the host (small micro-batches, no CUDA graph).
 
     MP_PROFILE_STEP=4 torchrun --nproc-per-node 1 benchmarks/profile_step.py --model-size 0.5B [Megatron flags]
 """
@@ -27,6 +29,8 @@ def profiled_train_step(*args, **kwargs):
         return _plain_train_step(*args, **kwargs)
     import torch
 
+    if os.environ.get("MP_PROFILE_HOST") == "1":
+        return host_profiled(torch, *args, **kwargs)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -37,6 +41,24 @@ def profiled_train_step(*args, **kwargs):
     if int(os.environ.get("RANK", "0")) == 0:
         sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort_by, row_limit=45, max_name_column_width=90), flush=True)
+    return result
+
+
+def host_profiled(torch, *args, **kwargs):
+    import cProfile
+    import pstats
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    profile = cProfile.Profile()
+    result = profile.runcall(_plain_train_step, *args, **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    if int(os.environ.get("RANK", "0")) == 0:
+        stats = pstats.Stats(profile, stream=sys.stdout)
+        for key in ("tottime", "cumulative"):
+            stats.sort_stats(key).print_stats(40)
+        sys.stdout.flush()
     return result
 
 

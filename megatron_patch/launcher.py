@@ -267,6 +267,9 @@ def flash_attn_importable() -> bool:
 
 
 def _gpu_count() -> int:
+    # Without an NVIDIA driver there is no GPU to count: skip torch's import (2 s, every launch and dry run).
+    if not (Path("/proc/driver/nvidia").exists() or any(Path("/dev").glob("nvidia[0-9]*"))):
+        return 0
     try:
         import torch
 
@@ -446,8 +449,6 @@ def _validate_cuda_graph(launch: Launch, machine: Machine) -> None:
         reason = "it needs a GPU"
     elif launch.pp > 1:
         reason = "it captures PP=1 layouts only (TP, CP and data parallelism)"
-    elif launch.sft_packing:
-        reason = "packed SFT samples build their attention masks on the host"
     elif launch.activation_checkpointing == "offload":
         reason = "AC=offload copies activations to the host inside the step"
     elif launch.precision == "fp8":

@@ -38,3 +38,32 @@ def tiny_hf_checkpoint(tmp_path_factory, default_tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def python_exe() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def converted_tiny(tiny_hf_checkpoint, tmp_path_factory) -> Path:
+    """tiny_hf_checkpoint converted to a Megatron release checkpoint by the older convertor script (fp32)."""
+    from training_utils import OLD_CONVERTOR_SCRIPT, run_tool
+
+    out = tmp_path_factory.mktemp("tiny_mcore") / "ckpt"
+    # The older script's TP/PP are checked (TP=2 divides tiny's 2 kv heads, PP=2 its 2 layers), not baked in.
+    run_tool(["bash", OLD_CONVERTOR_SCRIPT, "tiny", tiny_hf_checkpoint, out, "2", "2", "fp32", "true", "false"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def layout_runs(converted_tiny, tmp_path_factory) -> dict[str, dict]:
+    """Each of training_utils.LAYOUTS trains LAYOUT_ITERS iterations from `converted_tiny` through the real
+    entrypoint; tp2 also saves its last iteration (with optimizer state) for the conversion back to HF.
+    {name: {work, losses, log}}."""
+    from training_utils import LAYOUT_ITERS, LAYOUTS, run_entrypoint, tensorboard_losses, tiny_mock_args
+
+    runs = {}
+    for name, (nproc, flags) in LAYOUTS.items():
+        work = tmp_path_factory.mktemp(f"layout_{name}")
+        args = tiny_mock_args(iters=LAYOUT_ITERS) + flags + ["--pretrained-checkpoint", str(converted_tiny)]
+        if name == "tp2":
+            args += ["--save", str(work / "ckpt"), "--save-interval", str(LAYOUT_ITERS)]
+        run_entrypoint(work, nproc, args)
+        runs[name] = dict(work=work, losses=tensorboard_losses(work), log=(work / "train.log").read_text())
+    return runs

@@ -194,6 +194,7 @@ def test_model_with_packed_seq_params_matches_block_mask(model_parallel, monkeyp
     ({"bf16": False}, False),  # fp32: the flash kernel takes bf16/fp16 only
     ({"transformer_impl": "transformer_engine"}, False),
     ({"attention_dropout": 0.1}, False),  # the kernel has no dropout
+    ({"cuda_graph_impl": "full_iteration"}, False),  # a replay would keep the first batch's boundaries
 ])
 def test_packed_samples_take_varlen_only_where_it_runs(model_parallel, monkeypatch, changes, expected):
     from types import SimpleNamespace
@@ -202,7 +203,7 @@ def test_packed_samples_take_varlen_only_where_it_runs(model_parallel, monkeypat
 
     monkeypatch.setattr(providers, "varlen_available", lambda: True)
     args = SimpleNamespace(**{"transformer_impl": "local", "bf16": True, "fp16": False, "attention_dropout": 0.0,
-                              **changes})
+                              "cuda_graph_impl": "none", **changes})
     assert providers.packed_attention_by_varlen(args) is expected
     monkeypatch.setattr(providers, "varlen_available", lambda: False)  # a CPU, or a GPU before Ampere
     assert providers.packed_attention_by_varlen(args) is False

@@ -7,7 +7,6 @@ Conversions run the real CLI / toolkit scripts in subprocesses (Megatron keeps i
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training_utils import REPO_ROOT, run_entrypoint, tensorboard_losses, tiny_mock_args
+from training_utils import CONVERTOR, LAYOUT_ITERS, OLD_CONVERTOR_SCRIPT, run_tool
 
 from megatron_patch.convert.mapping import (
     GateUpFused,
@@ -31,9 +30,7 @@ from megatron_patch.model_sizes import Qwen25Size
 
 pytestmark = pytest.mark.timeout(900)
 
-TOOLKIT = REPO_ROOT / "toolkits" / "distributed_checkpoints_convertor"
-RUN_8X = TOOLKIT / "scripts" / "qwen2_5" / "run_8xH20.sh"
-OLD_SCRIPT = TOOLKIT / "hf2mcore_qwen2.5_convertor.sh"
+RUN_8X = CONVERTOR / "scripts" / "qwen2_5" / "run_8xH20.sh"
 
 # Real Qwen2.5 head / kv-head ratios, scaled down: 0.5B-like (14 heads / 2 kv, tied) and 7B-like (28 / 4, untied).
 SHAPES = {
@@ -45,16 +42,8 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 
 
-def run(cmd: list[str], check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="2")
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
 def convert(*flags) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "megatron_patch.convert", *flags])
+    return run_tool([sys.executable, "-m", "megatron_patch.convert", *flags])
 
 
 def safetensors_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -145,8 +134,8 @@ def round_trips(hf_models, tmp_path_factory):
             again = convert("--mg2hf", "true", "--model-size", "auto", "--load-dir", mcore, "--save-dir", back,
                             "--hf-dir", hf, "--precision", pr, "--check-logits")
         else:
-            there = run(["bash", RUN_8X, "auto", hf, mcore, "false", "false", pr], cwd=root)
-            again = run(["bash", RUN_8X, "auto", mcore, back, "true", "false", pr, hf, "--max-shard-size", "40MB"],
+            there = run_tool(["bash", RUN_8X, "auto", hf, mcore, "false", "false", pr], cwd=root)
+            again = run_tool(["bash", RUN_8X, "auto", mcore, back, "true", "false", pr, hf, "--max-shard-size", "40MB"],
                         cwd=Path("/"))
         results[kind, pr] = dict(hf=hf, mcore=mcore, back=back, there=there, again=again)
     return results
@@ -216,58 +205,36 @@ def test_checkpoint_layout_is_a_megatron_release_with_te_key_names(round_trips):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def converted_tiny(tiny_hf_checkpoint, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_mcore") / "ckpt"
-    # The older script's TP/PP are checked (TP=2 divides tiny's 2 kv heads, PP=2 its 2 layers), not baked in.
-    run(["bash", OLD_SCRIPT, "tiny", tiny_hf_checkpoint, out, "2", "2", "fp32", "true", "false"])
-    return out
+def test_every_layout_starts_from_the_converted_release_checkpoint(layout_runs):
+    # conftest.layout_runs trains TP1, TP2, PP2 and DP2 from the converted checkpoint; test_training checks that
+    # their losses agree (same first loss in every layout: the checkpoint loads alike into each).
+    for name, r in layout_runs.items():
+        assert "loading release distributed checkpoint" in r["log"], name
+        assert sorted(r["losses"]) == list(range(1, LAYOUT_ITERS + 1)), name
 
 
-@pytest.fixture(scope="module")
-def layouts_from_converted(converted_tiny, tmp_path_factory):
-    runs = {}
-    for name, nproc, flags in (("tp1", 1, []), ("tp2", 2, ["--tensor-model-parallel-size", "2"]),
-                               ("pp2", 2, ["--pipeline-model-parallel-size", "2"])):
-        work = tmp_path_factory.mktemp(f"from_converted_{name}")
-        args = tiny_mock_args(iters=2) + flags + ["--pretrained-checkpoint", str(converted_tiny)]
-        if name == "tp2":  # this run's checkpoint (TP=2, with optimizer state) goes back to HF below
-            args += ["--save", str(work / "ckpt"), "--save-interval", "2"]
-        run_entrypoint(work, nproc, args)
-        runs[name] = dict(work=work, losses=tensorboard_losses(work), log=(work / "train.log").read_text())
-    return runs
-
-
-@pytest.mark.parametrize("layout", ["tp2", "pp2"])
-def test_converted_checkpoint_trains_with_other_layouts_and_same_first_loss(layouts_from_converted, layout):
-    runs = layouts_from_converted
-    for r in (runs["tp1"], runs[layout]):
-        assert "loading release distributed checkpoint" in r["log"]
-        assert sorted(r["losses"]) == [1, 2]
-    assert abs(runs[layout]["losses"][1] - runs["tp1"]["losses"][1]) <= 1e-5, runs
-
-
-def test_tp2_training_checkpoint_converts_back_and_equals_a_tp1_load(layouts_from_converted, tiny_hf_checkpoint,
+def test_tp2_training_checkpoint_converts_back_and_equals_a_tp1_load(layout_runs, tiny_hf_checkpoint,
                                                                      tmp_path):
     from torch.distributed.checkpoint import FileSystemReader, load
     from transformers import AutoModelForCausalLM
 
     from megatron_patch.model_sizes import get_size
 
-    ckpt = layouts_from_converted["tp2"]["work"] / "ckpt"
-    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    ckpt = layout_runs["tp2"]["work"] / "ckpt"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(LAYOUT_ITERS)
+    last = ckpt / f"iter_{LAYOUT_ITERS:07d}"
     out = tmp_path / "hf"
-    proc = run(["bash", OLD_SCRIPT, "tiny", ckpt, out, "1", "1", "fp32", "false", "true", tiny_hf_checkpoint,
+    proc = run_tool(["bash", OLD_CONVERTOR_SCRIPT, "tiny", ckpt, out, "1", "1", "fp32", "false", "true", tiny_hf_checkpoint,
                 "--check-logits"])
     diff, hf_loss, mc_loss = logit_check(proc.stdout)
     assert diff <= 1e-4 and abs(hf_loss - mc_loss) <= 1e-5, proc.stdout
 
     # Reference: the checkpoint's global (TP=1) tensors read whole, then split as a TP=1 model holds them.
     size = get_size("tiny")
-    meta = FileSystemReader(str(ckpt / "iter_0000002")).read_metadata().state_dict_metadata
+    meta = FileSystemReader(str(last)).read_metadata().state_dict_metadata
     wanted = {stacked_key(n)[0] for n in mcore_shapes(size)}
     full = {k: torch.empty(tuple(meta[k].size), dtype=meta[k].properties.dtype) for k in wanted}
-    load(full, storage_reader=FileSystemReader(str(ckpt / "iter_0000002")), no_dist=True)
+    load(full, storage_reader=FileSystemReader(str(last)), no_dist=True)
     back = safetensors_dict(out)
     original = safetensors_dict(tiny_hf_checkpoint)
     assert set(back) == set(original)
@@ -280,7 +247,7 @@ def test_tp2_training_checkpoint_converts_back_and_equals_a_tp1_load(layouts_fro
         for name, t in zip(m.hf, m.to_hf(tensor, size)):
             assert torch.equal(back[name], t), name
             trained += not torch.equal(back[name], original[name])
-    assert trained > 0, "two training steps must have moved the weights"
+    assert trained > 0, "training must have moved the weights"
     model = AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(model.model.embed_tokens.weight, back["model.embed_tokens.weight"])
 
@@ -301,7 +268,7 @@ def assert_fails_cleanly(proc: subprocess.CompletedProcess, save_dir: Path, *phr
 
 def test_named_size_that_disagrees_with_config_is_an_error(hf_models, tmp_path):
     out = tmp_path / "out"
-    proc = run(["bash", RUN_8X, "0.5B", hf_models["tied", "bf16"], out, "false", "false", "bf16"], check=False)
+    proc = run_tool(["bash", RUN_8X, "0.5B", hf_models["tied", "bf16"], out, "false", "false", "bf16"], check=False)
     assert_fails_cleanly(proc, out, "MODEL_SIZE=0.5B does not match", "num_hidden_layers")
 
 
@@ -317,21 +284,21 @@ def test_missing_and_unknown_tensors_are_named(hf_models, tmp_path):
     tensors["model.layers.0.self_attn.q_norm.weight"] = torch.ones(8)
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "out"
-    proc = run(["bash", RUN_8X, "auto", broken, out, "false", "false", "bf16"], check=False)
+    proc = run_tool(["bash", RUN_8X, "auto", broken, out, "false", "false", "bf16"], check=False)
     assert_fails_cleanly(proc, out, "model.layers.1.mlp.up_proj.weight", "model.layers.0.self_attn.q_norm.weight")
 
 
 def test_mg2hf_without_hf_dir_and_bad_arguments_are_errors(round_trips, tmp_path):
     mcore = round_trips["tied", "bf16"]["mcore"]
     out = tmp_path / "out"
-    proc = run(["bash", RUN_8X, "auto", mcore, out, "true", "false", "bf16"], check=False)
+    proc = run_tool(["bash", RUN_8X, "auto", mcore, out, "true", "false", "bf16"], check=False)
     assert_fails_cleanly(proc, out, "needs HF_DIR")
     hf = round_trips["tied", "bf16"]["hf"]
-    proc = run(["bash", RUN_8X, "auto", hf, out, "false", "false", "fp8"], check=False)
+    proc = run_tool(["bash", RUN_8X, "auto", hf, out, "false", "false", "fp8"], check=False)
     assert_fails_cleanly(proc, out, "PR must be one of fp32, bf16, fp16")
-    proc = run(["bash", OLD_SCRIPT, "auto", hf, out, "4", "1", "bf16", "true", "false"], check=False)
+    proc = run_tool(["bash", OLD_CONVERTOR_SCRIPT, "auto", hf, out, "4", "1", "bf16", "true", "false"], check=False)
     assert_fails_cleanly(proc, out, "TP=4 does not divide the 2 key/value heads")
-    proc = run(["bash", RUN_8X, "auto", tmp_path / "nowhere", out, "false", "false", "bf16"], check=False)
+    proc = run_tool(["bash", RUN_8X, "auto", tmp_path / "nowhere", out, "false", "false", "bf16"], check=False)
     assert_fails_cleanly(proc, out, "does not exist")
 
 
@@ -346,6 +313,6 @@ def test_failure_midway_leaves_no_output(round_trips, tmp_path):
     for f in (damaged / "release").glob("*.distcp"):
         f.unlink()
     out = tmp_path / "out"
-    proc = run(["bash", RUN_8X, "auto", damaged, out, "true", "false", "bf16", r["hf"]], check=False)
+    proc = run_tool(["bash", RUN_8X, "auto", damaged, out, "true", "false", "bf16", r["hf"]], check=False)
     assert proc.returncode != 0
     assert not out.exists() and not partial_leftovers(tmp_path)

@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -333,6 +334,14 @@ def test_bash_from_another_folder_with_a_relative_output_path(paths):
     assert not (cwd / "runs").exists()
 
 
+@pytest.mark.skipif(Path("/proc/driver/nvidia").exists(), reason="this machine has an NVIDIA driver")
+def test_without_an_nvidia_driver_the_launcher_counts_no_gpu_without_importing_torch():
+    # torch's import takes seconds: every launch and dry run on a CPU machine used to pay it to count zero GPUs.
+    code = "import sys; from megatron_patch.launcher import _gpu_count; print(_gpu_count(), 'torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    assert proc.stdout.split() == ["0", "False"], proc.stderr
+
+
 def test_default_tokenizer_is_written_to_the_cache(paths):
     cache = paths.root / "cache"
     run = dry_run(paths, argv(paths), tokenizer=False, XDG_CACHE_HOME=str(cache))
@@ -402,11 +411,13 @@ def test_cuda_graph_captures_whole_iterations(paths):
     # The distributed optimizer's overlapped gather waits in forward hooks, which a replay would skip.
     assert "--use-distributed-optimizer" in flags and "--overlap-param-gather" not in flags
     assert "--cuda-graph-impl" not in api_flags(paths)[1]
+    # Packed SFT too: its batches have fixed shapes and its attention mask is built on the GPU inside the step.
+    _, flags = api_flags(paths, SFT="true", environ={"MP_CUDA_GRAPH": "true", "MP_SFT_PACKING": "true"})
+    assert value(flags, "--cuda-graph-impl") == "full_iteration" and "--sft-packing" in flags
 
 
 @pytest.mark.parametrize("overrides, environ, reason", [
     ({"PP": "2"}, {}, "it captures PP=1 layouts only"),
-    ({"SFT": "true"}, {"MP_SFT_PACKING": "true"}, "packed SFT samples"),
     ({"PR": "fp8"}, {}, "PR=fp8 updates its scaling factors"),
 ])
 def test_cuda_graph_refuses_layouts_it_cannot_replay(paths, overrides, environ, reason):

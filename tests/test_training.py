@@ -6,43 +6,21 @@ import math
 
 import pytest
 
-from training_utils import run_entrypoint, tensorboard_losses, tiny_mock_args
+from training_utils import LAYOUT_ITERS, LAYOUTS, run_entrypoint, tensorboard_losses, tiny_mock_args
 
 pytestmark = pytest.mark.timeout(900)
 
-LAYOUTS = {
-    "tp1": (1, []),
-    "tp1_plain_kernels": (1, ["--plain-kernels"]),
-    "tp2": (2, ["--tensor-model-parallel-size", "2"]),
-    "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
-    "dp2_distributed_optimizer": (2, ["--use-distributed-optimizer"]),
-}
-
 
 @pytest.fixture(scope="module")
-def start_checkpoint(tmp_path_factory):
-    """A checkpoint every layout starts from, so they share weights (fp32, single process)."""
-    work = tmp_path_factory.mktemp("start")
-    run_entrypoint(work, 1, tiny_mock_args(iters=2) + ["--save", str(work / "ckpt"), "--save-interval", "2"])
-    assert (work / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
-    return work / "ckpt"
-
-
-@pytest.fixture(scope="module")
-def layout_losses(start_checkpoint, tmp_path_factory):
-    losses = {}
-    for name, (nproc, flags) in LAYOUTS.items():
-        work = tmp_path_factory.mktemp(name)
-        args = tiny_mock_args(iters=3) + flags + ["--load", str(start_checkpoint), "--finetune", "--no-load-optim",
-                                                  "--no-load-rng"]
-        run_entrypoint(work, nproc, args)
-        losses[name] = tensorboard_losses(work)
-    return losses
+def layout_losses(layout_runs):
+    """{layout: {iteration: loss}}, every layout from the same converted checkpoint (conftest.layout_runs)."""
+    return {name: run["losses"] for name, run in layout_runs.items()}
 
 
 def test_every_layout_trains_three_iterations_with_finite_loss(layout_losses):
+    assert set(layout_losses) == set(LAYOUTS)
     for name, losses in layout_losses.items():
-        assert sorted(losses) == [1, 2, 3], name
+        assert sorted(losses) == list(range(1, LAYOUT_ITERS + 1)), name
         assert all(math.isfinite(v) for v in losses.values()), (name, losses)
 
 
@@ -53,13 +31,13 @@ def test_first_iteration_loss_matches_single_process(layout_losses, layout):
 
 def test_fused_kernels_follow_megatron_plain_path(layout_losses):
     # Fused RMSNorm/RoPE and the chunked linear + cross-entropy against megatron-core's own modules, 3 iterations.
-    for it in (1, 2, 3):
+    for it in range(1, LAYOUT_ITERS + 1):
         assert abs(layout_losses["tp1_plain_kernels"][it] - layout_losses["tp1"][it]) <= 1e-5, layout_losses
 
 
 def test_data_parallel_with_distributed_optimizer_follows_single_process(layout_losses):
     # Same global batch split over two ranks: every iteration, not only the first, must agree.
-    for it in (2, 3):
+    for it in range(2, LAYOUT_ITERS + 1):
         assert abs(layout_losses["dp2_distributed_optimizer"][it] - layout_losses["tp1"][it]) <= 1e-5
 
 

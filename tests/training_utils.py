@@ -10,6 +10,18 @@ from pathlib import Path
 from megatron_patch.launcher import free_port  # noqa: F401  (tests import it from here)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+CONVERTOR = REPO_ROOT / "toolkits" / "distributed_checkpoints_convertor"
+OLD_CONVERTOR_SCRIPT = CONVERTOR / "hf2mcore_qwen2.5_convertor.sh"
+
+# Layouts that train from one converted checkpoint (the `layout_runs` fixture): name -> (processes, flags).
+LAYOUTS = {
+    "tp1": (1, []),
+    "tp1_plain_kernels": (1, ["--plain-kernels"]),
+    "tp2": (2, ["--tensor-model-parallel-size", "2"]),
+    "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
+    "dp2_distributed_optimizer": (2, ["--use-distributed-optimizer"]),
+}
+LAYOUT_ITERS = 3
 
 
 def tiny_mock_args(iters: int, seq_length: int = 64, micro_batch: int = 2, global_batch: int = 4) -> list[str]:
@@ -41,6 +53,15 @@ def run_entrypoint(workdir: Path, nproc: int, args: list[str], timeout: int = 60
     if check and proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
         raise AssertionError(f"training failed (exit {proc.returncode}); log tail:\n{tail}")
+    return proc
+
+
+def run_tool(cmd: list, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """A toolkit script or CLI in a subprocess (Megatron keeps its setup in process globals)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="2")
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
