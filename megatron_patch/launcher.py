@@ -267,8 +267,10 @@ def flash_attn_importable() -> bool:
 
 
 def _gpu_count() -> int:
-    # Without an NVIDIA driver there is no GPU to count: skip torch's import (2 s, every launch and dry run).
-    if not (Path("/proc/driver/nvidia").exists() or any(Path("/dev").glob("nvidia[0-9]*"))):
+    # Without an NVIDIA driver (/dev/dxg: WSL's GPU) there is no GPU to count: skip torch's import (2 s, every
+    # launch and dry run).
+    if not (Path("/proc/driver/nvidia").exists() or Path("/dev/dxg").exists()
+            or any(Path("/dev").glob("nvidia[0-9]*"))):
         return 0
     try:
         import torch
