@@ -9,6 +9,7 @@ with a pretend Machine, since neither exists here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -415,6 +416,20 @@ def test_cuda_graph_captures_whole_iterations(paths):
     # Packed SFT too: its batches have fixed shapes and its attention mask is built on the GPU inside the step.
     _, flags = api_flags(paths, SFT="true", environ={"MP_CUDA_GRAPH": "true", "MP_SFT_PACKING": "true"})
     assert value(flags, "--cuda-graph-impl") == "full_iteration" and "--sft-packing" in flags
+
+
+def test_sft_on_a_gpu_suggests_the_cuda_graph_where_it_can_replay(paths):
+    def suggested(launch) -> bool:
+        return any("MP_CUDA_GRAPH=true" in note for note in launch.notes)
+
+    assert suggested(api_flags(paths, SFT="true")[0])
+    assert suggested(api_flags(paths, SFT="true", environ={"MP_SFT_PACKING": "true"})[0])
+    assert not suggested(api_flags(paths, SFT="true", environ={"MP_CUDA_GRAPH": "true"})[0])  # already on
+    assert not suggested(api_flags(paths, SFT="true", PP="2")[0])  # cannot replay
+    assert not suggested(api_flags(paths)[0])  # pre-training: left to the benchmarks
+    launch = launcher.parse(argv(paths, SFT="true"), {"MP_TOKENIZER_PATH": str(paths.tokenizer)})
+    launcher.validate(launch, dataclasses.replace(GPU_TE, has_gpu=False, has_te=False, has_flash_attn=False))
+    assert not suggested(launch)  # no GPU
 
 
 @pytest.mark.parametrize("overrides, environ, reason", [
