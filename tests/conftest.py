@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -58,12 +59,15 @@ def layout_runs(converted_tiny, tmp_path_factory) -> dict[str, dict]:
     {name: {work, losses, log}}."""
     from training_utils import LAYOUT_ITERS, LAYOUTS, run_entrypoint, tensorboard_losses, tiny_mock_args
 
-    runs = {}
-    for name, (nproc, flags) in LAYOUTS.items():
+    def train(name: str) -> tuple[str, dict]:
+        nproc, flags = LAYOUTS[name]
         work = tmp_path_factory.mktemp(f"layout_{name}")
         args = tiny_mock_args(iters=LAYOUT_ITERS) + flags + ["--pretrained-checkpoint", str(converted_tiny)]
         if name == "tp2":
             args += ["--save", str(work / "ckpt"), "--save-interval", str(LAYOUT_ITERS)]
         run_entrypoint(work, nproc, args)
-        runs[name] = dict(work=work, losses=tensorboard_losses(work), log=(work / "train.log").read_text())
-    return runs
+        return name, dict(work=work, losses=tensorboard_losses(work), log=(work / "train.log").read_text())
+
+    # Two at a time: much of a launch is single-threaded interpreter start-up.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(train, LAYOUTS))

@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -125,8 +126,8 @@ def round_trips(hf_models, tmp_path_factory):
     """Every (tied/untied, fp32/bf16) model HF -> Megatron -> HF. fp32 runs the Python CLI with --check-logits,
     bf16 the upstream script (bf16 back with 40 MB shards, so the output has several)."""
     root = tmp_path_factory.mktemp("round_trips")
-    results = {}
-    for (kind, pr), hf in hf_models.items():
+
+    def round_trip(kind: str, pr: str, hf: Path) -> dict:
         mcore, back = root / f"{kind}_{pr}_mcore", root / f"{kind}_{pr}_hf"
         if pr == "fp32":
             there = convert("--model-size", "auto", "--load-dir", hf, "--save-dir", mcore, "--precision", pr,
@@ -135,10 +136,14 @@ def round_trips(hf_models, tmp_path_factory):
                             "--hf-dir", hf, "--precision", pr, "--check-logits")
         else:
             there = run_tool(["bash", RUN_8X, "auto", hf, mcore, "false", "false", pr], cwd=root)
-            again = run_tool(["bash", RUN_8X, "auto", mcore, back, "true", "false", pr, hf, "--max-shard-size", "40MB"],
-                        cwd=Path("/"))
-        results[kind, pr] = dict(hf=hf, mcore=mcore, back=back, there=there, again=again)
-    return results
+            again = run_tool(["bash", RUN_8X, "auto", mcore, back, "true", "false", pr, hf, "--max-shard-size",
+                              "40MB"], cwd=Path("/"))
+        return dict(hf=hf, mcore=mcore, back=back, there=there, again=again)
+
+    # Two at a time: each conversion is mostly a single-threaded interpreter start.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {key: pool.submit(round_trip, *key, hf) for key, hf in hf_models.items()}
+        return {key: future.result() for key, future in futures.items()}
 
 
 @pytest.mark.parametrize("kind", list(SHAPES))
@@ -224,8 +229,8 @@ def test_tp2_training_checkpoint_converts_back_and_equals_a_tp1_load(layout_runs
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(LAYOUT_ITERS)
     last = ckpt / f"iter_{LAYOUT_ITERS:07d}"
     out = tmp_path / "hf"
-    proc = run_tool(["bash", OLD_CONVERTOR_SCRIPT, "tiny", ckpt, out, "1", "1", "fp32", "false", "true", tiny_hf_checkpoint,
-                "--check-logits"])
+    proc = run_tool(["bash", OLD_CONVERTOR_SCRIPT, "tiny", ckpt, out, "1", "1", "fp32", "false", "true",
+                     tiny_hf_checkpoint, "--check-logits"])
     diff, hf_loss, mc_loss = logit_check(proc.stdout)
     assert diff <= 1e-4 and abs(hf_loss - mc_loss) <= 1e-5, proc.stdout
 

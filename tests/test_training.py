@@ -1,4 +1,5 @@
-"""The real entrypoint, launched with torchrun on the CPU: layouts agree and resume is exact."""
+"""The real entrypoint, launched with torchrun on the CPU: layouts agree, and ranks end with their launcher.
+(Exact resume after a kill: test_best_practice_commands.test_kill_9_and_relaunch_continues_exactly.)"""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import pytest
 
-from training_utils import LAYOUT_ITERS, LAYOUTS, run_entrypoint, tensorboard_losses, tiny_mock_args
+from training_utils import LAYOUT_ITERS, LAYOUTS, tiny_mock_args
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -39,29 +40,6 @@ def test_data_parallel_with_distributed_optimizer_follows_single_process(layout_
     # Same global batch split over two ranks: every iteration, not only the first, must agree.
     for it in range(2, LAYOUT_ITERS + 1):
         assert abs(layout_losses["dp2_distributed_optimizer"][it] - layout_losses["tp1"][it]) <= 1e-5
-
-
-def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
-    base = tiny_mock_args(iters=6)
-    straight = tmp_path / "straight"
-    run_entrypoint(straight, 1, base)
-    reference = tensorboard_losses(straight)
-
-    resumed = tmp_path / "resumed"
-    ckpt = ["--save", str(resumed / "ckpt"), "--load", str(resumed / "ckpt"), "--save-interval", "3"]
-    # The first launch stops right after its iteration-3 checkpoint, as a preempted job would.
-    run_entrypoint(resumed, 1, base + ckpt + ["--exit-interval", "3"])
-    assert (resumed / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
-    first = tensorboard_losses(resumed)
-    assert sorted(first) == [1, 2, 3]
-
-    (resumed / "tb").rename(resumed / "tb_first")
-    run_entrypoint(resumed, 1, base + ckpt)
-    second = tensorboard_losses(resumed)
-    assert sorted(second) == [4, 5, 6], "the relaunch must continue at the saved iteration"
-    for it in (4, 5, 6):
-        assert abs(second[it] - reference[it]) <= 1e-5, (it, second[it], reference[it])
-    assert "iteration        4/" in (resumed / "train.log").read_text()
 
 
 def test_ranks_exit_when_torchrun_is_killed(tmp_path):
