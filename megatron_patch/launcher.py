@@ -267,12 +267,15 @@ def flash_attn_importable() -> bool:
                for name in ("flash_attn", "flash_attn_3", "flash_attn_interface"))
 
 
+def nvidia_driver_present() -> bool:
+    """An NVIDIA driver's traces (/dev/dxg: WSL's GPU). Without them there is no GPU for torch to count."""
+    return (Path("/proc/driver/nvidia").exists() or Path("/dev/dxg").exists()
+            or any(Path("/dev").glob("nvidia[0-9]*")))
+
+
 def _gpu_count() -> int:
-    # Without an NVIDIA driver (/dev/dxg: WSL's GPU) there is no GPU to count: skip torch's import (2 s, every
-    # launch and dry run).
-    if not (Path("/proc/driver/nvidia").exists() or Path("/dev/dxg").exists()
-            or any(Path("/dev").glob("nvidia[0-9]*"))):
-        return 0
+    if not nvidia_driver_present():
+        return 0  # skips torch's import: 2 s on every launch and dry run of a CPU machine
     try:
         import torch
 

@@ -335,8 +335,7 @@ def test_bash_from_another_folder_with_a_relative_output_path(paths):
     assert not (cwd / "runs").exists()
 
 
-@pytest.mark.skipif(Path("/proc/driver/nvidia").exists() or Path("/dev/dxg").exists(),
-                    reason="this machine has an NVIDIA driver")
+@pytest.mark.skipif(launcher.nvidia_driver_present(), reason="this machine has an NVIDIA driver")
 def test_without_an_nvidia_driver_the_launcher_counts_no_gpu_without_importing_torch():
     # torch's import takes seconds: every launch and dry run on a CPU machine used to pay it to count zero GPUs.
     code = "import sys; from megatron_patch.launcher import _gpu_count; print(_gpu_count(), 'torch' in sys.modules)"
