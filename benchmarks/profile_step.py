@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_patch import pretrain_qwen  # noqa: E402  (applies the CPU backend / compat patches first)
 from megatron.training import training  # noqa: E402
+import torch  # noqa: E402
 
 PROFILE_STEP = int(os.environ.get("MP_PROFILE_STEP", "4"))
 _plain_train_step = training.train_step
@@ -27,10 +28,8 @@ def profiled_train_step(*args, **kwargs):
     _calls += 1
     if _calls != PROFILE_STEP:
         return _plain_train_step(*args, **kwargs)
-    import torch
-
     if os.environ.get("MP_PROFILE_HOST") == "1":
-        return host_profiled(torch, *args, **kwargs)
+        return host_profiled(*args, **kwargs)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -44,7 +43,7 @@ def profiled_train_step(*args, **kwargs):
     return result
 
 
-def host_profiled(torch, *args, **kwargs):
+def host_profiled(*args, **kwargs):
     import cProfile
     import pstats
 

@@ -227,7 +227,8 @@ def parse(argv: list[str], environ: dict[str, str]) -> Launch:
 
 
 def detect_machine(launch: Launch, environ: dict[str, str]) -> Machine:
-    has_gpu = _gpu_count() > 0
+    gpus = _gpu_count()
+    has_gpu = gpus > 0
     has_te = has_gpu and importlib.util.find_spec("transformer_engine") is not None
     has_flash_attn = has_gpu and flash_attn_importable()
     override = environ.get("MP_NPROC_PER_NODE")
@@ -254,7 +255,7 @@ def detect_machine(launch: Launch, environ: dict[str, str]) -> Machine:
     if override:
         nproc = _int("MP_NPROC_PER_NODE", override, 1)
     elif has_gpu:
-        nproc = _gpu_count()
+        nproc = gpus
     else:
         # On the CPU, start just enough processes for the requested model-parallel layout.
         nproc = launch.tp * launch.pp * launch.cp
@@ -328,9 +329,11 @@ def validate(launch: Launch, machine: Machine) -> None:
     if launch.activation_checkpointing == "offload" and not machine.has_te:
         raise LaunchError("error: AC=offload uses Transformer Engine's CPU offload, which is not importable here. "
                           "Use AC=sel or AC=full, or run in the NGC PyTorch image.")
-    if launch.cuda_graph and (obstacle := _cuda_graph_obstacle(launch, machine)):
-        raise LaunchError(f"error: MP_CUDA_GRAPH=true, but {obstacle}. Unset MP_CUDA_GRAPH (or set it to false).")
-    if launch.sft and not launch.cuda_graph and not _cuda_graph_obstacle(launch, machine):
+    graph_obstacle = _cuda_graph_obstacle(launch, machine)
+    if launch.cuda_graph and graph_obstacle:
+        raise LaunchError(f"error: MP_CUDA_GRAPH=true, but {graph_obstacle}. Unset MP_CUDA_GRAPH (or set it to "
+                          "false).")
+    if launch.sft and not launch.cuda_graph and not graph_obstacle:
         launch.notes.append("SFT steps at small micro-batches wait on the host's kernel launches; MP_CUDA_GRAPH=true "
                             "replays each iteration from one CUDA graph (the guide's SFT command: 81 instead of "
                             "1,160 ms per iteration on one H200, docs/benchmarks.md).")
