@@ -1,7 +1,8 @@
 """Where one training step's time goes: runs the entrypoint with the given Megatron flags and prints
 torch.profiler's kernel table for one step (after warm-up), sorted by GPU time (CPU time on a CPU).
 MP_PROFILE_HOST=1 instead prints the step's Python functions by host time (cProfile): what bounds a step whose
-GPU waits on the host (small micro-batches, no CUDA graph).
+GPU waits on the host (small micro-batches, no CUDA graph). MP_PROFILE_DETAIL=1 adds a second table of the same
+step's operators by input shape: which GEMM, copy or add runs on which tensors.
 
     MP_PROFILE_STEP=4 torchrun --nproc-per-node 1 benchmarks/profile_step.py --model-size 0.5B [Megatron flags]
 """
@@ -33,13 +34,17 @@ def profiled_train_step(*args, **kwargs):
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    detail = os.environ.get("MP_PROFILE_DETAIL") == "1"
+    with torch.profiler.profile(activities=activities, record_shapes=detail) as prof:
         result = _plain_train_step(*args, **kwargs)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     if int(os.environ.get("RANK", "0")) == 0:
         sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort_by, row_limit=45, max_name_column_width=90), flush=True)
+        if detail:
+            print(prof.key_averages(group_by_input_shape=True).table(
+                sort_by=sort_by, row_limit=80, max_name_column_width=60, max_shapes_column_width=70), flush=True)
     return result
 
 

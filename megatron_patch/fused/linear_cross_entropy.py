@@ -20,14 +20,65 @@ import torch.distributed as dist
 from megatron_patch.fused.compile import compiled_on_cuda
 from megatron_patch.fused.grad_accumulation import out_dtype_addmm_available, wgrad_gemm_accum_fp32
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without triton: the eager maths below
+    triton = None
+
 # Tokens per chunk are chosen so one chunk's logits take about this many bytes (the fp32 softmax never exists
-# on the GPU: the compiled kernels read the bf16 logits).
+# on the GPU: the kernels read the bf16 logits).
 CHUNK_LOGIT_BYTES = 1 << 30
+VOCAB_BLOCK = 4096
+
+if triton is not None:
+    @triton.jit
+    def _logsumexp_kernel(logits_ptr, lse_ptr, vocab: tl.constexpr, BLOCK: tl.constexpr):
+        """One row per program, one pass: the running maximum rescales the running sum (online softmax)."""
+        row_start = logits_ptr + tl.program_id(0).to(tl.int64) * vocab
+        row_max = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
+        row_sum = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+        for start in range(0, vocab, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(row_start + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(row_max, tl.max(x, axis=0))
+            row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+            row_max = new_max
+        tl.store(lse_ptr + tl.program_id(0), row_max + tl.log(row_sum))
+
+    @triton.jit
+    def _logit_grad_kernel(logits_ptr, lse_ptr, target_ptr, in_shard_ptr, weight_ptr, vocab: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        """(softmax - onehot(target)) * weight over one column block of one row, written over the logits."""
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        at = logits_ptr + row.to(tl.int64) * vocab + cols
+        inside = cols < vocab
+        x = tl.load(at, mask=inside).to(tl.float32)
+        softmax = tl.exp(x - tl.load(lse_ptr + row))
+        onehot = (cols == tl.load(target_ptr + row)) & (tl.load(in_shard_ptr + row) != 0)
+        grad = (softmax - onehot.to(tl.float32)) * tl.load(weight_ptr + row)
+        tl.store(at, grad.to(logits_ptr.dtype.element_ty), mask=inside)
 
 
-@compiled_on_cuda
-def _local_logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(logits.float(), dim=-1)
+def _kernels_apply(logits: torch.Tensor) -> bool:
+    return triton is not None and logits.is_cuda
+
+
+def local_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 logsumexp of each row of [tokens, vocab_shard] logits. On CUDA one Triton pass over the bf16 logits
+    (inductor's reduction read them twice, at 3.3 TB/s on an H200)."""
+    if not _kernels_apply(logits):
+        return torch.logsumexp(logits.float(), dim=-1)
+    return _logsumexp_triton(logits)
+
+
+def _logsumexp_triton(logits: torch.Tensor) -> torch.Tensor:
+    logits = logits.contiguous()
+    lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    if logits.shape[0]:
+        _logsumexp_kernel[(logits.shape[0],)](logits, lse, logits.shape[1], BLOCK=VOCAB_BLOCK, num_warps=8)
+    return lse
 
 
 @compiled_on_cuda
@@ -36,14 +87,27 @@ def _target_logit(logits: torch.Tensor, local_target: torch.Tensor, in_shard: to
     return torch.where(in_shard, picked, torch.zeros_like(picked))
 
 
-@compiled_on_cuda
-def _logit_grad(logits: torch.Tensor, logsumexp: torch.Tensor, local_target: torch.Tensor, in_shard: torch.Tensor,
+def logit_grad(logits: torch.Tensor, logsumexp: torch.Tensor, local_target: torch.Tensor, in_shard: torch.Tensor,
                 weight: torch.Tensor) -> torch.Tensor:
-    """(softmax - onehot(target)) * weight per token, in the logits' dtype."""
-    softmax = torch.exp(logits.float() - logsumexp.unsqueeze(1))
-    columns = torch.arange(logits.shape[1], device=logits.device)
-    onehot = (columns.unsqueeze(0) == local_target.unsqueeze(1)) & in_shard.unsqueeze(1)
-    return ((softmax - onehot.float()) * weight.unsqueeze(1)).to(logits.dtype)
+    """(softmax - onehot(target)) * weight per token, in the logits' dtype. The logits are spent: on CUDA a Triton
+    kernel writes the gradient over them (one 1 GiB buffer less per chunk); elsewhere it is a new tensor."""
+    if not _kernels_apply(logits):
+        softmax = torch.exp(logits.float() - logsumexp.unsqueeze(1))
+        columns = torch.arange(logits.shape[1], device=logits.device)
+        onehot = (columns.unsqueeze(0) == local_target.unsqueeze(1)) & in_shard.unsqueeze(1)
+        return ((softmax - onehot.float()) * weight.unsqueeze(1)).to(logits.dtype)
+    return _logit_grad_triton_(logits, logsumexp, local_target, in_shard, weight)
+
+
+def _logit_grad_triton_(logits, logsumexp, local_target, in_shard, weight):
+    if not logits.is_contiguous():
+        raise ValueError("the logit-gradient kernel writes over the logits: they must be contiguous [tokens, vocab]")
+    rows, vocab = logits.shape
+    if rows:
+        _logit_grad_kernel[(rows, triton.cdiv(vocab, VOCAB_BLOCK))](
+            logits, logsumexp.float().contiguous(), local_target.contiguous(), in_shard.contiguous(),
+            weight.float().contiguous(), vocab, BLOCK=VOCAB_BLOCK, num_warps=8)
+    return logits
 
 
 def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
@@ -52,16 +116,16 @@ def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
     return tensor
 
 
-def _chunk_loss_and_grad_compiled(logits, target, inside, token_weight, tp_group):
-    """The chunk's weighted loss sum and the bf16 gradient of its logits, through the compiled kernels (on CUDA
-    they read the bf16 logits and never write an fp32 copy)."""
-    lse_local = _local_logsumexp(logits)
+def _chunk_loss_and_grad_kernels(logits, target, inside, token_weight, tp_group):
+    """The chunk's weighted loss sum and the bf16 gradient of its logits (written over them), through the kernels
+    above: on CUDA they read the bf16 logits and never write an fp32 copy."""
+    lse_local = local_logsumexp(logits)
     # logsumexp across the vocabulary shards: max, then the sum of the shards' exp(lse - max).
     lse_max = _all_reduce(lse_local.clone(), dist.ReduceOp.MAX, tp_group)
     lse = lse_max + torch.log(_all_reduce(torch.exp(lse_local - lse_max), dist.ReduceOp.SUM, tp_group))
     target_logit = _all_reduce(_target_logit(logits, target, inside), dist.ReduceOp.SUM, tp_group)
     loss = ((lse - target_logit) * token_weight).sum()
-    return loss, _logit_grad(logits, lse, target, inside, token_weight)
+    return loss, logit_grad(logits, lse, target, inside, token_weight)
 
 
 def _chunk_loss_and_grad_in_place(logits, target, inside, token_weight, tp_group):
@@ -81,7 +145,7 @@ def _chunk_loss_and_grad_in_place(logits, target, inside, token_weight, tp_group
 
 
 def _chunk_maths(device: torch.device):
-    return _chunk_loss_and_grad_compiled if device.type == "cuda" else _chunk_loss_and_grad_in_place
+    return _chunk_loss_and_grad_kernels if device.type == "cuda" else _chunk_loss_and_grad_in_place
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
