@@ -244,12 +244,20 @@ def _swiglu_reference_grad(grad_output: torch.Tensor, y: torch.Tensor) -> torch.
     return y64.grad
 
 
+def _run_in_triton_interpreter(script: str) -> str:
+    """Runs `script` in a fresh interpreter with Triton's interpreter on (it must be switched on before triton is
+    imported; it runs the kernels themselves on the CPU) from the repository root; returns its stdout."""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, TRITON_INTERPRET="1"),
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def test_swiglu_backward_kernel_matches_autograd_in_triton_interpreter():
-    # Triton's interpreter runs the kernel itself on the CPU; it must be switched on before triton is imported.
     pytest.importorskip("triton")
     script = textwrap.dedent("""
-        import os, sys
-        os.environ["TRITON_INTERPRET"] = "1"
+        import sys
         import torch
         sys.path.insert(0, "tests")
         from test_fused_kernels import _swiglu_reference_grad
@@ -262,10 +270,8 @@ def test_swiglu_backward_kernel_matches_autograd_in_triton_interpreter():
         assert got.dtype == y.dtype and got.shape == y.shape
         print("max_abs_diff", (got.double() - want).abs().max().item())
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert result.returncode == 0, result.stderr[-3000:]
-    difference = float(result.stdout.split("max_abs_diff")[-1])
+    stdout = _run_in_triton_interpreter(script)
+    difference = float(stdout.split("max_abs_diff")[-1])
     assert difference < 1e-4, f"kernel differs from autograd by {difference}"
 
 
@@ -282,8 +288,6 @@ def test_cross_entropy_kernels_match_torch_in_triton_interpreter():
     # eager maths: two column blocks with a masked tail, tokens outside the vocabulary shard, masked tokens.
     pytest.importorskip("triton")
     script = textwrap.dedent("""
-        import os
-        os.environ["TRITON_INTERPRET"] = "1"
         import torch
         from megatron_patch.fused import linear_cross_entropy as lce
         torch.manual_seed(0)
@@ -302,10 +306,8 @@ def test_cross_entropy_kernels_match_torch_in_triton_interpreter():
         print("grad", (grad.float() - want_grad.float()).abs().max().item())
         print("onehot", grad[0, target[0]].item(), grad[2, target[2]].item() >= 0)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = dict(line.split(" ", 1) for line in result.stdout.strip().splitlines())
+    stdout = _run_in_triton_interpreter(script)
+    report = dict(line.split(" ", 1) for line in stdout.strip().splitlines())
     assert float(report["lse"]) < 1e-5, report
     assert float(report["grad"]) <= 2 ** -8, report  # one bf16 rounding of values below 1
     onehot_grad, outside_shard_nonnegative = report["onehot"].split()
