@@ -3,18 +3,19 @@
 Values are the official Hugging Face Qwen2.5 base configs. `tiny` keeps the real vocabulary so the real
 tokenizer fits, and is small enough to train on a CPU.
 
-Shell scripts ask this module instead of repeating the table:
-    eval "$(python -m megatron_patch.model_sizes 0.5B --bash)"
+Print one entry (or `auto`: the shape a checkpoint's config.json describes):
+    python -m megatron_patch.model_sizes 0.5B [--checkpoint DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from megatron_patch.errors import UserError, report_user_errors
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def get_size(name: str) -> Qwen25Size:
     try:
         return QWEN2_5_SIZES[name]
     except KeyError:
-        raise SystemExit(
+        raise UserError(
             f"error: unknown MODEL_SIZE '{name}'. Choose one of: {', '.join(QWEN2_5_SIZES)}."
         ) from None
 
@@ -100,38 +101,45 @@ def resolve_size(name: str, checkpoint_dir: str | Path | None = None) -> Qwen25S
     config = json.loads(config_path.read_text()) if config_path and config_path.is_file() else None
     if name == "auto":
         if config is None:
-            raise SystemExit(f"error: MODEL_SIZE=auto needs a config.json, and none is at {config_path}.")
+            raise UserError(f"error: MODEL_SIZE=auto needs a config.json, and none is at {config_path}.")
         return size_from_hf_config(config)
     size = get_size(name)
     if config is not None:
         bad = hf_config_mismatches(size, config)
         if bad:
-            raise SystemExit(
+            raise UserError(
                 f"error: MODEL_SIZE={name} does not match {config_path}:\n  " + "\n  ".join(bad)
                 + "\nPass the size this checkpoint was trained as, or MODEL_SIZE=auto."
             )
     return size
 
 
-def bash_assignments(size: Qwen25Size) -> str:
-    values = asdict(size) | {"head_dim": size.head_dim}
-    lines = []
-    for key, value in values.items():
-        if isinstance(value, bool):
-            value = str(value).lower()
-        lines.append(f"{key.upper()}={shlex.quote(str(value))}")
-    return "\n".join(lines)
+def layout_problems(size: Qwen25Size, tp: int, pp: int, vp: int | None = None) -> list[str]:
+    """What is wrong with splitting this shape over TP tensor and PP pipeline ranks (VP virtual stages per
+    pipeline rank); empty when the layout works. One check for the launcher and the convertor."""
+    if tp < 1 or pp < 1:
+        return [f"TP and PP must be at least 1 (got TP={tp}, PP={pp})"]
+    problems = []
+    if size.num_attention_heads % tp or size.num_query_groups % tp:
+        choices = [t for t in range(1, size.num_query_groups + 1) if size.num_query_groups % t == 0]
+        problems.append(f"TP={tp} must divide the {size.num_attention_heads} attention heads and "
+                        f"{size.num_query_groups} key/value heads (choose TP from {choices})")
+    if size.num_layers % pp:
+        problems.append(f"PP={pp} must divide the {size.num_layers} layers")
+    elif vp is not None and size.num_layers % (pp * vp):
+        problems.append(f"PP x virtual stages = {pp} x {vp} must divide the {size.num_layers} layers")
+    return problems
 
 
+@report_user_errors
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("size", choices=[*QWEN2_5_SIZES, "auto"])
     parser.add_argument("--checkpoint", help="checkpoint folder whose config.json must match (or define, with auto)")
-    parser.add_argument("--bash", action="store_true", help="print NAME=value lines for a shell's eval")
     args = parser.parse_args(argv)
     size = resolve_size(args.size, args.checkpoint)
-    print(bash_assignments(size) if args.bash else json.dumps(asdict(size), indent=2))
+    print(json.dumps(asdict(size), indent=2))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,53 @@
+"""What this machine has: GPUs, Transformer Engine, flash-attn, a free port. The one place each is asked."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import socket
+from pathlib import Path
+
+
+def nvidia_driver_present() -> bool:
+    """An NVIDIA driver's traces (/dev/dxg: WSL's GPU). Without them there is no GPU for torch to count."""
+    return (Path("/proc/driver/nvidia").exists() or Path("/dev/dxg").exists()
+            or any(Path("/dev").glob("nvidia[0-9]*")))
+
+
+@functools.cache
+def gpu_count() -> int:
+    """CUDA devices torch sees; 0 without a driver (skips torch's import: 2 s on every CPU launch and dry run)."""
+    if not nvidia_driver_present():
+        return 0
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
+def transformer_engine_importable() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def flash_attn_importable() -> bool:
+    """TE's flash backend takes flash-attn 2 (flash_attn) or 3 (flash_attn_3 / flash_attn_interface)."""
+    return any(importlib.util.find_spec(name) is not None
+               for name in ("flash_attn", "flash_attn_3", "flash_attn_interface"))
+
+
+def free_gpu_bytes() -> int | None:
+    """Free memory on the current GPU, or None without one."""
+    if gpu_count() == 0:
+        return None
+    import torch
+
+    return torch.cuda.mem_get_info()[0]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a rendezvous on this host."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
