@@ -7,6 +7,12 @@ import argparse
 from megatron_patch.model_sizes import Qwen25Size, get_size
 
 
+# A GPU without Transformer Engine has no Apex either: megatron-core's persistent layer norm and masked-softmax
+# kernels are Apex's, so they go; the gradient-accumulation GEMM stays (megatron_patch.fused supplies it).
+# The launcher and the convertor both build the model with exactly these.
+NO_TE_GPU_FLAGS = ["--transformer-impl", "local", "--no-persist-layer-norm", "--no-masked-softmax-fusion"]
+
+
 def qwen2_5_model_flags(size: Qwen25Size) -> list[str]:
     """The megatron-core architecture flags that make GPTModel a Qwen2.5 of this size."""
     flags = [

@@ -18,7 +18,7 @@ os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 import torch  # noqa: E402
 
-from megatron_patch import cpu_backend, megatron_compat  # noqa: E402
+from megatron_patch import cpu_backend, megatron_compat, process_lifetime  # noqa: E402
 
 ON_CPU = cpu_backend.enable()
 megatron_compat.apply()
@@ -69,20 +69,11 @@ def forward_step(data_iterator, model):
     return output_tensor, partial(summed_loss_func if fused_loss else loss_func, batch["loss_mask"])
 
 
-def die_with_torchrun() -> None:
-    """A rank whose torchrun was killed (kill -9, the OOM killer) would live on, blocked in a collective and
-    holding its GPU: ask Linux to SIGKILL this process when its parent dies."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent died before the request
-            os._exit(1)
-
-
 def main(argv: list[str]) -> None:
-    die_with_torchrun()
+    # A rank whose torchrun was killed (kill -9, the OOM killer) would live on, blocked in a collective and
+    # holding its GPU; so would the helper processes it starts.
+    process_lifetime.die_with_parent()
+    process_lifetime.children_die_with_this_process()
     argv = expand_model_size(argv)
     if ON_CPU:
         argv = cpu_backend.cpu_argv(argv)
