@@ -13,10 +13,13 @@ does not support) torch goes down the list to flash, memory-efficient, then math
 Packed samples (SFT packing): on a GPU the batch reader hands over the samples' boundaries (PackedSeqParams,
 cumulative lengths over the micro-batch's rows) and attention runs through torch's variable-length flash kernel,
 which skips every block between two samples; elsewhere it gets the dense block mask instead.
+
+Context parallelism (megatron-core only has it in Transformer Engine's attention): see context_parallel.py.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 
@@ -26,6 +29,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+
+from megatron_patch.context_parallel import context_parallel_attention
 
 
 BACKEND_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -87,6 +92,22 @@ def packed_varlen_attention(query, key, value, packed_seq_params, scale):
 
 
 class SDPACoreAttention(DotProductAttention):
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None):
+        # DotProductAttention refuses context parallelism (megatron-core has it in TE's attention only); this
+        # class does it itself, so its parent is built as if CP were 1.
+        without_cp = copy.copy(config)
+        without_cp.context_parallel_size = 1
+        super().__init__(without_cp, layer_number, attn_mask_type, attention_type, attention_dropout,
+                         softmax_scale, cp_comm_type, pg_collection)
+        self.config = config
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            from megatron.core import parallel_state
+
+            cp_group = getattr(pg_collection, "cp", None)
+            self.cp_group = parallel_state.get_context_parallel_group() if cp_group is None else cp_group
+
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         if attention_bias is not None:
@@ -94,6 +115,12 @@ class SDPACoreAttention(DotProductAttention):
         # DotProductAttention divides its scale by the layer number under query-key layer scaling and
         # multiplies it back inside its softmax: undo the division.
         scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
+        if self.cp_group is not None:
+            if packed_seq_params is not None or (self.training and self.config.attention_dropout) \
+                    or (attention_mask is None and (attn_mask_type or self.attn_mask_type) != AttnMaskType.causal):
+                raise NotImplementedError("SDPA core attention under context parallelism takes causal attention or "
+                                          "a block mask, without packed_seq_params or attention dropout.")
+            return context_parallel_attention(query, key, value, attention_mask, self.cp_group, scale)
         if packed_seq_params is not None:
             if packed_seq_params.qkv_format != "sbhd" or (self.training and self.config.attention_dropout):
                 raise NotImplementedError("SDPA core attention takes packed samples as [s, b, heads, d] (qkv_format "

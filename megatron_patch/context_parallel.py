@@ -1,0 +1,298 @@
+"""Context parallelism (CP) for the local spec's SDPA attention: megatron-core's sequence layout without
+Transformer Engine.
+
+Layout (megatron-core's `get_batch_on_this_cp_rank`): the sequence is cut into 2*CP equal chunks and CP rank r
+holds chunks r and 2*CP-1-r, in that order, so every rank gets the same share of the causal work. RoPE is sliced
+the same way by megatron-core's RotaryEmbedding, and the loss is a per-token sum whose token count megatron-core
+all-reduces over the data- and context-parallel ranks (`--calculate-per-token-loss`), as are the gradients.
+
+Attention: each rank all-gathers K and V over the CP group (small under GQA: 2 KV heads against 12 query heads
+at 1.5B, 4 against 28 at 7B) and each of its two query chunks attends to the keys it may see: chunk i of the
+2*CP sees chunks 0..i-1 fully (one rectangular block, no mask) and itself causally (one square block). The blocks'
+outputs are merged by their log-sum-exp, and the backward hands every block the merged output and log-sum-exp
+(the ring-attention identity), so each block's gradient is exact. dK and dV are summed in fp32 over the blocks
+and reduce-scattered back to the ranks that own those chunks; K and V are gathered again in the backward rather
+than kept (activation memory is what limits long sequences).
+
+Block kernels: cuDNN's attention on a GPU in bf16/fp16 (the fastest of torch's kernels on Hopper, see
+attention.py), torch's flash kernel where cuDNN refuses, and an fp32 reference in plain torch elsewhere (the CPU;
+fp32 on a GPU). Whatever the device, the chunk bookkeeping and the collectives are the same code.
+
+Packed samples (SFT packing) arrive as the rows of the block mask that belong to this rank's queries
+([b, 1, 2*s/2CP, s], True where attention is forbidden, keys in sequence order): attention against the gathered
+keys with that mask, the gather's backward reduce-scattering dK and dV.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def chunk_ids(cp_rank: int, cp_size: int) -> tuple[int, int]:
+    """The two of the 2*CP sequence chunks that CP rank `cp_rank` holds, in the order it holds them."""
+    return cp_rank, 2 * cp_size - 1 - cp_rank
+
+
+def rank_layout_to_sequence(gathered: torch.Tensor, cp_size: int) -> torch.Tensor:
+    """[CP * 2c, ...] (each rank's two chunks, rank after rank) -> [2CP * c, ...] in sequence order."""
+    per_rank = gathered.view(cp_size, 2, gathered.shape[0] // (2 * cp_size), *gathered.shape[1:])
+    # Chunks 0..CP-1 are the ranks' first chunks; chunks CP..2CP-1 the second chunks of ranks CP-1..0.
+    return torch.cat([per_rank[:, 0], per_rank[:, 1].flip(0)]).flatten(0, 1)
+
+
+def sequence_to_rank_layout(full: torch.Tensor, cp_size: int) -> torch.Tensor:
+    """The inverse of rank_layout_to_sequence."""
+    chunks = full.view(2 * cp_size, full.shape[0] // (2 * cp_size), *full.shape[1:])
+    return torch.stack([chunks[:cp_size], chunks[cp_size:].flip(0)], dim=1).flatten(0, 2)
+
+
+def _all_gather(local: torch.Tensor, group) -> torch.Tensor:
+    out = torch.empty((group.size() * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
+    dist.all_gather_single(out, local.contiguous(), group=group)
+    return out
+
+
+def _reduce_scatter(full: torch.Tensor, group) -> torch.Tensor:
+    out = torch.empty((full.shape[0] // group.size(), *full.shape[1:]), dtype=full.dtype, device=full.device)
+    dist.reduce_scatter_single(out, full.contiguous(), group=group)
+    return out
+
+
+def gather_sequence(local: torch.Tensor, group) -> torch.Tensor:
+    """This rank's [2c, ...] -> the whole [2CP * c, ...] in sequence order (no autograd)."""
+    return rank_layout_to_sequence(_all_gather(local, group), group.size())
+
+
+class _GatherSequence(torch.autograd.Function):
+    """gather_sequence whose backward sums the gradient over the ranks and hands each its own chunks."""
+
+    @staticmethod
+    def forward(ctx, local, group):
+        ctx.group = group
+        return gather_sequence(local, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(sequence_to_rank_layout(grad, ctx.group.size()), ctx.group), None
+
+
+# ---- Block kernels: attention of queries [b, h, sq, d] to keys/values [b, g, sk, d] (g divides h), returning the
+# output and the fp32 log-sum-exp of the scaled scores [b, h, sq]; the backward takes the *merged* output and
+# log-sum-exp. `causal` is only ever asked of square blocks (sq == sk).
+
+class ReferenceBlock:
+    """Plain torch in fp32: the CPU, and fp32 on a GPU (the fused kernels take bf16/fp16 only)."""
+
+    @staticmethod
+    def _scores(q, k, causal, scale):
+        b, h, sq, d = q.shape
+        groups = k.shape[1]
+        # Query heads grouped by the key head they share: [b, g, h/g, sq, d].
+        scores = q.float().reshape(b, groups, h // groups, sq, d) @ k.float().unsqueeze(2).transpose(-1, -2) * scale
+        if causal:
+            future = torch.ones(sq, k.shape[2], dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        return scores
+
+    @classmethod
+    def forward(cls, q, k, v, causal, scale):
+        scores = cls._scores(q, k, causal, scale)
+        lse = torch.logsumexp(scores, dim=-1)
+        out = torch.exp(scores - lse.unsqueeze(-1)) @ v.float().unsqueeze(2)
+        return out.flatten(1, 2).to(q.dtype), lse.flatten(1, 2), None
+
+    @classmethod
+    def backward(cls, grad_out, q, k, v, out, lse, state, causal, scale):
+        b, h, sq, d = q.shape
+        groups = k.shape[1]
+        grouped = lambda t: t.float().reshape(b, groups, h // groups, *t.shape[2:])  # noqa: E731
+        probs = torch.exp(cls._scores(q, k, causal, scale) - grouped(lse).unsqueeze(-1))
+        grad_out, out = grouped(grad_out), grouped(out)
+        grad_v = (probs.transpose(-1, -2) @ grad_out).sum(2)
+        grad_probs = grad_out @ v.float().unsqueeze(2).transpose(-1, -2)
+        grad_scores = probs * (grad_probs - (grad_out * out).sum(-1, keepdim=True)) * scale
+        grad_q = (grad_scores @ k.float().unsqueeze(2)).flatten(1, 2)
+        grad_k = (grad_scores.transpose(-1, -2) @ grouped(q)).sum(2)
+        return grad_q, grad_k, grad_v
+
+
+class CudnnBlock:
+    """torch's cuDNN attention (bf16/fp16 on a GPU); its log-sum-exp keeps a trailing dimension of 1."""
+
+    @staticmethod
+    def forward(q, k, v, causal, scale):
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal, False, scale=scale)
+        return out, lse.view(lse.shape[:3]), (cum_q, cum_k, max_q, max_k, seed, offset)
+
+    @staticmethod
+    def backward(grad_out, q, k, v, out, lse, state, causal, scale):
+        cum_q, cum_k, max_q, max_k, seed, offset = state
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            grad_out, q, k, v, out, lse.unsqueeze(-1), seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, causal,
+            scale=scale)
+
+
+class FlashBlock:
+    """torch's flash kernel (bf16/fp16, Ampere on), through the [b, s, heads, d] op that takes GQA as it is."""
+
+    @staticmethod
+    def forward(q, k, v, causal, scale):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, None, None, q.shape[1], k.shape[1], 0.0, causal, False, scale=scale)
+        return out.transpose(1, 2), lse, (rng_state, unused)
+
+    @staticmethod
+    def backward(grad_out, q, k, v, out, lse, state, causal, scale):
+        rng_state, unused = state
+        q, k, v, out, grad_out = (t.transpose(1, 2) for t in (q, k, v, out, grad_out))
+        grads = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), None, None, q.shape[1], k.shape[1],
+            0.0, causal, rng_state, unused, scale=scale)
+        return tuple(g.transpose(1, 2) for g in grads)
+
+
+@functools.cache
+def _cudnn_takes(device_index: int, dtype: torch.dtype, groups_differ: bool) -> bool:
+    """cuDNN's attention runs this GPU/dtype/GQA combination (asked once, on a tiny problem)."""
+    q = torch.randn(1, 4, 128, 64, device=f"cuda:{device_index}", dtype=dtype)
+    k = torch.randn(1, 2 if groups_differ else 4, 128, 64, device=q.device, dtype=dtype)
+    try:
+        out, lse, state = CudnnBlock.forward(q, k, k, True, 0.125)
+        CudnnBlock.backward(torch.ones_like(out), q, k, k, out, lse, state, True, 0.125)
+        return True
+    except RuntimeError:
+        return False
+
+
+def block_kernel(q: torch.Tensor, k: torch.Tensor):
+    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
+        return ReferenceBlock
+    if _cudnn_takes(q.device.index or 0, q.dtype, k.shape[1] != q.shape[1]):
+        return CudnnBlock
+    return FlashBlock
+
+
+def merge_blocks(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the union of the blocks' keys, from each block's output and log-sum-exp (fp32 maths)."""
+    lse = torch.logsumexp(torch.stack(lses), dim=0)
+    out = sum(o.float() * torch.exp(block_lse - lse).unsqueeze(-1) for o, block_lse in zip(outs, lses))
+    return out.to(outs[0].dtype), lse
+
+
+def _chunk_blocks(chunk: int, chunk_len: int) -> list[tuple[slice, bool]]:
+    """Key ranges of sequence chunk `chunk`'s blocks: itself causally, then the chunks before it in full."""
+    own = (slice(chunk * chunk_len, (chunk + 1) * chunk_len), True)
+    return [own, (slice(0, chunk * chunk_len), False)] if chunk else [own]
+
+
+def _bhsd(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(1, 2, 0, 3)  # [s, b, heads, d] -> [b, heads, s, d], a view
+
+
+def causal_chunks_forward(query, full_key, full_value, cp_rank: int, cp_size: int, scale: float, kernel=None):
+    """CP rank `cp_rank`'s causal attention, given the whole sequence's keys and values (no communication).
+    query [2c, b, h, d] (its chunks as chunk_ids), full_key/full_value [b, g, s, d] in sequence order; kernel:
+    one of the block kernels above (default: block_kernel's choice). Returns the output [2c, b, h * d] and what
+    the backward needs."""
+    chunk_len = query.shape[0] // 2
+    kernel = kernel or block_kernel(_bhsd(query), full_key)
+    outs, lses, states = [], [], []
+    for position, chunk in enumerate(chunk_ids(cp_rank, cp_size)):
+        q = _bhsd(query[position * chunk_len:(position + 1) * chunk_len])
+        blocks = [kernel.forward(q, full_key[:, :, keys], full_value[:, :, keys], causal, scale)
+                  for keys, causal in _chunk_blocks(chunk, chunk_len)]
+        out, lse = merge_blocks([b[0] for b in blocks], [b[1] for b in blocks])
+        outs.append(out)
+        lses.append(lse)
+        states.append([b[2] for b in blocks])
+    # [b, h, c, d] per chunk -> [2c, b, h * d]
+    out = torch.cat([o.permute(2, 0, 1, 3) for o in outs])
+    return out.reshape(out.shape[0], out.shape[1], -1), (kernel, outs, lses, states)
+
+
+def causal_chunks_backward(grad_out, query, full_key, full_value, cp_rank: int, cp_size: int, scale: float,
+                           saved) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of causal_chunks_forward: dQ [2c, b, h, d] and this rank's share of dK and dV of the whole
+    sequence, [b, g, s, d] each in fp32 (the CP ranks' shares sum to the gradient)."""
+    kernel, outs, lses, states = saved
+    chunk_len = query.shape[0] // 2
+    grad_out = grad_out.reshape(query.shape)
+    grad_query = torch.empty_like(query)
+    grad_key = torch.zeros(full_key.shape, dtype=torch.float32, device=full_key.device)
+    grad_value = torch.zeros_like(grad_key)
+    for position, chunk in enumerate(chunk_ids(cp_rank, cp_size)):
+        rows = slice(position * chunk_len, (position + 1) * chunk_len)
+        q, dout = _bhsd(query[rows]), _bhsd(grad_out[rows])
+        grad_q = None
+        for (keys, causal), state in zip(_chunk_blocks(chunk, chunk_len), states[position]):
+            dq, dk, dv = kernel.backward(dout, q, full_key[:, :, keys], full_value[:, :, keys], outs[position],
+                                         lses[position], state, causal, scale)
+            grad_q = dq.float() if grad_q is None else grad_q + dq
+            grad_key[:, :, keys] += dk
+            grad_value[:, :, keys] += dv
+        grad_query[rows] = grad_q.permute(2, 0, 1, 3)
+    return grad_query, grad_key, grad_value
+
+
+def _gather_key_value(key, value, group):
+    """Both in one collective: [s, b, 2, g, d] in sequence order -> K and V as [b, g, s, d] views."""
+    key_value = gather_sequence(torch.stack([key, value], dim=2), group)
+    return _bhsd(key_value[:, :, 0]), _bhsd(key_value[:, :, 1])
+
+
+class _CausalChunksAttention(torch.autograd.Function):
+    """Causal attention of this rank's two query chunks against the whole sequence's keys; see the module doc."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, group, scale):
+        full_key, full_value = _gather_key_value(key, value, group)
+        out, (kernel, outs, lses, states) = causal_chunks_forward(query, full_key, full_value, group.rank(),
+                                                                  group.size(), scale)
+        ctx.save_for_backward(query, key, value, *outs, *lses)
+        ctx.group, ctx.scale, ctx.kernel, ctx.states = group, scale, kernel, states
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out0, out1, lse0, lse1 = ctx.saved_tensors
+        group = ctx.group
+        full_key, full_value = _gather_key_value(key, value, group)  # gathered again: memory over traffic
+        grad_query, grad_key, grad_value = causal_chunks_backward(
+            grad_out, query, full_key, full_value, group.rank(), group.size(), ctx.scale,
+            (ctx.kernel, [out0, out1], [lse0, lse1], ctx.states))
+        # [b, g, s, d] -> [s, b, 2, g, d]: one reduce-scatter for both, in fp32.
+        grad_key_value = torch.stack([grad_key, grad_value], dim=2).permute(3, 0, 2, 1, 4)
+        grad_local = _reduce_scatter(sequence_to_rank_layout(grad_key_value.contiguous(), group.size()), group)
+        return grad_query, grad_local[:, :, 0].to(key.dtype), grad_local[:, :, 1].to(value.dtype), None, None
+
+
+def context_parallel_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               forbidden: torch.Tensor | None, group, scale: float) -> torch.Tensor:
+    """This CP rank's attention output [2c, b, heads * d] for its queries [2c, b, heads, d] and keys/values
+    [2c, b, groups, d] (chunks as `chunk_ids`). forbidden: None for causal attention, else the block mask's rows
+    of this rank's queries [b, 1, 2c, s], True where attention is forbidden (packed samples)."""
+    if forbidden is None:
+        return _CausalChunksAttention.apply(query, key, value, group, scale)
+    full_key, full_value = (_bhsd(_GatherSequence.apply(t, group)) for t in (key, value))
+    q = _bhsd(query)
+    context = F.scaled_dot_product_attention(q, full_key, full_value, attn_mask=~forbidden, scale=scale,
+                                             enable_gqa=full_key.shape[1] != q.shape[1])
+    return context.permute(2, 0, 1, 3).reshape(context.shape[2], context.shape[0], -1)
+
+
+def packed_attention_mask_rows(segment_ids: torch.Tensor, cp_rank: int, cp_size: int) -> torch.Tensor:
+    """The rows of the packed samples' block mask ([b, 1, s, s], True where attention is forbidden: later
+    tokens and other samples) that belong to this CP rank's queries: [b, 1, 2s/2CP, s]. Built for these rows
+    only (the whole mask is s x s: 1 GiB per sample at 32k)."""
+    seq = segment_ids.shape[-1]
+    chunk_len = seq // (2 * cp_size)
+    positions = torch.arange(seq, device=segment_ids.device)
+    rows = torch.cat([positions[c * chunk_len:(c + 1) * chunk_len] for c in chunk_ids(cp_rank, cp_size)])
+    allowed = (positions[None, :] <= rows[:, None])[None] & (segment_ids[:, rows, None] == segment_ids[:, None, :])
+    return ~allowed[:, None]

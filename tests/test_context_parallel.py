@@ -1,0 +1,161 @@
+"""Context parallelism without Transformer Engine (megatron_patch/context_parallel.py).
+
+Fast: the chunk maths against full causal attention with every CP rank simulated in one process, the collectives
+in two/four gloo processes. End to end: the real entrypoint at CP2/CP4 (with TP2, PP2, the distributed optimizer
+and activation recomputation) against CP1 from the same checkpoint, and a CP2 checkpoint resumed at CP1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_patch.context_parallel import (
+    causal_chunks_backward,
+    causal_chunks_forward,
+    chunk_ids,
+    context_parallel_attention,
+    packed_attention_mask_rows,
+    rank_layout_to_sequence,
+    sequence_to_rank_layout,
+)
+
+
+def rank_rows(cp_rank: int, cp_size: int, seq: int) -> torch.Tensor:
+    """Sequence positions of this rank's tokens, as megatron-core's get_batch_on_this_cp_rank slices them."""
+    chunk = seq // (2 * cp_size)
+    return torch.cat([torch.arange(c * chunk, (c + 1) * chunk) for c in chunk_ids(cp_rank, cp_size)])
+
+
+def problem(seq=48, batch=2, heads=4, groups=2, head_dim=8, device="cpu", dtype=torch.float32, seed=0):
+    """Random q [s, b, h, d], k/v [s, b, g, d], and an output weighting for a non-trivial loss."""
+    generator = torch.Generator().manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, generator=generator).to(device, dtype)  # noqa: E731
+    return (make(seq, batch, heads, head_dim), make(seq, batch, groups, head_dim),
+            make(seq, batch, groups, head_dim), make(seq, batch, heads * head_dim))
+
+
+def full_attention(q, k, v, weight, forbidden=None, scale=0.3):
+    """Reference: one SDPA over the whole sequence in fp32; output [s, b, h*d] and dQ, dK, dV."""
+    q, k, v = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), scale=scale, enable_gqa=True,
+                                         is_causal=forbidden is None,
+                                         attn_mask=None if forbidden is None else ~forbidden)
+    out = out.permute(2, 0, 1, 3).flatten(2)
+    return (out.detach(), *torch.autograd.grad((out * weight.float()).sum(), (q, k, v)))
+
+
+@pytest.mark.parametrize("cp_size", [2, 4])
+def test_simulated_ranks_match_full_causal_attention(cp_size):
+    """Every rank's share of the work, computed from the gathered K/V, adds up to full causal attention:
+    outputs and dQ row by row, dK/dV as the sum over ranks (what the reduce-scatter forms)."""
+    q, k, v, weight = problem()
+    out_ref, dq_ref, dk_ref, dv_ref = full_attention(q, k, v, weight)
+    full_k, full_v = (t.permute(1, 2, 0, 3) for t in (k, v))
+    dk_sum, dv_sum = torch.zeros_like(full_k), torch.zeros_like(full_v)
+    for rank in range(cp_size):
+        rows = rank_rows(rank, cp_size, q.shape[0])
+        out, saved = causal_chunks_forward(q[rows], full_k, full_v, rank, cp_size, 0.3)
+        torch.testing.assert_close(out, out_ref[rows], atol=1e-6, rtol=1e-5)
+        dq, dk, dv = causal_chunks_backward(weight[rows], q[rows], full_k, full_v, rank, cp_size, 0.3, saved)
+        torch.testing.assert_close(dq, dq_ref[rows], atol=1e-6, rtol=1e-5)
+        dk_sum += dk
+        dv_sum += dv
+    torch.testing.assert_close(dk_sum.permute(2, 0, 1, 3), dk_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dv_sum.permute(2, 0, 1, 3), dv_ref, atol=1e-6, rtol=1e-5)
+
+
+def test_rank_layout_round_trip_puts_chunks_in_sequence_order():
+    cp_size, seq = 4, 16
+    held = torch.cat([rank_rows(r, cp_size, seq) for r in range(cp_size)])  # what an all-gather collects
+    assert held.tolist() == [0, 1, 14, 15, 2, 3, 12, 13, 4, 5, 10, 11, 6, 7, 8, 9]
+    assert rank_layout_to_sequence(held, cp_size).tolist() == list(range(seq))
+    assert torch.equal(sequence_to_rank_layout(torch.arange(seq), cp_size), held)
+
+
+def test_packed_mask_rows_are_the_block_masks_rows():
+    from megatron_patch.data.providers import packed_attention_mask
+
+    segments = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4, [0] * 16])
+    full = packed_attention_mask(segments)
+    for rank in range(2):
+        assert torch.equal(packed_attention_mask_rows(segments, rank, 2), full[:, :, rank_rows(rank, 2, 16)])
+
+
+def _ranks_against_full_attention(rank: int, world: int, port: int, device: str) -> None:
+    """One process of the collective test: CP over all processes, causal and packed."""
+    import torch.distributed as dist
+
+    backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dtype, tol = (torch.bfloat16, 2e-2) if device == "cuda" else (torch.float32, 1e-5)
+    segments = torch.tensor([[0] * 13 + [1] * 20 + [2] * 15, [0] * 30 + [1] * 18])
+    group = dist.group.WORLD
+    cp_rank, cp_size = group.rank(), group.size()
+    for packed in (False, True):
+        q, k, v, weight = problem(device=device, dtype=dtype)
+        forbidden = packed_attention_mask_rows(segments, 0, 1).to(device) if packed else None
+        out_ref, *grads_ref = full_attention(q, k, v, weight, forbidden)
+        rows = rank_rows(cp_rank, cp_size, q.shape[0]).to(device)
+        local = [t[rows].clone().requires_grad_() for t in (q, k, v)]
+        out = context_parallel_attention(
+            *local, packed_attention_mask_rows(segments, cp_rank, cp_size).to(device) if packed else None,
+            group, 0.3)
+        (out.float() * weight[rows].float()).sum().backward()
+        for what, got, want in [("out", out, out_ref)] + list(zip(("dq", "dk", "dv"), local, grads_ref)):
+            got = got if what == "out" else got.grad
+            error = ((got.float() - want[rows]).norm() / want[rows].norm()).item()
+            assert error < tol, f"CP{cp_size} rank {cp_rank} packed={packed}: {what} relative error {error}"
+    dist.destroy_process_group()
+
+
+def test_gloo_ranks_match_full_attention_causal_and_packed():
+    """Two gloo processes at CP2 (the collectives and the autograd around them; CP4's chunk maths above),
+    against one SDPA over the sequence."""
+    import torch.multiprocessing as mp
+
+    from training_utils import free_port
+
+    mp.spawn(_ranks_against_full_attention, args=(2, free_port(), "cpu"), nprocs=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_block_kernels_simulated_ranks_match_fp32_attention(dtype):
+    """On one GPU: the cuDNN/flash block kernels, merged by log-sum-exp, against fp32 full causal attention."""
+    from megatron_patch import context_parallel
+
+    q, k, v, weight = problem(seq=1024, batch=2, heads=12, groups=2, head_dim=128, device="cuda")
+    out_ref, dq_ref, dk_ref, dv_ref = full_attention(q, k, v, weight, scale=128 ** -0.5)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    full_k, full_v = (t.permute(1, 2, 0, 3) for t in (k, v))
+    for kernel in (context_parallel.CudnnBlock, context_parallel.FlashBlock):
+        dk_sum = torch.zeros(full_k.shape, device="cuda")
+        dv_sum = torch.zeros_like(dk_sum)
+        for rank in range(2):
+            rows = rank_rows(rank, 2, q.shape[0]).cuda()
+            out, saved = causal_chunks_forward(q[rows], full_k, full_v, rank, 2, 128 ** -0.5, kernel)
+            dq, dk, dv = causal_chunks_backward(weight[rows].to(dtype), q[rows], full_k, full_v, rank, 2,
+                                                128 ** -0.5, saved)
+            for what, got, want in (("out", out, out_ref[rows]), ("dq", dq, dq_ref[rows])):
+                error = ((got.float() - want).norm() / want.norm()).item()
+                assert error < 1e-2, f"{kernel.__name__} rank {rank}: {what} relative error {error}"
+            dk_sum += dk
+            dv_sum += dv
+        for what, got, want in (("dk", dk_sum, dk_ref), ("dv", dv_sum, dv_ref)):
+            error = ((got.permute(2, 0, 1, 3) - want).norm() / want.norm()).item()
+            assert error < 1e-2, f"{kernel.__name__}: {what} relative error {error}"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_nccl_ranks_match_full_attention_causal_and_packed():
+    import torch.multiprocessing as mp
+
+    from training_utils import free_port
+
+    mp.spawn(_ranks_against_full_attention, args=(2, free_port(), "cuda"), nprocs=2)
