@@ -78,7 +78,7 @@ def test_qkv_fusion_follows_megatron_group_layout():
     q = torch.arange(16 * 16).reshape(16, 16).float()
     k = -torch.arange(8 * 16).reshape(8, 16).float() - 1
     v = torch.arange(8 * 16).reshape(8, 16).float() + 10_000
-    m = QKVFused("x", ("q", "k", "v"))
+    m = QKVFused("x", ("q", "k", "v"), ("qkv", "hidden"))
     fused = m.to_mcore([q, k, v], size)
     # group 0: q heads 0-1 (rows 0-7), k head 0, v head 0; then group 1 likewise
     expected = torch.cat([q[0:8], k[0:4], v[0:4], q[8:16], k[4:8], v[4:8]])
@@ -86,16 +86,24 @@ def test_qkv_fusion_follows_megatron_group_layout():
     assert all(torch.equal(a, b) for a, b in zip(m.to_hf(fused, size), (q, k, v)))
     bias = m.to_mcore([q[:, 0], k[:, 0], v[:, 0]], size)
     assert torch.equal(bias, expected[:, 0])
-    g = GateUpFused("y", ("gate", "up"))
+    g = GateUpFused("y", ("gate", "up"), ("gate_up", "hidden"))
     assert all(torch.equal(a, b) for a, b in zip(g.to_hf(g.to_mcore([q, q + 1], size), size), (q, q + 1)))
 
 
 def test_table_covers_every_hf_tensor_once_and_local_names_map_to_te_names():
+    from transformers import Qwen2ForCausalLM
+
+    from megatron_patch.hf_checkpoint import hf_config_for
+
     for size in SHAPES.values():
         table = qwen2_5_mappings(size)
         hf_names = [n for m in table for n in m.hf]
         assert len(hf_names) == len(set(hf_names))
-        assert set(hf_names) - {"lm_head.weight"} == set(hf_shapes(size)) - {"lm_head.weight"}
+        # The shapes derived from the table are those of transformers' own Qwen2 model (built without memory).
+        with torch.device("meta"):
+            model = Qwen2ForCausalLM(hf_config_for(size))
+        hf_model = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        assert hf_shapes(size) == hf_model
         assert ("output_layer.weight" in mcore_shapes(size)) == (not size.tie_word_embeddings)
     assert canonical_mcore_name("decoder.layers.3.input_layernorm.weight") == \
         "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight"
@@ -302,7 +310,7 @@ def test_mg2hf_without_hf_dir_and_bad_arguments_are_errors(round_trips, tmp_path
     proc = run_tool(["bash", RUN_8X, "auto", hf, out, "false", "false", "fp8"], check=False)
     assert_fails_cleanly(proc, out, "PR must be one of fp32, bf16, fp16")
     proc = run_tool(["bash", OLD_CONVERTOR_SCRIPT, "auto", hf, out, "4", "1", "bf16", "true", "false"], check=False)
-    assert_fails_cleanly(proc, out, "TP=4 does not divide the 2 key/value heads")
+    assert_fails_cleanly(proc, out, "TP=4 must divide the 14 attention heads and 2 key/value heads")
     proc = run_tool(["bash", RUN_8X, "auto", tmp_path / "nowhere", out, "false", "false", "bf16"], check=False)
     assert_fails_cleanly(proc, out, "does not exist")
 

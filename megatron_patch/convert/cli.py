@@ -9,16 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import sys
+from functools import partial
 
+from megatron_patch.errors import dry_run_requested, parse_bool, report_user_errors
 
-def _bool(value: str) -> bool:
-    v = value.strip().lower()
-    if v in ("true", "1", "yes", "y"):
-        return True
-    if v in ("false", "0", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got '{value}'")
+# The toolkit scripts' older dry-run switch, still honoured (with a warning) in favour of MP_DRY_RUN=1.
+DEPRECATED_DRY_RUN = "DRY_RUN"
 
 
 def _bytes(value: str) -> int:
@@ -37,15 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size-table name (tiny, 0.5B, ..., 72B) or 'auto' to take the shape from config.json")
     p.add_argument("--load-dir", required=True, help="HF folder (HF->Megatron) or Megatron checkpoint folder")
     p.add_argument("--save-dir", required=True, help="output folder (must not exist or be empty)")
-    p.add_argument("--mg2hf", type=_bool, nargs="?", const=True, default=False,
+    p.add_argument("--mg2hf", type=partial(parse_bool, "MG2HF (--mg2hf)"), nargs="?", const=True, default=False,
                    help="true: Megatron -> HF; false (default): HF -> Megatron")
     p.add_argument("--hf-dir", default=None, help="Megatron -> HF: reference HF folder (config.json, tokenizer)")
     p.add_argument("--precision", default="bf16", help="fp32, bf16 or fp16: dtype of the written weights")
-    p.add_argument("--use-cuda", type=_bool, default=False,
+    p.add_argument("--use-cuda", type=partial(parse_bool, "USE_CUDA (--use-cuda)"), default=False,
                    help="true: build the Megatron model on the GPU (error if none); false: CPU only")
     p.add_argument("--tp", type=int, default=1, help="checked only: torch_dist loads with any TP")
     p.add_argument("--pp", type=int, default=1, help="checked only: torch_dist loads with any PP")
-    p.add_argument("--use-te", type=_bool, default=None, help="informational (older script's USE_TE)")
+    p.add_argument("--use-te", type=partial(parse_bool, "USE_TE (--use-te)"), default=None, help="informational (older script's USE_TE)")
     p.add_argument("--max-shard-size", type=_bytes, default="5GB", help="Megatron -> HF: max bytes per shard")
     p.add_argument("--check-logits", action="store_true",
                    help="after converting, run HF transformers and the Megatron model on the same tokens (fp32) "
@@ -56,15 +54,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
+def dry_run() -> bool:
+    """MP_DRY_RUN=1, or the older DRY_RUN=true with a warning on stderr."""
+    old = os.environ.get(DEPRECATED_DRY_RUN)
+    if old is not None:
+        print(f"warning: {DEPRECATED_DRY_RUN}={old} is deprecated; use MP_DRY_RUN=1 (the one dry-run switch of "
+              "every script).", file=sys.stderr)
+    return dry_run_requested() or parse_bool(DEPRECATED_DRY_RUN, old or "")
+
+
+@report_user_errors
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if dry_run():
+        print(shlex.join([sys.executable, "-m", "megatron_patch.convert", *map(str, argv)]))
+        return 0
     if not args.use_cuda:
         # Before anything touches CUDA: a CPU conversion must not see the GPU, so megatron_patch.cpu_backend
         # takes over exactly as it does for CPU training.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    from megatron_patch.convert.convertor import mcore_to_hf, hf_to_mcore
-    from megatron_patch.convert.hf_io import ConversionError
+    from megatron_patch.convert.convertor import hf_to_mcore, mcore_to_hf
+    from megatron_patch.convert.staging import recover_interrupted
 
+    recover_interrupted(args.save_dir)
     try:
         if args.mg2hf:
             check = mcore_to_hf(args.model_size, args.load_dir, args.save_dir, args.hf_dir, args.precision,
@@ -76,9 +89,6 @@ def main(argv: list[str] | None = None) -> None:
                       "and loads into a Transformer Engine model.", file=sys.stderr)
             check = hf_to_mcore(args.model_size, args.load_dir, args.save_dir, args.precision, args.use_cuda,
                                 args.check_logits, args.tp, args.pp, args.overwrite)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     finally:
         import torch
 
@@ -87,8 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     if check is not None and args.logits_tolerance is not None and check.max_abs_logit_diff > args.logits_tolerance:
         print(f"error: max abs logit difference {check.max_abs_logit_diff:.3e} exceeds --logits-tolerance "
               f"{args.logits_tolerance:g}", file=sys.stderr)
-        raise SystemExit(1)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,8 +9,8 @@ Megatron -> HF (`mcore_to_hf`): the model weights of a torch_dist checkpoint (an
 read) are read one decoder layer at a time as global tensors, split by the table and written to safetensors
 shards that are flushed as they fill.
 
-Every input is validated before anything is written; output goes to a hidden folder beside SAVE_DIR and is
-renamed into place only when complete.
+Every input is validated before anything is written (a truncated or corrupt file is named, with what is wrong);
+output goes to a hidden folder beside SAVE_DIR and takes its place only when complete (`staging`).
 """
 
 from __future__ import annotations
@@ -23,13 +23,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_patch.convert.hf_io import (
-    DTYPES,
-    HF_DTYPE_NAMES,
-    ConversionError,
-    HFCheckpointReader,
-    HFShardWriter,
-)
+from megatron_patch.convert.hf_io import DTYPES, HF_DTYPE_NAMES, HFCheckpointReader, HFShardWriter
 from megatron_patch.convert.mapping import (
     HF_IGNORED_SUFFIXES,
     Mapping,
@@ -39,8 +33,10 @@ from megatron_patch.convert.mapping import (
     qwen2_5_mappings,
     stacked_key,
 )
+from megatron_patch.convert.staging import StagedOutput
+from megatron_patch.errors import UserError
 from megatron_patch.hf_checkpoint import TOKENIZER_FILES
-from megatron_patch.model_sizes import Qwen25Size, resolve_size
+from megatron_patch.model_sizes import Qwen25Size, layout_problems, resolve_size
 
 # Files that travel with the weights: the HF config and everything the tokenizer and generation need.
 SIDE_FILES = ("config.json", *TOKENIZER_FILES)
@@ -69,76 +65,48 @@ def _listing(names, limit: int = 12) -> str:
 
 def _precision(pr: str) -> torch.dtype:
     if pr not in DTYPES:
-        raise ConversionError(f"PR must be one of {', '.join(DTYPES)}, got '{pr}'.")
+        raise UserError(f"error: PR must be one of {', '.join(DTYPES)}, got '{pr}'.")
     return DTYPES[pr]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"error: {path} is not valid JSON ({e}); restore it from the checkpoint's source.") from None
 
 
 def _size(model_size: str, config_dir: Path) -> Qwen25Size:
     config = config_dir / "config.json"
     if not config.is_file():
-        raise ConversionError(f"no config.json in {config_dir}: the HF folder must hold the model's config.json.")
-    model_type = json.loads(config.read_text()).get("model_type")
+        raise UserError(f"error: no config.json in {config_dir}: the HF folder must hold the model's config.json.")
+    model_type = _read_json(config).get("model_type")
     if model_type not in (None, "qwen2"):
-        raise ConversionError(f"{config} describes a '{model_type}' model; this convertor handles Qwen2.5 (qwen2).")
-    try:
-        return resolve_size(model_size, config_dir)
-    except SystemExit as e:  # the size table reports with SystemExit, the convertor with one exception type
-        raise ConversionError(str(e).removeprefix("error: ")) from None
+        raise UserError(f"error: {config} describes a '{model_type}' model; this convertor handles Qwen2.5 (qwen2).")
+    return resolve_size(model_size, config_dir)
 
 
 def check_parallel_layout(size: Qwen25Size, tp: int, pp: int) -> None:
     """TP/PP of the older script: torch_dist reshards on load, so they only have to be a layout training can use."""
-    problems = []
-    if tp < 1 or pp < 1:
-        problems.append(f"TP and PP must be >= 1 (got TP={tp}, PP={pp})")
-    else:
-        if size.num_query_groups % tp:
-            problems.append(f"TP={tp} does not divide the {size.num_query_groups} key/value heads")
-        if size.num_attention_heads % tp:
-            problems.append(f"TP={tp} does not divide the {size.num_attention_heads} attention heads")
-        if size.num_layers % pp:
-            problems.append(f"PP={pp} does not divide the {size.num_layers} layers")
+    problems = layout_problems(size, tp, pp)
     if problems:
-        raise ConversionError("; ".join(problems) + ". Pick a TP that divides the kv heads and a PP that divides "
-                              "the layers (the checkpoint itself loads with any valid TP/PP).")
+        raise UserError("error: " + "; ".join(problems) + ". The checkpoint itself loads with any valid TP/PP.")
 
 
-def _check_output(save_dir: Path, overwrite: bool, inputs: list[Path]) -> None:
+def _check_output(save_dir: Path, overwrite: bool, inputs: dict[str, Path]) -> None:
+    """SAVE_DIR may neither hold an input nor lie inside one (after resolving symlinks): --overwrite would delete
+    the input, and a conversion must never write into the checkpoint it reads."""
     save_dir = save_dir.resolve()
-    for src in inputs:
-        if src is not None and save_dir == Path(src).resolve():
-            raise ConversionError(f"SAVE_DIR {save_dir} is also an input folder; write the output elsewhere.")
+    for what, src in inputs.items():
+        src = src.resolve()
+        if save_dir == src or src.is_relative_to(save_dir) or save_dir.is_relative_to(src):
+            relation = ("is" if save_dir == src else "contains" if src.is_relative_to(save_dir) else "lies inside")
+            raise UserError(f"error: SAVE_DIR {save_dir} {relation} {what} {src}, so converting could overwrite or "
+                            f"delete its input; choose a SAVE_DIR that is neither inside {what} nor holds it, e.g. "
+                            f"a sibling folder {src.parent / (src.name + '-converted')}.")
     if save_dir.exists() and (not save_dir.is_dir() or any(save_dir.iterdir())) and not overwrite:
-        raise ConversionError(f"SAVE_DIR {save_dir} already exists and is not empty; remove it, choose another "
-                              "folder, or pass --overwrite.")
-
-
-class _StagedOutput:
-    """A hidden folder beside SAVE_DIR, renamed to SAVE_DIR on success and deleted on failure, so a
-    half-written output never sits where a complete one is expected."""
-
-    def __init__(self, save_dir: Path):
-        self.save_dir = save_dir.resolve()
-        self.tmp = self.save_dir.parent / f".{self.save_dir.name}.partial-{os.getpid()}"
-
-    def __enter__(self) -> Path:
-        self.save_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.save_dir.exists():
-            old = self.save_dir.parent / f".{self.save_dir.name}.old-{os.getpid()}"
-            os.replace(self.save_dir, old)
-            os.replace(self.tmp, self.save_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.save_dir)
-        return False
+        raise UserError(f"error: SAVE_DIR {save_dir} already exists and is not empty; remove it, choose another "
+                        "folder, or pass --overwrite.")
 
 
 def _copy_side_files(src_dir: Path, dst_dir: Path, dtype: torch.dtype | None = None) -> list[str]:
@@ -170,13 +138,13 @@ def _use_device(use_cuda: bool) -> None:
     megatron takes the CPU/gloo path of megatron_patch.cpu_backend."""
     if use_cuda:
         if not torch.cuda.is_available():
-            raise ConversionError("USE_CUDA=true but no CUDA GPU is visible to this process. Run with "
-                                  "USE_CUDA=false to convert on the CPU.")
+            raise UserError("error: USE_CUDA=true but no CUDA GPU is visible to this process. Run with "
+                            "USE_CUDA=false to convert on the CPU.")
     else:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         if torch.cuda.is_available():  # CUDA was initialised before we could hide it
-            raise ConversionError("USE_CUDA=false, but CUDA was already initialised in this process; set "
-                                  "CUDA_VISIBLE_DEVICES= before starting it.")
+            raise UserError("error: USE_CUDA=false, but CUDA was already initialised in this process; set "
+                            "CUDA_VISIBLE_DEVICES= before starting it.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,7 +173,7 @@ def validate_hf_checkpoint(reader: HFCheckpointReader, size: Qwen25Size) -> None
         problems.append("tensors with the wrong shape for this config: " + "; ".join(bad[:8])
                         + (f" ... and {len(bad) - 8} more" if len(bad) > 8 else ""))
     if problems:
-        raise ConversionError("the HF checkpoint does not match its Qwen2.5 config:\n  " + "\n  ".join(problems))
+        raise UserError("error: the HF checkpoint does not match its Qwen2.5 config:\n  " + "\n  ".join(problems))
 
 
 def hf_to_mcore(model_size: str, load_dir: str | Path, save_dir: str | Path, precision: str = "bf16",
@@ -215,12 +183,12 @@ def hf_to_mcore(model_size: str, load_dir: str | Path, save_dir: str | Path, pre
     load_dir, save_dir = Path(load_dir), Path(save_dir)
     dtype = _precision(precision)
     if not load_dir.is_dir():
-        raise ConversionError(f"LOAD_DIR {load_dir} does not exist (expected a HF checkpoint folder).")
+        raise UserError(f"error: LOAD_DIR {load_dir} does not exist (expected a HF checkpoint folder).")
     size = _size(model_size, load_dir)
     check_parallel_layout(size, tp, pp)
     reader = HFCheckpointReader(load_dir)
     validate_hf_checkpoint(reader, size)
-    _check_output(save_dir, overwrite, [load_dir])
+    _check_output(save_dir, overwrite, {"LOAD_DIR": load_dir})
     _use_device(use_cuda)
 
     from megatron_patch.convert import mcore_runtime
@@ -231,18 +199,19 @@ def hf_to_mcore(model_size: str, load_dir: str | Path, save_dir: str | Path, pre
     table = [m for m in qwen2_5_mappings(size) if not isinstance(m, TiedLMHead)]
     unmapped = set(weights) - {m.mcore for m in table}
     if unmapped:
-        raise ConversionError(f"the Megatron model has parameters the mapping table does not cover: "
-                              f"{_listing(unmapped)}")
+        raise RuntimeError(f"the Megatron model has parameters the mapping table does not cover: "
+                           f"{_listing(unmapped)}")
     check = None
-    with _StagedOutput(save_dir) as out, torch.no_grad():
+    with StagedOutput(save_dir) as out, torch.no_grad():
         for m in _progress(table, "HF -> Megatron"):
             tensor = m.to_mcore([reader.get(name) for name in m.hf], size)
             target = weights[m.mcore]
             if tuple(tensor.shape) != tuple(target.shape):
-                raise ConversionError(f"{m.mcore}: built {tuple(tensor.shape)} from {', '.join(m.hf)} but the "
-                                      f"model has {tuple(target.shape)}")
+                raise RuntimeError(f"{m.mcore}: built {tuple(tensor.shape)} from {', '.join(m.hf)} but the "
+                                   f"model has {tuple(target.shape)}")
             target.copy_(tensor)
             del tensor
+        print(f"saving the torch_dist checkpoint (megatron save_checkpoint) into {out}", flush=True)
         mcore_runtime.save_release_checkpoint(model, out)
         _copy_side_files(load_dir, out)
         if check_logits:
@@ -263,32 +232,58 @@ def hf_to_mcore(model_size: str, load_dir: str | Path, save_dir: str | Path, pre
 def find_mcore_checkpoint(load_dir: Path) -> Path:
     """The torch_dist folder to read: LOAD_DIR itself, or the newest iteration of a training --save folder."""
     if not load_dir.is_dir():
-        raise ConversionError(f"LOAD_DIR {load_dir} does not exist (expected a Megatron checkpoint folder).")
+        raise UserError(f"error: LOAD_DIR {load_dir} does not exist (expected a Megatron checkpoint folder).")
+    tracker = load_dir / TRACKER_FILE
     if (load_dir / "metadata.json").is_file():
         ckpt = load_dir
-    elif (load_dir / TRACKER_FILE).is_file():
-        tag = (load_dir / TRACKER_FILE).read_text().strip()
+    elif tracker.is_file():
+        tag = tracker.read_text().strip()
+        if tag != "release" and not tag.isdigit():
+            iterations = sorted(load_dir.glob("iter_*")) or [load_dir / "iter_0000100"]
+            raise UserError(f"error: {tracker} should name an iteration (a number or 'release') but reads {tag!r} "
+                            "(a run killed while writing it?); pass one iteration folder (e.g. "
+                            f"{iterations[-1]}) as LOAD_DIR instead.")
         ckpt = load_dir / ("release" if tag == "release" else f"iter_{int(tag):07d}")
         if not ckpt.is_dir():
-            raise ConversionError(f"{load_dir / TRACKER_FILE} names iteration '{tag}', but {ckpt} is missing.")
+            raise UserError(f"error: {tracker} names iteration '{tag}', but {ckpt} is missing.")
     else:
-        raise ConversionError(f"no Megatron checkpoint in {load_dir}: expected {TRACKER_FILE} (a training --save "
-                              "folder) or metadata.json (one iteration folder).")
+        raise UserError(f"error: no Megatron checkpoint in {load_dir}: expected {TRACKER_FILE} (a training --save "
+                        "folder) or metadata.json (one iteration folder).")
     meta = ckpt / "metadata.json"
-    backend = json.loads(meta.read_text()).get("sharded_backend") if meta.is_file() else "torch (legacy)"
+    backend = _read_json(meta).get("sharded_backend") if meta.is_file() else "torch (legacy)"
     if backend != "torch_dist":
-        raise ConversionError(f"{ckpt} is a '{backend}' checkpoint; only torch_dist is read. Re-save it from "
-                              "training with --ckpt-format torch_dist.")
+        raise UserError(f"error: {ckpt} is a '{backend}' checkpoint; only torch_dist is read. Re-save it from "
+                        "training with --ckpt-format torch_dist.")
     return ckpt
 
 
 def _mcore_tensor_metadata(ckpt: Path) -> dict:
+    """The model tensors' metadata, after checking that every .distcp file holding them is there and as long as
+    the checkpoint's index says: a truncated copy or an interrupted save is named here, not deep inside
+    torch.distributed.checkpoint."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    meta = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
-    return {k: v for k, v in meta.items()
+    try:
+        metadata = FileSystemReader(str(ckpt)).read_metadata()
+    except Exception as e:  # noqa: BLE001 -- any unpickling failure means the same thing to the user
+        raise UserError(f"error: {ckpt / '.metadata'} is unreadable ({type(e).__name__}: {e}); the checkpoint is "
+                        "truncated or corrupt: convert an earlier iteration, or copy it again.") from None
+    meta = {k: v for k, v in metadata.state_dict_metadata.items()
             if isinstance(v, TensorStorageMetadata) and not k.startswith(NON_MODEL_PREFIXES)}
+    needed: dict[str, int] = {}
+    for index, info in (metadata.storage_data or {}).items():
+        if index.fqn in meta:
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, length in sorted(needed.items()):
+        path = ckpt / name
+        size = path.stat().st_size if path.is_file() else None
+        if size is None or size < length:
+            what = "is missing" if size is None else f"is truncated: {size} bytes, but the checkpoint's .metadata " \
+                                                     f"places model weights up to byte {length}"
+            raise UserError(f"error: {path} {what}. The checkpoint is incomplete (an interrupted save or copy): "
+                            "convert an earlier iteration, or copy it again.")
+    return meta
 
 
 def validate_mcore_checkpoint(ckpt: Path, size: Qwen25Size) -> dict:
@@ -310,10 +305,13 @@ def validate_mcore_checkpoint(ckpt: Path, size: Qwen25Size) -> dict:
            if tuple(meta[k].size) != expected[k]]
     if bad:
         problems.append("tensors with the wrong shape: " + "; ".join(bad[:8]))
-    try:
-        from megatron.core import dist_checkpointing
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
+    try:
         ckpt_args = dist_checkpointing.load_common_state_dict(str(ckpt)).get("args")
+    except CheckpointException as e:  # the files are there (checked above) but their bytes do not unpickle
+        raise _corrupt_checkpoint(ckpt, "the common state (args, iteration)", e) from None
     except Exception:  # noqa: BLE001 -- args are only a cross-check; shapes above already decide
         ckpt_args = None
     if ckpt_args is not None:
@@ -325,9 +323,18 @@ def validate_mcore_checkpoint(ckpt: Path, size: Qwen25Size) -> dict:
             if theirs is not None and theirs != ours:
                 problems.append(f"{what}: {theirs} (checkpoint args) vs {ours} (MODEL_SIZE/config.json)")
     if problems:
-        raise ConversionError(f"the Megatron checkpoint {ckpt} does not match the Qwen2.5 config:\n  "
+        raise UserError(f"error: the Megatron checkpoint {ckpt} does not match the Qwen2.5 config:\n  "
                               + "\n  ".join(problems))
     return meta
+
+
+def _corrupt_checkpoint(ckpt: Path, what: str, e: BaseException) -> UserError:
+    """torch.distributed.checkpoint wraps each rank's failure in a CheckpointException: name the first one."""
+    failures = list(getattr(e, "failures", {}).values())
+    cause = failures[0][0] if failures and isinstance(failures[0], tuple) else failures[0] if failures else e
+    detail = (str(cause).strip().splitlines() or [""])[0]
+    return UserError(f"error: reading {what} from {ckpt} failed ({type(cause).__name__}: {detail}): a .distcp file "
+                     "of this checkpoint is corrupt. Convert an earlier iteration, or copy the checkpoint again.")
 
 
 def _read_mcore_tensors(ckpt: Path, mappings: list[Mapping], meta: dict) -> dict[str, torch.Tensor]:
@@ -343,7 +350,12 @@ def _read_mcore_tensors(ckpt: Path, mappings: list[Mapping], meta: dict) -> dict
         offsets = (0,) * len(shape) if layer is None else (layer,) + (0,) * (len(shape) - 1)
         sizes = shape if layer is None else (1, *shape[1:])
         requests[key] = (offsets, torch.empty(sizes, dtype=info.properties.dtype))
-    load({}, storage_reader=FileSystemReader(str(ckpt)), planner=_SliceLoadPlanner(requests), no_dist=True)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        load({}, storage_reader=FileSystemReader(str(ckpt)), planner=_SliceLoadPlanner(requests), no_dist=True)
+    except (Exception, CheckpointException) as e:  # sizes were checked: what fails now is the files' content
+        raise _corrupt_checkpoint(ckpt, ", ".join(requests), e) from None
     out = {}
     for m in mappings:
         key, layer = stacked_key(m.mcore)
@@ -402,21 +414,21 @@ def mcore_to_hf(model_size: str, load_dir: str | Path, save_dir: str | Path, hf_
     load_dir, save_dir = Path(load_dir), Path(save_dir)
     dtype = _precision(precision)
     if hf_dir is None or str(hf_dir) == "":
-        raise ConversionError("Megatron -> HF (MG2HF=true) needs HF_DIR: the reference HF checkpoint folder "
-                              "whose config.json and tokenizer files go with the output.")
+        raise UserError("error: Megatron -> HF (MG2HF=true) needs HF_DIR: the reference HF checkpoint folder "
+                        "whose config.json and tokenizer files go with the output.")
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
-        raise ConversionError(f"HF_DIR {hf_dir} does not exist (expected the reference HF checkpoint folder).")
+        raise UserError(f"error: HF_DIR {hf_dir} does not exist (expected the reference HF checkpoint folder).")
     size = _size(model_size, hf_dir)
     check_parallel_layout(size, tp, pp)
     ckpt = find_mcore_checkpoint(load_dir)
-    _check_output(save_dir, overwrite, [load_dir, hf_dir])
+    _check_output(save_dir, overwrite, {"LOAD_DIR": load_dir, "HF_DIR": hf_dir})
     _use_device(use_cuda)
 
     meta = validate_mcore_checkpoint(ckpt, size)
     table = qwen2_5_mappings(size)
     check = None
-    with _StagedOutput(save_dir) as out, torch.no_grad():
+    with StagedOutput(save_dir) as out, torch.no_grad():
         writer = HFShardWriter(out, max_shard_bytes)
         progress = _progress(None, "Megatron -> HF", total=len(table))
         for group in _groups(table):
@@ -454,8 +466,8 @@ def _check_mcore_against_hf(size: Qwen25Size, load_dir: Path, ckpt: Path, hf_out
         get_args().ckpt_step = int(ckpt.name.removeprefix("iter_"))
     mcore_runtime.load_checkpoint_into(model, root)
     if not any(p.abs().sum() > 0 for p in model.parameters()):
-        raise ConversionError(f"--check-logits: megatron's load_checkpoint found nothing to load under {root}; "
-                              "pass the checkpoint's top folder (with latest_checkpointed_iteration.txt).")
+        raise UserError(f"error: --check-logits: megatron's load_checkpoint found nothing to load under {root}; "
+                        "pass the checkpoint's top folder (with latest_checkpointed_iteration.txt).")
     return compare_logits(hf_out, model)
 
 

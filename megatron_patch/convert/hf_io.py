@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_patch.errors import UserError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -21,10 +23,6 @@ def _umask() -> int:
     return mask
 
 
-class ConversionError(Exception):
-    """A problem with the user's input, reported as one message before anything is written."""
-
-
 class HFCheckpointReader:
     """The tensors of a HF checkpoint folder (single model.safetensors or a sharded index), read lazily."""
 
@@ -32,22 +30,29 @@ class HFCheckpointReader:
         self.folder = Path(folder)
         index = self.folder / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._file_of = {name: self.folder / f for name, f in weight_map.items()}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self._file_of = {name: self.folder / f for name, f in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise UserError(f"error: {index} is not a safetensors index ({type(e).__name__}: {e}); restore it "
+                                "from the original download, or re-save the model with save_pretrained().") from None
         elif (self.folder / SINGLE_FILE).is_file():
-            from safetensors import safe_open
-
-            with safe_open(self.folder / SINGLE_FILE, framework="pt") as f:
-                self._file_of = {name: self.folder / SINGLE_FILE for name in f.keys()}
+            self._file_of = dict.fromkeys(shard_tensor_names(self.folder / SINGLE_FILE), self.folder / SINGLE_FILE)
         else:
-            raise ConversionError(
-                f"no HF weights in {self.folder}: expected {SINGLE_FILE} or {INDEX_FILE} (only safetensors is "
+            raise UserError(
+                f"error: no HF weights in {self.folder}: expected {SINGLE_FILE} or {INDEX_FILE} (only safetensors is "
                 "read; re-save a .bin checkpoint with save_pretrained(safe_serialization=True))."
             )
         missing_files = sorted({str(p) for p in self._file_of.values() if not p.is_file()})
         if missing_files:
-            raise ConversionError(f"{INDEX_FILE} in {self.folder} lists shard files that are missing: "
-                                  + ", ".join(missing_files))
+            raise UserError(f"error: {INDEX_FILE} in {self.folder} lists shard files that are missing: "
+                            + ", ".join(missing_files))
+        for shard in sorted(set(self._file_of.values())):
+            listed = {name for name, f in self._file_of.items() if f == shard}
+            absent = listed - set(shard_tensor_names(shard))
+            if absent:
+                raise UserError(f"error: {index} places {len(absent)} tensors in {shard}, which does not hold them "
+                                f"(e.g. {min(absent)}): the shard and the index come from different saves.")
 
     def names(self) -> list[str]:
         return list(self._file_of)
@@ -111,3 +116,18 @@ class HFShardWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return files
+
+
+def shard_tensor_names(path: Path) -> list[str]:
+    """The tensor names of one safetensors file; a truncated or corrupt file is a UserError naming it.
+
+    safetensors checks at open that the header parses and that the file is long enough for every tensor in it,
+    so this catches truncation without reading any tensor data."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    except SafetensorError as e:
+        raise UserError(f"error: {path} ({path.stat().st_size} bytes) is not a readable safetensors file: {e}. "
+                        "It is probably truncated or corrupt (an interrupted download or copy): fetch it again.") from None

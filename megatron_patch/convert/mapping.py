@@ -8,7 +8,7 @@ round trip is bit-exact.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,22 +34,33 @@ def canonical_mcore_name(name: str) -> str:
     return name
 
 
+# The size-table quantities a Megatron tensor's dimensions are given in (the `dims` column of the table).
+DIMS = {
+    "vocab": lambda s: s.vocab_size,
+    "hidden": lambda s: s.hidden_size,
+    "q": lambda s: s.num_attention_heads * s.head_dim,
+    "qkv": lambda s: (s.num_attention_heads + 2 * s.num_query_groups) * s.head_dim,
+    "gate_up": lambda s: 2 * s.ffn_hidden_size,
+    "ffn": lambda s: s.ffn_hidden_size,
+}
+
+
 @dataclass(frozen=True)
 class Mapping:
-    """Base: one Megatron tensor <-> one or more HF tensors. Names may contain `{layer}`."""
+    """Base: one Megatron tensor <-> one or more HF tensors. Names may contain `{layer}`; `dims` is the Megatron
+    tensor's shape in DIMS names, from which every shape on both sides is derived (`mcore_shapes`, `hf_shapes`)."""
 
     mcore: str
     hf: tuple[str, ...]
+    dims: tuple[str, ...]
 
     def bind(self, layer: int | None) -> "Mapping":
         if layer is None:
             return self
-        return type(self)(self.mcore.format(layer=layer), tuple(n.format(layer=layer) for n in self.hf))
+        return replace(self, mcore=self.mcore.format(layer=layer), hf=tuple(n.format(layer=layer) for n in self.hf))
 
-    @property
-    def layer(self) -> int | None:
-        parts = self.mcore.split(".")
-        return int(parts[2]) if parts[:2] == ["decoder", "layers"] else None
+    def mcore_shape(self, size: Qwen25Size) -> tuple[int, ...]:
+        return tuple(DIMS[d](size) for d in self.dims)
 
     def to_mcore(self, tensors: list[torch.Tensor], size: Qwen25Size) -> torch.Tensor:
         raise NotImplementedError
@@ -114,70 +125,51 @@ class TiedLMHead(Mapping):
 
 LAYER_MAPPINGS: tuple[Mapping, ...] = (
     OneToOne("decoder.layers.{layer}.self_attention.linear_qkv.layer_norm_weight",
-             ("model.layers.{layer}.input_layernorm.weight",)),
+             ("model.layers.{layer}.input_layernorm.weight",), ("hidden",)),
     QKVFused("decoder.layers.{layer}.self_attention.linear_qkv.weight",
              ("model.layers.{layer}.self_attn.q_proj.weight",
               "model.layers.{layer}.self_attn.k_proj.weight",
-              "model.layers.{layer}.self_attn.v_proj.weight")),
+              "model.layers.{layer}.self_attn.v_proj.weight"), ("qkv", "hidden")),
     QKVFused("decoder.layers.{layer}.self_attention.linear_qkv.bias",
              ("model.layers.{layer}.self_attn.q_proj.bias",
               "model.layers.{layer}.self_attn.k_proj.bias",
-              "model.layers.{layer}.self_attn.v_proj.bias")),
+              "model.layers.{layer}.self_attn.v_proj.bias"), ("qkv",)),
     OneToOne("decoder.layers.{layer}.self_attention.linear_proj.weight",
-             ("model.layers.{layer}.self_attn.o_proj.weight",)),
+             ("model.layers.{layer}.self_attn.o_proj.weight",), ("hidden", "q")),
     OneToOne("decoder.layers.{layer}.mlp.linear_fc1.layer_norm_weight",
-             ("model.layers.{layer}.post_attention_layernorm.weight",)),
+             ("model.layers.{layer}.post_attention_layernorm.weight",), ("hidden",)),
     GateUpFused("decoder.layers.{layer}.mlp.linear_fc1.weight",
-                ("model.layers.{layer}.mlp.gate_proj.weight", "model.layers.{layer}.mlp.up_proj.weight")),
+                ("model.layers.{layer}.mlp.gate_proj.weight", "model.layers.{layer}.mlp.up_proj.weight"),
+                ("gate_up", "hidden")),
     OneToOne("decoder.layers.{layer}.mlp.linear_fc2.weight",
-             ("model.layers.{layer}.mlp.down_proj.weight",)),
+             ("model.layers.{layer}.mlp.down_proj.weight",), ("hidden", "ffn")),
 )
 
 
 def qwen2_5_mappings(size: Qwen25Size) -> list[Mapping]:
     """The full table for one model, in checkpoint order (embedding, layers, final norm, output)."""
-    table: list[Mapping] = [OneToOne("embedding.word_embeddings.weight", ("model.embed_tokens.weight",))]
+    table: list[Mapping] = [OneToOne("embedding.word_embeddings.weight", ("model.embed_tokens.weight",),
+                                     ("vocab", "hidden"))]
     for layer in range(size.num_layers):
         table += [m.bind(layer) for m in LAYER_MAPPINGS]
-    table.append(OneToOne("decoder.final_layernorm.weight", ("model.norm.weight",)))
-    if size.tie_word_embeddings:
-        table.append(TiedLMHead("output_layer.weight", ("lm_head.weight",)))
-    else:
-        table.append(OneToOne("output_layer.weight", ("lm_head.weight",)))
+    table.append(OneToOne("decoder.final_layernorm.weight", ("model.norm.weight",), ("hidden",)))
+    head = TiedLMHead if size.tie_word_embeddings else OneToOne
+    table.append(head("output_layer.weight", ("lm_head.weight",), ("vocab", "hidden")))
     return table
 
 
-def hf_shapes(size: Qwen25Size) -> dict[str, tuple[int, ...]]:
-    """The shape of every HF tensor a Qwen2ForCausalLM of this size has (lm_head only when untied)."""
-    h, d = size.hidden_size, size.head_dim
-    q, kv, ffn = size.num_attention_heads * d, size.num_query_groups * d, size.ffn_hidden_size
-    shapes = {"model.embed_tokens.weight": (size.vocab_size, h), "model.norm.weight": (h,)}
-    for i in range(size.num_layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.q_proj.bias": (q,),
-            p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.k_proj.bias": (kv,),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.v_proj.bias": (kv,),
-            p + "self_attn.o_proj.weight": (h, q),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "mlp.gate_proj.weight": (ffn, h), p + "mlp.up_proj.weight": (ffn, h),
-            p + "mlp.down_proj.weight": (h, ffn),
-        }
-    if not size.tie_word_embeddings:
-        shapes["lm_head.weight"] = (size.vocab_size, h)
-    return shapes
-
-
 def mcore_shapes(size: Qwen25Size) -> dict[str, tuple[int, ...]]:
-    """The shape of every Megatron tensor, derived through the table itself (on the meta device)."""
-    hf = hf_shapes(size)
+    """The shape of every Megatron tensor (output_layer only when untied), from the table's `dims`."""
+    return {m.mcore: m.mcore_shape(size) for m in qwen2_5_mappings(size) if not isinstance(m, TiedLMHead)}
+
+
+def hf_shapes(size: Qwen25Size) -> dict[str, tuple[int, ...]]:
+    """The shape of every HF tensor a Qwen2ForCausalLM of this size has (lm_head only when untied): each
+    Megatron shape split by the table itself, on the meta device."""
     shapes = {}
     for m in qwen2_5_mappings(size):
-        if isinstance(m, TiedLMHead):
-            continue
-        t = m.to_mcore([torch.empty(hf[n], device="meta") for n in m.hf], size)
-        shapes[m.mcore] = tuple(t.shape)
+        tensors = m.to_hf(torch.empty(m.mcore_shape(size), device="meta"), size)
+        shapes |= {name: tuple(t.shape) for name, t in zip(m.hf, tensors)}
     return shapes
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from megatron_patch.convert.mapping import canonical_mcore_name
-from megatron_patch.launcher import free_port
+from megatron_patch.errors import UserError
+from megatron_patch.hardware import free_port
 from megatron_patch.model_sizes import Qwen25Size
 
 DTYPE_FLAGS = {torch.float32: [], torch.bfloat16: ["--bf16"], torch.float16: ["--fp16"]}
@@ -22,7 +23,8 @@ DTYPE_FLAGS = {torch.float32: [], torch.bfloat16: ["--bf16"], torch.float16: ["-
 
 def _single_process_env() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
-        raise RuntimeError("the convertor runs as a single process; launch it with python, not torchrun")
+        raise UserError("error: the convertor runs as a single process; start it with python (or the toolkit "
+                        "scripts), not torchrun.")
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     # A private one-process group: never reuse a MASTER_PORT inherited from some other job's environment.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
@@ -56,7 +58,7 @@ def init_megatron(size: Qwen25Size, dtype: torch.dtype, seq_length: int = 128):
     from megatron.training.arguments import parse_and_validate_args
     from megatron.training.initialize import initialize_megatron
 
-    from megatron_patch.arguments import add_extra_args, qwen2_5_model_flags
+    from megatron_patch.arguments import NO_TE_GPU_FLAGS, add_extra_args, qwen2_5_model_flags
 
     argv = qwen2_5_model_flags(size) + [
         "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1",
@@ -73,10 +75,7 @@ def init_megatron(size: Qwen25Size, dtype: torch.dtype, seq_length: int = 128):
         from megatron_patch.model import transformer_engine_available
 
         if not transformer_engine_available():
-            # A GPU without Transformer Engine: megatron's defaults (rope, softmax and grad-accumulation fusions)
-            # need TE or apex kernels, so take the same pure-PyTorch paths as the CPU backend.
-            argv += [f for f in cpu_backend.CPU_FLAGS
-                     if f.startswith("--no-") or f in ("--transformer-impl", "local")]
+            argv += NO_TE_GPU_FLAGS  # the launcher's flags for this case; fused.configure below supplies the GEMM
     saved_argv = sys.argv
     sys.argv = [saved_argv[0], *argv]
     try:

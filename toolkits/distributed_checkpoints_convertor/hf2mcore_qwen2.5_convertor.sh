@@ -8,7 +8,8 @@
 #   PR          fp32 | bf16 | fp16
 #   USE_TE      informational: the checkpoint uses TE key names and loads with or without Transformer Engine
 #   MG2HF       false: HF -> Megatron; true: Megatron -> HF (needs HF_DIR)
-# Always CPU (USE_CUDA=true in scripts/qwen2_5/run_8xH20.sh for the GPU). DRY_RUN=true prints the command.
+# Always CPU (USE_CUDA=true in scripts/qwen2_5/run_8xH20.sh for the GPU). MP_DRY_RUN=1 prints the command
+# (the older DRY_RUN=true still works, with a warning).
 set -euo pipefail
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2; exit 2; }
@@ -27,5 +28,4 @@ cmd=("$PY" -m megatron_patch.convert --model-size "$MODEL_SIZE" --load-dir "$SRC
 cmd+=("$@")
 
 export PYTHONPATH="${REPO_ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
-if [[ "${DRY_RUN:-false}" == "true" ]]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
 exec "${cmd[@]}"

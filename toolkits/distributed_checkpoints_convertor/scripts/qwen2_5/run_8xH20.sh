@@ -9,7 +9,9 @@
 #   PR          fp32 | bf16 | fp16, dtype of the written weights
 #   HF_DIR      reference HF folder whose config.json and tokenizer go with the HF output ('' to skip)
 # Extra flags go to `python -m megatron_patch.convert` (e.g. --check-logits, --max-shard-size 2GB, --overwrite).
-# DRY_RUN=true prints the command instead of running it. The name follows upstream; one process does the work.
+# MP_DRY_RUN=1 prints the command instead of running it (the older DRY_RUN=true still works, with a warning).
+# Despite its name (kept: it is upstream's interface), this runs ONE process on one GPU or the CPU, never eight:
+# torch_dist checkpoints store global tensors, so the conversion needs no TP/PP split and training reshards on load.
 set -euo pipefail
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2; exit 2; }
@@ -28,5 +30,4 @@ cmd=("$PY" -m megatron_patch.convert --model-size "$MODEL_SIZE" --load-dir "$LOA
 cmd+=("$@")
 
 export PYTHONPATH="${REPO_ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
-if [[ "${DRY_RUN:-false}" == "true" ]]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
 exec "${cmd[@]}"
