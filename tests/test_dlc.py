@@ -1,0 +1,53 @@
+"""ENV=dlc end to end on the CPU: two run_mcore_qwen.sh launchers as the two nodes of a DLC job, each with the
+scheduler's variables as a DLC job sets them (WORLD_SIZE=2 nodes, RANK=0/1, MASTER_ADDR, MASTER_PORT and
+KUBERNETES_CONTAINER_RESOURCE_GPU=1), gloo, one process per node. The losses equal one node's run of the same
+layout (DP2: ENV=dsw, two processes) to 1e-5 in fp32, every iteration.
+
+The runners are benchmarks/gpu_matrix.py's (its `dlc-2x1` row runs the same two launchers on the two-GPU machine,
+one GPU per node).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+from gpu_matrix import SETTINGS, Matrix, tolerance  # noqa: E402
+from test_gpu_matrix import cpu_assets  # noqa: E402
+
+pytestmark = pytest.mark.timeout(600)
+
+CPU = SETTINGS["cpu"]
+
+
+def test_two_dlc_nodes_train_exactly_like_one_node_with_two_processes(tmp_path_factory, default_tokenizer_dir,
+                                                                       converted_tiny):
+    work = tmp_path_factory.mktemp("dlc")
+    matrix = Matrix(CPU, cpu_assets(tmp_path_factory, default_tokenizer_dir), work, work / "state.json",
+                    checkpoint=converted_tiny, variant="cpu")
+    one_node = matrix.run_row(matrix.rows["dp2"])
+    two_nodes = matrix.run_row(matrix.rows["dlc-2x1"])
+    assert one_node["status"] == "ok" and two_nodes["status"] == "ok", (one_node, two_nodes)
+    assert sorted(two_nodes["losses"], key=int) == [str(i) for i in range(1, CPU.iterations + 1)]
+    assert tolerance("fp32", "fp32", on_gpu=False) == 1e-5
+    for it, loss in one_node["losses"].items():
+        assert abs(two_nodes["losses"][it] - loss) <= 1e-5, (it, one_node["losses"], two_nodes["losses"])
+
+    # Each node's launcher started its own torchrun: one process, node rank = RANK, two nodes, one rendezvous.
+    out = matrix.out_dir(matrix.rows["dlc-2x1"])
+    ports = set()
+    for node in (0, 1):
+        (log,) = (out / "log").glob(f"*_node{node}.log")
+        command = next(line for line in log.read_text().splitlines() if "torch.distributed.run" in line)
+        assert re.search(rf"--nproc-per-node 1 --nnodes 2 --node-rank {node} --master-addr 127\.0\.0\.1 "
+                         r"--master-port (\d+)", command), command
+        ports.add(re.search(r"--master-port (\d+)", command).group(1))
+    assert len(ports) == 1
+    # One job of two ranks, not two jobs of one.
+    assert re.search(r"world size: 2\b|world_size \.+ 2\b", (out / "node1" / "launcher.log").read_text())
