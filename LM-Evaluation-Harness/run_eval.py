@@ -9,9 +9,13 @@ data parallel with one process per visible GPU (plain `python -m lm_eval --devic
 hub switched off and lm-eval's cmmlu/ceval-valid reading prepare_data.py's files from EVAL_DATA_DIR.
 Results (JSON, plus the task configs used) go to MODEL_DIR/eval_results/ unless --output_path is given.
 
+MODEL_DIR must hold Hugging Face weights, config.json and a tokenizer; a Megatron checkpoint folder is refused
+with the convertor command that turns it back into Hugging Face format.
+
 Environment: EVAL_DATA_DIR (default LM-Evaluation-Harness/data), MAIN_PROCESS_PORT (default 29051),
-EVAL_DRY_RUN=1 prints the lm_eval command instead of running it. HF_HUB_OFFLINE / HF_DATASETS_OFFLINE /
-TRANSFORMERS_OFFLINE default to 1; export them as 0 to let lm-eval reach the hub.
+MP_DRY_RUN=1 prints the lm_eval command instead of running it, and writes nothing (run_eval.sh still takes the
+older EVAL_DRY_RUN=1, with a warning). HF_HUB_OFFLINE / HF_DATASETS_OFFLINE / TRANSFORMERS_OFFLINE default to 1; export them as 0
+to let lm-eval reach the hub.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from benchmarks import BENCHMARKS, Benchmark, default_data_dir, prepare_command
+from benchmarks import BENCHMARKS, HERE, Benchmark, default_data_dir, prepare_command
+from megatron_patch.errors import UserError, dry_run_requested, report_user_errors
 
 DEFAULT_TASKS = "cmmlu,ceval-valid"
 DEFAULT_BATCH_SIZE = "16"
@@ -31,22 +36,48 @@ MIN_LM_EVAL = "0.4.12"  # the TaskManager API local_tasks.py reads lm-eval's own
 # Without these, every hub lookup on a cluster without internet waits out ~25 s of retries before failing.
 OFFLINE_DEFAULTS = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1"}
 TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+# What transformers' from_pretrained loads weights from (one file, or an index of shards).
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
+# What marks a Megatron checkpoint: a training --save folder's tracker, or one torch_dist iteration folder.
+MEGATRON_MARKERS = ("latest_checkpointed_iteration.txt", "metadata.json", "*.distcp", "iter_*", "release")
+CONVERT_BACK = HERE.parent / "toolkits/distributed_checkpoints_convertor/scripts/qwen2_5/run_8xH20.sh"
 
 
 def check_model_dir(model_dir: Path) -> None:
+    """MODEL_DIR is a Hugging Face checkpoint lm-eval can load: weights (readable, where safetensors), config.json
+    and a tokenizer. Checked before lm-eval starts, which would otherwise die deep inside transformers."""
     if not model_dir.is_dir():
-        raise SystemExit(f"error: MODEL_DIR {model_dir} is not a folder.")
+        raise UserError(f"error: MODEL_DIR {model_dir} is not a folder.")
+    if not any((model_dir / name).is_file() for name in HF_WEIGHT_FILES):
+        megatron = sorted({p.name for pattern in MEGATRON_MARKERS for p in model_dir.glob(pattern)})
+        if megatron:
+            hf_dir = model_dir if (model_dir / "config.json").is_file() else "<the Hugging Face model you started from>"
+            back = model_dir.with_name(f"{model_dir.name}-hf")
+            raise UserError(
+                f"error: MODEL_DIR {model_dir} is a Megatron checkpoint ({', '.join(megatron[:3])}), not Hugging Face "
+                "weights, so lm-eval cannot load it. Convert it back to Hugging Face format first:\n"
+                f"  bash {CONVERT_BACK} auto {model_dir} {back} true false bf16 {hf_dir}\n"
+                f"then evaluate the converted folder: bash {HERE / 'run_eval.sh'} {back}"
+            )
+        raise UserError(f"error: MODEL_DIR {model_dir} holds no Hugging Face weights (none of "
+                        f"{', '.join(HF_WEIGHT_FILES)}); pass the folder save_pretrained() wrote, or the output of "
+                        "the Megatron -> HF conversion (convert it back first).")
     if not (model_dir / "config.json").is_file():
-        raise SystemExit(
-            f"error: MODEL_DIR {model_dir} has no config.json, so it is not a Hugging Face checkpoint.\n"
-            "If it is a Megatron checkpoint, convert it back to Hugging Face format first (the best practice's "
-            "mcore -> HF conversion step), then pass the converted folder."
+        raise UserError(
+            f"error: MODEL_DIR {model_dir} has no config.json, so it is not a complete Hugging Face checkpoint.\n"
+            "Copy the config.json of the Hugging Face model you started from into it (the Megatron -> HF "
+            "conversion does that when given HF_DIR)."
         )
     if not any(all((model_dir / name).is_file() for name in files) for files in TOKENIZER_FILE_SETS):
-        raise SystemExit(
+        raise UserError(
             f"error: MODEL_DIR {model_dir} has no tokenizer (tokenizer.json, or vocab.json + merges.txt).\n"
             "Copy the tokenizer files of the Hugging Face model you started from into it."
         )
+    if any(model_dir.glob("*.safetensors")) or (model_dir / "model.safetensors.index.json").is_file():
+        from megatron_patch.convert.hf_io import HFCheckpointReader
+
+        HFCheckpointReader(model_dir)  # names a truncated or corrupt shard, or one the index lists but lacks
 
 
 def check_lm_eval_version() -> None:
@@ -55,7 +86,7 @@ def check_lm_eval_version() -> None:
     from packaging.version import Version
 
     if Version(version("lm_eval")) < Version(MIN_LM_EVAL):
-        raise SystemExit(f"error: lm-eval {version('lm_eval')} is installed; run_eval.sh needs lm-eval>={MIN_LM_EVAL}.")
+        raise UserError(f"error: lm-eval {version('lm_eval')} is installed; run_eval.sh needs lm-eval>={MIN_LM_EVAL}.")
 
 
 def benchmark_of(task: str) -> Benchmark | None:
@@ -66,18 +97,20 @@ def benchmark_of(task: str) -> Benchmark | None:
     return None
 
 
-def write_task_configs(tasks: list[str], data_dir: Path, tasks_root: Path) -> None:
-    """Point each requested benchmark at its local data, or stop with how to get that data."""
+def write_task_configs(tasks: list[str], data_dir: Path, tasks_root: Path, write: bool = True) -> None:
+    """Point each requested benchmark at its local data, or stop with how to get that data (write=False: only
+    check that the data is there)."""
     from local_tasks import write_local_tasks
 
     # Start clean: configs left by an earlier run (another lm-eval, other data) must not be indexed.
-    shutil.rmtree(tasks_root, ignore_errors=True)
+    if write:
+        shutil.rmtree(tasks_root, ignore_errors=True)
     requested = {bench.name: bench for bench in map(benchmark_of, tasks) if bench is not None}
     for bench in requested.values():
-        local = write_local_tasks(bench, data_dir, tasks_root)
+        local = write_local_tasks(bench, data_dir, tasks_root, write)
         data_folder = data_dir / bench.name
         if not local.prepared:
-            raise SystemExit(
+            raise UserError(
                 f"error: no local {bench.name} data for task '{bench.group}': {data_folder} is missing or holds no "
                 f"subject with all of {', '.join(bench.splits)}.\n"
                 f"lm-eval's built-in task would fetch it from the Hugging Face hub, which is switched off here.\n"
@@ -87,8 +120,8 @@ def write_task_configs(tasks: list[str], data_dir: Path, tasks_root: Path) -> No
             )
         missing_subtasks = [t for t in tasks if t in local.unprepared]
         if missing_subtasks:
-            raise SystemExit(f"error: no local data in {data_folder} for {', '.join(missing_subtasks)}; "
-                             f"rerun {prepare_command(bench, data_dir)} with a download that has them.")
+            raise UserError(f"error: no local data in {data_folder} for {', '.join(missing_subtasks)}; "
+                            f"rerun {prepare_command(bench, data_dir)} with a download that has them.")
         if local.unprepared:
             print(f"warning: {bench.group} covers {len(local.prepared)} of {len(local.prepared) + len(local.unprepared)} "
                   f"subjects, those prepared in {data_folder}; missing: {', '.join(local.unprepared)}", file=sys.stderr)
@@ -138,10 +171,11 @@ def visible_gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def main(argv: list[str]) -> None:
+@report_user_errors
+def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        raise SystemExit(0 if argv else 2)
+        return 0 if argv else 2
     model_dir = Path(argv[0]).expanduser().resolve()
     has_tasks = len(argv) > 1 and not argv[1].startswith("-")
     tasks = argv[1] if has_tasks else DEFAULT_TASKS
@@ -150,21 +184,23 @@ def main(argv: list[str]) -> None:
                       ("--include_path", "run_eval.sh passes its own, with the local cmmlu/ceval-valid tasks"),
                       ("--model", "run_eval.sh evaluates Hugging Face checkpoints with --model hf")):
         if passed(extra, flag):
-            raise SystemExit(f"error: don't pass {flag}: {why}. (Extra model args go in --model_args key=value,...)")
+            raise UserError(f"error: don't pass {flag}: {why}. (Extra model args go in --model_args key=value,...)")
 
     check_model_dir(model_dir)
     check_lm_eval_version()
+    dry = dry_run_requested()
     output_path = output_path_of(extra, model_dir)
     tasks_root = output_path / "lm_eval_tasks"
-    write_task_configs([t.strip() for t in tasks.split(",") if t.strip()], default_data_dir(), tasks_root)
+    write_task_configs([t.strip() for t in tasks.split(",") if t.strip()], default_data_dir(), tasks_root,
+                       write=not dry)
 
     command = build_command(model_dir, tasks, extra, tasks_root, output_path, visible_gpu_count(),
                             port=os.environ.get("MAIN_PROCESS_PORT", DEFAULT_PORT))
     print("+ " + shlex.join(command), flush=True)
-    if os.environ.get("EVAL_DRY_RUN") == "1":
-        return
+    if dry:
+        return 0
     os.execve(command[0], command, lm_eval_env(dict(os.environ)))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

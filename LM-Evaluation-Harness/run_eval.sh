@@ -2,6 +2,7 @@
 # Evaluate a Hugging Face checkpoint on CMMLU / C-Eval with lm-eval, offline; logic lives in run_eval.py.
 #   bash run_eval.sh MODEL_DIR [TASKS=cmmlu,ceval-valid] [extra lm_eval args, e.g. --limit 10 --batch_size 8]
 # Data: prepare it once with prepare_data.py; EVAL_DATA_DIR says where (default: this folder's data/).
+# MP_DRY_RUN=1 prints the lm_eval command and runs nothing.
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -14,4 +15,8 @@ if [[ -z "${PYTHON:-}" ]]; then
     PYTHON=python
     [[ -x "$HERE/../.venv/bin/python" ]] && PYTHON="$HERE/../.venv/bin/python"
 fi
+# megatron_patch (errors, the convertor's safetensors check) from this checkout, whichever interpreter runs.
+export PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}"
+# EVAL_DRY_RUN=1 was this script's dry-run switch before MP_DRY_RUN=1, every script's one convention.
+[[ -n "${EVAL_DRY_RUN:-}" ]] && { echo "warning: EVAL_DRY_RUN is deprecated; use MP_DRY_RUN=1" >&2; export MP_DRY_RUN="$EVAL_DRY_RUN"; }
 exec "$PYTHON" "$HERE/run_eval.py" "$@"

@@ -15,9 +15,6 @@ from functools import partial
 
 from megatron_patch.errors import dry_run_requested, parse_bool, report_user_errors
 
-# The toolkit scripts' older dry-run switch, still honoured (with a warning) in favour of MP_DRY_RUN=1.
-DEPRECATED_DRY_RUN = "DRY_RUN"
-
 
 def _bytes(value: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*", value, re.IGNORECASE)
@@ -54,20 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def dry_run() -> bool:
-    """MP_DRY_RUN=1, or the older DRY_RUN=true with a warning on stderr."""
-    old = os.environ.get(DEPRECATED_DRY_RUN)
-    if old is not None:
-        print(f"warning: {DEPRECATED_DRY_RUN}={old} is deprecated; use MP_DRY_RUN=1 (the one dry-run switch of "
-              "every script).", file=sys.stderr)
-    return dry_run_requested() or parse_bool(DEPRECATED_DRY_RUN, old or "")
-
-
 @report_user_errors
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if dry_run():
+    if dry_run_requested():  # the toolkit scripts turn their older DRY_RUN=true into this
         print(shlex.join([sys.executable, "-m", "megatron_patch.convert", *map(str, argv)]))
         return 0
     if not args.use_cuda:

@@ -30,4 +30,6 @@ cmd=("$PY" -m megatron_patch.convert --model-size "$MODEL_SIZE" --load-dir "$LOA
 cmd+=("$@")
 
 export PYTHONPATH="${REPO_ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
+# DRY_RUN=true was this script's dry-run switch before MP_DRY_RUN=1, every script's one convention.
+[[ -n "${DRY_RUN:-}" ]] && { echo "warning: DRY_RUN is deprecated; use MP_DRY_RUN=1" >&2; export MP_DRY_RUN="$DRY_RUN"; }
 exec "${cmd[@]}"
