@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_patch.errors import UserError
 from megatron_patch.model_sizes import Qwen25Size, get_size
 
 
@@ -50,7 +51,7 @@ def expand_model_size(argv: list[str]) -> list[str]:
         return argv
     i = argv.index("--model-size")
     if i + 1 >= len(argv):
-        raise SystemExit("error: --model-size needs a value, e.g. --model-size 0.5B")
+        raise UserError("error: --model-size needs a value, e.g. --model-size 0.5B")
     return argv[:i] + qwen2_5_model_flags(get_size(argv[i + 1])) + argv[i + 2:]
 
 
@@ -66,8 +67,9 @@ def add_extra_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--max-padding-length", type=int, default=None,
                        help="raw JSON SFT: pad or truncate each sample to this many tokens")
     group.add_argument("--plain-kernels", action="store_true",
-                       help="megatron-core's unfused RMSNorm and RoPE (without TE) and logits + cross-entropy, "
-                            "instead of our fused kernels and chunked linear + cross-entropy (for comparison)")
+                       help="exactly megatron-core's modules and paths (for comparison): its local spec's "
+                            "DotProductAttention and RMSNorm without TE, unfused RoPE, logits + cross-entropy, its "
+                            "optimizer maths; none of the FUSED entries of megatron_patch.patches")
     group.add_argument("--cpu-threads", type=int, default=None,
                        help="CPU runs: torch threads per process (default: cores / processes)")
     return parser

@@ -11,7 +11,8 @@ CPU, with gloo for every process group (any world size, TP/PP/DP included):
 * `Tensor.type()` reports CPU float tensors with the CUDA names the optimizer and grad clipping assert on;
 * `initialize_megatron` is told CUDA is not required, and `validate_args` skips its device-property reads.
 
-Everything here is applied only when `torch.cuda.is_available()` is False: GPU runs are never touched.
+Each of these is an entry of megatron_patch.patches' manifest, applied only when `torch.cuda.is_available()` is
+False: GPU runs are never touched.
 """
 
 from __future__ import annotations
@@ -24,9 +25,6 @@ import time
 
 import torch
 from torch.overrides import TorchFunctionMode
-
-_ENABLED = False
-
 
 def cuda_absent() -> bool:
     return not torch.cuda.is_available()
@@ -134,7 +132,8 @@ def _distinct(value):
     return functools.wraps(value)(lambda *a, **k: value(*a, **k))
 
 
-def _patch_torch_cuda() -> None:
+def replace_torch_cuda_functions() -> None:
+    """torch.cuda's functions that Megatron calls, as CPU stand-ins (see the module docstring)."""
     cuda = torch.cuda
     stream = _Stream()
     replacements = {
@@ -171,16 +170,20 @@ def _patch_torch_cuda() -> None:
         setattr(cuda, name, _distinct(value))
     cuda.nvtx.range_push = _distinct(_noop)
     cuda.nvtx.range_pop = _distinct(_noop)
-
-    import megatron.core.tensor_parallel.random as mp_random
-
     for name in ("get_rng_state", "set_rng_state", "manual_seed", "manual_seed_all"):
         setattr(cuda.random, name, getattr(cuda, name))
+
+
+def keep_megatron_rng_state_on_cpu() -> None:
+    """megatron-core's own CUDA RNG state helpers (not torch.cuda's) read and write the CPU generator."""
+    import megatron.core.tensor_parallel.random as mp_random
+
     mp_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
     mp_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
 
 
-def _patch_megatron() -> None:
+def let_megatron_initialize_without_cuda() -> None:
+    """pretrain() calls initialize_megatron without allow_no_cuda, which asserts a GPU: pass it."""
     import megatron.training.initialize as initialize
     import megatron.training.training as training
 
@@ -193,6 +196,11 @@ def _patch_megatron() -> None:
 
     training.initialize_megatron = initialize_megatron
     initialize.initialize_megatron = initialize_megatron
+
+
+def place_cuda_tensors_on_cpu() -> None:
+    """Enter the TorchFunctionMode that rewrites every CUDA placement onto the CPU, for the rest of the process."""
+    _CudaOnCpu().__enter__()
 
 
 # Flags a CPU run needs: gloo, weights built on the host, and none of the CUDA-only fused kernels.
@@ -213,7 +221,7 @@ def cpu_argv(argv: list[str]) -> list[str]:
     return CPU_FLAGS + argv
 
 
-def configure_args(args) -> None:
+def share_cores(args) -> None:
     """Share the host's cores among the ranks, and say once that the run is on the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     threads = args.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
@@ -224,14 +232,16 @@ def configure_args(args) -> None:
 
 
 def enable() -> bool:
-    """Apply the CPU backend if there is no GPU. Returns True when the run is on the CPU."""
-    global _ENABLED
+    """The CPU backend's manifest entries, if there is no GPU; True when the run is on the CPU.
+    (Kept for convert/mcore_runtime.py until it calls megatron_patch.patches.apply(args) itself.)"""
     if not cuda_absent():
         return False
-    if _ENABLED:
-        return True
-    _patch_torch_cuda()
-    _patch_megatron()
-    _CudaOnCpu().__enter__()
-    _ENABLED = True
+    from megatron_patch import patches
+
+    patches.install_kind(patches.CPU)
     return True
+
+
+def configure_args(args) -> None:
+    """Kept for convert/mcore_runtime.py until it calls megatron_patch.patches.apply(args) (which does this)."""
+    share_cores(args)

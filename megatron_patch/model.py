@@ -29,14 +29,15 @@ def qwen2_5_layer_spec(use_te: bool, fused_kernels: bool = True) -> ModuleSpec:
 
     With Transformer Engine the norms fuse into the following linear layers; the local spec keeps them as
     separate modules but saves them under TE's key names, so checkpoints move freely between the two.
-    Without TE, `fused_kernels` swaps torch's RMSNorm for one compiled kernel (megatron-core's plain one otherwise).
+    Without TE, `fused_kernels` swaps the local spec's core attention for SDPA and torch's RMSNorm for one compiled
+    kernel; without it the spec is exactly megatron-core's local one (--plain-kernels).
     """
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    # The local spec's DotProductAttention builds S x S scores; SDPA uses flash/fused kernels instead.
-    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     if fused_kernels:
+        # The local spec's DotProductAttention builds S x S scores; SDPA uses flash/fused kernels instead.
+        spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
         spec.submodules.input_layernorm = FusedRMSNorm
         spec.submodules.pre_mlp_layernorm = FusedRMSNorm
     return spec
@@ -52,6 +53,15 @@ def qwen2_5_decoder_spec(config, use_te: bool, fused_kernels: bool, vp_stage=Non
                                       layer_norm=FusedRMSNorm)
 
 
+def describe_modules(model) -> str:
+    """'core attention X, norms Y': what the built model runs, for the log (--plain-kernels shows megatron's)."""
+    def kinds(suffix: str) -> str:
+        names = {type(m).__name__ for name, m in model.named_modules() if name.endswith(suffix)}
+        return "/".join(sorted(names - {"IdentityOp"})) or "-"  # IdentityOp: Qwen2.5 has no q/k norms
+
+    return f"core attention {kinds('core_attention')}, norms {kinds('layernorm')}"
+
+
 def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
     from megatron.training import get_args, print_rank_0
     from megatron.training.argument_utils import core_transformer_config_from_args
@@ -63,7 +73,7 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     fused = not args.plain_kernels
     print_rank_0(f"building Qwen2.5 GPTModel ({'Transformer Engine' if use_te else 'local'} spec, "
                  f"{'fused' if fused else 'plain'} kernels)")
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=qwen2_5_decoder_spec(config, use_te, fused, vp_stage),
         vocab_size=args.padded_vocab_size,
@@ -79,3 +89,5 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
         vp_stage=vp_stage,
         pg_collection=pg_collection,
     )
+    print_rank_0(f"Qwen2.5 GPTModel modules: {describe_modules(model)}")
+    return model

@@ -2,7 +2,8 @@
 
 Launch it with torchrun (examples/qwen2_5/run_mcore_qwen.sh builds the command):
     torchrun --nproc-per-node N -m megatron_patch.pretrain_qwen --model-size 0.5B [Megatron flags]
-Without a GPU the same command trains on the CPU (see megatron_patch/cpu_backend.py).
+Without a GPU the same command trains on the CPU (see megatron_patch/cpu_backend.py). Every change to torch's
+and megatron-core's behaviour is applied by one `patches.apply(args, device)` (megatron_patch/patches).
 """
 
 from __future__ import annotations
@@ -17,22 +18,21 @@ from functools import partial
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 import torch  # noqa: E402
-
-from megatron_patch import cpu_backend, megatron_compat, process_lifetime  # noqa: E402
-
-ON_CPU = cpu_backend.enable()
-megatron_compat.apply()
-
 from megatron.core.enums import ModelType  # noqa: E402
+from megatron.core.rerun_state_machine import get_rerun_state_machine  # noqa: E402
 from megatron.training import get_args, get_timers, pretrain  # noqa: E402
 from megatron.training.argument_utils import pretrain_cfg_container_from_args  # noqa: E402
 from megatron.training.arguments import parse_and_validate_args  # noqa: E402
 
+from megatron_patch import checkpoint_state, cpu_backend, patches, process_lifetime  # noqa: E402
 from megatron_patch.arguments import add_extra_args, expand_model_size  # noqa: E402
 from megatron_patch.data.providers import get_batch, train_valid_test_datasets_provider  # noqa: E402
-from megatron_patch import fused  # noqa: E402
+from megatron_patch.errors import UserError  # noqa: E402
 from megatron_patch.fused import linear_cross_entropy  # noqa: E402
 from megatron_patch.model import model_provider  # noqa: E402
+
+# megatron's pretrain_gpt: a loss this many times the running average is reported as spiky (not fatal).
+SPIKY_LOSS_FACTOR = 10
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -46,8 +46,26 @@ def summed_loss_func(loss_mask: torch.Tensor, loss_sum: torch.Tensor):
     (--calculate-per-token-loss), so SFT loss is the mean over all answer tokens, not over samples.
     The fused linear + cross-entropy returns this masked sum itself."""
     num_tokens = loss_mask.sum().clone().detach().to(torch.int)
+    check_loss(loss_sum)
     report = torch.cat([loss_sum.clone().detach().view(1).float(), num_tokens.view(1).float()])
     return loss_sum, num_tokens, {"lm loss": report}
+
+
+def check_loss(loss: torch.Tensor) -> None:
+    """megatron's pretrain_gpt checks: this rank's loss is neither NaN nor Inf before the data-parallel
+    all-reduce (the manifest's nan-message-names-likely-causes adds the usual causes), and is not spiky."""
+    args = get_args()
+    rerun_state_machine = get_rerun_state_machine()
+    if args.check_for_nan_in_loss_and_grad:
+        for rejection, found in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
+            # tolerance 0: the forward pass is deterministic
+            rerun_state_machine.validate_result(result=loss, rejection_func=rejection, tolerance=0.0, fatal=True,
+                                                message=f"found {found} in local forward loss calculation")
+    if getattr(args, "check_for_spiky_loss", False):
+        rerun_state_machine.validate_result(
+            result=loss, rejection_func=partial(rerun_state_machine.is_unexpectedly_large,
+                                                threshold=SPIKY_LOSS_FACTOR, context="loss"),
+            message="Spiky loss", tolerance=0.0, fatal=False)
 
 
 def forward_step(data_iterator, model):
@@ -74,14 +92,15 @@ def main(argv: list[str]) -> None:
     # holding its GPU; so would the helper processes it starts.
     process_lifetime.die_with_parent()
     process_lifetime.children_die_with_this_process()
+    device = patches.device_here()
     argv = expand_model_size(argv)
-    if ON_CPU:
+    if device == "cpu":
         argv = cpu_backend.cpu_argv(argv)
     sys.argv = [sys.argv[0], *argv]
     args = parse_and_validate_args(extra_args_provider=add_extra_args)
-    if ON_CPU:
-        cpu_backend.configure_args(args)
-    fused.configure(args)
+    patches.apply(args, device)
+    # The launcher settles a damaged or untracked checkpoint folder before torchrun; a direct torchrun is refused.
+    checkpoint_state.refuse_unresolved(args.load)
     pretrain(
         pretrain_cfg_container_from_args(args),
         train_valid_test_datasets_provider,
@@ -95,9 +114,15 @@ def run_exiting_on_error(entry, *args) -> None:
     """Run the entrypoint; if it raises, print the error and end the process at once. After a failed step the
     interpreter's normal shutdown can wait forever (seen on a GPU: a TE attention error left the rank alive,
     holding its GPU, until the job's time limit), and torchrun only reports a failure once the rank is gone.
-    Megatron's own exits (SystemExit, e.g. after SIGTERM's checkpoint) keep their normal shutdown."""
+    Megatron's own exits (SystemExit, e.g. after SIGTERM's checkpoint) keep their normal shutdown. A UserError is
+    its message alone, exit status 2."""
     try:
         entry(*args)
+    except UserError as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(err, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
     except Exception:
         traceback.print_exc()
         sys.stdout.flush()

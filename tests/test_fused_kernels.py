@@ -180,7 +180,7 @@ def _tensor_parallel_worker(rank, world, port, maths, hidden, weight, labels, ma
 
 @pytest.mark.parametrize("maths", sorted(CHUNK_MATHS))
 def test_linear_cross_entropy_over_two_vocabulary_shards_matches_one(maths):
-    from megatron_patch.launcher import free_port
+    from megatron_patch.hardware import free_port
 
     hidden, weight, labels, mask = _ce_inputs(torch.float32, vocab=100)
     h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -221,17 +221,20 @@ def test_kernels_trace_as_single_graphs():
 
 # ---------------------------------------------------------------- gradient-accumulation GEMM
 
-def test_gradient_accumulation_fusion_falls_back_where_its_gemm_cannot_run(monkeypatch):
+def test_gradient_accumulation_fusion_is_switched_off_where_its_gemm_cannot_run():
     from types import SimpleNamespace
 
-    from megatron_patch.fused import grad_accumulation
+    from megatron_patch import patches
 
-    monkeypatch.setattr(grad_accumulation, "apex_available", lambda: False)
-    monkeypatch.setattr(grad_accumulation, "supported_here", lambda: False)
-    args = SimpleNamespace(gradient_accumulation_fusion=True)
-    grad_accumulation.configure(args)
+    # This machine has neither Apex nor a GPU: the manifest leaves the GEMM out and settle_args says so.
+    args = SimpleNamespace(gradient_accumulation_fusion=True, apply_rope_fusion=False, plain_kernels=False,
+                           bias_swiglu_fusion=False, optimizer="adam")
+    assert "gradient-accumulation-gemm" not in [p.name for p in patches.wanted(args, "cpu")]
+    changes = patches.settle_args(args)
     # Megatron's ColumnParallelLinear would refuse to build with the flag on and no GEMM for it.
     assert args.gradient_accumulation_fusion is False
+    assert changes == ["--gradient-accumulation-fusion off: Apex's GEMM is absent and ours needs a GPU and "
+                       "torch >= 2.8"]
 
 
 # ---------------------------------------------------------------- SwiGLU backward (Triton)
@@ -335,13 +338,14 @@ def test_multi_tensor_norm_and_scale_match_per_tensor_maths():
         assert torch.equal(got, g.bfloat16())
 
 
-def test_optimizer_step_configure_makes_megatron_build_fused_adamw(monkeypatch):
+def test_optimizer_patches_make_megatron_build_fused_adamw(monkeypatch):
     from types import SimpleNamespace
 
     from megatron.core import optimizer as mcore_optimizer
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads
 
+    from megatron_patch import patches
     from megatron_patch.fused import optimizer_step
 
     for module, name in [(clip_grads, "l2_norm_impl"), (clip_grads, "multi_tensor_scale_impl"),
@@ -350,10 +354,16 @@ def test_optimizer_step_configure_makes_megatron_build_fused_adamw(monkeypatch):
         monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
     assert clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm  # this venv has neither Apex nor TE
 
-    optimizer_step.configure(SimpleNamespace(plain_kernels=True, optimizer="adam"))
-    assert clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm and mcore_optimizer.USING_PYTORCH_OPTIMIZER
+    def optimizer_patches(plain_kernels: bool) -> list:
+        args = SimpleNamespace(plain_kernels=plain_kernels, optimizer="adam", gradient_accumulation_fusion=False,
+                               bias_swiglu_fusion=False)
+        return [p for p in patches.wanted(args, "cpu") if p.name in ("multi-tensor-optimizer-maths", "fused-adamw")]
 
-    optimizer_step.configure(SimpleNamespace(plain_kernels=False, optimizer="adam"))
+    assert optimizer_patches(plain_kernels=True) == []
+    chosen = optimizer_patches(plain_kernels=False)
+    assert [p.name for p in chosen] == ["multi-tensor-optimizer-maths", "fused-adamw"]
+    for patch in chosen:
+        patch.install()  # not through patches.apply: monkeypatch undoes these installs after the test
     assert clip_grads.l2_norm_impl is optimizer_step.multi_tensor_l2_norm
     assert mcore_optimizer.optimizer.multi_tensor_scale_impl is optimizer_step.multi_tensor_scale
     # megatron-core's own builder, called the way it calls Apex's FusedAdam.
@@ -426,7 +436,8 @@ def test_swiglu_function_backward_takes_the_kernel_and_matches_float64_autograd(
 
     from megatron_patch.fused import swiglu
 
-    assert swiglu.install()
+    assert swiglu.kernel_available()
+    swiglu.install()
     assert SwiGLUFunction.backward is not swiglu._megatron_backward
     torch.manual_seed(4)
     y = (torch.randn(2, 300, 2 * 1400, device="cuda") * 2).to(torch.bfloat16).requires_grad_()

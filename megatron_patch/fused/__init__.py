@@ -2,14 +2,12 @@
 cross-entropy that never holds the full fp32 logits (each one torch.compile'd Triton function on the GPU, the
 same Python eagerly on the CPU, which is what the parity tests check against megatron-core's plain modules),
 weight-gradient GEMMs into the fp32 main_grad, a multi-tensor optimizer step, and (with or without TE) a
-one-kernel SwiGLU backward."""
+one-kernel SwiGLU backward. Where each goes into megatron-core is an entry of megatron_patch.patches' manifest
+(kind "fused": none of them under --plain-kernels)."""
 
 
 def configure(args) -> None:
-    """After parsing Megatron's arguments, before its config is built (the entrypoint and the convertor)."""
-    from megatron_patch.fused import grad_accumulation, optimizer_step, rope, swiglu
+    """Kept for convert/mcore_runtime.py until it calls megatron_patch.patches.apply(args) itself."""
+    from megatron_patch import patches
 
-    rope.configure(args)
-    grad_accumulation.configure(args)
-    optimizer_step.configure(args)
-    swiglu.configure(args)
+    patches.apply(args)

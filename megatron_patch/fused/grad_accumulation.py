@@ -44,15 +44,15 @@ def supported_here() -> bool:
     return torch.cuda.is_available() and out_dtype_addmm_available()
 
 
-def configure(args) -> None:
-    """After parsing Megatron's arguments, before its config is built: keep --gradient-accumulation-fusion (on by
-    default) with these GEMMs where Apex is missing, or turn it off where they cannot run (the CPU, old torch)."""
-    if not args.gradient_accumulation_fusion or apex_available():
-        return
-    if not supported_here():
-        args.gradient_accumulation_fusion = False
-        return
+def install() -> None:
+    """Make megatron-core's --gradient-accumulation-fusion call these GEMMs (where Apex is missing)."""
     from megatron.core.tensor_parallel import layers
 
     layers.fused_weight_gradient_mlp_cuda = sys.modules[__name__]
     layers._grad_accum_fusion_available = True
+
+
+def installed() -> bool:
+    from megatron.core.tensor_parallel import layers
+
+    return layers._grad_accum_fusion_available

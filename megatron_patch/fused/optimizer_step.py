@@ -33,25 +33,40 @@ def fused_adam(params, adam_w_mode: bool = True, **kwargs):
     return adam_class(params, fused=True, **kwargs)
 
 
-def configure(args) -> None:
-    """After parsing Megatron's arguments: replace megatron-core's per-tensor fallbacks, unless Apex/TE filled
-    them or --plain-kernels asks for megatron-core's own path. Optimizer offload and the precision-aware
-    optimizer need TE's FusedAdam, so Adam is left to megatron-core there."""
-    if args.plain_kernels:
-        return
-    from megatron.core import optimizer, utils
+def megatron_falls_back_to_per_tensor_maths() -> bool:
+    """Neither Apex nor TE filled megatron-core's multi-tensor slots."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    return clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm
+
+
+def install_multi_tensor_maths() -> None:
+    """The gradient norm and the scaling (clipping, main-to-model copies) as foreach kernels."""
+    from megatron.core import utils
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer import optimizer as base_optimizer
 
-    if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
-        clip_grads.l2_norm_impl = multi_tensor_l2_norm
+    clip_grads.l2_norm_impl = multi_tensor_l2_norm
     for module in (clip_grads, base_optimizer):
         if module.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
             module.multi_tensor_scale_impl = multi_tensor_scale
+
+
+def megatron_builds_torch_adam(args) -> bool:
+    """megatron-core would build torch's foreach Adam(W). Optimizer offload and the precision-aware optimizer
+    need TE's FusedAdam, so Adam is left to megatron-core there."""
+    from megatron.core import optimizer
+
     needs_te_adam = getattr(args, "optimizer_cpu_offload", False) or getattr(
         args, "use_precision_aware_optimizer", False)
-    if optimizer.USING_PYTORCH_OPTIMIZER and args.optimizer == "adam" and not needs_te_adam:
-        # megatron-core builds torch's foreach AdamW when this flag is set; otherwise it calls `Adam`
-        # with Apex's signature (adam_w_mode), which fused_adam takes.
-        optimizer.USING_PYTORCH_OPTIMIZER = False
-        optimizer.Adam = fused_adam
+    return optimizer.USING_PYTORCH_OPTIMIZER and args.optimizer == "adam" and not needs_te_adam
+
+
+def install_fused_adam() -> None:
+    """megatron-core builds torch's foreach AdamW when USING_PYTORCH_OPTIMIZER is set; otherwise it calls `Adam`
+    with Apex's signature (adam_w_mode), which fused_adam takes."""
+    from megatron.core import optimizer
+
+    optimizer.USING_PYTORCH_OPTIMIZER = False
+    optimizer.Adam = fused_adam

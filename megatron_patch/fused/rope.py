@@ -69,17 +69,7 @@ def slot_filled() -> bool:
 
 
 def install() -> None:
-    """Fill megatron-core's fused-RoPE slot if Transformer Engine left it empty."""
+    """Fill megatron-core's fused-RoPE slot (the manifest does so only where Transformer Engine left it empty)."""
     from megatron.core.models.common.embeddings import rope_utils
 
-    if rope_utils.fused_apply_rotary_pos_emb is None:
-        rope_utils.fused_apply_rotary_pos_emb = fused_apply_rotary_pos_emb
-
-
-def configure(args) -> None:
-    """After parsing Megatron's arguments, before its config is built: our fused RoPE unless TE's is there or
-    --plain-kernels asks for megatron-core's unfused one."""
-    if not args.plain_kernels:
-        install()
-    if args.apply_rope_fusion and not slot_filled():
-        args.apply_rope_fusion = False
+    rope_utils.fused_apply_rotary_pos_emb = fused_apply_rotary_pos_emb

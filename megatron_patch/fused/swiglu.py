@@ -61,20 +61,16 @@ def _backward(ctx, grad_output):
 _megatron_backward = None
 
 
-def install() -> bool:
-    """Use the kernel in megatron-core's SwiGLUFunction (once; needs triton and a GPU)."""
+def kernel_available() -> bool:
+    """The kernel needs triton and a GPU."""
+    return triton is not None and torch.cuda.is_available()
+
+
+def install() -> None:
+    """Use the kernel in megatron-core's SwiGLUFunction (once)."""
     global _megatron_backward
-    if triton is None or not torch.cuda.is_available():
-        return False
     from megatron.core.fusions.fused_bias_swiglu import SwiGLUFunction
 
     if _megatron_backward is None:
         _megatron_backward = SwiGLUFunction.backward
         SwiGLUFunction.backward = staticmethod(_backward)
-    return True
-
-
-def configure(args) -> None:
-    """After parsing Megatron's arguments: the kernel unless --plain-kernels asks for megatron-core's path."""
-    if not args.plain_kernels and args.bias_swiglu_fusion:
-        install()

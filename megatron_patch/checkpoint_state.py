@@ -1,0 +1,297 @@
+"""Which checkpoint a run folder resumes from, decided before torchrun starts (no torch import).
+
+megatron-core 0.19.2 trusts `latest_checkpointed_iteration.txt` alone: an empty tracker (it writes it in place,
+so a kill at that moment leaves it empty) ends the run with "Invalid metadata file" and exit status 0; a missing
+one makes it start again from --pretrained-checkpoint at iteration 1 and overwrite the iter_* folders; a damaged
+newest checkpoint fails deep in torch's loader without naming the file. `resume_state` reads the folder and says
+what to do; `repair_tracker` is the one write (the tracker, atomically); `prepare_resume` does both for the
+launcher, and `refuse_unresolved` is the read-only check each rank makes before Megatron reads the folder.
+
+A torch_dist checkpoint is complete when what megatron-core writes last is there (dist_checkpointing.save):
+every rank's `__<rank>_<n>.distcp`, then torch's `.metadata` (written by the coordinator once all ranks have
+written), then megatron-core's `metadata.json`; the tracker follows once all ranks pass a barrier. We also check
+each .distcp file's size against the byte ranges `.metadata` records for it (a truncated file is caught here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_patch.errors import UserError
+from megatron_patch.fault_injection import fault_point
+
+TRACKER = "latest_checkpointed_iteration.txt"
+ITERATION_FOLDER = re.compile(r"^iter_(\d{7,})$")
+TORCH_METADATA = ".metadata"  # torch.distributed.checkpoint's index of every shard's byte range
+MCORE_METADATA = "metadata.json"  # megatron-core's format stamp, written after everything else
+START_OVER = "to start over instead, move the folder away (or pass another OUTPUT_BASEPATH)"
+
+
+@dataclass
+class ResumeState:
+    """What a run folder holds. iteration: the checkpoint to resume from (0 for a release checkpoint), None to
+    start fresh; reason: what needs a decision (a bad tracker, a damaged checkpoint); tracker_text: what the
+    tracker must say (None: leave it as it is; "": remove it)."""
+    checkpoint_dir: Path
+    iteration: int | None
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+    reason: str | None = None
+    tracker_text: str | None = None
+
+    @property
+    def needs_repair(self) -> bool:
+        return self.error is None and self.tracker_text is not None
+
+
+# ---------------------------------------------------------------- one checkpoint folder
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """None when `folder` (an iter_* or release folder) holds a complete checkpoint, else what is wrong with it,
+    naming the file."""
+    if not folder.is_dir():
+        return f"{folder} is missing"
+    if (folder / MCORE_METADATA).exists() or (folder / TORCH_METADATA).exists():
+        return _torch_dist_problem(folder)
+    legacy = sorted(folder.glob("mp_rank_*/*.pt"))
+    if legacy:  # --ckpt-format torch: one file per model-parallel rank
+        empty = [p for p in legacy if p.stat().st_size == 0]
+        return f"{empty[0]} is empty" if empty else None
+    return f"{folder} holds no checkpoint ({MCORE_METADATA} missing: the save did not finish)"
+
+
+def _torch_dist_problem(folder: Path) -> str | None:
+    stamp = folder / MCORE_METADATA
+    try:
+        if "sharded_backend" not in json.loads(stamp.read_text()):
+            return f"{stamp} is not megatron-core's checkpoint metadata"
+    except FileNotFoundError:
+        return f"{stamp} is missing (the save did not finish)"
+    except (OSError, ValueError) as err:
+        return f"{stamp} is unreadable ({err})"
+    index = folder / TORCH_METADATA
+    try:
+        extents = _shard_extents(index)
+    except FileNotFoundError:
+        return f"{index} is missing"
+    except Exception as err:  # a truncated or corrupt pickle fails in many ways
+        return f"{index} is unreadable ({type(err).__name__}: {err})"
+    for name, needed in sorted(extents.items()):
+        shard = folder / name
+        if not shard.is_file():
+            return f"{shard} is missing"
+        size = shard.stat().st_size
+        if size < needed:
+            return f"{shard} is truncated ({size} bytes, {needed} expected)"
+    if not extents and not any(folder.glob("*.distcp")):
+        return f"{folder} holds no .distcp file"
+    return None
+
+
+class _Stub:
+    """Stands in for every class a torch checkpoint index names: the index is read without importing torch (and
+    without running any code it names)."""
+
+    def __init__(self, *args, **kwargs):
+        self.__dict__["args"] = args
+
+    def __setstate__(self, state):
+        self.__dict__["state"] = state
+
+
+class _StubUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        return type(name, (_Stub,), {})
+
+
+def _shard_extents(index: Path) -> dict[str, int]:
+    """{.distcp file name: bytes its recorded shards need} from torch.distributed.checkpoint's `.metadata`."""
+    with open(index, "rb") as f:
+        metadata = _StubUnpickler(f).load()
+    state = getattr(metadata, "state", None)
+    storage = state.get("storage_data") if isinstance(state, dict) else None
+    extents: dict[str, int] = {}
+    for info in (storage or {}).values():
+        fields = getattr(info, "state", None)
+        if isinstance(fields, dict) and {"relative_path", "offset", "length"} <= fields.keys():
+            end = fields["offset"] + fields["length"]
+            extents[fields["relative_path"]] = max(end, extents.get(fields["relative_path"], 0))
+    return extents
+
+
+# ---------------------------------------------------------------- the run folder
+
+def iteration_folders(checkpoint_dir: Path) -> dict[int, Path]:
+    """{iteration: folder} of the iter_* folders, any state."""
+    if not checkpoint_dir.is_dir():
+        return {}
+    found = {}
+    for p in checkpoint_dir.iterdir():
+        match = ITERATION_FOLDER.match(p.name)
+        if match and p.is_dir():
+            found[int(match.group(1))] = p
+    return found
+
+
+def read_tracker(checkpoint_dir: Path) -> tuple[int | str | None, str | None]:
+    """(iteration, or "release", or None; what is wrong with the tracker, or None when it is fine or absent)."""
+    tracker = checkpoint_dir / TRACKER
+    try:
+        text = tracker.read_bytes().decode("ascii").strip()
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError) as err:
+        return None, f"{tracker} is unreadable ({err})"
+    if text == "release":
+        return "release", None
+    if not text:
+        return None, f"{tracker} is empty (a save was interrupted while writing it)"
+    if text.isdigit():
+        return int(text), None
+    return None, f"{tracker} does not hold an iteration number (it holds {text[:40]!r})"
+
+
+def resume_state(checkpoint_dir: str | os.PathLike) -> ResumeState:
+    """Read-only: the iteration a run in `checkpoint_dir` resumes from, the warnings to show, or the error that
+    stops it. Never picks an incomplete checkpoint, never ignores existing iter_* folders."""
+    folder = Path(checkpoint_dir)
+    state = ResumeState(folder, None)
+    tracked, tracker_problem = read_tracker(folder)
+    iterations = iteration_folders(folder)
+
+    if tracked == "release":
+        problem = checkpoint_problem(folder / "release")
+        if problem:
+            state.error = f"error: the release checkpoint in {folder} is damaged: {problem}."
+        else:
+            state.iteration = 0
+        return state
+    if tracked is not None:
+        problem = checkpoint_problem(iterations.get(tracked, folder / f"iter_{tracked:07d}"))
+        if problem is None:
+            state.iteration = tracked
+            newer = [i for i in iterations if i > tracked]
+            if newer:
+                state.warnings.append(
+                    f"warning: {folder} holds iter_{max(newer):07d}, newer than the tracker's iteration {tracked}: "
+                    f"its save never finished, so the run resumes from iteration {tracked} and overwrites it.")
+            return state
+        reason = f"{folder / TRACKER} names iteration {tracked}, but {problem}"
+    elif tracker_problem:
+        reason = tracker_problem
+    elif iterations:
+        reason = f"{folder / TRACKER} is missing"
+    else:
+        return state  # nothing saved yet: a fresh start
+
+    state.reason = reason
+    damaged = []
+    for iteration in sorted(iterations, reverse=True):
+        if iteration == tracked:
+            continue
+        problem = checkpoint_problem(iterations[iteration])
+        if problem is None:
+            state.iteration = iteration
+            state.tracker_text = str(iteration)
+            skipped = "".join(f"; skipped {d}" for d in damaged)
+            state.warnings.append(f"warning: {reason}{skipped}. Resuming from the newest complete checkpoint, "
+                                  f"iteration {iteration} (the tracker is rewritten to say so).")
+            return state
+        damaged.append(problem)
+    if not iterations and tracker_problem:
+        # A bad tracker and nothing it could point at: the run starts fresh once the tracker is gone.
+        state.tracker_text = ""
+        state.warnings.append(f"warning: {reason}, and {folder} holds no iter_* folder: removing the tracker; "
+                              "the run starts from the beginning.")
+        return state
+    listing = "; ".join(damaged) if damaged else "no iter_* folder holds a checkpoint"
+    state.error = (f"error: no complete checkpoint to resume from in {folder}: {reason}; {listing}. "
+                   f"Restore the damaged file(s) from a copy, or, {START_OVER}.")
+    return state
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `path` so that a reader (or a relaunch after a kill at any instant) sees the old text or the new
+    one, never a mix or an empty file: a temporary file beside it, fsync'd, renamed over it, directory fsync'd."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temporary, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    # The kill tests land here: the new text is on disk, the old tracker still in place.
+    fault_point(f"tracker-write:{text}")
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def repair_tracker(state: ResumeState) -> None:
+    """The one write: make the tracker say what `state` decided (atomically), or remove a tracker that names
+    nothing."""
+    if not state.needs_repair:
+        return
+    tracker = state.checkpoint_dir / TRACKER
+    if state.tracker_text == "":
+        tracker.unlink(missing_ok=True)
+    else:
+        atomic_write_text(tracker, state.tracker_text)
+
+
+def prepare_resume(checkpoint_dir: str | os.PathLike, dry_run: bool = False) -> int | None:
+    """For the launcher, before torchrun: print the warnings on stderr, repair the tracker (not in a dry run),
+    return the iteration the run resumes from (None: fresh start). Raises UserError when nothing complete is
+    left to resume from."""
+    state = resume_state(checkpoint_dir)
+    if state.error:
+        raise UserError(state.error)
+    for warning in state.warnings:
+        print(warning, file=sys.stderr, flush=True)
+    if not dry_run:
+        repair_tracker(state)
+    return state.iteration
+
+
+def refuse_unresolved(checkpoint_dir: str | os.PathLike | None) -> None:
+    """In each rank, before Megatron reads --load: a folder that needs a decision (a bad or missing tracker
+    beside iter_* folders, a damaged tracked checkpoint) is refused rather than silently restarted or left with
+    exit status 0. Read-only: ranks run at once, and the launcher makes the repair before they start."""
+    if checkpoint_dir is None:
+        return
+    state = resume_state(checkpoint_dir)
+    if state.error:
+        raise UserError(state.error)
+    if state.needs_repair:
+        resumes = "from the beginning" if state.iteration is None else f"from iteration {state.iteration}"
+        raise UserError(f"error: {state.reason}. run_mcore_qwen.sh repairs this itself (the run would resume "
+                        f"{resumes}); when launching torchrun directly, run `python -m "
+                        f"megatron_patch.checkpoint_state --repair {checkpoint_dir}` first, or, {START_OVER}.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m megatron_patch.checkpoint_state [--repair] CHECKPOINT_DIR: say what a relaunch would resume
+    from; with --repair, fix the tracker as the launcher would."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m megatron_patch.checkpoint_state", description=main.__doc__)
+    parser.add_argument("checkpoint_dir")
+    parser.add_argument("--repair", action="store_true", help="rewrite the tracker to the checkpoint found")
+    args = parser.parse_args(argv)
+    iteration = prepare_resume(args.checkpoint_dir, dry_run=not args.repair)
+    print("fresh start" if iteration is None else f"resumes from iteration {iteration}")
+    return 0
+
+
+if __name__ == "__main__":
+    from megatron_patch.errors import report_user_errors
+
+    sys.exit(report_user_errors(main)())

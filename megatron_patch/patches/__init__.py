@@ -1,0 +1,303 @@
+"""Every change megatron_patch makes to torch's and megatron-core 0.19.2's behaviour, in one list.
+
+Each `Patch` says what it changes, why (the upstream bug or limitation), when it can go, and the tests that show
+it is still needed and still works (tests/test_patches.py checks that every named test exists). The training
+entrypoint and the convertor apply them with one call, after Megatron has parsed its arguments:
+
+    patches.apply(args)          # or apply(args, "cpu") / apply(args, "cuda")
+
+Kinds: FIX (an upstream bug; every run), CPU (the CPU backend; only without a GPU), FUSED (our faster kernels;
+none under --plain-kernels, which gives exactly megatron-core's plain modules), RELIABILITY (checkpoint and
+error-message hardening; every run), LOGGING (what megatron's log line lacks; every run).
+
+Arguments are changed in one place only, `settle_args`, after the patches: it returns (and `apply` prints) each
+change with its reason. The model's own module choices (SDPA attention, fused RMSNorm, the chunked linear +
+cross-entropy) are not patches: megatron_patch/model.py and pretrain_qwen.forward_step pick them, by the same
+--plain-kernels switch.
+
+Nothing needs to run before the arguments are parsed: parse_and_validate_args touches no CUDA state (it asks
+the device only for MoE grouped GEMMs, which Qwen2.5 does not use), and no megatron module keeps a reference to a
+torch.cuda function the CPU backend replaces.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from megatron_patch import cpu_backend
+from megatron_patch.fused import grad_accumulation, optimizer_step, rope, swiglu
+from megatron_patch.patches import megatron_fixes
+
+FIX, CPU, FUSED, RELIABILITY, LOGGING = "fix", "cpu", "fused", "reliability", "logging"
+MEGATRON_CORE = "megatron-core 0.19.2"
+
+
+@dataclass(frozen=True)
+class Patch:
+    name: str
+    kind: str
+    changes: tuple[str, ...]  # what it replaces, by dotted name
+    why: str  # the upstream bug or limitation
+    until: str  # when it can go
+    tests: tuple[str, ...]  # "tests/<file>.py::<test>": still needed, still works
+    install: Callable[[], None]
+    applies: Callable[[object, str], bool] = lambda args, device: True  # (args, device) -> wanted here
+
+
+def _te_absent() -> bool:
+    return importlib.util.find_spec("transformer_engine") is None
+
+
+def _rope_slot_empty(args, device) -> bool:
+    from megatron.core.models.common.embeddings import rope_utils
+
+    return rope_utils.fused_apply_rotary_pos_emb is None
+
+
+MANIFEST: tuple[Patch, ...] = (
+    # ---- the CPU backend (megatron_patch/cpu_backend.py)
+    Patch(
+        "cpu-torch-cuda-functions", CPU,
+        ("torch.cuda.{device_count,current_device,set_device,synchronize,empty_cache,Stream,ExternalStream,Event,"
+         "current_stream,default_stream,stream,set_stream,is_current_stream_capturing,memory_allocated,"
+         "max_memory_allocated,memory_reserved,max_memory_reserved,reset_peak_memory_stats,memory_stats,"
+         "get_device_properties,get_device_capability,get_device_name,get_rng_state,set_rng_state,manual_seed,"
+         "manual_seed_all}", "torch.cuda.nvtx.{range_push,range_pop}",
+         "torch.cuda.random.{get_rng_state,set_rng_state,manual_seed,manual_seed_all}"),
+        f"{MEGATRON_CORE} and megatron.training assume CUDA (streams, events, RNG states, memory stats) with no "
+        "CPU path; without these a run on a machine without a GPU fails at its first torch.cuda call.",
+        "when megatron-core trains on the CPU (no such plan upstream: keep)",
+        ("tests/test_training.py::test_every_layout_trains_three_iterations_with_finite_loss",),
+        cpu_backend.replace_torch_cuda_functions),
+    Patch(
+        "cpu-megatron-rng-state", CPU,
+        ("megatron.core.tensor_parallel.random._get_cuda_rng_state",
+         "megatron.core.tensor_parallel.random._set_cuda_rng_state"),
+        "the model-parallel RNG tracker reads and writes CUDA generator states through these helpers (not "
+        "torch.cuda's), which need a CUDA device.",
+        "when megatron-core trains on the CPU (keep)",
+        ("tests/test_training.py::test_first_iteration_loss_matches_single_process",),
+        cpu_backend.keep_megatron_rng_state_on_cpu),
+    Patch(
+        "cpu-initialize-without-cuda", CPU,
+        ("megatron.training.initialize.initialize_megatron", "megatron.training.training.initialize_megatron"),
+        "pretrain() calls initialize_megatron without allow_no_cuda, which asserts 'Megatron requires CUDA.'",
+        "when pretrain() takes allow_no_cuda (not in 0.19.2)",
+        ("tests/test_training.py::test_every_layout_trains_three_iterations_with_finite_loss",),
+        cpu_backend.let_megatron_initialize_without_cuda),
+    Patch(
+        "cpu-cuda-placement-onto-cpu", CPU,
+        ("every torch call's device='cuda' / .cuda() / .to(cuda) / pin_memory / record_stream (a TorchFunctionMode)",
+         "torch.Tensor.type() names (torch.cuda.*Tensor)"),
+        f"{MEGATRON_CORE} places tensors on 'cuda' throughout, and its optimizer and grad clipping accept only "
+        "'torch.cuda.*Tensor' parameters.",
+        "when megatron-core trains on the CPU (keep)",
+        ("tests/test_training.py::test_every_layout_trains_three_iterations_with_finite_loss",),
+        cpu_backend.place_cuda_tensors_on_cpu),
+
+    # ---- upstream bugs (megatron_patch/patches/megatron_fixes.py)
+    Patch(
+        "dataset-helpers-shipped-compiled", FIX,
+        ("megatron.core.datasets.utils.compile_helpers",),
+        f"the {MEGATRON_CORE} wheel ships the compiled helpers_cpp but no Makefile, so the `make` Megatron runs "
+        "at start-up fails and it exits 1.",
+        "when the wheel ships its Makefile or skips `make` for an installed extension",
+        ("tests/test_patches.py::test_dataset_helpers_need_no_make",),
+        megatron_fixes.skip_dataset_helper_compilation),
+    Patch(
+        "loss-average-reset-on-log-boundaries", FIX,
+        ("megatron.training.training.training_log",),
+        f"{MEGATRON_CORE} does not reset the loss accumulators after logging the first iteration, so with "
+        "--log-interval 1 the second logged loss is the mean of iterations 1 and 2.",
+        "when training_log resets on is_first_iteration too (megatron-core > 0.19.2: check)",
+        ("tests/test_best_practice_commands.py::test_kill_9_and_relaunch_continues_exactly",),
+        megatron_fixes.reset_loss_average_on_log_boundaries),
+    Patch(
+        "distributed-optimizer-loads-without-grad", FIX,
+        ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states",),
+        f"{MEGATRON_CORE}: an fp32 DistributedOptimizer cannot resume: its loader copies into views of leaf "
+        "parameters with autograd on ('a view of a leaf Variable that requires grad is being used in an in-place "
+        "operation').",
+        "when the dp_reshardable loader runs under no_grad upstream",
+        ("tests/test_best_practice_commands.py::test_kill_9_and_relaunch_continues_exactly",),
+        megatron_fixes.load_distributed_optimizer_without_grad),
+    Patch(
+        "distributed-optimizer-torch-adam-step", FIX,
+        ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.state_dict",
+         "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.load_state_dict"),
+        f"{MEGATRON_CORE} with torch's Adam (no Apex/TE): resuming asserts len(steps) == 1 on the empty "
+        "optimizer state, and once past that every parameter shares one 'step' tensor that torch Adam "
+        "increments once per parameter (wrong bias correction after each resume).",
+        "when DistributedOptimizer supports torch Adam's per-parameter step upstream",
+        ("tests/test_best_practice_commands.py::test_kill_9_and_relaunch_continues_exactly",),
+        megatron_fixes.resume_torch_adam_step_in_distributed_optimizer,
+        lambda args, device: not _distributed_optimizer_has_apex_or_te()),
+
+    # ---- reliability
+    Patch(
+        "checkpoint-tracker-written-atomically", RELIABILITY,
+        ("megatron.training.checkpointing.maybe_msc (its open() of latest_checkpointed_iteration.txt for writing)",),
+        f"{MEGATRON_CORE}'s save_checkpoint writes the tracker in place (open 'w', then write): a kill in "
+        "between leaves it empty, and the relaunch prints 'Invalid metadata file' and exits 0 without training.",
+        "when save_checkpoint writes the tracker through a temporary file and a rename",
+        ("tests/test_patches.py::test_megatron_still_writes_the_tracker_in_place",
+         "tests/test_checkpoint_resume.py::test_kill_while_writing_the_tracker_resumes_from_the_previous_one"),
+        megatron_fixes.write_checkpoint_tracker_atomically),
+    Patch(
+        "nan-message-names-likely-causes", RELIABILITY,
+        ("megatron.core.rerun_state_machine.RerunStateMachine.validate_result",),
+        f"{MEGATRON_CORE}'s NaN/Inf checks say where the value was found ('found NaN in local grad norm for "
+        "bucket #0 ...'), not what usually causes it.",
+        "when the rerun state machine's messages name causes (keep: ours are Qwen2.5 launcher advice)",
+        ("tests/test_patches.py::test_nan_and_inf_checks_name_likely_causes",),
+        megatron_fixes.name_likely_causes_of_nan),
+
+    # ---- logging
+    Patch(
+        "tokens-per-second-and-memory-line", LOGGING,
+        ("megatron.training.training.training_log",),
+        f"{MEGATRON_CORE}'s log line has no tokens/s/GPU and no memory figures (the launcher's users compare "
+        "throughput across runs).",
+        "when megatron's log line reports throughput in tokens",
+        ("tests/test_training.py::test_log_reports_tokens_per_second_and_memory",),
+        megatron_fixes.log_tokens_and_memory),
+
+    # ---- our kernels in megatron-core's slots (megatron_patch/fused)
+    Patch(
+        "fused-rope", FUSED,
+        ("megatron.core.models.common.embeddings.rope_utils.fused_apply_rotary_pos_emb",),
+        "only Transformer Engine fills megatron-core's fused-RoPE slot; without TE the unfused RoPE runs about "
+        "ten elementwise kernels per q and k per layer.",
+        "when megatron-core ships a fused RoPE that needs no TE",
+        ("tests/test_fused_kernels.py::test_rope_matches_megatron_unfused_rope",
+         "tests/test_patches.py::test_plain_kernels_apply_no_fused_patch"),
+        rope.install,
+        _rope_slot_empty),
+    Patch(
+        "gradient-accumulation-gemm", FUSED,
+        ("megatron.core.tensor_parallel.layers.fused_weight_gradient_mlp_cuda",
+         "megatron.core.tensor_parallel.layers._grad_accum_fusion_available"),
+        "--gradient-accumulation-fusion needs Apex's fused_weight_gradient_mlp_cuda; without it each weight "
+        "gradient is written in bf16 and added to the fp32 main_grad afterwards (~5% of a 0.5B step).",
+        "when megatron-core accumulates into main_grad without Apex (torch's addmm out_dtype)",
+        ("tests/test_fused_kernels.py::test_gradient_accumulation_gemm_adds_into_fp32_main_grad",),
+        grad_accumulation.install,
+        lambda args, device: (args.gradient_accumulation_fusion and not grad_accumulation.apex_available()
+                              and grad_accumulation.supported_here())),
+    Patch(
+        "multi-tensor-optimizer-maths", FUSED,
+        ("megatron.core.optimizer.clip_grads.l2_norm_impl", "megatron.core.optimizer.clip_grads.multi_tensor_scale_impl",
+         "megatron.core.optimizer.optimizer.multi_tensor_scale_impl"),
+        "without Apex/TE megatron-core's gradient norm is per-tensor Python with one device-to-host sync per "
+        "parameter (~290 at 0.5B).",
+        "when megatron-core's local fallbacks use torch._foreach_*",
+        ("tests/test_fused_kernels.py::test_multi_tensor_norm_and_scale_match_per_tensor_maths",
+         "tests/test_fused_kernels.py::test_optimizer_patches_make_megatron_build_fused_adamw"),
+        optimizer_step.install_multi_tensor_maths,
+        lambda args, device: optimizer_step.megatron_falls_back_to_per_tensor_maths()),
+    Patch(
+        "fused-adamw", FUSED,
+        ("megatron.core.optimizer.Adam", "megatron.core.optimizer.USING_PYTORCH_OPTIMIZER"),
+        "without Apex/TE megatron-core builds torch's multi-kernel foreach AdamW; torch's fused=True AdamW is "
+        "one kernel (CUDA, and the CPU since torch 2.4).",
+        "when megatron-core builds torch's fused AdamW itself",
+        ("tests/test_fused_kernels.py::test_optimizer_patches_make_megatron_build_fused_adamw",),
+        optimizer_step.install_fused_adam,
+        lambda args, device: optimizer_step.megatron_builds_torch_adam(args)),
+    Patch(
+        "swiglu-backward-kernel", FUSED,
+        ("megatron.core.fusions.fused_bias_swiglu.SwiGLUFunction.backward",),
+        "megatron-core's torch.compile'd SwiGLU backward makes one kernel that reloads both halves per output "
+        "element (2.4 TB/s on an H200, 5.7% of a 1.5B step).",
+        "when inductor (or megatron-core) emits a one-pass SwiGLU backward",
+        ("tests/test_fused_kernels.py::test_swiglu_function_backward_takes_the_kernel_and_matches_float64_autograd",
+         "tests/test_fused_kernels.py::test_swiglu_backward_kernel_matches_autograd_in_triton_interpreter"),
+        swiglu.install,
+        lambda args, device: device == "cuda" and args.bias_swiglu_fusion and swiglu.kernel_available()),
+)
+
+
+def _distributed_optimizer_has_apex_or_te() -> bool:
+    from megatron.core.optimizer import distrib_optimizer
+
+    return distrib_optimizer.HAVE_APEX_OR_TE
+
+
+_installed: set[str] = set()
+
+
+def _install(patch: Patch) -> None:
+    if patch.name not in _installed:
+        patch.install()
+        _installed.add(patch.name)
+
+
+def installed() -> list[str]:
+    """Names of the patches installed in this process, in manifest order."""
+    return [p.name for p in MANIFEST if p.name in _installed]
+
+
+def device_here() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def wanted(args, device: str) -> list[Patch]:
+    """The manifest entries this run takes."""
+    chosen = []
+    for patch in MANIFEST:
+        if patch.kind == CPU and device != "cpu":
+            continue
+        if patch.kind == FUSED and args.plain_kernels:
+            continue
+        if patch.applies(args, device):
+            chosen.append(patch)
+    return chosen
+
+
+def settle_args(args) -> list[str]:
+    """The one place arguments change: switch off what megatron-core would otherwise ask of a kernel that is
+    not here (after the patches, which may have supplied it). Returns one line per change, with the reason."""
+    from megatron.core.tensor_parallel import layers
+
+    changes = []
+    if args.apply_rope_fusion and _rope_slot_empty(args, None):
+        args.apply_rope_fusion = False
+        changes.append("--apply-rope-fusion off: no fused RoPE here (Transformer Engine's is absent"
+                       + (" and --plain-kernels leaves ours out)" if args.plain_kernels else ")"))
+    if args.gradient_accumulation_fusion and not layers._grad_accum_fusion_available:
+        args.gradient_accumulation_fusion = False
+        changes.append("--gradient-accumulation-fusion off: Apex's GEMM is absent and "
+                       + ("--plain-kernels leaves ours out" if args.plain_kernels
+                          else "ours needs a GPU and torch >= 2.8"))
+    return changes
+
+
+def apply(args, device: str | None = None) -> list[str]:
+    """Install this run's patches (once per process), settle the arguments, and on the CPU share the cores.
+    Prints what it did on rank 0; returns the argument changes."""
+    device = device or device_here()
+    chosen = wanted(args, device)
+    for patch in chosen:
+        _install(patch)
+    changes = settle_args(args)
+    if device == "cpu":
+        cpu_backend.share_cores(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        kernels = "plain megatron-core kernels" if args.plain_kernels else "fused kernels"
+        print(f"megatron_patch: {kernels}; patches: {', '.join(p.name for p in chosen)}", flush=True)
+        for change in changes:
+            print(f"megatron_patch: {change}", flush=True)
+    return changes
+
+
+def install_kind(kind: str) -> None:
+    """Install every entry of one kind that needs no arguments (FIX, CPU, RELIABILITY, LOGGING). For the
+    convertor's older entry points; new code calls apply(args)."""
+    for patch in MANIFEST:
+        if patch.kind == kind and patch.applies(None, "cpu" if kind == CPU else device_here()):
+            _install(patch)
