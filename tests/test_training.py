@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -31,9 +32,34 @@ def test_first_iteration_loss_matches_single_process(layout_losses, layout):
 
 
 def test_fused_kernels_follow_megatron_plain_path(layout_losses):
-    # Fused RMSNorm/RoPE and the chunked linear + cross-entropy against megatron-core's own modules, 3 iterations.
+    # SDPA, fused RMSNorm/RoPE, the chunked linear + cross-entropy and the optimizer patches against megatron-core's
+    # own modules and paths, 3 iterations.
     for it in range(1, LAYOUT_ITERS + 1):
         assert abs(layout_losses["tp1_plain_kernels"][it] - layout_losses["tp1"][it]) <= 1e-5, layout_losses
+
+
+def test_plain_kernels_run_megatron_core_modules_and_no_fused_patch(layout_runs):
+    """MP_FUSED_KERNELS=false (--plain-kernels): megatron-core's own DotProductAttention and RMSNorm, none of the
+    manifest's fused entries; the default run has ours."""
+    from megatron_patch import patches
+
+    fused_names = [p.name for p in patches.MANIFEST if p.kind == patches.FUSED]
+    plain, fused = layout_runs["tp1_plain_kernels"]["log"], layout_runs["tp1"]["log"]
+    assert "Qwen2.5 GPTModel modules: core attention DotProductAttention, norms RMSNorm" in plain
+    assert "Qwen2.5 GPTModel modules: core attention SDPACoreAttention, norms FusedRMSNorm" in fused
+    (plain_patches,) = re.findall(r"megatron_patch: plain megatron-core kernels; patches: (.*)", plain)
+    (fused_patches,) = re.findall(r"megatron_patch: fused kernels; patches: (.*)", fused)
+    assert not set(plain_patches.split(", ")) & set(fused_names), plain_patches
+    assert {"fused-rope", "multi-tensor-optimizer-maths", "fused-adamw"} <= set(fused_patches.split(", "))
+    assert "megatron_patch: --apply-rope-fusion off: no fused RoPE here" in plain
+
+
+def test_log_reports_tokens_per_second_and_memory(layout_runs):
+    # Iterations 2 and 3 (the first has no interval to measure): tiny's 4 x 64 tokens per iteration.
+    lines = re.findall(r"\[qwen\] iteration\s+(\d+) \| tokens/s/GPU: ([\d,]+) \| host peak RSS \(GiB\): ([\d.]+)",
+                       layout_runs["tp1"]["log"])
+    assert [int(it) for it, _, _ in lines] == [2, 3], lines
+    assert all(int(tokens.replace(",", "")) > 0 and float(rss) > 0.1 for _, tokens, rss in lines), lines
 
 
 def test_data_parallel_with_distributed_optimizer_follows_single_process(layout_losses):

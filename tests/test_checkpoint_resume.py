@@ -1,0 +1,242 @@
+"""Checkpoint integrity (issue 19): megatron_patch.checkpoint_state decides what a run folder resumes from before
+torchrun starts; the entrypoint refuses a folder that needs that decision; the tracker is written atomically.
+
+The end-to-end cases share one interrupted run: the tp1 layout of conftest.layout_runs (same flags, same
+pretrained checkpoint) saving every iteration, killed by MP_FAULT_INJECT at the exact moment it writes the
+tracker for iteration 2. The layout run itself is the uninterrupted reference for the losses. Each case then
+damages a hard-linked copy of that folder as a user's disk would, and resumes it the way run_mcore_qwen.sh does
+(prepare_resume, then torchrun).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_patch import checkpoint_state
+from megatron_patch.checkpoint_state import TRACKER, prepare_resume, resume_state
+from megatron_patch.errors import UserError
+from training_utils import LAYOUT_ITERS, run_entrypoint, tensorboard_losses, tiny_mock_args
+
+pytestmark = pytest.mark.timeout(900)
+
+
+# ---------------------------------------------------------------- resume_state on small folders (no training)
+
+def _save_torch_dist(folder: Path, values: int = 1000) -> None:
+    """A torch_dist checkpoint as megatron-core leaves it: torch's shards and .metadata, then metadata.json."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"weight": torch.arange(float(values)), "bias": torch.ones(10)}, checkpoint_id=str(folder))
+    (folder / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist",
+                                                      "sharded_backend_version": 1}))
+
+
+@pytest.fixture
+def run_folder(tmp_path) -> Path:
+    """iter_0000001 and iter_0000002 complete, tracker at 2."""
+    for iteration in (1, 2):
+        _save_torch_dist(tmp_path / f"iter_{iteration:07d}")
+    (tmp_path / TRACKER).write_text("2")
+    return tmp_path
+
+
+def test_a_fresh_folder_or_a_tracked_complete_checkpoint_needs_nothing(tmp_path, run_folder):
+    assert resume_state(tmp_path / "not_there") == checkpoint_state.ResumeState(tmp_path / "not_there", None)
+    state = resume_state(run_folder)
+    assert (state.iteration, state.warnings, state.error, state.needs_repair) == (2, [], None, False)
+
+
+@pytest.mark.parametrize("tracker_bytes,what", [(b"", "is empty"), (None, "is missing"),
+                                                (b"\xff\xfe", "is unreadable"), (b"iter 2", "does not hold")])
+def test_a_bad_tracker_beside_checkpoints_resumes_from_the_newest_complete_one(run_folder, tracker_bytes, what):
+    tracker = run_folder / TRACKER
+    tracker.unlink()
+    if tracker_bytes is not None:
+        tracker.write_bytes(tracker_bytes)
+    state = resume_state(run_folder)
+    assert (state.iteration, state.error, state.tracker_text) == (2, None, "2")
+    (warning,) = state.warnings
+    assert warning.startswith(f"warning: {tracker} {what}") and "Resuming from the newest complete checkpoint, " \
+        "iteration 2 (the tracker is rewritten to say so)." in warning
+    assert prepare_resume(run_folder) == 2
+    assert tracker.read_text() == "2" and resume_state(run_folder).needs_repair is False
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "missing .metadata", "missing metadata.json", "no folder"])
+def test_a_damaged_tracked_checkpoint_falls_back_to_the_previous_one_naming_the_file(run_folder, damage):
+    newest = run_folder / "iter_0000002"
+    (shard,) = newest.glob("*.distcp")
+    if damage == "truncated shard":
+        os.truncate(shard, shard.stat().st_size - 1)
+        named = f"{shard} is truncated ({shard.stat().st_size} bytes, {shard.stat().st_size + 1} expected)"
+    elif damage == "missing .metadata":
+        (newest / ".metadata").unlink()
+        named = f"{newest / '.metadata'} is missing"
+    elif damage == "missing metadata.json":
+        (newest / "metadata.json").unlink()
+        named = f"{newest / 'metadata.json'} is missing (the save did not finish)"
+    else:
+        shutil.rmtree(newest)
+        named = f"{newest} is missing"
+    state = resume_state(run_folder)
+    assert (state.iteration, state.tracker_text, state.error) == (1, "1", None)
+    assert state.warnings == [f"warning: {run_folder / TRACKER} names iteration 2, but {named}. Resuming from the "
+                              "newest complete checkpoint, iteration 1 (the tracker is rewritten to say so)."]
+
+
+def test_no_complete_checkpoint_is_an_error_naming_every_damaged_file(run_folder):
+    shards = [next((run_folder / f"iter_{i:07d}").glob("*.distcp")) for i in (1, 2)]
+    for shard in shards:
+        os.truncate(shard, 10)
+    (run_folder / TRACKER).write_text("")
+    state = resume_state(run_folder)
+    assert state.iteration is None and not state.needs_repair
+    assert state.error.startswith(f"error: no complete checkpoint to resume from in {run_folder}: ")
+    assert all(f"{shard} is truncated" in state.error for shard in shards)
+    assert "move the folder away" in state.error
+    with pytest.raises(UserError, match="no complete checkpoint to resume from"):
+        prepare_resume(run_folder)
+    assert (run_folder / TRACKER).read_text() == ""  # nothing written
+
+
+def test_a_bad_tracker_alone_is_removed_and_the_run_starts_fresh(tmp_path):
+    (tmp_path / TRACKER).write_text("")
+    state = resume_state(tmp_path)
+    assert (state.iteration, state.tracker_text) == (None, "")
+    assert prepare_resume(tmp_path) is None and not (tmp_path / TRACKER).exists()
+
+
+def test_an_unfinished_newer_save_is_named_and_overwritten_later(run_folder):
+    (run_folder / TRACKER).write_text("1")
+    state = resume_state(run_folder)
+    assert (state.iteration, state.needs_repair) == (1, False)
+    assert state.warnings == [f"warning: {run_folder} holds iter_0000002, newer than the tracker's iteration 1: "
+                              "its save never finished, so the run resumes from iteration 1 and overwrites it."]
+
+
+def test_the_entrypoint_check_refuses_what_the_launcher_would_repair(run_folder):
+    (run_folder / TRACKER).unlink()
+    with pytest.raises(UserError) as refused:
+        checkpoint_state.refuse_unresolved(run_folder)
+    assert str(refused.value) == (
+        f"error: {run_folder / TRACKER} is missing. run_mcore_qwen.sh repairs this itself (the run would resume "
+        f"from iteration 2); when launching torchrun directly, run `python -m megatron_patch.checkpoint_state "
+        f"--repair {run_folder}` first, or, to start over instead, move the folder away (or pass another "
+        "OUTPUT_BASEPATH).")
+    assert not (run_folder / TRACKER).exists()  # read-only
+
+
+# ---------------------------------------------------------------- end to end through the entrypoint
+
+@pytest.fixture(scope="module")
+def killed_while_writing_tracker(layout_runs, converted_tiny, tmp_path_factory) -> dict:
+    """The tp1 layout saving every iteration, killed while it writes the tracker for iteration 2."""
+    work = tmp_path_factory.mktemp("killed_at_tracker")
+    ckpt = work / "ckpt"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MP_FAULT_INJECT", "tracker-write:2")
+        proc = run_entrypoint(work, 1, _resume_args(converted_tiny, ckpt) + ["--save", str(ckpt), "--save-interval",
+                                                                              "1"], check=False)
+    return dict(ckpt=ckpt, proc=proc, log=proc.stdout + proc.stderr, reference=layout_runs["tp1"]["losses"])
+
+
+def _resume_args(converted_tiny: Path, ckpt: Path) -> list[str]:
+    return tiny_mock_args(iters=LAYOUT_ITERS) + ["--pretrained-checkpoint", str(converted_tiny), "--load", str(ckpt)]
+
+
+def _linked_copy(src: Path, dst: Path) -> Path:
+    """A copy sharing the files (each case replaces what it damages rather than writing into it)."""
+    shutil.copytree(src, dst, copy_function=os.link)
+    return dst
+
+
+def _replace(path: Path, data: bytes) -> None:
+    path.unlink()
+    path.write_bytes(data)
+
+
+def test_kill_while_writing_the_tracker_resumes_from_the_previous_one(killed_while_writing_tracker,
+                                                                      converted_tiny, tmp_path_factory):
+    killed = killed_while_writing_tracker
+    ckpt = killed["ckpt"]
+    assert killed["proc"].returncode != 0
+    assert re.search(r"successfully saved checkpoint from iteration\s+1 ", killed["log"])
+    assert not re.search(r"successfully saved checkpoint from iteration\s+2 ", killed["log"])
+    # The kill came after iteration 2's checkpoint and its new tracker text were on disk, before the rename.
+    assert (ckpt / TRACKER).read_text() == "1"
+    assert [p.read_text() for p in ckpt.glob(f".{TRACKER}.tmp-*")] == ["2"]
+    assert checkpoint_state.checkpoint_problem(ckpt / "iter_0000002") is None
+
+    cases = {
+        "as killed": (ckpt, 1),
+        "empty tracker": (_empty_tracker(_linked_copy(ckpt, tmp_path_factory.mktemp("empty") / "ckpt")), 2),
+        "deleted tracker": (_deleted_tracker(_linked_copy(ckpt, tmp_path_factory.mktemp("deleted") / "ckpt")), 2),
+        "truncated newest": (_truncated_newest(_linked_copy(ckpt, tmp_path_factory.mktemp("trunc") / "ckpt")), 1),
+    }
+
+    # Launched directly (no launcher to repair it), the folder without a tracker is refused: no silent restart
+    # from --pretrained-checkpoint at iteration 1, and not exit status 0.
+    deleted = cases["deleted tracker"][0]
+    refused = run_entrypoint(tmp_path_factory.mktemp("refused"), 1, _resume_args(converted_tiny, deleted),
+                             check=False)
+    assert refused.returncode != 0
+    assert f"error: {deleted / TRACKER} is missing. run_mcore_qwen.sh repairs this itself (the run would resume " \
+           "from iteration 2)" in refused.stdout + refused.stderr
+    assert "successfully loaded checkpoint" not in refused.stdout + refused.stderr
+
+    def resume(name: str) -> tuple[str, dict]:
+        folder, expected_iteration = cases[name]
+        state = resume_state(folder)
+        assert prepare_resume(folder) == expected_iteration, (name, state)
+        work = tmp_path_factory.mktemp("resumed")
+        run_entrypoint(work, 1, _resume_args(converted_tiny, folder))
+        return name, dict(warnings=state.warnings, log=(work / "train.log").read_text(),
+                          losses=tensorboard_losses(work))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # interpreter start-up is mostly single-threaded
+        resumed = dict(pool.map(resume, cases))
+
+    reference = killed["reference"]
+    for name, (folder, iteration) in cases.items():
+        run = resumed[name]
+        assert re.search(rf"successfully loaded checkpoint from {re.escape(str(folder))} .*at iteration\s+"
+                         rf"{iteration}\b", run["log"]), (name, run["log"][-3000:])
+        assert sorted(run["losses"]) == list(range(iteration + 1, LAYOUT_ITERS + 1)), (name, run["losses"])
+        for it, loss in run["losses"].items():
+            assert abs(loss - reference[it]) <= 1e-5, (name, it, loss, reference[it])
+    assert resumed["as killed"]["warnings"] == [
+        f"warning: {ckpt} holds iter_0000002, newer than the tracker's iteration 1: its save never finished, so "
+        "the run resumes from iteration 1 and overwrites it."]
+    for name, what in [("empty tracker", "is empty"), ("deleted tracker", "is missing")]:
+        (warning,) = resumed[name]["warnings"]
+        assert warning.startswith(f"warning: {cases[name][0] / TRACKER} {what}") and \
+            "Resuming from the newest complete checkpoint, iteration 2" in warning, warning
+    (warning,) = resumed["truncated newest"]["warnings"]
+    shard = cases["truncated newest"][0] / "iter_0000002" / "__0_0.distcp"
+    assert f"names iteration 2, but {shard} is truncated" in warning and "iteration 1 (the tracker" in warning
+
+
+def _empty_tracker(folder: Path) -> Path:
+    _replace(folder / TRACKER, b"")
+    return folder
+
+
+def _deleted_tracker(folder: Path) -> Path:
+    (folder / TRACKER).unlink()
+    return folder
+
+
+def _truncated_newest(folder: Path) -> Path:
+    """The tracker names iteration 2 (its save finished) and then its shard lost its tail (a bad copy, a disk)."""
+    _replace(folder / TRACKER, b"2")
+    shard = folder / "iter_0000002" / "__0_0.distcp"
+    _replace(shard, shard.read_bytes()[: shard.stat().st_size // 2])
+    return folder

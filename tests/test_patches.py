@@ -1,0 +1,207 @@
+"""The patch manifest (megatron_patch/patches): every entry names tests that exist; --plain-kernels takes none of
+the fused entries and builds megatron-core's own modules; each upstream limitation a fix works around is still
+there, and the fix works. Fast: no training run (the end-to-end checks are in test_training and
+test_checkpoint_resume)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron_patch import patches
+from megatron_patch.patches import megatron_fixes
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _test_functions(path: Path) -> set[str]:
+    return {node.name for node in ast.parse(path.read_text()).body
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
+
+
+def test_every_manifest_entry_says_what_why_until_and_names_existing_tests():
+    names = [p.name for p in patches.MANIFEST]
+    assert len(names) == len(set(names)), f"duplicate patch names: {names}"
+    for patch in patches.MANIFEST:
+        assert patch.kind in (patches.FIX, patches.CPU, patches.FUSED, patches.RELIABILITY, patches.LOGGING), patch
+        assert patch.changes and patch.why and patch.until and patch.tests, f"{patch.name}: an empty field"
+        assert callable(patch.install), patch.name
+        for test in patch.tests:
+            file, _, function = test.partition("::")
+            path = REPO_ROOT / file
+            assert path.is_file(), f"{patch.name}: {file} does not exist"
+            assert function in _test_functions(path), f"{patch.name}: {test} does not exist"
+
+
+def _args(plain_kernels: bool, **overrides) -> SimpleNamespace:
+    values = dict(plain_kernels=plain_kernels, optimizer="adam", gradient_accumulation_fusion=True,
+                  apply_rope_fusion=True, bias_swiglu_fusion=True)
+    return SimpleNamespace(**{**values, **overrides})
+
+
+def test_plain_kernels_take_no_fused_entry_and_megatron_core_local_spec():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_patch.attention import SDPACoreAttention
+    from megatron_patch.fused.rms_norm import FusedRMSNorm
+    from megatron_patch.model import qwen2_5_decoder_spec, qwen2_5_layer_spec
+
+    for device in ("cpu", "cuda"):
+        assert not [p.name for p in patches.wanted(_args(True), device) if p.kind == patches.FUSED], device
+    assert {"fused-rope", "multi-tensor-optimizer-maths", "fused-adamw"} <= \
+        {p.name for p in patches.wanted(_args(False), "cpu")}
+    # Exactly megatron-core's local spec (its reprs compare the classes and functions of every submodule).
+    assert repr(qwen2_5_layer_spec(use_te=False, fused_kernels=False)) == \
+        repr(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    assert repr(qwen2_5_decoder_spec(None, use_te=False, fused_kernels=False)) == \
+        repr(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    fused = qwen2_5_layer_spec(use_te=False, fused_kernels=True).submodules
+    assert fused.self_attention.submodules.core_attention is SDPACoreAttention
+    assert fused.input_layernorm is FusedRMSNorm and fused.pre_mlp_layernorm is FusedRMSNorm
+
+
+def test_plain_kernels_apply_no_fused_patch():
+    """In a fresh interpreter (patches are process-wide): patches.apply with --plain-kernels leaves every slot a
+    fused entry fills as megatron-core has it, and says which argument it changed; then apply without it fills
+    them."""
+    script = textwrap.dedent("""
+        import json, sys
+        from types import SimpleNamespace
+        from megatron.core import optimizer, utils
+        from megatron.core.fusions.fused_bias_swiglu import SwiGLUFunction
+        from megatron.core.models.common.embeddings import rope_utils
+        from megatron.core.optimizer import clip_grads
+        from megatron.core.tensor_parallel import layers
+        from megatron_patch import patches
+
+        def slots():
+            return {"rope": rope_utils.fused_apply_rotary_pos_emb is None,
+                    "l2_norm": clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm,
+                    "scale": clip_grads.multi_tensor_scale_impl is utils.local_multi_tensor_scale,
+                    "torch_adam": optimizer.USING_PYTORCH_OPTIMIZER,
+                    "grad_accum": not layers._grad_accum_fusion_available}
+
+        base = dict(optimizer="adam", gradient_accumulation_fusion=False, bias_swiglu_fusion=True, cpu_threads=1)
+        plain = SimpleNamespace(plain_kernels=True, apply_rope_fusion=True, **base)
+        swiglu_backward = SwiGLUFunction.backward
+        changes = patches.apply(plain, "cpu")
+        report = {"plain": slots(), "plain_changes": changes, "apply_rope_fusion": plain.apply_rope_fusion,
+                  "installed": patches.installed(), "swiglu_untouched": SwiGLUFunction.backward is swiglu_backward}
+        fused = SimpleNamespace(plain_kernels=False, apply_rope_fusion=True, **base)
+        report["fused_changes"] = patches.apply(fused, "cpu")
+        report["fused"] = slots()
+        print("REPORT" + json.dumps(report))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.split("REPORT")[-1])
+    assert report["plain"] == {"rope": True, "l2_norm": True, "scale": True, "torch_adam": True, "grad_accum": True}
+    assert report["swiglu_untouched"]
+    assert not set(report["installed"]) & {p.name for p in patches.MANIFEST if p.kind == patches.FUSED}
+    assert report["apply_rope_fusion"] is False
+    assert report["plain_changes"] == ["--apply-rope-fusion off: no fused RoPE here (Transformer Engine's is "
+                                       "absent and --plain-kernels leaves ours out)"]
+    assert report["fused_changes"] == []
+    assert report["fused"] == {"rope": False, "l2_norm": False, "scale": False, "torch_adam": False,
+                               "grad_accum": True}  # the GEMM needs a GPU
+    # The announcement line the training log carries (test_training checks it in a real run).
+    assert "megatron_patch: plain megatron-core kernels; patches: cpu-torch-cuda-functions," in done.stdout
+
+
+def test_settle_args_is_the_one_place_args_change():
+    from megatron.core.models.common.embeddings import rope_utils
+
+    args = _args(False, gradient_accumulation_fusion=False)
+    before = dict(vars(args))
+    if rope_utils.fused_apply_rotary_pos_emb is None:  # this process has not installed fused-rope
+        assert patches.settle_args(args) == ["--apply-rope-fusion off: no fused RoPE here (Transformer Engine's "
+                                             "is absent)"]
+        assert {k for k in before if before[k] != vars(args)[k]} == {"apply_rope_fusion"}
+    # Nothing else changes arguments: no install function takes them.
+    for patch in patches.MANIFEST:
+        assert not inspect.signature(patch.install).parameters, patch.name
+
+
+# ---------------------------------------------------------------- upstream limitations, still there
+
+def test_dataset_helpers_need_no_make(monkeypatch):
+    import megatron.core.datasets.utils as dataset_utils
+
+    # Still needed: the wheel has no Makefile, so megatron-core's own compile step fails (exit 1, or no make).
+    assert not (Path(dataset_utils.__file__).parent / "Makefile").exists()
+    with pytest.raises((SystemExit, FileNotFoundError)):
+        dataset_utils.compile_helpers()
+    monkeypatch.setattr(dataset_utils, "compile_helpers", dataset_utils.compile_helpers)
+    megatron_fixes.skip_dataset_helper_compilation()
+    assert dataset_utils.compile_helpers() is None  # the shipped extension imports
+
+
+def test_megatron_still_writes_the_tracker_in_place(tmp_path, monkeypatch):
+    import megatron.training.checkpointing as checkpointing
+
+    # Still needed: save_checkpoint opens the tracker itself for writing ('w' truncates it first).
+    assert "maybe_msc.open(tracker_filename, 'w')" in inspect.getsource(checkpointing.save_checkpoint)
+
+    monkeypatch.setattr(checkpointing, "maybe_msc", checkpointing.maybe_msc)
+    megatron_fixes.write_checkpoint_tracker_atomically()
+    tracker = Path(checkpointing.get_checkpoint_tracker_filename(str(tmp_path)))
+    tracker.write_text("5")
+    with checkpointing.maybe_msc.open(str(tracker), "w") as f:
+        f.write("7")
+        assert tracker.read_text() == "5", "the old tracker must stay whole until the new one is complete"
+    assert tracker.read_text() == "7" and sorted(p.name for p in tmp_path.iterdir()) == [tracker.name]
+    assert checkpointing.read_metadata(str(tracker)) == (7, False)  # reads go through unchanged
+    assert checkpointing.maybe_msc.os.path.isfile(str(tracker))
+
+    # A kill at the exact moment between writing the new text and the rename (MP_FAULT_INJECT) keeps the old one.
+    script = f"from megatron_patch.checkpoint_state import atomic_write_text; atomic_write_text({str(tracker)!r}, '9')"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), MP_FAULT_INJECT="tracker-write:9"))
+    assert done.returncode == 137, done.stderr
+    assert tracker.read_text() == "7"
+
+
+def test_nan_and_inf_checks_name_likely_causes(monkeypatch, caplog):
+    from megatron.core.rerun_state_machine import RerunMode, RerunState, RerunStateMachine
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # megatron's message names the device
+    nan = torch.tensor(float("nan"))
+    message = "found NaN in local grad norm for bucket #0 in backward pass before data-parallel communication"
+
+    def disabled_mode_error() -> str:
+        with pytest.raises(RuntimeError) as raised:
+            RerunStateMachine(mode=RerunMode.DISABLED).validate_result(
+                result=nan, rejection_func=torch.isnan, message=message, fatal=True)
+        return str(raised.value)
+
+    # Still needed: megatron-core's message says where, not why.
+    assert message in disabled_mode_error() and "learning rate" not in disabled_mode_error()
+    monkeypatch.setattr(RerunStateMachine, "validate_result", RerunStateMachine.validate_result)
+    megatron_fixes.name_likely_causes_of_nan()
+    error = disabled_mode_error()
+    assert f"{message}. Likely causes: a learning rate too high" in error
+    assert "PR=bf16" in error and "bad data" in error
+
+    # The default mode (validate_results) logs the same message before it reruns the iteration.
+    machine = RerunStateMachine(mode=RerunMode.VALIDATE_RESULTS)
+    machine.state, machine.first_iteration_complete = RerunState.INITIAL_RUN, True
+    with caplog.at_level(logging.ERROR):
+        machine.validate_result(result=torch.tensor(float("inf")), rejection_func=torch.isinf,
+                                message="found Inf in local forward loss calculation", fatal=True)
+    assert "found Inf in local forward loss calculation. Likely causes: a learning rate" in caplog.text
+    # Other checks (spiky loss) keep their message.
+    machine = RerunStateMachine(mode=RerunMode.DISABLED)
+    with pytest.raises(RuntimeError, match=r"message='Spiky loss'\)$"):
+        machine.validate_result(result=torch.tensor(50.0), rejection_func=lambda r: True, message="Spiky loss")
