@@ -36,7 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from megatron_patch.launcher import flash_attn_importable  # noqa: E402
+from megatron_patch.hardware import flash_attn_importable  # noqa: E402
 from megatron_patch.model_sizes import get_size  # noqa: E402
 
 H100_BF16_DENSE = 989e12

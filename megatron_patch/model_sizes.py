@@ -35,6 +35,16 @@ class Qwen25Size:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def parameter_count(self) -> int:
+        """Weights of the HF model (GQA attention with q/k/v bias, SwiGLU MLP, RMSNorms, tied or untied output)."""
+        h, kv = self.hidden_size, self.num_query_groups * self.head_dim
+        attention = (h * h + h) + 2 * (h * kv + kv) + h * h
+        mlp = 3 * h * self.ffn_hidden_size
+        per_layer = attention + mlp + 2 * h
+        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + embeddings + h
+
 
 QWEN2_5_SIZES: dict[str, Qwen25Size] = {
     "tiny": Qwen25Size(2, 64, 4, 2, 128, 151936, True, 1e-6, 32768),

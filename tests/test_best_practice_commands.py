@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_patch.launcher import POSITIONAL
+from megatron_patch.launch.arguments import POSITIONAL
 from test_launcher import clean_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

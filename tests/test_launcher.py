@@ -3,7 +3,8 @@ invalid combinations that stop before torchrun, each with its own message.
 
 The shell script is driven as a user would (`sh`/`bash`, from a folder outside the repository); combinations that
 need a GPU with Transformer Engine (fp8, AC=offload, OPTIMIZER_OFFLOAD=auto) go through megatron_patch.launcher
-with a pretend Machine, since neither exists here.
+with a pretend Machine, since neither exists here (megatron_patch.launch's modules: parse, settle, problems,
+flags).
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron_patch import launcher
-from megatron_patch.launcher import POSITIONAL, LaunchError, Machine
+from megatron_patch import hardware
+from megatron_patch.errors import UserError
+from megatron_patch.launch import arguments, flags as launch_flags, run as launch_run, validate
+from megatron_patch.launch.arguments import POSITIONAL
+from megatron_patch.launch.machine import Machine, detect_machine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "qwen2_5" / "run_mcore_qwen.sh"
@@ -250,8 +254,9 @@ def test_pipeline_and_context_parallel_on_four_processes(paths):
 
 
 def test_virtual_pipeline(paths):
-    # 0.5B has 24 layers: PP=2 stages x MP_VP=3 chunks -> 4 layers per virtual stage.
-    run = dry_run(paths, argv(paths, MODEL_SIZE="0.5B", PP="2"), MP_VP="3", MP_NPROC_PER_NODE="2")
+    # Upstream's meaning: MP_VP is layers per virtual stage. 0.5B has 24 layers: PP=2 stages of 12, MP_VP=4 -> three
+    # virtual stages of 4 layers on each pipeline rank.
+    run = dry_run(paths, argv(paths, MODEL_SIZE="0.5B", PP="2"), MP_VP="4", MP_NPROC_PER_NODE="2")
     assert run.value("--num-layers-per-virtual-pipeline-stage") == "4"
 
 
@@ -335,10 +340,10 @@ def test_bash_from_another_folder_with_a_relative_output_path(paths):
     assert not (cwd / "runs").exists()
 
 
-@pytest.mark.skipif(launcher.nvidia_driver_present(), reason="this machine has an NVIDIA driver")
+@pytest.mark.skipif(hardware.nvidia_driver_present(), reason="this machine has an NVIDIA driver")
 def test_without_an_nvidia_driver_the_launcher_counts_no_gpu_without_importing_torch():
     # torch's import takes seconds: every launch and dry run on a CPU machine used to pay it to count zero GPUs.
-    code = "import sys; from megatron_patch.launcher import _gpu_count; print(_gpu_count(), 'torch' in sys.modules)"
+    code = "import sys; from megatron_patch.hardware import gpu_count; print(gpu_count(), 'torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
     assert proc.stdout.split() == ["0", "False"], proc.stderr
 
@@ -356,10 +361,30 @@ GPU_TE = Machine(nnodes=1, node_rank=0, nproc_per_node=8, master_addr="localhost
                  has_gpu=True, has_te=True, has_flash_attn=True)
 
 
+@dataclass
+class Planned:
+    """A launch after settle() and problems(), with what they reported."""
+    launch: arguments.Launch
+    warnings: list[str]
+    notes: list[str]
+
+    def __getattr__(self, name):
+        return getattr(self.launch, name)
+
+
+def plan(paths: Paths, machine: Machine, environ: dict, args: list[str]) -> Planned:
+    """What the launcher's main does before torchrun; its errors raised as one UserError."""
+    launch = arguments.parse(args, {"MP_TOKENIZER_PATH": str(paths.tokenizer), **environ})
+    launch, changes = validate.settle(launch, machine)
+    found = validate.problems(launch, machine)
+    if found.errors:
+        raise UserError("\n".join(found.errors))
+    return Planned(launch, changes + found.warnings, found.notes)
+
+
 def api_flags(paths: Paths, machine: Machine = GPU_TE, environ: dict | None = None, **overrides: str):
-    launch = launcher.parse(argv(paths, **overrides), {"MP_TOKENIZER_PATH": str(paths.tokenizer), **(environ or {})})
-    launcher.validate(launch, machine)
-    return launch, launcher.megatron_flags(launch, machine)
+    planned = plan(paths, machine, environ or {}, argv(paths, **overrides))
+    return planned, launch_flags.megatron_flags(planned.launch, machine, str(paths.tokenizer))
 
 
 def value(flags: list[str], flag: str) -> str:
@@ -383,9 +408,9 @@ def test_flash_attention_with_transformer_engine_needs_flash_attn(paths):
     from dataclasses import replace
 
     no_flash = replace(GPU_TE, has_flash_attn=False)
-    with pytest.raises(LaunchError) as err:
+    with pytest.raises(UserError) as err:
         api_flags(paths, no_flash, FL="true")
-    assert "flash_attn package is not installed" in err.value.message and "FL=false" in err.value.message
+    assert "flash_attn package is not installed" in str(err.value) and "FL=false" in str(err.value)
     _, flags = api_flags(paths, no_flash, FL="false")
     assert value(flags, "--attention-backend") == "fused"
     # Packed SFT trains on the local spec (SDPA), which needs no flash-attn.
@@ -426,9 +451,8 @@ def test_sft_on_a_gpu_suggests_the_cuda_graph_where_it_can_replay(paths):
     assert not suggested(api_flags(paths, SFT="true", environ={"MP_CUDA_GRAPH": "true"})[0])  # already on
     assert not suggested(api_flags(paths, SFT="true", PP="2")[0])  # cannot replay
     assert not suggested(api_flags(paths)[0])  # pre-training: left to the benchmarks
-    launch = launcher.parse(argv(paths, SFT="true"), {"MP_TOKENIZER_PATH": str(paths.tokenizer)})
-    launcher.validate(launch, dataclasses.replace(GPU_TE, has_gpu=False, has_te=False, has_flash_attn=False))
-    assert not suggested(launch)  # no GPU
+    cpu = dataclasses.replace(GPU_TE, has_gpu=False, has_te=False, has_flash_attn=False)
+    assert not suggested(plan(paths, cpu, {}, argv(paths, SFT="true")))  # no GPU
 
 
 @pytest.mark.parametrize("overrides, environ, reason", [
@@ -436,14 +460,14 @@ def test_sft_on_a_gpu_suggests_the_cuda_graph_where_it_can_replay(paths):
     ({"PR": "fp8"}, {}, "PR=fp8 updates its scaling factors"),
 ])
 def test_cuda_graph_refuses_layouts_it_cannot_replay(paths, overrides, environ, reason):
-    with pytest.raises(LaunchError) as err:
+    with pytest.raises(UserError) as err:
         api_flags(paths, environ={"MP_CUDA_GRAPH": "true", **environ}, **overrides)
-    assert reason in err.value.message
+    assert reason in str(err.value)
 
 
 @pytest.mark.parametrize("free_gib, fraction", [(None, "1.00"), (1000.0, "0.00"), (0.001, "1.00")])
 def test_auto_optimizer_offload_follows_free_gpu_memory(paths, monkeypatch, free_gib, fraction):
-    monkeypatch.setattr(launcher, "_free_gpu_bytes", lambda: None if free_gib is None else int(free_gib * 2**30))
+    monkeypatch.setattr(hardware, "free_gpu_bytes", lambda: None if free_gib is None else int(free_gib * 2**30))
     launch, flags = api_flags(paths, MODEL_SIZE="0.5B", DO="false", OPTIMIZER_OFFLOAD="auto")
     assert "--use-distributed-optimizer" in flags and launch.distributed_optimizer
     assert any("OPTIMIZER_OFFLOAD=auto needs the distributed optimizer" in w for w in launch.warnings)
@@ -452,29 +476,41 @@ def test_auto_optimizer_offload_follows_free_gpu_memory(paths, monkeypatch, free
 
 def test_auto_optimizer_offload_keeps_what_fits(paths, monkeypatch):
     # 0.5B: 12 bytes of Adam state per parameter over 8 data-parallel ranks; half the free memory is for state.
-    launch = launcher.parse(argv(paths, MODEL_SIZE="0.5B", OPTIMIZER_OFFLOAD="auto"), {})
-    size = launch.size
-    params = 12 * size.num_layers * size.hidden_size ** 2 + 2 * size.vocab_size * size.hidden_size
-    state = 12 * params / 8
-    monkeypatch.setattr(launcher, "_free_gpu_bytes", lambda: int(state))  # half of the state fits on the GPU
-    assert launcher.auto_offload_fraction(launch, GPU_TE) == 0.5
+    launch = arguments.parse(argv(paths, MODEL_SIZE="0.5B", OPTIMIZER_OFFLOAD="auto"), {})
+    state = 12 * launch.size.parameter_count / 8
+    # half of the free memory is for optimizer state: free = state means half of the state fits on the GPU
+    assert launch_flags.auto_offload_fraction(launch, GPU_TE, int(state)) == 0.5
+
+
+@pytest.mark.parametrize("size_name", ["0.5B", "7B", "14B"])
+def test_offload_sizing_counts_the_real_model_parameters(size_name):
+    # The count offload sizing uses is the HF model's own (GQA, SwiGLU's three matrices, tied or untied output).
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from megatron_patch.hf_checkpoint import hf_config_for
+    from megatron_patch.model_sizes import QWEN2_5_SIZES
+
+    size = QWEN2_5_SIZES[size_name]
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(hf_config_for(size))
+    assert size.parameter_count == sum(p.numel() for p in model.parameters())
 
 
 def test_checkpoint_tokenizer_is_preferred_to_the_default(paths):
     (paths.checkpoint / "tokenizer_config.json").write_text("{}")
-    launch = launcher.parse(argv(paths, PRETRAIN_CHECKPOINT_PATH=str(paths.checkpoint)), {})
-    assert launcher.tokenizer_dir(launch) == str(paths.checkpoint)
-    launch = launcher.parse(argv(paths, PRETRAIN_CHECKPOINT_PATH=str(paths.checkpoint)),
-                            {"MP_TOKENIZER_PATH": "/my/tokenizer"})
-    assert launcher.tokenizer_dir(launch) == "/my/tokenizer"
+    launch = arguments.parse(argv(paths, PRETRAIN_CHECKPOINT_PATH=str(paths.checkpoint)), {})
+    assert launch_run.tokenizer_dir(launch) == str(paths.checkpoint)
+    launch = arguments.parse(argv(paths, PRETRAIN_CHECKPOINT_PATH=str(paths.checkpoint)),
+                             {"MP_TOKENIZER_PATH": "/my/tokenizer"})
+    assert launch_run.tokenizer_dir(launch) == "/my/tokenizer"
 
 
 @pytest.mark.parametrize("overrides, environ", [
     ({"PR": "fp8", "TP": "2", "SP": "true", "AC": "offload", "OPTIMIZER_OFFLOAD": "auto"}, {}),
     ({"MODEL_SIZE": "0.5B", "PR": "fp16", "PP": "2", "AC": "full", "OPTIMIZER_OFFLOAD": "static"},
-     {"MP_VP": "2", "MP_AC_LAYERS": "3"}),
-    ({"SFT": "true", "PR": "fp32", "AC": "sel", "CP": "2"}, {"MP_DATASET_TYPE": "raw", "MP_SFT_PACKING": "true",
-                                                            "MP_FUSED_KERNELS": "false"}),
+     {"MP_VP": "6", "MP_AC_LAYERS": "3", "MP_FUSED_KERNELS": "false"}),
+    ({"SFT": "true", "PR": "fp32", "AC": "sel", "CP": "2"}, {"MP_DATASET_TYPE": "raw", "MP_SFT_PACKING": "true"}),
     ({"TP": "2", "SP": "true"}, {"MP_CUDA_GRAPH": "true"}),
 ])
 def test_every_flag_is_known_to_megatron_core(paths, overrides, environ, monkeypatch):
@@ -493,7 +529,7 @@ def test_every_flag_is_known_to_megatron_core(paths, overrides, environ, monkeyp
     # megatron-core's own checks of the combination (8 Hopper GPUs of GPU_TE), e.g. it refuses TE's cross-entropy
     # fusion, which the TE spec once asked for.
     monkeypatch.setattr(megatron_arguments, "get_device_arch_version", lambda: 9)
-    for name, setting in launcher.launch_env(GPU_TE).items():
+    for name, setting in launch_flags.launch_env(GPU_TE, {}).items():
         monkeypatch.setenv(name, setting)
     args.rank, args.world_size = 0, GPU_TE.world_size
     validate_args(args, {})
@@ -536,7 +572,11 @@ INVALID = [
      "ENV=dlc needs KUBERNETES_CONTAINER_RESOURCE_GPU"),
     ("fp8_without_te", {"PR": "fp8"}, {}, "PR=fp8 needs Transformer Engine"),
     ("offload_without_te", {"AC": "offload"}, {}, "AC=offload uses Transformer Engine's CPU offload"),
-    ("vp_without_pp", {}, {"MP_VP": "2"}, "MP_VP (virtual pipeline stages) needs PP >= 2"),
+    ("vp_without_pp", {}, {"MP_VP": "2"}, "MP_VP (layers per virtual pipeline stage) needs PP >= 2"),
+    ("vp_layers", {"MODEL_SIZE": "0.5B", "PP": "2"}, {"MP_VP": "5", "MP_NPROC_PER_NODE": "2"},
+     "MP_VP=5 layers per virtual pipeline stage must divide the 12 layers"),
+    ("cp_plain_kernels", {"CP": "2"}, {"MP_FUSED_KERNELS": "false", "MP_NPROC_PER_NODE": "2"},
+     "MP_FUSED_KERNELS=false asks for megatron-core's plain DotProductAttention"),
     ("raw_pretraining", {"DATASET_PATH": "{train_json}", "VALID_DATASET_PATH": "{valid_json}"},
      {"MP_DATASET_TYPE": "raw"}, "MP_DATASET_TYPE=raw is for fine-tuning (SFT=true)"),
     ("packing_pretraining", {}, {"MP_SFT_PACKING": "true"}, "MP_SFT_PACKING=true needs SFT=true"),
@@ -586,9 +626,9 @@ def test_invalid_combination_never_starts_torchrun(paths, case, monkeypatch, cap
     def forbidden(*args, **kwargs):
         raise AssertionError(f"torchrun was started: {args}")
 
-    monkeypatch.setattr(launcher, "run", forbidden)
-    monkeypatch.setattr(launcher.subprocess, "Popen", forbidden)
-    status = launcher.main(invalid_argv(paths, overrides), {"MP_TOKENIZER_PATH": str(paths.tokenizer), **environ})
+    monkeypatch.setattr(launch_run, "_launch", forbidden)
+    monkeypatch.setattr(launch_run.subprocess, "Popen", forbidden)
+    status = launch_run.main(invalid_argv(paths, overrides), {"MP_TOKENIZER_PATH": str(paths.tokenizer), **environ})
     err = capsys.readouterr().err
     assert status == 2 and err.startswith("error: ") and message in err, err
     assert not paths.out.exists()
@@ -598,10 +638,10 @@ def test_every_invalid_combination_has_its_own_message(paths):
     messages = {}
     for case_id, overrides, environ, _ in INVALID:
         args = invalid_argv(paths, overrides)
-        with pytest.raises(LaunchError) as err:
-            launch = launcher.parse(args, {"MP_TOKENIZER_PATH": str(paths.tokenizer), **environ})
-            launcher.validate(launch, launcher.detect_machine(launch, environ))
-        messages[case_id] = err.value.message.splitlines()[0]
+        with pytest.raises(UserError) as err:
+            launch = arguments.parse(args, {"MP_TOKENIZER_PATH": str(paths.tokenizer), **environ})
+            plan(paths, detect_machine(launch, environ), environ, args)
+        messages[case_id] = str(err.value).splitlines()[0]
     assert len(set(messages.values())) == len(messages), messages
 
 
@@ -615,6 +655,6 @@ def test_packed_finetuning_uses_the_local_spec_even_with_transformer_engine(path
 
 
 def test_packed_finetuning_refuses_what_needs_the_te_spec(paths):
-    with pytest.raises(launcher.LaunchError) as err:
+    with pytest.raises(UserError) as err:
         api_flags(paths, SFT="true", PR="fp8", environ={"MP_SFT_PACKING": "true"})
-    assert "MP_SFT_PACKING=true trains on megatron-core's local spec" in err.value.message
+    assert "MP_SFT_PACKING=true trains on megatron-core's local spec" in str(err.value)

@@ -87,10 +87,31 @@ def test_readme_flag_tables_name_real_flags():
         assert flag in help_text, flag
 
 
-def test_environment_knobs_exist_in_the_launcher():
-    launcher = (REPO / "megatron_patch" / "launcher.py").read_text()
-    for knob in set(re.findall(r"`(MP_[A-Z_]+)", README)):
-        assert f'"{knob}"' in launcher, f"README names {knob}, which the launcher never reads"
+def test_readme_environment_table_is_the_launchers_list():
+    from megatron_patch.launch.arguments import ENV_KNOBS
+
+    rows = [f"| `{name}` | {f'`{default}`' if default else '-'} | {meaning} |"
+            for name, (default, meaning) in ENV_KNOBS.items()]
+    table = "| variable | default | meaning |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+    assert table in README, "README's environment table differs from megatron_patch/launch/arguments.py ENV_KNOBS"
+
+
+# Variables every program inherits or that only configure third-party libraries.
+NOT_OURS = {"PATH", "HOME", "PYTHONPATH", "XDG_CACHE_HOME", "PYENV_ROOT", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+            "CUDA_VISIBLE_DEVICES", "TOKENIZERS_PARALLELISM", "CUDA_DEVICE_MAX_CONNECTIONS", "OMP_NUM_THREADS",
+            "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_CACHE", "CI"}
+
+
+def test_every_environment_variable_the_code_reads_is_in_the_readme():
+    read = set()
+    pattern = re.compile(r"""environ(?:\.get\(|\[)\s*["']([A-Z][A-Z0-9_]+)["']|getenv\(["']([A-Z][A-Z0-9_]+)["']""")
+    for folder in ("megatron_patch", "examples", "toolkits", "LM-Evaluation-Harness", "benchmarks", "scripts"):
+        for path in (REPO / folder).rglob("*.py"):
+            for match in pattern.finditer(path.read_text()):
+                read.add(match.group(1) or match.group(2))
+    assert "MP_DATASET_TYPE" in read or "MP_DRY_RUN" in read, "the scan found none of the launcher's variables"
+    missing = sorted(name for name in read - NOT_OURS if f"`{name}`" not in README)
+    assert not missing, f"read by the code but missing from README's environment tables: {missing}"
 
 
 def test_eval_script_and_module_commands_exist():

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from megatron_patch.launcher import free_port  # noqa: F401  (tests import it from here)
+from megatron_patch.hardware import free_port  # noqa: F401  (tests import it from here)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONVERTOR = REPO_ROOT / "toolkits" / "distributed_checkpoints_convertor"

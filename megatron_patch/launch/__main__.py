@@ -1,0 +1,5 @@
+import sys
+
+from megatron_patch.launch.run import main
+
+sys.exit(main())

@@ -1,0 +1,202 @@
+"""The 25 positional arguments of the upstream best practice and the MP_* environment knobs, parsed into a
+Launch. Parsing only: no file system, no machine probe; a bad value is a UserError naming the argument."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_patch.errors import UserError, parse_bool
+from megatron_patch.model_sizes import QWEN2_5_SIZES, Qwen25Size
+
+POSITIONAL = (
+    "ENV MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN PR TP PP CP SP DO FL SFT AC "
+    "OPTIMIZER_OFFLOAD SAVE_INTERVAL DATASET_PATH VALID_DATASET_PATH PRETRAIN_CHECKPOINT_PATH "
+    "TRAIN_TOKENS_OR_ITERS WARMUP_TOKENS_OR_ITERS OUTPUT_BASEPATH"
+).split()
+
+PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
+AC_MODES = ("sel", "full", "offload", "false")
+OPTIMIZER_OFFLOAD_MODES = ("false", "static", "auto")
+
+# Every environment variable the launcher reads: name -> (default, meaning). README's table is checked against it.
+ENV_KNOBS = {
+    "MP_DATASET_TYPE": ("idxmap", "`idxmap` (Megatron .bin/.idx) or `raw` (JSON/JSONL SFT records, tokenized on the fly)"),
+    "MP_AC_LAYERS": ("1", "layers per recompute group (AC=full) or layers offloaded (AC=offload)"),
+    "MP_VP": ("", "layers per virtual pipeline stage (upstream's meaning; needs PP >= 2), e.g. 4 with 24 layers "
+                  "and PP=2 gives 3 virtual stages per pipeline rank"),
+    "MP_SFT_PACKING": ("false", "`true`: several SFT samples per sequence, never attending across them"),
+    "MP_FUSED_KERNELS": ("true", "`false`: megatron-core's plain modules only (its DotProductAttention, norms, "
+                                 "RoPE and logits + cross-entropy), for comparison"),
+    "MP_CUDA_GRAPH": ("false", "`true`: replay each iteration from one CUDA graph (GPU, PP=1)"),
+    "MP_DRY_RUN": ("", "`1`: print the command that would run (and its environment) and run nothing; every "
+                       "script of the project takes it"),
+    "MP_TOKENIZER_PATH": ("", "tokenizer folder when the checkpoint has none (default: the embedded Qwen2.5 "
+                              "tokenizer)"),
+    "MP_NPROC_PER_NODE": ("", "processes per node instead of the GPU count (CPU: TP x PP x CP)"),
+    "MEGATRON_PATCH_CACHE": ("~/.cache/megatron_patch", "where the embedded tokenizer and sample data are cached"),
+    "WORLD_SIZE": ("", "ENV=dlc: number of nodes (set by the scheduler)"),
+    "RANK": ("", "ENV=dlc: this node's rank"),
+    "MASTER_ADDR": ("", "ENV=dlc: the rendezvous host"),
+    "MASTER_PORT": ("", "ENV=dlc: the rendezvous port"),
+    "KUBERNETES_CONTAINER_RESOURCE_GPU": ("", "ENV=dlc: GPUs per node"),
+}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One run's settings, as the user gave them (validate.settle makes the adjustments a layout needs)."""
+
+    env: str
+    model_size: str
+    batch_size: int
+    global_batch_size: int
+    lr: float
+    min_lr: float
+    seq_len: int
+    pad_len: int
+    precision: str
+    tp: int
+    pp: int
+    cp: int
+    sp: bool
+    distributed_optimizer: bool
+    flash_attention: bool
+    sft: bool
+    activation_checkpointing: str
+    optimizer_offload: str
+    save_interval: int
+    dataset_path: str
+    valid_dataset_path: str
+    pretrain_checkpoint: str | None
+    train_tokens_or_iters: int
+    warmup_tokens_or_iters: int
+    output_basepath: Path
+    # environment knobs
+    dataset_type: str = "idxmap"
+    ac_layers: int = 1
+    layers_per_virtual_stage: int | None = None
+    sft_packing: bool = False
+    fused_kernels: bool = True
+    cuda_graph: bool = False
+    tokenizer_path: str | None = None
+
+    @property
+    def size(self) -> Qwen25Size:
+        return QWEN2_5_SIZES[self.model_size]
+
+    @property
+    def virtual_stages(self) -> int | None:
+        """Virtual pipeline stages per pipeline rank (MP_VP gives layers per virtual stage)."""
+        if self.layers_per_virtual_stage is None:
+            return None
+        return self.size.num_layers // self.pp // self.layers_per_virtual_stage
+
+    @property
+    def train_iters(self) -> int:
+        """SFT budgets are iterations; pre-training budgets are tokens (upstream semantics)."""
+        if self.sft:
+            return self.train_tokens_or_iters
+        return self.train_tokens_or_iters // self.global_batch_size // self.seq_len
+
+    @property
+    def warmup_iters(self) -> int:
+        if self.sft:
+            return self.warmup_tokens_or_iters
+        return self.warmup_tokens_or_iters // self.global_batch_size // self.seq_len
+
+    @property
+    def run_name(self) -> str:
+        """Encodes the settings, so runs with different settings never share a checkpoint folder."""
+        kind = "finetune" if self.sft else "pretrain"
+        parts = [
+            f"mcore-qwen2.5-{self.model_size}-{kind}", f"lr-{self.lr:g}", f"minlr-{self.min_lr:g}",
+            f"bs-{self.batch_size}", f"gbs-{self.global_batch_size}", f"seqlen-{self.seq_len}",
+            f"pr-{self.precision}", f"tp-{self.tp}", f"pp-{self.pp}", f"cp-{self.cp}",
+            f"ac-{self.activation_checkpointing}", f"do-{str(self.distributed_optimizer).lower()}",
+            f"sp-{str(self.sp and self.tp > 1).lower()}", f"ti-{self.train_iters}", f"wi-{self.warmup_iters}",
+        ]
+        if self.sft:
+            parts.append(f"data-{self.dataset_type}" + ("-packed" if self.sft_packing else ""))
+        return "-".join(parts)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_basepath / "checkpoint" / self.run_name
+
+
+def _int(name: str, value: str, minimum: int = 0) -> int:
+    try:
+        number = int(float(value)) if "e" in value.lower() else int(value)
+    except ValueError:
+        raise UserError(f"error: {name} must be a whole number, got '{value}'.") from None
+    if number < minimum:
+        raise UserError(f"error: {name} must be at least {minimum}, got {number}.")
+    return number
+
+
+def _float(name: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise UserError(f"error: {name} must be a number such as 1e-5, got '{value}'.") from None
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise UserError(f"error: {name} must be one of {', '.join(choices)}; got '{value}'.")
+    return value
+
+
+def parse(argv: list[str], environ: dict[str, str]) -> Launch:
+    if len(argv) != len(POSITIONAL):
+        given = len(argv)
+        missing = " ".join(POSITIONAL[given:]) if given < len(POSITIONAL) else ""
+        raise UserError(
+            f"error: run_mcore_qwen.sh takes {len(POSITIONAL)} arguments, got {given}."
+            + (f" Missing: {missing}." if missing else " Remove the extra ones.")
+            + f"\nusage: run_mcore_qwen.sh {' '.join(POSITIONAL)}"
+        )
+    a = dict(zip(POSITIONAL, argv))
+    if a["MODEL_SIZE"] not in QWEN2_5_SIZES:
+        raise UserError(f"error: MODEL_SIZE must be one of {', '.join(QWEN2_5_SIZES)}; got '{a['MODEL_SIZE']}'.")
+
+    def knob(name: str) -> str:
+        return environ.get(name, "").strip() or ENV_KNOBS[name][0]
+
+    vp = knob("MP_VP")
+    ckpt = a["PRETRAIN_CHECKPOINT_PATH"]
+    return Launch(
+        env=_choice("ENV", a["ENV"], ("dsw", "dlc")),
+        model_size=a["MODEL_SIZE"],
+        batch_size=_int("BATCH_SIZE", a["BATCH_SIZE"], 1),
+        global_batch_size=_int("GLOBAL_BATCH_SIZE", a["GLOBAL_BATCH_SIZE"], 1),
+        lr=_float("LR", a["LR"]),
+        min_lr=_float("MIN_LR", a["MIN_LR"]),
+        seq_len=_int("SEQ_LEN", a["SEQ_LEN"], 1),
+        pad_len=_int("PAD_LEN", a["PAD_LEN"], 1),
+        precision=_choice("PR", a["PR"], PRECISIONS),
+        tp=_int("TP", a["TP"], 1),
+        pp=_int("PP", a["PP"], 1),
+        cp=_int("CP", a["CP"], 1),
+        sp=parse_bool("SP", a["SP"]),
+        distributed_optimizer=parse_bool("DO", a["DO"]),
+        flash_attention=parse_bool("FL", a["FL"]),
+        sft=parse_bool("SFT", a["SFT"]),
+        activation_checkpointing=_choice("AC", a["AC"], AC_MODES),
+        optimizer_offload=_choice("OPTIMIZER_OFFLOAD", a["OPTIMIZER_OFFLOAD"], OPTIMIZER_OFFLOAD_MODES),
+        save_interval=_int("SAVE_INTERVAL", a["SAVE_INTERVAL"], 1),
+        dataset_path=a["DATASET_PATH"],
+        valid_dataset_path=a["VALID_DATASET_PATH"],
+        pretrain_checkpoint=None if ckpt.lower() == "none" else ckpt,
+        train_tokens_or_iters=_int("TRAIN_TOKENS_OR_ITERS", a["TRAIN_TOKENS_OR_ITERS"], 1),
+        warmup_tokens_or_iters=_int("WARMUP_TOKENS_OR_ITERS", a["WARMUP_TOKENS_OR_ITERS"], 0),
+        output_basepath=Path(a["OUTPUT_BASEPATH"]).absolute(),
+        dataset_type=_choice("MP_DATASET_TYPE", knob("MP_DATASET_TYPE"), ("idxmap", "raw")),
+        ac_layers=_int("MP_AC_LAYERS", knob("MP_AC_LAYERS"), 1),
+        layers_per_virtual_stage=_int("MP_VP", vp, 1) if vp else None,
+        sft_packing=parse_bool("MP_SFT_PACKING", knob("MP_SFT_PACKING")),
+        fused_kernels=parse_bool("MP_FUSED_KERNELS", knob("MP_FUSED_KERNELS")),
+        cuda_graph=parse_bool("MP_CUDA_GRAPH", knob("MP_CUDA_GRAPH")),
+        tokenizer_path=knob("MP_TOKENIZER_PATH") or None,
+    )

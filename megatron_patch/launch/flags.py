@@ -1,0 +1,178 @@
+"""Launch + Machine -> megatron-core 0.19.2 flags for megatron_patch.pretrain_qwen, the torchrun command and its
+environment. Nothing here touches the file system or starts anything."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from megatron_patch import hardware
+from megatron_patch.arguments import NO_TE_GPU_FLAGS
+from megatron_patch.launch.arguments import Launch
+from megatron_patch.launch.machine import Machine, uses_te
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def megatron_flags(launch: Launch, machine: Machine, tokenizer: str) -> list[str]:
+    out = launch.output_basepath
+    flags = [
+        "--model-size", launch.model_size,
+        "--micro-batch-size", str(launch.batch_size),
+        "--global-batch-size", str(launch.global_batch_size),
+        "--seq-length", str(launch.seq_len),
+        "--lr", str(launch.lr), "--min-lr", str(launch.min_lr), "--lr-decay-style", "cosine",
+        "--weight-decay", "0.1", "--adam-beta1", "0.9", "--adam-beta2", "0.95", "--clip-grad", "1.0",
+        "--init-method-std", "0.008",
+        "--train-iters", str(launch.train_iters),
+        "--lr-warmup-iters", str(launch.warmup_iters),
+        "--lr-decay-iters", str(launch.train_iters),
+        "--tensor-model-parallel-size", str(launch.tp),
+        "--pipeline-model-parallel-size", str(launch.pp),
+        "--context-parallel-size", str(launch.cp),
+        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer,
+        "--seed", "1234",
+        # Loss is summed per token and divided by the global batch's token count: exact under any layout.
+        "--calculate-per-token-loss",
+        "--save", str(launch.checkpoint_dir), "--load", str(launch.checkpoint_dir),
+        "--save-interval", str(launch.save_interval), "--ckpt-format", "torch_dist",
+        "--exit-signal-handler",
+        "--eval-interval", "10000", "--eval-iters", "10",
+        "--log-interval", "1", "--log-throughput",
+        "--tensorboard-dir", str(out / "tensorboard" / launch.run_name),
+        "--tensorboard-queue-size", "1", "--tensorboard-log-interval", "1",
+        "--log-timers-to-tensorboard", "--log-validation-ppl-to-tensorboard", "--log-memory-to-tensorboard",
+    ]
+    if launch.pretrain_checkpoint:
+        # Megatron loads --load when it holds a checkpoint (a relaunch resumes, optimizer included) and
+        # otherwise starts from these weights alone.
+        flags += ["--pretrained-checkpoint", launch.pretrain_checkpoint]
+    flags += _precision_flags(launch)
+    flags += _parallel_flags(launch, machine)
+    flags += _attention_flags(launch, machine)
+    if not launch.fused_kernels:
+        flags.append("--plain-kernels")
+    if launch.cuda_graph:
+        # The NaN check reads the loss on the host, which a graph replay cannot do.
+        flags += ["--cuda-graph-impl", "full_iteration", "--no-check-for-nan-in-loss-and-grad"]
+    flags += _recompute_flags(launch)
+    flags += _optimizer_offload_flags(launch, machine)
+    flags += _data_flags(launch)
+    return flags
+
+
+def _precision_flags(launch: Launch) -> list[str]:
+    if launch.precision == "bf16":
+        return ["--bf16"]
+    if launch.precision == "fp16":
+        return ["--fp16", "--initial-loss-scale", "65536"]
+    if launch.precision == "fp8":
+        return ["--bf16", "--fp8-format", "hybrid", "--fp8-amax-history-len", "1024",
+                "--fp8-amax-compute-algo", "max"]
+    return []
+
+
+def _parallel_flags(launch: Launch, machine: Machine) -> list[str]:
+    flags = []
+    if launch.sp and launch.tp > 1:
+        flags.append("--sequence-parallel")
+    if launch.layers_per_virtual_stage is not None:
+        flags += ["--num-layers-per-virtual-pipeline-stage", str(launch.layers_per_virtual_stage)]
+    if launch.distributed_optimizer:
+        flags.append("--use-distributed-optimizer")
+    if machine.has_gpu:
+        # Overlap only where it exists: param gather needs the distributed optimizer (upstream adds it always).
+        flags.append("--overlap-grad-reduce")
+        # The overlapped gather is waited on in forward hooks, outside a captured graph's reach.
+        if launch.distributed_optimizer and not launch.cuda_graph:
+            flags.append("--overlap-param-gather")
+        if launch.tp > 1 and launch.sp and uses_te(launch, machine):
+            flags.append("--tp-comm-overlap")
+    return flags
+
+
+def _attention_flags(launch: Launch, machine: Machine) -> list[str]:
+    if uses_te(launch, machine):
+        return ["--transformer-impl", "transformer_engine",
+                "--attention-backend", "flash" if launch.flash_attention else "fused",
+                "--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "native"]
+    if not machine.has_gpu:
+        return ["--transformer-impl", "local"]  # the entrypoint's CPU backend adds the rest
+    return list(NO_TE_GPU_FLAGS)
+
+
+def _recompute_flags(launch: Launch) -> list[str]:
+    mode = launch.activation_checkpointing
+    if mode == "sel":
+        return ["--recompute-activations"]
+    if mode == "full":
+        return ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                "--recompute-num-layers", str(launch.ac_layers)]
+    if mode == "offload":
+        return ["--cpu-offloading-num-layers", str(launch.ac_layers)]
+    return []
+
+
+def _optimizer_offload_flags(launch: Launch, machine: Machine) -> list[str]:
+    if launch.optimizer_offload == "false":
+        return []
+    if launch.optimizer_offload == "static":
+        fraction = 1.0
+    else:
+        fraction = auto_offload_fraction(launch, machine, hardware.free_gpu_bytes())
+    return ["--optimizer-cpu-offload", "--use-precision-aware-optimizer",
+            "--optimizer-offload-fraction", f"{fraction:.2f}", "--overlap-cpu-optimizer-d2h-h2d"]
+
+
+def auto_offload_fraction(launch: Launch, machine: Machine, free_gpu_bytes: int | None) -> float:
+    """Share of optimizer state to keep on the CPU so the rest fits in free GPU memory.
+
+    Adam keeps fp32 master weights and two moments: 12 bytes per parameter (the real shape's count), split over
+    the model-parallel ranks and, by the distributed optimizer, over data-parallel ranks. Half of the GPU's free
+    memory is left for weights, grads and activations.
+    """
+    if free_gpu_bytes is None:
+        return 1.0
+    dp = max(1, machine.world_size // (launch.tp * launch.pp * launch.cp))
+    state_bytes = 12 * launch.size.parameter_count / (launch.tp * launch.pp) / dp
+    on_gpu = min(1.0, 0.5 * free_gpu_bytes / state_bytes)
+    return round(max(0.0, 1.0 - on_gpu), 2)
+
+
+def _data_flags(launch: Launch) -> list[str]:
+    if launch.sft:
+        flags = ["--instruction-tuning", "--dataset-type", launch.dataset_type,
+                 "--train-data-path", launch.dataset_path,
+                 "--valid-data-path", launch.valid_dataset_path]
+        if launch.dataset_type == "raw":
+            flags += ["--max-padding-length", str(launch.pad_len)]
+        if launch.sft_packing:
+            flags.append("--sft-packing")
+        return flags
+    if launch.valid_dataset_path == launch.dataset_path:
+        return ["--dataset-type", "idxmap", "--data-path", launch.dataset_path, "--split", "99,1,0"]
+    return ["--dataset-type", "idxmap", "--train-data-path", launch.dataset_path,
+            "--valid-data-path", launch.valid_dataset_path]
+
+
+def torchrun_command(launch: Launch, machine: Machine, tokenizer: str) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc-per-node", str(machine.nproc_per_node), "--nnodes", str(machine.nnodes),
+        "--node-rank", str(machine.node_rank),
+        "--master-addr", machine.master_addr, "--master-port", str(machine.master_port),
+        "-m", "megatron_patch.pretrain_qwen", *megatron_flags(launch, machine, tokenizer),
+    ]
+
+
+def launch_env(machine: Machine, environ: dict[str, str]) -> dict[str, str]:
+    """What torchrun's environment gets on top of the caller's."""
+    env = {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO_ROOT), environ.get("PYTHONPATH", "")) if p)}
+    # NVLink multicast (NVLS) hangs or fails on some hosts; plain NCCL rings and trees are safe everywhere.
+    env["NCCL_NVLS_ENABLE"] = environ.get("NCCL_NVLS_ENABLE", "0")
+    if not machine.has_gpu:
+        env["OMP_NUM_THREADS"] = environ.get(
+            "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // machine.nproc_per_node)))
+    return env

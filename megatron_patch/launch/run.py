@@ -1,0 +1,339 @@
+"""The launcher's main: parse, probe, settle, check, then torchrun as a process tree the launcher owns.
+
+Ownership: torchrun starts in its own process group with PR_SET_PDEATHSIG (it gets SIGTERM if the launcher dies),
+each rank and every helper process a rank starts die with their parent (megatron_patch.process_lifetime), and
+the launcher is a child subreaper, so anything orphaned below it comes back to it. When torchrun ends (or the
+launcher is told to stop) everything left below the launcher is killed, so no process outlives the run and the
+launcher returns within seconds. Writing the log never takes the job down: on a full disk it goes on without it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import errno
+import fcntl
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from megatron_patch.errors import UserError, dry_run_requested
+from megatron_patch.launch.arguments import Launch, parse
+from megatron_patch.launch.flags import launch_env, torchrun_command
+from megatron_patch.launch.machine import detect_machine
+from megatron_patch.launch.validate import problems, settle
+
+PR_SET_CHILD_SUBREAPER = 36
+STOP_GRACE_SECONDS = 30  # after SIGTERM, how long ranks get to save and exit before SIGKILL
+
+
+def tokenizer_dir(launch: Launch) -> str:
+    """The checkpoint's own tokenizer, else MP_TOKENIZER_PATH, else the embedded default Qwen2.5 tokenizer."""
+    if launch.tokenizer_path:
+        return launch.tokenizer_path
+    if launch.pretrain_checkpoint and (Path(launch.pretrain_checkpoint) / "tokenizer_config.json").is_file():
+        return launch.pretrain_checkpoint
+    from megatron_patch.tokenizer import cached_default_tokenizer
+
+    return str(cached_default_tokenizer())
+
+
+# ---------------------------------------------------------------------------------------------- the run folder lock
+
+class RunFolderLock:
+    """One live launch per run folder and node: an flock'ed file naming its holder. The kernel drops an flock when
+    its holder dies, so a lock left by a dead launch is simply taken over."""
+
+    def __init__(self, checkpoint_dir: Path, node_rank: int):
+        self.path = checkpoint_dir.parent / f".{checkpoint_dir.name}.node{node_rank}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"error: another launch is training into this run folder ({holder}); two runs would "
+                            f"overwrite each other's checkpoints. Wait for it to end, stop it, or pass another "
+                            f"OUTPUT_BASEPATH. Lock file: {self.path}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since "
+                      f"{datetime.datetime.now().isoformat(timespec='seconds')}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# ------------------------------------------------------------------------------------------------------------ the log
+
+class Log:
+    """torchrun's output to the terminal and to the log file. A failed write to the file (full disk, lost mount)
+    stops the copy to the file with one warning; the terminal copy and the job go on."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8", buffering=1)
+        except OSError as err:
+            self._warn(err)
+
+    def _warn(self, err: OSError) -> None:
+        self._file = None
+        self.terminal(f"warning: cannot write the log {self.path} ({err.strerror or err}); training goes on, "
+                      "its output only on this terminal.\n", stream=sys.stderr)
+
+    @staticmethod
+    def terminal(text: str, stream=None) -> None:
+        try:
+            (stream or sys.stdout).write(text)
+            (stream or sys.stdout).flush()
+        except (OSError, ValueError):
+            pass  # a closed terminal must not stop training either
+
+    def write(self, text: str) -> None:
+        self.terminal(text)
+        if self._file is not None:
+            try:
+                self._file.write(text)
+            except OSError as err:
+                self._close_quietly()
+                self._warn(err)
+
+    def _close_quietly(self) -> None:
+        try:
+            self._file.close()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._close_quietly()
+            self._file = None
+
+
+# ------------------------------------------------------------------------------------------- owning the process tree
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def become_subreaper() -> None:
+    """Orphans below this process (a rank's helpers whose rank died) are re-parented here, not to PID 1."""
+    if sys.platform.startswith("linux"):
+        _libc().prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def _torchrun_preexec() -> None:
+    """In the forked child before exec: its own process group, and SIGKILL when the launcher dies abruptly (a
+    launcher that is asked to stop forwards SIGTERM itself, so ranks still save on a scheduler's preemption)."""
+    os.setpgid(0, 0)
+    if sys.platform.startswith("linux"):
+        _libc().prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (children first found through /proc's parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo += children.get(child, [])
+    return found
+
+
+def kill_everything_below(pid: int) -> None:
+    """SIGKILL every process below `pid`, until none is left (reaping zombies re-parented to us)."""
+    for _ in range(50):
+        left = descendants(pid)
+        if not left:
+            return
+        for child in left:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _reap_children()
+        time.sleep(0.1)
+
+
+def _reap_children() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+class OwnedTorchrun:
+    """torchrun and everything below it; `wait` returns its exit status once nothing of it is left."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log: Log):
+        self.log = log
+        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, preexec_fn=_torchrun_preexec)
+        self._reader = threading.Thread(target=self._copy_output, daemon=True)
+        self._reader.start()
+        self._stop_requested_at: float | None = None
+
+    def _copy_output(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in iter(self.proc.stdout.readline, b""):
+            self.log.write(raw.decode("utf-8", errors="replace"))
+
+    def request_stop(self, signum: int) -> None:
+        """The launcher got SIGTERM/SIGINT/SIGHUP: pass SIGTERM to the whole group (Megatron's --exit-signal-handler
+        saves a checkpoint and exits); `wait` SIGKILLs whatever is left after the grace period."""
+        if self._stop_requested_at is None:
+            self._stop_requested_at = time.monotonic()
+            self.log.terminal(f"run_mcore_qwen: got signal {signum}; stopping training (SIGTERM, then SIGKILL "
+                              f"after {STOP_GRACE_SECONDS} s)\n", stream=sys.stderr)
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def wait(self) -> int:
+        while True:
+            try:
+                code = self.proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if (self._stop_requested_at is not None
+                        and time.monotonic() - self._stop_requested_at > STOP_GRACE_SECONDS):
+                    kill_everything_below(os.getpid())
+        # torchrun is gone: nothing of this run may outlive it (e.g. a killed rank's checkpoint writers, which
+        # would also hold our output pipe open and hang the reader).
+        kill_everything_below(os.getpid())
+        self._reader.join(timeout=10)
+        return code
+
+
+def run_owned(command: list[str], env: dict[str, str], log: Log) -> int:
+    become_subreaper()
+    owned = OwnedTorchrun(command, env, log)
+    handlers = {}
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        handlers[signum] = signal.signal(signum, lambda s, _f: owned.request_stop(s))
+    try:
+        code = owned.wait()
+        if code < 0:  # killed by a signal: report it the way a shell does
+            code = 128 - code
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        kill_everything_below(os.getpid())
+    return code
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+
+def _print_findings(lines: list[str], kind: str) -> None:
+    for line in lines:
+        print(f"{kind}: {line}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    environ = dict(os.environ) if environ is None else environ
+    try:
+        launch = parse(argv, environ)
+        machine = detect_machine(launch, environ)
+        launch, changes = settle(launch, machine)
+        found = problems(launch, machine)
+        dry_run = dry_run_requested(environ)
+    except UserError as err:
+        print(str(err), file=sys.stderr)
+        return 2
+    if found.errors:
+        _print_findings(found.errors, "error")
+        return 2
+    _print_findings(changes + found.warnings, "warning")
+    _print_findings(found.notes, "note")
+    env = launch_env(machine, environ)
+    if dry_run:
+        command = torchrun_command(launch, machine, tokenizer_dir(launch))
+        print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(command))
+        return 0
+    return _launch(launch, machine, env)
+
+
+def _launch(launch: Launch, machine, env: dict[str, str]) -> int:
+    lock = RunFolderLock(launch.checkpoint_dir, machine.node_rank)
+    try:
+        _check_writable(launch.output_basepath)
+        _check_free_space(launch)
+        lock.acquire()
+        command = torchrun_command(launch, machine, tokenizer_dir(launch))
+    except UserError as err:
+        print(str(err), file=sys.stderr)
+        return 2
+    try:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        log = Log(launch.output_basepath / "log" / f"{stamp}_{launch.run_name}_node{machine.node_rank}.log")
+        Log.terminal(f"run_mcore_qwen: {launch.run_name}\n  checkpoints: {launch.checkpoint_dir}\n  log: {log.path}\n")
+        log.write(f"# {datetime.datetime.now().isoformat()} {shlex.join(command)}\n")
+        code = run_owned(command, {**os.environ, **env}, log)
+        if code != 0:
+            Log.terminal(f"run_mcore_qwen: training failed (torchrun exit status {code}); see {log.path}\n",
+                         stream=sys.stderr)
+        log.close()
+        return code
+    finally:
+        lock.release()
+
+
+def checkpoint_bytes(launch: Launch) -> int:
+    """About what one checkpoint takes: the weights (fp32 master copies when training in 16 bits) and Adam's two
+    fp32 moments, 12 or 16 bytes per parameter."""
+    per_parameter = 12 if launch.precision == "fp32" else 16
+    return launch.size.parameter_count * per_parameter
+
+
+def _check_free_space(launch: Launch) -> None:
+    free = shutil.disk_usage(launch.output_basepath).free
+    needed = checkpoint_bytes(launch)
+    if free < needed:
+        raise UserError(f"error: OUTPUT_BASEPATH {launch.output_basepath} has {free / 2**30:.2f} GiB free, but one "
+                        f"checkpoint of Qwen2.5-{launch.model_size} takes about {needed / 2**30:.2f} GiB (weights and "
+                        "optimizer state). Free some space or pass an OUTPUT_BASEPATH on a larger disk.")
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"error: OUTPUT_BASEPATH {folder} is not writable ({err.strerror or err}). Pass a folder "
+                        "this user can write, with free space for checkpoints.") from None

@@ -1,0 +1,190 @@
+"""Before torchrun: `settle` makes the adjustments a layout needs and says each one; `problems` returns what
+stops the run (errors), what the user should know (warnings) and suggestions (notes), changing nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_patch.data.dataset_checks import dataset_problem
+from megatron_patch.launch.arguments import Launch
+from megatron_patch.launch.machine import Machine, uses_te
+from megatron_patch.model_sizes import hf_config_mismatches, layout_problems
+
+
+@dataclass
+class Findings:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # suggestions, not problems
+
+
+def settle(launch: Launch, machine: Machine) -> tuple[Launch, list[str]]:
+    """The launch with the adjustments its layout needs, and one line per adjustment made."""
+    changes = []
+    if launch.sp and launch.tp > 1 and not uses_te(launch, machine):
+        # megatron-core's local (torch) norms refuse sequence parallelism; only TE's fused norms support it.
+        launch = dataclasses.replace(launch, sp=False)
+        changes.append("SP=true needs Transformer Engine (megatron-core's local norms cannot shard the sequence): "
+                       "sequence parallelism is left off.")
+    if launch.optimizer_offload != "false" and not launch.distributed_optimizer:
+        launch = dataclasses.replace(launch, distributed_optimizer=True)
+        changes.append(f"OPTIMIZER_OFFLOAD={launch.optimizer_offload} needs the distributed optimizer: DO is turned on.")
+    return launch, changes
+
+
+def cuda_graph_obstacle(launch: Launch, machine: Machine) -> str | None:
+    """Why this layout's whole iteration cannot replay from one graph (fixed shapes, no host work inside the
+    step), or None."""
+    if not machine.has_gpu:
+        return "it needs a GPU"
+    if launch.pp > 1:
+        return "it captures PP=1 layouts only (TP, CP and data parallelism)"
+    if launch.activation_checkpointing == "offload":
+        return "AC=offload copies activations to the host inside the step"
+    if launch.precision == "fp8":
+        return "PR=fp8 updates its scaling factors outside the step"
+    return None
+
+
+def problems(launch: Launch, machine: Machine) -> Findings:
+    found = Findings()
+    found.errors += _feature_problems(launch, machine, found)
+    found.errors += _layout_problems(launch, machine)
+    found.errors += _schedule_problems(launch)
+    found.errors += _path_problems(launch)
+    if launch.sp and launch.tp == 1:
+        found.warnings.append("SP=true has no effect with TP=1: sequence parallelism is left off.")
+    return found
+
+
+def _feature_problems(launch: Launch, machine: Machine, found: Findings) -> list[str]:
+    """Options that need something this machine lacks, or that rule each other out."""
+    errors = []
+    if launch.flash_attention and uses_te(launch, machine) and not machine.has_flash_attn:
+        # TE's flash backend is flash-attn's kernels; without them TE stops at the first attention call.
+        errors.append("FL=true asks Transformer Engine for flash-attn's attention kernels, but the flash_attn package "
+                      "is not installed. Install it (pip install flash-attn --no-build-isolation), or set FL=false "
+                      "for TE's cuDNN fused attention.")
+    if launch.sft_packing and machine.has_te:
+        # Packed samples need block masks; the TE attention configured here is causal only and would let them
+        # attend to each other. The local spec's SDPA attention takes the masks.
+        if launch.precision == "fp8" or launch.activation_checkpointing == "offload":
+            errors.append("MP_SFT_PACKING=true trains on megatron-core's local spec (packed samples need block "
+                          "attention masks), but PR=fp8 and AC=offload need the Transformer Engine spec. Turn "
+                          "packing off, or use PR=bf16 with AC=sel/full/false.")
+        found.warnings.append("MP_SFT_PACKING=true: training on the local spec, whose attention keeps packed samples "
+                              "apart (variable-length flash kernel on the GPU, block masks elsewhere).")
+    if launch.precision == "fp8" and not machine.has_te:
+        errors.append("PR=fp8 needs Transformer Engine on a GPU, and it is not importable here. Use PR=bf16, or run "
+                      "in the NGC PyTorch image (see the Dockerfile).")
+    if launch.activation_checkpointing == "offload" and not machine.has_te:
+        errors.append("AC=offload uses Transformer Engine's CPU offload, which is not importable here. Use AC=sel or "
+                      "AC=full, or run in the NGC PyTorch image.")
+    if launch.cp > 1 and not uses_te(launch, machine) and not launch.fused_kernels:
+        errors.append(f"CP={launch.cp} without Transformer Engine runs context parallelism in our SDPA attention, but "
+                      "MP_FUSED_KERNELS=false asks for megatron-core's plain DotProductAttention, which has none. "
+                      "Unset MP_FUSED_KERNELS, or use CP=1.")
+    graph_obstacle = cuda_graph_obstacle(launch, machine)
+    if launch.cuda_graph and graph_obstacle:
+        errors.append(f"MP_CUDA_GRAPH=true, but {graph_obstacle}. Unset MP_CUDA_GRAPH (or set it to false).")
+    if launch.sft and not launch.cuda_graph and not graph_obstacle:
+        found.notes.append("SFT steps at small micro-batches wait on the host's kernel launches; MP_CUDA_GRAPH=true "
+                           "replays each iteration from one CUDA graph (the guide's SFT command: 81 instead of "
+                           "1,160 ms per iteration on one H200, docs/benchmarks.md).")
+    if launch.dataset_type == "raw" and not launch.sft:
+        errors.append("MP_DATASET_TYPE=raw is for fine-tuning (SFT=true); pre-training reads idxmap data.")
+    if launch.sft_packing and not launch.sft:
+        errors.append("MP_SFT_PACKING=true needs SFT=true.")
+    return errors
+
+
+def _layout_problems(launch: Launch, machine: Machine) -> list[str]:
+    size = launch.size
+    errors = []
+    model_parallel = launch.tp * launch.pp * launch.cp
+    if machine.world_size % model_parallel:
+        errors.append(f"TP*PP*CP = {launch.tp}*{launch.pp}*{launch.cp} = {model_parallel} does not divide the "
+                      f"{machine.world_size} processes ({machine.nnodes} node(s) x {machine.nproc_per_node}).")
+    errors += [f"{p} of Qwen2.5-{launch.model_size}." for p in layout_problems(size, launch.tp, launch.pp)]
+    layers_per_stage = size.num_layers // launch.pp
+    vp = launch.layers_per_virtual_stage
+    if vp is not None:
+        if launch.pp < 2:
+            errors.append("MP_VP (layers per virtual pipeline stage) needs PP >= 2.")
+        elif layers_per_stage % vp or vp >= layers_per_stage:
+            choices = [n for n in range(1, layers_per_stage) if layers_per_stage % n == 0]
+            errors.append(f"MP_VP={vp} layers per virtual pipeline stage must divide the {layers_per_stage} layers of "
+                          f"each of the PP={launch.pp} stages into two or more virtual stages: choose MP_VP from "
+                          f"{choices}.")
+        else:
+            layers_per_stage = vp
+    if launch.activation_checkpointing == "full" and layers_per_stage % launch.ac_layers:
+        errors.append(f"MP_AC_LAYERS={launch.ac_layers} must divide the {layers_per_stage} layers per pipeline stage "
+                      "for AC=full (uniform recompute).")
+    if launch.activation_checkpointing == "offload":
+        if launch.pp > 1:
+            errors.append("AC=offload does not work with PP > 1 in megatron-core 0.19.2.")
+        if launch.ac_layers >= size.num_layers:
+            errors.append(f"MP_AC_LAYERS={launch.ac_layers} must be below the model's {size.num_layers} layers for "
+                          "AC=offload.")
+    if model_parallel and machine.world_size % model_parallel == 0:
+        dp = machine.world_size // model_parallel
+        if launch.global_batch_size % (launch.batch_size * dp):
+            errors.append(f"GLOBAL_BATCH_SIZE={launch.global_batch_size} must be a multiple of BATCH_SIZE x "
+                          f"data-parallel size = {launch.batch_size} x {dp} = {launch.batch_size * dp}.")
+    if launch.seq_len > size.max_position_embeddings:
+        errors.append(f"SEQ_LEN={launch.seq_len} exceeds Qwen2.5-{launch.model_size}'s {size.max_position_embeddings} "
+                      "positions.")
+    if launch.cp > 1 and launch.seq_len % (2 * launch.cp):
+        errors.append(f"SEQ_LEN={launch.seq_len} must be divisible by 2*CP = {2 * launch.cp}.")
+    if launch.sft and launch.dataset_type == "raw" and launch.pad_len > launch.seq_len:
+        errors.append(f"PAD_LEN={launch.pad_len} exceeds SEQ_LEN={launch.seq_len}: raw JSON samples are padded to "
+                      "PAD_LEN, which must fit in the sequence. Lower PAD_LEN or raise SEQ_LEN.")
+    return errors
+
+
+def _schedule_problems(launch: Launch) -> list[str]:
+    if launch.train_iters < 1:
+        return [f"TRAIN_TOKENS_OR_ITERS={launch.train_tokens_or_iters} tokens is less than one iteration of "
+                f"GLOBAL_BATCH_SIZE x SEQ_LEN = {launch.global_batch_size * launch.seq_len} tokens."]
+    errors = []
+    # Megatron checks both only after startup, with a bare AssertionError in its LR scheduler.
+    if launch.warmup_iters >= launch.train_iters:
+        errors.append(f"WARMUP_TOKENS_OR_ITERS={launch.warmup_tokens_or_iters} gives {launch.warmup_iters} warmup "
+                      f"iterations, but training has only {launch.train_iters}; warmup must end before training does. "
+                      "Lower WARMUP_TOKENS_OR_ITERS or raise TRAIN_TOKENS_OR_ITERS "
+                      + ("(both are iterations for SFT)." if launch.sft else "(both are tokens for pre-training)."))
+    if launch.min_lr > launch.lr or launch.min_lr < 0:
+        errors.append(f"MIN_LR={launch.min_lr:g} is above LR={launch.lr:g} or negative: the cosine schedule decays from "
+                      "LR down to MIN_LR. Pass 0 <= MIN_LR <= LR.")
+    return errors
+
+
+def _path_problems(launch: Launch) -> list[str]:
+    kind = "raw" if launch.dataset_type == "raw" else ("sft" if launch.sft else "pretrain")
+    datasets = [("DATASET_PATH", launch.dataset_path)]
+    if launch.valid_dataset_path != launch.dataset_path:
+        datasets.append(("VALID_DATASET_PATH", launch.valid_dataset_path))
+    errors = [problem for label, path in datasets if (problem := dataset_problem(label, path, kind))]
+    if launch.pretrain_checkpoint is not None:
+        errors += _checkpoint_problems(launch, Path(launch.pretrain_checkpoint))
+    return errors
+
+
+def _checkpoint_problems(launch: Launch, ckpt: Path) -> list[str]:
+    if not (ckpt / "latest_checkpointed_iteration.txt").is_file():
+        return [f"PRETRAIN_CHECKPOINT_PATH {ckpt} is not a Megatron checkpoint (no latest_checkpointed_iteration.txt). "
+                "Convert a Hugging Face checkpoint first with "
+                "toolkits/distributed_checkpoints_convertor/scripts/qwen2_5/run_8xH20.sh, or pass none to start from "
+                "random weights."]
+    config = ckpt / "config.json"
+    if not config.is_file():
+        return []
+    bad = hf_config_mismatches(launch.size, json.loads(config.read_text()))
+    if bad:
+        return [f"MODEL_SIZE={launch.model_size} does not match {ckpt}/config.json:\n  " + "\n  ".join(bad)
+                + "\nPass the MODEL_SIZE this checkpoint was converted as."]
+    return []

@@ -1,0 +1,241 @@
+"""Faults a cluster job meets, injected on the CPU through the user's command (run_mcore_qwen.sh): a killed rank,
+a killed torchrun, a killed launcher, a disk that fills up, a second launch into a live run's folder. Each checks
+the exit status, the message, that no process of the run is left (by PID) and that no checkpoint was lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_patch.launch.run import Log, RunFolderLock, descendants
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "examples" / "qwen2_5" / "run_mcore_qwen.sh"
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def sft_json(tmp_path_factory) -> Path:
+    """Raw SFT records: the fastest data to start training from (no preprocessing)."""
+    rng = random.Random(0)
+    words = "the of and to in is was for on that with as by at from it an were are which this be or has".split()
+    records = [{"instruction": " ".join(rng.choice(words) for _ in range(8)),
+                "output": " ".join(rng.choice(words) for _ in range(12))} for _ in range(64)]
+    path = tmp_path_factory.mktemp("faults_data") / "sft.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def command(data: Path, out: Path, iterations: int = 50) -> list[str]:
+    # ENV MODEL_SIZE BATCH GBS LR MIN_LR SEQ PAD PR TP PP CP SP DO FL SFT AC OFFLOAD SAVE DATA VALID CKPT ITERS WARMUP OUT
+    return ["sh", str(SCRIPT), "dsw", "tiny", "2", "4", "1e-3", "1e-4", "64", "64", "fp32", "1", "1", "1", "false",
+            "false", "false", "true", "false", "false", "1", str(data), str(data), "none", str(iterations), "1",
+            str(out)]
+
+
+def environment(tokenizer: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MP_", "WORLD_SIZE", "RANK", "MASTER_"))}
+    return {**env, "MP_DATASET_TYPE": "raw", "MP_TOKENIZER_PATH": str(tokenizer)}
+
+
+class Run:
+    """One launch of the user's command, with its output in a file and the PIDs of everything it started."""
+
+    def __init__(self, data: Path, out: Path, tokenizer: Path, iterations: int = 50):
+        self.out = out
+        self.console = out.parent / f"{out.name}.console"
+        with open(self.console, "w") as console:
+            # exec chain: sh -> python -m megatron_patch.launch, one PID
+            self.proc = subprocess.Popen(command(data, out, iterations), env=environment(tokenizer),
+                                         stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
+        self.seen: set[int] = set()
+
+    def text(self) -> str:
+        return self.console.read_text(errors="replace")
+
+    def note_processes(self) -> set[int]:
+        self.seen |= set(descendants(self.proc.pid)) | {self.proc.pid}
+        return self.seen
+
+    def tracker(self) -> str:
+        found = list((self.out / "checkpoint").glob("*/latest_checkpointed_iteration.txt"))
+        return found[0].read_text().strip() if found else ""
+
+    def wait_for(self, predicate, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            self.note_processes()
+            assert self.proc.poll() is None, f"the run ended before {what}:\n{self.text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {what} after {timeout} s:\n{self.text()[-3000:]}"
+            time.sleep(0.2)
+
+    def process(self, role: str) -> int:
+        """The PID of the launcher, torchrun or the rank (found by command line among this run's processes)."""
+        if role == "launcher":
+            return self.proc.pid
+        marker = {"torchrun": "torch.distributed.run", "rank": "-u -m megatron_patch.pretrain_qwen"}[role]
+        for pid in sorted(self.note_processes()):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if marker in cmdline and (role != "torchrun" or "torch.distributed.run" in cmdline.split(" -m ")[1]):
+                return pid
+        raise AssertionError(f"no {role} process among {self.seen}")
+
+    def survivors(self, timeout: float) -> list[int]:
+        """This run's processes still alive after `timeout` seconds (zombies count as gone)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            alive = [pid for pid in self.seen if _alive(pid)]
+            if not alive or time.monotonic() > deadline:
+                return alive
+            time.sleep(0.2)
+
+    def kill_all(self) -> None:
+        for pid in self.note_processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=30)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def checkpoint_complete(out: Path, iteration: int) -> bool:
+    folders = list((out / "checkpoint").glob(f"*/iter_{iteration:07d}"))
+    return bool(folders) and (folders[0] / "metadata.json").is_file() and any(folders[0].glob("*.distcp"))
+
+
+@pytest.mark.parametrize("victim", ["rank", "torchrun", "launcher"])
+def test_a_killed_process_ends_the_whole_run_and_keeps_its_checkpoint(victim, sft_json, tmp_path,
+                                                                      default_tokenizer_dir):
+    run = Run(sft_json, tmp_path / "out", default_tokenizer_dir)
+    try:
+        # After the first save megatron-core's checkpoint writer has started its helper processes too.
+        run.wait_for(lambda: run.tracker() == "1" and re.search(r"iteration\s+2/", run.text()), 400,
+                     "the iteration-1 checkpoint")
+        pids = run.note_processes()
+        assert len(pids) >= 4, pids  # launcher, torchrun, rank, the rank's workers
+        target = run.process(victim)
+        started = time.monotonic()
+        os.kill(target, signal.SIGKILL)
+        if victim != "launcher":
+            code = run.proc.wait(timeout=60)
+            assert code != 0, run.text()[-2000:]
+            assert time.monotonic() - started < 30, "the launcher took too long to notice"
+            assert "training failed" in run.text()
+        left = run.survivors(timeout=30)
+        assert not left, f"processes of the run outlived the kill of the {victim}: {left}"
+    finally:
+        run.kill_all()
+    assert checkpoint_complete(run.out, 1), list(run.out.rglob("*"))
+
+
+def test_second_launch_into_a_live_run_folder_is_refused(sft_json, tmp_path, default_tokenizer_dir):
+    first = Run(sft_json, tmp_path / "out", default_tokenizer_dir)
+    try:
+        first.wait_for(lambda: any((tmp_path / "out" / "checkpoint").glob(".*.lock"))
+                       and "torch.distributed.run" in first.text(), 300, "the first launch's lock")
+        second = subprocess.run(command(sft_json, tmp_path / "out"), env=environment(default_tokenizer_dir),
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert f"pid {first.proc.pid} on host" in second.stderr and "another launch is training into this run" \
+            in second.stderr, second.stderr
+        assert "torch.distributed.run" not in second.stdout
+        assert first.proc.poll() is None, "the refused launch disturbed the live one"
+    finally:
+        first.kill_all()
+
+
+def test_a_dead_launchs_lock_is_taken_over(tmp_path):
+    checkpoint_dir = tmp_path / "checkpoint" / "run"
+    stale = RunFolderLock(checkpoint_dir, 0)
+    stale.path.parent.mkdir(parents=True)
+    stale.path.write_text("pid 999999 on host gone, since yesterday\n")  # no process holds its flock
+    lock = RunFolderLock(checkpoint_dir, 0)
+    lock.acquire()
+    try:
+        assert f"pid {os.getpid()} on host" in lock.path.read_text()
+    finally:
+        lock.release()
+
+
+def test_log_writes_that_fail_never_stop_the_output(capsys):
+    log = Log(Path("/dev/full"))  # every write fails with ENOSPC, as on a full disk
+    log.write("iteration 1\n")
+    log.write("iteration 2\n")
+    out, err = capsys.readouterr()
+    assert out == "iteration 1\niteration 2\n"
+    assert err.count("cannot write the log /dev/full") == 1 and "training goes on" in err
+
+
+def test_too_little_space_for_one_checkpoint_is_refused_before_torchrun(sft_json, tmp_path, default_tokenizer_dir):
+    small = _tmpfs(tmp_path / "small", "8m")
+    proc = subprocess.run(command(sft_json, small / "out"), env=environment(default_tokenizer_dir),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "GiB free, but one checkpoint of Qwen2.5-tiny takes about" in proc.stderr, proc.stderr
+    assert "torch.distributed.run" not in proc.stdout
+
+
+def test_a_disk_that_fills_up_ends_the_run_and_keeps_the_last_checkpoint(sft_json, tmp_path, default_tokenizer_dir):
+    disk = _tmpfs(tmp_path / "disk", "200m")  # room for one tiny checkpoint (~113 MB), not two
+    run = Run(sft_json, disk / "out", default_tokenizer_dir)
+    try:
+        run.wait_for(lambda: run.tracker() == "1", 400, "the iteration-1 checkpoint")
+        filler = disk / "filler"
+        with open(filler, "wb") as f:  # the disk fills up while training runs (another job, a core dump, ...)
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+            except OSError:
+                pass
+        code = run.proc.wait(timeout=300)
+        assert code != 0, run.text()[-3000:]
+        assert not run.survivors(timeout=30)
+        text = run.text()
+        assert "training failed" in text
+        assert "cannot write the log" in text  # the launcher said so, and went on
+    finally:
+        run.kill_all()
+    assert run.tracker() == "1"
+    assert checkpoint_complete(disk / "out", 1)
+
+
+def _tmpfs(path: Path, size: str) -> Path:
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("a small file system needs root to mount a tmpfs")
+    path.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    _mounted.append(path)
+    return path
+
+
+_mounted: list[Path] = []
+
+
+@pytest.fixture(autouse=True)
+def _unmount_after_test():
+    yield
+    while _mounted:
+        subprocess.run(["umount", "-l", str(_mounted.pop())], capture_output=True)
