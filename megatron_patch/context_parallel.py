@@ -30,6 +30,11 @@ import functools
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
+
+# SDPA's kernel order for the local spec's attention (attention.py says why cuDNN comes first).
+BACKEND_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH]
 
 
 def chunk_ids(cp_rank: int, cp_size: int) -> tuple[int, int]:
@@ -50,15 +55,20 @@ def sequence_to_rank_layout(full: torch.Tensor, cp_size: int) -> torch.Tensor:
     return torch.stack([chunks[:cp_size], chunks[cp_size:].flip(0)], dim=1).flatten(0, 2)
 
 
+# torch 2.14 renamed the single-tensor collectives (the old names warn there); older torch has only the old ones.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _all_gather(local: torch.Tensor, group) -> torch.Tensor:
     out = torch.empty((group.size() * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
-    dist.all_gather_single(out, local.contiguous(), group=group)
+    _all_gather_single(out, local.contiguous(), group=group)
     return out
 
 
 def _reduce_scatter(full: torch.Tensor, group) -> torch.Tensor:
     out = torch.empty((full.shape[0] // group.size(), *full.shape[1:]), dtype=full.dtype, device=full.device)
-    dist.reduce_scatter_single(out, full.contiguous(), group=group)
+    _reduce_scatter_single(out, full.contiguous(), group=group)
     return out
 
 

