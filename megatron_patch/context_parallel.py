@@ -30,7 +30,7 @@ import functools
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # SDPA's kernel order for the local spec's attention (attention.py says why cuDNN comes first).
 BACKEND_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -167,29 +167,52 @@ class FlashBlock:
         return tuple(g.transpose(1, 2) for g in grads)
 
 
-@functools.cache
-def _cudnn_takes(device_index: int, dtype: torch.dtype, groups_differ: bool) -> bool:
-    """cuDNN's attention runs this GPU/dtype/GQA combination (asked once, on a tiny problem)."""
-    q = torch.randn(1, 4, 128, 64, device=f"cuda:{device_index}", dtype=dtype)
-    k = torch.randn(1, 2 if groups_differ else 4, 128, 64, device=q.device, dtype=dtype)
+def kernel_error(kernel, device, dtype, heads: int, groups: int) -> str | None:
+    """Why `kernel` cannot serve here (it raises, or its output, dQ, dK or dV strays from the fp32 reference by
+    more than 2% on a small CP2 problem laid out as in the model), or None."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(256, 1, n, 64, generator=generator).to(device, dtype) for n in (heads, groups,
+                                                                                                 groups, heads))
+    full_k, full_v = _bhsd(k), _bhsd(v)
     try:
-        out, lse, state = CudnnBlock.forward(q, k, k, True, 0.125)
-        CudnnBlock.backward(torch.ones_like(out), q, k, k, out, lse, state, True, 0.125)
-        return True
-    except RuntimeError:
-        return False
+        results = []
+        for block in (kernel, ReferenceBlock):
+            out, saved = causal_chunks_forward(q[64:192], full_k, full_v, 1, 2, 0.125, block)
+            results.append((out, *causal_chunks_backward(grad[64:192].flatten(2), q[64:192], full_k, full_v, 1, 2,
+                                                         0.125, saved)))
+    except Exception as error:  # noqa: BLE001  (any failure of the kernel call means: not this kernel)
+        return f"{type(error).__name__}: {error}"
+    for name, got, want in zip(("output", "dQ", "dK", "dV"), *results):
+        relative = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        if not relative < 2e-2:
+            return f"{name} differs from the fp32 reference by {relative:.3g} (relative norm)"
+    return None
+
+
+@functools.cache
+def _fused_block_kernel(device: torch.device, dtype: torch.dtype, heads: int, groups: int):
+    """cuDNN's kernel if it serves this GPU/dtype/GQA layout, else flash's (checked once per combination)."""
+    errors = []
+    for kernel in (CudnnBlock, FlashBlock):
+        error = kernel_error(kernel, device, dtype, heads, groups)
+        if error is None:
+            return kernel
+        errors.append(f"{kernel.__name__}: {error}")
+    raise RuntimeError("context parallelism: no fused attention kernel serves this GPU "
+                       f"({torch.cuda.get_device_name(device)}, {dtype}): " + "; ".join(errors))
 
 
 def block_kernel(q: torch.Tensor, k: torch.Tensor):
+    """The block kernel for queries [b, h, s, d] and keys [b, g, s, d]."""
     if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
         return ReferenceBlock
-    if _cudnn_takes(q.device.index or 0, q.dtype, k.shape[1] != q.shape[1]):
-        return CudnnBlock
-    return FlashBlock
+    return _fused_block_kernel(q.device, q.dtype, q.shape[1], k.shape[1])
 
 
 def merge_blocks(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over the union of the blocks' keys, from each block's output and log-sum-exp (fp32 maths)."""
+    if len(outs) == 1:
+        return outs[0], lses[0]
     lse = torch.logsumexp(torch.stack(lses), dim=0)
     out = sum(o.float() * torch.exp(block_lse - lse).unsqueeze(-1) for o, block_lse in zip(outs, lses))
     return out.to(outs[0].dtype), lse
@@ -289,10 +312,13 @@ def context_parallel_attention(query: torch.Tensor, key: torch.Tensor, value: to
     of this rank's queries [b, 1, 2c, s], True where attention is forbidden (packed samples)."""
     if forbidden is None:
         return _CausalChunksAttention.apply(query, key, value, group, scale)
-    full_key, full_value = (_bhsd(_GatherSequence.apply(t, group)) for t in (key, value))
     q = _bhsd(query)
-    context = F.scaled_dot_product_attention(q, full_key, full_value, attn_mask=~forbidden, scale=scale,
-                                             enable_gqa=full_key.shape[1] != q.shape[1])
+    # K/V heads repeated for the query heads: SDPA's kernels that take a mask take no GQA (the math one would
+    # hold [b, heads, 2c, s] fp32 scores); K/V are small beside the mask.
+    full_key, full_value = (_bhsd(_GatherSequence.apply(t, group)).repeat_interleave(q.shape[1] // t.shape[2], dim=1)
+                            for t in (key, value))
+    with sdpa_kernel(BACKEND_PRIORITY, set_priority=True):
+        context = F.scaled_dot_product_attention(q, full_key, full_value, attn_mask=~forbidden, scale=scale)
     return context.permute(2, 0, 1, 3).reshape(context.shape[2], context.shape[0], -1)
 
 

@@ -68,6 +68,27 @@ def test_simulated_ranks_match_full_causal_attention(cp_size):
     torch.testing.assert_close(dv_sum.permute(2, 0, 1, 3), dv_ref, atol=1e-6, rtol=1e-5)
 
 
+def test_a_block_kernel_that_strays_from_the_reference_is_refused():
+    """The fused kernels are chosen by checking them against the fp32 reference first: a wrong log-sum-exp
+    (which the merged output hides, the backward does not) or a kernel that raises is named, not used."""
+    from megatron_patch.context_parallel import ReferenceBlock, kernel_error
+
+    class ShiftedLogSumExp(ReferenceBlock):
+        @classmethod
+        def forward(cls, q, k, v, causal, scale):
+            out, lse, state = super().forward(q, k, v, causal, scale)
+            return out, lse + 0.5, state
+
+    class Raises(ReferenceBlock):
+        @classmethod
+        def forward(cls, *args):
+            raise RuntimeError("no kernel for this layout")
+
+    assert kernel_error(ReferenceBlock, "cpu", torch.float32, 4, 2) is None
+    assert kernel_error(ShiftedLogSumExp, "cpu", torch.float32, 4, 2).startswith("dQ differs from the fp32 reference")
+    assert kernel_error(Raises, "cpu", torch.float32, 4, 2) == "RuntimeError: no kernel for this layout"
+
+
 def test_rank_layout_round_trip_puts_chunks_in_sequence_order():
     cp_size, seq = 4, 16
     held = torch.cat([rank_rows(r, cp_size, seq) for r in range(cp_size)])  # what an all-gather collects
