@@ -14,9 +14,14 @@ outputs are merged by their log-sum-exp, and the backward hands every block the 
 and reduce-scattered back to the ranks that own those chunks; K and V are gathered again in the backward rather
 than kept (activation memory is what limits long sequences).
 
+Why an all-gather and not a ring with overlap: at 7B and 32k tokens with CP2 a rank receives 16,384 tokens x
+4 KV heads x 128 x 2 bytes x 2 (K and V) = 34 MB per layer (about 0.1 ms over NVLink), against about 3.9 TFLOP
+of attention forward per rank and layer (about 10 ms); overlapping it could win about 1%. TE's ring (`p2p`) and
+`a2a` modes pay off with many KV heads or many CP ranks.
+
 Block kernels: cuDNN's attention on a GPU in bf16/fp16 (the fastest of torch's kernels on Hopper, see
-attention.py), torch's flash kernel where cuDNN refuses, and an fp32 reference in plain torch elsewhere (the CPU;
-fp32 on a GPU). Whatever the device, the chunk bookkeeping and the collectives are the same code.
+attention.py), else torch's flash kernel, whichever first matches the fp32 reference on a small problem (checked
+once per process and shape of heads); an fp32 reference in plain torch elsewhere (the CPU; fp32 on a GPU). Whatever the device, the chunk bookkeeping and the collectives are the same code.
 
 Packed samples (SFT packing) arrive as the rows of the block mask that belong to this rank's queries
 ([b, 1, 2*s/2CP, s], True where attention is forbidden, keys in sequence order): attention against the gathered
