@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import re
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,7 +221,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write `path` so that a reader (or a relaunch after a kill at any instant) sees the old text or the new
     one, never a mix or an empty file: a temporary file beside it, fsync'd, renamed over it, directory fsync'd."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # Named by host and process: on a shared file system each node may check (and repair) the same folder.
+    temporary = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     with open(temporary, "w") as f:
         f.write(text)
         f.flush()

@@ -233,12 +233,12 @@ def share_cores(args) -> None:
 
 def enable() -> bool:
     """The CPU backend's manifest entries, if there is no GPU; True when the run is on the CPU.
-    (Kept for convert/mcore_runtime.py until it calls megatron_patch.patches.apply(args) itself.)"""
+    (Kept for convert/mcore_runtime.py until it calls megatron_patch.patches.prepare(device) itself.)"""
     if not cuda_absent():
         return False
     from megatron_patch import patches
 
-    patches.install_kind(patches.CPU)
+    patches.prepare("cpu")
     return True
 
 

@@ -3,7 +3,7 @@
 Launch it with torchrun (examples/qwen2_5/run_mcore_qwen.sh builds the command):
     torchrun --nproc-per-node N -m megatron_patch.pretrain_qwen --model-size 0.5B [Megatron flags]
 Without a GPU the same command trains on the CPU (see megatron_patch/cpu_backend.py). Every change to torch's
-and megatron-core's behaviour is applied by one `patches.apply(args, device)` (megatron_patch/patches).
+and megatron-core's behaviour is listed and applied in megatron_patch/patches (`prepare`, `apply`).
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ def main(argv: list[str]) -> None:
     process_lifetime.die_with_parent()
     process_lifetime.children_die_with_this_process()
     device = patches.device_here()
+    patches.prepare(device)
     argv = expand_model_size(argv)
     if device == "cpu":
         argv = cpu_backend.cpu_argv(argv)

@@ -2,9 +2,16 @@
 
 Each `Patch` says what it changes, why (the upstream bug or limitation), when it can go, and the tests that show
 it is still needed and still works (tests/test_patches.py checks that every named test exists). The training
-entrypoint and the convertor apply them with one call, after Megatron has parsed its arguments:
+entrypoint and the convertor apply them in two calls, around Megatron's argument parsing:
 
-    patches.apply(args)          # or apply(args, "cpu") / apply(args, "cuda")
+    device = patches.device_here()      # "cuda" or "cpu"
+    patches.prepare(device)             # before parse_and_validate_args: the CPU backend
+    args = parse_and_validate_args(...)
+    patches.apply(args, device)         # everything else, then the argument changes
+
+Why two: without a GPU, validate_args itself calls torch.cuda (get_device_properties, for TP or CP > 1), so the CPU
+backend must be in place first; the other patches depend on the parsed arguments (--plain-kernels, the optimizer,
+--gradient-accumulation-fusion). The CPU entries need nothing but the device.
 
 Kinds: FIX (an upstream bug; every run), CPU (the CPU backend; only without a GPU), FUSED (our faster kernels;
 none under --plain-kernels, which gives exactly megatron-core's plain modules), RELIABILITY (checkpoint and
@@ -14,15 +21,10 @@ Arguments are changed in one place only, `settle_args`, after the patches: it re
 change with its reason. The model's own module choices (SDPA attention, fused RMSNorm, the chunked linear +
 cross-entropy) are not patches: megatron_patch/model.py and pretrain_qwen.forward_step pick them, by the same
 --plain-kernels switch.
-
-Nothing needs to run before the arguments are parsed: parse_and_validate_args touches no CUDA state (it asks
-the device only for MoE grouped GEMMs, which Qwen2.5 does not use), and no megatron module keeps a reference to a
-torch.cuda function the CPU backend replaces.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,10 +47,6 @@ class Patch:
     tests: tuple[str, ...]  # "tests/<file>.py::<test>": still needed, still works
     install: Callable[[], None]
     applies: Callable[[object, str], bool] = lambda args, device: True  # (args, device) -> wanted here
-
-
-def _te_absent() -> bool:
-    return importlib.util.find_spec("transformer_engine") is None
 
 
 def _rope_slot_empty(args, device) -> bool:
@@ -277,6 +275,14 @@ def settle_args(args) -> list[str]:
     return changes
 
 
+def prepare(device: str) -> None:
+    """Before Megatron parses its arguments: the CPU backend's entries, on a machine without a GPU."""
+    if device == "cpu":
+        for patch in MANIFEST:
+            if patch.kind == CPU:
+                _install(patch)
+
+
 def apply(args, device: str | None = None) -> list[str]:
     """Install this run's patches (once per process), settle the arguments, and on the CPU share the cores.
     Prints what it did on rank 0; returns the argument changes."""
@@ -296,8 +302,8 @@ def apply(args, device: str | None = None) -> list[str]:
 
 
 def install_kind(kind: str) -> None:
-    """Install every entry of one kind that needs no arguments (FIX, CPU, RELIABILITY, LOGGING). For the
-    convertor's older entry points; new code calls apply(args)."""
+    """Install every entry of one kind that needs no arguments (FIX, RELIABILITY, LOGGING). For the convertor's
+    older entry point (megatron_compat.apply); new code calls prepare(device) and apply(args, device)."""
     for patch in MANIFEST:
-        if patch.kind == kind and patch.applies(None, "cpu" if kind == CPU else device_here()):
+        if patch.kind == kind and patch.applies(None, device_here()):
             _install(patch)
