@@ -143,9 +143,13 @@ def _convert_folder(bench: Benchmark, root: Path, data_dir: Path, skip_bad_rows:
         if missing:
             print(f"{progress} SKIPPED, no {', '.join(missing)} file beside its {eval_split} file")
             continue
-        tables[subject] = {split: read_subject_csv(bench.csv_path(root, split, subject), bench, problems)
-                           for split in bench.splits}
-        print(f"{progress} " + ", ".join(f"{len(rows)} {split}" for split, rows in tables[subject].items()))
+        splits = {split: read_subject_csv(bench.csv_path(root, split, subject), bench, problems)
+                  for split in bench.splits}
+        if not splits[eval_split]:
+            print(f"{progress} SKIPPED, no usable {eval_split} row")
+            continue
+        tables[subject] = splits
+        print(f"{progress} " + ", ".join(f"{len(rows)} {split}" for split, rows in splits.items()))
     if problems:
         _report_bad_rows(problems, skip_bad_rows)
     if not tables:

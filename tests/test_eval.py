@@ -254,24 +254,98 @@ def test_missing_data_names_the_folder_and_how_to_get_it(tiny_hf_checkpoint, tmp
     assert "Traceback" not in done.stderr
 
 
-def test_model_dir_without_config_json_is_refused(tmp_path):
-    not_a_checkpoint = tmp_path / "megatron_ckpt"
-    not_a_checkpoint.mkdir()
-    done = run_script(["bash", RUN_EVAL, not_a_checkpoint], tmp_path, tmp_path, timeout=60)
-    assert done.returncode != 0
-    assert f"{not_a_checkpoint} has no config.json" in done.stderr and "convert it back" in done.stderr
-    assert "Traceback" not in done.stderr
+def test_model_dir_without_readable_hf_weights_is_refused_before_lm_eval(tiny_hf_checkpoint, tmp_path):
+    import shutil
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_config = tmp_path / "no_config"
+    shutil.copytree(tiny_hf_checkpoint, no_config, ignore=shutil.ignore_patterns("config.json", "eval_results"))
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_hf_checkpoint, truncated, ignore=shutil.ignore_patterns("eval_results"))
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    for model_dir, message in ((empty, f"{empty} holds no Hugging Face weights"),
+                               (no_config, f"{no_config} has no config.json"),
+                               (truncated, f"{weights} (4096 bytes) is not a readable safetensors file")):
+        done = run_script(["bash", RUN_EVAL, model_dir], tmp_path, tmp_path, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr and "lm_eval" not in done.stdout
 
 
-def test_bad_answer_in_a_download_names_file_and_row(tmp_path):
+def ceval_problem_rows(root: Path) -> dict[str, str]:
+    """Break rows of the fixture download in each way prepare_data.py must report; {FILE:LINE: what it says}."""
+    val = root / "val" / "accountant_val.csv"
+    lines = val.read_text(encoding="utf-8").splitlines()  # header, then one line per row (no multi-line cells)
+    lines[1] = lines[1].removesuffix(",D") + ",E"  # answer outside A-D
+    lines[2] = lines[2] + ",surplus"  # one cell too many (an unquoted comma)
+    val.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    physics = root / "val" / "high_school_physics_val.csv"
+    lines = physics.read_text(encoding="utf-8").splitlines()
+    lines[1] = '0,,9.8,10.00,1e3,007,A'  # empty question
+    lines[2] = '1,"光速约为？,3×10^8 m/s,340 m/s,0,-1,A'  # unbalanced quote
+    physics.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {f"{val}:2": "answer is 'E', expected one of A, B, C, D",
+            f"{val}:3": "8 cells, but the header has 7",
+            f"{physics}:2": "the question cell is empty",
+            f"{physics}:3": "not valid CSV"}
+
+
+def test_malformed_rows_are_listed_as_file_and_line_and_nothing_is_written(tmp_path):
     root = write_ceval_download(tmp_path / "ceval-exam")
-    bad = root / "val" / "accountant_val.csv"
-    bad.write_text(bad.read_text(encoding="utf-8").replace(",D\n", ",E\n", 1), encoding="utf-8")
-    done = subprocess.run([sys.executable, PREPARE_DATA, "--ceval", root, "--out", tmp_path / "data"],
+    expected = ceval_problem_rows(root)
+    out = tmp_path / "data"
+    done = subprocess.run([sys.executable, PREPARE_DATA, "--ceval", root, "--out", out],
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode != 0
-    assert f"{bad}, data row 1" in done.stderr and "'E'" in done.stderr
-    assert not (tmp_path / "data" / "ceval").exists()  # nothing half-written
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "4 malformed row(s); nothing was written" in done.stderr
+    for where, what in expected.items():
+        assert f"{where}: {what}" in done.stderr, done.stderr
+    assert not (out / "ceval").exists() and not list(out.glob(".ceval*"))
+
+    done = subprocess.run([sys.executable, PREPARE_DATA, "--ceval", root, "--out", out, "--skip-bad-rows"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "left out 4 malformed row(s)" in done.stderr and all(where in done.stderr for where in expected)
+    # Both val rows of two subjects were bad: those subjects go (lm-eval cannot score an empty one).
+    assert sorted(p.name for p in (out / "ceval" / "val").iterdir()) == ["computer_network.jsonl"]
+    assert len((out / "ceval" / "val" / "computer_network.jsonl").read_text(encoding="utf-8").splitlines()) == 2
+
+
+def test_a_malformed_row_in_the_real_cmmlu_layout_is_named(tmp_path):
+    if not (CMMLU_DOWNLOAD / "test").is_dir():
+        pytest.skip(f"the real CMMLU CSVs are not at {CMMLU_DOWNLOAD} (shared data folder absent)")
+    download = tmp_path / "cmmlu"
+    for split in ("dev", "test"):
+        (download / split).mkdir(parents=True)
+        for subject in ("agronomy", "anatomy"):
+            (download / split / f"{subject}.csv").write_bytes((CMMLU_DOWNLOAD / split / f"{subject}.csv").read_bytes())
+    broken = download / "test" / "anatomy.csv"
+    lines = broken.read_text(encoding="utf-8-sig").splitlines()
+    lines[10] = lines[10][: lines[10].rindex(",")]  # the Answer cell lost
+    broken.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    done = subprocess.run([sys.executable, PREPARE_DATA, "--cmmlu", download, "--out", tmp_path / "data"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"{broken}:11: 6 cells, but the header has 7" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("variable", ["MP_DRY_RUN", "EVAL_DRY_RUN"])
+def test_dry_run_prints_the_lm_eval_command_and_writes_nothing(tiny_hf_checkpoint, ceval_zip, tmp_path, variable):
+    data_dir = tmp_path / "data"
+    prepared = subprocess.run([sys.executable, PREPARE_DATA, "--ceval", ceval_zip, "--out", data_dir],
+                              capture_output=True, text=True, timeout=60)
+    assert prepared.returncode == 0, prepared.stderr
+    results_dir = tmp_path / "results"
+    env = {k: v for k, v in os.environ.items() if k not in ("MP_DRY_RUN", "EVAL_DRY_RUN")}
+    done = subprocess.run(["bash", str(RUN_EVAL), str(tiny_hf_checkpoint), "ceval-valid", "--output_path",
+                           str(results_dir)], capture_output=True, text=True, timeout=300,
+                          env={**env, "PYTHON": sys.executable, "EVAL_DATA_DIR": str(data_dir), variable: "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    command = next(line for line in done.stdout.splitlines() if line.startswith("+ "))
+    assert " -m lm_eval --model hf " in command and f"--include_path {results_dir / 'lm_eval_tasks'}" in command
+    assert ("EVAL_DRY_RUN is deprecated; use MP_DRY_RUN=1" in done.stderr) == (variable == "EVAL_DRY_RUN")
+    assert not results_dir.exists()
 
 
 # ---------------------------------------------------------------- the command line, for GPU runs
