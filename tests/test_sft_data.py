@@ -1,8 +1,10 @@
-"""SFT data: answer masks token by token, idxmap vs raw JSON identity, packing, epochs, errors, atomic output."""
+"""SFT data: answer masks token by token, idxmap vs raw JSON identity, packing, epochs, bad records and bytes,
+empty inputs, atomic output."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +14,10 @@ import pytest
 import torch
 
 from megatron_patch.data.records import InputError
-from megatron_patch.data.sft import SFTRecordError, build_sft_sample, pack_samples, plan_packing, record_to_messages
+from megatron_patch.data.sft import SFTRecordError, build_sft_sample, plan_packing, record_to_messages
 from megatron_patch.data.sft_dataset import RawJSONSFTDataset, SFTIdxMapDataset
 from megatron_patch.data.sft_preprocess import build_sft_idxmap, label_prefix, meta_path, text_prefix
+from megatron_patch.errors import UserError
 from megatron_patch.tokenizer import IM_END_TOKEN_ID, IM_START_TOKEN_ID, PAD_TOKEN_ID, load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +108,14 @@ def test_alpaca_fields_become_chat_turns():
     ({"messages": [{"role": "assistant", "content": "hi"}]}, "starts with an assistant turn"),
     ({"instruction": "q", "output": 3}, "'output' must be a string"),
     ({"instruction": "q", "output": "a", "history": [["only one"]]}, r"'history'\[0\]"),
+    ({"instruction": "q", "input": "no answer"}, "no 'output': the record has no answer to train on"),
+    ({"instruction": "q", "output": None}, "no 'output'"),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]},
+     "no assistant turn: nothing to train on"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q again"},
+                        {"from": "gpt", "value": "a"}]}, r"turns \[0\] and \[1\] are both user turns"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                   {"role": "assistant", "content": "b"}]}, r"turns \[1\] and \[2\] are both assistant turns"),
 ])
 def test_bad_records_say_what_is_wrong(tok, record, message):
     with pytest.raises(SFTRecordError, match=message):
@@ -132,23 +143,17 @@ def test_plan_packing_is_a_deterministic_partition():
         plan_packing([10, 200], 128)
 
 
-def test_pack_samples_keeps_each_samples_tokens_positions_and_segments(tok):
-    samples = [build_sft_sample(r, tok, 256) for r in RECORDS]
-    packed = pack_samples(samples, 256)
-    seen = []
-    for row in packed:
-        assert len(row.tokens) == sum(row.sample_lengths) <= 256
-        at = 0
-        for k, n in enumerate(row.sample_lengths):
-            piece = row.tokens[at : at + n].tolist()
-            match = [i for i, s in enumerate(samples) if s.tokens.tolist() == piece]
-            assert match, "a packed piece is not one of the samples"
-            seen.append(match[0])
-            assert row.answer_mask[at : at + n].tolist() == samples[match[0]].answer_mask.tolist()
-            assert row.position_ids[at : at + n].tolist() == list(range(n))
-            assert set(row.segment_ids[at : at + n].tolist()) == {k}
-            at += n
-    assert sorted(seen) == list(range(len(samples)))
+def test_several_tool_results_in_a_row_are_one_reply(tok):
+    record = {"messages": [
+        {"role": "user", "content": "Weather in Hangzhou and Beijing?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Hangzhou"}}},
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Beijing"}}}]},
+        {"role": "tool", "content": "21"}, {"role": "tool", "content": "15"},
+        {"role": "assistant", "content": "21 and 15 degrees."},
+    ]}
+    sample = build_sft_sample(record, tok, 512)
+    assert tok.decode(sample.tokens[sample.answer_mask == 1]).endswith("21 and 15 degrees.<|im_end|>")
 
 
 def write_sft_files(folder: Path) -> tuple[Path, Path]:
@@ -277,6 +282,63 @@ def test_bad_record_in_json_array_names_its_line(tmp_path, default_tokenizer_dir
     with pytest.raises(InputError, match=rf"{broken}:3: malformed JSON array"):
         build_sft_idxmap(broken, tmp_path / "y", default_tokenizer_dir, 64, show_progress=False)
     assert list(tmp_path.glob("x*")) == [] and list(tmp_path.glob("y*")) == []
+
+
+def test_records_without_an_answer_or_with_repeated_turns_name_their_line(tmp_path, default_tokenizer_dir, tok):
+    path = tmp_path / "sft.jsonl"
+    lines = [ALPACA_PLAIN, {"instruction": "no output"}, SHAREGPT,
+             {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                           {"role": "assistant", "content": "c"}]}, MESSAGES_MULTI_TURN]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines), encoding="utf-8")
+    with pytest.raises(InputError, match=rf"(?s)^error: {path}:2: no 'output'.*--skip-bad-lines"):
+        build_sft_idxmap(path, tmp_path / "out" / "sft", default_tokenizer_dir, 256, show_progress=False)
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    stats = build_sft_idxmap(path, tmp_path / "out" / "sft", default_tokenizer_dir, 256, skip_bad_lines=True,
+                             show_progress=False)
+    assert (stats.samples, stats.skipped_bad_records, stats.empty) == (3, 2, 0)
+    assert stats.bad_record_messages[1] == (f"{path}:4: turns [0] and [1] are both user turns; user and assistant "
+                                            f"turns must alternate (merge the two turns)")
+    assert stats.bad_record_messages[0].startswith(f"{path}:2: no 'output'")
+    # The raw dataset applies the same rules.
+    with pytest.raises(InputError, match=rf"{path}:2: no 'output'"):
+        RawJSONSFTDataset(path, tok, 256, None, 0, packing=False)
+    assert len(RawJSONSFTDataset(path, tok, 256, None, 0, packing=False, skip_bad_records=True)) == 3
+
+
+def test_bytes_that_are_not_utf8_name_their_line_in_arrays_and_jsonl(tmp_path, default_tokenizer_dir):
+    latin1 = '{"instruction": "caf\u00e9", "output": "ok"}'.encode("latin-1")  # é as the single byte 0xe9
+    array = tmp_path / "sft.json"
+    array.write_bytes(b"[\n" + json.dumps(ALPACA_PLAIN).encode() + b",\n" + latin1 + b"\n]\n")
+    jsonl = tmp_path / "sft.jsonl"
+    jsonl.write_bytes(latin1 + b"\n" + json.dumps(ALPACA_PLAIN).encode() + b"\n")
+    for path, line in ((array, 3), (jsonl, 1)):
+        with pytest.raises(InputError, match=rf"^error: {path}:{line}: not UTF-8 \(byte 0xe9 at column 21\)"):
+            build_sft_idxmap(path, tmp_path / "o", default_tokenizer_dir, 128, show_progress=False)
+        stats = build_sft_idxmap(path, tmp_path / "o", default_tokenizer_dir, 128, skip_bad_lines=True,
+                                 show_progress=False)
+        assert (stats.samples, stats.skipped_bad_records) == (1, 1)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", " is empty: no SFT records, nothing written. Check --input."),
+    ("[\n]\n", ": no SFT samples (0 bad records skipped); nothing written."),
+])
+def test_empty_sft_inputs_are_refused_and_write_nothing(tmp_path, default_tokenizer_dir, content, message):
+    path = tmp_path / "sft.json"
+    path.write_text(content)
+    with pytest.raises(InputError, match="^" + re.escape(f"error: {path}{message}")):
+        build_sft_idxmap(path, tmp_path / "out" / "sft", default_tokenizer_dir, 128, show_progress=False)
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_idxmap_dataset_refuses_an_empty_or_unpaired_prefix(tmp_path):
+    from data_files import write_sft_idxmap
+
+    with pytest.raises(UserError, match=rf"^error: SFT data path {tmp_path / 'none'} is not an SFT idxmap prefix"):
+        SFTIdxMapDataset(tmp_path / "none", 64, None, 0, packing=False)
+    empty = write_sft_idxmap(tmp_path / "empty", [])
+    with pytest.raises(UserError, match=rf"^error: SFT data path {empty}_text_document holds no documents"):
+        SFTIdxMapDataset(empty, 64, None, 0, packing=False)
 
 
 def test_cli_on_a_real_alpaca_corpus(tmp_path, default_tokenizer_dir, tok):

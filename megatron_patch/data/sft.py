@@ -1,10 +1,12 @@
-"""SFT samples: chat-template rendering with an answer mask, and packing. The one code path that both the
-idxmap preprocessor and the on-the-fly raw JSON dataset use, so they cannot disagree.
+"""SFT samples: chat-template rendering with an answer mask, and the packing plan. The one code path that both
+the idxmap preprocessor and the on-the-fly raw JSON dataset use, so they cannot disagree.
 
 Accepted records:
   alpaca    {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
   messages  {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": ...}, ...]}
   ShareGPT  {"conversations": [{"from": "system"|"human"|"gpt"|..., "value": ...}, ...]}
+A record must have something to train on (alpaca's "output", at least one assistant turn), start with a user
+turn (after any system prompt) and not repeat a role in consecutive turns (tool results excepted).
 
 The answer mask is 1 on exactly each assistant turn's answer tokens and its <|im_end|>, and 0 on everything
 else: system and user turns, each "<|im_start|>assistant\\n" header and the "\\n" after <|im_end|>.
@@ -74,8 +76,10 @@ def _alpaca_messages(record: dict) -> list[dict]:
     instruction = _text(record.get("instruction"), "'instruction'")
     extra_input = _text(record.get("input"), "'input'")
     prompt = f"{instruction}\n{extra_input}" if instruction and extra_input else instruction or extra_input
+    if record.get("output") is None:
+        raise SFTRecordError("no 'output': the record has no answer to train on")
     messages.append({"role": "user", "content": prompt})
-    messages.append({"role": "assistant", "content": _text(record.get("output"), "'output'")})
+    messages.append({"role": "assistant", "content": _text(record["output"], "'output'")})
     return messages
 
 
@@ -117,6 +121,13 @@ def record_to_messages(record: Any) -> list[dict]:
     first_turn = next((m for m in messages if m["role"] != "system"), None)
     if first_turn is not None and first_turn["role"] == "assistant":
         raise SFTRecordError("the conversation starts with an assistant turn; the first turn must be the user's")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise SFTRecordError("the conversation has no assistant turn: nothing to train on")
+    for i in range(1, len(messages)):
+        role = messages[i]["role"]
+        if role == messages[i - 1]["role"] and role != "tool":  # several tool results in a row are one reply
+            raise SFTRecordError(f"turns [{i - 1}] and [{i}] are both {role} turns; user and assistant turns must "
+                                 f"alternate (merge the two turns)")
     return messages
 
 
@@ -211,27 +222,3 @@ def plan_packing(lengths: Sequence[int], seq_length: int) -> list[list[int]]:
         row.sort()
     rows.sort(key=lambda row: row[0])
     return rows
-
-
-@dataclass
-class PackedSequence:
-    tokens: np.ndarray  # int32, concatenated samples (unpadded)
-    answer_mask: np.ndarray  # uint8
-    position_ids: np.ndarray  # int64, restarting at 0 for each sample
-    segment_ids: np.ndarray  # int64, the sample's index within the row
-    sample_lengths: list[int]
-
-
-def concat_samples(samples: Sequence[SFTSample]) -> PackedSequence:
-    return PackedSequence(
-        tokens=np.concatenate([s.tokens for s in samples]),
-        answer_mask=np.concatenate([s.answer_mask for s in samples]),
-        position_ids=np.concatenate([np.arange(len(s), dtype=np.int64) for s in samples]),
-        segment_ids=np.concatenate([np.full(len(s), k, dtype=np.int64) for k, s in enumerate(samples)]),
-        sample_lengths=[len(s) for s in samples],
-    )
-
-
-def pack_samples(samples: Sequence[SFTSample], seq_length: int) -> list[PackedSequence]:
-    """Pack samples greedily into rows of at most `seq_length` tokens, keeping each sample's boundaries."""
-    return [concat_samples([samples[i] for i in row]) for row in plan_packing([len(s) for s in samples], seq_length)]

@@ -22,7 +22,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from megatron_patch.data.dataset_checks import check_dataset
 from megatron_patch.data.sft import SFTSample, build_sft_sample, plan_packing
+from megatron_patch.errors import UserError
 from megatron_patch.tokenizer import PAD_TOKEN_ID
 
 
@@ -62,7 +64,7 @@ class _EpochShuffledRows(torch.utils.data.Dataset):
 
     def __init__(self, row_count: int, seq_length: int, num_samples: int | None, seed: int, packing: bool) -> None:
         if row_count == 0:
-            raise ValueError(f"{self.describe()} holds no samples")
+            raise UserError(f"error: {self.describe()} holds no samples: there is nothing to train on.")
         self.row_count = row_count
         self.seq_length = seq_length
         self.num_samples = row_count if num_samples is None else int(num_samples)
@@ -109,22 +111,18 @@ class SFTIdxMapDataset(_EpochShuffledRows):
                  packing: bool) -> None:
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+        from megatron_patch.data.idxmap_stamp import read_index_facts
         from megatron_patch.data.sft_preprocess import label_prefix, meta_path, text_prefix
 
         self.path_prefix = str(path_prefix)
-        for prefix in (text_prefix(path_prefix), label_prefix(path_prefix)):
-            if not (Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()):
-                raise FileNotFoundError(
-                    f"{prefix}.bin/.idx not found. Pass the --output-prefix given to build_idxmap_sft_dataset.py "
-                    f"(without _text_document)."
-                )
+        check_dataset("SFT data path", path_prefix, "sft")
         self.text = IndexedDataset(text_prefix(path_prefix))
         self.labels = IndexedDataset(label_prefix(path_prefix))
-        if not (np.array_equal(self.text.sequence_lengths, self.labels.sequence_lengths)
-                and np.array_equal(self.text.document_indices, self.labels.document_indices)):
-            raise ValueError(f"{path_prefix}: the text and label idxmaps do not line up; rebuild them together.")
-        meta_file = meta_path(path_prefix)
-        meta = json.loads(Path(meta_file).read_text()) if Path(meta_file).is_file() else {}
+        meta_file = Path(meta_path(path_prefix))
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        stamp = read_index_facts(text_prefix(path_prefix) + ".idx").stamp
+        if stamp is not None and meta.get("pair_id") != stamp.pair_id.hex():
+            meta = {}  # left from another preprocessing run: its packing may not be this data's
         lengths = self.text.sequence_lengths.tolist()
         documents = self.text.document_indices
         if packing and meta.get("packed") and meta.get("seq_length") == seq_length:
@@ -157,6 +155,7 @@ class RawJSONSFTDataset(_EpochShuffledRows):
                  packing: bool, skip_bad_records: bool = False) -> None:
         from megatron_patch.data.sft_preprocess import read_sft_records
 
+        check_dataset("SFT data path", json_path, "raw")
         self.json_path = str(json_path)
         self.tokenizer = tokenizer
         self.records, self.bad_records = read_sft_records(json_path, skip_bad_records)

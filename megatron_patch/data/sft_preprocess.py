@@ -3,7 +3,9 @@
 Layout for `--output-prefix P`:
   P_text_document.{bin,idx}   int32 token ids; one *sequence* per SFT sample
   P_label_document.{bin,idx}  uint8 answer mask, same sequence lengths and document boundaries as the text
-  P_sft_meta.json             seq_length, packed, and the counts (samples, truncated, empty, skipped)
+  P_sft_meta.json             seq_length, packed, the counts (samples, truncated, empty, skipped) and the pair
+                              id of the .idx stamps (see idxmap_stamp), so a reader ignores a meta file left
+                              from another run
 Unpacked, each sample is its own *document*. With packing, each document is one packed row of several sequences
 (Megatron's document_indices), so sample boundaries survive and the reader restarts positions per sample.
 """
@@ -21,7 +23,13 @@ from typing import Iterator
 import numpy as np
 
 from megatron_patch.data.parallel import ordered_parallel_map
-from megatron_patch.data.records import InputError, JsonRecord, iter_json_records, stop_or_note_bad_input
+from megatron_patch.data.records import (
+    InputError,
+    JsonRecord,
+    first_non_space_chars,
+    iter_json_records,
+    stop_or_note_bad_input,
+)
 from megatron_patch.data.sft import SFTRecordError, build_sft_sample, plan_packing, record_to_messages
 
 CHUNK_RECORDS = 64
@@ -125,8 +133,9 @@ def _chunks(records: Iterator[JsonRecord]) -> Iterator[list[tuple[int, object]]]
         yield batch
 
 
-def _write_packed(unpacked_prefix: str, prefix: str, seq_length: int, stats: SFTPreprocessStats) -> None:
-    """Second pass: regroup the unpacked samples into packed rows (documents of several sequences)."""
+def _write_packed(unpacked_prefix: str, prefix: str, seq_length: int, stats: SFTPreprocessStats) -> bytes:
+    """Second pass: regroup the unpacked samples into packed rows (documents of several sequences); returns the
+    pair id of the written idxmaps."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from megatron_patch.data.indexed_writer import atomic_indexed_writers, token_dtype
@@ -140,6 +149,7 @@ def _write_packed(unpacked_prefix: str, prefix: str, seq_length: int, stats: SFT
             text_out.add_document([text[i] for i in row])
             label_out.add_document([labels[i] for i in row])
     stats.rows = len(rows)
+    return text_out.pair_id
 
 
 def build_sft_idxmap(
@@ -155,15 +165,14 @@ def build_sft_idxmap(
     """Write the SFT idxmap pair (and meta) for one alpaca / messages / ShareGPT file. See the module doc."""
     from tqdm import tqdm
 
-    from megatron_patch.data.indexed_writer import atomic_indexed_writers, token_dtype
+    from megatron_patch.data.indexed_writer import atomic_indexed_writers, token_dtype, writing
+    from megatron_patch.tokenizer import check_tokenizer_folder
 
     if not Path(input_path).is_file():
-        raise InputError(f"{input_path}: no such file; check --input.")
-    if not (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
-        raise InputError(
-            f"{tokenizer_dir} is not a tokenizer folder. Write the Qwen2.5 one with\n"
-            f"  python -m megatron_patch.tokenizer --write-default {tokenizer_dir}"
-        )
+        raise InputError(f"error: {input_path}: no such file; check --input.")
+    if not first_non_space_chars(input_path):
+        raise InputError(f"error: {input_path} is empty: no SFT records, nothing written. Check --input.")
+    check_tokenizer_folder(tokenizer_dir)
     prefix = str(output_prefix)
     stats = SFTPreprocessStats()
     dtype = token_dtype()  # imports megatron.core (seconds): before the clock starts
@@ -194,20 +203,23 @@ def build_sft_idxmap(
                 progress.set_postfix_str(f"{stats.tokens / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s",
                                          refresh=False)
             if stats.samples == 0:
-                raise InputError(f"{input_path}: no SFT samples found; nothing written.")
+                raise InputError(f"error: {input_path}: no SFT samples ({stats.skipped_bad_records:,} bad records "
+                                 f"skipped); nothing written.")
         if packing:
-            _write_packed(first_prefix, prefix, seq_length, stats)
+            pair_id = _write_packed(first_prefix, prefix, seq_length, stats)
         else:
-            stats.rows = stats.samples
+            stats.rows, pair_id = stats.samples, text_out.pair_id
     finally:
         if packing:
             for p in (text_prefix(first_prefix), label_prefix(first_prefix)):
                 for suffix in (".bin", ".idx"):
                     Path(p + suffix).unlink(missing_ok=True)
     stats.seconds = time.perf_counter() - start
-    meta = {"format": META_FORMAT, "seq_length": seq_length, "packed": packing, "source": str(input_path)}
+    meta = {"format": META_FORMAT, "seq_length": seq_length, "packed": packing, "source": str(input_path),
+            "pair_id": pair_id.hex()}
     meta.update({k: v for k, v in asdict(stats).items() if k not in ("bad_record_messages", "seconds")})
     temp_meta = Path(meta_path(prefix) + f".tmp-{os.getpid()}")
-    temp_meta.write_text(json.dumps(meta, indent=2) + "\n")
-    temp_meta.replace(meta_path(prefix))
+    with writing(meta_path(prefix)):
+        temp_meta.write_text(json.dumps(meta, indent=2) + "\n")
+        temp_meta.replace(meta_path(prefix))
     return stats

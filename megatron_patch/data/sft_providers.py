@@ -5,13 +5,14 @@ from __future__ import annotations
 from megatron.training import print_rank_0
 
 from megatron_patch.data.sft_dataset import RawJSONSFTDataset, SFTIdxMapDataset
+from megatron_patch.errors import UserError
 
 
 def _one_path(paths, what: str) -> str:
     if not paths:
-        raise SystemExit(f"error: SFT needs --{what}-data-path (DATASET_PATH / VALID_DATASET_PATH in run_mcore_qwen.sh).")
+        raise UserError(f"error: SFT needs --{what}-data-path (DATASET_PATH / VALID_DATASET_PATH in run_mcore_qwen.sh).")
     if len(paths) != 1:
-        raise SystemExit(f"error: SFT takes one --{what}-data-path, got {len(paths)}: {' '.join(paths)}")
+        raise UserError(f"error: SFT takes one --{what}-data-path, got {len(paths)}: {' '.join(paths)}")
     return paths[0]
 
 

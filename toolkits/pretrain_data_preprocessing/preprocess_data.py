@@ -7,15 +7,20 @@
   python toolkits/pretrain_data_preprocessing/preprocess_data.py \\
       --merge data/a_text_document data/b_text_document --output-prefix data/ab_text_document
 
-Inputs: .jsonl/.ndjson/.json files hold one JSON object per line (text under --json-key); any other file is plain
-text, one document per blank-line-separated paragraph (--text-mode line: one per line). Every document ends with
-<|endoftext|> (151643) unless --no-append-eod. Outputs appear only when complete.
+Inputs: .jsonl/.ndjson/.json files hold one JSON object per line, or one JSON array of objects (text under
+--json-key); any other file is plain UTF-8 text, one document per blank-line-separated paragraph (--text-mode
+line: one per line). Every document ends with <|endoftext|> (151643) unless --no-append-eod. Outputs appear only
+when complete, and replace an older idxmap at the same prefix as one unit. A bad line (malformed JSON, not
+UTF-8, ...) stops with its file:line unless --skip-bad-lines; a blank input file or no document at all writes
+nothing. Errors exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from megatron_patch.errors import report_user_errors
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,7 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                         help="end every document with <|endoftext|> (default: on)")
     parser.add_argument("--skip-bad-lines", action="store_true",
-                        help="skip and count malformed lines instead of stopping at the first one")
+                        help="skip and count bad lines (malformed JSON, not UTF-8, no text field) instead of "
+                             "stopping at the first one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.input and not args.tokenizer:
@@ -44,28 +50,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+@report_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Imported here, not at the top: spawned workers re-import this script and must stay light.
-    from megatron_patch.data.records import InputError
+    if args.merge:
+        from megatron_patch.data.indexed_writer import merge_indexed_datasets
 
-    try:
-        if args.merge:
-            from megatron_patch.data.indexed_writer import merge_indexed_datasets
+        documents = merge_indexed_datasets(args.merge, args.output_prefix)
+        print(f"merged {len(args.merge)} idxmaps, {documents:,} documents -> {args.output_prefix}.{{bin,idx}}")
+        return 0
+    from megatron_patch.data.pretrain_preprocess import preprocess_pretrain_corpus
 
-            documents = merge_indexed_datasets(args.merge, args.output_prefix)
-            print(f"merged {len(args.merge)} idxmaps, {documents:,} documents -> {args.output_prefix}.{{bin,idx}}")
-            return 0
-        from megatron_patch.data.pretrain_preprocess import preprocess_pretrain_corpus
-
-        out, stats = preprocess_pretrain_corpus(
-            args.input, args.output_prefix, args.tokenizer, json_key=args.json_key, workers=args.workers,
-            append_eod=args.append_eod, skip_bad_lines=args.skip_bad_lines, text_mode=args.text_mode,
-            show_progress=not args.no_progress,
-        )
-    except (InputError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    out, stats = preprocess_pretrain_corpus(
+        args.input, args.output_prefix, args.tokenizer, json_key=args.json_key, workers=args.workers,
+        append_eod=args.append_eod, skip_bad_lines=args.skip_bad_lines, text_mode=args.text_mode,
+        show_progress=not args.no_progress,
+    )
     for message in stats.bad_line_messages:
         print(f"skipped: {message}", file=sys.stderr)
     print(stats.summary(out))

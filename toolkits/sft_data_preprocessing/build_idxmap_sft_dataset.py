@@ -10,12 +10,19 @@
 Each conversation is rendered with the tokenizer's chat template; only assistant answers and their <|im_end|>
 are trained. Samples longer than --seq-length are cut (and counted); samples left with no answer token are
 kept and counted. With --packing, several samples share one row of --seq-length tokens, boundaries kept.
+
+A record with nothing to train on (no "output", no assistant turn), two user or two assistant turns in a row,
+malformed JSON or bytes that are not UTF-8 stops with its file:line, or is skipped and counted with
+--skip-bad-lines. An empty input writes nothing. Outputs replace older ones at the same prefix as one unit.
+Errors exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from megatron_patch.errors import report_user_errors
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--packing", action="store_true", help="pack several samples per row of --seq-length")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1: in this process)")
     parser.add_argument("--skip-bad-lines", action="store_true",
-                        help="skip and count malformed records instead of stopping at the first one")
+                        help="skip and count bad records (see above) instead of stopping at the first one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.seq_length < 2:
@@ -37,20 +44,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+@report_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Imported here, not at the top: spawned workers re-import this script and must stay light.
-    from megatron_patch.data.records import InputError
     from megatron_patch.data.sft_preprocess import build_sft_idxmap
 
-    try:
-        stats = build_sft_idxmap(
-            args.input, args.output_prefix, args.tokenizer, args.seq_length, packing=args.packing,
-            workers=args.workers, skip_bad_lines=args.skip_bad_lines, show_progress=not args.no_progress,
-        )
-    except (InputError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    stats = build_sft_idxmap(
+        args.input, args.output_prefix, args.tokenizer, args.seq_length, packing=args.packing,
+        workers=args.workers, skip_bad_lines=args.skip_bad_lines, show_progress=not args.no_progress,
+    )
     for message in stats.bad_record_messages:
         print(f"skipped: {message}", file=sys.stderr)
     print(stats.summary(args.output_prefix, args.seq_length, args.packing))
