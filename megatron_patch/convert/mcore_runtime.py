@@ -51,10 +51,13 @@ def init_megatron(size: Qwen25Size, dtype: torch.dtype, seq_length: int = 128):
     if _ARGS is not None:
         return _ARGS
     _single_process_env()
-    from megatron_patch import cpu_backend, megatron_compat
+    from megatron_patch import cpu_backend, patches
 
-    on_cpu = cpu_backend.enable()
-    megatron_compat.apply()
+    # The training entrypoint's two calls (patches.prepare before parsing, patches.apply after), so the model and
+    # its kernels are exactly those training builds.
+    device = patches.device_here()
+    on_cpu = device == "cpu"
+    patches.prepare(device)
     from megatron.training.arguments import parse_and_validate_args
     from megatron.training.initialize import initialize_megatron
 
@@ -75,18 +78,14 @@ def init_megatron(size: Qwen25Size, dtype: torch.dtype, seq_length: int = 128):
         from megatron_patch.model import transformer_engine_available
 
         if not transformer_engine_available():
-            argv += NO_TE_GPU_FLAGS  # the launcher's flags for this case; fused.configure below supplies the GEMM
+            argv += NO_TE_GPU_FLAGS  # the launcher's flags for this case (patches.apply supplies the GEMM)
     saved_argv = sys.argv
     sys.argv = [saved_argv[0], *argv]
     try:
         args = parse_and_validate_args(extra_args_provider=add_extra_args)
     finally:
         sys.argv = saved_argv
-    if on_cpu:
-        cpu_backend.configure_args(args)
-    from megatron_patch import fused
-
-    fused.configure(args)
+    patches.apply(args, device)
     initialize_megatron(allow_no_cuda=on_cpu)
     # Every weight is overwritten from the checkpoint: skip the random init (minutes on a CPU for large sizes).
     args.perform_initialization = False
