@@ -112,6 +112,11 @@ class Row:
         return self.args.get("SFT") == "true"
 
 
+def gpus_needed(row: Row, rows: dict[str, Row]) -> int:
+    """GPUs for the row and the runs it needs first (its reference, the row whose checkpoint it loads)."""
+    return max([row.gpus] + [gpus_needed(rows[name], rows) for name in (row.reference, row.loads_from) if name])
+
+
 def matrix_rows(settings: Settings) -> list[Row]:
     """The matrix: every launcher argument value and knob, each against the simplest layout of its data."""
     sft = {"SFT": "true"}
@@ -657,8 +662,8 @@ class Matrix:
         start = time.time()
         spent: list[float] = []
         for row in rows:
-            if row.gpus > self.processes_available():
-                print(f"gpu_matrix: {row.name}: planned, needs {row.gpus} GPUs", flush=True)
+            if gpus_needed(row, self.rows) > self.processes_available():
+                print(f"gpu_matrix: {row.name}: planned, needs {gpus_needed(row, self.rows)} GPUs", flush=True)
                 continue
             if self.result(row.name) and not redo:
                 continue
@@ -737,8 +742,9 @@ VARIANT_TITLES = {
 }
 
 
-def row_line(row: Row, result: dict | None, results: dict, variant: str) -> str:
-    needs = f"needs {row.gpus} GPU{'s' if row.gpus > 1 else ''}" + (", TE" if "te" in row.needs else "")
+def row_line(row: Row, rows: dict[str, Row], result: dict | None, results: dict, variant: str) -> str:
+    gpus = gpus_needed(row, rows)
+    needs = f"needs {gpus} GPU{'s' if gpus > 1 else ''}" + (", TE" if "te" in row.needs else "")
     config = f"`{row.name}`: {row.what}"
     if result is None:
         return f"| {config} | {row.gpus} | | | planned, {needs} | | | | | | |"
@@ -810,8 +816,9 @@ def write_doc(state: dict, doc: Path, settings: Settings) -> None:
                   "| configuration | GPUs | device | TE | status | loss it. 1 | vs reference | loss last | "
                   "tokens/s/GPU | peak GiB | date |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
+        by_name = {row.name: row for row in rows}
         for row in rows:
-            lines.append(row_line(row, results.get(f"{variant}/{row.name}"), results, variant))
+            lines.append(row_line(row, by_name, results.get(f"{variant}/{row.name}"), results, variant))
         commands = [(row.name, results[f"{variant}/{row.name}"].get("command"))
                     for row in rows if f"{variant}/{row.name}" in results]
         if any(c for _, c in commands):

@@ -49,5 +49,6 @@ def test_two_dlc_nodes_train_exactly_like_one_node_with_two_processes(tmp_path_f
                          r"--master-port (\d+)", command), command
         ports.add(re.search(r"--master-port (\d+)", command).group(1))
     assert len(ports) == 1
-    # One job of two ranks, not two jobs of one.
-    assert re.search(r"world size: 2\b|world_size \.+ 2\b", (out / "node1" / "launcher.log").read_text())
+    # One job of two ranks, not two jobs of one (rank 0, on node 0, prints the layout; the last rank the losses).
+    assert "using world size: 2, data-parallel size: 2," in (out / "node0" / "launcher.log").read_text()
+    assert "lm loss:" in (out / "node1" / "launcher.log").read_text()
