@@ -7,7 +7,9 @@ Conversions run the real CLI / toolkit scripts in subprocesses (Megatron keeps i
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -315,17 +317,88 @@ def test_mg2hf_without_hf_dir_and_bad_arguments_are_errors(round_trips, tmp_path
     assert_fails_cleanly(proc, out, "does not exist")
 
 
-def test_failure_midway_leaves_no_output(round_trips, tmp_path):
-    """A checkpoint whose metadata is intact but whose data file is gone fails while writing: the staged output
-    is removed and SAVE_DIR never appears."""
-    import shutil
+def test_save_dir_holding_or_inside_load_dir_is_refused_and_the_input_survives(hf_models, tmp_path):
+    """The issue's command (SAVE_DIR a parent of LOAD_DIR, --overwrite) once deleted its source."""
+    parent = tmp_path / "parent"
+    hf = parent / "hf"
+    shutil.copytree(hf_models["tied", "bf16"], hf)
+    before = {p.name: p.read_bytes() for p in hf.iterdir()}
+    (tmp_path / "link").symlink_to(parent)
+    cases = [(parent, f"SAVE_DIR {parent} contains LOAD_DIR {hf}"),
+             (tmp_path / "link" / "hf" / "out", f"SAVE_DIR {hf / 'out'} lies inside LOAD_DIR {hf}"),
+             (tmp_path / "link", f"SAVE_DIR {parent} contains LOAD_DIR {hf}")]
+    for save_dir, message in cases:
+        proc = run_tool(["bash", RUN_8X, "auto", hf, save_dir, "false", "false", "fp32", "", "--overwrite"],
+                        check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        assert {p.name: p.read_bytes() for p in hf.iterdir()} == before
+    assert not partial_leftovers(parent) and not partial_leftovers(tmp_path)
 
-    r = round_trips["untied", "bf16"]
-    damaged = tmp_path / "damaged"
-    shutil.copytree(r["mcore"], damaged)
-    for f in (damaged / "release").glob("*.distcp"):
-        f.unlink()
-    out = tmp_path / "out"
-    proc = run_tool(["bash", RUN_8X, "auto", damaged, out, "true", "false", "bf16", r["hf"]], check=False)
-    assert proc.returncode != 0
-    assert not out.exists() and not partial_leftovers(tmp_path)
+
+def test_corrupt_inputs_are_named_with_what_is_wrong(tiny_hf_checkpoint, converted_tiny, tmp_path):
+    def fails_naming(load_dir: Path, mg2hf: str, *phrases: str) -> None:
+        out = tmp_path / "out"
+        hf_dir = [tiny_hf_checkpoint] if mg2hf == "true" else []
+        proc = run_tool(["bash", RUN_8X, "tiny", load_dir, out, mg2hf, "false", "bf16", *hf_dir], check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert_fails_cleanly(proc, out, *phrases)
+
+    hf = tmp_path / "hf_damaged"
+    shutil.copytree(tiny_hf_checkpoint, hf, ignore=shutil.ignore_patterns("eval_results"))
+    shard = hf / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    fails_naming(hf, "false", f"{shard} (", "not a readable safetensors file", "incomplete metadata")
+
+    mcore = tmp_path / "mcore_damaged"
+    shutil.copytree(converted_tiny, mcore)
+    (distcp,) = (mcore / "release").glob("*.distcp")
+    size = distcp.stat().st_size
+    os.truncate(distcp, size // 3)
+    fails_naming(mcore, "true", f"{distcp} is truncated: {size // 3} bytes", "interrupted save or copy")
+    metadata = mcore / "release" / ".metadata"
+    metadata.write_bytes(metadata.read_bytes()[:40])
+    fails_naming(mcore, "true", f"{metadata} is unreadable")
+    (mcore / "latest_checkpointed_iteration.txt").write_text("")  # megatron writes it in place: a kill empties it
+    fails_naming(mcore, "true", "latest_checkpointed_iteration.txt should name an iteration", "reads ''")
+
+
+def test_overwrite_killed_after_the_swap_leaves_the_new_checkpoint_and_the_next_run_cleans_up(
+        tiny_hf_checkpoint, converted_tiny, tmp_path, monkeypatch):
+    """A kill at the exact moment after the swap (MP_FAULT_INJECT); tests/test_convert_staging.py covers every
+    other moment on a stand-in checkpoint."""
+    from megatron_patch.convert.convertor import _mcore_tensor_metadata
+    from megatron_patch.fault_injection import FAULT_ENV, KILLED_EXIT_STATUS
+
+    save_dir = tmp_path / "ckpt"
+    shutil.copytree(converted_tiny, save_dir)  # the old checkpoint: fp32
+    monkeypatch.setenv(FAULT_ENV, "convert:before-cleanup")
+    proc = run_tool(["bash", RUN_8X, "tiny", tiny_hf_checkpoint, save_dir, "false", "false", "bf16", "",
+                     "--overwrite"], check=False)
+    assert proc.returncode == KILLED_EXIT_STATUS, proc.stderr[-3000:]
+    # SAVE_DIR holds the new (bf16) checkpoint, complete: every model tensor's bytes are there.
+    assert (save_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "release"
+    metadata = _mcore_tensor_metadata(save_dir / "release")
+    assert {m.properties.dtype for m in metadata.values()} == {torch.bfloat16}
+    assert (save_dir / "config.json").read_bytes() == (tiny_hf_checkpoint / "config.json").read_bytes()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".ckpt.old-")]
+
+    monkeypatch.delenv(FAULT_ENV)
+    proc = run_tool(["bash", RUN_8X, "tiny", tiny_hf_checkpoint, save_dir, "false", "false", "bf16"], check=False)
+    assert proc.returncode == 2 and "already exists and is not empty" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # the dead run's leftover is gone
+
+
+@pytest.mark.parametrize("variable,value,warned", [("MP_DRY_RUN", "1", False), ("DRY_RUN", "true", True)])
+def test_dry_run_prints_the_command_and_converts_nothing(tmp_path, variable, value, warned):
+    env = {k: v for k, v in os.environ.items() if k not in ("MP_DRY_RUN", "DRY_RUN")}
+    for script, args in ((RUN_8X, ["tiny", tmp_path / "hf", tmp_path / "out", "true", "false", "bf16", tmp_path]),
+                         (OLD_CONVERTOR_SCRIPT, ["tiny", tmp_path / "hf", tmp_path / "out", "2", "1", "bf16", "true",
+                                                 "false"])):
+        proc = subprocess.run(["bash", str(script), *map(str, args)], env={**env, variable: value},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert f"-m megatron_patch.convert --model-size tiny --load-dir {tmp_path / 'hf'}" in proc.stdout
+        assert ("--mg2hf true" in proc.stdout) == (script == RUN_8X)
+        assert ("DRY_RUN is deprecated; use MP_DRY_RUN=1" in proc.stderr) == warned
+        assert not (tmp_path / "out").exists()
