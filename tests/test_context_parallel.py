@@ -225,7 +225,7 @@ def cp_runs(converted_tiny, layout_runs, tmp_path_factory) -> dict[str, dict]:
     return runs
 
 
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("layout", list(CP_LAYOUTS))
 def test_context_parallel_iteration_1_matches_one_process(cp_runs, layout):
     """Same loss and gradient norm at iteration 1 as one process (fp32): the attention, RoPE, the loss's token
@@ -236,7 +236,7 @@ def test_context_parallel_iteration_1_matches_one_process(cp_runs, layout):
     assert abs(got["grad_norms"][1] - want["grad_norms"][1]) <= 1e-5, (layout, got, want)
 
 
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1800)
 def test_cp2_checkpoint_resumes_at_cp1(cp_runs):
     """CP2's iteration-1 checkpoint (weights and optimizer) loaded at CP1 trains iteration 2 as CP2 itself and
     an uninterrupted single process did."""
