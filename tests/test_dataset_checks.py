@@ -144,3 +144,14 @@ def test_a_kill_between_the_renames_leaves_no_loadable_mix(tmp_path, default_tok
     preprocess_pretrain_corpus([new], output_prefix, default_tokenizer_dir, show_progress=False)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c_text_document.bin", "c_text_document.idx"]
     assert dataset_problem("DATASET_PATH", prefix, "pretrain") is None
+
+
+def test_a_replaced_idxmap_drops_megatrons_sample_index_cache(tmp_path):
+    # megatron-core keys PREFIX/cache/GPTDataset_indices by path and settings only, not by the documents.
+    prefix = write_idxmap(tmp_path / "c_text_document", [[1, 2, 3]])
+    cached = Path(prefix) / "cache" / "GPTDataset_indices" / "0123-GPTDataset-train-sample_index.npy"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"stale")
+    write_idxmap(prefix, [[4, 5], [6]])
+    assert not cached.parent.exists() and (Path(prefix) / "cache").is_dir()
+    assert dataset_problem("DATASET_PATH", prefix, "pretrain") is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -83,6 +84,9 @@ class IndexedDatasetWriter:
 def _replace_targets(writers: Sequence[IndexedDatasetWriter]) -> None:
     """Old .idx files first, then the .bin files, then the .idx files (see the module doc for why)."""
     for writer in writers:
+        # megatron-core caches each GPTDataset's sample order under PREFIX/cache, keyed by the path and settings
+        # but not the contents: left there, it would index the new documents with the old ones' boundaries.
+        shutil.rmtree(Path(writer.prefix) / "cache" / "GPTDataset_indices", ignore_errors=True)
         with writing(writer.prefix + ".idx"):
             Path(writer.prefix + ".idx").unlink(missing_ok=True)
     for writer in writers:
