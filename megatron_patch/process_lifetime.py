@@ -7,6 +7,7 @@ writers, data-loader workers) sets it first thing, so a kill -9 anywhere in the 
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import signal
@@ -42,3 +43,29 @@ def children_die_with_this_process() -> None:
 
     _bootstrap.dies_with_parent = True
     mp_process.BaseProcess._bootstrap = _bootstrap
+    # Registered after multiprocessing's own exit hook, so it runs first (atexit is last in, first out).
+    atexit.register(end_children_left)
+
+
+CHILD_JOIN_SECONDS = 10
+
+
+def end_children_left() -> None:
+    """At exit, end the multiprocessing children still alive instead of waiting on them forever.
+
+    multiprocessing's exit hook SIGTERMs daemonic children and then joins every child. Megatron's
+    --exit-signal-handler makes SIGTERM only set a flag, and forked data-loader workers inherit that handler, so a
+    rank that exits on an error (a failed checkpoint write on a full disk, say) hung in that join for good."""
+    import multiprocessing
+
+    # torch's data loader raises from its SIGCHLD handler when a worker dies: that would abort this hook.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    children = multiprocessing.active_children()
+    for child in children:
+        if not child.daemon:  # megatron-core's checkpoint writers: let them finish what they write
+            child.join(timeout=CHILD_JOIN_SECONDS)
+    for child in children:
+        if child.is_alive():
+            os.kill(child.pid, signal.SIGKILL)
+    for child in children:
+        child.join(timeout=CHILD_JOIN_SECONDS)

@@ -36,7 +36,7 @@ def sft_json(tmp_path_factory) -> Path:
     return path
 
 
-def command(data: Path, out: Path, iterations: int = 50) -> list[str]:
+def command(data: Path, out: Path, iterations: int = 10000) -> list[str]:
     # ENV MODEL_SIZE BATCH GBS LR MIN_LR SEQ PAD PR TP PP CP SP DO FL SFT AC OFFLOAD SAVE DATA VALID CKPT ITERS WARMUP OUT
     return ["sh", str(SCRIPT), "dsw", "tiny", "2", "4", "1e-3", "1e-4", "64", "64", "fp32", "1", "1", "1", "false",
             "false", "false", "true", "false", "false", "1", str(data), str(data), "none", str(iterations), "1",
@@ -51,7 +51,7 @@ def environment(tokenizer: Path) -> dict[str, str]:
 class Run:
     """One launch of the user's command, with its output in a file and the PIDs of everything it started."""
 
-    def __init__(self, data: Path, out: Path, tokenizer: Path, iterations: int = 50):
+    def __init__(self, data: Path, out: Path, tokenizer: Path, iterations: int = 10000):
         self.out = out
         self.console = out.parent / f"{out.name}.console"
         with open(self.console, "w") as console:
@@ -124,45 +124,41 @@ def checkpoint_complete(out: Path, iteration: int) -> bool:
     return bool(folders) and (folders[0] / "metadata.json").is_file() and any(folders[0].glob("*.distcp"))
 
 
-@pytest.mark.parametrize("victim", ["rank", "torchrun", "launcher"])
-def test_a_killed_process_ends_the_whole_run_and_keeps_its_checkpoint(victim, sft_json, tmp_path,
-                                                                      default_tokenizer_dir):
-    run = Run(sft_json, tmp_path / "out", default_tokenizer_dir)
-    try:
-        # After the first save megatron-core's checkpoint writer has started its helper processes too.
-        run.wait_for(lambda: run.tracker() == "1" and re.search(r"iteration\s+2/", run.text()), 400,
-                     "the iteration-1 checkpoint")
-        pids = run.note_processes()
-        assert len(pids) >= 4, pids  # launcher, torchrun, rank, the rank's workers
-        target = run.process(victim)
-        started = time.monotonic()
-        os.kill(target, signal.SIGKILL)
-        if victim != "launcher":
-            code = run.proc.wait(timeout=60)
-            assert code != 0, run.text()[-2000:]
-            assert time.monotonic() - started < 30, "the launcher took too long to notice"
-            assert "training failed" in run.text()
-        left = run.survivors(timeout=30)
-        assert not left, f"processes of the run outlived the kill of the {victim}: {left}"
-    finally:
-        run.kill_all()
-    assert checkpoint_complete(run.out, 1), list(run.out.rglob("*"))
+VICTIMS = ("rank", "torchrun", "launcher")
 
 
-def test_second_launch_into_a_live_run_folder_is_refused(sft_json, tmp_path, default_tokenizer_dir):
-    first = Run(sft_json, tmp_path / "out", default_tokenizer_dir)
+def test_a_killed_process_ends_the_whole_run_and_keeps_its_checkpoint(sft_json, tmp_path, default_tokenizer_dir):
+    """SIGKILL of the rank (the OOM killer), of torchrun alone, of the launcher alone: three runs side by side.
+    While the first is live, a second launch into its folder is refused."""
+    runs = {victim: Run(sft_json, tmp_path / victim, default_tokenizer_dir) for victim in VICTIMS}
     try:
-        first.wait_for(lambda: any((tmp_path / "out" / "checkpoint").glob(".*.lock"))
-                       and "torch.distributed.run" in first.text(), 300, "the first launch's lock")
-        second = subprocess.run(command(sft_json, tmp_path / "out"), env=environment(default_tokenizer_dir),
+        for victim, run in runs.items():
+            # After the first save megatron-core's checkpoint writer has started its helper processes too.
+            run.wait_for(lambda: run.tracker().isdigit() and re.search(r"iteration\s+2/", run.text()), 600,
+                         f"the {victim} run's first checkpoint")
+        live = runs["rank"]
+        second = subprocess.run(command(sft_json, live.out), env=environment(default_tokenizer_dir),
                                 capture_output=True, text=True, timeout=120)
         assert second.returncode == 2, second.stderr
-        assert f"pid {first.proc.pid} on host" in second.stderr and "another launch is training into this run" \
-            in second.stderr, second.stderr
-        assert "torch.distributed.run" not in second.stdout
-        assert first.proc.poll() is None, "the refused launch disturbed the live one"
+        assert "another launch is training into this run folder" in second.stderr, second.stderr
+        assert f"pid {live.proc.pid} on host" in second.stderr and "torch.distributed.run" not in second.stdout
+        assert live.proc.poll() is None, "the refused launch disturbed the live one"
+
+        for victim, run in runs.items():
+            assert len(run.note_processes()) >= 4, run.seen  # launcher, torchrun, rank, the rank's helpers
+            started = time.monotonic()
+            os.kill(run.process(victim), signal.SIGKILL)
+            if victim != "launcher":
+                code = run.proc.wait(timeout=60)
+                assert code != 0 and "training failed" in run.text(), run.text()[-2000:]
+                assert time.monotonic() - started < 30, f"the launcher took too long to notice the {victim}'s death"
+        for victim, run in runs.items():
+            left = run.survivors(timeout=30)
+            assert not left, f"processes of the run outlived the kill of the {victim}: {left}"
+            assert checkpoint_complete(run.out, int(run.tracker())), list(run.out.rglob("*"))
     finally:
-        first.kill_all()
+        for run in runs.values():
+            run.kill_all()
 
 
 def test_a_dead_launchs_lock_is_taken_over(tmp_path):

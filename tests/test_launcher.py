@@ -55,17 +55,27 @@ class Paths:
     out: Path
 
 
+def write_small_idxmaps(data: Path) -> None:
+    """A few documents per idxmap: the launcher reads each one's index (and refuses an empty or mismatched pair)."""
+    import numpy as np
+
+    from megatron_patch.data.indexed_writer import atomic_indexed_writers
+
+    for group in (["train_text_document"], ["valid_text_document"], ["sft_text_document", "sft_label_document"],
+                  ["sft_valid_text_document", "sft_valid_label_document"]):
+        with atomic_indexed_writers([(data / prefix, np.int32) for prefix in group]) as writers:
+            for writer in writers:
+                for document in range(3):
+                    writer.add_document([np.arange(document + 5, dtype=np.int32)])
+
+
 @pytest.fixture
 def paths(tmp_path, default_tokenizer_dir) -> Paths:
     from megatron_patch.hf_checkpoint import hf_config_for
     from megatron_patch.model_sizes import QWEN2_5_SIZES
 
     data = tmp_path / "data"
-    data.mkdir()
-    for prefix in ("train_text_document", "valid_text_document", "sft_text_document", "sft_label_document",
-                   "sft_valid_text_document", "sft_valid_label_document"):
-        for ext in (".bin", ".idx"):  # the launcher only checks that the pair exists
-            (data / f"{prefix}{ext}").touch()
+    write_small_idxmaps(data)
     for name in ("train.json", "valid.json"):
         (data / name).write_text(json.dumps([{"instruction": "你好", "output": "你好！"}], ensure_ascii=False))
     checkpoints = {}
@@ -348,11 +358,19 @@ def test_without_an_nvidia_driver_the_launcher_counts_no_gpu_without_importing_t
     assert proc.stdout.split() == ["0", "False"], proc.stderr
 
 
-def test_default_tokenizer_is_written_to_the_cache(paths):
+def test_default_tokenizer_lives_in_the_cache_and_a_dry_run_writes_nothing(paths, monkeypatch):
     cache = paths.root / "cache"
     run = dry_run(paths, argv(paths), tokenizer=False, XDG_CACHE_HOME=str(cache))
     assert run.value("--tokenizer-model") == str(cache / "megatron_patch" / "qwen2.5-tokenizer")
-    assert (cache / "megatron_patch" / "qwen2.5-tokenizer" / "tokenizer_config.json").is_file()
+    assert not cache.exists()
+    run = dry_run(paths, argv(paths), tokenizer=False, MEGATRON_PATCH_CACHE=str(paths.root / "mine"))
+    assert run.value("--tokenizer-model") == str(paths.root / "mine" / "qwen2.5-tokenizer")
+    # A real launch writes it there once (the launcher's step before torchrun).
+    launch = arguments.parse(argv(paths), {})
+    monkeypatch.setenv("MEGATRON_PATCH_CACHE", str(paths.root / "mine"))
+    written = launch_run.tokenizer_dir(launch)
+    assert written == str(paths.root / "mine" / "qwen2.5-tokenizer")
+    assert (Path(written) / "tokenizer_config.json").is_file()
 
 
 # ---- combinations that need a GPU with Transformer Engine: the Python API with a pretend machine ----

@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+from megatron_patch.checkpoint_state import prepare_resume
 from megatron_patch.errors import UserError, dry_run_requested
 from megatron_patch.launch.arguments import Launch, parse
 from megatron_patch.launch.flags import launch_env, torchrun_command
@@ -34,15 +35,16 @@ PR_SET_CHILD_SUBREAPER = 36
 STOP_GRACE_SECONDS = 30  # after SIGTERM, how long ranks get to save and exit before SIGKILL
 
 
-def tokenizer_dir(launch: Launch) -> str:
-    """The checkpoint's own tokenizer, else MP_TOKENIZER_PATH, else the embedded default Qwen2.5 tokenizer."""
+def tokenizer_dir(launch: Launch, write: bool = True) -> str:
+    """MP_TOKENIZER_PATH, else the checkpoint's own tokenizer, else the embedded default Qwen2.5 tokenizer (written
+    into the cache on first use; `write=False`, for dry runs, only names the folder)."""
     if launch.tokenizer_path:
         return launch.tokenizer_path
     if launch.pretrain_checkpoint and (Path(launch.pretrain_checkpoint) / "tokenizer_config.json").is_file():
         return launch.pretrain_checkpoint
-    from megatron_patch.tokenizer import cached_default_tokenizer
+    from megatron_patch.tokenizer import DEFAULT_TOKENIZER_FOLDER, cache_dir, cached_default_tokenizer
 
-    return str(cached_default_tokenizer())
+    return str(cached_default_tokenizer() if write else cache_dir() / DEFAULT_TOKENIZER_FOLDER)
 
 
 # ---------------------------------------------------------------------------------------------- the run folder lock
@@ -281,7 +283,12 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     _print_findings(found.notes, "note")
     env = launch_env(machine, environ)
     if dry_run:
-        command = torchrun_command(launch, machine, tokenizer_dir(launch))
+        try:
+            prepare_resume(launch.checkpoint_dir, dry_run=True)
+        except UserError as err:
+            print(str(err), file=sys.stderr)
+            return 2
+        command = torchrun_command(launch, machine, tokenizer_dir(launch, write=False))
         print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(command))
         return 0
     return _launch(launch, machine, env)
@@ -293,11 +300,10 @@ def _launch(launch: Launch, machine, env: dict[str, str]) -> int:
         _check_writable(launch.output_basepath)
         _check_free_space(launch)
         lock.acquire()
+        # The run folder is ours now: decide what it resumes from (and repair a damaged tracker) before any rank
+        # reads it.
+        prepare_resume(launch.checkpoint_dir)
         command = torchrun_command(launch, machine, tokenizer_dir(launch))
-    except UserError as err:
-        print(str(err), file=sys.stderr)
-        return 2
-    try:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         log = Log(launch.output_basepath / "log" / f"{stamp}_{launch.run_name}_node{machine.node_rank}.log")
         Log.terminal(f"run_mcore_qwen: {launch.run_name}\n  checkpoints: {launch.checkpoint_dir}\n  log: {log.path}\n")
@@ -308,6 +314,9 @@ def _launch(launch: Launch, machine, env: dict[str, str]) -> int:
                          stream=sys.stderr)
         log.close()
         return code
+    except UserError as err:
+        print(str(err), file=sys.stderr)
+        return 2
     finally:
         lock.release()
 
