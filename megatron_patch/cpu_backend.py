@@ -1,7 +1,7 @@
 """Run megatron-core 0.19.2 and megatron.training on a machine without a GPU.
 
 Megatron assumes CUDA throughout: tensors made on 'cuda', `.cuda()` moves, CUDA streams, events and RNG
-states, `torch.cuda.FloatTensor` type checks. When no GPU is present, `enable()` makes all of it land on the
+states, `torch.cuda.FloatTensor` type checks. When no GPU is present, the functions below make all of it land on the
 CPU, with gloo for every process group (any world size, TP/PP/DP included):
 
 * a TorchFunctionMode maps every CUDA device argument (`device='cuda'`, `.cuda()`, `.to(cuda)`, device
@@ -9,10 +9,10 @@ CPU, with gloo for every process group (any world size, TP/PP/DP included):
 * `torch.cuda` functions Megatron calls get CPU stand-ins: one pretend device, no-op streams and events
   (events time with the host clock), CUDA RNG state read and written on the CPU generator, zero memory stats;
 * `Tensor.type()` reports CPU float tensors with the CUDA names the optimizer and grad clipping assert on;
-* `initialize_megatron` is told CUDA is not required, and `validate_args` skips its device-property reads.
+* `initialize_megatron` is told CUDA is not required; `validate_args` reads the pretend device's properties.
 
-Each of these is an entry of megatron_patch.patches' manifest, applied only when `torch.cuda.is_available()` is
-False: GPU runs are never touched.
+Each of these is an entry of megatron_patch.patches' manifest, installed by `patches.prepare("cpu")` before
+Megatron parses its arguments, and only when `torch.cuda.is_available()` is False: GPU runs are never touched.
 """
 
 from __future__ import annotations
@@ -232,16 +232,11 @@ def share_cores(args) -> None:
 
 
 def enable() -> bool:
-    """The CPU backend's manifest entries, if there is no GPU; True when the run is on the CPU.
-    (Kept for convert/mcore_runtime.py until it calls megatron_patch.patches.prepare(device) itself.)"""
+    """The CPU backend's manifest entries, if there is no GPU; True when the run is on the CPU. For code that runs
+    megatron-core modules in-process without the entrypoint (tests); the entrypoint calls patches.prepare."""
     if not cuda_absent():
         return False
     from megatron_patch import patches
 
     patches.prepare("cpu")
     return True
-
-
-def configure_args(args) -> None:
-    """Kept for convert/mcore_runtime.py until it calls megatron_patch.patches.apply(args) (which does this)."""
-    share_cores(args)

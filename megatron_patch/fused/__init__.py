@@ -4,10 +4,3 @@ same Python eagerly on the CPU, which is what the parity tests check against meg
 weight-gradient GEMMs into the fp32 main_grad, a multi-tensor optimizer step, and (with or without TE) a
 one-kernel SwiGLU backward. Where each goes into megatron-core is an entry of megatron_patch.patches' manifest
 (kind "fused": none of them under --plain-kernels)."""
-
-
-def configure(args) -> None:
-    """Kept for convert/mcore_runtime.py until it calls megatron_patch.patches.apply(args) itself."""
-    from megatron_patch import patches
-
-    patches.apply(args)

@@ -299,11 +299,3 @@ def apply(args, device: str | None = None) -> list[str]:
         for change in changes:
             print(f"megatron_patch: {change}", flush=True)
     return changes
-
-
-def install_kind(kind: str) -> None:
-    """Install every entry of one kind that needs no arguments (FIX, RELIABILITY, LOGGING). For the convertor's
-    older entry point (megatron_compat.apply); new code calls prepare(device) and apply(args, device)."""
-    for patch in MANIFEST:
-        if patch.kind == kind and patch.applies(None, device_here()):
-            _install(patch)
