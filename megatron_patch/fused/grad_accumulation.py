@@ -50,9 +50,3 @@ def install() -> None:
 
     layers.fused_weight_gradient_mlp_cuda = sys.modules[__name__]
     layers._grad_accum_fusion_available = True
-
-
-def installed() -> bool:
-    from megatron.core.tensor_parallel import layers
-
-    return layers._grad_accum_fusion_available

@@ -62,12 +62,6 @@ def fused_apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, interleaved
     return _Rope.apply(t, freqs)
 
 
-def slot_filled() -> bool:
-    from megatron.core.models.common.embeddings import rope_utils
-
-    return rope_utils.fused_apply_rotary_pos_emb is not None
-
-
 def install() -> None:
     """Fill megatron-core's fused-RoPE slot (the manifest does so only where Transformer Engine left it empty)."""
     from megatron.core.models.common.embeddings import rope_utils
