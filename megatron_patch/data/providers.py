@@ -115,19 +115,33 @@ def packed_attention_by_varlen(args) -> bool:
 
 
 def get_batch(data_iterator) -> dict:
-    """Next micro-batch, on this rank's device."""
+    """Next micro-batch, on this rank's device: under context parallelism, this CP rank's two sequence chunks."""
     batch = next(data_iterator)
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     out = {key: value.to(device, non_blocking=True) for key, value in batch.items()
            if torch.is_tensor(value) and key != "segment_ids"}
     segment_ids = batch.get("segment_ids")
+    cp_size = mpu.get_context_parallel_world_size()
     if segment_ids is not None and packed_attention_by_varlen(get_args()):
         # Computed from the reader's CPU tensor: the longest sample's length needs no GPU sync.
         out["packed_seq_params"] = packed_seq_params_for(segment_ids.cpu(), device)
-    elif segment_ids is not None:
+    elif segment_ids is not None and cp_size == 1:
         out["attention_mask"] = packed_attention_mask(segment_ids.to(device, non_blocking=True))
-    if mpu.get_context_parallel_world_size() > 1:
-        from megatron.core.utils import get_batch_on_this_cp_rank
-
-        out = get_batch_on_this_cp_rank(out)
+    if cp_size > 1:
+        return _on_this_cp_rank(out, segment_ids, device)
     return out
+
+
+def _on_this_cp_rank(batch: dict, segment_ids, device) -> dict:
+    """megatron-core's load-balanced split (2 of the 2*CP sequence chunks per rank, megatron_patch/
+    context_parallel.py); packed samples' block mask only as this rank's query rows against every key."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from megatron_patch.context_parallel import packed_attention_mask_rows
+
+    group = mpu.get_context_parallel_group()
+    batch = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=group)
+    if segment_ids is not None:
+        batch["attention_mask"] = packed_attention_mask_rows(segment_ids.to(device, non_blocking=True),
+                                                             group.rank(), group.size())
+    return batch
