@@ -57,16 +57,14 @@ class Paths:
 
 def write_small_idxmaps(data: Path) -> None:
     """A few documents per idxmap: the launcher reads each one's index (and refuses an empty or mismatched pair)."""
-    import numpy as np
+    from data_files import write_idxmap, write_sft_idxmap
 
-    from megatron_patch.data.indexed_writer import atomic_indexed_writers
-
-    for group in (["train_text_document"], ["valid_text_document"], ["sft_text_document", "sft_label_document"],
-                  ["sft_valid_text_document", "sft_valid_label_document"]):
-        with atomic_indexed_writers([(data / prefix, np.int32) for prefix in group]) as writers:
-            for writer in writers:
-                for document in range(3):
-                    writer.add_document([np.arange(document + 5, dtype=np.int32)])
+    documents = [list(range(n + 5)) for n in range(3)]
+    write_idxmap(data / "train_text_document", documents)
+    write_idxmap(data / "valid_text_document", documents)
+    for prefix in ("sft", "sft_valid"):
+        write_sft_idxmap(data / prefix, [(tokens, [0, 1] * (len(tokens) // 2) + [1] * (len(tokens) % 2))
+                                         for tokens in documents])
 
 
 @pytest.fixture
@@ -564,7 +562,7 @@ INVALID = [
     ("sp_not_boolean", {"SP": "maybe"}, {}, "SP must be true or false, got 'maybe'"),
     ("optimizer_offload", {"OPTIMIZER_OFFLOAD": "true"}, {}, "OPTIMIZER_OFFLOAD must be one of false, static, auto"),
     ("env", {"ENV": "k8s"}, {}, "ENV must be one of dsw, dlc; got 'k8s'"),
-    ("tp_kv_heads", {"TP": "4"}, {}, "TP=4 must divide Qwen2.5-tiny's 4 attention heads and 2 key/value heads"),
+    ("tp_kv_heads", {"TP": "4"}, {}, "TP=4 must divide the 4 attention heads and 2 key/value heads (choose TP from [1, 2])"),
     ("gbs_dp", {"GLOBAL_BATCH_SIZE": "3"}, {"MP_NPROC_PER_NODE": "2"},
      "GLOBAL_BATCH_SIZE=3 must be a multiple of BATCH_SIZE x data-parallel size = 1 x 2"),
     ("seq_len", {"SEQ_LEN": "65536", "PAD_LEN": "65536", "TRAIN_TOKENS_OR_ITERS": "1000000000"}, {},
@@ -604,7 +602,7 @@ INVALID = [
     ("warmup_not_below_train", {"SFT": "true", "TRAIN_TOKENS_OR_ITERS": "30", "WARMUP_TOKENS_OR_ITERS": "100"}, {},
      "WARMUP_TOKENS_OR_ITERS=100 gives 100 warmup iterations"),
     ("min_lr_above_lr", {"MIN_LR": "1e-4"}, {}, "MIN_LR=0.0001 is above LR=1e-05"),
-    ("pp_layers", {"PP": "3"}, {"MP_NPROC_PER_NODE": "3"}, "PP=3 must divide Qwen2.5-tiny's 2 layers"),
+    ("pp_layers", {"PP": "3"}, {"MP_NPROC_PER_NODE": "3"}, "PP=3 must divide the 2 layers of Qwen2.5-tiny"),
     ("model_parallel_world", {"TP": "2"}, {"MP_NPROC_PER_NODE": "3"}, "TP*PP*CP = 2*1*1 = 2 does not divide the 3"),
 ]
 
