@@ -57,6 +57,8 @@ class _CudaOnCpu(TorchFunctionMode):
         if func is torch.Tensor.to and len(args) > 1 and _is_accelerator(args[1]):
             args = (args[0], "cpu", *args[2:])
         kwargs.pop("non_blocking", None) if func is torch.Tensor.to else None
+        # Pinned host memory needs a driver (megatron-core's CP position slicing asks for it).
+        kwargs.pop("pin_memory", None)
         return func(*args, **kwargs)
 
 

@@ -481,6 +481,17 @@ def test_cuda_graph_refuses_layouts_it_cannot_replay(paths, overrides, environ, 
     assert reason in str(err.value)
 
 
+def test_context_parallel_without_te_on_a_gpu(paths):
+    gpu_without_te = dataclasses.replace(GPU_TE, has_te=False, has_flash_attn=False)
+    # Our SDPA attention takes CP itself (megatron-core's needs TE) ...
+    _, flags = api_flags(paths, gpu_without_te, CP="2")
+    assert value(flags, "--context-parallel-size") == "2" and value(flags, "--transformer-impl") == "local"
+    # ... but not yet inside a CUDA graph.
+    with pytest.raises(UserError) as err:
+        api_flags(paths, gpu_without_te, environ={"MP_CUDA_GRAPH": "true"}, CP="2")
+    assert "CP > 1 without Transformer Engine checks its GPU attention kernel" in str(err.value)
+
+
 @pytest.mark.parametrize("free_gib, fraction", [(None, "1.00"), (1000.0, "0.00"), (0.001, "1.00")])
 def test_auto_optimizer_offload_follows_free_gpu_memory(paths, monkeypatch, free_gib, fraction):
     monkeypatch.setattr(hardware, "free_gpu_bytes", lambda: None if free_gib is None else int(free_gib * 2**30))

@@ -46,6 +46,9 @@ def cuda_graph_obstacle(launch: Launch, machine: Machine) -> str | None:
         return "AC=offload copies activations to the host inside the step"
     if launch.precision == "fp8":
         return "PR=fp8 updates its scaling factors outside the step"
+    if launch.cp > 1 and not uses_te(launch, machine):
+        return ("CP > 1 without Transformer Engine checks its GPU attention kernel on the host at the first step, "
+                "which a capture cannot hold (not supported yet)")
     return None
 
 
