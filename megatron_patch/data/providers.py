@@ -108,8 +108,10 @@ def packed_attention_by_varlen(args) -> bool:
     """Packed samples go to the local spec's SDPA attention as boundaries (variable-length flash kernel) where it
     can run: a GPU, a torch that has it, bf16/fp16, no attention dropout, no context parallelism (its split of the
     sequence needs the mask), no whole-iteration CUDA graph (the boundaries are host values a replay would
-    freeze; the mask is built on the GPU from the static batch). Otherwise as the dense block mask."""
-    return (varlen_available() and args.transformer_impl == "local" and (args.bf16 or args.fp16)
+    freeze; the mask is built on the GPU from the static batch), not --plain-kernels (megatron-core's own
+    DotProductAttention takes masks only). Otherwise as the dense block mask."""
+    return (varlen_available() and args.transformer_impl == "local" and not args.plain_kernels
+            and (args.bf16 or args.fp16)
             and not args.attention_dropout and mpu.get_context_parallel_world_size() == 1
             and args.cuda_graph_impl != "full_iteration")
 
