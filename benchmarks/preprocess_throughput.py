@@ -44,9 +44,10 @@ def main() -> None:
     parser.add_argument("--tokenizer", help="tokenizer folder (default: write the Qwen2.5 one to a temp dir)")
     args = parser.parse_args()
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "qwen2_5"))  # the sample corpora
     from megatron_patch.data.pretrain_preprocess import preprocess_pretrain_corpus
-    from megatron_patch.data.sample_corpora import peoples_daily_paragraphs
     from megatron_patch.tokenizer import write_default_tokenizer
+    from sample_corpora import peoples_daily_paragraphs
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

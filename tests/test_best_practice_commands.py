@@ -136,7 +136,7 @@ def assert_trained(run: Run, iterations: int, saved: list[int]) -> dict[int, flo
 
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory, default_tokenizer_dir):
-    from megatron_patch.data.sample_corpora import CorpusUnavailable, alpaca_zh_demo_path, peoples_daily_paragraphs
+    from sample_corpora import CorpusUnavailable, alpaca_zh_demo_path, peoples_daily_paragraphs
 
     try:
         paragraphs = peoples_daily_paragraphs(max_paragraphs=300)

@@ -95,11 +95,7 @@ def dry_run(matrix: Matrix, row) -> subprocess.CompletedProcess:
 
 VP_FITS_TINY = get_size("tiny").num_layers >= 4  # PP=2 with two virtual stages of a layer each
 # Rows the launcher should refuse on the CPU but does not yet (what happens instead).
-REFUSAL_MISSING = {
-    "pr-fp16": "trains at ~80 s per tiny iteration (fp32: 3 s) and the loss scaler skips every iteration",
-    "optimizer-offload-static": "every rank fails at the first step: ValueError: can't optimize a non-leaf Tensor",
-    "optimizer-offload-auto": "every rank fails at the first step: ValueError: can't optimize a non-leaf Tensor",
-}
+REFUSAL_MISSING: dict[str, str] = {}  # row -> why the launcher should refuse it on the CPU but does not yet
 
 
 def refusal_case(row):

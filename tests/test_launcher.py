@@ -196,12 +196,19 @@ def test_best_practice_pretraining_command(paths):
 @pytest.mark.parametrize("pr, present, absent", [
     ("fp32", [], ["--bf16", "--fp16", "--fp8-format"]),
     ("bf16", ["--bf16"], ["--fp16", "--fp8-format"]),
-    ("fp16", ["--fp16", "--initial-loss-scale"], ["--bf16", "--fp8-format"]),
 ])
 def test_precision(paths, pr, present, absent):
     run = dry_run(paths, argv(paths, PR=pr))
     assert all(run.has(f) for f in present) and not any(run.has(f) for f in absent)
     assert f"-pr-{pr}-" in run.value("--save")
+
+
+@pytest.mark.parametrize("batch, seq_len, scale", [("1", "128", "512"), ("2", "1024", "32"), ("8", "4096", "2")])
+def test_fp16_loss_scale_starts_below_the_summed_token_losses(paths, batch, seq_len, scale):
+    # Per-token loss backpropagates the sum over the micro-batch's tokens: 2^16 / tokens, as a power of two.
+    _, flags = api_flags(paths, PR="fp16", BATCH_SIZE=batch, SEQ_LEN=seq_len, PAD_LEN=seq_len,
+                         GLOBAL_BATCH_SIZE=str(8 * int(batch)), TRAIN_TOKENS_OR_ITERS="100000000")
+    assert "--fp16" in flags and "--bf16" not in flags and value(flags, "--initial-loss-scale") == scale
 
 
 @pytest.mark.parametrize("ac, env, expected", [
@@ -219,12 +226,12 @@ def test_activation_checkpointing(paths, ac, env, expected):
 
 
 def test_static_optimizer_offload_turns_the_distributed_optimizer_on(paths):
-    run = dry_run(paths, argv(paths, DO="false", OPTIMIZER_OFFLOAD="static"))
-    assert run.has("--use-distributed-optimizer")
-    assert "OPTIMIZER_OFFLOAD=static needs the distributed optimizer: DO is turned on" in run.stderr
-    assert run.has("--optimizer-cpu-offload") and run.has("--use-precision-aware-optimizer")
-    assert run.value("--optimizer-offload-fraction") == "1.00"
-    assert "-do-true-" in run.value("--save")
+    planned, flags = api_flags(paths, DO="false", OPTIMIZER_OFFLOAD="static")
+    assert "--use-distributed-optimizer" in flags
+    assert "OPTIMIZER_OFFLOAD=static needs the distributed optimizer: DO is turned on." in planned.warnings
+    assert "--optimizer-cpu-offload" in flags and "--use-precision-aware-optimizer" in flags
+    assert value(flags, "--optimizer-offload-fraction") == "1.00"
+    assert "-do-true-" in value(flags, "--save")
 
 
 def test_no_optimizer_offload_and_no_distributed_optimizer(paths):
@@ -598,6 +605,9 @@ INVALID = [
     ("dlc_without_gpus", {"ENV": "dlc"}, {"WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
      "ENV=dlc needs KUBERNETES_CONTAINER_RESOURCE_GPU"),
     ("fp8_without_te", {"PR": "fp8"}, {}, "PR=fp8 needs Transformer Engine"),
+    ("fp16_without_gpu", {"PR": "fp16"}, {}, "PR=fp16 needs a GPU"),
+    ("optimizer_offload_without_gpu", {"OPTIMIZER_OFFLOAD": "static"}, {},
+     "OPTIMIZER_OFFLOAD=static moves optimizer state from the GPU to the host"),
     ("offload_without_te", {"AC": "offload"}, {}, "AC=offload uses Transformer Engine's CPU offload"),
     ("vp_without_pp", {}, {"MP_VP": "2"}, "MP_VP (layers per virtual pipeline stage) needs PP >= 2"),
     ("vp_layers", {"MODEL_SIZE": "0.5B", "PP": "2"}, {"MP_VP": "5", "MP_NPROC_PER_NODE": "2"},

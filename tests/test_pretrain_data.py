@@ -31,7 +31,7 @@ def tok(default_tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def peoples_daily_jsonl(tmp_path_factory) -> Path:
-    from megatron_patch.data.sample_corpora import CorpusUnavailable, peoples_daily_paragraphs
+    from sample_corpora import CorpusUnavailable, peoples_daily_paragraphs
 
     try:
         paragraphs = peoples_daily_paragraphs(max_paragraphs=CORPUS_PARAGRAPHS)

@@ -342,7 +342,7 @@ def test_idxmap_dataset_refuses_an_empty_or_unpaired_prefix(tmp_path):
 
 
 def test_cli_on_a_real_alpaca_corpus(tmp_path, default_tokenizer_dir, tok):
-    from megatron_patch.data.sample_corpora import CorpusUnavailable, alpaca_zh_demo_path
+    from sample_corpora import CorpusUnavailable, alpaca_zh_demo_path
 
     try:
         source = alpaca_zh_demo_path()

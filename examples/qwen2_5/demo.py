@@ -24,23 +24,19 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from megatron_patch import hardware
+
+REPO = Path(__file__).resolve().parents[2]
 SIZE = "tiny"
 ITERS = int(os.environ.get("DEMO_ITERS", "30"))
 SEQ_LEN = 128
-
-
-def gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 class Demo:
     def __init__(self, out: Path):
         self.out = out
         self.logs = out / "logs"
-        self.gpus = gpu_count()
+        self.gpus = hardware.gpu_count()
         self.summary: list[tuple[str, str]] = []
         self.losses: dict[str, tuple[float, float]] = {}
         self.step_no = 0
@@ -81,7 +77,7 @@ class Demo:
         return newest_checkpoint_dir(out)
 
     def main(self) -> None:
-        from megatron_patch.data.sample_corpora import alpaca_zh_demo_path, peoples_daily_paragraphs
+        from sample_corpora import alpaca_zh_demo_path, peoples_daily_paragraphs
         from megatron_patch.hf_checkpoint import write_random_hf_checkpoint
         from megatron_patch.tokenizer import write_default_tokenizer
 
@@ -153,7 +149,7 @@ class Demo:
         from the People's Daily corpus (fill-in-the-blank questions), so the demo needs no hub."""
         if os.environ.get("DEMO_CMMLU_DIR"):
             return Path(os.environ["DEMO_CMMLU_DIR"])
-        from megatron_patch.data.sample_corpora import peoples_daily_paragraphs
+        from sample_corpora import peoples_daily_paragraphs
 
         out = self.out / "data" / "cmmlu_sample"
         write_cmmlu_layout_sample(out, peoples_daily_paragraphs(max_paragraphs=3000))
