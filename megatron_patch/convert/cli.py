@@ -12,7 +12,10 @@ import re
 import shlex
 import sys
 from functools import partial
+from pathlib import Path
 
+from megatron_patch import process_lifetime
+from megatron_patch.convert.staging import check_save_dir, recover_interrupted
 from megatron_patch.errors import dry_run_requested, parse_bool, report_user_errors
 
 
@@ -62,10 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         # Before anything touches CUDA: a CPU conversion must not see the GPU, so megatron_patch.cpu_backend
         # takes over exactly as it does for CPU training.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    from megatron_patch.convert.convertor import hf_to_mcore, mcore_to_hf
-    from megatron_patch.convert.staging import recover_interrupted
-
+    # Before torch loads (seconds): a SAVE_DIR that would destroy an input is refused at once.
     recover_interrupted(args.save_dir)
+    inputs = {"LOAD_DIR": Path(args.load_dir), **({"HF_DIR": Path(args.hf_dir)} if args.mg2hf and args.hf_dir else {})}
+    check_save_dir(Path(args.save_dir), args.overwrite, inputs)
+    # megatron-core's torch_dist writer starts helper processes at the first save: a killed convertor must not leave
+    # them running (each holds the model's memory, and the caller's output pipe open: a hang).
+    process_lifetime.children_die_with_this_process()
+    from megatron_patch.convert.convertor import hf_to_mcore, mcore_to_hf
+
     try:
         if args.mg2hf:
             check = mcore_to_hf(args.model_size, args.load_dir, args.save_dir, args.hf_dir, args.precision,

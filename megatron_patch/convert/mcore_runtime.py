@@ -123,6 +123,20 @@ def save_release_checkpoint(model, save_dir: Path) -> None:
     args = get_args()
     args.save = str(save_dir)
     save_checkpoint(0, [model], None, None, 0, release=True)
+    _stop_checkpoint_writer_server()
+
+
+def _stop_checkpoint_writer_server() -> None:
+    """megatron-core's torch_dist writer keeps a multiprocessing Manager (a spawned server process) for its results
+    queue after the save. Stopped once the checkpoint is written: killed later, the convertor would leave it running,
+    holding its caller's output pipe open (a hang). (A spawned process does not inherit
+    process_lifetime.children_die_with_this_process, so a kill during the save can still leave it.)"""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    queue = filesystem_async._results_queue
+    if queue is not None and getattr(queue, "_manager", None) is not None:
+        queue._manager.shutdown()
+        filesystem_async._results_queue = None
 
 
 def load_checkpoint_into(model, load_dir: Path) -> None:
