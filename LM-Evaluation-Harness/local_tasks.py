@@ -10,7 +10,7 @@ Why ours replace the built-ins of the same name: lm-eval indexes its own task fo
 --include_path folder after it, and a later definition of a name replaces the earlier one (it logs
 "Task '...' from <ours> overrides existing task from <built-in>", once per subject and for the group).
 lm-eval 0.4.5 did the opposite (its issue #2487); 0.4.10 through 0.4.13 let include_path win, and
-tests/test_eval.py checks in the results that every subject was read by our config. So the user's
+tests/integration/test_eval.py checks in the results that every subject was read by our config. So the user's
 `--tasks cmmlu` finds our group and our subject tasks, and no hub lookup happens.
 """
 

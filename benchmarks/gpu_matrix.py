@@ -19,7 +19,7 @@ a row done is skipped unless --redo; --rows takes comma-separated glob patterns.
 when the state lacks it. --budget-s stops starting rows that would not end in time, so one device call of at
 most 9 minutes takes a slice; --copy-to copies the doc and the state there after every row.
 
-The CPU runs the same rows at the tiny size (--settings cpu): tests/test_gpu_matrix.py and tests/test_dlc.py
+The CPU runs the same rows at the tiny size (--settings cpu): tests/integration/test_gpu_matrix.py and tests/integration/test_dlc.py
 use this module's runners.
 """
 

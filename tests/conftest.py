@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from training_utils import REPO_ROOT  # noqa: E402,F401
 SHARED_DIR = REPO_ROOT.parent / "shared"
 
 # Nothing in the tests may reach a hub.
@@ -71,3 +71,12 @@ def layout_runs(converted_tiny, tmp_path_factory) -> dict[str, dict]:
     # Two at a time: much of a launch is single-threaded interpreter start-up.
     with ThreadPoolExecutor(max_workers=2) as pool:
         return dict(pool.map(train, LAYOUTS))
+
+
+@pytest.fixture(scope="session")
+def gpu_matrix_cpu_assets(tmp_path_factory, default_tokenizer_dir):
+    """benchmarks/gpu_matrix.py's data, small, for its CPU rows (test_gpu_matrix.py, test_dlc.py)."""
+    import gpu_matrix
+
+    return gpu_matrix.prepare_assets(tmp_path_factory.mktemp("gpu_matrix_assets"), [gpu_matrix.SETTINGS["cpu"].seq_len],
+                                     documents=300, records=200, tokenizer=default_tokenizer_dir)

@@ -76,3 +76,11 @@ def tensorboard_losses(workdir: Path, tag: str = "lm loss") -> dict[int, float]:
         if tag in acc.Tags()["scalars"]:
             losses.update({e.step: e.value for e in acc.Scalars(tag)})
     return losses
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without the launcher's knobs or a scheduler's variables, plus `extra`."""
+    knobs = ("MP_", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "KUBERNETES_CONTAINER_RESOURCE_GPU")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(knobs)}
+    env.update(extra)
+    return env

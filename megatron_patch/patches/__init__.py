@@ -1,7 +1,7 @@
 """Every change megatron_patch makes to torch's and megatron-core 0.19.2's behaviour, in one list.
 
 Each `Patch` says what it changes, why (the upstream bug or limitation), when it can go, and the tests that show
-it is still needed and still works (tests/test_patches.py checks that every named test exists). The training
+it is still needed and still works (tests/unit/test_patches.py checks that every named test exists). The training
 entrypoint and the convertor apply them in two calls, around Megatron's argument parsing:
 
     device = patches.device_here()      # "cuda" or "cpu"
@@ -68,7 +68,7 @@ MANIFEST: tuple[Patch, ...] = (
         f"{MEGATRON_CORE} and megatron.training assume CUDA (streams, events, RNG states, memory stats) with no "
         "CPU path; without these a run on a machine without a GPU fails at its first torch.cuda call.",
         "when megatron-core trains on the CPU (no such plan upstream: keep)",
-        ("tests/test_training.py::test_every_layout_trains_three_iterations_with_finite_loss",),
+        ("tests/integration/test_training.py::test_every_layout_trains_three_iterations_with_finite_loss",),
         cpu_backend.replace_torch_cuda_functions),
     Patch(
         "cpu-megatron-rng-state", CPU,
@@ -77,14 +77,14 @@ MANIFEST: tuple[Patch, ...] = (
         "the model-parallel RNG tracker reads and writes CUDA generator states through these helpers (not "
         "torch.cuda's), which need a CUDA device.",
         "when megatron-core trains on the CPU (keep)",
-        ("tests/test_training.py::test_first_iteration_loss_matches_single_process",),
+        ("tests/integration/test_training.py::test_first_iteration_loss_matches_single_process",),
         cpu_backend.keep_megatron_rng_state_on_cpu),
     Patch(
         "cpu-initialize-without-cuda", CPU,
         ("megatron.training.initialize.initialize_megatron", "megatron.training.training.initialize_megatron"),
         "pretrain() calls initialize_megatron without allow_no_cuda, which asserts 'Megatron requires CUDA.'",
         "when pretrain() takes allow_no_cuda (not in 0.19.2)",
-        ("tests/test_training.py::test_every_layout_trains_three_iterations_with_finite_loss",),
+        ("tests/integration/test_training.py::test_every_layout_trains_three_iterations_with_finite_loss",),
         cpu_backend.let_megatron_initialize_without_cuda),
     Patch(
         "cpu-cuda-placement-onto-cpu", CPU,
@@ -93,7 +93,7 @@ MANIFEST: tuple[Patch, ...] = (
         f"{MEGATRON_CORE} places tensors on 'cuda' throughout, and its optimizer and grad clipping accept only "
         "'torch.cuda.*Tensor' parameters.",
         "when megatron-core trains on the CPU (keep)",
-        ("tests/test_training.py::test_every_layout_trains_three_iterations_with_finite_loss",),
+        ("tests/integration/test_training.py::test_every_layout_trains_three_iterations_with_finite_loss",),
         cpu_backend.place_cuda_tensors_on_cpu),
 
     # ---- upstream bugs (megatron_patch/patches/megatron_fixes.py)
@@ -103,7 +103,7 @@ MANIFEST: tuple[Patch, ...] = (
         f"the {MEGATRON_CORE} wheel ships the compiled helpers_cpp but no Makefile, so the `make` Megatron runs "
         "at start-up fails and it exits 1.",
         "when the wheel ships its Makefile or skips `make` for an installed extension",
-        ("tests/test_patches.py::test_dataset_helpers_need_no_make",),
+        ("tests/unit/test_patches.py::test_dataset_helpers_need_no_make",),
         megatron_fixes.skip_dataset_helper_compilation),
     Patch(
         "loss-average-reset-on-log-boundaries", FIX,
@@ -111,7 +111,7 @@ MANIFEST: tuple[Patch, ...] = (
         f"{MEGATRON_CORE} does not reset the loss accumulators after logging the first iteration, so with "
         "--log-interval 1 the second logged loss is the mean of iterations 1 and 2.",
         "when training_log resets on is_first_iteration too (megatron-core > 0.19.2: check)",
-        ("tests/test_best_practice_commands.py::test_kill_9_and_relaunch_continues_exactly",),
+        ("tests/integration/test_best_practice_commands.py::test_kill_9_and_relaunch_continues_exactly",),
         megatron_fixes.reset_loss_average_on_log_boundaries),
     Patch(
         "distributed-optimizer-loads-without-grad", FIX,
@@ -120,7 +120,7 @@ MANIFEST: tuple[Patch, ...] = (
         "parameters with autograd on ('a view of a leaf Variable that requires grad is being used in an in-place "
         "operation').",
         "when the dp_reshardable loader runs under no_grad upstream",
-        ("tests/test_best_practice_commands.py::test_kill_9_and_relaunch_continues_exactly",),
+        ("tests/integration/test_best_practice_commands.py::test_kill_9_and_relaunch_continues_exactly",),
         megatron_fixes.load_distributed_optimizer_without_grad),
     Patch(
         "distributed-optimizer-torch-adam-step", FIX,
@@ -130,7 +130,7 @@ MANIFEST: tuple[Patch, ...] = (
         "optimizer state, and once past that every parameter shares one 'step' tensor that torch Adam "
         "increments once per parameter (wrong bias correction after each resume).",
         "when DistributedOptimizer supports torch Adam's per-parameter step upstream",
-        ("tests/test_best_practice_commands.py::test_kill_9_and_relaunch_continues_exactly",),
+        ("tests/integration/test_best_practice_commands.py::test_kill_9_and_relaunch_continues_exactly",),
         megatron_fixes.resume_torch_adam_step_in_distributed_optimizer,
         lambda args, device: not _distributed_optimizer_has_apex_or_te()),
 
@@ -141,8 +141,8 @@ MANIFEST: tuple[Patch, ...] = (
         f"{MEGATRON_CORE}'s save_checkpoint writes the tracker in place (open 'w', then write): a kill in "
         "between leaves it empty, and the relaunch prints 'Invalid metadata file' and exits 0 without training.",
         "when save_checkpoint writes the tracker through a temporary file and a rename",
-        ("tests/test_patches.py::test_megatron_still_writes_the_tracker_in_place",
-         "tests/test_checkpoint_resume.py::test_kill_while_writing_the_tracker_resumes_from_the_previous_one"),
+        ("tests/unit/test_patches.py::test_megatron_still_writes_the_tracker_in_place",
+         "tests/integration/test_checkpoint_resume.py::test_kill_while_writing_the_tracker_resumes_from_the_previous_one"),
         megatron_fixes.write_checkpoint_tracker_atomically),
     Patch(
         "nan-message-names-likely-causes", RELIABILITY,
@@ -150,7 +150,7 @@ MANIFEST: tuple[Patch, ...] = (
         f"{MEGATRON_CORE}'s NaN/Inf checks say where the value was found ('found NaN in local grad norm for "
         "bucket #0 ...'), not what usually causes it.",
         "when the rerun state machine's messages name causes (keep: ours are Qwen2.5 launcher advice)",
-        ("tests/test_patches.py::test_nan_and_inf_checks_name_likely_causes",),
+        ("tests/unit/test_patches.py::test_nan_and_inf_checks_name_likely_causes",),
         megatron_fixes.name_likely_causes_of_nan),
 
     # ---- logging
@@ -160,7 +160,7 @@ MANIFEST: tuple[Patch, ...] = (
         f"{MEGATRON_CORE}'s log line has no tokens/s/GPU and no memory figures (the launcher's users compare "
         "throughput across runs).",
         "when megatron's log line reports throughput in tokens",
-        ("tests/test_training.py::test_log_reports_tokens_per_second_and_memory",),
+        ("tests/integration/test_training.py::test_log_reports_tokens_per_second_and_memory",),
         megatron_fixes.log_tokens_and_memory),
 
     # ---- our kernels in megatron-core's slots (megatron_patch/fused)
@@ -170,8 +170,8 @@ MANIFEST: tuple[Patch, ...] = (
         "only Transformer Engine fills megatron-core's fused-RoPE slot; without TE the unfused RoPE runs about "
         "ten elementwise kernels per q and k per layer.",
         "when megatron-core ships a fused RoPE that needs no TE",
-        ("tests/test_fused_kernels.py::test_rope_matches_megatron_unfused_rope",
-         "tests/test_patches.py::test_plain_kernels_apply_no_fused_patch"),
+        ("tests/unit/test_fused_kernels.py::test_rope_matches_megatron_unfused_rope",
+         "tests/unit/test_patches.py::test_plain_kernels_apply_no_fused_patch"),
         rope.install,
         _rope_slot_empty),
     Patch(
@@ -181,7 +181,7 @@ MANIFEST: tuple[Patch, ...] = (
         "--gradient-accumulation-fusion needs Apex's fused_weight_gradient_mlp_cuda; without it each weight "
         "gradient is written in bf16 and added to the fp32 main_grad afterwards (~5% of a 0.5B step).",
         "when megatron-core accumulates into main_grad without Apex (torch's addmm out_dtype)",
-        ("tests/test_fused_kernels.py::test_gradient_accumulation_gemm_adds_into_fp32_main_grad",),
+        ("tests/unit/test_fused_kernels.py::test_gradient_accumulation_gemm_adds_into_fp32_main_grad",),
         grad_accumulation.install,
         lambda args, device: (args.gradient_accumulation_fusion and not grad_accumulation.apex_available()
                               and grad_accumulation.supported_here())),
@@ -192,8 +192,8 @@ MANIFEST: tuple[Patch, ...] = (
         "without Apex/TE megatron-core's gradient norm is per-tensor Python with one device-to-host sync per "
         "parameter (~290 at 0.5B).",
         "when megatron-core's local fallbacks use torch._foreach_*",
-        ("tests/test_fused_kernels.py::test_multi_tensor_norm_and_scale_match_per_tensor_maths",
-         "tests/test_fused_kernels.py::test_optimizer_patches_make_megatron_build_fused_adamw"),
+        ("tests/unit/test_fused_kernels.py::test_multi_tensor_norm_and_scale_match_per_tensor_maths",
+         "tests/unit/test_fused_kernels.py::test_optimizer_patches_make_megatron_build_fused_adamw"),
         optimizer_step.install_multi_tensor_maths,
         lambda args, device: optimizer_step.megatron_falls_back_to_per_tensor_maths()),
     Patch(
@@ -202,7 +202,7 @@ MANIFEST: tuple[Patch, ...] = (
         "without Apex/TE megatron-core builds torch's multi-kernel foreach AdamW; torch's fused=True AdamW is "
         "one kernel (CUDA, and the CPU since torch 2.4).",
         "when megatron-core builds torch's fused AdamW itself",
-        ("tests/test_fused_kernels.py::test_optimizer_patches_make_megatron_build_fused_adamw",),
+        ("tests/unit/test_fused_kernels.py::test_optimizer_patches_make_megatron_build_fused_adamw",),
         optimizer_step.install_fused_adam,
         lambda args, device: optimizer_step.megatron_builds_torch_adam(args)),
     Patch(
@@ -211,8 +211,8 @@ MANIFEST: tuple[Patch, ...] = (
         "megatron-core's torch.compile'd SwiGLU backward makes one kernel that reloads both halves per output "
         "element (2.4 TB/s on an H200, 5.7% of a 1.5B step).",
         "when inductor (or megatron-core) emits a one-pass SwiGLU backward",
-        ("tests/test_fused_kernels.py::test_swiglu_function_backward_takes_the_kernel_and_matches_float64_autograd",
-         "tests/test_fused_kernels.py::test_swiglu_backward_kernel_matches_autograd_in_triton_interpreter"),
+        ("tests/unit/test_fused_kernels.py::test_swiglu_function_backward_takes_the_kernel_and_matches_float64_autograd",
+         "tests/unit/test_fused_kernels.py::test_swiglu_backward_kernel_matches_autograd_in_triton_interpreter"),
         swiglu.install,
         lambda args, device: device == "cuda" and args.bias_swiglu_fusion and swiglu.kernel_available()),
 )

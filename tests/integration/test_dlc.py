@@ -10,26 +10,23 @@ one GPU per node).
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+from training_utils import REPO_ROOT  # noqa: E402
 
 from gpu_matrix import SETTINGS, Matrix, tolerance  # noqa: E402
-from test_gpu_matrix import cpu_assets  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 
 CPU = SETTINGS["cpu"]
 
 
-def test_two_dlc_nodes_train_exactly_like_one_node_with_two_processes(tmp_path_factory, default_tokenizer_dir,
+def test_two_dlc_nodes_train_exactly_like_one_node_with_two_processes(tmp_path_factory, gpu_matrix_cpu_assets,
                                                                        converted_tiny):
     work = tmp_path_factory.mktemp("dlc")
-    matrix = Matrix(CPU, cpu_assets(tmp_path_factory, default_tokenizer_dir), work, work / "state.json",
+    matrix = Matrix(CPU, gpu_matrix_cpu_assets, work, work / "state.json",
                     checkpoint=converted_tiny, variant="cpu")
     one_node = matrix.run_row(matrix.rows["dp2"])
     two_nodes = matrix.run_row(matrix.rows["dlc-2x1"])

@@ -27,7 +27,7 @@ from megatron_patch.launch import arguments, flags as launch_flags, run as launc
 from megatron_patch.launch.arguments import POSITIONAL
 from megatron_patch.launch.machine import Machine, detect_machine
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from training_utils import REPO_ROOT, clean_env  # noqa: E402
 SCRIPT = REPO_ROOT / "examples" / "qwen2_5" / "run_mcore_qwen.sh"
 
 pytestmark = pytest.mark.timeout(120)
@@ -98,14 +98,6 @@ def argv(paths: Paths, **overrides: str) -> list[str]:
     values.update(overrides)
     assert set(values) == set(POSITIONAL), set(values) ^ set(POSITIONAL)
     return [values[name] for name in POSITIONAL]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The caller's environment without the launcher's knobs or a scheduler's variables, plus `extra`."""
-    knobs = ("MP_", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "KUBERNETES_CONTAINER_RESOURCE_GPU")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(knobs)}
-    env.update(extra)
-    return env
 
 
 @dataclass

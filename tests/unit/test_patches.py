@@ -22,7 +22,7 @@ import torch
 from megatron_patch import patches
 from megatron_patch.patches import megatron_fixes
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from training_utils import REPO_ROOT  # noqa: E402
 
 
 def _test_functions(path: Path) -> set[str]:

@@ -20,7 +20,7 @@ from megatron_patch.data.sft_preprocess import build_sft_idxmap, label_prefix, m
 from megatron_patch.errors import UserError
 from megatron_patch.tokenizer import IM_END_TOKEN_ID, IM_START_TOKEN_ID, PAD_TOKEN_ID, load_tokenizer
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from training_utils import REPO_ROOT  # noqa: E402
 BUILD_SFT = REPO_ROOT / "toolkits" / "sft_data_preprocessing" / "build_idxmap_sft_dataset.py"
 
 ALPACA_WITH_SYSTEM_AND_HISTORY = {

@@ -18,7 +18,7 @@ import pytest
 
 from megatron_patch.launch.run import Log, RunFolderLock, descendants
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from training_utils import REPO_ROOT  # noqa: E402
 SCRIPT = REPO_ROOT / "examples" / "qwen2_5" / "run_mcore_qwen.sh"
 
 pytestmark = pytest.mark.timeout(900)

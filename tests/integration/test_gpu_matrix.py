@@ -5,21 +5,19 @@ state file makes the matrix resumable by row and the doc says what each row need
 
 Trained here: a checkpoint saved at TP2 continued at TP1 PP2 (against TP1 PP1), and PP2 with virtual stages once the
 tiny size has the layers for it. Already trained elsewhere, not here: TP2/PP2/DP2+DO against TP1
-(tests/test_training.py, from conftest's `layout_runs`), ENV=dlc (tests/test_dlc.py), idxmap/raw/packed SFT
-through the launcher (tests/test_best_practice_commands.py).
+(tests/integration/test_training.py, from conftest's `layout_runs`), ENV=dlc (tests/integration/test_dlc.py), idxmap/raw/packed SFT
+through the launcher (tests/integration/test_best_practice_commands.py).
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+from training_utils import REPO_ROOT  # noqa: E402
 
 import gpu_matrix  # noqa: E402
 from gpu_matrix import SETTINGS, Matrix, matrix_rows, missing_for  # noqa: E402
@@ -33,16 +31,10 @@ CPU = SETTINGS["cpu"]
 FP32_CPU_TOLERANCE = gpu_matrix.tolerance("fp32", "fp32", on_gpu=False)
 
 
-def cpu_assets(tmp_path_factory, tokenizer_dir: Path) -> gpu_matrix.Assets:
-    """A small copy of the matrix's data, in one folder per session (test_dlc.py asks for the same one)."""
-    return gpu_matrix.prepare_assets(tmp_path_factory.getbasetemp() / "gpu_matrix_assets", [CPU.seq_len],
-                                     documents=300, records=200, tokenizer=tokenizer_dir)
-
-
 @pytest.fixture(scope="module")
-def matrix(tmp_path_factory, default_tokenizer_dir, converted_tiny) -> Matrix:
+def matrix(tmp_path_factory, gpu_matrix_cpu_assets, converted_tiny) -> Matrix:
     work = tmp_path_factory.mktemp("gpu_matrix_work")
-    return Matrix(CPU, cpu_assets(tmp_path_factory, default_tokenizer_dir), work, work / "state.json",
+    return Matrix(CPU, gpu_matrix_cpu_assets, work, work / "state.json",
                   checkpoint=converted_tiny, variant="cpu")
 
 

@@ -17,7 +17,7 @@ from data_files import write_idxmap, write_sft_idxmap
 from megatron_patch.data.dataset_checks import PRETRAIN_TOOL, SFT_TOOL, dataset_problem
 from megatron_patch.fault_injection import FAULT_ENV, KILLED_EXIT_STATUS
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from training_utils import REPO_ROOT  # noqa: E402
 PREPROCESS = REPO_ROOT / "toolkits" / "pretrain_data_preprocessing" / "preprocess_data.py"
 
 

@@ -173,7 +173,7 @@ def test_model_with_packed_seq_params_matches_block_mask(model_parallel, monkeyp
                                attention_dropout=0.0, hidden_dropout=0.0, masked_softmax_fusion=False,
                                bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False)
     torch.manual_seed(5)
-    model = GPTModel(config, qwen2_5_layer_spec(use_te=False, fused_kernels=False), vocab_size=96,
+    model = GPTModel(config, qwen2_5_layer_spec(use_te=False, fused_kernels=True), vocab_size=96,
                      max_sequence_length=64, position_embedding_type="rope", rotary_base=1000000).to(DEVICE)
     # Row 1: samples of 9, 20 and 3 tokens, 8 padding; row 2: 40 and a short last sample.
     segments = torch.tensor([[0] * 9 + [1] * 20 + [2] * 3 + [3] * 8, [0] * 37 + [1] * 3])
@@ -195,6 +195,7 @@ def test_model_with_packed_seq_params_matches_block_mask(model_parallel, monkeyp
     ({"transformer_impl": "transformer_engine"}, False),
     ({"attention_dropout": 0.1}, False),  # the kernel has no dropout
     ({"cuda_graph_impl": "full_iteration"}, False),  # a replay would keep the first batch's boundaries
+    ({"plain_kernels": True}, False),  # megatron-core's DotProductAttention takes masks only
 ])
 def test_packed_samples_take_varlen_only_where_it_runs(model_parallel, monkeypatch, changes, expected):
     from types import SimpleNamespace
@@ -203,7 +204,7 @@ def test_packed_samples_take_varlen_only_where_it_runs(model_parallel, monkeypat
 
     monkeypatch.setattr(providers, "varlen_available", lambda: True)
     args = SimpleNamespace(**{"transformer_impl": "local", "bf16": True, "fp16": False, "attention_dropout": 0.0,
-                              "cuda_graph_impl": "none", **changes})
+                              "cuda_graph_impl": "none", "plain_kernels": False, **changes})
     assert providers.packed_attention_by_varlen(args) is expected
     monkeypatch.setattr(providers, "varlen_available", lambda: False)  # a CPU, or a GPU before Ampere
     assert providers.packed_attention_by_varlen(args) is False

@@ -252,7 +252,7 @@ def _run_in_triton_interpreter(script: str) -> str:
     imported; it runs the kernels themselves on the CPU) from the repository root; returns its stdout."""
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, TRITON_INTERPRET="1"),
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -262,7 +262,7 @@ def test_swiglu_backward_kernel_matches_autograd_in_triton_interpreter():
     script = textwrap.dedent("""
         import sys
         import torch
-        sys.path.insert(0, "tests")
+        sys.path.insert(0, "tests/unit")
         from test_fused_kernels import _swiglu_reference_grad
         from megatron_patch.fused.swiglu import BLOCK, swiglu_backward
         torch.manual_seed(0)

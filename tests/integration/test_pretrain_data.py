@@ -19,7 +19,7 @@ from megatron_patch.data.records import InputError
 from megatron_patch.errors import UserError
 from megatron_patch.tokenizer import EOD_TOKEN_ID, load_tokenizer
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from training_utils import REPO_ROOT  # noqa: E402
 PREPROCESS = REPO_ROOT / "toolkits" / "pretrain_data_preprocessing" / "preprocess_data.py"
 CORPUS_PARAGRAPHS = 3000  # ~270k characters, ~180k tokens: a few seconds
 
