@@ -720,7 +720,8 @@ def check(result: dict, reference: dict | None, on_gpu: bool) -> tuple[float | N
     """(iteration-1 difference from the reference, its tolerance, problems) for a row that trained."""
     losses = [result["losses"][k] for k in sorted(result["losses"], key=int)]
     problems = []
-    if result.get("skipped"):
+    # fp16's dynamic loss scale may halve on its first steps (skipping them); most skipped is a failure.
+    if result.get("skipped") and 2 * result["skipped"] >= len(losses):
         problems.append(f"{result['skipped']} of the iterations skipped by the loss scaler (last scale "
                         f"{result.get('loss_scale')})")
     if not losses[-1] < losses[0]:
