@@ -33,7 +33,7 @@ from megatron_patch.convert.mapping import (
     qwen2_5_mappings,
     stacked_key,
 )
-from megatron_patch.convert.staging import StagedOutput
+from megatron_patch.convert.staging import StagedOutput, check_save_dir
 from megatron_patch.errors import UserError
 from megatron_patch.hf_checkpoint import TOKENIZER_FILES
 from megatron_patch.model_sizes import Qwen25Size, layout_problems, resolve_size
@@ -91,22 +91,6 @@ def check_parallel_layout(size: Qwen25Size, tp: int, pp: int) -> None:
     problems = layout_problems(size, tp, pp)
     if problems:
         raise UserError("error: " + "; ".join(problems) + ". The checkpoint itself loads with any valid TP/PP.")
-
-
-def _check_output(save_dir: Path, overwrite: bool, inputs: dict[str, Path]) -> None:
-    """SAVE_DIR may neither hold an input nor lie inside one (after resolving symlinks): --overwrite would delete
-    the input, and a conversion must never write into the checkpoint it reads."""
-    save_dir = save_dir.resolve()
-    for what, src in inputs.items():
-        src = src.resolve()
-        if save_dir == src or src.is_relative_to(save_dir) or save_dir.is_relative_to(src):
-            relation = ("is" if save_dir == src else "contains" if src.is_relative_to(save_dir) else "lies inside")
-            raise UserError(f"error: SAVE_DIR {save_dir} {relation} {what} {src}, so converting could overwrite or "
-                            f"delete its input; choose a SAVE_DIR that is neither inside {what} nor holds it, e.g. "
-                            f"a sibling folder {src.parent / (src.name + '-converted')}.")
-    if save_dir.exists() and (not save_dir.is_dir() or any(save_dir.iterdir())) and not overwrite:
-        raise UserError(f"error: SAVE_DIR {save_dir} already exists and is not empty; remove it, choose another "
-                        "folder, or pass --overwrite.")
 
 
 def _copy_side_files(src_dir: Path, dst_dir: Path, dtype: torch.dtype | None = None) -> list[str]:
@@ -188,7 +172,7 @@ def hf_to_mcore(model_size: str, load_dir: str | Path, save_dir: str | Path, pre
     check_parallel_layout(size, tp, pp)
     reader = HFCheckpointReader(load_dir)
     validate_hf_checkpoint(reader, size)
-    _check_output(save_dir, overwrite, {"LOAD_DIR": load_dir})
+    check_save_dir(save_dir, overwrite, {"LOAD_DIR": load_dir})
     _use_device(use_cuda)
 
     from megatron_patch.convert import mcore_runtime
@@ -422,7 +406,7 @@ def mcore_to_hf(model_size: str, load_dir: str | Path, save_dir: str | Path, hf_
     size = _size(model_size, hf_dir)
     check_parallel_layout(size, tp, pp)
     ckpt = find_mcore_checkpoint(load_dir)
-    _check_output(save_dir, overwrite, {"LOAD_DIR": load_dir, "HF_DIR": hf_dir})
+    check_save_dir(save_dir, overwrite, {"LOAD_DIR": load_dir, "HF_DIR": hf_dir})
     _use_device(use_cuda)
 
     meta = validate_mcore_checkpoint(ckpt, size)

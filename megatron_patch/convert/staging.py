@@ -23,9 +23,26 @@ import shutil
 import sys
 from pathlib import Path
 
+from megatron_patch.errors import UserError
 from megatron_patch.fault_injection import fault_point
 
 STATES = ("partial", "done", "old")
+
+
+def check_save_dir(save_dir: Path, overwrite: bool, inputs: dict[str, Path]) -> None:
+    """SAVE_DIR may neither hold an input nor lie inside one (after resolving symlinks): --overwrite would delete
+    the input, and a conversion must never write into the checkpoint it reads."""
+    save_dir = save_dir.resolve()
+    for what, src in inputs.items():
+        src = src.resolve()
+        if save_dir == src or src.is_relative_to(save_dir) or save_dir.is_relative_to(src):
+            relation = ("is" if save_dir == src else "contains" if src.is_relative_to(save_dir) else "lies inside")
+            raise UserError(f"error: SAVE_DIR {save_dir} {relation} {what} {src}, so converting could overwrite or "
+                            f"delete its input; choose a SAVE_DIR that is neither inside {what} nor holds it, e.g. "
+                            f"a sibling folder {src.parent / (src.name + '-converted')}.")
+    if save_dir.exists() and (not save_dir.is_dir() or any(save_dir.iterdir())) and not overwrite:
+        raise UserError(f"error: SAVE_DIR {save_dir} already exists and is not empty; remove it, choose another "
+                        "folder, or pass --overwrite.")
 
 
 def _sibling(save_dir: Path, state: str, pid: int) -> Path:
