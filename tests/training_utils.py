@@ -66,16 +66,10 @@ def run_tool(cmd: list, check: bool = True, cwd: Path | None = None) -> subproce
 
 
 def tensorboard_losses(workdir: Path, tag: str = "lm loss") -> dict[int, float]:
-    """{iteration: loss} from the TensorBoard events the run wrote (full float precision)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """{iteration: loss} from the TensorBoard events the run wrote under workdir/tb (full float precision)."""
+    from gpu_matrix import tensorboard_losses as read_events
 
-    losses: dict[int, float] = {}
-    for events in sorted((workdir / "tb").glob("**/events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            losses.update({e.step: e.value for e in acc.Scalars(tag)})
-    return losses
+    return read_events(workdir / "tb", tag)
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
+from gpu_matrix import tensorboard_losses
 from megatron_patch.launch.arguments import POSITIONAL
-from training_utils import clean_env
+from training_utils import REPO_ROOT, clean_env
 
-from training_utils import REPO_ROOT  # noqa: E402
 SCRIPT = REPO_ROOT / "examples" / "qwen2_5" / "run_mcore_qwen.sh"
 TOOLKITS = REPO_ROOT / "toolkits"
 
@@ -100,18 +100,6 @@ def launch(form: list[str], out: Path, cwd: Path, timeout: int = 400, **env: str
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
         raise AssertionError(f"run_mcore_qwen.sh failed (exit {proc.returncode}); output tail:\n{tail}")
     return Run(out, proc)
-
-
-def tensorboard_losses(tb_dir: Path, tag: str = "lm loss") -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    losses: dict[int, float] = {}
-    for events in sorted(tb_dir.glob("**/events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            losses.update({e.step: e.value for e in acc.Scalars(tag)})
-    return losses
 
 
 def assert_trained(run: Run, iterations: int, saved: list[int]) -> dict[int, float]:
