@@ -2,7 +2,7 @@
 replacing SAVE_DIR leaves a complete checkpoint there, or one that the next run's recovery puts there.
 
 The kill is injected at the exact moment with MP_FAULT_INJECT (megatron_patch/fault_injection.py) in a small
-writer process; no model is involved (tests/test_convertor.py kills a real conversion).
+writer process; no model is involved (tests/integration/test_convertor.py kills a real conversion).
 """
 
 from __future__ import annotations
