@@ -31,11 +31,6 @@ from megatron_patch.errors import UserError  # noqa: E402
 from megatron_patch.fused import linear_cross_entropy  # noqa: E402
 from megatron_patch.model import model_provider  # noqa: E402
 
-if __name__ == "__mp_main__":
-    # A helper a rank started with multiprocessing's spawn (megatron-core's checkpoint writer): spawn re-imports the
-    # main module under this name first. Die with the rank, as forked helpers do (process_lifetime).
-    process_lifetime.die_with_parent()
-
 # megatron's pretrain_gpt: a loss this many times the running average is reported as spiky (not fatal).
 SPIKY_LOSS_FACTOR = 10
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
 import os
 import signal
 import sys
@@ -30,21 +31,29 @@ def children_die_with_this_process() -> None:
     """Every multiprocessing child started from now on (fork, spawn or forkserver) dies with its parent.
 
     megatron-core's torch_dist writer starts helper processes at the first save; without this they outlived a
-    killed rank, kept the launcher's output pipe open (a hang) and held ~0.9 GB each (GPU memory on a GPU node)."""
+    killed rank, kept the launcher's output pipe open (a hang) and held ~0.9 GB each (GPU memory on a GPU node).
+    The child's target is wrapped, not the class: a spawned child is a fresh interpreter that never sees a patch
+    made here, but it unpickles and runs its target."""
     import multiprocessing.process as mp_process
 
-    bootstrap = mp_process.BaseProcess._bootstrap
-    if getattr(bootstrap, "dies_with_parent", False):
+    start = mp_process.BaseProcess.start
+    if getattr(start, "dies_with_parent", False):
         return
 
-    def _bootstrap(self, *args, **kwargs):
-        die_with_parent()
-        return bootstrap(self, *args, **kwargs)
+    def start_dying_with_parent(self):
+        if self._target is not None:
+            self._target = functools.partial(_run_dying_with_parent, self._target)
+        return start(self)
 
-    _bootstrap.dies_with_parent = True
-    mp_process.BaseProcess._bootstrap = _bootstrap
+    start_dying_with_parent.dies_with_parent = True
+    mp_process.BaseProcess.start = start_dying_with_parent
     # Registered after multiprocessing's own exit hook, so it runs first (atexit is last in, first out).
     atexit.register(end_children_left)
+
+
+def _run_dying_with_parent(target, *args, **kwargs):
+    die_with_parent()
+    return target(*args, **kwargs)
 
 
 CHILD_JOIN_SECONDS = 10
