@@ -76,7 +76,16 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"error: {path} is not valid JSON ({e}); restore it from the checkpoint's source.") from None
 
 
-def _size(model_size: str, config_dir: Path) -> Qwen25Size:
+def _size(model_size: str, config_dir: Path, label: str, tp: int, pp: int) -> Qwen25Size:
+    """The shape config_dir's config.json gives (checked against MODEL_SIZE), splittable into TP x PP."""
+    if not config_dir.is_dir():
+        raise UserError(f"error: {label} {config_dir} does not exist (expected a HF checkpoint folder).")
+    size = _config_size(model_size, config_dir)
+    check_parallel_layout(size, tp, pp)
+    return size
+
+
+def _config_size(model_size: str, config_dir: Path) -> Qwen25Size:
     config = config_dir / "config.json"
     if not config.is_file():
         raise UserError(f"error: no config.json in {config_dir}: the HF folder must hold the model's config.json.")
@@ -166,10 +175,7 @@ def hf_to_mcore(model_size: str, load_dir: str | Path, save_dir: str | Path, pre
     """Convert a HF Qwen2.5 folder into a torch_dist release checkpoint (+ config and tokenizer) in save_dir."""
     load_dir, save_dir = Path(load_dir), Path(save_dir)
     dtype = _precision(precision)
-    if not load_dir.is_dir():
-        raise UserError(f"error: LOAD_DIR {load_dir} does not exist (expected a HF checkpoint folder).")
-    size = _size(model_size, load_dir)
-    check_parallel_layout(size, tp, pp)
+    size = _size(model_size, load_dir, "LOAD_DIR", tp, pp)
     reader = HFCheckpointReader(load_dir)
     validate_hf_checkpoint(reader, size)
     check_save_dir(save_dir, overwrite, {"LOAD_DIR": load_dir})
@@ -401,10 +407,7 @@ def mcore_to_hf(model_size: str, load_dir: str | Path, save_dir: str | Path, hf_
         raise UserError("error: Megatron -> HF (MG2HF=true) needs HF_DIR: the reference HF checkpoint folder "
                         "whose config.json and tokenizer files go with the output.")
     hf_dir = Path(hf_dir)
-    if not hf_dir.is_dir():
-        raise UserError(f"error: HF_DIR {hf_dir} does not exist (expected the reference HF checkpoint folder).")
-    size = _size(model_size, hf_dir)
-    check_parallel_layout(size, tp, pp)
+    size = _size(model_size, hf_dir, "HF_DIR", tp, pp)
     ckpt = find_mcore_checkpoint(load_dir)
     check_save_dir(save_dir, overwrite, {"LOAD_DIR": load_dir, "HF_DIR": hf_dir})
     _use_device(use_cuda)
