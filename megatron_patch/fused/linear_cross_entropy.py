@@ -166,13 +166,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # product, fp32 copy and separate add per chunk (about 60 GB of memory traffic per 1.5B step).
         accumulate_in_gemm = hidden.is_cuda and out_dtype_addmm_available()
         chunk_maths = _chunk_maths(hidden.device)
+        upcast = not hidden.is_cuda and hidden.dtype != torch.float32
+        # A CPU without 16-bit arithmetic (AVX2 only) runs these GEMMs 6-50x slower than in fp32: there they take
+        # the 16-bit values in fp32 and round each result once, as a GPU's 16-bit GEMM with fp32 accumulation does.
+        gemm_weight = weight.float() if upcast else weight
         for start in range(0, tokens, chunk_tokens):
             end = min(start + chunk_tokens, tokens)
             h, target, inside, w = hidden[start:end], local_labels[start:end], in_shard[start:end], token_weight[start:end]
-            logits = h @ weight.t()
+            if upcast:
+                h = h.float()
+            logits = (h @ gemm_weight.t()).to(hidden.dtype)
             chunk_loss, grad_logits = chunk_maths(logits, target, inside, w, tp_group)
             loss_sum += chunk_loss
             del logits
+            if upcast:
+                grad_logits = grad_logits.float()
+                grad_hidden[start:end] = grad_logits @ gemm_weight
+                product = grad_logits.t() @ h
+                grad_weight = product if one_chunk else grad_weight.add_(product)
+                continue
             torch.matmul(grad_logits, weight, out=grad_hidden[start:end])
             if one_chunk:  # nothing to sum: the GEMM's output is the gradient, rounded once as in the fp32 sum
                 grad_weight = grad_logits.t() @ h
