@@ -54,7 +54,8 @@ class RunFolderLock:
     its holder dies, so a lock left by a dead launch is simply taken over."""
 
     def __init__(self, checkpoint_dir: Path, node_rank: int):
-        self.path = checkpoint_dir.parent / f".{checkpoint_dir.name}.node{node_rank}.lock"
+        # Inside the run's own folder: OUTPUT_BASEPATH/checkpoint/ keeps holding run folders only.
+        self.path = checkpoint_dir / f".launch.node{node_rank}.lock"
         self._fd: int | None = None
 
     def acquire(self) -> None:
