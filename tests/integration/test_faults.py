@@ -51,9 +51,9 @@ def environment(tokenizer: Path) -> dict[str, str]:
 class Run:
     """One launch of the user's command, with its output in a file and the PIDs of everything it started."""
 
-    def __init__(self, data: Path, out: Path, tokenizer: Path, iterations: int = 10000):
+    def __init__(self, data: Path, out: Path, tokenizer: Path, iterations: int = 10000, console: Path | None = None):
         self.out = out
-        self.console = out.parent / f"{out.name}.console"
+        self.console = console or out.parent / f"{out.name}.console"
         with open(self.console, "w") as console:
             # exec chain: sh -> python -m megatron_patch.launch, one PID
             self.proc = subprocess.Popen(command(data, out, iterations), env=environment(tokenizer),
@@ -194,7 +194,7 @@ def test_too_little_space_for_one_checkpoint_is_refused_before_torchrun(sft_json
 
 def test_a_disk_that_fills_up_ends_the_run_and_keeps_the_last_checkpoint(sft_json, tmp_path, default_tokenizer_dir):
     disk = _tmpfs(tmp_path / "disk", "200m")  # room for one tiny checkpoint (~113 MB), not two
-    run = Run(sft_json, disk / "out", default_tokenizer_dir)
+    run = Run(sft_json, disk / "out", default_tokenizer_dir, console=tmp_path / "console")  # not on the full disk
     try:
         run.wait_for(lambda: run.tracker() == "1", 400, "the iteration-1 checkpoint")
         filler = disk / "filler"
