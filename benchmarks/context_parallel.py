@@ -227,6 +227,10 @@ def main() -> None:
     att.add_argument("--repeats", type=int, default=5)
     att.add_argument("--nproc", type=int, default=0, help="processes (default: the GPUs, at least 2)")
     args = parser.parse_args()
+    # SIGTERM (a time limit) as an exception, so the launcher's session is stopped with this process.
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.prepare_only:
         print("assets:", *prepare_assets(Path(args.assets)))
     elif args.mode == "train":

@@ -38,6 +38,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -130,6 +131,11 @@ def matrix_rows(settings: Settings) -> list[Row]:
         if pr != settings.precision:
             rows.append(Row(f"pr-{pr}", f"PR={pr}", {"PR": pr},
                             needs=frozenset({"gpu", "te"} if pr == "fp8" else {"gpu"} if pr == "fp16" else set())))
+    # PR=fp8's other recipes in megatron-core 0.19.2 (pr-fp8 is `delayed`); mxfp8 must be refused before Blackwell.
+    for recipe in ("tensorwise", "blockwise", "mxfp8"):
+        rows.append(Row(f"pr-fp8-{recipe}", f"PR=fp8, MP_FP8_RECIPE={recipe}", {"PR": "fp8"},
+                        {"MP_FP8_RECIPE": recipe},
+                        needs=frozenset({"gpu", "te"} | ({"blackwell"} if recipe == "mxfp8" else set()))))
     rows += [
         Row("fl-true", "FL=true (TE: flash-attn's kernels; local spec: SDPA either way)", {"FL": "true"}),
         Row("ac-sel", "AC=sel (selective recompute)", {"AC": "sel"}),
@@ -325,12 +331,26 @@ def clean_environ(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+LIVE_LAUNCHERS: set[subprocess.Popen] = set()  # stopped by stop_live_launchers when this process ends early
+
+
 def start_launcher(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         # Its own session: the launcher, torchrun and the ranks go together when it is stopped.
-        return subprocess.Popen(["sh", str(SCRIPT), *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(["sh", str(SCRIPT), *args], env=env, stdout=log, stderr=subprocess.STDOUT,
                                 cwd=log_path.parent, start_new_session=True)
+    LIVE_LAUNCHERS.add(proc)
+    return proc
+
+
+def stop_live_launchers() -> None:
+    """Every launcher still running (rows of other threads, when the main thread ends on SIGTERM)."""
+    for proc in list(LIVE_LAUNCHERS):
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        LIVE_LAUNCHERS.discard(proc)
 
 
 def wait_launchers(procs: list[subprocess.Popen], logs: list[Path], last_line: str | None,
@@ -352,6 +372,7 @@ def wait_launchers(procs: list[subprocess.Popen], logs: list[Path], last_line: s
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)  # SIGTERM would make Megatron save a checkpoint first
             p.wait()
+            LIVE_LAUNCHERS.discard(p)
     seconds = time.time() - start
     return [Launched(p.returncode, log.read_text(errors="replace"), seconds, stopped, timed_out)
             for p, log in zip(procs, logs)]
@@ -461,9 +482,11 @@ def device_description() -> str:
     return f"{gpus}x {torch.cuda.get_device_name(0)}"
 
 
-def missing_for(row: Row, has_gpu: bool, has_te: bool) -> list[str]:
+def missing_for(row: Row, has_gpu: bool, has_te: bool, gpu_capability: int = 0) -> list[str]:
     """What this machine lacks for the row: the launcher must refuse the row when this is not empty."""
     missing = []
+    if "blackwell" in row.needs and gpu_capability < 100:
+        missing.append("a Blackwell GPU")
     if "gpu" in row.needs and not has_gpu:
         missing.append("a GPU")
     if "te" in row.needs and not has_te:
@@ -487,6 +510,7 @@ class Matrix:
         self._checkpoint = checkpoint
         self.checkpoint_how = "given" if checkpoint else ""
         self.saved_checkpoints: dict[str, Path] = {}  # row name -> its saved checkpoint folder on this machine
+        self.state_lock = threading.Lock()
 
     # -- inputs --
 
@@ -520,10 +544,13 @@ class Matrix:
         args.update(row.args)
         return [args[name] for name in POSITIONAL]
 
-    def launcher_env(self, row: Row, extra: dict[str, str] | None = None) -> dict[str, str]:
+    def launcher_env(self, row: Row, extra: dict[str, str] | None = None,
+                     gpus: list[int] | None = None) -> dict[str, str]:
         knobs = {"MP_TOKENIZER_PATH": str(self.assets.tokenizer), **row.env}
         if row.nodes == 1:
             knobs["MP_NPROC_PER_NODE"] = str(row.gpus)
+            if gpus is not None and self.has_gpu:
+                knobs["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
         return clean_environ({**knobs, **(extra or {})})
 
     def path_names(self) -> dict[str, str]:
@@ -547,8 +574,9 @@ class Matrix:
         saved = self.saved_checkpoints.get(row.loads_from)
         return str(saved) if saved else None
 
-    def run_row(self, row: Row) -> dict:
-        """Train the row once on this machine; its result (also kept in the state) is returned."""
+    def run_row(self, row: Row, gpus: list[int] | None = None) -> dict:
+        """Train the row once on this machine (on `gpus`, default all); its result (also kept in the state) is
+        returned."""
         out = self.out_dir(row)
         shutil.rmtree(out, ignore_errors=True)  # a leftover checkpoint there would be resumed
         loads = self.source_checkpoint(row)
@@ -561,9 +589,9 @@ class Matrix:
         if self.settings.stop_after_last_iteration and not row.saves:
             last_line = f"[qwen] iteration {iters:8d}"
         if row.nodes > 1:
-            launched, command = self.run_nodes(row, args, last_line)
+            launched, command = self.run_nodes(row, args, last_line, gpus)
         else:
-            env = self.launcher_env(row)
+            env = self.launcher_env(row, gpus=gpus)
             command = self.command_text(row, args, env)
             print(f"gpu_matrix: {self.variant}/{row.name}: {command}", flush=True)
             proc = start_launcher(args, env, out / "launcher.log")
@@ -576,16 +604,18 @@ class Matrix:
             self.saved_checkpoints[row.name] = folder
         return self.record(row, result)
 
-    def run_nodes(self, row: Row, args: list[str], last_line: str | None) -> tuple[Launched, str]:
+    def run_nodes(self, row: Row, args: list[str], last_line: str | None,
+                  gpus: list[int] | None = None) -> tuple[Launched, str]:
         """ENV=dlc: one launcher per node with the scheduler's variables, as a DLC job sets them."""
         port = str(hardware.free_port())
         per_node = row.gpus // row.nodes
+        gpus = gpus or list(range(row.gpus))
         procs, logs, commands = [], [], []
         for node in range(row.nodes):
             extra = {"WORLD_SIZE": str(row.nodes), "RANK": str(node), "MASTER_ADDR": "127.0.0.1",
                      "MASTER_PORT": port, "KUBERNETES_CONTAINER_RESOURCE_GPU": str(per_node)}
             if self.has_gpu:
-                extra["CUDA_VISIBLE_DEVICES"] = ",".join(str(node * per_node + g) for g in range(per_node))
+                extra["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpus[node * per_node + g]) for g in range(per_node))
             env = self.launcher_env(row, extra)
             commands.append(self.command_text(row, args, env))
             log = self.out_dir(row) / f"node{node}" / "launcher.log"
@@ -628,11 +658,12 @@ class Matrix:
                       te=te_version() if self.variant == "te" else "none",
                       date=datetime.date.today().isoformat(),
                       precision=row.args.get("PR", self.settings.precision))
-        self.state["rows"][f"{self.variant}/{row.name}"] = result
-        self.state["settings"][self.variant] = asdict(self.settings)
-        if self.checkpoint_how:
-            self.state["checkpoint"][self.variant] = self.checkpoint_how
-        save_state(self.state, self.state_path)
+        with self.state_lock:  # rows end in several threads under --jobs
+            self.state["rows"][f"{self.variant}/{row.name}"] = result
+            self.state["settings"][self.variant] = asdict(self.settings)
+            if self.checkpoint_how:
+                self.state["checkpoint"][self.variant] = self.checkpoint_how
+            save_state(self.state, self.state_path)
         print(f"gpu_matrix: {self.variant}/{row.name}: {result['status']}"
               + (f" ({result.get('message')})" if result.get("message") else "")
               + (f" losses {[round(v, 4) for v in result['losses'].values()]}" if "losses" in result else ""),
@@ -657,6 +688,87 @@ class Matrix:
 
     def processes_available(self) -> int:
         return hardware.gpu_count() or 2
+
+    def run_concurrently(self, rows: list[Row], jobs: int, budget_s: float, redo: bool, copy_to: Path | None,
+                         doc: Path) -> None:
+        """Up to `jobs` rows at once, each on the least-busy GPUs it needs (a GPU takes ceil(jobs / GPUs) rows
+        at a time): launch, checkpoint load and compilation are host work, and a 0.5B row uses a fraction of an
+        H200. A row that loads another's checkpoint starts once that row has saved. Each result records how many
+        other rows shared its GPUs (its tokens/s is then a smoke figure of a shared GPU)."""
+        start = time.time()
+        gpu_total = self.processes_available()
+        per_gpu = -(-jobs // gpu_total)
+        todo: list[Row] = []
+        for row in rows:
+            if gpus_needed(row, self.rows) > gpu_total:
+                print(f"gpu_matrix: {row.name}: planned, needs {gpus_needed(row, self.rows)} GPUs", flush=True)
+                continue
+            if self.result(row.name) and not redo:
+                continue
+            first = [self.rows[name] for name in (row.loads_from,) if name and name not in self.saved_checkpoints]
+            first += [self.rows[name] for name in (row.reference,) if name and self.result(name) is None]
+            for needed in first + [row]:
+                if needed not in todo:
+                    todo.append(needed)
+        if todo:
+            self.checkpoint()  # converted once, before the threads that read it
+        load = {gpu: 0 for gpu in range(gpu_total)}
+        running: dict[threading.Thread, tuple[Row, list[int]]] = {}
+        ended: set[str] = set()
+        spent: list[float] = []
+        lock = threading.Lock()
+
+        def work(row: Row, gpus: list[int], sharing: int) -> None:
+            row_start = time.time()
+            try:
+                result = self.run_row(row, gpus)
+                result["rows_sharing_its_gpus"] = sharing
+            except Exception as error:  # a bug here must not cost the call's other rows
+                traceback.print_exc()
+                self.record(row, dict(status="failed", message=f"gpu_matrix.py: {type(error).__name__}: {error}",
+                                      command="", seconds=round(time.time() - row_start, 1)))
+            with lock:
+                spent.append(time.time() - row_start)
+                with self.state_lock:
+                    save_state(self.state, self.state_path)
+                    write_doc(self.state, doc, self.settings)
+                    if copy_to:
+                        copy_results(copy_to, doc, self.state_path)
+
+        while todo or running:
+            for thread in [t for t in running if not t.is_alive()]:
+                row, gpus = running.pop(thread)
+                ended.add(row.name)
+                for gpu in gpus:
+                    load[gpu] -= 1
+            for row in list(todo):
+                if row.loads_from and row.loads_from not in self.saved_checkpoints:
+                    if row.loads_from in ended:  # it ran and saved nothing
+                        todo.remove(row)
+                        self.record(row, dict(status="failed", message=f"{row.loads_from} saved no checkpoint",
+                                              command="", seconds=0))
+                    continue
+                if len(running) >= jobs:
+                    break
+                estimate = max(spent) if spent else 90
+                if time.time() - start + estimate > budget_s:
+                    print(f"gpu_matrix: budget of {budget_s:.0f} s reached before {row.name}", flush=True)
+                    todo.clear()
+                    break
+                gpus = sorted(load, key=lambda g: (load[g], g))[:row.gpus]
+                if any(load[g] >= per_gpu for g in gpus):
+                    continue
+                sharing = len([1 for _, used in running.values() if set(used) & set(gpus)])
+                for gpu in gpus:
+                    load[gpu] += 1
+                todo.remove(row)
+                thread = threading.Thread(target=work, args=(row, gpus, sharing), name=row.name, daemon=True)
+                running[thread] = (row, gpus)
+                thread.start()
+            time.sleep(0.5)
+        write_doc(self.state, doc, self.settings)
+        if copy_to:
+            copy_results(copy_to, doc, self.state_path)
 
     def run(self, rows: list[Row], budget_s: float, redo: bool, copy_to: Path | None, doc: Path) -> None:
         start = time.time()
@@ -847,6 +959,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=480, help="start no row that would end after this")
     parser.add_argument("--copy-to", type=Path, help="copy the doc and the state here after every row ($OUT)")
     parser.add_argument("--redo", action="store_true", help="run rows the state already has")
+    parser.add_argument("--jobs", type=int, default=1, help="rows at once, spread over the GPUs (default 1)")
     parser.add_argument("--prepare-only", action="store_true", help="write the tokenizer and data, then stop")
     parser.add_argument("--render-only", action="store_true", help="rewrite the doc from the state, then stop")
     parser.add_argument("--list", action="store_true", help="print the rows and what each needs")
@@ -872,8 +985,12 @@ def main(argv: list[str] | None = None) -> int:
     matrix = Matrix(settings, assets, args.work, args.state)
     rows = matrix.select(args.rows)
     try:
-        matrix.run(rows, args.budget_s, args.redo, args.copy_to, args.doc)
+        if args.jobs > 1:
+            matrix.run_concurrently(rows, args.jobs, args.budget_s, args.redo, args.copy_to, args.doc)
+        else:
+            matrix.run(rows, args.budget_s, args.redo, args.copy_to, args.doc)
     finally:
+        stop_live_launchers()
         matrix.state["calls"].append(dict(
             date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             device=device_description(), te=te_version() if matrix.variant == "te" else "none",

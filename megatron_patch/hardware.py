@@ -27,6 +27,17 @@ def gpu_count() -> int:
         return 0
 
 
+@functools.cache
+def gpu_compute_capability() -> int:
+    """The first GPU's compute capability as major*10 + minor (90: Hopper, 100: Blackwell); 0 without a GPU."""
+    if gpu_count() == 0:
+        return 0
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(0)
+    return major * 10 + minor
+
+
 def transformer_engine_importable() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 

@@ -18,6 +18,8 @@ POSITIONAL = (
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 AC_MODES = ("sel", "full", "offload", "false")
 OPTIMIZER_OFFLOAD_MODES = ("false", "static", "auto")
+# megatron-core 0.19.2's TE fp8 recipes ('custom' takes a quantizer factory: not offered). mxfp8 needs Blackwell.
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 
 # Every environment variable the launcher reads: name -> (default, meaning). README's table is checked against it.
 ENV_KNOBS = {
@@ -28,6 +30,8 @@ ENV_KNOBS = {
     "MP_SFT_PACKING": ("false", "`true`: several SFT samples per sequence, never attending across them"),
     "MP_FUSED_KERNELS": ("true", "`false`: megatron-core's plain modules only (its DotProductAttention, norms, "
                                  "RoPE and logits + cross-entropy), for comparison"),
+    "MP_FP8_RECIPE": ("delayed", "PR=fp8's scaling: `delayed` (amax history, upstream's), `tensorwise` (current "
+                                 "scaling), `blockwise` (128-element blocks), `mxfp8` (Blackwell GPUs only)"),
     "MP_CUDA_GRAPH": ("false", "`true`: replay each iteration from one CUDA graph (GPU, PP=1)"),
     "MP_DRY_RUN": ("", "`1`: print the command that would run (and its environment) and run nothing; every "
                        "script of the project takes it"),
@@ -79,6 +83,7 @@ class Launch:
     sft_packing: bool = False
     fused_kernels: bool = True
     cuda_graph: bool = False
+    fp8_recipe: str = "delayed"
     tokenizer_path: str | None = None
 
     @property
@@ -198,5 +203,6 @@ def parse(argv: list[str], environ: dict[str, str]) -> Launch:
         sft_packing=parse_bool("MP_SFT_PACKING", knob("MP_SFT_PACKING")),
         fused_kernels=parse_bool("MP_FUSED_KERNELS", knob("MP_FUSED_KERNELS")),
         cuda_graph=parse_bool("MP_CUDA_GRAPH", knob("MP_CUDA_GRAPH")),
+        fp8_recipe=_choice("MP_FP8_RECIPE", knob("MP_FP8_RECIPE"), FP8_RECIPES),
         tokenizer_path=knob("MP_TOKENIZER_PATH") or None,
     )

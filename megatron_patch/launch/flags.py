@@ -72,8 +72,11 @@ def _precision_flags(launch: Launch) -> list[str]:
         scale = 2 ** max(0, (65536 // tokens).bit_length() - 1)
         return ["--fp16", "--initial-loss-scale", str(scale)]
     if launch.precision == "fp8":
-        return ["--bf16", "--fp8-format", "hybrid", "--fp8-amax-history-len", "1024",
-                "--fp8-amax-compute-algo", "max"]
+        # hybrid: e4m3 forward, e5m2 gradients (every recipe takes it); the amax history is delayed scaling's.
+        flags = ["--bf16", "--fp8-format", "hybrid", "--fp8-recipe", launch.fp8_recipe]
+        if launch.fp8_recipe == "delayed":
+            flags += ["--fp8-amax-history-len", "1024", "--fp8-amax-compute-algo", "max"]
+        return flags
     return []
 
 

@@ -19,6 +19,7 @@ class Machine:
     has_gpu: bool
     has_te: bool
     has_flash_attn: bool = False
+    gpu_capability: int = 0  # major*10 + minor of the GPUs (90: Hopper); 0 without a GPU
 
     @property
     def world_size(self) -> int:
@@ -50,6 +51,7 @@ def detect_machine(launch: Launch, environ: dict[str, str]) -> Machine:
             has_gpu=has_gpu,
             has_te=has_te,
             has_flash_attn=has_flash_attn,
+            gpu_capability=hardware.gpu_compute_capability(),
         )
     if override:
         nproc = _int("MP_NPROC_PER_NODE", override, 1)
@@ -58,7 +60,8 @@ def detect_machine(launch: Launch, environ: dict[str, str]) -> Machine:
     else:
         # On the CPU, start just enough processes for the requested model-parallel layout.
         nproc = launch.tp * launch.pp * launch.cp
-    return Machine(1, 0, nproc, "localhost", hardware.free_port(), has_gpu, has_te, has_flash_attn)
+    return Machine(1, 0, nproc, "localhost", hardware.free_port(), has_gpu, has_te, has_flash_attn,
+                   hardware.gpu_compute_capability())
 
 
 def uses_te(launch: Launch, machine: Machine) -> bool:

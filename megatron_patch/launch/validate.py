@@ -90,6 +90,13 @@ def _feature_problems(launch: Launch, machine: Machine, found: Findings) -> list
     if launch.precision == "fp8" and not machine.has_te:
         errors.append("PR=fp8 needs Transformer Engine on a GPU, and it is not importable here. Use PR=bf16, or run "
                       "in the NGC PyTorch image (see the Dockerfile).")
+    if launch.precision == "fp8" and launch.fp8_recipe == "mxfp8" and machine.has_gpu and machine.gpu_capability < 100:
+        errors.append(f"MP_FP8_RECIPE=mxfp8 needs a Blackwell GPU (compute capability 10.0 or newer); this one is "
+                      f"{machine.gpu_capability // 10}.{machine.gpu_capability % 10}. Use MP_FP8_RECIPE=delayed, "
+                      "tensorwise or blockwise.")
+    if launch.fp8_recipe != "delayed" and launch.precision != "fp8":
+        found.warnings.append(f"MP_FP8_RECIPE={launch.fp8_recipe} has no effect with PR={launch.precision} "
+                              "(it applies to PR=fp8).")
     if launch.activation_checkpointing == "offload" and not machine.has_te:
         errors.append("AC=offload uses Transformer Engine's CPU offload, which is not importable here. Use AC=sel or "
                       "AC=full, or run in the NGC PyTorch image.")

@@ -52,6 +52,7 @@ def test_rows_cover_every_launcher_value_and_knob():
     assert {"static", "auto"} == seen["OPTIMIZER_OFFLOAD"]
     assert {"2"} == seen["TP"] == seen["PP"] == seen["CP"]
     assert {"true"} == seen["SP"] == seen["DO"] == seen["FL"] == seen["SFT"]
+    assert {"tensorwise", "blockwise", "mxfp8"} == seen["MP_FP8_RECIPE"]  # delayed is pr-fp8's default
     for knob in ("MP_DATASET_TYPE", "MP_AC_LAYERS", "MP_VP", "MP_SFT_PACKING", "MP_FUSED_KERNELS", "MP_CUDA_GRAPH"):
         assert knob in seen, knob
     assert set(seen) <= set(POSITIONAL) | {k for k in seen if k.startswith("MP_")}
@@ -176,3 +177,47 @@ def test_rows_done_are_skipped_and_the_doc_says_what_each_needs(tmp_path, monkey
     assert "| 1 | | | planned, needs 1 GPU, TE |" in next(line for line in cpu_table if "`pr-fp8`" in line)
     with pytest.raises(SystemExit, match="--rows nope matches no row"):
         matrix.select("base,nope")
+
+
+def test_rows_run_concurrently_on_the_least_busy_gpus_and_a_resume_waits_for_its_save(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    matrix = Matrix(CPU, gpu_matrix.Assets(tmp_path), tmp_path, tmp_path / "state.json", checkpoint=tmp_path,
+                    variant="cpu")
+    monkeypatch.setattr(matrix, "processes_available", lambda: 2)
+    lock = threading.Lock()
+    busy: dict[int, int] = {0: 0, 1: 0}
+    most_busy = {0: 0, 1: 0}
+    started: list[tuple[str, list[int]]] = []
+    saved_when: dict[str, float] = {}
+
+    def fake_run_row(row, gpus):
+        with lock:
+            started.append((row.name, gpus))
+            for gpu in gpus:
+                busy[gpu] += 1
+                most_busy[gpu] = max(most_busy[gpu], busy[gpu])
+            if row.loads_from:
+                assert row.loads_from in saved_when, f"{row.name} started before {row.loads_from} saved"
+        time.sleep(0.3)
+        with lock:
+            for gpu in gpus:
+                busy[gpu] -= 1
+        if row.saves:
+            matrix.saved_checkpoints[row.name] = tmp_path / row.name
+            saved_when[row.name] = time.time()
+        return matrix.record(row, dict(status="ok", losses={"1": 11.9, "2": 11.0}, command="", seconds=0.3))
+
+    monkeypatch.setattr(matrix, "run_row", fake_run_row)
+    rows = matrix.select("base,ac-sel,ac-full,fl-true,tp2,resume-tp1pp2,tp2-pp2")
+    matrix.run_concurrently(rows, jobs=4, budget_s=600, redo=False, copy_to=None, doc=tmp_path / "doc.md")
+    names = [name for name, _ in started]
+    # tp2-pp2 needs 4 GPUs: planned; resume-tp1pp2's reference resume-tp1pp1 is run too, after tp2 saved.
+    assert sorted(names) == sorted(["base", "ac-sel", "ac-full", "fl-true", "tp2", "resume-tp1pp1",
+                                    "resume-tp1pp2"])
+    assert max(most_busy.values()) <= 2 and min(most_busy.values()) >= 1  # 4 jobs on 2 GPUs: 2 per GPU at most
+    assert all(len(gpus) == 2 for name, gpus in started if name in ("tp2", "resume-tp1pp2"))
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert {k for k, v in state["rows"].items() if v["status"] == "ok"} == {f"cpu/{n}" for n in names}
+    assert "rows_sharing_its_gpus" in state["rows"]["cpu/ac-sel"]

@@ -373,7 +373,7 @@ def test_default_tokenizer_lives_in_the_cache_and_a_dry_run_writes_nothing(paths
 # ---- combinations that need a GPU with Transformer Engine: the Python API with a pretend machine ----
 
 GPU_TE = Machine(nnodes=1, node_rank=0, nproc_per_node=8, master_addr="localhost", master_port=6000,
-                 has_gpu=True, has_te=True, has_flash_attn=True)
+                 has_gpu=True, has_te=True, has_flash_attn=True, gpu_capability=90)  # Hopper
 
 
 @dataclass
@@ -411,6 +411,29 @@ def test_fp8_with_transformer_engine(paths):
     assert "--bf16" in flags and value(flags, "--fp8-format") == "hybrid"
     assert value(flags, "--fp8-amax-history-len") == "1024" and value(flags, "--fp8-amax-compute-algo") == "max"
     assert value(flags, "--transformer-impl") == "transformer_engine"
+    assert value(flags, "--fp8-recipe") == "delayed"
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "blockwise"])
+def test_fp8_recipes_other_than_delayed_take_no_amax_history(paths, recipe):
+    _, flags = api_flags(paths, environ={"MP_FP8_RECIPE": recipe}, PR="fp8")
+    assert value(flags, "--fp8-recipe") == recipe and value(flags, "--fp8-format") == "hybrid"
+    assert "--fp8-amax-history-len" not in flags and "--fp8-amax-compute-algo" not in flags
+
+
+def test_mxfp8_needs_a_blackwell_gpu(paths):
+    with pytest.raises(UserError) as err:
+        api_flags(paths, environ={"MP_FP8_RECIPE": "mxfp8"}, PR="fp8")
+    assert "MP_FP8_RECIPE=mxfp8 needs a Blackwell GPU (compute capability 10.0 or newer); this one is 9.0" in str(err.value)
+    blackwell = dataclasses.replace(GPU_TE, gpu_capability=100)
+    _, flags = api_flags(paths, blackwell, environ={"MP_FP8_RECIPE": "mxfp8"}, PR="fp8")
+    assert value(flags, "--fp8-recipe") == "mxfp8"
+
+
+def test_an_fp8_recipe_without_fp8_is_a_warning(paths):
+    launch, flags = api_flags(paths, environ={"MP_FP8_RECIPE": "tensorwise"}, PR="bf16")
+    assert "--fp8-recipe" not in flags
+    assert any("MP_FP8_RECIPE=tensorwise has no effect with PR=bf16" in w for w in launch.warnings)
 
 
 @pytest.mark.parametrize("fl, backend", [("true", "flash"), ("false", "fused")])
@@ -568,6 +591,8 @@ INVALID = [
     ("arg_count", None, {}, "takes 25 arguments, got 24. Missing: OUTPUT_BASEPATH"),
     ("model_size", {"MODEL_SIZE": "0.6B"}, {}, "MODEL_SIZE must be one of tiny, 0.5B"),
     ("precision", {"PR": "int8"}, {}, "PR must be one of fp32, bf16, fp16, fp8; got 'int8'"),
+    ("fp8_recipe", {}, {"MP_FP8_RECIPE": "current"},
+     "MP_FP8_RECIPE must be one of delayed, tensorwise, blockwise, mxfp8; got 'current'"),
     ("ac_mode", {"AC": "selective"}, {}, "AC must be one of sel, full, offload, false; got 'selective'"),
     ("sp_not_boolean", {"SP": "maybe"}, {}, "SP must be true or false, got 'maybe'"),
     ("optimizer_offload", {"OPTIMIZER_OFFLOAD": "true"}, {}, "OPTIMIZER_OFFLOAD must be one of false, static, auto"),
