@@ -877,6 +877,8 @@ def row_line(row: Row, rows: dict[str, Row], result: dict | None, results: dict,
             delta = f"{diff:+.1e} (tol {tol:g})"
         status = "ok" if not problems else "**check failed**: " + "; ".join(problems)
         rate = f"{result['tokens_per_s_per_gpu']:,}" if result.get("tokens_per_s_per_gpu") else ""
+        if rate and result.get("rows_sharing_its_gpus"):
+            rate += " (shared)"
         peak = f"{result['peak_gib']:.1f}" if result.get("peak_gib") else ""
     elif status == "refused":
         status = f"refused: {result['message']}"
@@ -915,8 +917,9 @@ def write_doc(state: dict, doc: Path, settings: Settings) -> None:
         + ", ".join(f"{k.replace('-cpu', ' on the CPU')} {v:g}" for k, v in TOLERANCE.items())
         + " (absolute, at a loss near ln(151936) = 11.93), and the loss must fall from iteration 1 to the last. "
         "tokens/s/GPU: mean of the iterations after the fifth, from the launcher's `[qwen]` lines (a few "
-        "iterations at a small batch: a smoke figure, not a benchmark; see docs/benchmarks.md); peak: the last "
-        "rank's peak allocated GPU memory.",
+        "iterations at a small batch: a smoke figure, not a benchmark; see docs/benchmarks.md; \"(shared)\": the row "
+        "ran beside other rows on its GPUs under `--jobs`, so its rate is lower than alone); peak: the last rank's "
+        "peak allocated GPU memory.",
         "",
         "**Status:** ok; refused (the launcher's own message, exit 2, before torchrun); failed (the rank's last "
         "error line); planned (not run: needs more GPUs, or not reached yet).",

@@ -91,8 +91,10 @@ def _parallel_flags(launch: Launch, machine: Machine) -> list[str]:
     if machine.has_gpu:
         # Overlap only where it exists: param gather needs the distributed optimizer (upstream adds it always).
         flags.append("--overlap-grad-reduce")
-        # The overlapped gather is waited on in forward hooks, outside a captured graph's reach.
-        if launch.distributed_optimizer and not launch.cuda_graph:
+        # The overlapped gather is waited on in forward hooks, outside a captured graph's reach; AC=full runs
+        # each layer's forward (and its hooks) again in backward, which starts a second gather of a bucket
+        # whose first is still pending (megatron-core 0.19.2 asserts; seen on two H200s at 7B, CP2).
+        if launch.distributed_optimizer and not launch.cuda_graph and launch.activation_checkpointing != "full":
             flags.append("--overlap-param-gather")
         if launch.tp > 1 and launch.sp and uses_te(launch, machine):
             flags.append("--tp-comm-overlap")
@@ -101,8 +103,9 @@ def _parallel_flags(launch: Launch, machine: Machine) -> list[str]:
 
 def _attention_flags(launch: Launch, machine: Machine) -> list[str]:
     if uses_te(launch, machine):
-        return ["--transformer-impl", "transformer_engine",
-                "--attention-backend", "flash" if launch.flash_attention else "fused",
+        # TE's flash and cuDNN fused attention take 16-bit inputs only; fp32 gets TE's unfused attention.
+        backend = "unfused" if launch.precision == "fp32" else "flash" if launch.flash_attention else "fused"
+        return ["--transformer-impl", "transformer_engine", "--attention-backend", backend,
                 "--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "native"]
     if not machine.has_gpu:
         return ["--transformer-impl", "local"]  # the entrypoint's CPU backend adds the rest

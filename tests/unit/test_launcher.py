@@ -467,6 +467,17 @@ def test_gpu_overlap_flags(paths):
     assert {"--sequence-parallel", "--overlap-grad-reduce", "--overlap-param-gather", "--tp-comm-overlap"} <= set(flags)
     _, flags = api_flags(paths, DO="false")
     assert "--overlap-grad-reduce" in flags and "--overlap-param-gather" not in flags
+    # AC=full re-runs each layer's forward hooks in backward, starting a second gather of a pending bucket
+    # (megatron-core 0.19.2 asserts in iteration 2: seen on two H200s at 7B CP2); AC=sel recomputes no parameters.
+    assert "--overlap-param-gather" not in api_flags(paths, AC="full")[1]
+    assert "--overlap-param-gather" in api_flags(paths, AC="sel")[1]
+
+
+@pytest.mark.parametrize("pr, fl, backend", [("fp32", "true", "unfused"), ("fp32", "false", "unfused"),
+                                             ("bf16", "false", "fused")])
+def test_te_attention_backend_follows_the_precision(paths, pr, fl, backend):
+    # TE's flash and cuDNN kernels take 16-bit inputs only: PR=fp32 found "No dot product attention backend".
+    assert value(api_flags(paths, PR=pr, FL=fl)[1], "--attention-backend") == backend
 
 
 def test_cuda_graph_captures_whole_iterations(paths):
