@@ -26,6 +26,27 @@ import time
 import torch
 from torch.overrides import TorchFunctionMode
 
+@contextlib.contextmanager
+def eager_fusers_while_importing_megatron(on_cpu: bool):
+    """megatron-core decorates its small fusions (bias + GeLU/SwiGLU, RoPE helpers) with torch.compile when its
+    modules are imported; the decorator alone imports dynamo and inductor, 3-4 s of every process's start on a
+    2-core CPU, for fusions a CPU run does not need (compiling them would want a C++ toolchain). On a CPU,
+    torch.compile is a no-op decorator while Megatron's modules are imported, so they keep the eager functions."""
+    if not on_cpu:
+        yield
+        return
+    real_compile = torch.compile
+
+    def eager(model=None, **_options):
+        return model if model is not None else (lambda fn: fn)
+
+    torch.compile = eager
+    try:
+        yield
+    finally:
+        torch.compile = real_compile
+
+
 def cuda_absent() -> bool:
     return not torch.cuda.is_available()
 

@@ -18,18 +18,22 @@ from functools import partial
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 import torch  # noqa: E402
-from megatron.core.enums import ModelType  # noqa: E402
-from megatron.core.rerun_state_machine import get_rerun_state_machine  # noqa: E402
-from megatron.training import get_args, get_timers, pretrain  # noqa: E402
-from megatron.training.argument_utils import pretrain_cfg_container_from_args  # noqa: E402
-from megatron.training.arguments import parse_and_validate_args  # noqa: E402
 
-from megatron_patch import checkpoint_state, cpu_backend, patches, process_lifetime  # noqa: E402
-from megatron_patch.arguments import add_extra_args, expand_model_size  # noqa: E402
-from megatron_patch.data.providers import get_batch, train_valid_test_datasets_provider  # noqa: E402
-from megatron_patch.errors import UserError  # noqa: E402
-from megatron_patch.fused import linear_cross_entropy  # noqa: E402
-from megatron_patch.model import model_provider  # noqa: E402
+from megatron_patch import cpu_backend, hardware  # noqa: E402
+
+with cpu_backend.eager_fusers_while_importing_megatron(on_cpu=hardware.gpu_count() == 0):
+    from megatron.core.enums import ModelType  # noqa: E402
+    from megatron.core.rerun_state_machine import get_rerun_state_machine  # noqa: E402
+    from megatron.training import get_args, get_timers, pretrain  # noqa: E402
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args  # noqa: E402
+    from megatron.training.arguments import parse_and_validate_args  # noqa: E402
+
+    from megatron_patch import checkpoint_state, patches, process_lifetime  # noqa: E402
+    from megatron_patch.arguments import add_extra_args, expand_model_size  # noqa: E402
+    from megatron_patch.data.providers import get_batch, train_valid_test_datasets_provider  # noqa: E402
+    from megatron_patch.errors import UserError  # noqa: E402
+    from megatron_patch.fused import linear_cross_entropy  # noqa: E402
+    from megatron_patch.model import model_provider  # noqa: E402
 
 # megatron's pretrain_gpt: a loss this many times the running average is reported as spiky (not fatal).
 SPIKY_LOSS_FACTOR = 10

@@ -6,7 +6,8 @@ chunk, the logits (a bf16 GEMM), the loss and already the gradients for the hidd
 (the softmax minus the one-hot target, scaled by the loss mask); only those gradients (the size of the hidden
 states and of the weight) wait for the backward pass, which scales them by the incoming gradient.
 
-The numerics are the plain path's: bf16 logits from the GEMM, log-softmax in fp32, bf16 gradient of the logits.
+The numerics are the plain path's on a GPU: bf16 logits from the GEMM, log-softmax in fp32, bf16 gradient of the
+logits. On a CPU everything is fp32 (see the forward pass).
 Tensor parallelism: the weight is split along the vocabulary (megatron's ColumnParallelLinear); max/sum/target
 are all-reduced across the tensor-parallel group, the input goes through the same copy/gather region as the
 output layer's, so its backward all-reduces (or reduce-scatters) the hidden-state gradient.
@@ -116,15 +117,20 @@ def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
     return tensor
 
 
-def _chunk_loss_and_grad_kernels(logits, target, inside, token_weight, tp_group):
-    """The chunk's weighted loss sum and the bf16 gradient of its logits (written over them), through the kernels
-    above: on CUDA they read the bf16 logits and never write an fp32 copy."""
+def _chunk_logsumexp_and_loss(logits, target, inside, token_weight, tp_group):
+    """The chunk's logsumexp over the whole vocabulary (all shards) and its weighted loss sum."""
     lse_local = local_logsumexp(logits)
     # logsumexp across the vocabulary shards: max, then the sum of the shards' exp(lse - max).
     lse_max = _all_reduce(lse_local.clone(), dist.ReduceOp.MAX, tp_group)
     lse = lse_max + torch.log(_all_reduce(torch.exp(lse_local - lse_max), dist.ReduceOp.SUM, tp_group))
     target_logit = _all_reduce(_target_logit(logits, target, inside), dist.ReduceOp.SUM, tp_group)
-    loss = ((lse - target_logit) * token_weight).sum()
+    return lse, ((lse - target_logit) * token_weight).sum()
+
+
+def _chunk_loss_and_grad_kernels(logits, target, inside, token_weight, tp_group):
+    """The chunk's weighted loss sum and the bf16 gradient of its logits (written over them), through the kernels
+    above: on CUDA they read the bf16 logits and never write an fp32 copy."""
+    lse, loss = _chunk_logsumexp_and_loss(logits, target, inside, token_weight, tp_group)
     return loss, logit_grad(logits, lse, target, inside, token_weight)
 
 
@@ -144,18 +150,56 @@ def _chunk_loss_and_grad_in_place(logits, target, inside, token_weight, tp_group
     return loss, probs.to(logits.dtype)
 
 
+_CPU_LOGITS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _cpu_logits_buffer(rows: int, vocab: int) -> torch.Tensor:
+    """An fp32 [rows, vocab] buffer kept between calls (the CPU allocator returns large blocks to the system, and
+    faulting 78 MB of fresh pages in costs as much as the softmax over them). One size is kept: a run's chunks
+    have one shape but the last."""
+    buffer = _CPU_LOGITS.get((rows, vocab))
+    if buffer is None:
+        _CPU_LOGITS.clear()
+        buffer = _CPU_LOGITS[(rows, vocab)] = torch.empty(rows, vocab, dtype=torch.float32)
+    return buffer
+
+
 def _chunk_maths(device: torch.device):
     return _chunk_loss_and_grad_kernels if device.type == "cuda" else _chunk_loss_and_grad_in_place
+
+
+def _labels_in_shard(labels, shard: int, tp_group):
+    """(label index within this rank's vocabulary shard, or 0; whether the label is in the shard)."""
+    tp_rank = dist.get_rank(tp_group) if tp_group is not None and dist.get_world_size(tp_group) > 1 else 0
+    local_labels = labels - tp_rank * shard
+    in_shard = (local_labels >= 0) & (local_labels < shard)
+    return torch.where(in_shard, local_labels, torch.zeros_like(local_labels)), in_shard
+
+
+def _loss_without_gradients(hidden, weight, labels, token_weight, tp_group, chunk_tokens):
+    """The loss alone (evaluation, or no_grad): one GEMM per chunk instead of three, no logit gradients."""
+    shard = weight.shape[0]
+    local_labels, in_shard = _labels_in_shard(labels, shard, tp_group)
+    on_cpu = not hidden.is_cuda
+    gemm_weight = weight.float() if on_cpu else weight
+    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        end = min(start + chunk_tokens, hidden.shape[0])
+        h = hidden[start:end]
+        if on_cpu:
+            logits = torch.mm(h.float(), gemm_weight.t(), out=_cpu_logits_buffer(end - start, shard))
+        else:
+            logits = h @ gemm_weight.t()
+        loss_sum += _chunk_logsumexp_and_loss(logits, local_labels[start:end], in_shard[start:end],
+                                              token_weight[start:end], tp_group)[1]
+    return loss_sum
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, token_weight, tp_group, chunk_tokens):
-        tp_rank = dist.get_rank(tp_group) if tp_group is not None and dist.get_world_size(tp_group) > 1 else 0
         shard = weight.shape[0]
-        local_labels = labels - tp_rank * shard
-        in_shard = (local_labels >= 0) & (local_labels < shard)
-        local_labels = torch.where(in_shard, local_labels, torch.zeros_like(local_labels))
+        local_labels, in_shard = _labels_in_shard(labels, shard, tp_group)
 
         tokens = hidden.shape[0]
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -165,26 +209,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # On CUDA the GEMM adds each chunk's bf16 product straight into the fp32 sum (beta = 1): no bf16
         # product, fp32 copy and separate add per chunk (about 60 GB of memory traffic per 1.5B step).
         accumulate_in_gemm = hidden.is_cuda and out_dtype_addmm_available()
+        on_cpu = not hidden.is_cuda
+        # On a CPU every GEMM and the softmax run in fp32 over one reused logits buffer: a CPU without 16-bit
+        # arithmetic (AVX2 only) runs 16-bit GEMMs 6-50x slower, rounding the logits and their gradient to 16 bits
+        # and back costs four passes over [tokens, vocab], and a fresh buffer of that size costs page faults.
+        gemm_weight = weight.float() if on_cpu else weight
         chunk_maths = _chunk_maths(hidden.device)
-        upcast = not hidden.is_cuda and hidden.dtype != torch.float32
-        # A CPU without 16-bit arithmetic (AVX2 only) runs these GEMMs 6-50x slower than in fp32: there they take
-        # the 16-bit values in fp32 and round each result once, as a GPU's 16-bit GEMM with fp32 accumulation does.
-        gemm_weight = weight.float() if upcast else weight
         for start in range(0, tokens, chunk_tokens):
             end = min(start + chunk_tokens, tokens)
             h, target, inside, w = hidden[start:end], local_labels[start:end], in_shard[start:end], token_weight[start:end]
-            if upcast:
+            if on_cpu:
                 h = h.float()
-            logits = (h @ gemm_weight.t()).to(hidden.dtype)
-            chunk_loss, grad_logits = chunk_maths(logits, target, inside, w, tp_group)
-            loss_sum += chunk_loss
-            del logits
-            if upcast:
-                grad_logits = grad_logits.float()
+                logits = torch.mm(h, gemm_weight.t(), out=_cpu_logits_buffer(end - start, shard))
+                chunk_loss, grad_logits = chunk_maths(logits, target, inside, w, tp_group)
+                loss_sum += chunk_loss
                 grad_hidden[start:end] = grad_logits @ gemm_weight
                 product = grad_logits.t() @ h
                 grad_weight = product if one_chunk else grad_weight.add_(product)
                 continue
+            logits = h @ gemm_weight.t()
+            chunk_loss, grad_logits = chunk_maths(logits, target, inside, w, tp_group)
+            loss_sum += chunk_loss
+            del logits
             torch.matmul(grad_logits, weight, out=grad_hidden[start:end])
             if one_chunk:  # nothing to sum: the GEMM's output is the gradient, rounded once as in the fp32 sum
                 grad_weight = grad_logits.t() @ h
@@ -214,6 +260,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """
     if chunk_tokens is None:
         chunk_tokens = chunk_tokens_for(weight.shape[0], hidden.element_size())
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        # The forward pass below computes the gradients too, which nothing would read.
+        return _loss_without_gradients(hidden, weight, labels, token_weight.to(torch.float32), tp_group,
+                                       chunk_tokens)
     return _LinearCrossEntropy.apply(hidden, weight, labels, token_weight.to(torch.float32), tp_group, chunk_tokens)
 
 

@@ -98,6 +98,16 @@ MANIFEST: tuple[Patch, ...] = (
 
     # ---- upstream bugs (megatron_patch/patches/megatron_fixes.py)
     Patch(
+        "sync-save-results-in-process", FIX,
+        ("megatron.core.dist_checkpointing.strategies.filesystem_async._results_queue",),
+        f"{MEGATRON_CORE}'s synchronous torch_dist save passes its writer threads' results through a "
+        "multiprocessing Manager queue started with 'spawn', which re-imports the training script at the first "
+        "save (11.4 s of a tiny model's 11.4 s save on a 2-core CPU).",
+        "when megatron-core uses an in-process queue for synchronous saves",
+        ("tests/unit/test_patches.py::test_a_synchronous_save_starts_no_manager_process",),
+        megatron_fixes.keep_sync_save_results_in_process,
+        applies=lambda args, device: not getattr(args, "async_save", False)),
+    Patch(
         "dataset-helpers-shipped-compiled", FIX,
         ("megatron.core.datasets.utils.compile_helpers",),
         f"the {MEGATRON_CORE} wheel ships the compiled helpers_cpp but no Makefile, so the `make` Megatron runs "

@@ -180,6 +180,20 @@ class _AtomicTextFile:
         return False
 
 
+def keep_sync_save_results_in_process() -> None:
+    """A synchronous torch_dist save writes from threads of the training process, but megatron-core hands their
+    results back through a multiprocessing Manager queue, started with 'spawn' at the first save: a new
+    interpreter that imports the training script again (about 10 s on a 2-core CPU, several on a GPU node).
+    A queue.Queue carries them within the process. Installed only without --async-save, whose writer process
+    does need the Manager's queue."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def write_checkpoint_tracker_atomically() -> None:
     """save_checkpoint writes latest_checkpointed_iteration.txt in place (open 'w', write): a kill between the
     two leaves it empty, and the relaunch stops with "Invalid metadata file" and exit status 0."""

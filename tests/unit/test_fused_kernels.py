@@ -151,6 +151,9 @@ def test_linear_cross_entropy_matches_logits_then_cross_entropy(dtype, tol, chun
     expected = _plain_loss(h_ref, w_ref, labels, mask)
     got = lce.linear_cross_entropy(h_ours, w_ours, labels, mask, chunk_tokens=chunk_tokens)
     _close(got, expected, tol, tol, "loss")
+    with torch.no_grad():  # evaluation: the loss alone, without the gradient GEMMs
+        _close(lce.linear_cross_entropy(h_ours, w_ours, labels, mask, chunk_tokens=chunk_tokens), got, 1e-6, 1e-6,
+               "loss without gradients")
     (expected * 0.37).backward()  # the incoming gradient scales both gradients
     (got * 0.37).backward()
     _close(h_ours.grad, h_ref.grad, tol, tol, "hidden gradient")
@@ -174,7 +177,9 @@ def _tensor_parallel_worker(rank, world, port, maths, hidden, weight, labels, ma
     w = weight[rank * shard:(rank + 1) * shard].clone().requires_grad_()
     loss = lce.linear_cross_entropy(h, w, labels, mask, tp_group=dist.group.WORLD, chunk_tokens=8)
     loss.backward()
-    out[rank] = (loss.detach(), h.grad, w.grad)
+    with torch.no_grad():  # evaluation's loss-only path reduces across the shards too
+        eval_loss = lce.linear_cross_entropy(h, w, labels, mask, tp_group=dist.group.WORLD, chunk_tokens=8)
+    out[rank] = (loss.detach(), h.grad, w.grad, eval_loss)
     dist.destroy_process_group()
 
 
@@ -191,8 +196,9 @@ def test_linear_cross_entropy_over_two_vocabulary_shards_matches_one(maths):
         out = manager.dict()
         mp.spawn(_tensor_parallel_worker, args=(2, free_port(), maths, hidden, weight, labels, mask, out), nprocs=2)
         results = [out[r] for r in range(2)]
-    for loss, _, _ in results:
+    for loss, _, _, eval_loss in results:
         _close(loss, expected, 1e-5, 1e-5, "loss on each rank")
+        _close(eval_loss, expected, 1e-5, 1e-5, "loss without gradients on each rank")
     # Each rank's hidden gradient is its shard's part; megatron's copy-to-TP region all-reduces them.
     _close(results[0][1] + results[1][1], h_ref.grad, 1e-5, 1e-5, "hidden gradient")
     _close(torch.cat([results[0][2], results[1][2]]), w_ref.grad, 1e-5, 1e-5, "weight gradient")

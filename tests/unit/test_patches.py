@@ -148,6 +148,24 @@ def test_dataset_helpers_need_no_make(monkeypatch):
     assert dataset_utils.compile_helpers() is None  # the shipped extension imports
 
 
+def test_a_synchronous_save_starts_no_manager_process(monkeypatch):
+    import multiprocessing
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    # Still needed: the results queue is a Manager's, started with 'spawn' (a new interpreter) on first use.
+    source = inspect.getsource(filesystem_async.get_write_results_queue)
+    assert "mp_mode: str = 'spawn'" in source and "ctx.Manager().Queue()" in source
+    monkeypatch.setattr(filesystem_async, "_results_queue", None)
+    megatron_fixes.keep_sync_save_results_in_process()
+    before = set(multiprocessing.active_children())
+    results = filesystem_async.get_write_results_queue()
+    assert isinstance(results, queue.Queue) and set(multiprocessing.active_children()) == before
+    results.put({0: ["written"]})
+    assert results.get_nowait() == {0: ["written"]}  # what the writer threads hand back, within this process
+
+
 def test_megatron_still_writes_the_tracker_in_place(tmp_path, monkeypatch):
     import megatron.training.checkpointing as checkpointing
 
