@@ -51,17 +51,20 @@ def init_megatron(size: Qwen25Size, dtype: torch.dtype, seq_length: int = 128):
     if _ARGS is not None:
         return _ARGS
     _single_process_env()
-    from megatron_patch import cpu_backend, patches
+    from megatron_patch import cpu_backend, hardware
+
+    with cpu_backend.eager_fusers_while_importing_megatron(on_cpu=hardware.gpu_count() == 0):
+        from megatron.training.arguments import parse_and_validate_args
+        from megatron.training.initialize import initialize_megatron
+
+        from megatron_patch import patches
+        from megatron_patch.arguments import NO_TE_GPU_FLAGS, add_extra_args, qwen2_5_model_flags
 
     # The training entrypoint's two calls (patches.prepare before parsing, patches.apply after), so the model and
     # its kernels are exactly those training builds.
     device = patches.device_here()
     on_cpu = device == "cpu"
     patches.prepare(device)
-    from megatron.training.arguments import parse_and_validate_args
-    from megatron.training.initialize import initialize_megatron
-
-    from megatron_patch.arguments import NO_TE_GPU_FLAGS, add_extra_args, qwen2_5_model_flags
 
     argv = qwen2_5_model_flags(size) + [
         "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1",
@@ -127,10 +130,10 @@ def save_release_checkpoint(model, save_dir: Path) -> None:
 
 
 def _stop_checkpoint_writer_server() -> None:
-    """megatron-core's torch_dist writer keeps a multiprocessing Manager (a spawned server process) for its results
-    queue after the save. Stopped once the checkpoint is written: killed later, the convertor would leave it running,
-    holding its caller's output pipe open (a hang). (A spawned process does not inherit
-    process_lifetime.children_die_with_this_process, so a kill during the save can still leave it.)"""
+    """Without the sync-save-results-in-process patch (megatron_patch/patches), megatron-core's torch_dist writer
+    keeps a multiprocessing Manager (a spawned server process) for its results queue after the save: stopped once
+    the checkpoint is written, or killed later the convertor would leave it running, holding its caller's output
+    pipe open (a hang). With the patch the queue is in-process and there is nothing to stop."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     queue = filesystem_async._results_queue

