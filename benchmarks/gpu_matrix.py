@@ -689,6 +689,17 @@ class Matrix:
     def processes_available(self) -> int:
         return hardware.gpu_count() or 2
 
+    def rows_to_run(self, rows: list[Row], redo: bool):
+        """The rows this machine can hold and the state lacks (all of them with redo), decided as each is reached:
+        a row already run as another's reference counts as done."""
+        for row in rows:
+            if gpus_needed(row, self.rows) > self.processes_available():
+                print(f"gpu_matrix: {row.name}: planned, needs {gpus_needed(row, self.rows)} GPUs", flush=True)
+                continue
+            if self.result(row.name) and not redo:
+                continue
+            yield row
+
     def run_concurrently(self, rows: list[Row], jobs: int, budget_s: float, redo: bool, copy_to: Path | None,
                          doc: Path) -> None:
         """Up to `jobs` rows at once, each on the least-busy GPUs it needs (a GPU takes ceil(jobs / GPUs) rows
@@ -699,12 +710,7 @@ class Matrix:
         gpu_total = self.processes_available()
         per_gpu = -(-jobs // gpu_total)
         todo: list[Row] = []
-        for row in rows:
-            if gpus_needed(row, self.rows) > gpu_total:
-                print(f"gpu_matrix: {row.name}: planned, needs {gpus_needed(row, self.rows)} GPUs", flush=True)
-                continue
-            if self.result(row.name) and not redo:
-                continue
+        for row in self.rows_to_run(rows, redo):
             first = [self.rows[name] for name in (row.loads_from,) if name and name not in self.saved_checkpoints]
             first += [self.rows[name] for name in (row.reference,) if name and self.result(name) is None]
             for needed in first + [row]:
@@ -773,12 +779,7 @@ class Matrix:
     def run(self, rows: list[Row], budget_s: float, redo: bool, copy_to: Path | None, doc: Path) -> None:
         start = time.time()
         spent: list[float] = []
-        for row in rows:
-            if gpus_needed(row, self.rows) > self.processes_available():
-                print(f"gpu_matrix: {row.name}: planned, needs {gpus_needed(row, self.rows)} GPUs", flush=True)
-                continue
-            if self.result(row.name) and not redo:
-                continue
+        for row in self.rows_to_run(rows, redo):
             launches = 1 + (row.reference is not None and self.result(row.reference) is None) \
                 + (row.loads_from is not None and row.loads_from not in self.saved_checkpoints)
             estimate = launches * (max(spent) if spent else 60)

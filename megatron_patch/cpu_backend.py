@@ -26,13 +26,16 @@ import time
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_patch import hardware
+
+
 @contextlib.contextmanager
-def eager_fusers_while_importing_megatron(on_cpu: bool):
+def eager_fusers_while_importing_megatron():
     """megatron-core decorates its small fusions (bias + GeLU/SwiGLU, RoPE helpers) with torch.compile when its
-    modules are imported; the decorator alone imports dynamo and inductor, 3-4 s of every process's start on a
-    2-core CPU, for fusions a CPU run does not need (compiling them would want a C++ toolchain). On a CPU,
+    modules are imported; the decorator alone loads inductor (and dynamo, which torch.optim's first step loads
+    anyway): about 3 s of every process's start on a 2-core CPU, for fusions a CPU run does not need (compiling them would want a C++ toolchain). On a CPU,
     torch.compile is a no-op decorator while Megatron's modules are imported, so they keep the eager functions."""
-    if not on_cpu:
+    if hardware.gpu_count() > 0:
         yield
         return
     real_compile = torch.compile

@@ -19,9 +19,9 @@ os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 import torch  # noqa: E402
 
-from megatron_patch import cpu_backend, hardware  # noqa: E402
+from megatron_patch import cpu_backend  # noqa: E402
 
-with cpu_backend.eager_fusers_while_importing_megatron(on_cpu=hardware.gpu_count() == 0):
+with cpu_backend.eager_fusers_while_importing_megatron():
     from megatron.core.enums import ModelType  # noqa: E402
     from megatron.core.rerun_state_machine import get_rerun_state_machine  # noqa: E402
     from megatron.training import get_args, get_timers, pretrain  # noqa: E402

@@ -51,9 +51,9 @@ def init_megatron(size: Qwen25Size, dtype: torch.dtype, seq_length: int = 128):
     if _ARGS is not None:
         return _ARGS
     _single_process_env()
-    from megatron_patch import cpu_backend, hardware
+    from megatron_patch import cpu_backend
 
-    with cpu_backend.eager_fusers_while_importing_megatron(on_cpu=hardware.gpu_count() == 0):
+    with cpu_backend.eager_fusers_while_importing_megatron():
         from megatron.training.arguments import parse_and_validate_args
         from megatron.training.initialize import initialize_megatron
 
@@ -126,20 +126,6 @@ def save_release_checkpoint(model, save_dir: Path) -> None:
     args = get_args()
     args.save = str(save_dir)
     save_checkpoint(0, [model], None, None, 0, release=True)
-    _stop_checkpoint_writer_server()
-
-
-def _stop_checkpoint_writer_server() -> None:
-    """Without the sync-save-results-in-process patch (megatron_patch/patches), megatron-core's torch_dist writer
-    keeps a multiprocessing Manager (a spawned server process) for its results queue after the save: stopped once
-    the checkpoint is written, or killed later the convertor would leave it running, holding its caller's output
-    pipe open (a hang). With the patch the queue is in-process and there is nothing to stop."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    queue = filesystem_async._results_queue
-    if queue is not None and getattr(queue, "_manager", None) is not None:
-        queue._manager.shutdown()
-        filesystem_async._results_queue = None
 
 
 def load_checkpoint_into(model, load_dir: Path) -> None:

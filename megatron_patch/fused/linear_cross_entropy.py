@@ -176,20 +176,29 @@ def _labels_in_shard(labels, shard: int, tp_group):
     return torch.where(in_shard, local_labels, torch.zeros_like(local_labels)), in_shard
 
 
+def _gemm_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The output weight the logit GEMMs take. On a CPU every GEMM and the softmax run in fp32 over one reused
+    logits buffer: a CPU without 16-bit arithmetic (AVX2 only) runs 16-bit GEMMs 6-50x slower, rounding the logits
+    and their gradient to 16 bits and back costs four passes over [tokens, vocab], and a fresh buffer of that size
+    costs page faults."""
+    return weight if weight.is_cuda else weight.float()
+
+
+def _chunk_logits(h: torch.Tensor, gemm_weight: torch.Tensor) -> torch.Tensor:
+    """h @ W.T for one chunk (h already in gemm_weight's dtype); on a CPU into the reused fp32 buffer."""
+    if h.is_cuda:
+        return h @ gemm_weight.t()
+    return torch.mm(h, gemm_weight.t(), out=_cpu_logits_buffer(h.shape[0], gemm_weight.shape[0]))
+
+
 def _loss_without_gradients(hidden, weight, labels, token_weight, tp_group, chunk_tokens):
     """The loss alone (evaluation, or no_grad): one GEMM per chunk instead of three, no logit gradients."""
-    shard = weight.shape[0]
-    local_labels, in_shard = _labels_in_shard(labels, shard, tp_group)
-    on_cpu = not hidden.is_cuda
-    gemm_weight = weight.float() if on_cpu else weight
+    local_labels, in_shard = _labels_in_shard(labels, weight.shape[0], tp_group)
+    gemm_weight = _gemm_weight(weight)
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_tokens):
         end = min(start + chunk_tokens, hidden.shape[0])
-        h = hidden[start:end]
-        if on_cpu:
-            logits = torch.mm(h.float(), gemm_weight.t(), out=_cpu_logits_buffer(end - start, shard))
-        else:
-            logits = h @ gemm_weight.t()
+        logits = _chunk_logits(hidden[start:end].to(gemm_weight.dtype), gemm_weight)
         loss_sum += _chunk_logsumexp_and_loss(logits, local_labels[start:end], in_shard[start:end],
                                               token_weight[start:end], tp_group)[1]
     return loss_sum
@@ -209,28 +218,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # On CUDA the GEMM adds each chunk's bf16 product straight into the fp32 sum (beta = 1): no bf16
         # product, fp32 copy and separate add per chunk (about 60 GB of memory traffic per 1.5B step).
         accumulate_in_gemm = hidden.is_cuda and out_dtype_addmm_available()
-        on_cpu = not hidden.is_cuda
-        # On a CPU every GEMM and the softmax run in fp32 over one reused logits buffer: a CPU without 16-bit
-        # arithmetic (AVX2 only) runs 16-bit GEMMs 6-50x slower, rounding the logits and their gradient to 16 bits
-        # and back costs four passes over [tokens, vocab], and a fresh buffer of that size costs page faults.
-        gemm_weight = weight.float() if on_cpu else weight
+        gemm_weight = _gemm_weight(weight)
         chunk_maths = _chunk_maths(hidden.device)
         for start in range(0, tokens, chunk_tokens):
             end = min(start + chunk_tokens, tokens)
             h, target, inside, w = hidden[start:end], local_labels[start:end], in_shard[start:end], token_weight[start:end]
-            if on_cpu:
-                h = h.float()
-                logits = torch.mm(h, gemm_weight.t(), out=_cpu_logits_buffer(end - start, shard))
-                chunk_loss, grad_logits = chunk_maths(logits, target, inside, w, tp_group)
-                loss_sum += chunk_loss
+            h = h.to(gemm_weight.dtype)
+            chunk_loss, grad_logits = chunk_maths(_chunk_logits(h, gemm_weight), target, inside, w, tp_group)
+            loss_sum += chunk_loss
+            if not hidden.is_cuda:  # fp32 GEMMs (see _gemm_weight); the fp32 sum is the gradient
                 grad_hidden[start:end] = grad_logits @ gemm_weight
                 product = grad_logits.t() @ h
                 grad_weight = product if one_chunk else grad_weight.add_(product)
                 continue
-            logits = h @ gemm_weight.t()
-            chunk_loss, grad_logits = chunk_maths(logits, target, inside, w, tp_group)
-            loss_sum += chunk_loss
-            del logits
             torch.matmul(grad_logits, weight, out=grad_hidden[start:end])
             if one_chunk:  # nothing to sum: the GEMM's output is the gradient, rounded once as in the fp32 sum
                 grad_weight = grad_logits.t() @ h

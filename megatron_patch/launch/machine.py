@@ -31,6 +31,7 @@ def detect_machine(launch: Launch, environ: dict[str, str]) -> Machine:
     has_gpu = gpus > 0
     has_te = has_gpu and hardware.transformer_engine_importable()
     has_flash_attn = has_gpu and hardware.flash_attn_importable()
+    gpu_capability = hardware.gpu_compute_capability()
     override = environ.get("MP_NPROC_PER_NODE")
     if launch.env == "dlc":
         missing = [k for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT") if not environ.get(k)]
@@ -51,7 +52,7 @@ def detect_machine(launch: Launch, environ: dict[str, str]) -> Machine:
             has_gpu=has_gpu,
             has_te=has_te,
             has_flash_attn=has_flash_attn,
-            gpu_capability=hardware.gpu_compute_capability(),
+            gpu_capability=gpu_capability,
         )
     if override:
         nproc = _int("MP_NPROC_PER_NODE", override, 1)
@@ -60,8 +61,7 @@ def detect_machine(launch: Launch, environ: dict[str, str]) -> Machine:
     else:
         # On the CPU, start just enough processes for the requested model-parallel layout.
         nproc = launch.tp * launch.pp * launch.cp
-    return Machine(1, 0, nproc, "localhost", hardware.free_port(), has_gpu, has_te, has_flash_attn,
-                   hardware.gpu_compute_capability())
+    return Machine(1, 0, nproc, "localhost", hardware.free_port(), has_gpu, has_te, has_flash_attn, gpu_capability)
 
 
 def uses_te(launch: Launch, machine: Machine) -> bool:
