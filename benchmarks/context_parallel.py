@@ -82,10 +82,13 @@ def train(args) -> None:
           f"{args.micro_batch} | global batch {args.global_batch} | AC {args.ac} | "
           f"{flops_per_token(size, args.seq_len) / 1e9:.1f} GFLOP/token", flush=True)
     for cp in args.cp:
-        out = Path(args.out) / f"{args.size}-seq{args.seq_len}-cp{cp}-ac{args.ac}"
+        ac = f"{args.ac}-block{args.ac_block_layers}" if args.ac_block_layers else args.ac
+        out = Path(args.out) / f"{args.size}-seq{args.seq_len}-cp{cp}-ac{ac}"
         positional = launcher_args(args.size, args.seq_len, args.micro_batch, args.global_batch, cp, args.ac,
                                    args.iters, data, out)
         env = {"MP_TOKENIZER_PATH": str(tokenizer)}
+        if args.ac_block_layers:
+            env.update(MP_AC_METHOD="block", MP_AC_LAYERS=str(args.ac_block_layers))
         if not gpus:
             env["MP_NPROC_PER_NODE"] = str(cp)
         try:
@@ -95,7 +98,7 @@ def train(args) -> None:
             continue
         rate, peak = throughput_from_log(log)
         dp = max(1, (gpus or cp) // cp)
-        report(f"Qwen2.5-{args.size} seq {args.seq_len} CP{cp} DP{dp} AC {args.ac}, {spec}", rate, size,
+        report(f"Qwen2.5-{args.size} seq {args.seq_len} CP{cp} DP{dp} AC {ac}, {spec}", rate, size,
                args.seq_len, peak)
 
 
@@ -213,6 +216,9 @@ def main() -> None:
     run.add_argument("--seq-len", type=int, default=32768)
     run.add_argument("--cp", type=int, action="append", help="context-parallel sizes (default 1 and 2)")
     run.add_argument("--ac", default="false", choices=["false", "sel", "full"])
+    run.add_argument("--ac-block-layers", type=int, default=0,
+                     help="AC=full with MP_AC_METHOD=block: recompute only this many layers (the rest keep "
+                          "their activations: faster where memory allows)")
     run.add_argument("--micro-batch", type=int, default=1)
     run.add_argument("--global-batch", type=int, default=8)
     run.add_argument("--iters", type=int, default=12)

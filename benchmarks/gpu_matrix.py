@@ -140,6 +140,8 @@ def matrix_rows(settings: Settings) -> list[Row]:
         Row("fl-true", "FL=true (TE: flash-attn's kernels; local spec: SDPA either way)", {"FL": "true"}),
         Row("ac-sel", "AC=sel (selective recompute)", {"AC": "sel"}),
         Row("ac-full", "AC=full, MP_AC_LAYERS=2", {"AC": "full"}, {"MP_AC_LAYERS": "2"}),
+        Row("ac-full-block", "AC=full, MP_AC_METHOD=block, MP_AC_LAYERS=1 (one layer per stage recomputed)",
+            {"AC": "full"}, {"MP_AC_METHOD": "block", "MP_AC_LAYERS": "1"}),
         Row("ac-offload", "AC=offload, MP_AC_LAYERS=1 (TE's activation CPU offload)", {"AC": "offload"},
             {"MP_AC_LAYERS": "1"}, needs=frozenset({"gpu", "te"})),
         Row("optimizer-offload-static", "OPTIMIZER_OFFLOAD=static (DO turned on)", {"OPTIMIZER_OFFLOAD": "static"},

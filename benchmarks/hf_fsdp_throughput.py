@@ -31,8 +31,7 @@ sys.path.insert(0, str(REPO))
 _spec = importlib.util.spec_from_file_location("train_throughput", REPO / "benchmarks" / "train_throughput.py")
 train_throughput = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(train_throughput)
-report, flops_per_token, H100_BF16_DENSE = (train_throughput.report, train_throughput.flops_per_token,
-                                            train_throughput.H100_BF16_DENSE)
+report, flops_per_token, mfu_peak = train_throughput.report, train_throughput.flops_per_token, train_throughput.mfu_peak
 
 from megatron_patch.hf_checkpoint import hf_config_for  # noqa: E402
 from megatron_patch.model_sizes import get_size  # noqa: E402
@@ -49,6 +48,7 @@ def main() -> None:
     parser.add_argument("--variant", choices=["a", "b"], default="a")
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    parser.add_argument("--peak-tflops", type=float, help="MFU peak (dense bf16) for a device not in the table")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -63,12 +63,13 @@ def main() -> None:
     accumulation = args.global_batch // (args.micro_batch * world)
     dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     rank = dist.get_rank()
+    device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    peak_flops, peak_words = mfu_peak(device_name, args.peak_tflops)
     if rank == 0:
-        print(f"device: {torch.cuda.get_device_name(device) if cuda else 'cpu'} | world size {world} | "
+        print(f"device: {device_name} | world size {world} | "
               f"Qwen2.5-{args.size} | seq {args.seq_len} | micro-batch {args.micro_batch} | global batch "
               f"{args.global_batch} ({accumulation} accumulation steps) | "
-              f"{flops_per_token(get_size(args.size), args.seq_len) / 1e9:.2f} GFLOP/token | MFU against "
-              f"{H100_BF16_DENSE / 1e12:.0f} TFLOP/s", flush=True)
+              f"{flops_per_token(get_size(args.size), args.seq_len) / 1e9:.2f} GFLOP/token | {peak_words}", flush=True)
 
     from transformers import Qwen2ForCausalLM
 
@@ -121,7 +122,8 @@ def main() -> None:
         name = ("HF FSDP2 (b) pure bf16" if pure_bf16 else "HF FSDP2 (a) fp32 master + bf16 params") + \
             f"{' + AC' if args.activation_checkpointing else ''}{' + compile' if args.compile else ''}, " \
             f"{world} {'GPUs' if cuda else 'CPU ranks'}, mb {args.micro_batch}"
-        report(name, args.steps * args.global_batch * args.seq_len / elapsed / world, size, args.seq_len, peak)
+        report(name, args.steps * args.global_batch * args.seq_len / elapsed / world, size, args.seq_len, peak,
+               peak_flops)
     dist.destroy_process_group()
 
 

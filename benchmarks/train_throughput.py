@@ -1,8 +1,12 @@
-"""Training throughput on one machine: our launcher path against Hugging Face transformers, same model shape,
-sequence length and global batch.
+"""Training throughput on one machine, best against best: our launcher path against Hugging Face transformers,
+same model shape, sequence length and global batch.
 
-    python benchmarks/train_throughput.py --size 0.5B --seq-len 2048 --micro-batch 4 --global-batch 32 \
-        --data PREFIX --tokenizer DIR [--mcore fused:8:graph --mcore plain:4] [--skip-hf] [--loss-check-iters 50]
+    python benchmarks/train_throughput.py --size 1.5B --seq-len 2048 --global-batch 32 --data PREFIX \\
+        --tokenizer DIR [--mcore fused:8:graph --mcore plain:4] [--skip-hf] [--json ROWS.json]
+    python benchmarks/train_throughput.py --size 1.5B --seq-len 2048 --global-batch 32 --skip-mcore [--hf ab] \\
+        [--hf-micro-batches 4,8,16,32] [--hf-compile-modes default,reduce-overhead] [--json ROWS.json]
+    python benchmarks/train_throughput.py --table OURS.json HF.json          # Markdown from stored rows, no runs
+    python benchmarks/train_throughput.py --data PREFIX --tokenizer DIR --loss-check-iters 50
 
 Each `--mcore KERNELS:MICRO_BATCH[:graph]` is one launcher run: KERNELS `fused` (default path) or `plain`
 (MP_FUSED_KERNELS=false: megatron-core's unfused modules and logits + cross-entropy); `graph` adds
@@ -12,34 +16,97 @@ prints their per-iteration losses.
 
 HF variants: (a) fp32 master weights + bf16 autocast + torch.compile (the numerics of our Megatron bf16 runs),
 (b) pure bf16 parameters + torch.compile (a speed bound). Both use fused AdamW and gradient accumulation to
-the same global batch.
+the same global batch. Each runs once per `--hf-compile-modes` mode (reduce-overhead adds CUDA graphs; a row
+notes graphs inductor ran without them) and `--hf-micro-batches` value, upwards until the first out-of-memory or
+failure. An `--mcore` run is skipped where a smaller micro-batch of its variant ran out of memory.
+
+Both sides' rates are tokens over the synchronized wall time of whole iterations after warm-up (ours: the
+launcher's log after its first 5 iterations; HF: after 2 steps). `--json` appends every row, OOM and failures
+too, to a JSON list, so two processes (ours on GPU 0, HF on GPU 1) can run at once; `--table` prints each
+side's sweep, its best, and ours / HF at best and at each micro-batch both ran.
 
 FLOP count (per token, forward + backward): 6 * (parameters in the transformer layers and the output layer)
 + 6 * layers * hidden * seq_len (causal attention scores and context: 12 * L * h * s halved by the mask).
-MFU is against 989 TFLOP/s dense bf16 for an H100 SXM.
+MFU is against the device's dense bf16 peak (PEAK_BF16_DENSE; `--peak-tflops` for a device not listed).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import datetime
+import fcntl
+import functools
+import gc
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
-
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from megatron_patch.hardware import flash_attn_importable  # noqa: E402
+from megatron_patch.hardware import flash_attn_importable, transformer_engine_importable  # noqa: E402
 from megatron_patch.model_sizes import get_size  # noqa: E402
 
-H100_BF16_DENSE = 989e12
+# torch is imported where a GPU is used: --table and its unit test do without its 3-5 s import.
+
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s. The first key found in torch.cuda.get_device_name() wins:
+# PCIe and NVL cards before their SXM siblings, and "H200" before "H20" (its substring).
+PEAK_BF16_DENSE = (
+    ("H100 PCIe", 756e12, "NVIDIA H100 PCIe datasheet"),
+    ("H100 NVL", 835e12, "NVIDIA H100 NVL datasheet"),
+    ("H100", 989e12, "NVIDIA H100 SXM datasheet"),
+    ("H200 NVL", 835e12, "NVIDIA H200 NVL datasheet"),
+    ("H200", 989e12, "NVIDIA H200 SXM datasheet"),
+    ("H800", 989e12, "NVIDIA H800 SXM datasheet"),
+    ("H20", 148e12, "NVIDIA H20 datasheet"),
+    ("A100", 312e12, "NVIDIA A100 datasheet"),
+    ("L40S", 362e12, "NVIDIA L40S datasheet"),
+)
+OURS, HF_SIDES = "megatron_patch", {"a": "HF (a)", "b": "HF (b)"}  # the rows' "side" (--hf a|b for HF)
+
+
+@functools.cache
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def mfu_peak(device: str, override_tflops: float | None = None) -> tuple[float | None, str]:
+    """The MFU peak in FLOP/s for device (None if not in PEAK_BF16_DENSE) and the header's words for it."""
+    if override_tflops:
+        return override_tflops * 1e12, f"MFU against {override_tflops:g} TFLOP/s (--peak-tflops)"
+    for key, flops, source in PEAK_BF16_DENSE:
+        if key in device:
+            return flops, f"MFU against {flops / 1e12:.0f} TFLOP/s dense bf16 ({source})"
+    return None, f"MFU peak unknown for {device}; pass --peak-tflops"
+
+
+def versions() -> dict[str, str]:
+    """What both sides run on: printed first and stored with every row."""
+    import torch
+
+    found = {"torch": torch.__version__}
+    for distribution in ("transformers", "megatron-core"):
+        try:
+            found[distribution] = metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            found[distribution] = "not installed"
+    if transformer_engine_importable():
+        try:
+            found["transformer_engine"] = metadata.version("transformer_engine")
+        except metadata.PackageNotFoundError:  # carried as a bare folder: no package metadata
+            import transformer_engine
+
+            found["transformer_engine"] = getattr(transformer_engine, "__version__", "version unknown")
+    found["CUDA runtime"] = torch.version.cuda or "none"
+    return found
 
 
 def flops_per_token(size, seq_len: int) -> float:
@@ -52,18 +119,43 @@ def flops_per_token(size, seq_len: int) -> float:
     return 6 * (layer_params + output_params) + 6 * size.num_layers * size.hidden_size * seq_len
 
 
-def report(name: str, tokens_per_s: float, size, seq_len: int, peak_gib: float) -> None:
+def report(name: str, tokens_per_s: float, size, seq_len: int, peak_gib: float,
+           peak_flops: float | None = None) -> dict[str, float | None]:
+    """Prints one result line and returns its figures. peak_flops: the MFU peak, by default this device's."""
+    if peak_flops is None:
+        peak_flops = mfu_peak(device_name())[0]
     tflops = tokens_per_s * flops_per_token(size, seq_len) / 1e12
+    mfu = tflops * 1e12 / peak_flops if peak_flops else None
     print(f"{name:58s} {tokens_per_s:10,.0f} tokens/s/GPU  {tflops:6.1f} TFLOP/s/GPU  "
-          f"MFU {100 * tflops * 1e12 / H100_BF16_DENSE:5.1f}%  peak {peak_gib:5.1f} GiB", flush=True)
+          f"MFU {f'{100 * mfu:5.1f}%' if mfu is not None else '  n/a '}  peak {peak_gib:5.1f} GiB", flush=True)
+    return {"tokens_per_s_per_gpu": tokens_per_s, "tflops": tflops, "mfu": mfu, "peak_gib": peak_gib}
+
+
+def free_cuda_memory() -> None:
+    """Drops what an earlier run left: compiled graphs and CUDA graph pools (held by dynamo's caches), then the
+    model and optimizer once nothing refers to them."""
+    import torch
+
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def hf_throughput(size_name: str, seq_len: int, micro: int, global_batch: int, pure_bf16: bool,
-                  steps: int, warmup: int) -> tuple[float, float]:
+                  steps: int, warmup: int, compile_mode: str = "default") -> tuple[float, float, int]:
+    """Tokens/s, peak GiB, and how many compiled graphs ran without the CUDA graphs their mode asked for."""
+    import torch
+    from torch._dynamo.utils import counters
+    from torch._inductor import list_mode_options
     from transformers import Qwen2ForCausalLM
 
     from megatron_patch.hf_checkpoint import hf_config_for
 
+    # Each run starts on a clean GPU and compiles afresh: after a second shape dynamo would otherwise compile the
+    # batch dimension as symbolic. Freed here, not on the way out: after an OOM the caller's traceback still
+    # holds this run's frames (model, activations) until its except block ends.
+    free_cuda_memory()
+    cudagraph_skips = counters["inductor"]["cudagraph_skips"]
     size = get_size(size_name)
     torch.manual_seed(0)
     config = hf_config_for(size, "bfloat16" if pure_bf16 else "float32")
@@ -72,8 +164,14 @@ def hf_throughput(size_name: str, seq_len: int, micro: int, global_batch: int, p
     if pure_bf16:
         model = model.to(torch.bfloat16)
     model.gradient_checkpointing_disable()
+    # Under CUDA graphs (reduce-overhead, max-autotune) a .grad left None would be the backward graph's own
+    # output, overwritten at the next replay: there gradients live in persistent buffers, as in Megatron's grad
+    # buffer. Elsewhere they are freed after each step, HF's default and the lower peak.
+    cuda_graphs = list_mode_options(compile_mode).get("triton.cudagraphs", False)
+    for param in model.parameters() if cuda_graphs else ():
+        param.grad = torch.zeros_like(param)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, mode=compile_mode)
     accumulation = global_batch // micro
     tokens = torch.randint(0, 151643, (micro, seq_len), device="cuda")
 
@@ -83,7 +181,7 @@ def hf_throughput(size_name: str, seq_len: int, micro: int, global_batch: int, p
                 loss = compiled(input_ids=tokens, labels=tokens).loss / accumulation
             loss.backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not cuda_graphs)
 
     for _ in range(warmup):
         step()
@@ -94,16 +192,27 @@ def hf_throughput(size_name: str, seq_len: int, micro: int, global_batch: int, p
         step()
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 1024 ** 3
-    torch.cuda.empty_cache()
-    return steps * global_batch * seq_len / elapsed, peak
+    return (steps * global_batch * seq_len / elapsed, torch.cuda.max_memory_allocated() / 1024 ** 3,
+            counters["inductor"]["cudagraph_skips"] - cudagraph_skips)
+
+
+def out_of_memory(error: BaseException) -> BaseException | None:
+    """The out-of-memory error in error's chain, if any: torch.compile's backend wraps one raised while it
+    compiles or captures a CUDA graph."""
+    import torch
+
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return next((e for e in chain if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e)), None)
 
 
 def megatron_run(size_name: str, seq_len: int, micro: int, global_batch: int, data: str, tokenizer: str,
                  iters: int, out: Path, extra_env: dict[str, str], tp: int = 1, nproc: int = 1) -> str:
     """Our launcher path (random init, pre-training on an idxmap); returns its log."""
     # FL: flash attention; with TE it needs flash-attn, else TE's cuDNN fused attention (FL=false).
-    flash = flash_attn_importable() or not importlib.util.find_spec("transformer_engine")
+    flash = flash_attn_importable() or not transformer_engine_importable()
     args = ["dsw", size_name, str(micro), str(global_batch), "1e-4", "1e-5", str(seq_len), str(seq_len), "bf16",
             str(tp), "1", "1", str(tp > 1).lower(), "true", str(flash).lower(), "false", "false", "false",
             "100000", data, data, "none",
@@ -132,11 +241,14 @@ def megatron_run(size_name: str, seq_len: int, micro: int, global_batch: int, da
 
 
 def throughput_from_log(log: str) -> tuple[float, float]:
-    """Mean tokens/s/GPU after the first 5 iterations, and peak memory."""
+    """Tokens/s/GPU over the iterations after the first 5, and peak memory. Each logged rate is one iteration's
+    tokens over its wall time, synchronized (megatron's interval timer syncs the GPU at every log), and all
+    iterations train the same tokens: the rates' harmonic mean is total tokens over total time (0 if a rate
+    was logged as 0, under half a token per second)."""
     rates = [float(v.replace(",", "")) for v in re.findall(r"tokens/s/GPU: ([0-9,]+)", log)]
     peaks = [float(v) for v in re.findall(r"memory allocated/peak/reserved \(GiB\): [0-9.]+/([0-9.]+)", log)]
     steady = rates[5:] or rates
-    return sum(steady) / len(steady), max(peaks or [0.0])
+    return len(steady) / sum(1 / rate for rate in steady) if all(steady) else 0.0, max(peaks or [0.0])
 
 
 def kernel_env(kernels: str, graph: bool = False) -> dict[str, str]:
@@ -170,6 +282,105 @@ def check_losses(args) -> None:
         print(f"{name}:", " ".join(f"{v:.4f}" for v in curve), flush=True)
 
 
+# ---- result rows (--json) and the table (--table) ----
+
+def append_row(path: Path, row: dict) -> None:
+    """Adds row to the JSON list in path; the lock lets two processes write one file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        file.seek(0)
+        rows = json.loads(file.read() or "[]")
+        rows.append(row)
+        file.seek(0)
+        file.truncate()
+        json.dump(rows, file, indent=1)
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    return max((r for r in rows if r["status"] == "ok"), key=lambda r: r["tokens_per_s_per_gpu"], default=None)
+
+
+def comparisons(rows: list[dict]) -> list[tuple[str, dict | None, dict | None, dict | None]]:
+    """(label, ours, HF (a), HF (b)): each side's best row, then the best at each micro-batch ours and an HF
+    side both ran."""
+    def best_of(side: str, micro: int | None = None) -> dict | None:
+        return best_row([r for r in rows if r["side"] == side and micro in (None, r["micro_batch"])])
+
+    def micro_batches(sides) -> set[int]:
+        return {r["micro_batch"] for r in rows if r["side"] in sides and r["status"] == "ok"}
+
+    hf_sides = HF_SIDES.values()
+    found = [("each side's best", best_of(OURS), *(best_of(side) for side in hf_sides))]
+    for micro in sorted(micro_batches([OURS]) & micro_batches(hf_sides)):
+        found.append((f"micro-batch {micro}", best_of(OURS, micro), *(best_of(side, micro) for side in hf_sides)))
+    return found
+
+
+def ratio(ours: dict | None, hf: dict | None) -> float | None:
+    return ours["tokens_per_s_per_gpu"] / hf["tokens_per_s_per_gpu"] if ours and hf else None
+
+
+def markdown_table(rows: list[dict]) -> str:
+    shapes = {(r["size"], r["seq_len"], r["global_batch"]) for r in rows}
+    if len(shapes) != 1:
+        raise SystemExit(f"--table: the rows mix shapes (size, sequence, global batch) {sorted(shapes)}: "
+                         "pass the files of one shape")
+    (size, seq_len, global_batch), = shapes
+    devices = sorted({r["device"] for r in rows})
+    stacks = sorted({" | ".join(f"{k} {v}" for k, v in r["versions"].items()) for r in rows})
+    dates = sorted(r["date"] for r in rows)
+    lines = [f"Qwen2.5-{size}, sequence {seq_len}, global batch {global_batch}; {', '.join(devices)}; "
+             f"{dates[0]} to {dates[-1]}", *(f"versions: {stack}" for stack in stacks)]
+    if len(devices) > 1:
+        lines.append("WARNING: rows from more than one device; rates compare only on one machine")
+
+    micros = sorted({r["micro_batch"] for r in rows})
+    lines += ["", "| side | variant | " + " | ".join(f"mb {m}" for m in micros) + " | best |",
+              "|---|---|" + "---|" * (len(micros) + 1)]
+    order = {side: i for i, side in enumerate((OURS, *HF_SIDES.values()))}
+    for side, variant in sorted(dict.fromkeys((r["side"], r["variant"]) for r in rows),
+                                key=lambda key: order.get(key[0], len(order))):
+        mine = [r for r in rows if (r["side"], r["variant"]) == (side, variant)]
+        cells = []
+        for micro in micros:
+            at = [r for r in mine if r["micro_batch"] == micro]
+            fastest = best_row(at)
+            cells.append(f"{fastest['tokens_per_s_per_gpu']:,.0f}" if fastest else at[-1]["status"] if at else "-")
+        fastest = best_row(mine)
+        cells.append(f"**{fastest['tokens_per_s_per_gpu']:,.0f}** ({describe(fastest)})" if fastest else "-")
+        lines.append(f"| {side} | {variant} | " + " | ".join(cells) + " |")
+    notes = [f"- {r['side']} {r['variant']}, mb {r['micro_batch']} {r['status']}: {r['note']}"
+             for r in rows if r["note"] and r["status"] != "OOM"]
+    lines += ["", *notes] if notes else []
+
+    lines += ["", "| compared at | ours | HF (a) | ours / HF (a) | HF (b) | ours / HF (b) |",
+              "|---|---|---|---|---|---|"]
+    for label, ours, hf_a, hf_b in comparisons(rows):
+        cells = [label, rate_cell(ours)]
+        for hf in (hf_a, hf_b):
+            quotient = ratio(ours, hf)
+            cells += [rate_cell(hf), f"**{quotient:.3f}x**" if quotient else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def describe(row: dict) -> str:
+    mfu = f", {100 * row['mfu']:.1f}% MFU" if row["mfu"] is not None else ""
+    return f"mb {row['micro_batch']}{mfu}, {row['peak_gib']:.0f} GiB"
+
+
+def rate_cell(row: dict | None) -> str:
+    return f"{row['tokens_per_s_per_gpu']:,.0f} ({row['variant']}, mb {row['micro_batch']})" if row else "-"
+
+
+def comma_list(item_type):
+    def parse(text: str) -> list:
+        return [item_type(item) for item in text.split(",")]
+    parse.__name__ = f"comma-separated {item_type.__name__}"  # argparse names it in its error
+    return parse
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="0.5B")
@@ -184,43 +395,105 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-mcore", action="store_true")
     parser.add_argument("--hf", default="ab", choices=["a", "b", "ab"], help="HF variants to run")
+    parser.add_argument("--hf-micro-batches", type=comma_list(int), metavar="MB,MB,...",
+                        help="HF micro-batches, swept upwards until the first OOM (default --micro-batch)")
+    parser.add_argument("--hf-compile-modes", type=comma_list(str), default=["default"], metavar="MODE,...",
+                        help="torch.compile modes for the HF runs, e.g. default,reduce-overhead (default: default)")
     parser.add_argument("--mcore", action="append", default=None, metavar="KERNELS:MICRO_BATCH[:graph]",
                         help="a launcher run: fused|plain and its micro-batch (default fused:<--micro-batch>)")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--nproc", type=int, default=1, help="GPUs for the Megatron runs (DP = nproc / tp)")
     parser.add_argument("--loss-check-iters", type=int, default=0)
+    parser.add_argument("--peak-tflops", type=float, help="MFU peak (dense bf16) for a device not in the table")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="append every result row to this JSON list")
+    parser.add_argument("--table", type=Path, nargs="+", metavar="PATH",
+                        help="print the Markdown table of these --json files and exit (no runs)")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table([row for path in args.table for row in json.loads(path.read_text())]))
+        return
+    hf_micro_batches = sorted(set(args.hf_micro_batches or [args.micro_batch]))
+    for micro in [] if args.skip_hf else hf_micro_batches:
+        if args.global_batch % micro:
+            raise SystemExit(f"--hf-micro-batches: {micro} does not divide --global-batch {args.global_batch}: "
+                             "pass divisors of the global batch")
     # SIGTERM (timeout, a scheduler) as an exception, so the launcher runs' process sessions are ended too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     size = get_size(args.size)
-    print(f"device: {torch.cuda.get_device_name()} | Qwen2.5-{args.size} | seq {args.seq_len} | micro-batch "
+    stack = versions()
+    peak_flops, peak_words = mfu_peak(device_name(), args.peak_tflops)
+    print("versions: " + " | ".join(f"{k} {v}" for k, v in stack.items()), flush=True)
+    print(f"device: {device_name()} | {peak_words} | Qwen2.5-{args.size} | seq {args.seq_len} | micro-batch "
           f"{args.micro_batch} | global batch {args.global_batch} | {flops_per_token(size, args.seq_len) / 1e9:.2f} "
           "GFLOP/token", flush=True)
     if args.loss_check_iters:
         check_losses(args)
         return
-    te = "TE spec" if importlib.util.find_spec("transformer_engine") else "local spec"
+
+    def record(side: str, variant: str, micro: int, status: str, rate: float = 0.0, peak_gib: float = 0.0,
+               note: str = "") -> None:
+        """Prints one row and appends it to --json. note: why it failed, or what an "ok" row lacked."""
+        name = f"{side} {variant}, mb {micro}"
+        if status == "ok":
+            figures = report(name, rate, size, args.seq_len, peak_gib, peak_flops)
+        else:
+            figures = {"tokens_per_s_per_gpu": None, "tflops": None, "mfu": None, "peak_gib": None}
+        if status != "ok" or note:
+            print(f"{name:58s} {status}{': ' + note if note else ''}", flush=True)
+        if args.json:
+            append_row(args.json, {
+                "side": side, "variant": variant, "micro_batch": micro, **figures, "status": status, "note": note,
+                "size": args.size, "seq_len": args.seq_len, "global_batch": args.global_batch,
+                "device": device_name(), "versions": stack,
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+
+    te = "TE spec" if transformer_engine_importable() else "local spec"
+    oom_at = {}  # variant -> micro-batch that ran out of memory: larger ones of that variant are not launched
     for run in [] if args.skip_mcore else args.mcore or [f"fused:{args.micro_batch}"]:
         kernels, micro, *graph = run.split(":")
+        micro = int(micro)
         if graph not in ([], ["graph"]):
             raise SystemExit(f"--mcore {run}: expected KERNELS:MICRO_BATCH or KERNELS:MICRO_BATCH:graph")
+        env = kernel_env(kernels, bool(graph))
+        variant = f"{kernels}{' + CUDA graph' if graph else ''}, {te}, TP{args.tp} DP{args.nproc // args.tp}"
+        if micro > oom_at.get(variant, micro):
+            print(f"--mcore {run}: skipped, out of memory at micro-batch {oom_at[variant]}", flush=True)
+            continue
+        out = Path(args.out) / f"mcore-{args.size}-{args.seq_len}-{run.replace(':', '-')}"
         try:
-            log = megatron_run(args.size, args.seq_len, int(micro), args.global_batch, args.data, args.tokenizer,
-                               args.iters, Path(args.out) / f"mcore-{args.size}-{args.seq_len}-{run.replace(':', '-')}",
-                               kernel_env(kernels, bool(graph)), args.tp, args.nproc)
+            log = megatron_run(args.size, args.seq_len, micro, args.global_batch, args.data, args.tokenizer,
+                               args.iters, out, env, args.tp, args.nproc)
         except SystemExit as failed:  # report it and go on with the other runs
+            if failed.code == 143:  # SIGTERM (above): this benchmark is stopping, not the run failing
+                raise
             print(f"--mcore {run}: {failed}", flush=True)
+            # The whole log: torchrun's summary of the failed ranks can push the rank's own error out of the tail.
+            lines = (out / "megatron.log").read_text(errors="replace").splitlines() or [str(failed)]
+            oom = next((line for line in lines if "out of memory" in line), None)
+            if oom:
+                oom_at[variant] = micro
+            cause = oom or next((line for line in reversed(lines) if "Error" in line), lines[-1])
+            record(OURS, variant, micro, "OOM" if oom else "failed", note=cause.strip())
             continue
         rate, peak = throughput_from_log(log)
-        report(f"megatron_patch {te}, {kernels}{' + CUDA graph' if graph else ''}, TP{args.tp} "
-               f"DP{args.nproc // args.tp}, mb {micro}", rate, size, args.seq_len, peak)
-    if not args.skip_hf:
-        for pure in [variant == "b" for variant in args.hf]:
-            rate, peak = hf_throughput(args.size, args.seq_len, args.micro_batch, args.global_batch, pure,
-                                       args.hf_steps, warmup=2)
-            name = "HF (b) pure bf16 + compile" if pure else "HF (a) fp32 master + bf16 autocast + compile"
-            report(name, rate, size, args.seq_len, peak)
+        record(OURS, variant, micro, "ok", rate, peak)
+
+    for letter in [] if args.skip_hf else args.hf:
+        for mode in args.hf_compile_modes:
+            for micro in hf_micro_batches:
+                try:
+                    rate, peak, skips = hf_throughput(args.size, args.seq_len, micro, args.global_batch,
+                                                      letter == "b", args.hf_steps, 2, mode)
+                except Exception as error:  # an OOM or a mode that fails is a row of the table
+                    oom = out_of_memory(error)
+                    cause = oom or error
+                    first_line = (str(cause).strip().splitlines() or [""])[0]
+                    record(HF_SIDES[letter], f"compile {mode}", micro, "OOM" if oom else "failed",
+                           note=f"{type(cause).__name__}: {first_line}")
+                    break  # larger micro-batches would fail the same way; hf_throughput frees what this one left
+                record(HF_SIDES[letter], f"compile {mode}", micro, "ok", rate, peak,
+                       f"CUDA graphs skipped in {skips} compiled graphs (inductor's warning says why)" if skips else "")
 
 
 if __name__ == "__main__":

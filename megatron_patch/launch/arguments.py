@@ -17,6 +17,7 @@ POSITIONAL = (
 
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 AC_MODES = ("sel", "full", "offload", "false")
+AC_METHODS = ("uniform", "block")
 OPTIMIZER_OFFLOAD_MODES = ("false", "static", "auto")
 # megatron-core 0.19.2's TE fp8 recipes ('custom' takes a quantizer factory: not offered). mxfp8 needs Blackwell.
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
@@ -24,7 +25,11 @@ FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 # Every environment variable the launcher reads: name -> (default, meaning). README's table is checked against it.
 ENV_KNOBS = {
     "MP_DATASET_TYPE": ("idxmap", "`idxmap` (Megatron .bin/.idx) or `raw` (JSON/JSONL SFT records, tokenized on the fly)"),
-    "MP_AC_LAYERS": ("1", "layers per recompute group (AC=full) or layers offloaded (AC=offload)"),
+    "MP_AC_LAYERS": ("1", "AC=full: layers per recompute group (uniform) or layers recomputed per pipeline stage "
+                          "(block); AC=offload: layers offloaded"),
+    "MP_AC_METHOD": ("uniform", "AC=full's method: `uniform` (every layer recomputed, in groups of MP_AC_LAYERS; "
+                                "upstream's) or `block` (only the first MP_AC_LAYERS layers of each stage: faster, "
+                                "more memory)"),
     "MP_VP": ("", "layers per virtual pipeline stage (upstream's meaning; needs PP >= 2), e.g. 4 with 24 layers "
                   "and PP=2 gives 3 virtual stages per pipeline rank"),
     "MP_SFT_PACKING": ("false", "`true`: several SFT samples per sequence, never attending across them"),
@@ -79,6 +84,7 @@ class Launch:
     # environment knobs
     dataset_type: str = "idxmap"
     ac_layers: int = 1
+    ac_method: str = "uniform"
     layers_per_virtual_stage: int | None = None
     sft_packing: bool = False
     fused_kernels: bool = True
@@ -199,6 +205,7 @@ def parse(argv: list[str], environ: dict[str, str]) -> Launch:
         output_basepath=Path(a["OUTPUT_BASEPATH"]).absolute(),
         dataset_type=_choice("MP_DATASET_TYPE", knob("MP_DATASET_TYPE"), ("idxmap", "raw")),
         ac_layers=_int("MP_AC_LAYERS", knob("MP_AC_LAYERS"), 1),
+        ac_method=_choice("MP_AC_METHOD", knob("MP_AC_METHOD"), AC_METHODS),
         layers_per_virtual_stage=_int("MP_VP", vp, 1) if vp else None,
         sft_packing=parse_bool("MP_SFT_PACKING", knob("MP_SFT_PACKING")),
         fused_kernels=parse_bool("MP_FUSED_KERNELS", knob("MP_FUSED_KERNELS")),

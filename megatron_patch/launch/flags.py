@@ -117,7 +117,7 @@ def _recompute_flags(launch: Launch) -> list[str]:
     if mode == "sel":
         return ["--recompute-activations"]
     if mode == "full":
-        return ["--recompute-granularity", "full", "--recompute-method", "uniform",
+        return ["--recompute-granularity", "full", "--recompute-method", launch.ac_method,
                 "--recompute-num-layers", str(launch.ac_layers)]
     if mode == "offload":
         return ["--cpu-offloading-num-layers", str(launch.ac_layers)]

@@ -94,6 +94,9 @@ def _feature_problems(launch: Launch, machine: Machine, found: Findings) -> list
         errors.append(f"MP_FP8_RECIPE=mxfp8 needs a Blackwell GPU (compute capability 10.0 or newer); this one is "
                       f"{machine.gpu_capability // 10}.{machine.gpu_capability % 10}. Use MP_FP8_RECIPE=delayed, "
                       "tensorwise or blockwise.")
+    if launch.ac_method != "uniform" and launch.activation_checkpointing != "full":
+        found.warnings.append(f"MP_AC_METHOD={launch.ac_method} has no effect with AC={launch.activation_checkpointing} "
+                              "(it is AC=full's recompute method).")
     if launch.fp8_recipe != "delayed" and launch.precision != "fp8":
         found.warnings.append(f"MP_FP8_RECIPE={launch.fp8_recipe} has no effect with PR={launch.precision} "
                               "(it applies to PR=fp8).")
@@ -138,9 +141,13 @@ def _layout_problems(launch: Launch, machine: Machine) -> list[str]:
                           f"{choices}.")
         else:
             layers_per_stage = vp
-    if launch.activation_checkpointing == "full" and layers_per_stage % launch.ac_layers:
-        errors.append(f"MP_AC_LAYERS={launch.ac_layers} must divide the {layers_per_stage} layers per pipeline stage "
-                      "for AC=full (uniform recompute).")
+    if launch.activation_checkpointing == "full":
+        if launch.ac_method == "uniform" and layers_per_stage % launch.ac_layers:
+            errors.append(f"MP_AC_LAYERS={launch.ac_layers} must divide the {layers_per_stage} layers per pipeline "
+                          "stage for AC=full (uniform recompute).")
+        if launch.ac_method == "block" and launch.ac_layers > layers_per_stage:
+            errors.append(f"MP_AC_LAYERS={launch.ac_layers} exceeds the {layers_per_stage} layers per pipeline stage "
+                          f"(MP_AC_METHOD=block recomputes that many of them): choose 1 to {layers_per_stage}.")
     if launch.activation_checkpointing == "offload":
         if launch.pp > 1:
             errors.append("AC=offload does not work with PP > 1 in megatron-core 0.19.2.")

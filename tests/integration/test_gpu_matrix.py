@@ -53,7 +53,7 @@ def test_rows_cover_every_launcher_value_and_knob():
     assert {"2"} == seen["TP"] == seen["PP"] == seen["CP"]
     assert {"true"} == seen["SP"] == seen["DO"] == seen["FL"] == seen["SFT"]
     assert {"tensorwise", "blockwise", "mxfp8"} == seen["MP_FP8_RECIPE"]  # delayed is pr-fp8's default
-    for knob in ("MP_DATASET_TYPE", "MP_AC_LAYERS", "MP_VP", "MP_SFT_PACKING", "MP_FUSED_KERNELS", "MP_CUDA_GRAPH"):
+    for knob in ("MP_DATASET_TYPE", "MP_AC_LAYERS", "MP_AC_METHOD", "MP_VP", "MP_SFT_PACKING", "MP_FUSED_KERNELS", "MP_CUDA_GRAPH"):
         assert knob in seen, knob
     assert set(seen) <= set(POSITIONAL) | {k for k in seen if k.startswith("MP_")}
     names = {row.name for row in rows}
@@ -166,7 +166,7 @@ def test_rows_done_are_skipped_and_the_doc_says_what_each_needs(tmp_path, monkey
     monkeypatch.setattr(matrix, "run_row", lambda row: ran.append(row.name) or {})
     doc = tmp_path / "doc.md"
     matrix.run(matrix.select("base,ac-*,tp2-pp2"), budget_s=600, redo=False, copy_to=tmp_path / "out", doc=doc)
-    assert ran == ["ac-full", "ac-offload"]  # base and ac-sel are done; tp2-pp2 needs 4 processes
+    assert ran == ["ac-full", "ac-full-block", "ac-offload"]  # base and ac-sel are done; tp2-pp2 needs 4 processes
     text = doc.read_text()
     assert (tmp_path / "out" / "doc.md").read_text() == text and (tmp_path / "out" / "state.json").is_file()
     cpu_table = text[text.index("## CPU"):].splitlines()

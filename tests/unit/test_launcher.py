@@ -208,6 +208,8 @@ def test_fp16_loss_scale_starts_below_the_summed_token_losses(paths, batch, seq_
     ("full", {}, ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]),
     ("full", {"MP_AC_LAYERS": "2"},
      ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "2"]),
+    ("full", {"MP_AC_METHOD": "block", "MP_AC_LAYERS": "2"},
+     ["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "2"]),
     ("false", {}, []),
 ])
 def test_activation_checkpointing(paths, ac, env, expected):
@@ -430,6 +432,12 @@ def test_mxfp8_needs_a_blackwell_gpu(paths):
     assert value(flags, "--fp8-recipe") == "mxfp8"
 
 
+def test_a_recompute_method_without_full_recompute_is_a_warning(paths):
+    launch, flags = api_flags(paths, environ={"MP_AC_METHOD": "block"}, AC="sel")
+    assert "--recompute-method" not in flags
+    assert any("MP_AC_METHOD=block has no effect with AC=sel" in w for w in launch.warnings)
+
+
 def test_an_fp8_recipe_without_fp8_is_a_warning(paths):
     launch, flags = api_flags(paths, environ={"MP_FP8_RECIPE": "tensorwise"}, PR="bf16")
     assert "--fp8-recipe" not in flags
@@ -618,6 +626,10 @@ INVALID = [
      "PAD_LEN=256 exceeds SEQ_LEN=128"),
     ("ac_layers", {"MODEL_SIZE": "0.5B", "AC": "full", "PP": "2"}, {"MP_AC_LAYERS": "5", "MP_NPROC_PER_NODE": "2"},
      "MP_AC_LAYERS=5 must divide the 12 layers per pipeline stage"),
+    ("ac_block_layers", {"MODEL_SIZE": "0.5B", "AC": "full", "PP": "2"},
+     {"MP_AC_METHOD": "block", "MP_AC_LAYERS": "13", "MP_NPROC_PER_NODE": "2"},
+     "MP_AC_LAYERS=13 exceeds the 12 layers per pipeline stage (MP_AC_METHOD=block recomputes that many of them)"),
+    ("ac_method", {}, {"MP_AC_METHOD": "selective"}, "MP_AC_METHOD must be one of uniform, block; got 'selective'"),
     ("missing_prefix", {"DATASET_PATH": "{root}/data/nope_text_document"}, {},
      "nope_text_document is not an idxmap dataset prefix: missing"),
     ("prefix_with_extension", {"DATASET_PATH": "{train}.bin"}, {}, "train_text_document.bin is not an idxmap"),

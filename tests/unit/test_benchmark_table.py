@@ -1,0 +1,55 @@
+"""benchmarks/train_throughput.py's --table maths on hand-written rows: each side's best, ours / HF at best and
+at each micro-batch both ran, and the MFU peak lookup."""
+
+from __future__ import annotations
+
+import train_throughput as tt
+
+
+def row(side: str, micro: int, rate: float | None, variant: str = "v", status: str = "ok", note: str = "") -> dict:
+    return {"side": side, "variant": variant, "micro_batch": micro, "tokens_per_s_per_gpu": rate, "mfu": None,
+            "peak_gib": 10.0, "status": status, "note": note, "size": "1.5B", "seq_len": 2048, "global_batch": 32,
+            "device": "NVIDIA H200", "versions": {"torch": "2"}, "date": "2026-12-01T00:00:00+00:00"}
+
+
+ROWS = [
+    row("megatron_patch", 4, 50.0), row("megatron_patch", 8, 60.0), row("megatron_patch", 16, None, status="OOM"),
+    row("HF (a)", 4, 40.0, "compile default"), row("HF (a)", 8, 30.0, "compile default"),
+    row("HF (a)", 4, 45.0, "compile reduce-overhead"),
+    row("HF (a)", 8, None, "compile reduce-overhead", "failed", "RuntimeError: capture failed"),
+    row("HF (b)", 16, 48.0),
+]
+
+
+def test_best_skips_oom_and_failed_rows():
+    assert tt.best_row(ROWS)["tokens_per_s_per_gpu"] == 60.0
+    assert tt.best_row([r for r in ROWS if r["status"] != "ok"]) is None
+
+
+def test_ratios_at_best_and_at_equal_micro_batch():
+    found = {label: (ours, a, b) for label, ours, a, b in tt.comparisons(ROWS)}
+    ours, hf_a, hf_b = found["each side's best"]
+    assert (ours["micro_batch"], hf_a["variant"], hf_b["micro_batch"]) == (8, "compile reduce-overhead", 16)
+    assert tt.ratio(ours, hf_a) == 60.0 / 45.0 and tt.ratio(ours, hf_b) == 60.0 / 48.0
+    # micro-batch 16: ours ran out of memory there, so it is not a micro-batch both ran
+    assert list(found) == ["each side's best", "micro-batch 4", "micro-batch 8"]
+    ours, hf_a, hf_b = found["micro-batch 8"]
+    assert tt.ratio(ours, hf_a) == 2.0 and tt.ratio(ours, hf_b) is None
+
+
+def test_table_shows_sweep_best_and_failures():
+    table = tt.markdown_table(ROWS)
+    assert "| megatron_patch | v | 50 | 60 | OOM | **60** (mb 8, 10 GiB) |" in table
+    assert "| HF (a) | compile reduce-overhead | 45 | failed | - | **45** (mb 4, 10 GiB) |" in table
+    assert "- HF (a) compile reduce-overhead, mb 8 failed: RuntimeError: capture failed" in table
+    assert "| each side's best | 60 (v, mb 8) | 45 (compile reduce-overhead, mb 4) | **1.333x** | 48 (v, mb 16) |" \
+        " **1.250x** |" in table
+
+
+def test_peak_lookup_by_device_name():
+    assert tt.mfu_peak("NVIDIA H200")[0] == 989e12  # not H20's, whose key it contains
+    assert tt.mfu_peak("NVIDIA H20")[0] == 148e12
+    assert tt.mfu_peak("NVIDIA H100 80GB HBM3")[0] == 989e12
+    assert tt.mfu_peak("NVIDIA GeForce RTX 4090") == (None, "MFU peak unknown for NVIDIA GeForce RTX 4090; pass "
+                                                      "--peak-tflops")
+    assert tt.mfu_peak("NVIDIA GeForce RTX 4090", 165.2)[0] == 165.2e12
