@@ -8,7 +8,7 @@ so the same command on a machine with TE carried measures TE's CP):
         [--micro-batch 1] [--global-batch 8] [--iters 12]
 
 Each --cp value is one run on all GPUs (CP1 is data parallelism over them; CP2 on two GPUs has DP1), at the same
-global batch, so each run trains the same global tokens. Prints tokens/s/GPU (mean after the first 5
+global batch, so each run trains the same global tokens. Prints tokens/s/GPU (tokens over time after the first 5
 iterations), MFU against the H100/H200 dense bf16 peak, and peak memory (benchmarks/train_throughput.py's
 FLOP count, log parsing and report).
 

@@ -919,7 +919,7 @@ def write_doc(state: dict, doc: Path, settings: Settings) -> None:
         "precision's tolerance: "
         + ", ".join(f"{k.replace('-cpu', ' on the CPU')} {v:g}" for k, v in TOLERANCE.items())
         + " (absolute, at a loss near ln(151936) = 11.93), and the loss must fall from iteration 1 to the last. "
-        "tokens/s/GPU: mean of the iterations after the fifth, from the launcher's `[qwen]` lines (a few "
+        "tokens/s/GPU: tokens over time of the iterations after the fifth, from the launcher's `[qwen]` lines (a few "
         "iterations at a small batch: a smoke figure, not a benchmark; see docs/benchmarks.md; \"(shared)\": the row "
         "ran beside other rows on its GPUs under `--jobs`, so its rate is lower than alone); peak: the last rank's "
         "peak allocated GPU memory.",

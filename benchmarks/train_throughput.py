@@ -208,6 +208,15 @@ def out_of_memory(error: BaseException) -> BaseException | None:
     return next((e for e in chain if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e)), None)
 
 
+def failure_status_and_note(error: BaseException) -> tuple[str, str]:
+    """("OOM" or "failed", the error's type and first line) as strings only: a variable still holding the error
+    after its except block would keep the failed run's frames, model and activations on the GPU."""
+    oom = out_of_memory(error)
+    cause = oom or error
+    first_line = (str(cause).strip().splitlines() or [""])[0]
+    return "OOM" if oom else "failed", f"{type(cause).__name__}: {first_line}"
+
+
 def megatron_run(size_name: str, seq_len: int, micro: int, global_batch: int, data: str, tokenizer: str,
                  iters: int, out: Path, extra_env: dict[str, str], tp: int = 1, nproc: int = 1) -> str:
     """Our launcher path (random init, pre-training on an idxmap); returns its log."""
@@ -486,11 +495,8 @@ def main() -> None:
                     rate, peak, skips = hf_throughput(args.size, args.seq_len, micro, args.global_batch,
                                                       letter == "b", args.hf_steps, 2, mode)
                 except Exception as error:  # an OOM or a mode that fails is a row of the table
-                    oom = out_of_memory(error)
-                    cause = oom or error
-                    first_line = (str(cause).strip().splitlines() or [""])[0]
-                    record(HF_SIDES[letter], f"compile {mode}", micro, "OOM" if oom else "failed",
-                           note=f"{type(cause).__name__}: {first_line}")
+                    status, note = failure_status_and_note(error)
+                    record(HF_SIDES[letter], f"compile {mode}", micro, status, note=note)
                     break  # larger micro-batches would fail the same way; hf_throughput frees what this one left
                 record(HF_SIDES[letter], f"compile {mode}", micro, "ok", rate, peak,
                        f"CUDA graphs skipped in {skips} compiled graphs (inductor's warning says why)" if skips else "")

@@ -120,7 +120,8 @@ def run_exiting_on_error(entry, *args) -> None:
     interpreter's normal shutdown can wait forever (seen on a GPU: a TE attention error left the rank alive,
     holding its GPU, until the job's time limit), and torchrun only reports a failure once the rank is gone.
     Megatron's own exits (SystemExit, e.g. after SIGTERM's checkpoint) keep their normal shutdown. A UserError is
-    its message alone, exit status 2."""
+    its message alone, exit status 2. A normal return ends without the interpreter's teardown (Megatron has
+    flushed TensorBoard and completed its checkpoints by then)."""
     try:
         entry(*args)
     except UserError as err:
@@ -133,6 +134,7 @@ def run_exiting_on_error(entry, *args) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
+    process_lifetime.exit_without_teardown(0)
 
 
 if __name__ == "__main__":

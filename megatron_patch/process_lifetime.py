@@ -78,3 +78,13 @@ def end_children_left() -> None:
             os.kill(child.pid, signal.SIGKILL)
     for child in children:
         child.join(timeout=CHILD_JOIN_SECONDS)
+
+
+def exit_without_teardown(code: int) -> None:
+    """End the process after its exit handlers (logging, multiprocessing's children, finalizers) but without the
+    interpreter's teardown of torch and megatron's modules: 2 s of a CPU per process that writes nothing. For
+    the end of a finished run only: whatever the process writes must be complete and flushed by then."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,4 +1,5 @@
-"""Launch the real training entrypoint with torchrun on the CPU and read back its per-iteration losses."""
+"""Launch the real training entrypoint on the CPU (ranks started as torchrun starts them) and read back its
+per-iteration losses."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ LAYOUTS = {
     "tp2": (2, ["--tensor-model-parallel-size", "2"]),
     "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
     "dp2_distributed_optimizer": (2, ["--use-distributed-optimizer"]),
+    # AC=sel and AC=full with MP_AC_METHOD=block (uniform: test_context_parallel's cp2_pp2_do_ac_full)
+    "tp1_recompute_selective": (1, ["--recompute-activations"]),
+    "tp1_recompute_block": (1, ["--recompute-granularity", "full", "--recompute-method", "block",
+                                "--recompute-num-layers", "1"]),
 }
 LAYOUT_ITERS = 3
 
@@ -39,16 +44,41 @@ def tiny_mock_args(iters: int, seq_length: int = 64, micro_batch: int = 2, globa
 
 
 def run_entrypoint(workdir: Path, nproc: int, args: list[str], timeout: int = 600, check: bool = True):
-    """torchrun -m megatron_patch.pretrain_qwen with TensorBoard under workdir/tb; returns the process."""
+    """The entrypoint's ranks (python -m megatron_patch.pretrain_qwen) with TensorBoard under workdir/tb; returns
+    a CompletedProcess of all ranks' output. Started as torchrun starts them (RANK, LOCAL_RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT; rank 0 hosts the store) without torchrun's own process: its torch import is 3-4 s of a
+    CPU per run. As torchrun does, a rank that fails ends the others. The launcher's tests use real torchrun."""
+    import signal
+    import tempfile
+    import time
+
     workdir.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        "-m", "megatron_patch.pretrain_qwen", *args,
-        "--tensorboard-dir", str(workdir / "tb"), "--tensorboard-log-interval", "1",
-    ]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)))
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, "-m", "megatron_patch.pretrain_qwen", *args,
+           "--tensorboard-dir", str(workdir / "tb"), "--tensorboard-log-interval", "1"]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)),
+               WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        ranks = [subprocess.Popen(cmd, cwd=workdir, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                                  stdout=out, stderr=err, text=True, start_new_session=True)
+                 for rank in range(nproc)]
+        deadline, returncode = time.monotonic() + timeout, 0
+        try:
+            while any(rank.poll() is None for rank in ranks):
+                failed = [rank.returncode for rank in ranks if rank.returncode not in (None, 0)]
+                if failed or time.monotonic() > deadline:
+                    returncode = failed[0] if failed else -signal.SIGKILL
+                    break
+                time.sleep(0.1)
+        finally:
+            for rank in ranks:
+                if rank.poll() is None:
+                    os.killpg(rank.pid, signal.SIGKILL)
+                rank.wait()
+        returncode = returncode or next((rank.returncode for rank in ranks if rank.returncode), 0)
+        out.seek(0)
+        err.seek(0)
+        proc = subprocess.CompletedProcess(cmd, returncode, out.read(), err.read())
     (workdir / "train.log").write_text(proc.stdout + proc.stderr)
     if check and proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])

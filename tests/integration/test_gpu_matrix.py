@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -136,8 +137,8 @@ def test_resumed_in_another_layout_agrees_with_the_simplest(matrix, layout_runs)
     TP1 PP1 through PRETRAIN_CHECKPOINT_PATH: the same weights give the same losses, every iteration (fp32)."""
     saved = layout_runs["tp2"]["work"] / "ckpt"
     matrix.saved_checkpoints["tp2"] = saved
-    resumed = matrix.run_row(matrix.rows["resume-tp1pp2"])
-    reference = matrix.run_row(matrix.rows["resume-tp1pp1"])
+    with ThreadPoolExecutor(max_workers=2) as pool:  # both at once: much of a launch is single-threaded start-up
+        resumed, reference = pool.map(matrix.run_row, (matrix.rows["resume-tp1pp2"], matrix.rows["resume-tp1pp1"]))
     assert_agrees(resumed, reference, FP32_CPU_TOLERANCE)
     for name in ("resume-tp1pp2", "resume-tp1pp1"):  # both loaded the TP2 run's last iteration
         log = (matrix.out_dir(matrix.rows[name]) / "launcher.log").read_text()

@@ -1,5 +1,5 @@
-"""The real entrypoint, launched with torchrun on the CPU: layouts agree, and ranks end with their launcher.
-(Exact resume after a kill: test_best_practice_commands.test_kill_9_and_relaunch_continues_exactly.)"""
+"""The real entrypoint on the CPU, its ranks started as torchrun starts them: layouts agree, and ranks end with
+their launcher. (Exact resume after a kill: test_best_practice_commands.test_kill_9_and_relaunch_continues_exactly.)"""
 
 from __future__ import annotations
 
@@ -60,6 +60,13 @@ def test_log_reports_tokens_per_second_and_memory(layout_runs):
                        layout_runs["tp1"]["log"])
     assert [int(it) for it, _, _ in lines] == [2, 3], lines
     assert all(int(tokens.replace(",", "")) > 0 and float(rss) > 0.1 for _, tokens, rss in lines), lines
+
+
+@pytest.mark.parametrize("layout", ["tp1_recompute_selective", "tp1_recompute_block"])
+def test_activation_recompute_changes_no_loss(layout_losses, layout):
+    # Recomputing activations (selective; full for the first layer only, the rest kept) repeats the same maths.
+    for it in range(1, LAYOUT_ITERS + 1):
+        assert abs(layout_losses[layout][it] - layout_losses["tp1"][it]) <= 1e-5, layout_losses
 
 
 def test_data_parallel_with_distributed_optimizer_follows_single_process(layout_losses):
