@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,7 @@ ADAPTABLE = {"MODEL_SIZE", "SEQ_LEN", "PAD_LEN", "LR", "MIN_LR", "SAVE_INTERVAL"
 # SFT settings under which the loss of a tiny random model reliably falls within 30 iterations (GBS 4 halves
 # the CPU time of the guide's 8).
 SFT_CPU = dict(MODEL_SIZE="tiny", GLOBAL_BATCH_SIZE="4", LR="1e-3", MIN_LR="1e-4", SEQ_LEN="128", PAD_LEN="128",
-               TRAIN_TOKENS_OR_ITERS="30", WARMUP_TOKENS_OR_ITERS="3", SAVE_INTERVAL="30")
+               TRAIN_TOKENS_OR_ITERS="20", WARMUP_TOKENS_OR_ITERS="3", SAVE_INTERVAL="20")
 
 
 def command(template: str, paths: dict[str, Path | str], **changes: str) -> list[str]:
@@ -152,9 +153,11 @@ def corpora(tmp_path_factory, default_tokenizer_dir):
 
 
 def sft_loss_falls(losses: dict[int, float]) -> None:
+    """The mean of the last five iterations' losses is well under the first five's (20 iterations: 11.93 -> 11.36
+    on the tiny model; iteration-to-iteration noise is under 0.1)."""
     first = sum(losses[i] for i in range(1, 6)) / 5
-    last = sum(losses[i] for i in range(26, 31)) / 5
-    assert last < first - 0.5, (first, last, losses)
+    last = sum(losses[i] for i in range(len(losses) - 4, len(losses) + 1)) / 5
+    assert last < first - 0.3, (first, last, losses)
 
 
 # ---- the three commands ----
@@ -180,8 +183,8 @@ def test_finetuning_command_on_idxmap(corpora, tmp_path, default_tokenizer_dir):
                    **SFT_CPU)
     run = launch(guide_form(args), out, tmp_path / "home", MP_TOKENIZER_PATH=str(default_tokenizer_dir))
     assert "-finetune-" in run.run_dir_name and run.run_dir_name.endswith("-data-idxmap")
-    sft_loss_falls(assert_trained(run, 30, saved=[30]))
-    assert "validation loss at iteration 30" in run.log_files()[0].read_text()
+    sft_loss_falls(assert_trained(run, 20, saved=[20]))
+    assert "validation loss at iteration 20" in run.log_files()[0].read_text()
 
 
 def test_finetuning_command_on_raw_json_from_another_folder(corpora, tmp_path, default_tokenizer_dir):
@@ -192,7 +195,7 @@ def test_finetuning_command_on_raw_json_from_another_folder(corpora, tmp_path, d
     run = launch(absolute_form(args), out, tmp_path / "somewhere" / "else", MP_DATASET_TYPE="raw",
                  MP_TOKENIZER_PATH=str(default_tokenizer_dir))
     assert run.run_dir_name.endswith("-data-raw")
-    # The same schedule as the idxmap command (whose loss is checked to fall over 30 iterations), on the records
+    # The same schedule as the idxmap command (whose loss is checked to fall over 20 iterations), on the records
     # tokenized on the fly: five iterations, from a folder outside the repository.
     losses = assert_trained(run, 5, saved=[5])
     assert abs(losses[1] - math.log(151936)) < 0.5, losses
@@ -277,17 +280,19 @@ def test_packed_and_unpacked_sft_agree_and_train_only_on_answers(short_sft_recor
     from megatron_patch.data.sft_dataset import RawJSONSFTDataset
 
     path, records, rows, tokenizer = short_sft_records
-    losses = {}
-    runs = {}
-    for packing, gbs in (("false", len(records)), ("true", rows)):
+
+    def train(packing: str, gbs: int):
         out = tmp_path / f"packing-{packing}"
         args = command(GUIDE_FINETUNE, {"data": path, "valid": path, "ckpt": "none", "out": out},
                        MODEL_SIZE="tiny", SEQ_LEN="128", PAD_LEN="128", PR="fp32", LR="0", MIN_LR="0",
                        GLOBAL_BATCH_SIZE=str(gbs), TRAIN_TOKENS_OR_ITERS="1", WARMUP_TOKENS_OR_ITERS="0",
                        SAVE_INTERVAL="1")
-        runs[packing] = launch(absolute_form(args), out, tmp_path, MP_DATASET_TYPE="raw", MP_SFT_PACKING=packing,
+        return packing, launch(absolute_form(args), out, tmp_path, MP_DATASET_TYPE="raw", MP_SFT_PACKING=packing,
                                MP_TOKENIZER_PATH=str(default_tokenizer_dir))
-        losses[packing] = assert_trained(runs[packing], 1, saved=[1])[1]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # both at once: much of a launch is single-threaded start-up
+        runs = dict(pool.map(lambda case: train(*case), (("false", len(records)), ("true", rows))))
+    losses = {packing: assert_trained(run, 1, saved=[1])[1] for packing, run in runs.items()}
     assert runs["true"].run_dir_name.endswith("-data-raw-packed")
     assert abs(losses["true"] - losses["false"]) <= 1e-5, losses
 

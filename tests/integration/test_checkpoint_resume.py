@@ -182,15 +182,11 @@ def test_kill_while_writing_the_tracker_resumes_from_the_previous_one(killed_whi
         "truncated newest": (_truncated_newest(_linked_copy(ckpt, tmp_path_factory.mktemp("trunc") / "ckpt")), 1),
     }
 
-    # Launched directly (no launcher to repair it), the folder without a tracker is refused: no silent restart
-    # from --pretrained-checkpoint at iteration 1, and not exit status 0.
-    deleted = cases["deleted tracker"][0]
-    refused = run_entrypoint(tmp_path_factory.mktemp("refused"), 1, _resume_args(converted_tiny, deleted),
-                             check=False)
-    assert refused.returncode != 0
-    assert f"error: {deleted / TRACKER} is missing. run_mcore_qwen.sh repairs this itself (the run would resume " \
-           "from iteration 2)" in refused.stdout + refused.stderr
-    assert "successfully loaded checkpoint" not in refused.stdout + refused.stderr
+    # Launched directly (no launcher to repair it), a folder without a tracker is refused: no silent restart
+    # from --pretrained-checkpoint at iteration 1, and not exit status 0. (Its own copy: the cases are repaired
+    # while it runs.)
+    deleted = _deleted_tracker(_linked_copy(ckpt, tmp_path_factory.mktemp("refused_ckpt") / "ckpt"))
+    refused_work = tmp_path_factory.mktemp("refused")
 
     # Every case's decision is checked; two of them (one resuming from each iteration) also train on.
     trained = ("as killed", "deleted tracker")
@@ -207,7 +203,13 @@ def test_kill_while_writing_the_tracker_resumes_from_the_previous_one(killed_whi
                           losses=tensorboard_losses(work))
 
     with ThreadPoolExecutor(max_workers=2) as pool:  # interpreter start-up is mostly single-threaded
+        refusing = pool.submit(run_entrypoint, refused_work, 1, _resume_args(converted_tiny, deleted), check=False)
         resumed = dict(pool.map(resume, cases))
+        refused = refusing.result()
+    assert refused.returncode != 0
+    assert f"error: {deleted / TRACKER} is missing. run_mcore_qwen.sh repairs this itself (the run would resume " \
+           "from iteration 2)" in refused.stdout + refused.stderr
+    assert "successfully loaded checkpoint" not in refused.stdout + refused.stderr
 
     reference = killed["reference"]
     for name, (folder, iteration) in cases.items():

@@ -208,18 +208,21 @@ def cp_runs(converted_tiny, layout_runs, tmp_path_factory) -> dict[str, dict]:
     base = tiny_mock_args(iters=LAYOUT_ITERS) + ["--pretrained-checkpoint", str(converted_tiny)]
     cp2_checkpoint = tmp_path_factory.mktemp("cp2_checkpoint")
 
-    def train(name: str, nproc: int, flags: list[str]) -> tuple[str, dict]:
+    def train(name: str, nproc: int, flags: list[str]) -> dict[str, dict]:
         work = tmp_path_factory.mktemp(name)
         run_entrypoint(work, nproc, base + flags)
-        return name, dict(losses=tensorboard_losses(work), grad_norms=tensorboard_losses(work, "grad-norm"))
+        done = {name: dict(losses=tensorboard_losses(work), grad_norms=tensorboard_losses(work, "grad-norm"))}
+        if name == "cp2":  # its checkpoint resumed at CP1, in the same worker
+            done.update(train("cp1_from_cp2", 1, ["--load", str(cp2_checkpoint), "--ckpt-step", "1",
+                                                  "--exit-interval", "2"]))
+        return done
 
     layouts = {name: (nproc, flags + (["--save", str(cp2_checkpoint)] if name == "cp2" else []))
                for name, (nproc, flags) in CP_LAYOUTS.items()}
     # Two at a time: much of a launch is single-threaded interpreter start-up.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        runs = dict(pool.map(lambda item: train(item[0], *item[1]), layouts.items()))
-    runs.update([train("cp1_from_cp2", 1, ["--load", str(cp2_checkpoint), "--ckpt-step", "1",
-                                           "--exit-interval", "2"])])
+        runs = {name: run for done in pool.map(lambda item: train(item[0], *item[1]), layouts.items())
+                for name, run in done.items()}
     tp1 = layout_runs["tp1"]
     runs["tp1"] = dict(losses=tp1["losses"], grad_norms=tensorboard_losses(tp1["work"], "grad-norm"))
     return runs

@@ -26,7 +26,7 @@ def test_every_layout_trains_three_iterations_with_finite_loss(layout_losses):
         assert all(math.isfinite(v) for v in losses.values()), (name, losses)
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2_distributed_optimizer"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2_distributed_optimizer", "tp2_pp2"])
 def test_first_iteration_loss_matches_single_process(layout_losses, layout):
     assert abs(layout_losses[layout][1] - layout_losses["tp1"][1]) <= 1e-5, layout_losses
 
