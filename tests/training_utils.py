@@ -22,6 +22,8 @@ LAYOUTS = {
     "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
     "dp2_distributed_optimizer": (2, ["--use-distributed-optimizer"]),
     "tp2_pp2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+    "dp2": (2, []),  # without the distributed optimizer
+    "tp1_bf16": (1, ["--bf16"]),
     # AC=sel and AC=full with MP_AC_METHOD=block (uniform: test_context_parallel's cp2_pp2_do_ac_full)
     "tp1_recompute_selective": (1, ["--recompute-activations"]),
     "tp1_recompute_block": (1, ["--recompute-granularity", "full", "--recompute-method", "block",

@@ -145,13 +145,14 @@ def test_resumed_in_another_layout_agrees_with_the_simplest(matrix, layout_runs)
         assert f"successfully loaded checkpoint from {saved} " in log, name
 
 
-def test_packed_sft_over_two_processes_agrees_with_one(matrix):
-    """SFT on raw JSON, packed: TP=2 and DP=2 against one process, every iteration (fp32)."""
-    rows = [matrix.rows[name] for name in ("sft-packed", "sft-packed-tp2", "sft-packed-dp2")]
+def test_sft_over_two_processes_agrees_with_one(matrix):
+    """SFT on raw JSON packed (TP=2, DP=2) and on an SFT idxmap (TP=2), each against its one-process reference,
+    every iteration (fp32)."""
+    names = ("sft-packed", "sft-packed-tp2", "sft-packed-dp2", "sft-idxmap", "sft-idxmap-tp2")
     with ThreadPoolExecutor(max_workers=2) as pool:
-        reference, *layouts = pool.map(matrix.run_row, rows)
-    for result in layouts:
-        assert_agrees(result, reference, FP32_CPU_TOLERANCE)
+        results = dict(zip(names, pool.map(matrix.run_row, [matrix.rows[name] for name in names])))
+    for name in ("sft-packed-tp2", "sft-packed-dp2", "sft-idxmap-tp2"):
+        assert_agrees(results[name], results[matrix.rows[name].reference], FP32_CPU_TOLERANCE)
 
 
 @pytest.mark.xfail(not VP_FITS_TINY, strict=True, reason="tiny has 2 layers; PP=2 x two virtual stages needs 4")
