@@ -23,7 +23,6 @@ The CPU runs both at the tiny size (gloo; `train --size tiny --seq-len 256` chec
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -72,7 +71,7 @@ def launcher_args(size: str, seq_len: int, micro: int, global_batch: int, cp: in
 def train(args) -> None:
     from megatron_patch import hardware
     from megatron_patch.model_sizes import get_size
-    from train_throughput import flops_per_token, report, throughput_from_log
+    from train_throughput import flops_per_token, report, run_launcher, throughput_from_log
 
     tokenizer, data = prepare_assets(Path(args.assets))
     gpus = hardware.gpu_count()
@@ -92,7 +91,7 @@ def train(args) -> None:
         if not gpus:
             env["MP_NPROC_PER_NODE"] = str(cp)
         try:
-            log = launch(positional, env, out, args.iters)
+            log = run_launcher(positional, env, out, args.iters)
         except RuntimeError as failed:  # report it (out of memory, say) and go on with the other runs
             print(f"CP{cp}: {failed}", flush=True)
             continue
@@ -100,34 +99,6 @@ def train(args) -> None:
         dp = max(1, (gpus or cp) // cp)
         report(f"Qwen2.5-{args.size} seq {args.seq_len} CP{cp} DP{dp} AC {ac}, {spec}", rate, size,
                args.seq_len, peak)
-
-
-def launch(positional: list[str], extra_env: dict[str, str], out: Path, iters: int) -> str:
-    """One launcher run, stopped once its last iteration is logged (the final checkpoint save measures the
-    disk); returns the log. Raises RuntimeError with the log's tail if it failed before that."""
-    import signal
-    import subprocess
-
-    out.mkdir(parents=True, exist_ok=True)
-    last_iteration = f"[qwen] iteration {iters:8d}"
-    log_path = out / "megatron.log"
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(["sh", str(REPO / "examples/qwen2_5/run_mcore_qwen.sh"), *positional],
-                                env={**os.environ, **extra_env}, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        trained = False
-        try:
-            while not trained and proc.poll() is None:
-                time.sleep(1)
-                trained = last_iteration in log_path.read_text(errors="replace")
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)  # SIGTERM would make Megatron save first
-                proc.wait()
-    log = log_path.read_text(errors="replace")
-    if not trained and proc.returncode != 0:
-        raise RuntimeError("run failed:\n" + "\n".join(log.splitlines()[-25:]))
-    return log
 
 
 # ---- the attention alone ----

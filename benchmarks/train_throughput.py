@@ -226,14 +226,24 @@ def megatron_run(size_name: str, seq_len: int, micro: int, global_batch: int, da
             str(tp), "1", "1", str(tp > 1).lower(), "true", str(flash).lower(), "false", "false", "false",
             "100000", data, data, "none",
             str(iters * global_batch * seq_len), "0", str(out)]
-    env = {**os.environ, "MP_TOKENIZER_PATH": tokenizer, "MP_NPROC_PER_NODE": str(nproc), **extra_env}
+    env = {"MP_TOKENIZER_PATH": tokenizer, "MP_NPROC_PER_NODE": str(nproc), **extra_env}
+    try:
+        return run_launcher(args, env, out, iters)
+    except RuntimeError as failed:
+        raise SystemExit(f"megatron {failed}") from None
+
+
+def run_launcher(positional: list[str], extra_env: dict[str, str], out: Path, iters: int) -> str:
+    """run_mcore_qwen.sh with these arguments and extra environment, its output in out/megatron.log, stopped once
+    its last iteration is logged; returns the log. Raises RuntimeError with the log's tail if it failed first."""
     out.mkdir(parents=True, exist_ok=True)
     last_iteration = f"[qwen] iteration {iters:8d}"
     # Written as it runs, so a run cut short still leaves its log. Stopped once the last iteration is logged:
     # the final checkpoint save (tens of seconds at 1.5B) measures the disk, not training.
     with open(out / "megatron.log", "w") as log_file:
-        proc = subprocess.Popen(["sh", str(REPO / "examples/qwen2_5/run_mcore_qwen.sh"), *args], env=env,
-                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(["sh", str(REPO / "examples/qwen2_5/run_mcore_qwen.sh"), *positional],
+                                env={**os.environ, **extra_env}, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         trained = False
         try:
             while not trained and proc.poll() is None:
@@ -245,7 +255,7 @@ def megatron_run(size_name: str, seq_len: int, micro: int, global_batch: int, da
                 proc.wait()
     log = (out / "megatron.log").read_text(errors="replace")
     if not trained and proc.returncode != 0:
-        raise SystemExit("megatron run failed:\n" + "\n".join(log.splitlines()[-30:]))
+        raise RuntimeError("run failed:\n" + "\n".join(log.splitlines()[-30:]))
     return log
 
 
