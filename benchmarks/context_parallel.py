@@ -13,9 +13,11 @@ iterations), MFU against the H100/H200 dense bf16 peak, and peak memory (benchma
 FLOP count, log parsing and report).
 
 The attention alone, forward + backward, one process per GPU (NCCL), against one GPU's cuDNN SDPA over the whole
-sequence:
+sequence, and against TE's CP attention on the same chunks where TE imports (`--profile`: each side's GPU
+kernels by total time):
 
-    python3 benchmarks/context_parallel.py attention --heads 28 --groups 4 --seq-len 32768 [--kernel flash]
+    python3 benchmarks/context_parallel.py attention --heads 28 --groups 4 --seq-len 32768 [--kernel flash] \
+        [--te-comm-type p2p] [--profile]
 
 The CPU runs both at the tiny size (gloo; `train --size tiny --seq-len 256` checks the wiring, not speed).
 """
@@ -138,6 +140,18 @@ def attention_rank(rank: int, world: int, port: int, args) -> None:
     if rank == 0:
         print(f"CP{world} attention, seq {seq}, batch {batch}, {heads}/{groups} heads of {dim}: {ms:.2f} ms forward + "
               f"backward, {flops / world / ms / 1e9:.0f} TFLOP/s per GPU", flush=True)
+    if args.profile and on_gpu:
+        print_kernel_profile("ours", cp_step, rank)
+    te_step = te_context_parallel_step(q, k, v, grad, group, world, args) if on_gpu else None
+    if te_step is not None:
+        ms_te = timed(te_step, args.repeats, on_gpu)
+        if rank == 0:
+            print(f"CP{world} attention, Transformer Engine (DotProductAttention, cp_comm_type "
+                  f"{args.te_comm_type}): {ms_te:.2f} ms, {flops / world / ms_te / 1e9:.0f} TFLOP/s per GPU; "
+                  f"ours / TE speed {ms_te / ms:.3f}", flush=True)
+        if args.profile:
+            print_kernel_profile("TE", te_step, rank)
+    if rank == 0:
         qf = torch.randn(batch, heads, seq, dim, device=device, dtype=dtype, requires_grad=True)
         kf, vf = (torch.randn(batch, groups, seq, dim, device=device, dtype=dtype, requires_grad=True) for _ in "kv")
         gradf = torch.randn(batch, heads, seq, dim, device=device, dtype=dtype)
@@ -151,6 +165,39 @@ def attention_rank(rank: int, world: int, port: int, args) -> None:
               flush=True)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def te_context_parallel_step(q, k, v, grad, group, world: int, args):
+    """TE's own CP attention on the same chunks (megatron-core's layout is TE's DUAL_CHUNK_SWAP), or None where
+    TE does not import."""
+    import torch
+
+    from megatron_patch import hardware
+
+    if not hardware.transformer_engine_importable():
+        return None
+    import transformer_engine.pytorch as te
+
+    attention = te.DotProductAttention(args.heads, args.head_dim, num_gqa_groups=args.groups, qkv_format="sbhd",
+                                       attn_mask_type="causal", attention_dropout=0.0, cp_group=group,
+                                       cp_global_ranks=list(range(world)), cp_stream=torch.cuda.Stream(),
+                                       cp_comm_type=args.te_comm_type)
+    return lambda: attention(q, k, v).backward(grad)
+
+
+def print_kernel_profile(name: str, step, rank: int, rows: int = 12) -> None:
+    """The GPU kernels of a few steps by total time (where the attention's time goes)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    if rank == 0:
+        print(f"--- {name}: GPU kernels over 3 steps, rank 0 ---", flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70),
+              flush=True)
 
 
 def timed(step, repeats: int, on_gpu: bool) -> float:
@@ -203,6 +250,9 @@ def main() -> None:
     att.add_argument("--kernel", default="auto", choices=["auto", "cudnn", "flash"])
     att.add_argument("--repeats", type=int, default=5)
     att.add_argument("--nproc", type=int, default=0, help="processes (default: the GPUs, at least 2)")
+    att.add_argument("--te-comm-type", default="p2p", choices=["p2p", "all_gather", "a2a"],
+                     help="TE's CP communication, for its row where TE imports")
+    att.add_argument("--profile", action="store_true", help="print each side's GPU kernels by total time")
     args = parser.parse_args()
     # SIGTERM (a time limit) as an exception, so the launcher's session is stopped with this process.
     import signal

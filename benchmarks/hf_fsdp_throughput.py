@@ -14,7 +14,6 @@ Without CUDA it runs on CPU with gloo (for smoke tests with --size tiny). MFU as
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -27,10 +26,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# benchmarks/ is not a package: load train_throughput.py by path so its report line and FLOP count are shared.
-_spec = importlib.util.spec_from_file_location("train_throughput", REPO / "benchmarks" / "train_throughput.py")
-train_throughput = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_throughput)
+sys.path.insert(0, str(REPO / "benchmarks"))  # the report line, FLOP count and JSON rows of train_throughput.py
+
+import train_throughput  # noqa: E402
+
 report, flops_per_token, mfu_peak = train_throughput.report, train_throughput.flops_per_token, train_throughput.mfu_peak
 
 from megatron_patch.hf_checkpoint import hf_config_for  # noqa: E402
@@ -49,6 +48,8 @@ def main() -> None:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     parser.add_argument("--peak-tflops", type=float, help="MFU peak (dense bf16) for a device not in the table")
+    parser.add_argument("--json", type=Path, metavar="PATH",
+                        help="append the result row (or the OOM) to this JSON list, as train_throughput.py --json")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -105,25 +106,42 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
+    variant = f"FSDP2{' + AC' if args.activation_checkpointing else ''}{' + compile' if args.compile else ''}, " \
+        f"{world} {'GPUs' if cuda else 'CPU ranks'}"
+    side = train_throughput.HF_SIDES[args.variant]
+
+    def store(figures: dict, status: str, note: str = "") -> None:
+        if args.json and rank == 0:
+            train_throughput.append_row(args.json, train_throughput.result_row(
+                side, variant, args.micro_batch, figures, status, note, args.size, args.seq_len, args.global_batch,
+                train_throughput.versions()))
+
+    try:
+        for _ in range(args.warmup):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    except torch.OutOfMemoryError as error:  # a row of the sweep; torchrun ends the other ranks
+        print(f"rank {rank}: out of memory at micro-batch {args.micro_batch}", flush=True)
+        store({"tokens_per_s_per_gpu": None, "tflops": None, "mfu": None, "peak_gib": None}, "OOM",
+              str(error).splitlines()[0])
+        raise SystemExit(1) from None
     elapsed = time.perf_counter() - start
     if rank == 0:
         peak = torch.cuda.max_memory_allocated() / 1024 ** 3 if cuda else 0.0
         name = ("HF FSDP2 (b) pure bf16" if pure_bf16 else "HF FSDP2 (a) fp32 master + bf16 params") + \
             f"{' + AC' if args.activation_checkpointing else ''}{' + compile' if args.compile else ''}, " \
             f"{world} {'GPUs' if cuda else 'CPU ranks'}, mb {args.micro_batch}"
-        report(name, args.steps * args.global_batch * args.seq_len / elapsed / world, size, args.seq_len, peak,
-               peak_flops)
+        figures = report(name, args.steps * args.global_batch * args.seq_len / elapsed / world, size, args.seq_len,
+                         peak, peak_flops)
+        store(figures, "ok")
     dist.destroy_process_group()
 
 

@@ -8,11 +8,13 @@ same model shape, sequence length and global batch.
     python benchmarks/train_throughput.py --table OURS.json HF.json          # Markdown from stored rows, no runs
     python benchmarks/train_throughput.py --data PREFIX --tokenizer DIR --loss-check-iters 50
 
-Each `--mcore KERNELS:MICRO_BATCH[:graph]` is one launcher run: KERNELS `fused` (default path) or `plain`
-(MP_FUSED_KERNELS=false: megatron-core's unfused modules and logits + cross-entropy); `graph` adds
-MP_CUDA_GRAPH=true (each iteration's forward and backward replayed from one CUDA graph). `--loss-check-iters N`
-instead trains N iterations of the plain path, the fused kernels and fused + graph (same seed, same data) and
-prints their per-iteration losses.
+Each `--mcore KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE]` is one launcher run: KERNELS `fused` (default path) or
+`plain` (MP_FUSED_KERNELS=false: megatron-core's unfused modules and logits + cross-entropy; with TE importable,
+megatron-core + TE with upstream's flags: Pai's stack); `graph` adds MP_CUDA_GRAPH=true (each iteration's forward
+and backward replayed from one CUDA graph); `fp8-RECIPE` trains with PR=fp8 and MP_FP8_RECIPE=RECIPE (TE's fp8,
+e.g. fp8-tensorwise), else PR=bf16. `--loss-check-iters N` instead trains N iterations of each `--mcore` run
+(default: the plain path, the fused kernels and fused + graph) from the same seed and data and prints their
+per-iteration losses against the first run's.
 
 HF variants: (a) fp32 master weights + bf16 autocast + torch.compile (the numerics of our Megatron bf16 runs),
 (b) pure bf16 parameters + torch.compile (a speed bound). Both use fused AdamW and gradient accumulation to
@@ -33,6 +35,7 @@ MFU is against the device's dense bf16 peak (PEAK_BF16_DENSE; `--peak-tflops` fo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import fcntl
 import functools
@@ -218,11 +221,12 @@ def failure_status_and_note(error: BaseException) -> tuple[str, str]:
 
 
 def megatron_run(size_name: str, seq_len: int, micro: int, global_batch: int, data: str, tokenizer: str,
-                 iters: int, out: Path, extra_env: dict[str, str], tp: int = 1, nproc: int = 1) -> str:
+                 iters: int, out: Path, extra_env: dict[str, str], tp: int = 1, nproc: int = 1,
+                 precision: str = "bf16") -> str:
     """Our launcher path (random init, pre-training on an idxmap); returns its log."""
     # FL: flash attention; with TE it needs flash-attn, else TE's cuDNN fused attention (FL=false).
     flash = flash_attn_importable() or not transformer_engine_importable()
-    args = ["dsw", size_name, str(micro), str(global_batch), "1e-4", "1e-5", str(seq_len), str(seq_len), "bf16",
+    args = ["dsw", size_name, str(micro), str(global_batch), "1e-4", "1e-5", str(seq_len), str(seq_len), precision,
             str(tp), "1", "1", str(tp > 1).lower(), "true", str(flash).lower(), "false", "false", "false",
             "100000", data, data, "none",
             str(iters * global_batch * seq_len), "0", str(out)]
@@ -277,26 +281,62 @@ def kernel_env(kernels: str, graph: bool = False) -> dict[str, str]:
     return {"MP_FUSED_KERNELS": str(kernels == "fused").lower(), "MP_CUDA_GRAPH": str(graph).lower()}
 
 
+@dataclasses.dataclass(frozen=True)
+class McoreRun:
+    """One --mcore KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE]."""
+    kernels: str
+    micro: int
+    graph: bool = False
+    fp8_recipe: str = ""  # "" = bf16
+
+    @classmethod
+    def parse(cls, text: str) -> "McoreRun":
+        kernels, micro, *options = text.split(":")
+        graph = "graph" in options
+        recipes = [o.removeprefix("fp8-") for o in options if o.startswith("fp8-")]
+        if not micro.isdigit() or len(recipes) > 1 or len(options) != graph + len(recipes):
+            raise SystemExit(f"--mcore {text}: expected KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE], e.g. fused:8:graph "
+                             "or fused:2:fp8-tensorwise")
+        kernel_env(kernels)  # refuses unknown kernels
+        return cls(kernels, int(micro), graph, recipes[0] if recipes else "")
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**kernel_env(self.kernels, self.graph), **({"MP_FP8_RECIPE": self.fp8_recipe} if self.fp8_recipe else {})}
+
+    @property
+    def precision(self) -> str:
+        return "fp8" if self.fp8_recipe else "bf16"
+
+    def label(self) -> str:
+        return f"{self.kernels}{' + CUDA graph' if self.graph else ''}{f', fp8 {self.fp8_recipe}' if self.fp8_recipe else ''}"
+
+
 def losses_from_log(log: str) -> list[float]:
     return [float(v) for v in re.findall(r"lm loss: ([0-9.E+-]+)", log)]
 
 
 def check_losses(args) -> None:
-    """The plain path, the fused kernels and fused + CUDA graph from the same seed: per-iteration loss
-    differences against the plain path over the first N iterations."""
+    """Each --mcore run (default: the plain path, the fused kernels, fused + CUDA graph) from the same seed and
+    data: per-iteration loss differences against the first run over N iterations, absolute and relative, and
+    the relative difference of the last 10 iterations' mean loss."""
+    runs = [McoreRun.parse(text) for text in args.mcore or
+            [f"plain:{args.micro_batch}", f"fused:{args.micro_batch}", f"fused:{args.micro_batch}:graph"]]
     curves = {}
-    for name, env in (("plain", kernel_env("plain")), ("fused", kernel_env("fused")),
-                      ("fused+graph", kernel_env("fused", graph=True))):
-        log = megatron_run(args.size, args.seq_len, args.micro_batch, args.global_batch, args.data, args.tokenizer,
-                           args.loss_check_iters, Path(args.out) / f"losscheck-{name.replace('+', '-')}", env)
-        curves[name] = losses_from_log(log)
-    plain = curves["plain"]
-    print(f"loss check, {len(plain)} iterations: plain {plain[0]:.4f} -> {plain[-1]:.4f}", flush=True)
-    for name in ("fused", "fused+graph"):
-        diffs = [abs(a - b) for a, b in zip(curves[name], plain)]
-        print(f"  {name:12s} {curves[name][0]:.4f} -> {curves[name][-1]:.4f}; max |difference| from plain "
-              f"{max(diffs):.4f} (iteration {diffs.index(max(diffs)) + 1}), mean {sum(diffs) / len(diffs):.4f}",
-              flush=True)
+    for run in runs:
+        log = megatron_run(args.size, args.seq_len, run.micro, args.global_batch, args.data, args.tokenizer,
+                           args.loss_check_iters, Path(args.out) / f"losscheck-{run.label().replace(' ', '')}",
+                           run.env, args.tp, args.nproc, run.precision)
+        curves[run.label()] = losses_from_log(log)
+    (first, reference), *others = curves.items()
+    print(f"loss check, {len(reference)} iterations: {first} {reference[0]:.4f} -> {reference[-1]:.4f}", flush=True)
+    for name, curve in others:
+        diffs = [abs(a - b) for a, b in zip(curve, reference)]
+        relative = [d / b for d, b in zip(diffs, reference)]
+        tail = sum(curve[-10:]) / len(curve[-10:]) / (sum(reference[-10:]) / len(reference[-10:])) - 1
+        print(f"  {name:24s} {curve[0]:.4f} -> {curve[-1]:.4f}; max |difference| from {first} {max(diffs):.4f} "
+              f"(iteration {diffs.index(max(diffs)) + 1}, {100 * max(relative):.2f}%), mean {sum(diffs) / len(diffs):.4f}; "
+              f"last 10 iterations' mean {100 * tail:+.2f}%", flush=True)
     for name, curve in curves.items():
         print(f"{name}:", " ".join(f"{v:.4f}" for v in curve), flush=True)
 
@@ -314,6 +354,22 @@ def append_row(path: Path, row: dict) -> None:
         file.seek(0)
         file.truncate()
         json.dump(rows, file, indent=1)
+
+
+def result_row(side: str, variant: str, micro: int, figures: dict, status: str, note: str, size: str, seq_len: int,
+               global_batch: int, stack: dict[str, str]) -> dict:
+    """One --json row: figures as report() returns them (None where the run failed)."""
+    return {"side": side, "variant": variant, "micro_batch": micro, **figures, "status": status, "note": note,
+            "size": size, "seq_len": seq_len, "global_batch": global_batch, "device": device_name(),
+            "versions": stack, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def mcore_side(run: "McoreRun", te: bool) -> str:
+    """The table's side of a launcher run: ours is the fused path in bf16; megatron-core's plain modules (with
+    TE: upstream's flags on megatron-core + TE, Pai's stack) and fp8 runs are sides of their own, so a bf16
+    comparison never picks them as ours."""
+    base = OURS if run.kernels == "fused" else "Pai: megatron-core + TE" if te else "megatron-core plain"
+    return f"{base}, fp8" if run.fp8_recipe else base
 
 
 def best_row(rows: list[dict]) -> dict | None:
@@ -418,7 +474,7 @@ def main() -> None:
                         help="HF micro-batches, swept upwards until the first OOM (default --micro-batch)")
     parser.add_argument("--hf-compile-modes", type=comma_list(str), default=["default"], metavar="MODE,...",
                         help="torch.compile modes for the HF runs, e.g. default,reduce-overhead (default: default)")
-    parser.add_argument("--mcore", action="append", default=None, metavar="KERNELS:MICRO_BATCH[:graph]",
+    parser.add_argument("--mcore", action="append", default=None, metavar="KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE]",
                         help="a launcher run: fused|plain and its micro-batch (default fused:<--micro-batch>)")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--nproc", type=int, default=1, help="GPUs for the Megatron runs (DP = nproc / tp)")
@@ -461,28 +517,23 @@ def main() -> None:
         if status != "ok" or note:
             print(f"{name:58s} {status}{': ' + note if note else ''}", flush=True)
         if args.json:
-            append_row(args.json, {
-                "side": side, "variant": variant, "micro_batch": micro, **figures, "status": status, "note": note,
-                "size": args.size, "seq_len": args.seq_len, "global_batch": args.global_batch,
-                "device": device_name(), "versions": stack,
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+            append_row(args.json, result_row(side, variant, micro, figures, status, note, args.size, args.seq_len,
+                                             args.global_batch, stack))
 
-    te = "TE spec" if transformer_engine_importable() else "local spec"
+    te_spec = transformer_engine_importable()
+    te = "TE spec" if te_spec else "local spec"
     oom_at = {}  # variant -> micro-batch that ran out of memory: larger ones of that variant are not launched
     for run in [] if args.skip_mcore else args.mcore or [f"fused:{args.micro_batch}"]:
-        kernels, micro, *graph = run.split(":")
-        micro = int(micro)
-        if graph not in ([], ["graph"]):
-            raise SystemExit(f"--mcore {run}: expected KERNELS:MICRO_BATCH or KERNELS:MICRO_BATCH:graph")
-        env = kernel_env(kernels, bool(graph))
-        variant = f"{kernels}{' + CUDA graph' if graph else ''}, {te}, TP{args.tp} DP{args.nproc // args.tp}"
+        parsed = McoreRun.parse(run)
+        micro, env = parsed.micro, parsed.env
+        variant = f"{parsed.label()}, {te}, TP{args.tp} DP{args.nproc // args.tp}"
         if micro > oom_at.get(variant, micro):
             print(f"--mcore {run}: skipped, out of memory at micro-batch {oom_at[variant]}", flush=True)
             continue
         out = Path(args.out) / f"mcore-{args.size}-{args.seq_len}-{run.replace(':', '-')}"
         try:
             log = megatron_run(args.size, args.seq_len, micro, args.global_batch, args.data, args.tokenizer,
-                               args.iters, out, env, args.tp, args.nproc)
+                               args.iters, out, env, args.tp, args.nproc, parsed.precision)
         except SystemExit as failed:  # report it and go on with the other runs
             if failed.code == 143:  # SIGTERM (above): this benchmark is stopping, not the run failing
                 raise
@@ -493,10 +544,10 @@ def main() -> None:
             if oom:
                 oom_at[variant] = micro
             cause = oom or next((line for line in reversed(lines) if "Error" in line), lines[-1])
-            record(OURS, variant, micro, "OOM" if oom else "failed", note=cause.strip())
+            record(mcore_side(parsed, te_spec), variant, micro, "OOM" if oom else "failed", note=cause.strip())
             continue
         rate, peak = throughput_from_log(log)
-        record(OURS, variant, micro, "ok", rate, peak)
+        record(mcore_side(parsed, te_spec), variant, micro, "ok", rate, peak)
 
     for letter in [] if args.skip_hf else args.hf:
         for mode in args.hf_compile_modes:
