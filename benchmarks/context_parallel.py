@@ -13,11 +13,12 @@ iterations), MFU against the H100/H200 dense bf16 peak, and peak memory (benchma
 FLOP count, log parsing and report).
 
 The attention alone, forward + backward, one process per GPU (NCCL), against one GPU's cuDNN SDPA over the whole
-sequence, and against TE's CP attention on the same chunks where TE imports (`--profile`: each side's GPU
-kernels by total time):
+sequence; `--impl te` times TE's CP attention on the same chunks instead (a separate run: TE's core library
+loads the system's cuDNN, which cannot join the one torch's kernels loaded); `--profile` prints the GPU kernels
+by total time:
 
     python3 benchmarks/context_parallel.py attention --heads 28 --groups 4 --seq-len 32768 [--kernel flash] \
-        [--te-comm-type p2p] [--profile]
+        [--impl te [--te-comm-type p2p]] [--profile]
 
 The CPU runs both at the tiny size (gloo; `train --size tiny --seq-len 256` checks the wiring, not speed).
 """
@@ -136,21 +137,21 @@ def attention_rank(rank: int, world: int, port: int, args) -> None:
 
     # causal attention: 2 GEMMs of s*s/2*h*d multiply-adds forward, 2.5x that backward
     flops = 3.5 * 2 * 2 * seq * seq / 2 * heads * dim * batch
-    ms = timed(cp_step, args.repeats, on_gpu)
+    if args.impl == "te":  # its own process: TE's core library and torch's cuDNN kernels do not share one
+        step, name = te_context_parallel_step(q, k, v, grad, group, world, args), \
+            f"Transformer Engine's CP attention (cp_comm_type {args.te_comm_type})"
+    else:
+        step, name = cp_step, "ours"
+    ms = timed(step, args.repeats, on_gpu)
     if rank == 0:
-        print(f"CP{world} attention, seq {seq}, batch {batch}, {heads}/{groups} heads of {dim}: {ms:.2f} ms forward + "
-              f"backward, {flops / world / ms / 1e9:.0f} TFLOP/s per GPU", flush=True)
+        print(f"CP{world} attention, {name}, seq {seq}, batch {batch}, {heads}/{groups} heads of {dim}: {ms:.2f} ms "
+              f"forward + backward, {flops / world / ms / 1e9:.0f} TFLOP/s per GPU", flush=True)
     if args.profile and on_gpu:
-        print_kernel_profile("ours", cp_step, rank)
-    te_step = te_context_parallel_step(q, k, v, grad, group, world, args) if on_gpu else None
-    if te_step is not None:
-        ms_te = timed(te_step, args.repeats, on_gpu)
-        if rank == 0:
-            print(f"CP{world} attention, Transformer Engine (DotProductAttention, cp_comm_type "
-                  f"{args.te_comm_type}): {ms_te:.2f} ms, {flops / world / ms_te / 1e9:.0f} TFLOP/s per GPU; "
-                  f"ours / TE speed {ms_te / ms:.3f}", flush=True)
-        if args.profile:
-            print_kernel_profile("TE", te_step, rank)
+        print_kernel_profile(name, step, rank)
+    if args.impl == "te":
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     if rank == 0:
         qf = torch.randn(batch, heads, seq, dim, device=device, dtype=dtype, requires_grad=True)
         kf, vf = (torch.randn(batch, groups, seq, dim, device=device, dtype=dtype, requires_grad=True) for _ in "kv")
@@ -168,14 +169,8 @@ def attention_rank(rank: int, world: int, port: int, args) -> None:
 
 
 def te_context_parallel_step(q, k, v, grad, group, world: int, args):
-    """TE's own CP attention on the same chunks (megatron-core's layout is TE's DUAL_CHUNK_SWAP), or None where
-    TE does not import."""
+    """TE's own CP attention on the same chunks (megatron-core's layout is TE's DUAL_CHUNK_SWAP)."""
     import torch
-
-    from megatron_patch import hardware
-
-    if not hardware.transformer_engine_importable():
-        return None
     import transformer_engine.pytorch as te
 
     attention = te.DotProductAttention(args.heads, args.head_dim, num_gqa_groups=args.groups, qkv_format="sbhd",
@@ -220,6 +215,9 @@ def attention(args) -> None:
 
     from megatron_patch import hardware
 
+    if args.impl == "te" and not (torch.cuda.is_available() and hardware.transformer_engine_importable()):
+        raise SystemExit("attention --impl te: needs a GPU with Transformer Engine importable (this machine has "
+                         f"{'a GPU but no TE' if torch.cuda.is_available() else 'no GPU'})")
     world = args.nproc or max(2, torch.cuda.device_count())
     mp.spawn(attention_rank, args=(world, hardware.free_port(), args), nprocs=world)
 
@@ -250,8 +248,10 @@ def main() -> None:
     att.add_argument("--kernel", default="auto", choices=["auto", "cudnn", "flash"])
     att.add_argument("--repeats", type=int, default=5)
     att.add_argument("--nproc", type=int, default=0, help="processes (default: the GPUs, at least 2)")
+    att.add_argument("--impl", default="ours", choices=["ours", "te"],
+                     help="ours (and one GPU's SDPA over the whole sequence), or TE's CP attention (a GPU with TE)")
     att.add_argument("--te-comm-type", default="p2p", choices=["p2p", "all_gather", "a2a"],
-                     help="TE's CP communication, for its row where TE imports")
+                     help="TE's CP communication (--impl te)")
     att.add_argument("--profile", action="store_true", help="print each side's GPU kernels by total time")
     args = parser.parse_args()
     # SIGTERM (a time limit) as an exception, so the launcher's session is stopped with this process.

@@ -479,6 +479,9 @@ def test_gpu_overlap_flags(paths):
     # (megatron-core 0.19.2 asserts in iteration 2: seen on two H200s at 7B CP2); AC=sel recomputes no parameters.
     assert "--overlap-param-gather" not in api_flags(paths, AC="full")[1]
     assert "--overlap-param-gather" in api_flags(paths, AC="sel")[1]
+    # PR=fp8 through TE meets the same assertion at DP2 (7B, two H200s); bf16 keeps the overlap.
+    assert "--overlap-param-gather" not in api_flags(paths, PR="fp8")[1]
+    assert "--overlap-param-gather" in api_flags(paths, PR="bf16")[1]
 
 
 @pytest.mark.parametrize("pr, fl, backend", [("fp32", "true", "unfused"), ("fp32", "false", "unfused"),
