@@ -538,12 +538,15 @@ def main() -> None:
             if failed.code == 143:  # SIGTERM (above): this benchmark is stopping, not the run failing
                 raise
             print(f"--mcore {run}: {failed}", flush=True)
-            # The whole log: torchrun's summary of the failed ranks can push the rank's own error out of the tail.
-            lines = (out / "megatron.log").read_text(errors="replace").splitlines() or [str(failed)]
+            # The whole log, and the launcher's per-node logs (where the ranks' own errors are): torchrun's summary
+            # of the failed ranks can push a rank's error out of the tail.
+            logs = [out / "megatron.log", *sorted(out.glob("log/*.log"))]
+            lines = [line for log in logs for line in log.read_text(errors="replace").splitlines()] or [str(failed)]
             oom = next((line for line in lines if "out of memory" in line), None)
             if oom:
                 oom_at[variant] = micro
-            cause = oom or next((line for line in reversed(lines) if "Error" in line), lines[-1])
+            cause = oom or next((line for line in reversed(lines) if "Error" in line and "ChildFailedError" not in line),
+                                lines[-1])
             record(mcore_side(parsed, te_spec), variant, micro, "OOM" if oom else "failed", note=cause.strip())
             continue
         rate, peak = throughput_from_log(log)

@@ -15,7 +15,9 @@ from functools import partial
 
 # Megatron orders tensor-parallel communication behind compute on one CUDA queue; it must be set before the
 # CUDA context exists (as Pai-Megatron-Patch's launcher does).
-os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+ENVIRONMENT_DEFAULTS = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+for _name, _value in ENVIRONMENT_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
 
 import torch  # noqa: E402
 

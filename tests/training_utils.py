@@ -1,11 +1,17 @@
-"""Launch the real training entrypoint on the CPU (ranks started as torchrun starts them) and read back its
-per-iteration losses."""
+"""Launch the real training entrypoint on the CPU (ranks started as torchrun starts them, forked from a warm
+process) and read back its per-iteration losses."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
+import itertools
+import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from megatron_patch.hardware import free_port  # noqa: F401  (tests import it from here)
@@ -46,42 +52,103 @@ def tiny_mock_args(iters: int, seq_length: int = 64, micro_batch: int = 2, globa
     ]
 
 
+class WarmRanks:
+    """The harness's side of tests/warm_ranks.py: one warm process per test session that forks ranks."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("warm_ranks.py"))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO_ROOT,
+                                     env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+        self.changed = threading.Condition()
+        self.started: dict[int, int] = {}  # request id -> pid
+        self.ended: dict[int, int] = {}  # pid -> return code
+        self.requests = itertools.count()
+        threading.Thread(target=self._read_replies, daemon=True).start()
+        atexit.register(self.proc.stdin.close)  # its end once the tests are done
+
+    def _read_replies(self) -> None:
+        for line in self.proc.stdout:
+            reply = json.loads(line)
+            with self.changed:
+                if "pid" in reply:
+                    self.started[reply["id"]] = reply["pid"]
+                else:
+                    self.ended[reply["exit"]] = reply["code"]
+                self.changed.notify_all()
+        with self.changed:  # the warm process ended: no rank of it will be reported again
+            self.proc.wait()
+            self.changed.notify_all()
+
+    def start(self, argv: list[str], env: dict[str, str], cwd: Path, stdout: Path, stderr: Path) -> int:
+        request = next(self.requests)
+        with self.changed:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the warm rank process ended (exit {self.proc.returncode}); see the test's stderr")
+            self.proc.stdin.write(json.dumps({"id": request, "argv": argv, "env": env, "cwd": str(cwd),
+                                              "stdout": str(stdout), "stderr": str(stderr)}).encode() + b"\n")
+            self.proc.stdin.flush()
+            self.changed.wait_for(lambda: request in self.started or self.proc.poll() is not None, timeout=60)
+            if request not in self.started:
+                raise RuntimeError("the warm rank process did not fork the rank")
+            return self.started.pop(request)
+
+    def returncode(self, pid: int) -> int | None:
+        with self.changed:
+            return self.ended.get(pid)
+
+    def wait(self, pid: int, timeout: float = 60) -> int | None:
+        with self.changed:
+            self.changed.wait_for(lambda: pid in self.ended or self.proc.poll() is not None, timeout=timeout)
+            return self.ended.pop(pid, None)
+
+
+_warm_ranks_lock = threading.Lock()
+
+
+@functools.cache
+def warm_ranks() -> WarmRanks:
+    with _warm_ranks_lock:  # tests start launches from two threads at once
+        return WarmRanks()
+
+
 def run_entrypoint(workdir: Path, nproc: int, args: list[str], timeout: int = 600, check: bool = True):
-    """The entrypoint's ranks (python -m megatron_patch.pretrain_qwen) with TensorBoard under workdir/tb; returns
-    a CompletedProcess of all ranks' output. Started as torchrun starts them (RANK, LOCAL_RANK, WORLD_SIZE,
-    MASTER_ADDR/PORT; rank 0 hosts the store) without torchrun's own process: its torch import is 3-4 s of a
-    CPU per run. As torchrun does, a rank that fails ends the others. The launcher's tests use real torchrun."""
+    """The entrypoint's ranks (megatron_patch.pretrain_qwen's entry) with TensorBoard under workdir/tb; returns a
+    CompletedProcess of all ranks' output. Started as torchrun starts them (RANK, LOCAL_RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT; rank 0 hosts the store), each forked from the session's warm process (tests/warm_ranks.py:
+    the imports every rank repeats are done once), without torchrun's own process. As torchrun does, a rank that
+    fails ends the others. The launcher's tests start ranks through real torchrun."""
     import signal
     import tempfile
     import time
 
     workdir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "megatron_patch.pretrain_qwen", *args,
-           "--tensorboard-dir", str(workdir / "tb"), "--tensorboard-log-interval", "1"]
+    argv = [*args, "--tensorboard-dir", str(workdir / "tb"), "--tensorboard-log-interval", "1"]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)),
                WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()))
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        ranks = [subprocess.Popen(cmd, cwd=workdir, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                                  stdout=out, stderr=err, text=True, start_new_session=True)
+    server = warm_ranks()
+    with tempfile.TemporaryDirectory() as outputs:
+        out, err = Path(outputs) / "stdout", Path(outputs) / "stderr"
+        ranks = [server.start(argv, dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), workdir, out, err)
                  for rank in range(nproc)]
         deadline, returncode = time.monotonic() + timeout, 0
         try:
-            while any(rank.poll() is None for rank in ranks):
-                failed = [rank.returncode for rank in ranks if rank.returncode not in (None, 0)]
+            while any(server.returncode(pid) is None for pid in ranks):
+                failed = [code for code in map(server.returncode, ranks) if code not in (None, 0)]
                 if failed or time.monotonic() > deadline:
                     returncode = failed[0] if failed else -signal.SIGKILL
                     break
                 time.sleep(0.1)
         finally:
-            for rank in ranks:
-                if rank.poll() is None:
-                    os.killpg(rank.pid, signal.SIGKILL)
-                rank.wait()
-        returncode = returncode or next((rank.returncode for rank in ranks if rank.returncode), 0)
-        out.seek(0)
-        err.seek(0)
-        proc = subprocess.CompletedProcess(cmd, returncode, out.read(), err.read())
+            for pid in ranks:
+                if server.returncode(pid) is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(pid, signal.SIGKILL)
+            codes = [server.wait(pid) for pid in ranks]
+        returncode = returncode or next((code for code in codes if code), 0)
+        proc = subprocess.CompletedProcess(["megatron_patch.pretrain_qwen", *argv], returncode,
+                                           out.read_text() if out.exists() else "",
+                                           err.read_text() if err.exists() else "")
     (workdir / "train.log").write_text(proc.stdout + proc.stderr)
     if check and proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])

@@ -29,7 +29,9 @@ ENV_KNOBS = {
                           "(block); AC=offload: layers offloaded"),
     "MP_AC_METHOD": ("uniform", "AC=full's method: `uniform` (every layer recomputed, in groups of MP_AC_LAYERS; "
                                 "upstream's) or `block` (only the first MP_AC_LAYERS layers of each stage: faster, "
-                                "more memory)"),
+                                "more memory; close to the GPU's memory add "
+                                "`PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`, without which 7B/32k CP2 with 12 "
+                                "of 28 layers recomputed ran out of memory on H200s by fragmentation)"),
     "MP_VP": ("", "layers per virtual pipeline stage (upstream's meaning; needs PP >= 2), e.g. 4 with 24 layers "
                   "and PP=2 gives 3 virtual stages per pipeline rank"),
     "MP_SFT_PACKING": ("false", "`true`: several SFT samples per sequence, never attending across them"),
