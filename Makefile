@@ -9,5 +9,7 @@ setup:
 demo: setup
 	@bash examples/qwen2_5/demo.sh
 
+# Two pytest workers, one test file each at a time (a file's fixtures stay in one worker): the tests' ranks
+# start from a warm process, which leaves half of 2 cores idle in one worker (docs/benchmarks.md).
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 --dist loadfile tests
