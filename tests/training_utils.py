@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
 import itertools
 import json
 import os
@@ -102,13 +101,16 @@ class WarmRanks:
             return self.ended.pop(pid, None)
 
 
+_warm_ranks: list[WarmRanks] = []
 _warm_ranks_lock = threading.Lock()
 
 
-@functools.cache
 def warm_ranks() -> WarmRanks:
-    with _warm_ranks_lock:  # tests start launches from two threads at once
-        return WarmRanks()
+    """The session's warm process, started by the first launch (tests start launches from two threads at once)."""
+    with _warm_ranks_lock:
+        if not _warm_ranks:
+            _warm_ranks.append(WarmRanks())
+        return _warm_ranks[0]
 
 
 def run_entrypoint(workdir: Path, nproc: int, args: list[str], timeout: int = 600, check: bool = True):
@@ -129,10 +131,10 @@ def run_entrypoint(workdir: Path, nproc: int, args: list[str], timeout: int = 60
     server = warm_ranks()
     with tempfile.TemporaryDirectory() as outputs:
         out, err = Path(outputs) / "stdout", Path(outputs) / "stderr"
-        ranks = [server.start(argv, dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), workdir, out, err)
-                 for rank in range(nproc)]
-        deadline, returncode = time.monotonic() + timeout, 0
+        ranks, deadline, returncode = [], time.monotonic() + timeout, 0
         try:
+            for rank in range(nproc):
+                ranks.append(server.start(argv, dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), workdir, out, err))
             while any(server.returncode(pid) is None for pid in ranks):
                 failed = [code for code in map(server.returncode, ranks) if code not in (None, 0)]
                 if failed or time.monotonic() > deadline:
