@@ -20,7 +20,9 @@ HF variants: (a) fp32 master weights + bf16 autocast + torch.compile (the numeri
 (b) pure bf16 parameters + torch.compile (a speed bound). Both use fused AdamW and gradient accumulation to
 the same global batch. Each runs once per `--hf-compile-modes` mode (reduce-overhead adds CUDA graphs; a row
 notes graphs inductor ran without them) and `--hf-micro-batches` value, upwards until the first out-of-memory or
-failure. An `--mcore` run is skipped where a smaller micro-batch of its variant ran out of memory.
+failure; a micro-batch that runs out of memory after earlier runs in the same process is run again alone in a
+fresh one (the allocator can be fragmented by then), and that run's row is the one kept. An `--mcore` run is
+skipped where a smaller micro-batch of its variant ran out of memory.
 
 Both sides' rates are tokens over the synchronized wall time of whole iterations after warm-up (ours: the
 launcher's log after its first 5 iterations; HF: after 2 steps). `--json` appends every row, OOM and failures
@@ -46,6 +48,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -356,6 +359,24 @@ def append_row(path: Path, row: dict) -> None:
         json.dump(rows, file, indent=1)
 
 
+def hf_in_fresh_process(args, letter: str, mode: str, micro: int) -> str:
+    """One HF run (variant, compile mode, micro-batch) by this script in a new process; its row goes to --json as
+    its own run's would. Returns the row's status."""
+    with tempfile.TemporaryDirectory() as scratch:
+        rows_path = Path(scratch) / "rows.json"
+        command = [sys.executable, __file__, "--size", args.size, "--seq-len", str(args.seq_len), "--global-batch",
+                   str(args.global_batch), "--hf-steps", str(args.hf_steps), "--skip-mcore", "--hf", letter,
+                   "--hf-compile-modes", mode, "--hf-micro-batches", str(micro), "--json", str(rows_path)]
+        if args.peak_tflops:
+            command += ["--peak-tflops", str(args.peak_tflops)]
+        subprocess.run(command, check=False)
+        rows = json.loads(rows_path.read_text()) if rows_path.exists() else []
+    for row in rows:
+        if args.json:
+            append_row(args.json, row)
+    return rows[-1]["status"] if rows else "failed"
+
+
 def result_row(side: str, variant: str, micro: int, figures: dict, status: str, note: str, size: str, seq_len: int,
                global_batch: int, stack: dict[str, str]) -> dict:
     """One --json row: figures as report() returns them (None where the run failed)."""
@@ -552,6 +573,7 @@ def main() -> None:
         rate, peak = throughput_from_log(log)
         record(mcore_side(parsed, te_spec), variant, micro, "ok", rate, peak)
 
+    ran_in_this_process = False
     for letter in [] if args.skip_hf else args.hf:
         for mode in args.hf_compile_modes:
             for micro in hf_micro_batches:
@@ -560,8 +582,18 @@ def main() -> None:
                                                       letter == "b", args.hf_steps, 2, mode)
                 except Exception as error:  # an OOM or a mode that fails is a row of the table
                     status, note = failure_status_and_note(error)
-                    record(HF_SIDES[letter], f"compile {mode}", micro, status, note=note)
-                    break  # larger micro-batches would fail the same way; hf_throughput frees what this one left
+                    if status == "OOM" and ran_in_this_process:
+                        # Earlier runs can leave the allocator fragmented (1.5B mb 16 after mb 8: 10.9 GiB reserved
+                        # but unallocated): the micro-batch gets a fresh process before it counts as out of memory.
+                        print(f"{HF_SIDES[letter]} compile {mode}, mb {micro}: out of memory after earlier runs in "
+                              "this process; again in a fresh one", flush=True)
+                        status = hf_in_fresh_process(args, letter, mode, micro)
+                    else:
+                        record(HF_SIDES[letter], f"compile {mode}", micro, status, note=note)
+                    if status != "ok":
+                        break  # larger micro-batches would fail the same way; hf_throughput frees what it left
+                    continue
+                ran_in_this_process = True
                 record(HF_SIDES[letter], f"compile {mode}", micro, "ok", rate, peak,
                        f"CUDA graphs skipped in {skips} compiled graphs (inductor's warning says why)" if skips else "")
 

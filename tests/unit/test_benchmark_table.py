@@ -53,3 +53,41 @@ def test_peak_lookup_by_device_name():
     assert tt.mfu_peak("NVIDIA GeForce RTX 4090") == (None, "MFU peak unknown for NVIDIA GeForce RTX 4090; pass "
                                                       "--peak-tflops")
     assert tt.mfu_peak("NVIDIA GeForce RTX 4090", 165.2)[0] == 165.2e12
+
+
+def test_an_hf_micro_batch_out_of_memory_after_earlier_runs_gets_a_fresh_process(tmp_path, monkeypatch):
+    """The sweep's second micro-batch runs out of memory in the process that ran the first (fragmentation, seen
+    at 1.5B mb 16): it is run again alone in a new process, whose row is the one kept; an OOM there ends the sweep."""
+    import json
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    calls = []
+
+    def fake_hf(size, seq_len, micro, global_batch, pure_bf16, steps, warmup, mode):
+        calls.append(micro)
+        if micro > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.27 GiB")
+        return 100.0, 1.0, 0
+
+    fresh = []
+
+    def fake_run(command, check):
+        micro = int(command[command.index("--hf-micro-batches") + 1])
+        fresh.append(micro)
+        status = "ok" if micro == 2 else "OOM"
+        rows = [dict(row("HF (a)", micro, 90.0 if status == "ok" else None, "compile default", status),
+                     size="tiny", seq_len=64, global_batch=4)]
+        Path(command[command.index("--json") + 1]).write_text(json.dumps(rows))
+
+    monkeypatch.setattr(tt, "hf_throughput", fake_hf)
+    monkeypatch.setattr(tt.subprocess, "run", fake_run)
+    out = tmp_path / "rows.json"
+    monkeypatch.setattr(sys, "argv", ["train_throughput.py", "--size", "tiny", "--seq-len", "64", "--global-batch", "4",
+                                      "--skip-mcore", "--hf", "a", "--hf-micro-batches", "1,2,4", "--json", str(out)])
+    tt.main()
+    assert calls == [1, 2, 4] and fresh == [2, 4]  # mb 4 also OOMs in-process, then alone: the sweep ends there
+    kept = [(r["micro_batch"], r["status"]) for r in json.loads(out.read_text())]
+    assert kept == [(1, "ok"), (2, "ok"), (4, "OOM")]
