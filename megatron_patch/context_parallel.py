@@ -8,20 +8,26 @@ all-reduces over the data- and context-parallel ranks (`--calculate-per-token-lo
 
 Attention: each rank all-gathers K and V over the CP group (small under GQA: 2 KV heads against 12 query heads
 at 1.5B, 4 against 28 at 7B) and each of its two query chunks attends to the keys it may see: chunk i of the
-2*CP sees chunks 0..i-1 fully (one rectangular block, no mask) and itself causally (one square block). The blocks'
-outputs are merged by their log-sum-exp, and the backward hands every block the merged output and log-sum-exp
-(the ring-attention identity), so each block's gradient is exact. dK and dV are summed in fp32 over the blocks
-and reduce-scattered back to the ranks that own those chunks; K and V are gathered again in the backward rather
-than kept (activation memory is what limits long sequences).
+2*CP sees itself causally (one square block, from the rank's own keys) and chunks 0..i-1 fully (one rectangular
+block, no mask, from the gathered ones). The blocks' outputs are merged by their log-sum-exp, and the backward
+hands every block the merged output and log-sum-exp (the ring-attention identity), so each block's gradient is
+exact. dK and dV of the gathered keys are summed in fp32 and reduce-scattered back to the ranks that own them;
+K and V are gathered again in the backward rather than kept (activation memory limits long sequences).
 
-Why an all-gather and not a ring with overlap: at 7B and 32k tokens with CP2 a rank receives 16,384 tokens x
-4 KV heads x 128 x 2 bytes x 2 (K and V) = 34 MB per layer (about 0.1 ms over NVLink), against about 3.9 TFLOP
-of attention forward per rank and layer (about 10 ms); overlapping it could win about 1%. TE's ring (`p2p`) and
-`a2a` modes pay off with many KV heads or many CP ranks.
+The collectives run under the own-chunk blocks, which need no remote keys: the forward's gather under both,
+the backward's gather under the first chunk's and its reduce-scatter under the second's. The gathered buffer
+holds every rank's second chunk, then every rank's first (chunks 2CP-1..CP, 0..CP-1), so two all-gathers write
+it in place and each chunk's earlier keys are one contiguous range (no reordering copy of K, V, dK or dV).
+
+Why an all-gather and not a ring: at 7B and 32k tokens with CP2 a rank receives 16,384 tokens x 4 KV heads x
+128 x 2 bytes x 2 (K and V) = 34 MB per layer (about 0.1 ms over NVLink), against about 3.9 TFLOP of attention
+forward per rank and layer (about 10 ms); one exchange hidden under the own-chunk blocks is all it needs. TE's
+ring (`p2p`) and `a2a` modes pay off with many KV heads or many CP ranks.
 
 Block kernels: cuDNN's attention on a GPU in bf16/fp16 (the fastest of torch's kernels on Hopper, see
 attention.py), else torch's flash kernel, whichever first matches the fp32 reference on a small problem (checked
-once per process and shape of heads); an fp32 reference in plain torch elsewhere (the CPU; fp32 on a GPU). Whatever the device, the chunk bookkeeping and the collectives are the same code.
+once per process and shape of heads); an fp32 reference in plain torch elsewhere (the CPU; fp32 on a GPU).
+Whatever the device, the chunk bookkeeping and the collectives are the same code.
 
 Packed samples (SFT packing) arrive as the rows of the block mask that belong to this rank's queries
 ([b, 1, 2*s/2CP, s], True where attention is forbidden, keys in sequence order): attention against the gathered
@@ -178,16 +184,20 @@ def kernel_error(kernel, device, dtype, heads: int, groups: int) -> str | None:
     generator = torch.Generator().manual_seed(0)
     q, k, v, grad = (torch.randn(256, 1, n, 64, generator=generator).to(device, dtype) for n in (heads, groups,
                                                                                                  groups, heads))
-    full_k, full_v = _bhsd(k), _bhsd(v)
+    full_key_value = torch.stack([k, v], dim=2)
+    rows = slice(64, 192)  # CP2 rank 1's chunks 1 and 2 of 4
     try:
         results = []
         for block in (kernel, ReferenceBlock):
-            out, saved = causal_chunks_forward(q[64:192], full_k, full_v, 1, 2, 0.125, block)
-            results.append((out, *causal_chunks_backward(grad[64:192].flatten(2), q[64:192], full_k, full_v, 1, 2,
-                                                         0.125, saved)))
+            exchange = SimulatedExchange(full_key_value, 2)
+            out, saved = causal_chunks_forward(q[rows], full_key_value[rows], exchange, 1, 2, 0.125, block)
+            grad_query, grad_own = causal_chunks_backward(grad[rows].flatten(2), q[rows], full_key_value[rows],
+                                                          exchange, 1, 2, 0.125, saved)
+            results.append((out, grad_query, grad_own, exchange.buffer_grad))
     except Exception as error:  # noqa: BLE001  (any failure of the kernel call means: not this kernel)
         return f"{type(error).__name__}: {error}"
-    for name, got, want in zip(("output", "dQ", "dK", "dV"), *results):
+    for name, got, want in zip(("output", "dQ", "dK/dV of the own chunks", "dK/dV of the gathered chunks"),
+                               *results):
         relative = ((got.float() - want.float()).norm() / want.float().norm()).item()
         if not relative < 2e-2:
             return f"{name} differs from the fp32 reference by {relative:.3g} (relative norm)"
@@ -223,28 +233,119 @@ def merge_blocks(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[to
     return out.to(outs[0].dtype), lse
 
 
-def _chunk_blocks(chunk: int, chunk_len: int) -> list[tuple[slice, bool]]:
-    """Key ranges of sequence chunk `chunk`'s blocks: itself causally, then the chunks before it in full."""
-    own = (slice(chunk * chunk_len, (chunk + 1) * chunk_len), True)
-    return [own, (slice(0, chunk * chunk_len), False)] if chunk else [own]
+# ---- The gathered K/V buffer: every rank's second chunk in rank order, then every rank's first chunk, i.e. chunks
+# 2CP-1, 2CP-2, ..., CP, 0, 1, ..., CP-1. The chunks a query chunk sees in full (all before it) are then one
+# contiguous range, and two all-gathers write the two halves in place: no reordering copy either way.
+
+def buffer_order(cp_size: int) -> list[int]:
+    """The sequence chunk ids in the order the gathered buffer holds them."""
+    return list(range(2 * cp_size - 1, cp_size - 1, -1)) + list(range(cp_size))
+
+
+def earlier_chunks(chunk: int, chunk_len: int, cp_size: int) -> slice | None:
+    """The buffer rows of sequence chunks 0..chunk-1 (what chunk `chunk` attends to in full); None for chunk 0."""
+    if chunk == 0:
+        return None
+    if chunk < cp_size:  # chunks 0..chunk-1 open the buffer's second half
+        return slice(cp_size * chunk_len, (cp_size + chunk) * chunk_len)
+    # chunks CP..chunk-1 close the first half, chunks 0..CP-1 fill the second
+    return slice((2 * cp_size - chunk) * chunk_len, 2 * cp_size * chunk_len)
+
+
+def buffer_to_sequence(buffer: torch.Tensor, cp_size: int) -> torch.Tensor:
+    """[2CP * c, ...] in buffer_order -> sequence order (tests and the kernel check)."""
+    chunks = buffer.view(2 * cp_size, buffer.shape[0] // (2 * cp_size), *buffer.shape[1:])
+    return chunks[torch.tensor(buffer_order(cp_size)).argsort()].flatten(0, 1)
+
+
+class _Pending:
+    """A collective in flight: wait() returns its result once it has arrived."""
+
+    def __init__(self, result: torch.Tensor, works=()):
+        self.result, self.works = result, works
+
+    def wait(self) -> torch.Tensor:
+        for work in self.works:
+            work.wait()
+        return self.result
+
+
+class GroupExchange:
+    """The collectives of CP attention over a process group, started without waiting (the caller computes the
+    blocks that need no remote keys meanwhile)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def gather(self, local: torch.Tensor) -> _Pending:
+        """This rank's chunks [2c, ...] -> every rank's, [2CP * c, ...] in buffer_order."""
+        cp_size, chunk_len = self.group.size(), local.shape[0] // 2
+        local = local.contiguous()
+        out = torch.empty((2 * cp_size * chunk_len, *local.shape[1:]), dtype=local.dtype, device=local.device)
+        halves = (out[:cp_size * chunk_len], local[chunk_len:]), (out[cp_size * chunk_len:], local[:chunk_len])
+        return _Pending(out, [_all_gather_single(whole, mine, group=self.group, async_op=True)
+                              for whole, mine in halves])
+
+    def reduce_scatter(self, buffer: torch.Tensor) -> _Pending:
+        """The gradient of a gathered buffer [2CP * c, ...], summed over the ranks -> this rank's chunks [2c, ...]."""
+        cp_size = self.group.size()
+        chunk_len = buffer.shape[0] // (2 * cp_size)
+        buffer = buffer.contiguous()
+        out = torch.empty((2 * chunk_len, *buffer.shape[1:]), dtype=buffer.dtype, device=buffer.device)
+        halves = (out[chunk_len:], buffer[:cp_size * chunk_len]), (out[:chunk_len], buffer[cp_size * chunk_len:])
+        return _Pending(out, [_reduce_scatter_single(mine, whole, group=self.group, async_op=True)
+                              for mine, whole in halves])
+
+
+class SimulatedExchange:
+    """One CP rank's collectives without the other ranks (the tests' simulated ranks, the kernel check): the
+    gather hands out the whole sequence's K/V (given in sequence order); the reduce-scatter keeps this rank's
+    share of the buffer's gradient in `buffer_grad` and hands back zeros (as if the other ranks sent none)."""
+
+    def __init__(self, full: torch.Tensor, cp_size: int):
+        self.full, self.cp_size, self.buffer_grad = full, cp_size, None
+
+    def gather(self, local: torch.Tensor) -> _Pending:
+        chunks = self.full.view(2 * self.cp_size, self.full.shape[0] // (2 * self.cp_size), *self.full.shape[1:])
+        return _Pending(chunks[buffer_order(self.cp_size)].flatten(0, 1))
+
+    def reduce_scatter(self, buffer: torch.Tensor) -> _Pending:
+        self.buffer_grad = buffer
+        return _Pending(buffer.new_zeros((buffer.shape[0] // self.cp_size, *buffer.shape[1:])))
 
 
 def _bhsd(t: torch.Tensor) -> torch.Tensor:
     return t.permute(1, 2, 0, 3)  # [s, b, heads, d] -> [b, heads, s, d], a view
 
 
-def causal_chunks_forward(query, full_key, full_value, cp_rank: int, cp_size: int, scale: float, kernel=None):
-    """CP rank `cp_rank`'s causal attention, given the whole sequence's keys and values (no communication).
-    query [2c, b, h, d] (its chunks as chunk_ids), full_key/full_value [b, g, s, d] in sequence order; kernel:
-    one of the block kernels above (default: block_kernel's choice). Returns the output [2c, b, h * d] and what
-    the backward needs."""
+def _rows(position: int, chunk_len: int) -> slice:
+    return slice(position * chunk_len, (position + 1) * chunk_len)
+
+
+def _keys_values(key_value: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V [b, g, len, d] (views) of key_value [s, b, 2, g, d]'s rows."""
+    return _bhsd(key_value[rows, :, 0]), _bhsd(key_value[rows, :, 1])
+
+
+def causal_chunks_forward(query, key_value, exchange, cp_rank: int, cp_size: int, scale: float, kernel=None):
+    """CP rank `cp_rank`'s causal attention. query [2c, b, h, d] and key_value [2c, b, 2, g, d] (K and V stacked)
+    hold its two chunks (chunk_ids); exchange (GroupExchange, or SimulatedExchange) brings every rank's K/V.
+    Each query chunk attends to its own chunk causally (local keys: computed while the gather runs) and to the
+    chunks before it in full. kernel: one of the block kernels above (default: block_kernel's choice). Returns
+    the output [2c, b, h * d] and what the backward needs."""
     chunk_len = query.shape[0] // 2
-    kernel = kernel or block_kernel(_bhsd(query), full_key)
+    pending = exchange.gather(key_value)
+    queries = [_bhsd(query[_rows(position, chunk_len)]) for position in (0, 1)]
+    kernel = kernel or block_kernel(queries[0], _bhsd(key_value[:, :, 0]))
+    own = [kernel.forward(q, *_keys_values(key_value, _rows(position, chunk_len)), True, scale)
+           for position, q in enumerate(queries)]
+    gathered = pending.wait()
     outs, lses, states = [], [], []
     for position, chunk in enumerate(chunk_ids(cp_rank, cp_size)):
-        q = _bhsd(query[position * chunk_len:(position + 1) * chunk_len])
-        blocks = [kernel.forward(q, full_key[:, :, keys], full_value[:, :, keys], causal, scale)
-                  for keys, causal in _chunk_blocks(chunk, chunk_len)]
+        blocks = [own[position]]
+        earlier = earlier_chunks(chunk, chunk_len, cp_size)
+        if earlier is not None:
+            blocks.append(kernel.forward(queries[position], *_keys_values(gathered, earlier), False, scale))
         out, lse = merge_blocks([b[0] for b in blocks], [b[1] for b in blocks])
         outs.append(out)
         lses.append(lse)
@@ -254,34 +355,45 @@ def causal_chunks_forward(query, full_key, full_value, cp_rank: int, cp_size: in
     return out.reshape(out.shape[0], out.shape[1], -1), (kernel, outs, lses, states)
 
 
-def causal_chunks_backward(grad_out, query, full_key, full_value, cp_rank: int, cp_size: int, scale: float,
-                           saved) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of causal_chunks_forward: dQ [2c, b, h, d] and this rank's share of dK and dV of the whole
-    sequence, [b, g, s, d] each in fp32 (the CP ranks' shares sum to the gradient)."""
+def causal_chunks_backward(grad_out, query, key_value, exchange, cp_rank: int, cp_size: int, scale: float,
+                           saved) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of causal_chunks_forward: dQ [2c, b, h, d] and dK/dV of this rank's chunks [2c, b, 2, g, d]
+    in fp32, the other ranks' shares included. K/V are gathered again (memory over traffic) while the first
+    chunk's own block runs; the gathered keys' dK/dV go back to their ranks while the second chunk's runs."""
     kernel, outs, lses, states = saved
     chunk_len = query.shape[0] // 2
     grad_out = grad_out.reshape(query.shape)
-    grad_query = torch.empty_like(query)
-    grad_key = torch.zeros(full_key.shape, dtype=torch.float32, device=full_key.device)
-    grad_value = torch.zeros_like(grad_key)
+    pending = exchange.gather(key_value)
+    grad_own = torch.zeros(key_value.shape, dtype=torch.float32, device=key_value.device)
+    grad_queries = [None, None]
+
+    def block_backward(position, keys_values, causal, state):
+        rows = _rows(position, chunk_len)
+        dq, dk, dv = kernel.backward(_bhsd(grad_out[rows]), _bhsd(query[rows]), *keys_values, outs[position],
+                                     lses[position], state, causal, scale)
+        grad_queries[position] = dq.float() if grad_queries[position] is None else grad_queries[position] + dq
+        return dk, dv
+
+    def own_block_backward(position):
+        rows = _rows(position, chunk_len)
+        dk, dv = block_backward(position, _keys_values(key_value, rows), True, states[position][0])
+        _bhsd(grad_own[rows, :, 0]).add_(dk)
+        _bhsd(grad_own[rows, :, 1]).add_(dv)
+
+    own_block_backward(0)
+    gathered = pending.wait()
+    grad_gathered = torch.zeros(gathered.shape, dtype=torch.float32, device=gathered.device)
     for position, chunk in enumerate(chunk_ids(cp_rank, cp_size)):
-        rows = slice(position * chunk_len, (position + 1) * chunk_len)
-        q, dout = _bhsd(query[rows]), _bhsd(grad_out[rows])
-        grad_q = None
-        for (keys, causal), state in zip(_chunk_blocks(chunk, chunk_len), states[position]):
-            dq, dk, dv = kernel.backward(dout, q, full_key[:, :, keys], full_value[:, :, keys], outs[position],
-                                         lses[position], state, causal, scale)
-            grad_q = dq.float() if grad_q is None else grad_q + dq
-            grad_key[:, :, keys] += dk
-            grad_value[:, :, keys] += dv
-        grad_query[rows] = grad_q.permute(2, 0, 1, 3)
-    return grad_query, grad_key, grad_value
-
-
-def _gather_key_value(key, value, group):
-    """Both in one collective: [s, b, 2, g, d] in sequence order -> K and V as [b, g, s, d] views."""
-    key_value = gather_sequence(torch.stack([key, value], dim=2), group)
-    return _bhsd(key_value[:, :, 0]), _bhsd(key_value[:, :, 1])
+        earlier = earlier_chunks(chunk, chunk_len, cp_size)
+        if earlier is not None:
+            dk, dv = block_backward(position, _keys_values(gathered, earlier), False, states[position][1])
+            _bhsd(grad_gathered[earlier, :, 0]).add_(dk)
+            _bhsd(grad_gathered[earlier, :, 1]).add_(dv)
+    returned = exchange.reduce_scatter(grad_gathered)
+    own_block_backward(1)
+    grad_own += returned.wait()
+    grad_query = torch.cat([g.permute(2, 0, 1, 3) for g in grad_queries]).to(query.dtype)
+    return grad_query, grad_own
 
 
 class _CausalChunksAttention(torch.autograd.Function):
@@ -289,25 +401,21 @@ class _CausalChunksAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, group, scale):
-        full_key, full_value = _gather_key_value(key, value, group)
-        out, (kernel, outs, lses, states) = causal_chunks_forward(query, full_key, full_value, group.rank(),
-                                                                  group.size(), scale)
-        ctx.save_for_backward(query, key, value, *outs, *lses)
+        key_value = torch.stack([key, value], dim=2)  # one buffer: one pair of collectives for both
+        out, (kernel, outs, lses, states) = causal_chunks_forward(query, key_value, GroupExchange(group),
+                                                                  group.rank(), group.size(), scale)
+        ctx.save_for_backward(query, key_value, *outs, *lses)
         ctx.group, ctx.scale, ctx.kernel, ctx.states = group, scale, kernel, states
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, out0, out1, lse0, lse1 = ctx.saved_tensors
+        query, key_value, out0, out1, lse0, lse1 = ctx.saved_tensors
         group = ctx.group
-        full_key, full_value = _gather_key_value(key, value, group)  # gathered again: memory over traffic
-        grad_query, grad_key, grad_value = causal_chunks_backward(
-            grad_out, query, full_key, full_value, group.rank(), group.size(), ctx.scale,
-            (ctx.kernel, [out0, out1], [lse0, lse1], ctx.states))
-        # [b, g, s, d] -> [s, b, 2, g, d]: one reduce-scatter for both, in fp32.
-        grad_key_value = torch.stack([grad_key, grad_value], dim=2).permute(3, 0, 2, 1, 4)
-        grad_local = _reduce_scatter(sequence_to_rank_layout(grad_key_value.contiguous(), group.size()), group)
-        return grad_query, grad_local[:, :, 0].to(key.dtype), grad_local[:, :, 1].to(value.dtype), None, None
+        grad_query, grad_own = causal_chunks_backward(grad_out, query, key_value, GroupExchange(group), group.rank(),
+                                                      group.size(), ctx.scale,
+                                                      (ctx.kernel, [out0, out1], [lse0, lse1], ctx.states))
+        return grad_query, grad_own[:, :, 0].to(key_value.dtype), grad_own[:, :, 1].to(key_value.dtype), None, None
 
 
 def context_parallel_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -14,10 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from megatron_patch.context_parallel import (
+    SimulatedExchange,
+    buffer_order,
+    buffer_to_sequence,
     causal_chunks_backward,
     causal_chunks_forward,
     chunk_ids,
     context_parallel_attention,
+    earlier_chunks,
     packed_attention_mask_rows,
     rank_layout_to_sequence,
     sequence_to_rank_layout,
@@ -48,24 +52,46 @@ def full_attention(q, k, v, weight, forbidden=None, scale=0.3):
     return (out.detach(), *torch.autograd.grad((out * weight.float()).sum(), (q, k, v)))
 
 
+def simulated_ranks(q, k, v, weight, cp_size, scale, kernel=None):
+    """Every CP rank's causal_chunks_forward/backward in turn, each with the whole sequence's K/V as its gather
+    would bring them: the output and dQ in sequence order, and dK/dV summed over the ranks as the reduce-scatter
+    sums them (the ranks' own-chunk gradients plus their shares of the gathered keys')."""
+    key_value = torch.stack([k, v], dim=2)
+    out = torch.empty(q.shape[0], q.shape[1], q.shape[2] * q.shape[3], dtype=q.dtype, device=q.device)
+    grad_query = torch.empty_like(q)
+    grad_key_value = torch.zeros(key_value.shape, dtype=torch.float32, device=q.device)
+    for rank in range(cp_size):
+        rows = rank_rows(rank, cp_size, q.shape[0]).to(q.device)
+        exchange = SimulatedExchange(key_value, cp_size)
+        out[rows], saved = causal_chunks_forward(q[rows], key_value[rows], exchange, rank, cp_size, scale, kernel)
+        grad_query[rows], grad_own = causal_chunks_backward(weight[rows], q[rows], key_value[rows], exchange, rank,
+                                                            cp_size, scale, saved)
+        grad_key_value[rows] += grad_own
+        grad_key_value += buffer_to_sequence(exchange.buffer_grad, cp_size)
+    return out, grad_query, grad_key_value[:, :, 0], grad_key_value[:, :, 1]
+
+
 @pytest.mark.parametrize("cp_size", [2, 4])
 def test_simulated_ranks_match_full_causal_attention(cp_size):
-    """Every rank's share of the work, computed from the gathered K/V, adds up to full causal attention:
-    outputs and dQ row by row, dK/dV as the sum over ranks (what the reduce-scatter forms)."""
+    """Every rank's share of the work (its own chunks' blocks from local keys, the rest from the gathered
+    buffer) adds up to full causal attention: outputs and dQ row by row, dK/dV as the sum over ranks."""
     q, k, v, weight = problem()
-    out_ref, dq_ref, dk_ref, dv_ref = full_attention(q, k, v, weight)
-    full_k, full_v = (t.permute(1, 2, 0, 3) for t in (k, v))
-    dk_sum, dv_sum = torch.zeros_like(full_k), torch.zeros_like(full_v)
-    for rank in range(cp_size):
-        rows = rank_rows(rank, cp_size, q.shape[0])
-        out, saved = causal_chunks_forward(q[rows], full_k, full_v, rank, cp_size, 0.3)
-        torch.testing.assert_close(out, out_ref[rows], atol=1e-6, rtol=1e-5)
-        dq, dk, dv = causal_chunks_backward(weight[rows], q[rows], full_k, full_v, rank, cp_size, 0.3, saved)
-        torch.testing.assert_close(dq, dq_ref[rows], atol=1e-6, rtol=1e-5)
-        dk_sum += dk
-        dv_sum += dv
-    torch.testing.assert_close(dk_sum.permute(2, 0, 1, 3), dk_ref, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(dv_sum.permute(2, 0, 1, 3), dv_ref, atol=1e-6, rtol=1e-5)
+    for what, got, want in zip(("out", "dq", "dk", "dv"), simulated_ranks(q, k, v, weight, cp_size, 0.3),
+                               full_attention(q, k, v, weight)):
+        torch.testing.assert_close(got.float(), want, atol=1e-6, rtol=1e-5, msg=lambda m: f"{what}: {m}")
+
+
+def test_the_gathered_buffer_holds_each_query_chunks_earlier_keys_in_one_range():
+    """Buffer order for CP4: ranks' second chunks (7, 6, 5, 4), then their first (0, 1, 2, 3); every chunk's
+    earlier chunks are one slice of it."""
+    cp_size, chunk_len = 4, 3
+    assert buffer_order(cp_size) == [7, 6, 5, 4, 0, 1, 2, 3]
+    held = torch.tensor(buffer_order(cp_size)).repeat_interleave(chunk_len)  # each row's sequence chunk
+    assert earlier_chunks(0, chunk_len, cp_size) is None
+    for chunk in range(1, 2 * cp_size):
+        assert sorted(held[earlier_chunks(chunk, chunk_len, cp_size)].unique().tolist()) == list(range(chunk))
+    assert buffer_to_sequence(torch.arange(24).view(8, 3)[buffer_order(cp_size)].flatten(), cp_size).tolist() == \
+        list(range(24))
 
 
 def test_a_block_kernel_that_strays_from_the_reference_is_refused():
@@ -152,24 +178,12 @@ def test_cuda_block_kernels_simulated_ranks_match_fp32_attention(dtype):
     from megatron_patch import context_parallel
 
     q, k, v, weight = problem(seq=1024, batch=2, heads=12, groups=2, head_dim=128, device="cuda")
-    out_ref, dq_ref, dk_ref, dv_ref = full_attention(q, k, v, weight, scale=128 ** -0.5)
-    q, k, v = (t.to(dtype) for t in (q, k, v))
-    full_k, full_v = (t.permute(1, 2, 0, 3) for t in (k, v))
+    reference = full_attention(q, k, v, weight, scale=128 ** -0.5)
+    q, k, v, weight = (t.to(dtype) for t in (q, k, v, weight))
     for kernel in (context_parallel.CudnnBlock, context_parallel.FlashBlock):
-        dk_sum = torch.zeros(full_k.shape, device="cuda")
-        dv_sum = torch.zeros_like(dk_sum)
-        for rank in range(2):
-            rows = rank_rows(rank, 2, q.shape[0]).cuda()
-            out, saved = causal_chunks_forward(q[rows], full_k, full_v, rank, 2, 128 ** -0.5, kernel)
-            dq, dk, dv = causal_chunks_backward(weight[rows].to(dtype), q[rows], full_k, full_v, rank, 2,
-                                                128 ** -0.5, saved)
-            for what, got, want in (("out", out, out_ref[rows]), ("dq", dq, dq_ref[rows])):
-                error = ((got.float() - want).norm() / want.norm()).item()
-                assert error < 1e-2, f"{kernel.__name__} rank {rank}: {what} relative error {error}"
-            dk_sum += dk
-            dv_sum += dv
-        for what, got, want in (("dk", dk_sum, dk_ref), ("dv", dv_sum, dv_ref)):
-            error = ((got.permute(2, 0, 1, 3) - want).norm() / want.norm()).item()
+        got = simulated_ranks(q, k, v, weight, 2, 128 ** -0.5, kernel)
+        for what, mine, want in zip(("out", "dq", "dk", "dv"), got, reference):
+            error = ((mine.float() - want).norm() / want.norm()).item()
             assert error < 1e-2, f"{kernel.__name__}: {what} relative error {error}"
 
 
