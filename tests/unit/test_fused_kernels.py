@@ -224,6 +224,17 @@ def test_kernels_trace_as_single_graphs():
     traced = torch.compile(lce._target_logit.eager, backend="aot_eager", fullgraph=True)
     assert torch.equal(traced(logits, labels, inside), lce._target_logit.eager(logits, labels, inside))
 
+    from megatron_patch import context_parallel as cp  # the CP attention's block merge and dQ sum
+
+    outs = [torch.randn(1, 4, 16, 8, dtype=torch.bfloat16) for _ in range(2)]
+    lses = [torch.randn(1, 4, 16) for _ in range(2)]
+    traced = torch.compile(cp.merge_two_blocks.eager, backend="aot_eager", fullgraph=True)
+    for got, want in zip(traced(outs[0], lses[0], outs[1], lses[1]), cp.merge_two_blocks.eager(outs[0], lses[0],
+                                                                                                 outs[1], lses[1])):
+        assert torch.equal(got, want)
+    traced = torch.compile(cp.sum_in_fp32.eager, backend="aot_eager", fullgraph=True)
+    assert torch.equal(traced(*outs), cp.sum_in_fp32.eager(*outs))
+
 
 # ---------------------------------------------------------------- gradient-accumulation GEMM
 
