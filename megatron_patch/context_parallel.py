@@ -230,8 +230,8 @@ def block_kernel(q: torch.Tensor, k: torch.Tensor):
 @compiled_on_cuda
 def merge_two_blocks(out_a, lse_a, out_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over the union of two blocks' keys, from each block's output [b, h, c, d] and log-sum-exp
-    [b, h, c]: fp32 maths, one compiled kernel on a GPU (in eager torch: 8 passes over fp32 copies of the output,
-    about 1 ms per merge at 7B/32k)."""
+    [b, h, c]: fp32 maths, one compiled kernel on a GPU (eager torch makes 8 passes over fp32 copies of the
+    output: about 3 GB of memory traffic per merge at 7B/32k, against 0.35 GB read and written here)."""
     lse = torch.logaddexp(lse_a, lse_b)
     out = out_a.float() * torch.exp(lse_a - lse).unsqueeze(-1) + out_b.float() * torch.exp(lse_b - lse).unsqueeze(-1)
     return out.to(out_a.dtype), lse
