@@ -350,6 +350,7 @@ def causal_chunks_forward(query, key_value, exchange, cp_rank: int, cp_size: int
     own = [kernel.forward(q, *_keys_values(key_value, _rows(position, chunk_len)), True, scale)
            for position, q in enumerate(queries)]
     gathered = pending.wait()
+    context = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # [2c, b, h, d], contiguous
     outs, lses, states = [], [], []
     for position, chunk in enumerate(chunk_ids(cp_rank, cp_size)):
         out, lse, own_state = own[position]
@@ -360,11 +361,12 @@ def causal_chunks_forward(query, key_value, exchange, cp_rank: int, cp_size: int
                                                                      *_keys_values(gathered, earlier), False, scale)
             out, lse = merge_two_blocks(out, lse, earlier_out, earlier_lse)
             states[-1].append(earlier_state)
-        outs.append(out)
+        rows = _rows(position, chunk_len)
+        context[rows] = out.permute(2, 0, 1, 3)
+        # The backward reads each chunk's output where the layer's output holds it: no second copy is kept.
+        outs.append(_bhsd(context[rows]))
         lses.append(lse)
-    # [b, h, c, d] per chunk -> [2c, b, h * d]
-    out = torch.cat([o.permute(2, 0, 1, 3) for o in outs])
-    return out.reshape(out.shape[0], out.shape[1], -1), (kernel, outs, lses, states)
+    return context.view(context.shape[0], context.shape[1], -1), (kernel, outs, lses, states)
 
 
 def causal_chunks_backward(grad_out, query, key_value, exchange, cp_rank: int, cp_size: int, scale: float,

@@ -81,6 +81,19 @@ def test_simulated_ranks_match_full_causal_attention(cp_size):
         torch.testing.assert_close(got.float(), want, atol=1e-6, rtol=1e-5, msg=lambda m: f"{what}: {m}")
 
 
+def test_the_backward_keeps_no_second_copy_of_the_output():
+    """What the forward saves of each chunk's output lies in the layer's output itself (at 7B/32k a second copy
+    would hold 117 MB per layer and micro-batch)."""
+    q, k, v, _ = problem()
+    key_value = torch.stack([k, v], dim=2)
+    rows = rank_rows(1, 2, q.shape[0])
+    out, (_, outs, _, _) = causal_chunks_forward(q[rows], key_value[rows], SimulatedExchange(key_value, 2), 1, 2, 0.3)
+    for position, saved in enumerate(outs):
+        assert saved.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+        chunk = out[position * 12:(position + 1) * 12].view(12, 2, 4, 8)
+        assert torch.equal(saved, chunk.permute(1, 2, 0, 3))
+
+
 def test_the_gathered_buffer_holds_each_query_chunks_earlier_keys_in_one_range():
     """Buffer order for CP4: ranks' second chunks (7, 6, 5, 4), then their first (0, 1, 2, 3); every chunk's
     earlier chunks are one slice of it."""
