@@ -305,14 +305,16 @@ class McoreRun:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**kernel_env(self.kernels, self.graph), **({"MP_FP8_RECIPE": self.fp8_recipe} if self.fp8_recipe else {})}
+        fp8 = {"MP_FP8_RECIPE": self.fp8_recipe} if self.fp8_recipe else {}
+        return {**kernel_env(self.kernels, self.graph), **fp8}
 
     @property
     def precision(self) -> str:
         return "fp8" if self.fp8_recipe else "bf16"
 
     def label(self) -> str:
-        return f"{self.kernels}{' + CUDA graph' if self.graph else ''}{f', fp8 {self.fp8_recipe}' if self.fp8_recipe else ''}"
+        graph = " + CUDA graph" if self.graph else ""
+        return f"{self.kernels}{graph}{f', fp8 {self.fp8_recipe}' if self.fp8_recipe else ''}"
 
 
 def losses_from_log(log: str) -> list[float]:
@@ -338,8 +340,8 @@ def check_losses(args) -> None:
         relative = [d / b for d, b in zip(diffs, reference)]
         tail = sum(curve[-10:]) / len(curve[-10:]) / (sum(reference[-10:]) / len(reference[-10:])) - 1
         print(f"  {name:24s} {curve[0]:.4f} -> {curve[-1]:.4f}; max |difference| from {first} {max(diffs):.4f} "
-              f"(iteration {diffs.index(max(diffs)) + 1}, {100 * max(relative):.2f}%), mean {sum(diffs) / len(diffs):.4f}; "
-              f"last 10 iterations' mean {100 * tail:+.2f}%", flush=True)
+              f"(iteration {diffs.index(max(diffs)) + 1}, {100 * max(relative):.2f}%), "
+              f"mean {sum(diffs) / len(diffs):.4f}; last 10 iterations' mean {100 * tail:+.2f}%", flush=True)
     for name, curve in curves.items():
         print(f"{name}:", " ".join(f"{v:.4f}" for v in curve), flush=True)
 
