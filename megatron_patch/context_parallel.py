@@ -56,52 +56,9 @@ def chunk_ids(cp_rank: int, cp_size: int) -> tuple[int, int]:
     return cp_rank, 2 * cp_size - 1 - cp_rank
 
 
-def rank_layout_to_sequence(gathered: torch.Tensor, cp_size: int) -> torch.Tensor:
-    """[CP * 2c, ...] (each rank's two chunks, rank after rank) -> [2CP * c, ...] in sequence order."""
-    per_rank = gathered.view(cp_size, 2, gathered.shape[0] // (2 * cp_size), *gathered.shape[1:])
-    # Chunks 0..CP-1 are the ranks' first chunks; chunks CP..2CP-1 the second chunks of ranks CP-1..0.
-    return torch.cat([per_rank[:, 0], per_rank[:, 1].flip(0)]).flatten(0, 1)
-
-
-def sequence_to_rank_layout(full: torch.Tensor, cp_size: int) -> torch.Tensor:
-    """The inverse of rank_layout_to_sequence."""
-    chunks = full.view(2 * cp_size, full.shape[0] // (2 * cp_size), *full.shape[1:])
-    return torch.stack([chunks[:cp_size], chunks[cp_size:].flip(0)], dim=1).flatten(0, 2)
-
-
 # torch 2.14 renamed the single-tensor collectives (the old names warn there); older torch has only the old ones.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-def _all_gather(local: torch.Tensor, group) -> torch.Tensor:
-    out = torch.empty((group.size() * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
-    _all_gather_single(out, local.contiguous(), group=group)
-    return out
-
-
-def _reduce_scatter(full: torch.Tensor, group) -> torch.Tensor:
-    out = torch.empty((full.shape[0] // group.size(), *full.shape[1:]), dtype=full.dtype, device=full.device)
-    _reduce_scatter_single(out, full.contiguous(), group=group)
-    return out
-
-
-def gather_sequence(local: torch.Tensor, group) -> torch.Tensor:
-    """This rank's [2c, ...] -> the whole [2CP * c, ...] in sequence order (no autograd)."""
-    return rank_layout_to_sequence(_all_gather(local, group), group.size())
-
-
-class _GatherSequence(torch.autograd.Function):
-    """gather_sequence whose backward sums the gradient over the ranks and hands each its own chunks."""
-
-    @staticmethod
-    def forward(ctx, local, group):
-        ctx.group = group
-        return gather_sequence(local, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(sequence_to_rank_layout(grad, ctx.group.size()), ctx.group), None
 
 
 # ---- Block kernels: attention of queries [b, h, sq, d] to keys/values [b, g, sk, d] (g divides h), returning the
@@ -262,8 +219,14 @@ def earlier_chunks(chunk: int, chunk_len: int, cp_size: int) -> slice | None:
     return slice((2 * cp_size - chunk) * chunk_len, 2 * cp_size * chunk_len)
 
 
+def sequence_to_buffer(full: torch.Tensor, cp_size: int) -> torch.Tensor:
+    """[2CP * c, ...] in sequence order -> buffer_order (a copy)."""
+    chunks = full.view(2 * cp_size, full.shape[0] // (2 * cp_size), *full.shape[1:])
+    return chunks[buffer_order(cp_size)].flatten(0, 1)
+
+
 def buffer_to_sequence(buffer: torch.Tensor, cp_size: int) -> torch.Tensor:
-    """[2CP * c, ...] in buffer_order -> sequence order (tests and the kernel check)."""
+    """The inverse of sequence_to_buffer (a copy)."""
     chunks = buffer.view(2 * cp_size, buffer.shape[0] // (2 * cp_size), *buffer.shape[1:])
     return chunks[torch.tensor(buffer_order(cp_size)).argsort()].flatten(0, 1)
 
@@ -316,12 +279,25 @@ class SimulatedExchange:
         self.full, self.cp_size, self.buffer_grad = full, cp_size, None
 
     def gather(self, local: torch.Tensor) -> _Pending:
-        chunks = self.full.view(2 * self.cp_size, self.full.shape[0] // (2 * self.cp_size), *self.full.shape[1:])
-        return _Pending(chunks[buffer_order(self.cp_size)].flatten(0, 1))
+        return _Pending(sequence_to_buffer(self.full, self.cp_size))
 
     def reduce_scatter(self, buffer: torch.Tensor) -> _Pending:
         self.buffer_grad = buffer
         return _Pending(buffer.new_zeros((buffer.shape[0] // self.cp_size, *buffer.shape[1:])))
+
+
+class _GatherSequence(torch.autograd.Function):
+    """This rank's [2c, ...] -> the whole [2CP * c, ...] in sequence order (the packed path's keys, which its
+    mask's columns index); the backward sums the gradient over the ranks and hands each its own chunks."""
+
+    @staticmethod
+    def forward(ctx, local, group):
+        ctx.group = group
+        return buffer_to_sequence(GroupExchange(group).gather(local).wait(), group.size())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return GroupExchange(ctx.group).reduce_scatter(sequence_to_buffer(grad, ctx.group.size())).wait(), None
 
 
 def _bhsd(t: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,7 @@ from megatron_patch.context_parallel import (
     context_parallel_attention,
     earlier_chunks,
     packed_attention_mask_rows,
-    rank_layout_to_sequence,
-    sequence_to_rank_layout,
+    sequence_to_buffer,
 )
 
 
@@ -128,12 +127,14 @@ def test_a_block_kernel_that_strays_from_the_reference_is_refused():
     assert kernel_error(Raises, "cpu", torch.float32, 4, 2) == "RuntimeError: no kernel for this layout"
 
 
-def test_rank_layout_round_trip_puts_chunks_in_sequence_order():
+def test_the_gathered_buffer_round_trip_puts_chunks_in_sequence_order():
     cp_size, seq = 4, 16
-    held = torch.cat([rank_rows(r, cp_size, seq) for r in range(cp_size)])  # what an all-gather collects
+    held = torch.cat([rank_rows(r, cp_size, seq) for r in range(cp_size)])  # each rank's tokens, rank after rank
     assert held.tolist() == [0, 1, 14, 15, 2, 3, 12, 13, 4, 5, 10, 11, 6, 7, 8, 9]
-    assert rank_layout_to_sequence(held, cp_size).tolist() == list(range(seq))
-    assert torch.equal(sequence_to_rank_layout(torch.arange(seq), cp_size), held)
+    per_rank = held.view(cp_size, 2, seq // (2 * cp_size))
+    gathered = torch.cat([per_rank[:, 1].flatten(), per_rank[:, 0].flatten()])  # the two all-gathers' halves
+    assert torch.equal(sequence_to_buffer(torch.arange(seq), cp_size), gathered)
+    assert buffer_to_sequence(gathered, cp_size).tolist() == list(range(seq))
 
 
 def test_packed_mask_rows_are_the_block_masks_rows():
