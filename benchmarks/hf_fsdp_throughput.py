@@ -106,8 +106,9 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    variant = f"FSDP2{' + AC' if args.activation_checkpointing else ''}{' + compile' if args.compile else ''}, " \
+    options = f"{' + AC' if args.activation_checkpointing else ''}{' + compile' if args.compile else ''}, " \
         f"{world} {'GPUs' if cuda else 'CPU ranks'}"
+    variant = f"FSDP2{options}"
     side = train_throughput.HF_SIDES[args.variant]
 
     def store(figures: dict, status: str, note: str = "") -> None:
@@ -137,8 +138,7 @@ def main() -> None:
     if rank == 0:
         peak = torch.cuda.max_memory_allocated() / 1024 ** 3 if cuda else 0.0
         name = ("HF FSDP2 (b) pure bf16" if pure_bf16 else "HF FSDP2 (a) fp32 master + bf16 params") + \
-            f"{' + AC' if args.activation_checkpointing else ''}{' + compile' if args.compile else ''}, " \
-            f"{world} {'GPUs' if cuda else 'CPU ranks'}, mb {args.micro_batch}"
+            f"{options}, mb {args.micro_batch}"
         figures = report(name, args.steps * args.global_batch * args.seq_len / elapsed / world, size, args.seq_len,
                          peak, peak_flops)
         store(figures, "ok")
