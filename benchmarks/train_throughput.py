@@ -13,8 +13,8 @@ Each `--mcore KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE]` is one launcher run: KER
 megatron-core + TE with upstream's flags: Pai's stack); `graph` adds MP_CUDA_GRAPH=true (each iteration's forward
 and backward replayed from one CUDA graph); `fp8-RECIPE` trains with PR=fp8 and MP_FP8_RECIPE=RECIPE (TE's fp8,
 e.g. fp8-tensorwise), else PR=bf16. `--loss-check-iters N` instead trains N iterations of each `--mcore` run
-(default: the plain path, the fused kernels and fused + graph) from the same seed and data and prints their
-per-iteration losses against the first run's.
+(default: the plain path, the fused kernels and fused + graph) from the same seed and data, with a tenth of them
+as learning-rate warm-up (`--loss-check-warmup`), and prints their per-iteration losses against the first run's.
 
 HF variants: (a) fp32 master weights + bf16 autocast + torch.compile (the numerics of our Megatron bf16 runs),
 (b) pure bf16 parameters + torch.compile (a speed bound). Both use fused AdamW and gradient accumulation to
@@ -45,6 +45,7 @@ import gc
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -225,14 +226,14 @@ def failure_status_and_note(error: BaseException) -> tuple[str, str]:
 
 def megatron_run(size_name: str, seq_len: int, micro: int, global_batch: int, data: str, tokenizer: str,
                  iters: int, out: Path, extra_env: dict[str, str], tp: int = 1, nproc: int = 1,
-                 precision: str = "bf16") -> str:
+                 precision: str = "bf16", warmup_iters: int = 0) -> str:
     """Our launcher path (random init, pre-training on an idxmap); returns its log."""
     # FL: flash attention; with TE it needs flash-attn, else TE's cuDNN fused attention (FL=false).
     flash = flash_attn_importable() or not transformer_engine_importable()
     args = ["dsw", size_name, str(micro), str(global_batch), "1e-4", "1e-5", str(seq_len), str(seq_len), precision,
             str(tp), "1", "1", str(tp > 1).lower(), "true", str(flash).lower(), "false", "false", "false",
             "100000", data, data, "none",
-            str(iters * global_batch * seq_len), "0", str(out)]
+            str(iters * global_batch * seq_len), str(warmup_iters * global_batch * seq_len), str(out)]
     env = {"MP_TOKENIZER_PATH": tokenizer, "MP_NPROC_PER_NODE": str(nproc), **extra_env}
     try:
         return run_launcher(args, env, out, iters)
@@ -242,8 +243,11 @@ def megatron_run(size_name: str, seq_len: int, micro: int, global_batch: int, da
 
 def run_launcher(positional: list[str], extra_env: dict[str, str], out: Path, iters: int) -> str:
     """run_mcore_qwen.sh with these arguments and extra environment, its output in out/megatron.log, stopped once
-    its last iteration is logged; returns the log. Raises RuntimeError with the log's tail if it failed first."""
-    out.mkdir(parents=True, exist_ok=True)
+    its last iteration is logged; returns the log. Raises RuntimeError with the log's tail if it failed first.
+    Starts from an empty `out`: a run stopped during its final save leaves a partial checkpoint there, which the
+    launcher (rightly) refuses to resume from."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     last_iteration = f"[qwen] iteration {iters:8d}"
     # Written as it runs, so a run cut short still leaves its log. Stopped once the last iteration is logged:
     # the final checkpoint save (tens of seconds at 1.5B) measures the disk, not training.
@@ -328,10 +332,15 @@ def check_losses(args) -> None:
     runs = [McoreRun.parse(text) for text in args.mcore or
             [f"plain:{args.micro_batch}", f"fused:{args.micro_batch}", f"fused:{args.micro_batch}:graph"]]
     curves = {}
+    # A linear warm-up, as real runs have: from random init without one, a run can spike in its first iterations
+    # (bf16 at 1.5B, 2026-12-01: 11.0 -> 13.1 at iteration 4) and the curves then compare two trajectories.
+    warmup = args.loss_check_iters // 10 if args.loss_check_warmup is None else args.loss_check_warmup
+    print(f"loss check: {args.loss_check_iters} iterations, learning rate 1e-4 after {warmup} of warm-up",
+          flush=True)
     for run in runs:
         log = megatron_run(args.size, args.seq_len, run.micro, args.global_batch, args.data, args.tokenizer,
                            args.loss_check_iters, Path(args.out) / f"losscheck-{run.label().replace(' ', '')}",
-                           run.env, args.tp, args.nproc, run.precision)
+                           run.env, args.tp, args.nproc, run.precision, warmup)
         curves[run.label()] = losses_from_log(log)
     (first, reference), *others = curves.items()
     print(f"loss check, {len(reference)} iterations: {first} {reference[0]:.4f} -> {reference[-1]:.4f}", flush=True)
@@ -502,6 +511,8 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--nproc", type=int, default=1, help="GPUs for the Megatron runs (DP = nproc / tp)")
     parser.add_argument("--loss-check-iters", type=int, default=0)
+    parser.add_argument("--loss-check-warmup", type=int, default=None,
+                        help="warm-up iterations of the loss check's runs (default: a tenth of them)")
     parser.add_argument("--peak-tflops", type=float, help="MFU peak (dense bf16) for a device not in the table")
     parser.add_argument("--json", type=Path, metavar="PATH", help="append every result row to this JSON list")
     parser.add_argument("--table", type=Path, nargs="+", metavar="PATH",

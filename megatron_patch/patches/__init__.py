@@ -18,9 +18,9 @@ none under --plain-kernels, which gives exactly megatron-core's plain modules), 
 error-message hardening; every run), LOGGING (what megatron's log line lacks; every run).
 
 Arguments are changed in one place only, `settle_args`, after the patches: it returns (and `apply` prints) each
-change with its reason. The model's own module choices (SDPA attention, fused RMSNorm, the chunked linear +
-cross-entropy) are not patches: megatron_patch/model.py and pretrain_qwen.forward_step pick them, by the same
---plain-kernels switch.
+change with its reason (flags whose kernel is absent go off; --fused-single-qkv-rope goes on where ours fits).
+The model's own module choices (SDPA attention, fused RMSNorm, the chunked linear + cross-entropy) are not
+patches: megatron_patch/model.py and pretrain_qwen.forward_step pick them, by the same --plain-kernels switch.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from megatron_patch import cpu_backend
-from megatron_patch.fused import grad_accumulation, optimizer_step, rope, swiglu
+from megatron_patch.fused import grad_accumulation, linear_bias, optimizer_step, rope, swiglu
 from megatron_patch.patches import megatron_fixes
 
 FIX, CPU, FUSED, RELIABILITY, LOGGING = "fix", "cpu", "fused", "reliability", "logging"
@@ -185,6 +185,27 @@ MANIFEST: tuple[Patch, ...] = (
         rope.install,
         _rope_slot_empty),
     Patch(
+        "fused-qkv-split-rope", FUSED,
+        ("megatron.core.transformer.attention.apply_fused_qkv_rotary_pos_emb",
+         "megatron.core.transformer.attention.HAVE_FUSED_QKV_ROPE"),
+        "megatron-core's split path copies q across the QKV groups, rotates q and k in separate kernels and "
+        "concatenates their gradients back; its one-call alternative (--fused-single-qkv-rope) needs Transformer "
+        "Engine's function (ours also replaces TE's).",
+        "when megatron-core ships a single-QKV RoPE that needs no TE",
+        ("tests/unit/test_fused_kernels.py::test_qkv_split_rope_kernel_matches_the_split_path_in_triton_interpreter",
+         "tests/unit/test_fused_kernels.py::test_fused_single_qkv_rope_is_switched_on_only_where_it_applies"),
+        rope.install_qkv,
+        lambda args, device: device == "cuda" and rope.qkv_kernel_available()),
+    Patch(
+        "qkv-bias-in-gemm", FUSED,
+        ("megatron.core.tensor_parallel.layers.LinearWithGradAccumulationAndAsyncCommunication.forward",),
+        "megatron-core adds a linear layer's bias after its GEMM (`output + bias`: one more pass over the QKV "
+        "projection's output, 9.9 ms of a 1.155 s 1.5B step on an H200); cuBLASLt adds it inside the GEMM.",
+        "when megatron-core's linear adds its bias through addmm",
+        ("tests/unit/test_fused_kernels.py::test_linear_bias_in_gemm_leaves_megatron_cores_context_and_gradients",),
+        linear_bias.install,
+        lambda args, device: device == "cuda" and getattr(args, "add_qkv_bias", False)),
+    Patch(
         "gradient-accumulation-gemm", FUSED,
         ("megatron.core.tensor_parallel.layers.fused_weight_gradient_mlp_cuda",
          "megatron.core.tensor_parallel.layers._grad_accum_fusion_available"),
@@ -269,7 +290,8 @@ def wanted(args, device: str) -> list[Patch]:
 
 def settle_args(args) -> list[str]:
     """The one place arguments change: switch off what megatron-core would otherwise ask of a kernel that is
-    not here (after the patches, which may have supplied it). Returns one line per change, with the reason."""
+    not here (after the patches, which may have supplied it), and switch on the one megatron-core route our
+    kernels need a flag for (--fused-single-qkv-rope). Returns one line per change, with the reason."""
     from megatron.core.tensor_parallel import layers
 
     changes = []
@@ -277,12 +299,32 @@ def settle_args(args) -> list[str]:
         args.apply_rope_fusion = False
         changes.append("--apply-rope-fusion off: no fused RoPE here (Transformer Engine's is absent"
                        + (" and --plain-kernels leaves ours out)" if args.plain_kernels else ")"))
+    if getattr(args, "fused_single_qkv_rope", False) and not rope.qkv_slot_is_ours():
+        args.fused_single_qkv_rope = False
+        changes.append("--fused-single-qkv-rope off: it needs our QKV split + RoPE kernel (a GPU and triton, no "
+                       "--plain-kernels)")
+    elif rope.qkv_slot_is_ours() and not getattr(args, "fused_single_qkv_rope", False) \
+            and _fused_single_qkv_rope_fits(args):
+        args.fused_single_qkv_rope = True
+        changes.append("--fused-single-qkv-rope on: one kernel splits the QKV projection and applies RoPE")
     if args.gradient_accumulation_fusion and not layers._grad_accum_fusion_available:
         args.gradient_accumulation_fusion = False
         changes.append("--gradient-accumulation-fusion off: Apex's GEMM is absent and "
                        + ("--plain-kernels leaves ours out" if args.plain_kernels
                           else "ours needs a GPU and torch >= 2.8"))
     return changes
+
+
+def _fused_single_qkv_rope_fits(args) -> bool:
+    """Whether megatron-core's single-QKV RoPE call can take this run (it asserts where it must split)."""
+    return not (
+        getattr(args, "sft_packing", False)  # packed samples' boundaries make megatron-core split q, k, v itself
+        or getattr(args, "position_embedding_type", "rope") != "rope"  # the kernel applies plain RoPE only,
+        or getattr(args, "rotary_interleaved", False)  # in halves, not interleaved
+        or getattr(args, "qk_layernorm", False) or getattr(args, "multi_latent_attention", False)
+        # megatron-core's unsplit path returns before it picks this rank's q heads out of a KV group that TP
+        # ranks share
+        or getattr(args, "tensor_model_parallel_size", 1) > (getattr(args, "num_query_groups", None) or 1 << 30))
 
 
 def prepare(device: str) -> None:

@@ -189,6 +189,50 @@ def test_model_with_packed_seq_params_matches_block_mask(model_parallel, monkeyp
     assert (model(tokens, position_ids, None, labels=labels) - with_mask).abs().max() > 1e-3
 
 
+def test_model_with_fused_single_qkv_rope_matches_the_split_path(model_parallel, monkeypatch):
+    """megatron-core's --fused-single-qkv-rope route through our function (its slot filled as the manifest does
+    on a GPU) gives the split path's losses and gradients: exactly on the CPU (the function's CPU branch), to
+    rounding through the Triton kernel on a GPU."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer import attention as megatron_attention
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_patch.fused import rope
+    from megatron_patch.model import qwen2_5_layer_spec
+
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return rope.fused_qkv_split_rope(*args)
+
+    monkeypatch.setattr(megatron_attention, "apply_fused_qkv_rotary_pos_emb", counted, raising=False)
+    monkeypatch.setattr(megatron_attention, "HAVE_FUSED_QKV_ROPE", True)
+    losses, grads, weights = [], [], None
+    for fused in (False, True):
+        config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                                   ffn_hidden_size=96, normalization="RMSNorm", gated_linear_unit=True,
+                                   activation_func=F.silu, add_bias_linear=False, add_qkv_bias=True,
+                                   attention_dropout=0.0, hidden_dropout=0.0, masked_softmax_fusion=False,
+                                   bias_activation_fusion=False, bias_dropout_fusion=False,
+                                   apply_rope_fusion=False, fused_single_qkv_rope=fused)
+        torch.manual_seed(5)
+        model = GPTModel(config, qwen2_5_layer_spec(use_te=False, fused_kernels=True), vocab_size=96,
+                         max_sequence_length=64, position_embedding_type="rope", rotary_base=1000000).to(DEVICE)
+        weights = weights or model.state_dict()
+        model.load_state_dict(weights)
+        torch.manual_seed(6)
+        tokens, labels = torch.randint(0, 96, (2, 40), device=DEVICE), torch.randint(0, 96, (2, 40), device=DEVICE)
+        loss = model(tokens, torch.arange(40, device=DEVICE).expand(2, 40), None, labels=labels)
+        loss.sum().backward()
+        losses.append(loss.detach())
+        grads.append(model.decoder.layers[0].self_attention.linear_qkv.weight.grad)
+    assert calls == [(40, 2, 2, 4 * 16)] * 2  # [s, b, groups, (2 q heads + k + v) * head dim], once per layer
+    tol = TOL if DEVICE == "cuda" else 0  # the CPU branch runs the split path's own operations; a GPU the kernel
+    torch.testing.assert_close(losses[1], losses[0], atol=tol, rtol=tol)
+    torch.testing.assert_close(grads[1], grads[0], atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("changes,expected", [
     ({}, True),
     ({"bf16": False}, False),  # fp32: the flash kernel takes bf16/fp16 only

@@ -91,3 +91,26 @@ def test_an_hf_micro_batch_out_of_memory_after_earlier_runs_gets_a_fresh_process
     assert calls == [1, 2, 4] and fresh == [2, 4]  # mb 4 also OOMs in-process, then alone: the sweep ends there
     kept = [(r["micro_batch"], r["status"]) for r in json.loads(out.read_text())]
     assert kept == [(1, "ok"), (2, "ok"), (4, "OOM")]
+
+
+def test_loss_check_runs_warm_up_over_a_tenth_of_their_iterations(tmp_path, monkeypatch, capsys):
+    """Each --mcore run of the loss check gets the same warm-up (a tenth of its iterations unless given) and the
+    launcher is asked for it in tokens; the report compares every curve with the first."""
+    launched = []
+
+    def fake_launcher(positional, env, out, iters):
+        launched.append((positional[22], positional[23], env.get("MP_FP8_RECIPE")))
+        losses = [10.0, 9.0] if "MP_FP8_RECIPE" not in env else [10.0, 9.09]
+        return "\n".join(f"[qwen] iteration {i + 1} | lm loss: {v:.6E}" for i, v in enumerate(losses))
+
+    monkeypatch.setattr(tt, "run_launcher", fake_launcher)
+    parser_args = ["--size", "0.5B", "--seq-len", "128", "--global-batch", "4", "--data", "D", "--tokenizer", "T",
+                   "--loss-check-iters", "20", "--mcore", "fused:2", "--mcore", "fused:2:fp8-tensorwise",
+                   "--out", str(tmp_path)]
+    monkeypatch.setattr("sys.argv", ["train_throughput.py", *parser_args])
+    tt.main()
+    # TRAIN_TOKENS_OR_ITERS and WARMUP_TOKENS_OR_ITERS: 20 and 2 iterations of 4 x 128 tokens
+    assert launched == [("10240", "1024", None), ("10240", "1024", "tensorwise")]
+    out = capsys.readouterr().out
+    assert "loss check: 20 iterations, learning rate 1e-4 after 2 of warm-up" in out
+    assert "fused, fp8 tensorwise" in out and "max |difference| from fused 0.0900 (iteration 2, 1.00%)" in out

@@ -6,6 +6,7 @@ and transformers' modules, and a full-graph trace (aot_eager, no C++ compiler ne
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -74,9 +75,9 @@ def test_rms_norm_refuses_layer_norm_configs():
 
 # ---------------------------------------------------------------- RoPE
 
-def _rope_inputs(dtype, rot_dim=16):
+def _rope_inputs(dtype, rot_dim=16, seq=11):
     torch.manual_seed(1)
-    seq, batch, heads, dim = 11, 2, 3, 16
+    batch, heads, dim = 2, 3, 16
     # megatron-core's RotaryEmbedding layout: [s, 1, 1, rot_dim], the angles repeated for both halves.
     inv_freq = 1.0 / (1000000 ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
     angles = torch.outer(torch.arange(seq, dtype=torch.float32), inv_freq)
@@ -115,6 +116,152 @@ def test_rope_refuses_interleaved_layout():
     t, freqs = _rope_inputs(torch.float32)
     with pytest.raises(NotImplementedError, match="interleaved"):
         fused_apply_rotary_pos_emb(t, freqs, interleaved=True)
+
+
+# ---------------------------------------------------------------- QKV split + RoPE (fused_single_qkv_rope)
+
+def _qkv_inputs(seq, batch, groups, q_per_group, head_dim, dtype=torch.float32):
+    torch.manual_seed(5)
+    mixed = torch.randn(seq, batch, groups, (q_per_group + 2) * head_dim).to(dtype)
+    _, freqs = _rope_inputs(torch.float32, head_dim, seq=seq + 3)  # megatron's table may run longer
+    return mixed, freqs, [q_per_group * head_dim, head_dim, head_dim]
+
+
+def _megatron_split_path(mixed, freqs, split_sizes):
+    """megatron-core's own split path: torch.split, q reshaped across the groups, its unfused RoPE on q and k."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    query, key, value = torch.split(mixed, split_sizes, dim=3)
+    query = query.reshape(query.size(0), query.size(1), -1, split_sizes[-1])
+    seq = mixed.shape[0]
+    return _apply_rotary_pos_emb_bshd(query, freqs[:seq]), _apply_rotary_pos_emb_bshd(key, freqs[:seq]), value
+
+
+def test_qkv_split_rope_falls_back_to_megatron_cores_split_path_off_the_gpu():
+    mixed, freqs, sizes = _qkv_inputs(5, 2, 2, 3, 16)
+    ours_in, ref_in = mixed.clone().requires_grad_(), mixed.clone().requires_grad_()
+    got = rope.fused_qkv_split_rope(ours_in, freqs[:5], freqs[:5], sizes)
+    want = _megatron_split_path(ref_in, freqs, sizes)
+    upstream = [torch.randn_like(w) for w in want]
+    torch.autograd.backward(got, upstream)
+    torch.autograd.backward(want, upstream)
+    for name, g, w in zip("qkv", got, want):
+        assert g.shape == w.shape and torch.equal(g, w), name
+    assert torch.equal(ours_in.grad, ref_in.grad)
+
+
+def test_qkv_split_rope_kernel_matches_the_split_path_in_triton_interpreter():
+    # The CUDA kernel run by Triton's interpreter: Qwen2.5-1.5B's grouping (2 groups of 6 q heads: 8 rows per
+    # group, a power of two) and 7B's (4 of 7: 9 rows, padded to 16), an incoming q gradient in the permuted
+    # layout attention hands back, forward and backward against megatron-core's split path in fp32.
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import sys
+        import torch
+        sys.path.insert(0, "tests/unit")
+        from test_fused_kernels import _megatron_split_path, _qkv_inputs
+        from megatron_patch.fused import rope
+        for groups, q_per_group in ((2, 6), (4, 7)):
+            mixed, freqs, sizes = _qkv_inputs(6, 3, groups, q_per_group, 16)
+            ours_in, ref_in = mixed.clone().requires_grad_(), mixed.clone().requires_grad_()
+            got = rope._QkvRope.apply(ours_in, freqs, q_per_group)
+            want = _megatron_split_path(ref_in, freqs, sizes)
+            assert all(g.shape == w.shape and g.is_contiguous() for g, w in zip(got, want))
+            upstream = [torch.randn_like(w) for w in want]
+            permuted_q = upstream[0].permute(1, 2, 0, 3).contiguous().permute(2, 0, 1, 3)
+            torch.autograd.backward(got, [permuted_q] + upstream[1:])
+            torch.autograd.backward(want, upstream)
+            forward = max((g - w).abs().max().item() for g, w in zip(got, want))
+            backward = (ours_in.grad - ref_in.grad).abs().max().item()
+            print(groups, q_per_group, forward, backward, ours_in.grad.abs().min().item() > 0)
+    """)
+    for line in _run_in_triton_interpreter(script).strip().splitlines():
+        groups, q_per_group, forward, backward, every_element_written = line.split()
+        assert float(forward) < 1e-5 and float(backward) < 1e-5, line
+        assert every_element_written == "True", line
+
+
+def test_fused_single_qkv_rope_is_switched_on_only_where_it_applies(monkeypatch):
+    from types import SimpleNamespace
+
+    from megatron.core.transformer import attention
+
+    from megatron_patch import patches
+
+    def settle(**overrides):
+        args = SimpleNamespace(**{**dict(gradient_accumulation_fusion=False, apply_rope_fusion=False,
+                                         plain_kernels=False, sft_packing=False, position_embedding_type="rope",
+                                         rotary_interleaved=False, qk_layernorm=False,
+                                         multi_latent_attention=False), **overrides})
+        return args, patches.settle_args(args)
+
+    monkeypatch.setattr(attention, "apply_fused_qkv_rotary_pos_emb", rope.fused_qkv_split_rope, raising=False)
+    args, changes = settle()
+    assert args.fused_single_qkv_rope is True and changes == [
+        "--fused-single-qkv-rope on: one kernel splits the QKV projection and applies RoPE"]
+    args, changes = settle(tensor_model_parallel_size=2, num_query_groups=2)  # one KV group per TP rank
+    assert args.fused_single_qkv_rope is True
+    # megatron-core splits q, k, v itself for packed samples (and asserts if the flag is on), and its unsplit path
+    # skips picking a rank's q heads when TP ranks share a KV group: left off
+    for unfit in (dict(sft_packing=True), dict(rotary_interleaved=True), dict(position_embedding_type="yarn"),
+                  dict(qk_layernorm=True), dict(tensor_model_parallel_size=4, num_query_groups=2)):
+        args, changes = settle(**unfit)
+        assert not getattr(args, "fused_single_qkv_rope", False) and changes == [], unfit
+    # our kernel not in the slot (no GPU, or --plain-kernels): a user's flag is switched off, saying why
+    monkeypatch.setattr(attention, "apply_fused_qkv_rotary_pos_emb", None, raising=False)
+    args, changes = settle(fused_single_qkv_rope=True)
+    assert args.fused_single_qkv_rope is False
+    assert changes == ["--fused-single-qkv-rope off: it needs our QKV split + RoPE kernel (a GPU and triton, no "
+                       "--plain-kernels)"]
+
+
+# ---------------------------------------------------------------- bias inside the GEMM
+
+class _RecordingContext:
+    def save_for_backward(self, *tensors):
+        self.saved = tensors
+
+
+def test_linear_bias_in_gemm_leaves_megatron_cores_context_and_gradients(monkeypatch):
+    from megatron.core.tensor_parallel import layers
+
+    from megatron_patch.fused import linear_bias
+
+    linear = layers.LinearWithGradAccumulationAndAsyncCommunication
+    monkeypatch.setattr(linear, "forward", inspect.getattr_static(linear, "forward"))  # restored afterwards
+    monkeypatch.setattr(linear_bias, "_megatron_forward", None)
+    torch.manual_seed(6)
+    x, weight, bias = torch.randn(7, 3, 24), torch.randn(40, 24), torch.randn(40)
+    rest = (False, False, False, None, 0, None, 1)  # no grad-accumulation fusion, all-reduce, SP, deferral, GTP
+
+    def gradients():
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        out = linear.apply(*leaves, *rest)
+        out.backward(torch.ones_like(out))
+        return out.detach(), [leaf.grad for leaf in leaves]
+
+    megatron_forward = linear.forward
+    want_out, want_grads = gradients()
+    linear_bias.install()
+    assert linear.forward is not megatron_forward and linear_bias._megatron_forward is megatron_forward
+    got_out, got_grads = gradients()  # megatron-core's backward on our forward's context
+    _close(got_out, want_out, 1e-6, 1e-5, "output")
+    for name, a, b in zip(("input", "weight", "bias"), got_grads, want_grads):
+        _close(a, b, 1e-6, 1e-5, f"{name} gradient")
+
+    theirs, ours = _RecordingContext(), _RecordingContext()
+    megatron_forward(theirs, x, weight, bias, *rest)
+    linear.forward(ours, x, weight, bias, *rest)
+    assert set(vars(ours)) == set(vars(theirs))
+    for name, value in vars(theirs).items():
+        if name == "saved":
+            assert len(value) == len(ours.saved) and all(a is b for a, b in zip(value, ours.saved))
+        else:
+            assert getattr(ours, name) == value, name
+    # a layer without bias, or sequence parallel, still takes megatron-core's forward
+    plain = _RecordingContext()
+    _close(linear.forward(plain, x, weight, None, *rest), x @ weight.t(), 1e-6, 1e-5, "no bias")
+    assert plain.use_bias is False
 
 
 # ---------------------------------------------------------------- linear + cross-entropy
@@ -238,6 +385,7 @@ def test_kernels_trace_as_single_graphs():
 
 # ---------------------------------------------------------------- gradient-accumulation GEMM
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the case of a machine without a GPU")
 def test_gradient_accumulation_fusion_is_switched_off_where_its_gemm_cannot_run():
     from types import SimpleNamespace
 
@@ -445,6 +593,24 @@ def test_compiled_kernels_on_cuda_match_the_fp32_reference():
     for name, ours, want in [("hidden", h.grad, h_ref.grad), ("weight", w.grad, w_ref.grad)]:
         relative_error = ((ours.cpu().float() - want).norm() / want.norm()).item()
         assert relative_error < 1e-2, f"{name} gradient: relative error {relative_error:.3g} against fp32"
+
+
+@cuda_only
+def test_qkv_split_rope_kernel_on_cuda_matches_the_fp32_split_path():
+    # Qwen2.5-7B's grouping at a real head size, bf16 on the GPU against megatron-core's split path in fp32.
+    mixed, freqs, sizes = _qkv_inputs(64, 2, 4, 7, 128, torch.bfloat16)
+    assert rope.qkv_kernel_takes(mixed.cuda(), freqs.cuda(), freqs.cuda(), sizes) is False  # two tables
+    gpu_freqs = freqs.cuda()
+    assert rope.qkv_kernel_takes(mixed.cuda(), gpu_freqs, gpu_freqs, sizes)
+    ours_in, ref_in = mixed.cuda().requires_grad_(), mixed.float().requires_grad_()
+    got = rope.fused_qkv_split_rope(ours_in, gpu_freqs, gpu_freqs, sizes)
+    want = _megatron_split_path(ref_in, freqs, sizes)
+    upstream = [torch.randn_like(w) for w in want]
+    torch.autograd.backward(got, [u.cuda().to(torch.bfloat16) for u in upstream])
+    torch.autograd.backward(want, upstream)
+    for name, g, w in zip("qkv", got, want):
+        _close(g.cpu(), w, 2e-2, 2e-2, name)
+    _close(ours_in.grad.cpu(), ref_in.grad, 2e-2, 2e-2, "projection gradient")
 
 
 @cuda_only
