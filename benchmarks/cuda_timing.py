@@ -34,6 +34,22 @@ def time_ms(fn, reps: int, warmup: int = 3) -> float:
     return gpu_and_host_ms(fn, reps, warmup)[0]
 
 
+def kernel_ms(fn, reps: int, warmup: int = 3) -> float:
+    """Mean milliseconds of GPU kernel time per call of `fn` (torch.profiler's sum over the kernels it ran):
+    what a CUDA-graphed training step pays for it, without the launch gaps that time_ms counts when the host is
+    slower than the kernels."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    kernels_us = sum(event.self_device_time_total for event in prof.key_averages()
+                     if event.device_type == torch.autograd.DeviceType.CUDA)
+    return kernels_us / 1e3 / reps
+
+
 def attention_shape_sweep(description: str):
     """Parses --sizes, --seq-lens and --tokens, prints the device, then yields (size name, ModelSize, sequence
     length, batch) with batch x sequence about --tokens."""

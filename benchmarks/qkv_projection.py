@@ -5,8 +5,10 @@
   (megatron_patch/fused/rope.py, megatron-core's --fused-single-qkv-rope slot), with the kernel's rows per program and warps swept;
 - the bias: `matmul` then `+ bias` (megatron-core's linear) against `addmm` (cuBLASLt's bias epilogue), forward.
 
-Bandwidth counts what the split + RoPE must move at least: read the projection output and write q, k, v
-forward; the same backward.
+Each row gives the GPU time per call (CUDA events around the calls, launch gaps included when the host is the
+slower side) and the kernel time (torch.profiler's sum over the kernels: what a CUDA-graphed step pays).
+Bandwidth counts what the split + RoPE must move at least, over the kernel time: read the projection output and
+write q, k, v forward; the same backward.
 
     python benchmarks/qkv_projection.py [--sizes 0.5B 1.5B 7B] [--seq-len 2048] [--batch 16]
 """
@@ -21,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cuda_timing import time_ms  # noqa: E402
+from cuda_timing import kernel_ms, time_ms  # noqa: E402
 
 from megatron_patch.fused import rope  # noqa: E402
 from megatron_patch.model_sizes import get_size  # noqa: E402
@@ -59,14 +61,17 @@ def main() -> None:
         fused = rope.fused_qkv_split_rope(mixed, freqs, freqs, sizes)
         difference = max((a.float() - b.float()).abs().max().item() for a, b in zip(split, fused))
         print(f"{size_name}: [{seq}, {batch}, {groups}, {width}] bf16; largest q/k/v difference {difference:.3g}")
-        ms = time_ms(_forward_backward(rope.split_qkv_unfused, mixed, freqs, sizes, upstream), reps=20)
-        print(f"  split path + compiled RoPE     {ms:7.3f} ms  {moved / ms / 1e9:6.2f} TB/s-equivalent")
+        def report(name, fn):
+            step = _forward_backward(fn, mixed, freqs, sizes, upstream)
+            gpu, kernels = time_ms(step, reps=20), kernel_ms(step, reps=20)
+            print(f"  {name:42s} {gpu:7.3f} ms, kernels {kernels:7.3f} ms  {moved / kernels / 1e9:6.2f} TB/s")
+
+        report("split path + compiled RoPE", rope.split_qkv_unfused)
         chosen = rope.ROWS, rope.NUM_WARPS
         for rows in (16, 32, 64):
             for warps in (2, 4, 8):
                 rope.ROWS, rope.NUM_WARPS = rows, warps
-                ms = time_ms(_forward_backward(rope.fused_qkv_split_rope, mixed, freqs, sizes, upstream), reps=20)
-                print(f"  one kernel each way, {rows} rows x {warps} warps  {ms:7.3f} ms  {moved / ms / 1e9:6.2f} TB/s")
+                report(f"one kernel each way, {rows} rows x {warps} warps", rope.fused_qkv_split_rope)
         rope.ROWS, rope.NUM_WARPS = chosen
         x = torch.randn(seq * batch, size.hidden_size, device="cuda", dtype=torch.bfloat16)
         weight = torch.randn(groups * width, size.hidden_size, device="cuda", dtype=torch.bfloat16)
