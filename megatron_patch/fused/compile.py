@@ -1,8 +1,10 @@
-"""torch.compile on the GPU only: the CPU path (tests, the CPU backend) runs the same function eagerly."""
+"""Where our kernels run: torch.compile on the GPU only (the CPU path, tests and the CPU backend, runs the same
+function eagerly), and the Triton kernels' one condition."""
 
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 
@@ -22,3 +24,13 @@ def compiled_on_cuda(fn):
 
     wrapper.eager = fn
     return wrapper
+
+
+@functools.cache
+def triton_kernels_run_here() -> bool:
+    """Our Triton kernels need triton (CPU-only installs may lack it) and a CUDA GPU."""
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return torch.cuda.is_available()

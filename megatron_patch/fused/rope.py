@@ -176,11 +176,10 @@ class _QkvRope(torch.autograd.Function):
         head_dim = freqs.shape[-1]
         cos, sin = _cos_sin(freqs[:seq].reshape(seq, head_dim), mixed_qkv.dtype)
         cos, sin = cos.contiguous(), sin.contiguous()
-        src = _last_dim_dense(mixed_qkv)
-        q = src.new_empty(seq, batch, groups * q_per_group, head_dim)
-        k = src.new_empty(seq, batch, groups, head_dim)
+        q = mixed_qkv.new_empty(seq, batch, groups * q_per_group, head_dim)  # (qkv_kernel_takes: last dim dense)
+        k = mixed_qkv.new_empty(seq, batch, groups, head_dim)
         v = torch.empty_like(k)
-        _launch(src, q, k, v, cos, sin, q_per_group, True)
+        _launch(mixed_qkv, q, k, v, cos, sin, q_per_group, True)
         ctx.save_for_backward(cos, sin)
         ctx.q_per_group, ctx.src_shape = q_per_group, mixed_qkv.shape
         return q, k, v
@@ -220,11 +219,6 @@ def fused_qkv_split_rope(mixed_qkv: torch.Tensor, q_freqs: torch.Tensor, k_freqs
     if not qkv_kernel_takes(mixed_qkv, q_freqs, k_freqs, split_sizes):
         return split_qkv_unfused(mixed_qkv, q_freqs, k_freqs, split_sizes)
     return _QkvRope.apply(mixed_qkv, q_freqs, split_sizes[0] // split_sizes[-1])
-
-
-def qkv_kernel_available() -> bool:
-    """The kernel needs triton and a GPU."""
-    return triton is not None and torch.cuda.is_available()
 
 
 def qkv_slot_is_ours() -> bool:

@@ -61,11 +61,6 @@ def _backward(ctx, grad_output):
 _megatron_backward = None
 
 
-def kernel_available() -> bool:
-    """The kernel needs triton and a GPU."""
-    return triton is not None and torch.cuda.is_available()
-
-
 def install() -> None:
     """Use the kernel in megatron-core's SwiGLUFunction (once)."""
     global _megatron_backward

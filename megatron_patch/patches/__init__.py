@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from megatron_patch import cpu_backend
 from megatron_patch.fused import grad_accumulation, linear_bias, optimizer_step, rope, swiglu
+from megatron_patch.fused.compile import triton_kernels_run_here
 from megatron_patch.patches import megatron_fixes
 
 FIX, CPU, FUSED, RELIABILITY, LOGGING = "fix", "cpu", "fused", "reliability", "logging"
@@ -195,7 +196,7 @@ MANIFEST: tuple[Patch, ...] = (
         ("tests/unit/test_fused_kernels.py::test_qkv_split_rope_kernel_matches_the_split_path_in_triton_interpreter",
          "tests/unit/test_fused_kernels.py::test_fused_single_qkv_rope_is_switched_on_only_where_it_applies"),
         rope.install_qkv,
-        lambda args, device: device == "cuda" and rope.qkv_kernel_available()),
+        lambda args, device: device == "cuda" and triton_kernels_run_here()),
     Patch(
         "qkv-bias-in-gemm", FUSED,
         ("megatron.core.tensor_parallel.layers.LinearWithGradAccumulationAndAsyncCommunication.forward",),
@@ -245,7 +246,7 @@ MANIFEST: tuple[Patch, ...] = (
         ("tests/unit/test_fused_kernels.py::test_swiglu_function_backward_takes_the_kernel_and_matches_float64_autograd",
          "tests/unit/test_fused_kernels.py::test_swiglu_backward_kernel_matches_autograd_in_triton_interpreter"),
         swiglu.install,
-        lambda args, device: device == "cuda" and args.bias_swiglu_fusion and swiglu.kernel_available()),
+        lambda args, device: device == "cuda" and args.bias_swiglu_fusion and triton_kernels_run_here()),
 )
 
 
