@@ -38,6 +38,11 @@ def kernel_ms(fn, reps: int, warmup: int = 3) -> float:
     """Mean milliseconds of GPU kernel time per call of `fn` (torch.profiler's sum over the kernels it ran):
     what a CUDA-graphed training step pays for it, without the launch gaps that time_ms counts when the host is
     slower than the kernels."""
+    return kernel_ms_and_names(fn, reps, warmup)[0]
+
+
+def kernel_ms_and_names(fn, reps: int, warmup: int = 3) -> tuple[float, list[str]]:
+    """kernel_ms and the names of the kernels that ran, longest total first (which cuBLAS kernel, say)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -45,9 +50,9 @@ def kernel_ms(fn, reps: int, warmup: int = 3) -> float:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    kernels_us = sum(event.self_device_time_total for event in prof.key_averages()
-                     if event.device_type == torch.autograd.DeviceType.CUDA)
-    return kernels_us / 1e3 / reps
+    kernels = sorted((event for event in prof.key_averages() if event.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda event: -event.self_device_time_total)
+    return sum(event.self_device_time_total for event in kernels) / 1e3 / reps, [event.key for event in kernels]
 
 
 def attention_shape_sweep(description: str):

@@ -2,7 +2,10 @@
 torch.profiler's kernel table for one step (after warm-up), sorted by GPU time (CPU time on a CPU).
 MP_PROFILE_HOST=1 instead prints the step's Python functions by host time (cProfile): what bounds a step whose
 GPU waits on the host (small micro-batches, no CUDA graph). MP_PROFILE_DETAIL=1 adds a second table of the same
-step's operators by input shape: which GEMM, copy or add runs on which tensors.
+step's operators by input shape: which GEMM, copy or add runs on which tensors. MP_PROFILE_GAPS=1 instead
+measures the GPU's idle time from one step's start to the next one's, the log line and the next batch included
+(benchmarks/gpu_idle.py): what a CUDA-graphed step loses to the host.
+The process exits once the profile is printed: the final checkpoint save would only measure the disk.
 
     MP_PROFILE_STEP=4 torchrun --nproc-per-node 1 benchmarks/profile_step.py --model-size 0.5B [Megatron flags]
 """
@@ -27,16 +30,19 @@ _calls = 0
 def profiled_train_step(*args, **kwargs):
     global _calls
     _calls += 1
+    if os.environ.get("MP_PROFILE_GAPS") == "1":
+        return gaps_profiled(*args, **kwargs)
     if _calls != PROFILE_STEP:
         return _plain_train_step(*args, **kwargs)
     if os.environ.get("MP_PROFILE_HOST") == "1":
-        return host_profiled(*args, **kwargs)
+        host_profiled(*args, **kwargs)
+        finish()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     detail = os.environ.get("MP_PROFILE_DETAIL") == "1"
     with torch.profiler.profile(activities=activities, record_shapes=detail) as prof:
-        result = _plain_train_step(*args, **kwargs)
+        _plain_train_step(*args, **kwargs)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     if int(os.environ.get("RANK", "0")) == 0:
@@ -45,7 +51,34 @@ def profiled_train_step(*args, **kwargs):
         if detail:
             print(prof.key_averages(group_by_input_shape=True).table(
                 sort_by=sort_by, row_limit=80, max_name_column_width=60, max_shapes_column_width=70), flush=True)
-    return result
+    finish()
+
+
+_gap_profile: list = []
+
+
+def gaps_profiled(*args, **kwargs):
+    """Step PROFILE_STEP under a profiler that runs on until the next step starts (its log line and batch
+    included); then prints the GPU's idle time in that window and exits."""
+    if _calls == PROFILE_STEP + 1:
+        _gap_profile[0].stop()
+        if int(os.environ.get("RANK", "0")) == 0:
+            import gpu_idle
+
+            print(f"GPU idle between step starts:\n{gpu_idle.report(_gap_profile[0].events())}", flush=True)
+        finish()
+    if _calls == PROFILE_STEP:
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        _gap_profile.append(torch.profiler.profile(activities=activities))
+        _gap_profile[0].start()
+    return _plain_train_step(*args, **kwargs)
+
+
+def finish():
+    """Ends the process after the profile (every rank profiles the same step, so all of them get here)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def host_profiled(*args, **kwargs):
@@ -55,15 +88,13 @@ def host_profiled(*args, **kwargs):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     profile = cProfile.Profile()
-    result = profile.runcall(_plain_train_step, *args, **kwargs)
+    profile.runcall(_plain_train_step, *args, **kwargs)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     if int(os.environ.get("RANK", "0")) == 0:
         stats = pstats.Stats(profile, stream=sys.stdout)
         for key in ("tottime", "cumulative"):
             stats.sort_stats(key).print_stats(40)
-        sys.stdout.flush()
-    return result
 
 
 training.train_step = profiled_train_step

@@ -325,6 +325,12 @@ def losses_from_log(log: str) -> list[float]:
     return [float(v) for v in re.findall(r"lm loss: ([0-9.E+-]+)", log)]
 
 
+def repeat_label(label: str, taken) -> str:
+    """The same run twice is a control (the run-to-run spread): the repeats are numbered, not overwritten."""
+    earlier = sum(1 for name in taken if name == label or name.startswith(f"{label} (run "))
+    return f"{label} (run {earlier + 1})" if earlier else label
+
+
 def check_losses(args) -> None:
     """Each --mcore run (default: the plain path, the fused kernels, fused + CUDA graph) from the same seed and
     data: per-iteration loss differences against the first run over N iterations, absolute and relative, and
@@ -341,7 +347,10 @@ def check_losses(args) -> None:
         log = megatron_run(args.size, args.seq_len, run.micro, args.global_batch, args.data, args.tokenizer,
                            args.loss_check_iters, Path(args.out) / f"losscheck-{run.label().replace(' ', '')}",
                            run.env, args.tp, args.nproc, run.precision, warmup)
-        curves[run.label()] = losses_from_log(log)
+        label = repeat_label(run.label(), curves)
+        curves[label] = losses_from_log(log)
+        # Printed as each run ends: a call cut short by its time limit keeps the runs that finished.
+        print(f"{label}:", " ".join(f"{v:.4f}" for v in curves[label]), flush=True)
     (first, reference), *others = curves.items()
     print(f"loss check, {len(reference)} iterations: {first} {reference[0]:.4f} -> {reference[-1]:.4f}", flush=True)
     for name, curve in others:
@@ -351,8 +360,6 @@ def check_losses(args) -> None:
         print(f"  {name:24s} {curve[0]:.4f} -> {curve[-1]:.4f}; max |difference| from {first} {max(diffs):.4f} "
               f"(iteration {diffs.index(max(diffs)) + 1}, {100 * max(relative):.2f}%), "
               f"mean {sum(diffs) / len(diffs):.4f}; last 10 iterations' mean {100 * tail:+.2f}%", flush=True)
-    for name, curve in curves.items():
-        print(f"{name}:", " ".join(f"{v:.4f}" for v in curve), flush=True)
 
 
 # ---- result rows (--json) and the table (--table) ----

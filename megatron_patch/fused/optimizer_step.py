@@ -27,6 +27,26 @@ def multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale):
         torch._foreach_copy_(dst, src if scale == 1.0 else torch._foreach_mul(src, scale))
 
 
+# Views of at most this many elements: an elementwise kernel over more than 2^31 elements needs 64-bit indexing,
+# which torch gives up vectorized loads for.
+_SCALE_VIEW_ELEMENTS = 1 << 30
+
+
+def scale_gradient_buffer(buffer, scaling_factor) -> None:
+    """_ParamAndGradBuffer.scale_gradients (the per-token loss's 1 / tokens, once a step) as one foreach kernel.
+    megatron-core's `grad_data *= factor` with the factor a device tensor runs torch's unvectorized broadcast
+    kernel, split four ways over a 1.5B model's 1.54e9-element buffer: 4.6 ms on an H200 where one pass at
+    bandwidth takes about 2.7."""
+    views = list(buffer.grad_data.view(-1).split(_SCALE_VIEW_ELEMENTS)) + list(buffer.extra_main_grads)
+    torch._foreach_mul_(views, scaling_factor)
+
+
+def install_gradient_scaling() -> None:
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
+
+    _ParamAndGradBuffer.scale_gradients = scale_gradient_buffer
+
+
 def fused_adam(params, adam_w_mode: bool = True, **kwargs):
     """What megatron-core calls as Apex's/TE's FusedAdam: torch's AdamW (decoupled weight decay) or Adam."""
     adam_class = torch.optim.AdamW if adam_w_mode else torch.optim.Adam

@@ -229,6 +229,15 @@ MANIFEST: tuple[Patch, ...] = (
         optimizer_step.install_multi_tensor_maths,
         lambda args, device: optimizer_step.megatron_falls_back_to_per_tensor_maths()),
     Patch(
+        "gradient-scaling-foreach", FUSED,
+        ("megatron.core.distributed.param_and_grad_buffer._ParamAndGradBuffer.scale_gradients",),
+        "with --calculate-per-token-loss megatron-core divides the whole fp32 gradient buffer by the token count "
+        "through an unvectorized broadcast kernel (4.6 ms of a 1.5B step on an H200; one foreach pass: about 2.7).",
+        "when megatron-core scales its gradient buffer with a vectorized kernel",
+        ("tests/unit/test_fused_kernels.py::test_gradient_buffer_scaling_matches_megatron_cores",),
+        optimizer_step.install_gradient_scaling,
+        lambda args, device: device == "cuda"),
+    Patch(
         "fused-adamw", FUSED,
         ("megatron.core.optimizer.Adam", "megatron.core.optimizer.USING_PYTORCH_OPTIMIZER"),
         "without Apex/TE megatron-core builds torch's multi-kernel foreach AdamW; torch's fused=True AdamW is "

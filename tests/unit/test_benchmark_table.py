@@ -114,3 +114,12 @@ def test_loss_check_runs_warm_up_over_a_tenth_of_their_iterations(tmp_path, monk
     out = capsys.readouterr().out
     assert "loss check: 20 iterations, learning rate 1e-4 after 2 of warm-up" in out
     assert "fused, fp8 tensorwise" in out and "max |difference| from fused 0.0900 (iteration 2, 1.00%)" in out
+
+
+def test_a_repeated_loss_check_run_is_numbered_not_overwritten():
+    taken = {"fused": [], "fused, fp8 tensorwise": []}
+    assert tt.repeat_label("fused", taken) == "fused (run 2)"
+    taken["fused (run 2)"] = []
+    assert tt.repeat_label("fused", taken) == "fused (run 3)"
+    assert tt.repeat_label("plain", taken) == "plain"
+    assert tt.repeat_label("fused, fp8 blockwise", taken) == "fused, fp8 blockwise"

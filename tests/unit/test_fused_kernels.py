@@ -503,6 +503,22 @@ def test_multi_tensor_norm_and_scale_match_per_tensor_maths():
         assert torch.equal(got, g.bfloat16())
 
 
+def test_gradient_buffer_scaling_matches_megatron_cores(monkeypatch):
+    """megatron-core's scale_gradients is `grad_data *= factor` (and each extra main grad): the same products."""
+    from types import SimpleNamespace
+
+    from megatron_patch.fused import optimizer_step
+
+    monkeypatch.setattr(optimizer_step, "_SCALE_VIEW_ELEMENTS", 7)  # several views, the last one short
+    torch.manual_seed(5)
+    grad_data, extra = torch.randn(50), torch.randn(3, 4)
+    for factor in (torch.tensor(1 / 37.0), 0.125):
+        buffer = SimpleNamespace(grad_data=grad_data.clone(), extra_main_grads=[extra.clone()])
+        optimizer_step.scale_gradient_buffer(buffer, factor)
+        assert torch.equal(buffer.grad_data, grad_data * factor)
+        assert torch.equal(buffer.extra_main_grads[0], extra * factor)
+
+
 def test_optimizer_patches_make_megatron_build_fused_adamw(monkeypatch):
     from types import SimpleNamespace
 
