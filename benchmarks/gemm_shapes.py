@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cuda_timing import kernel_ms, kernel_ms_and_names  # noqa: E402
+from cuda_timing import kernel_ms_and_names  # noqa: E402
 
 from megatron_patch.fused.linear_cross_entropy import chunk_tokens_for  # noqa: E402
 from megatron_patch.model_sizes import get_size  # noqa: E402
@@ -44,6 +44,18 @@ def linears(size, tokens: int) -> list[tuple[str, int, int, int, int]]:
             ("output", chunk, size.hidden_size, size.vocab_size, -(-tokens // chunk))]
 
 
+def with_cublas(fn):
+    """fn with torch asked for cuBLAS instead of cuBLASLt (the bf16-into-fp32 weight gradient has no such
+    choice: only cuBLASLt takes out_dtype)."""
+    def call():
+        torch.backends.cuda.preferred_blas_library("cublas")
+        try:
+            fn()
+        finally:
+            torch.backends.cuda.preferred_blas_library("default")
+    return call
+
+
 def gemm_calls(tokens: int, n_in: int, n_out: int):
     """{pass: {way: callable}} for one linear layer."""
     dev = "cuda"
@@ -54,10 +66,11 @@ def gemm_calls(tokens: int, n_in: int, n_out: int):
     dx = torch.empty(tokens, n_in, device=dev, dtype=torch.bfloat16)
     main = torch.zeros(n_out, n_in, device=dev, dtype=torch.float32)
     main_t = torch.zeros(n_in, n_out, device=dev, dtype=torch.float32).t()  # [out, in], column-major
+    forward, input_grad = lambda: torch.mm(x, w.t(), out=y), lambda: torch.mm(g, w, out=dx)
     return {
-        "forward": {"default": lambda: torch.mm(x, w.t(), out=y),
+        "forward": {"default": forward, "cublas": with_cublas(forward),
                     "swapped": lambda: torch.mm(w, x.t(), out=y.t())},
-        "input grad": {"default": lambda: torch.mm(g, w, out=dx),
+        "input grad": {"default": input_grad, "cublas": with_cublas(input_grad),
                        "swapped": lambda: torch.mm(w.t(), g.t(), out=dx.t())},
         "weight grad": {"default": lambda: torch.addmm(main, g.t(), x, out_dtype=torch.float32, out=main),
                         "swapped": lambda: torch.addmm(main_t.t(), x.t(), g, out_dtype=torch.float32,
@@ -80,17 +93,10 @@ def main() -> None:
     for name, rows, n_in, n_out, calls in linears(size, tokens):
         tflop = 2 * rows * n_in * n_out / 1e12
         for gemm_pass, ways in gemm_calls(rows, n_in, n_out).items():
-            timed, kernel = {}, ""
+            timed, kernels = {}, {}
             for way, fn in ways.items():
-                if way == "default":
-                    timed[way], names = kernel_ms_and_names(fn, args.reps)
-                    kernel = names[0] if names else ""
-                else:
-                    timed[way] = kernel_ms(fn, args.reps)
-                if way == "default" and gemm_pass != "weight grad":
-                    torch.backends.cuda.preferred_blas_library("cublas")
-                    timed["cublas"] = kernel_ms(fn, args.reps)
-                    torch.backends.cuda.preferred_blas_library("default")
+                timed[way], kernels[way] = kernel_ms_and_names(fn, args.reps)
+            kernel = kernels["default"][0] if kernels["default"] else ""
             default_ms += timed["default"] * calls
             best_ms += min(timed.values()) * calls
             cells = "  ".join(f"{way} {tflop / ms * 1e3:6.1f}" for way, ms in timed.items())

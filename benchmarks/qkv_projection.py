@@ -46,7 +46,7 @@ def main() -> None:
     seq, batch = args.seq_len, args.batch
     for size_name in args.sizes:
         size = get_size(size_name)
-        head_dim = size.hidden_size // size.num_attention_heads
+        head_dim = size.head_dim
         groups, q_per_group = size.num_query_groups, size.num_attention_heads // size.num_query_groups
         width = (q_per_group + 2) * head_dim
         mixed = torch.randn(seq, batch, groups, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -344,10 +344,10 @@ def check_losses(args) -> None:
     print(f"loss check: {args.loss_check_iters} iterations, learning rate 1e-4 after {warmup} of warm-up",
           flush=True)
     for run in runs:
-        log = megatron_run(args.size, args.seq_len, run.micro, args.global_batch, args.data, args.tokenizer,
-                           args.loss_check_iters, Path(args.out) / f"losscheck-{run.label().replace(' ', '')}",
-                           run.env, args.tp, args.nproc, run.precision, warmup)
         label = repeat_label(run.label(), curves)
+        log = megatron_run(args.size, args.seq_len, run.micro, args.global_batch, args.data, args.tokenizer,
+                           args.loss_check_iters, Path(args.out) / f"losscheck-{label.replace(' ', '')}",
+                           run.env, args.tp, args.nproc, run.precision, warmup)
         curves[label] = losses_from_log(log)
         # Printed as each run ends: a call cut short by its time limit keeps the runs that finished.
         print(f"{label}:", " ".join(f"{v:.4f}" for v in curves[label]), flush=True)

@@ -42,6 +42,23 @@ def hf_config_for(size: Qwen25Size, dtype: str = "bfloat16"):
     )
 
 
+def random_hf_model(size: Qwen25Size | str, dtype: str = "bfloat16", seed: int = 1234,
+                    perturb_biases: bool = False):
+    """A random-init Qwen2ForCausalLM with `size`'s shape. HF's init leaves the RMSNorm weights at 1 (and the q/k/v
+    biases at 0): they are perturbed, so conversion and gradient checks see every tensor do something."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    size = get_size(size) if isinstance(size, str) else size
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(hf_config_for(size, dtype)).to(getattr(torch, dtype))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or (perturb_biases and name.endswith(".bias")):
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
 def write_random_hf_checkpoint(
     size: Qwen25Size | str,
     out_dir: str | Path,
@@ -50,18 +67,8 @@ def write_random_hf_checkpoint(
     tokenizer_dir: str | Path | None = None,
 ) -> Path:
     """Save a random-init Qwen2ForCausalLM with `size`'s shape (and a tokenizer's files beside it)."""
-    import torch
-    from transformers import Qwen2ForCausalLM
-
-    size = get_size(size) if isinstance(size, str) else size
     out_dir = Path(out_dir)
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(hf_config_for(size, dtype)).to(getattr(torch, dtype))
-    # HF's default init leaves the RMSNorm weights at 1: perturb them so conversion tests see every tensor.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(torch.randn_like(param) * 0.1)
+    model = random_hf_model(size, dtype, seed)
     model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:

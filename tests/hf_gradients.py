@@ -1,7 +1,8 @@
 """The loss and every weight's gradient of the model training builds (the entrypoint's model provider and
 patches, the fused loss its forward_step asks for) against HF transformers' Qwen2ForCausalLM holding the same
-weights, in fp32 (or the model in bf16, as training runs it, against HF in fp32). A forward-only check (logits) cannot see a wrong backward, and at random init the loss barely
-depends on attention: a gradient that is wrong there shows only as slower training hundreds of steps later.
+weights, in fp32 (or the model in bf16, as training runs it, against HF in fp32). A forward-only check (logits)
+cannot see a wrong backward, and at random init the loss barely depends on attention: a gradient that is wrong
+there shows only as slower training hundreds of steps later.
 
 Runs in its own process (Megatron keeps its state in globals) and prints one JSON line:
 
@@ -24,24 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_patch.convert import mcore_runtime  # noqa: E402
 from megatron_patch.convert.mapping import TiedLMHead, qwen2_5_mappings  # noqa: E402
 from megatron_patch.fused import linear_cross_entropy  # noqa: E402
-from megatron_patch.hf_checkpoint import hf_config_for  # noqa: E402
+from megatron_patch.hf_checkpoint import random_hf_model  # noqa: E402
 from megatron_patch.model_sizes import get_size  # noqa: E402
 
 BATCH, SEQ = 2, 48
-
-
-def hf_model(size):
-    """A random Qwen2ForCausalLM in fp32 whose norm weights and biases are not their init values (1 and 0), so
-    every tensor's gradient path is exercised."""
-    from transformers import Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(hf_config_for(size, "float32")).float()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
-                param.add_(torch.randn_like(param) * 0.1)
-    return model
 
 
 def total_grad(param: torch.Tensor) -> torch.Tensor:
@@ -59,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     size = dataclasses.replace(get_size("tiny"), tie_word_embeddings=not args.untied)
 
-    hf = hf_model(size)
+    hf = random_hf_model(size, "float32", seed=0, perturb_biases=True)
     mcore_runtime.init_megatron(size, torch.bfloat16 if args.bf16 else torch.float32, seq_length=SEQ)
     model = mcore_runtime.build_model().train()
     device = next(model.parameters()).device
