@@ -14,7 +14,9 @@ megatron-core + TE with upstream's flags: Pai's stack); `graph` adds MP_CUDA_GRA
 and backward replayed from one CUDA graph); `fp8-RECIPE` trains with PR=fp8 and MP_FP8_RECIPE=RECIPE (TE's fp8,
 e.g. fp8-tensorwise), else PR=bf16. `--loss-check-iters N` instead trains N iterations of each `--mcore` run
 (default: the plain path, the fused kernels and fused + graph) from the same seed and data, with a tenth of them
-as learning-rate warm-up (`--loss-check-warmup`), and prints their per-iteration losses against the first run's.
+as learning-rate warm-up (`--loss-check-warmup`), and prints their per-iteration losses against the first run's;
+`--loss-check-repeats R` runs each R times and reports each variant's mean and range (one run per variant
+cannot separate a difference from the run-to-run spread).
 
 HF variants: (a) fp32 master weights + bf16 autocast + torch.compile (the numerics of our Megatron bf16 runs),
 (b) pure bf16 parameters + torch.compile (a speed bound). Both use fused AdamW and gradient accumulation to
@@ -331,12 +333,41 @@ def repeat_label(label: str, taken) -> str:
     return f"{label} (run {earlier + 1})" if earlier else label
 
 
+def tail_mean(curve: list[float]) -> float:
+    """The mean loss of a curve's last 10 iterations."""
+    return sum(curve[-10:]) / len(curve[-10:])
+
+
+def variant_summary(curves: dict[str, list[float]]) -> list[str]:
+    """Per variant (its repeats together): how many runs, their last-10 means' mean and range, and the mean's
+    difference from the first variant's, with whether the two ranges overlap. One run per variant cannot tell
+    a difference from the run-to-run spread (1.5B, 200 iterations on an H200, 2026-12-01: 0.8% between runs of
+    one variant, from the attention backward's nondeterministic sums growing over training)."""
+    tails: dict[str, list[float]] = {}
+    for label, curve in curves.items():
+        tails.setdefault(re.sub(r" \(run \d+\)$", "", label), []).append(tail_mean(curve))
+    (first, reference), *_ = tails.items()
+    lines = []
+    for name, values in tails.items():
+        mean = sum(values) / len(values)
+        line = (f"  {name:28s} {len(values)} run(s), last 10 iterations' mean {mean:.4f} "
+                f"({min(values):.4f}-{max(values):.4f})")
+        if name != first:
+            apart = min(values) > max(reference) or max(values) < min(reference)
+            line += (f"; {100 * (mean / (sum(reference) / len(reference)) - 1):+.2f}% against {first}, "
+                     + ("ranges apart" if apart else "ranges overlap"))
+        lines.append(line)
+    return lines
+
+
 def check_losses(args) -> None:
     """Each --mcore run (default: the plain path, the fused kernels, fused + CUDA graph) from the same seed and
-    data: per-iteration loss differences against the first run over N iterations, absolute and relative, and
-    the relative difference of the last 10 iterations' mean loss."""
+    data, --loss-check-repeats times (interleaved, so a drifting machine touches every variant alike):
+    per-iteration loss differences against the first run over N iterations, absolute and relative, the relative
+    difference of the last 10 iterations' mean loss, and per variant the mean and range over its repeats."""
     runs = [McoreRun.parse(text) for text in args.mcore or
             [f"plain:{args.micro_batch}", f"fused:{args.micro_batch}", f"fused:{args.micro_batch}:graph"]]
+    runs = runs * args.loss_check_repeats
     curves = {}
     # A linear warm-up, as real runs have: from random init without one, a run can spike in its first iterations
     # (bf16 at 1.5B, 2026-12-01: 11.0 -> 13.1 at iteration 4) and the curves then compare two trajectories.
@@ -356,10 +387,13 @@ def check_losses(args) -> None:
     for name, curve in others:
         diffs = [abs(a - b) for a, b in zip(curve, reference)]
         relative = [d / b for d, b in zip(diffs, reference)]
-        tail = sum(curve[-10:]) / len(curve[-10:]) / (sum(reference[-10:]) / len(reference[-10:])) - 1
+        tail = tail_mean(curve) / tail_mean(reference) - 1
         print(f"  {name:24s} {curve[0]:.4f} -> {curve[-1]:.4f}; max |difference| from {first} {max(diffs):.4f} "
               f"(iteration {diffs.index(max(diffs)) + 1}, {100 * max(relative):.2f}%), "
               f"mean {sum(diffs) / len(diffs):.4f}; last 10 iterations' mean {100 * tail:+.2f}%", flush=True)
+    print("per variant:", flush=True)
+    for line in variant_summary(curves):
+        print(line, flush=True)
 
 
 # ---- result rows (--json) and the table (--table) ----
@@ -518,6 +552,8 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--nproc", type=int, default=1, help="GPUs for the Megatron runs (DP = nproc / tp)")
     parser.add_argument("--loss-check-iters", type=int, default=0)
+    parser.add_argument("--loss-check-repeats", type=int, default=1,
+                        help="runs of each --mcore variant in the loss check (their spread is the yardstick)")
     parser.add_argument("--loss-check-warmup", type=int, default=None,
                         help="warm-up iterations of the loss check's runs (default: a tenth of them)")
     parser.add_argument("--peak-tflops", type=float, help="MFU peak (dense bf16) for a device not in the table")

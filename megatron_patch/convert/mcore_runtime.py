@@ -42,8 +42,9 @@ def init_process_group() -> None:
 _ARGS = None
 
 
-def init_megatron(size: Qwen25Size, dtype: torch.dtype, seq_length: int = 128):
+def init_megatron(size: Qwen25Size, dtype: torch.dtype, seq_length: int = 128, extra_argv: tuple[str, ...] = ()):
     """Megatron's global args, process groups and seeds for a one-process TP=1/PP=1 run; returns args.
+    `extra_argv`: more Megatron flags (e.g. --plain-kernels).
 
     Megatron keeps this state in globals, so a process initialises it once.
     """
@@ -73,7 +74,7 @@ def init_megatron(size: Qwen25Size, dtype: torch.dtype, seq_length: int = 128):
         "--tokenizer-type", "NullTokenizer", "--vocab-size", str(size.vocab_size - 1),
         "--ckpt-format", "torch_dist", "--no-save-optim", "--no-save-rng",
         "--train-iters", "1", "--lr", "0.0", "--seed", "1234",
-        *DTYPE_FLAGS[dtype],
+        *DTYPE_FLAGS[dtype], *extra_argv,
     ]
     if on_cpu:
         argv = cpu_backend.cpu_argv(argv)

@@ -123,3 +123,35 @@ def test_a_repeated_loss_check_run_is_numbered_not_overwritten():
     assert tt.repeat_label("fused", taken) == "fused (run 3)"
     assert tt.repeat_label("plain", taken) == "plain"
     assert tt.repeat_label("fused, fp8 blockwise", taken) == "fused, fp8 blockwise"
+
+
+def test_loss_check_repeats_interleave_and_each_variant_gets_its_mean_and_range(tmp_path, monkeypatch, capsys):
+    """--loss-check-repeats 2: A, B, A, B (a drifting machine touches both alike); the per-variant lines average
+    the repeats' last-10 means and say whether the two variants' ranges overlap."""
+    tails = iter([7.00, 7.20, 7.04, 7.16])  # bf16, fp8, bf16, fp8
+    launched = []
+
+    def fake_launcher(positional, env, out, iters):
+        launched.append(env.get("MP_FP8_RECIPE", "bf16"))
+        last = next(tails)
+        return "\n".join(f"[qwen] iteration {i + 1} | lm loss: {v:.6E}" for i, v in enumerate([11.0] + [last] * 10))
+
+    monkeypatch.setattr(tt, "run_launcher", fake_launcher)
+    monkeypatch.setattr("sys.argv", ["train_throughput.py", "--data", "D", "--tokenizer", "T", "--out", str(tmp_path),
+                                     "--loss-check-iters", "11", "--loss-check-repeats", "2",
+                                     "--mcore", "fused:2", "--mcore", "fused:2:fp8-tensorwise"])
+    tt.main()
+    assert launched == ["bf16", "tensorwise", "bf16", "tensorwise"]
+    out = capsys.readouterr().out
+    assert "fused (run 2)" in out and "fused, fp8 tensorwise (run 2)" in out
+    assert "fused                        2 run(s), last 10 iterations' mean 7.0200 (7.0000-7.0400)" in out
+    # (7.20 + 7.16) / 2 = 7.18 against 7.02: +2.28%, and 7.16 > 7.04: apart
+    assert "fused, fp8 tensorwise        2 run(s), last 10 iterations' mean 7.1800 (7.1600-7.2000); " \
+           "+2.28% against fused, ranges apart" in out
+
+
+def test_variant_summary_says_when_ranges_overlap():
+    curves = {"a": [7.0] * 10, "b": [7.1] * 10, "a (run 2)": [7.2] * 10}
+    lines = tt.variant_summary(curves)
+    assert lines[0].split() == ["a", "2", "run(s),", "last", "10", "iterations'", "mean", "7.1000", "(7.0000-7.2000)"]
+    assert lines[1].endswith("+0.00% against a, ranges overlap")
