@@ -8,11 +8,12 @@ same model shape, sequence length and global batch.
     python benchmarks/train_throughput.py --table OURS.json HF.json          # Markdown from stored rows, no runs
     python benchmarks/train_throughput.py --data PREFIX --tokenizer DIR --loss-check-iters 50
 
-Each `--mcore KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE]` is one launcher run: KERNELS `fused` (default path) or
+Each `--mcore KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE[:bf16-ends-N]]` is one launcher run: KERNELS `fused` (default path) or
 `plain` (MP_FUSED_KERNELS=false: megatron-core's unfused modules and logits + cross-entropy; with TE importable,
 megatron-core + TE with upstream's flags: Pai's stack); `graph` adds MP_CUDA_GRAPH=true (each iteration's forward
 and backward replayed from one CUDA graph); `fp8-RECIPE` trains with PR=fp8 and MP_FP8_RECIPE=RECIPE (TE's fp8,
-e.g. fp8-tensorwise), else PR=bf16. `--loss-check-iters N` instead trains N iterations of each `--mcore` run
+e.g. fp8-tensorwise), else PR=bf16; `bf16-ends-N` keeps N decoder layers at each end in bf16
+(MP_FP8_BF16_LAYERS=N). `--loss-check-iters N` instead trains N iterations of each `--mcore` run
 (default: the plain path, the fused kernels and fused + graph) from the same seed and data, with a tenth of them
 as learning-rate warm-up (`--loss-check-warmup`), and prints their per-iteration losses against the first run's;
 `--loss-check-repeats R` runs each R times and reports each variant's mean and range (one run per variant
@@ -292,27 +293,31 @@ def kernel_env(kernels: str, graph: bool = False) -> dict[str, str]:
 
 @dataclasses.dataclass(frozen=True)
 class McoreRun:
-    """One --mcore KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE]."""
+    """One --mcore KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE[:bf16-ends-N]]."""
     kernels: str
     micro: int
     graph: bool = False
     fp8_recipe: str = ""  # "" = bf16
+    bf16_ends: int = 0  # fp8: decoder layers kept in bf16 at each end (MP_FP8_BF16_LAYERS)
 
     @classmethod
     def parse(cls, text: str) -> "McoreRun":
         kernels, micro, *options = text.split(":")
         graph = "graph" in options
         recipes = [o.removeprefix("fp8-") for o in options if o.startswith("fp8-")]
-        if not micro.isdigit() or len(recipes) > 1 or len(options) != graph + len(recipes):
-            raise SystemExit(f"--mcore {text}: expected KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE], e.g. fused:8:graph "
-                             "or fused:2:fp8-tensorwise")
+        ends = [o.removeprefix("bf16-ends-") for o in options if o.startswith("bf16-ends-")]
+        if not micro.isdigit() or len(recipes) > 1 or len(ends) > 1 or (ends and not recipes) \
+                or not all(n.isdigit() for n in ends) or len(options) != graph + len(recipes) + len(ends):
+            raise SystemExit(f"--mcore {text}: expected KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE[:bf16-ends-N]], e.g. "
+                             "fused:8:graph, fused:2:fp8-tensorwise or fused:2:fp8-tensorwise:bf16-ends-1")
         kernel_env(kernels)  # refuses unknown kernels
-        return cls(kernels, int(micro), graph, recipes[0] if recipes else "")
+        return cls(kernels, int(micro), graph, recipes[0] if recipes else "", int(ends[0]) if ends else 0)
 
     @property
     def env(self) -> dict[str, str]:
         fp8 = {"MP_FP8_RECIPE": self.fp8_recipe} if self.fp8_recipe else {}
-        return {**kernel_env(self.kernels, self.graph), **fp8}
+        ends = {"MP_FP8_BF16_LAYERS": str(self.bf16_ends)} if self.bf16_ends else {}
+        return {**kernel_env(self.kernels, self.graph), **fp8, **ends}
 
     @property
     def precision(self) -> str:
@@ -320,7 +325,8 @@ class McoreRun:
 
     def label(self) -> str:
         graph = " + CUDA graph" if self.graph else ""
-        return f"{self.kernels}{graph}{f', fp8 {self.fp8_recipe}' if self.fp8_recipe else ''}"
+        ends = f", bf16 ends {self.bf16_ends}" if self.bf16_ends else ""
+        return f"{self.kernels}{graph}{f', fp8 {self.fp8_recipe}' if self.fp8_recipe else ''}{ends}"
 
 
 def losses_from_log(log: str) -> list[float]:
@@ -547,7 +553,8 @@ def main() -> None:
                         help="HF micro-batches, swept upwards until the first OOM (default --micro-batch)")
     parser.add_argument("--hf-compile-modes", type=comma_list(str), default=["default"], metavar="MODE,...",
                         help="torch.compile modes for the HF runs, e.g. default,reduce-overhead (default: default)")
-    parser.add_argument("--mcore", action="append", default=None, metavar="KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE]",
+    parser.add_argument("--mcore", action="append", default=None,
+                        metavar="KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE[:bf16-ends-N]]",
                         help="a launcher run: fused|plain and its micro-batch (default fused:<--micro-batch>)")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--nproc", type=int, default=1, help="GPUs for the Megatron runs (DP = nproc / tp)")

@@ -39,6 +39,8 @@ ENV_KNOBS = {
                                  "RoPE and logits + cross-entropy), for comparison"),
     "MP_FP8_RECIPE": ("delayed", "PR=fp8's scaling: `delayed` (amax history, upstream's), `tensorwise` (current "
                                  "scaling), `blockwise` (128-element blocks), `mxfp8` (Blackwell GPUs only)"),
+    "MP_FP8_BF16_LAYERS": ("0", "PR=fp8: decoder layers kept in bf16 at each end of the model (megatron-core's "
+                                "--first-last-layers-bf16), e.g. `1`; `0`: every decoder layer in fp8"),
     "MP_CUDA_GRAPH": ("false", "`true`: replay each iteration from one CUDA graph (GPU, PP=1)"),
     "MP_DRY_RUN": ("", "`1`: print the command that would run (and its environment) and run nothing; every "
                        "script of the project takes it"),
@@ -92,6 +94,7 @@ class Launch:
     fused_kernels: bool = True
     cuda_graph: bool = False
     fp8_recipe: str = "delayed"
+    fp8_bf16_layers: int = 0
     tokenizer_path: str | None = None
 
     @property
@@ -213,5 +216,6 @@ def parse(argv: list[str], environ: dict[str, str]) -> Launch:
         fused_kernels=parse_bool("MP_FUSED_KERNELS", knob("MP_FUSED_KERNELS")),
         cuda_graph=parse_bool("MP_CUDA_GRAPH", knob("MP_CUDA_GRAPH")),
         fp8_recipe=_choice("MP_FP8_RECIPE", knob("MP_FP8_RECIPE"), FP8_RECIPES),
+        fp8_bf16_layers=_int("MP_FP8_BF16_LAYERS", knob("MP_FP8_BF16_LAYERS"), 0),
         tokenizer_path=knob("MP_TOKENIZER_PATH") or None,
     )

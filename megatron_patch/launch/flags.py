@@ -76,6 +76,9 @@ def _precision_flags(launch: Launch) -> list[str]:
         flags = ["--bf16", "--fp8-format", "hybrid", "--fp8-recipe", launch.fp8_recipe]
         if launch.fp8_recipe == "delayed":
             flags += ["--fp8-amax-history-len", "1024", "--fp8-amax-compute-algo", "max"]
+        if launch.fp8_bf16_layers:
+            n = str(launch.fp8_bf16_layers)
+            flags += ["--first-last-layers-bf16", "--num-layers-at-start-in-bf16", n, "--num-layers-at-end-in-bf16", n]
         return flags
     return []
 

@@ -97,6 +97,9 @@ def _feature_problems(launch: Launch, machine: Machine, found: Findings) -> list
     if launch.ac_method != "uniform" and launch.activation_checkpointing != "full":
         found.warnings.append(f"MP_AC_METHOD={launch.ac_method} has no effect with AC={launch.activation_checkpointing} "
                               "(it is AC=full's recompute method).")
+    if launch.fp8_bf16_layers and launch.precision != "fp8":
+        found.warnings.append(f"MP_FP8_BF16_LAYERS={launch.fp8_bf16_layers} has no effect with PR={launch.precision} "
+                              "(it keeps layers of a PR=fp8 run in bf16).")
     if launch.fp8_recipe != "delayed" and launch.precision != "fp8":
         found.warnings.append(f"MP_FP8_RECIPE={launch.fp8_recipe} has no effect with PR={launch.precision} "
                               "(it applies to PR=fp8).")
@@ -148,6 +151,10 @@ def _layout_problems(launch: Launch, machine: Machine) -> list[str]:
         if launch.ac_method == "block" and launch.ac_layers > layers_per_stage:
             errors.append(f"MP_AC_LAYERS={launch.ac_layers} exceeds the {layers_per_stage} layers per pipeline stage "
                           f"(MP_AC_METHOD=block recomputes that many of them): choose 1 to {layers_per_stage}.")
+    if launch.precision == "fp8" and 2 * launch.fp8_bf16_layers >= size.num_layers:
+        errors.append(f"MP_FP8_BF16_LAYERS={launch.fp8_bf16_layers} keeps {launch.fp8_bf16_layers} layers at each end "
+                      f"of Qwen2.5-{launch.model_size}'s {size.num_layers} in bf16, leaving none in fp8: choose 0 to "
+                      f"{(size.num_layers - 1) // 2}, or PR=bf16.")
     if launch.activation_checkpointing == "offload":
         if launch.pp > 1:
             errors.append("AC=offload does not work with PP > 1 in megatron-core 0.19.2.")

@@ -3,6 +3,8 @@ at each micro-batch both ran, and the MFU peak lookup."""
 
 from __future__ import annotations
 
+import pytest
+
 import train_throughput as tt
 
 
@@ -155,3 +157,13 @@ def test_variant_summary_says_when_ranges_overlap():
     lines = tt.variant_summary(curves)
     assert lines[0].split() == ["a", "2", "run(s),", "last", "10", "iterations'", "mean", "7.1000", "(7.0000-7.2000)"]
     assert lines[1].endswith("+0.00% against a, ranges overlap")
+
+
+def test_an_mcore_run_can_keep_bf16_layers_at_the_ends_of_an_fp8_run():
+    run = tt.McoreRun.parse("fused:4:fp8-tensorwise:bf16-ends-1")
+    assert run.env == {"MP_FUSED_KERNELS": "true", "MP_CUDA_GRAPH": "false", "MP_FP8_RECIPE": "tensorwise",
+                       "MP_FP8_BF16_LAYERS": "1"}
+    assert run.precision == "fp8" and run.label() == "fused, fp8 tensorwise, bf16 ends 1"
+    for wrong in ("fused:4:bf16-ends-1", "fused:4:fp8-tensorwise:bf16-ends-x", "fused:4:fp8-tensorwise:ends-1"):
+        with pytest.raises(SystemExit, match="bf16-ends-N"):
+            tt.McoreRun.parse(wrong)

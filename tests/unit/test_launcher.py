@@ -423,6 +423,43 @@ def test_fp8_recipes_other_than_delayed_take_no_amax_history(paths, recipe):
     assert "--fp8-amax-history-len" not in flags and "--fp8-amax-compute-algo" not in flags
 
 
+# megatron-core's own parser over the launcher's flags as the entrypoint hands them over, in a fresh process
+# (it keeps global state).
+MEGATRON_PARSES = """
+import json, os, sys
+from megatron_patch import cpu_backend
+with cpu_backend.eager_fusers_while_importing_megatron():
+    from megatron.training.arguments import parse_and_validate_args
+    from megatron_patch.arguments import add_extra_args, expand_model_size
+os.environ.update(WORLD_SIZE="8", RANK="0")
+sys.argv = ["pretrain_qwen", *expand_model_size(json.loads(sys.argv[1]))]
+args = parse_and_validate_args(extra_args_provider=add_extra_args)
+print(json.dumps([args.fp8, args.first_last_layers_bf16, args.num_layers_at_start_in_bf16,
+                  args.num_layers_at_end_in_bf16]))
+"""
+
+
+def test_fp8_keeps_the_asked_layers_at_each_end_in_bf16(paths):
+    """MP_FP8_BF16_LAYERS=2 reaches megatron-core's arguments (checked with its parser) as two bf16 layers at
+    each end; unset, every layer is fp8."""
+    _, flags = api_flags(paths, MODEL_SIZE="0.5B", PR="fp8", environ={"MP_FP8_BF16_LAYERS": "2"})
+    proc = subprocess.run([sys.executable, "-c", MEGATRON_PARSES, json.dumps(flags)], capture_output=True,
+                          text=True, cwd=REPO_ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["hybrid", True, 2, 2]
+    assert "--first-last-layers-bf16" not in api_flags(paths, MODEL_SIZE="0.5B", PR="fp8")[1]
+
+
+def test_fp8_bf16_layers_must_leave_some_layers_in_fp8(paths):
+    with pytest.raises(UserError) as err:
+        api_flags(paths, MODEL_SIZE="0.5B", PR="fp8", environ={"MP_FP8_BF16_LAYERS": "12"})
+    assert ("MP_FP8_BF16_LAYERS=12 keeps 12 layers at each end of Qwen2.5-0.5B's 24 in bf16, leaving none in fp8: "
+            "choose 0 to 11, or PR=bf16.") in str(err.value)
+    launch, flags = api_flags(paths, MODEL_SIZE="0.5B", PR="bf16", environ={"MP_FP8_BF16_LAYERS": "1"})
+    assert "--first-last-layers-bf16" not in flags
+    assert any("MP_FP8_BF16_LAYERS=1 has no effect with PR=bf16" in w for w in launch.warnings)
+
+
 def test_mxfp8_needs_a_blackwell_gpu(paths):
     with pytest.raises(UserError) as err:
         api_flags(paths, environ={"MP_FP8_RECIPE": "mxfp8"}, PR="fp8")
