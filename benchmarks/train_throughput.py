@@ -8,16 +8,16 @@ same model shape, sequence length and global batch.
     python benchmarks/train_throughput.py --table OURS.json HF.json          # Markdown from stored rows, no runs
     python benchmarks/train_throughput.py --data PREFIX --tokenizer DIR --loss-check-iters 50
 
-Each `--mcore KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE[:bf16-ends-N]]` is one launcher run: KERNELS `fused` (default path) or
-`plain` (MP_FUSED_KERNELS=false: megatron-core's unfused modules and logits + cross-entropy; with TE importable,
-megatron-core + TE with upstream's flags: Pai's stack); `graph` adds MP_CUDA_GRAPH=true (each iteration's forward
-and backward replayed from one CUDA graph); `fp8-RECIPE` trains with PR=fp8 and MP_FP8_RECIPE=RECIPE (TE's fp8,
-e.g. fp8-tensorwise), else PR=bf16; `bf16-ends-N` keeps N decoder layers at each end in bf16
-(MP_FP8_BF16_LAYERS=N). `--loss-check-iters N` instead trains N iterations of each `--mcore` run
-(default: the plain path, the fused kernels and fused + graph) from the same seed and data, with a tenth of them
-as learning-rate warm-up (`--loss-check-warmup`), and prints their per-iteration losses against the first run's;
-`--loss-check-repeats R` runs each R times and reports each variant's mean and range (one run per variant
-cannot separate a difference from the run-to-run spread).
+Each `--mcore KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE[:bf16-ends-N]]` is one launcher run: KERNELS `fused` (default
+path) or `plain` (MP_FUSED_KERNELS=false: megatron-core's unfused modules and logits + cross-entropy; with TE
+importable, megatron-core + TE with upstream's flags: Pai's stack); `graph` adds MP_CUDA_GRAPH=true (each
+iteration's forward and backward replayed from one CUDA graph); `fp8-RECIPE` trains with PR=fp8 and
+MP_FP8_RECIPE=RECIPE (TE's fp8, e.g. fp8-tensorwise), else PR=bf16; `bf16-ends-N` keeps N decoder layers at each end
+in bf16 (MP_FP8_BF16_LAYERS=N). `--loss-check-iters N` instead trains N iterations of each `--mcore` run (default:
+the plain path, the fused kernels and fused + graph) from the same seed and data, with a tenth of them as
+learning-rate warm-up (`--loss-check-warmup`), and prints their per-iteration losses against the first run's;
+`--loss-check-repeats R` runs each R times and reports each variant's mean and range (one run per variant cannot
+separate a difference from the run-to-run spread).
 
 HF variants: (a) fp32 master weights + bf16 autocast + torch.compile (the numerics of our Megatron bf16 runs),
 (b) pure bf16 parameters + torch.compile (a speed bound). Both use fused AdamW and gradient accumulation to
@@ -347,8 +347,8 @@ def tail_mean(curve: list[float]) -> float:
 def variant_summary(curves: dict[str, list[float]]) -> list[str]:
     """Per variant (its repeats together): how many runs, their last-10 means' mean and range, and the mean's
     difference from the first variant's, with whether the two ranges overlap. One run per variant cannot tell
-    a difference from the run-to-run spread (1.5B, 200 iterations on an H200, 2026-12-01: 0.8% between runs of
-    one variant, from the attention backward's nondeterministic sums growing over training)."""
+    a difference from the run-to-run spread (1.5B, 200 iterations on an H200, 2026-12-01: up to 1.8% between runs
+    of one variant: nondeterministic kernels' sums round differently each run and training grows it)."""
     tails: dict[str, list[float]] = {}
     for label, curve in curves.items():
         tails.setdefault(re.sub(r" \(run \d+\)$", "", label), []).append(tail_mean(curve))
