@@ -344,14 +344,12 @@ def tail_mean(curve: list[float]) -> float:
     return sum(curve[-10:]) / len(curve[-10:])
 
 
-def variant_summary(curves: dict[str, list[float]]) -> list[str]:
-    """Per variant (its repeats together): how many runs, their last-10 means' mean and range, and the mean's
+def variant_summary(runs_by_variant: dict[str, list[list[float]]]) -> list[str]:
+    """Per variant (the curves of its repeats): how many runs, their last-10 means' mean and range, and the mean's
     difference from the first variant's, with whether the two ranges overlap. One run per variant cannot tell
     a difference from the run-to-run spread (1.5B, 200 iterations on an H200, 2026-12-01: up to 1.8% between runs
     of one variant: nondeterministic kernels' sums round differently each run and training grows it)."""
-    tails: dict[str, list[float]] = {}
-    for label, curve in curves.items():
-        tails.setdefault(re.sub(r" \(run \d+\)$", "", label), []).append(tail_mean(curve))
+    tails = {name: [tail_mean(curve) for curve in curves] for name, curves in runs_by_variant.items()}
     (first, reference), *_ = tails.items()
     lines = []
     for name, values in tails.items():
@@ -375,6 +373,7 @@ def check_losses(args) -> None:
             [f"plain:{args.micro_batch}", f"fused:{args.micro_batch}", f"fused:{args.micro_batch}:graph"]]
     runs = runs * args.loss_check_repeats
     curves = {}
+    runs_by_variant: dict[str, list[list[float]]] = {}
     # A linear warm-up, as real runs have: from random init without one, a run can spike in its first iterations
     # (bf16 at 1.5B, 2026-12-01: 11.0 -> 13.1 at iteration 4) and the curves then compare two trajectories.
     warmup = args.loss_check_iters // 10 if args.loss_check_warmup is None else args.loss_check_warmup
@@ -386,6 +385,7 @@ def check_losses(args) -> None:
                            args.loss_check_iters, Path(args.out) / f"losscheck-{label.replace(' ', '')}",
                            run.env, args.tp, args.nproc, run.precision, warmup)
         curves[label] = losses_from_log(log)
+        runs_by_variant.setdefault(run.label(), []).append(curves[label])
         # Printed as each run ends: a call cut short by its time limit keeps the runs that finished.
         print(f"{label}:", " ".join(f"{v:.4f}" for v in curves[label]), flush=True)
     (first, reference), *others = curves.items()
@@ -398,7 +398,7 @@ def check_losses(args) -> None:
               f"(iteration {diffs.index(max(diffs)) + 1}, {100 * max(relative):.2f}%), "
               f"mean {sum(diffs) / len(diffs):.4f}; last 10 iterations' mean {100 * tail:+.2f}%", flush=True)
     print("per variant:", flush=True)
-    for line in variant_summary(curves):
+    for line in variant_summary(runs_by_variant):
         print(line, flush=True)
 
 

@@ -153,8 +153,7 @@ def test_loss_check_repeats_interleave_and_each_variant_gets_its_mean_and_range(
 
 
 def test_variant_summary_says_when_ranges_overlap():
-    curves = {"a": [7.0] * 10, "b": [7.1] * 10, "a (run 2)": [7.2] * 10}
-    lines = tt.variant_summary(curves)
+    lines = tt.variant_summary({"a": [[7.0] * 10, [7.2] * 10], "b": [[7.1] * 10]})
     assert lines[0].split() == ["a", "2", "run(s),", "last", "10", "iterations'", "mean", "7.1000", "(7.0000-7.2000)"]
     assert lines[1].endswith("+0.00% against a, ranges overlap")
 
