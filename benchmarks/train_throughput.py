@@ -8,12 +8,13 @@ same model shape, sequence length and global batch.
     python benchmarks/train_throughput.py --table OURS.json HF.json          # Markdown from stored rows, no runs
     python benchmarks/train_throughput.py --data PREFIX --tokenizer DIR --loss-check-iters 50
 
-Each `--mcore KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE[:bf16-ends-N]]` is one launcher run: KERNELS `fused` (default
+Each `--mcore KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE[:bf16-ends-N][:e4m3][:fprop-fp32]]` is one launcher run: KERNELS `fused` (default
 path) or `plain` (MP_FUSED_KERNELS=false: megatron-core's unfused modules and logits + cross-entropy; with TE
 importable, megatron-core + TE with upstream's flags: Pai's stack); `graph` adds MP_CUDA_GRAPH=true (each
 iteration's forward and backward replayed from one CUDA graph); `fp8-RECIPE` trains with PR=fp8 and
 MP_FP8_RECIPE=RECIPE (TE's fp8, e.g. fp8-tensorwise), else PR=bf16; `bf16-ends-N` keeps N decoder layers at each end
-in bf16 (MP_FP8_BF16_LAYERS=N). `--loss-check-iters N` instead trains N iterations of each `--mcore` run (default:
+in bf16 (MP_FP8_BF16_LAYERS=N), `e4m3` takes e4m3 for gradients too (MP_FP8_FORMAT=e4m3), `fprop-fp32` accumulates
+the forward's fp8 GEMMs in fp32 (MP_FP8_FPROP_ACCUMULATION=fp32). `--loss-check-iters N` instead trains N iterations of each `--mcore` run (default:
 the plain path, the fused kernels and fused + graph) from the same seed and data, with a tenth of them as
 learning-rate warm-up (`--loss-check-warmup`), and prints their per-iteration losses against the first run's;
 `--loss-check-repeats R` runs each R times and reports each variant's mean and range (one run per variant cannot
@@ -291,33 +292,46 @@ def kernel_env(kernels: str, graph: bool = False) -> dict[str, str]:
     return {"MP_FUSED_KERNELS": str(kernels == "fused").lower(), "MP_CUDA_GRAPH": str(graph).lower()}
 
 
+MCORE_RUN_FORM = "KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE[:bf16-ends-N][:e4m3][:fprop-fp32]]"
+
+
 @dataclasses.dataclass(frozen=True)
 class McoreRun:
-    """One --mcore KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE[:bf16-ends-N]]."""
+    """One --mcore KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE[:bf16-ends-N][:e4m3][:fprop-fp32]]."""
     kernels: str
     micro: int
     graph: bool = False
     fp8_recipe: str = ""  # "" = bf16
     bf16_ends: int = 0  # fp8: decoder layers kept in bf16 at each end (MP_FP8_BF16_LAYERS)
+    e4m3: bool = False  # fp8: e4m3 gradients too (MP_FP8_FORMAT=e4m3; else hybrid)
+    fprop_fp32: bool = False  # fp8: forward GEMMs accumulate in fp32 (MP_FP8_FPROP_ACCUMULATION=fp32)
 
     @classmethod
     def parse(cls, text: str) -> "McoreRun":
         kernels, micro, *options = text.split(":")
-        graph = "graph" in options
         recipes = [o.removeprefix("fp8-") for o in options if o.startswith("fp8-")]
         ends = [o.removeprefix("bf16-ends-") for o in options if o.startswith("bf16-ends-")]
-        if not micro.isdigit() or len(recipes) > 1 or len(ends) > 1 or (ends and not recipes) \
-                or not all(n.isdigit() for n in ends) or len(options) != graph + len(recipes) + len(ends):
-            raise SystemExit(f"--mcore {text}: expected KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE[:bf16-ends-N]], e.g. "
-                             "fused:8:graph, fused:2:fp8-tensorwise or fused:2:fp8-tensorwise:bf16-ends-1")
+        flags = {o for o in options if o in ("graph", "e4m3", "fprop-fp32")}
+        fp8_only = bool(ends) or bool(flags - {"graph"})
+        if not micro.isdigit() or len(recipes) > 1 or len(ends) > 1 or (fp8_only and not recipes) \
+                or not all(n.isdigit() for n in ends) or len(options) != len(flags) + len(recipes) + len(ends) \
+                or len(set(options)) != len(options):
+            raise SystemExit(f"--mcore {text}: expected {MCORE_RUN_FORM}, e.g. fused:8:graph, "
+                             "fused:2:fp8-tensorwise or fused:2:fp8-tensorwise:bf16-ends-1:fprop-fp32")
         kernel_env(kernels)  # refuses unknown kernels
-        return cls(kernels, int(micro), graph, recipes[0] if recipes else "", int(ends[0]) if ends else 0)
+        return cls(kernels, int(micro), "graph" in flags, recipes[0] if recipes else "", int(ends[0]) if ends else 0,
+                   "e4m3" in flags, "fprop-fp32" in flags)
 
     @property
     def env(self) -> dict[str, str]:
         fp8 = {"MP_FP8_RECIPE": self.fp8_recipe} if self.fp8_recipe else {}
-        ends = {"MP_FP8_BF16_LAYERS": str(self.bf16_ends)} if self.bf16_ends else {}
-        return {**kernel_env(self.kernels, self.graph), **fp8, **ends}
+        if self.bf16_ends:
+            fp8["MP_FP8_BF16_LAYERS"] = str(self.bf16_ends)
+        if self.e4m3:
+            fp8["MP_FP8_FORMAT"] = "e4m3"
+        if self.fprop_fp32:
+            fp8["MP_FP8_FPROP_ACCUMULATION"] = "fp32"
+        return {**kernel_env(self.kernels, self.graph), **fp8}
 
     @property
     def precision(self) -> str:
@@ -325,8 +339,11 @@ class McoreRun:
 
     def label(self) -> str:
         graph = " + CUDA graph" if self.graph else ""
-        ends = f", bf16 ends {self.bf16_ends}" if self.bf16_ends else ""
-        return f"{self.kernels}{graph}{f', fp8 {self.fp8_recipe}' if self.fp8_recipe else ''}{ends}"
+        fp8 = f", fp8 {self.fp8_recipe}" if self.fp8_recipe else ""
+        fp8 += f", bf16 ends {self.bf16_ends}" if self.bf16_ends else ""
+        fp8 += ", e4m3" if self.e4m3 else ""
+        fp8 += ", fp32 forward accumulation" if self.fprop_fp32 else ""
+        return f"{self.kernels}{graph}{fp8}"
 
 
 def losses_from_log(log: str) -> list[float]:
@@ -554,7 +571,7 @@ def main() -> None:
     parser.add_argument("--hf-compile-modes", type=comma_list(str), default=["default"], metavar="MODE,...",
                         help="torch.compile modes for the HF runs, e.g. default,reduce-overhead (default: default)")
     parser.add_argument("--mcore", action="append", default=None,
-                        metavar="KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE[:bf16-ends-N]]",
+                        metavar=MCORE_RUN_FORM,
                         help="a launcher run: fused|plain and its micro-batch (default fused:<--micro-batch>)")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--nproc", type=int, default=1, help="GPUs for the Megatron runs (DP = nproc / tp)")

@@ -70,6 +70,10 @@ def add_extra_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="exactly megatron-core's modules and paths (for comparison): its local spec's "
                             "DotProductAttention and RMSNorm without TE, unfused RoPE, logits + cross-entropy, its "
                             "optimizer maths; none of the FUSED entries of megatron_patch.patches")
+    group.add_argument("--fp8-fprop-fp32-accumulation", action="store_true",
+                       help="fp8 on Hopper: forward GEMMs promote their partial sums to fp32 (TE's split "
+                            "accumulator, which its backward GEMMs use already) instead of accumulating in the fp8 "
+                            "tensor cores' reduced precision")
     group.add_argument("--cpu-threads", type=int, default=None,
                        help="CPU runs: torch threads per process (default: cores / processes)")
     return parser

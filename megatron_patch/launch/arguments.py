@@ -21,6 +21,8 @@ AC_METHODS = ("uniform", "block")
 OPTIMIZER_OFFLOAD_MODES = ("false", "static", "auto")
 # megatron-core 0.19.2's TE fp8 recipes ('custom' takes a quantizer factory: not offered). mxfp8 needs Blackwell.
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+FP8_FORMATS = ("hybrid", "e4m3")
+FP8_FPROP_ACCUMULATIONS = ("fast", "fp32")
 
 # Every environment variable the launcher reads: name -> (default, meaning). README's table is checked against it.
 ENV_KNOBS = {
@@ -40,7 +42,13 @@ ENV_KNOBS = {
     "MP_FP8_RECIPE": ("delayed", "PR=fp8's scaling: `delayed` (amax history, upstream's), `tensorwise` (current "
                                  "scaling), `blockwise` (128-element blocks), `mxfp8` (Blackwell GPUs only)"),
     "MP_FP8_BF16_LAYERS": ("0", "PR=fp8: decoder layers kept in bf16 at each end of the model (megatron-core's "
-                                "--first-last-layers-bf16), e.g. `1`; `0`: every decoder layer in fp8"),
+                                "--first-last-layers-bf16), e.g. `1`; `0`: every decoder layer in fp8; needs "
+                                "MP_FP8_RECIPE other than `delayed`"),
+    "MP_FP8_FORMAT": ("hybrid", "PR=fp8's formats: `hybrid` (e4m3 forward, e5m2 gradients; upstream's) or `e4m3` "
+                                "(gradients too)"),
+    "MP_FP8_FPROP_ACCUMULATION": ("fast", "PR=fp8 on Hopper: `fast` (TE's default: forward GEMMs accumulate in the fp8 "
+                                          "tensor cores' own reduced precision) or `fp32` (partial sums promoted to "
+                                          "fp32, as TE does for the backward's GEMMs; slower)"),
     "MP_CUDA_GRAPH": ("false", "`true`: replay each iteration from one CUDA graph (GPU, PP=1)"),
     "MP_DRY_RUN": ("", "`1`: print the command that would run (and its environment) and run nothing; every "
                        "script of the project takes it"),
@@ -95,6 +103,8 @@ class Launch:
     cuda_graph: bool = False
     fp8_recipe: str = "delayed"
     fp8_bf16_layers: int = 0
+    fp8_format: str = "hybrid"
+    fp8_fprop_accumulation: str = "fast"
     tokenizer_path: str | None = None
 
     @property
@@ -217,5 +227,8 @@ def parse(argv: list[str], environ: dict[str, str]) -> Launch:
         cuda_graph=parse_bool("MP_CUDA_GRAPH", knob("MP_CUDA_GRAPH")),
         fp8_recipe=_choice("MP_FP8_RECIPE", knob("MP_FP8_RECIPE"), FP8_RECIPES),
         fp8_bf16_layers=_int("MP_FP8_BF16_LAYERS", knob("MP_FP8_BF16_LAYERS"), 0),
+        fp8_format=_choice("MP_FP8_FORMAT", knob("MP_FP8_FORMAT"), FP8_FORMATS),
+        fp8_fprop_accumulation=_choice("MP_FP8_FPROP_ACCUMULATION", knob("MP_FP8_FPROP_ACCUMULATION"),
+                                       FP8_FPROP_ACCUMULATIONS),
         tokenizer_path=knob("MP_TOKENIZER_PATH") or None,
     )

@@ -72,13 +72,15 @@ def _precision_flags(launch: Launch) -> list[str]:
         scale = 2 ** max(0, (65536 // tokens).bit_length() - 1)
         return ["--fp16", "--initial-loss-scale", str(scale)]
     if launch.precision == "fp8":
-        # hybrid: e4m3 forward, e5m2 gradients (every recipe takes it); the amax history is delayed scaling's.
-        flags = ["--bf16", "--fp8-format", "hybrid", "--fp8-recipe", launch.fp8_recipe]
+        # hybrid (upstream's): e4m3 forward, e5m2 gradients; the amax history is delayed scaling's.
+        flags = ["--bf16", "--fp8-format", launch.fp8_format, "--fp8-recipe", launch.fp8_recipe]
         if launch.fp8_recipe == "delayed":
             flags += ["--fp8-amax-history-len", "1024", "--fp8-amax-compute-algo", "max"]
         if launch.fp8_bf16_layers:
             n = str(launch.fp8_bf16_layers)
             flags += ["--first-last-layers-bf16", "--num-layers-at-start-in-bf16", n, "--num-layers-at-end-in-bf16", n]
+        if launch.fp8_fprop_accumulation == "fp32":
+            flags.append("--fp8-fprop-fp32-accumulation")
         return flags
     return []
 

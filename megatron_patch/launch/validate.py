@@ -103,6 +103,15 @@ def _feature_problems(launch: Launch, machine: Machine, found: Findings) -> list
     if launch.fp8_recipe != "delayed" and launch.precision != "fp8":
         found.warnings.append(f"MP_FP8_RECIPE={launch.fp8_recipe} has no effect with PR={launch.precision} "
                               "(it applies to PR=fp8).")
+    for knob, value, default in (("MP_FP8_FORMAT", launch.fp8_format, "hybrid"),
+                                 ("MP_FP8_FPROP_ACCUMULATION", launch.fp8_fprop_accumulation, "fast")):
+        if value != default and launch.precision != "fp8":
+            found.warnings.append(f"{knob}={value} has no effect with PR={launch.precision} (it applies to PR=fp8).")
+    if launch.precision == "fp8" and launch.fp8_bf16_layers and launch.fp8_recipe == "delayed":
+        errors.append(f"MP_FP8_BF16_LAYERS={launch.fp8_bf16_layers} needs current or block scaling: megatron-core "
+                      "0.19.2 refuses bf16 layers under delayed scaling (MP_FP8_RECIPE=delayed, the default), whose "
+                      "amax reduction spans every layer. Set MP_FP8_RECIPE=tensorwise (or blockwise), or "
+                      "MP_FP8_BF16_LAYERS=0.")
     if launch.activation_checkpointing == "offload" and not machine.has_te:
         errors.append("AC=offload uses Transformer Engine's CPU offload, which is not importable here. Use AC=sel or "
                       "AC=full, or run in the NGC PyTorch image.")

@@ -15,7 +15,8 @@ backend must be in place first; the other patches depend on the parsed arguments
 
 Kinds: FIX (an upstream bug; every run), CPU (the CPU backend; only without a GPU), FUSED (our faster kernels;
 none under --plain-kernels, which gives exactly megatron-core's plain modules), RELIABILITY (checkpoint and
-error-message hardening; every run), LOGGING (what megatron's log line lacks; every run).
+error-message hardening; every run), LOGGING (what megatron's log line lacks; every run), OPTION (a choice
+megatron-core has no flag for; only when its flag of ours is given).
 
 Arguments are changed in one place only, `settle_args`, after the patches: it returns (and `apply` prints) each
 change with its reason (flags whose kernel is absent go off; --fused-single-qkv-rope goes on where ours fits).
@@ -32,9 +33,9 @@ from dataclasses import dataclass
 from megatron_patch import cpu_backend
 from megatron_patch.fused import grad_accumulation, linear_bias, optimizer_step, rope, swiglu
 from megatron_patch.fused.compile import triton_kernels_run_here
-from megatron_patch.patches import megatron_fixes
+from megatron_patch.patches import fp8_accumulation, megatron_fixes
 
-FIX, CPU, FUSED, RELIABILITY, LOGGING = "fix", "cpu", "fused", "reliability", "logging"
+FIX, CPU, FUSED, RELIABILITY, LOGGING, OPTION = "fix", "cpu", "fused", "reliability", "logging", "option"
 MEGATRON_CORE = "megatron-core 0.19.2"
 
 
@@ -173,6 +174,20 @@ MANIFEST: tuple[Patch, ...] = (
         "when megatron's log line reports throughput in tokens",
         ("tests/integration/test_training.py::test_log_reports_tokens_per_second_and_memory",),
         megatron_fixes.log_tokens_and_memory),
+
+    # ---- options megatron-core has no flag for
+    Patch(
+        "fp8-forward-fp32-accumulation", OPTION,
+        ("megatron.core.fp8_utils.get_fp8_recipe",
+         "transformer_engine.pytorch.module.{linear,layernorm_linear,layernorm_mlp}._2X_ACC_FPROP"),
+        "Transformer Engine accumulates fp8 forward GEMMs in the Hopper tensor cores' reduced precision (its "
+        "backward GEMMs promote to fp32); megatron-core 0.19.2 has no flag to change it "
+        "(--fp8-fprop-fp32-accumulation, MP_FP8_FPROP_ACCUMULATION=fp32).",
+        "when megatron-core exposes TE's fp8_gemm_fprop",
+        ("tests/unit/test_launcher.py::test_fp8_knobs_reach_megatron_cores_parser",
+         "tests/unit/test_fp8_gpu.py::test_fp32_forward_accumulation_is_closer_to_the_exact_product"),
+        fp8_accumulation.install,
+        lambda args, device: bool(getattr(args, "fp8", None)) and getattr(args, "fp8_fprop_fp32_accumulation", False)),
 
     # ---- our kernels in megatron-core's slots (megatron_patch/fused)
     Patch(

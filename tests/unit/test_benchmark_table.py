@@ -158,11 +158,16 @@ def test_variant_summary_says_when_ranges_overlap():
     assert lines[1].endswith("+0.00% against a, ranges overlap")
 
 
-def test_an_mcore_run_can_keep_bf16_layers_at_the_ends_of_an_fp8_run():
+def test_an_mcore_run_takes_the_fp8_accuracy_knobs():
     run = tt.McoreRun.parse("fused:4:fp8-tensorwise:bf16-ends-1")
     assert run.env == {"MP_FUSED_KERNELS": "true", "MP_CUDA_GRAPH": "false", "MP_FP8_RECIPE": "tensorwise",
                        "MP_FP8_BF16_LAYERS": "1"}
     assert run.precision == "fp8" and run.label() == "fused, fp8 tensorwise, bf16 ends 1"
-    for wrong in ("fused:4:bf16-ends-1", "fused:4:fp8-tensorwise:bf16-ends-x", "fused:4:fp8-tensorwise:ends-1"):
+    run = tt.McoreRun.parse("fused:4:fp8-tensorwise:fprop-fp32:e4m3")
+    assert run.env == {"MP_FUSED_KERNELS": "true", "MP_CUDA_GRAPH": "false", "MP_FP8_RECIPE": "tensorwise",
+                       "MP_FP8_FORMAT": "e4m3", "MP_FP8_FPROP_ACCUMULATION": "fp32"}
+    assert run.label() == "fused, fp8 tensorwise, e4m3, fp32 forward accumulation"
+    for wrong in ("fused:4:bf16-ends-1", "fused:4:fp8-tensorwise:bf16-ends-x", "fused:4:fp8-tensorwise:ends-1",
+                  "fused:4:e4m3", "fused:4:fprop-fp32", "fused:4:fp8-tensorwise:e4m3:e4m3"):
         with pytest.raises(SystemExit, match="bf16-ends-N"):
             tt.McoreRun.parse(wrong)

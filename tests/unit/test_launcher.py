@@ -434,20 +434,32 @@ with cpu_backend.eager_fusers_while_importing_megatron():
 os.environ.update(WORLD_SIZE="8", RANK="0")
 sys.argv = ["pretrain_qwen", *expand_model_size(json.loads(sys.argv[1]))]
 args = parse_and_validate_args(extra_args_provider=add_extra_args)
-print(json.dumps([args.fp8, args.first_last_layers_bf16, args.num_layers_at_start_in_bf16,
-                  args.num_layers_at_end_in_bf16]))
+print(json.dumps([args.fp8, args.fp8_recipe, args.first_last_layers_bf16, args.num_layers_at_start_in_bf16,
+                  args.num_layers_at_end_in_bf16, args.fp8_fprop_fp32_accumulation]))
 """
 
 
-def test_fp8_keeps_the_asked_layers_at_each_end_in_bf16(paths):
-    """MP_FP8_BF16_LAYERS=2 reaches megatron-core's arguments (checked with its parser) as two bf16 layers at
-    each end; unset, every layer is fp8."""
-    _, flags = api_flags(paths, MODEL_SIZE="0.5B", PR="fp8", environ={"MP_FP8_BF16_LAYERS": "2"})
+def test_fp8_knobs_reach_megatron_cores_parser(paths):
+    """MP_FP8_BF16_LAYERS=2, MP_FP8_FORMAT=e4m3 and MP_FP8_FPROP_ACCUMULATION=fp32 reach megatron-core's arguments
+    (checked with its parser plus ours) as two bf16 layers at each end, e4m3 and the fp32-accumulation flag the
+    manifest's `fp8-forward-fp32-accumulation` entry keys on; unset, every layer is fp8, hybrid, fast."""
+    knobs = {"MP_FP8_RECIPE": "tensorwise", "MP_FP8_BF16_LAYERS": "2", "MP_FP8_FORMAT": "e4m3",
+             "MP_FP8_FPROP_ACCUMULATION": "fp32"}
+    _, flags = api_flags(paths, MODEL_SIZE="0.5B", PR="fp8", environ=knobs)
     proc = subprocess.run([sys.executable, "-c", MEGATRON_PARSES, json.dumps(flags)], capture_output=True,
                           text=True, cwd=REPO_ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["hybrid", True, 2, 2]
-    assert "--first-last-layers-bf16" not in api_flags(paths, MODEL_SIZE="0.5B", PR="fp8")[1]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["e4m3", "tensorwise", True, 2, 2, True]
+    _, defaults = api_flags(paths, MODEL_SIZE="0.5B", PR="fp8")
+    assert value(defaults, "--fp8-format") == "hybrid"
+    assert "--first-last-layers-bf16" not in defaults and "--fp8-fprop-fp32-accumulation" not in defaults
+
+
+def test_fp8_knobs_without_fp8_are_warnings(paths):
+    launch, flags = api_flags(paths, PR="bf16", environ={"MP_FP8_FORMAT": "e4m3", "MP_FP8_FPROP_ACCUMULATION": "fp32"})
+    assert "--fp8-format" not in flags and "--fp8-fprop-fp32-accumulation" not in flags
+    assert any("MP_FP8_FORMAT=e4m3 has no effect with PR=bf16" in w for w in launch.warnings)
+    assert any("MP_FP8_FPROP_ACCUMULATION=fp32 has no effect with PR=bf16" in w for w in launch.warnings)
 
 
 def test_fp8_bf16_layers_must_leave_some_layers_in_fp8(paths):
@@ -455,6 +467,10 @@ def test_fp8_bf16_layers_must_leave_some_layers_in_fp8(paths):
         api_flags(paths, MODEL_SIZE="0.5B", PR="fp8", environ={"MP_FP8_BF16_LAYERS": "12"})
     assert ("MP_FP8_BF16_LAYERS=12 keeps 12 layers at each end of Qwen2.5-0.5B's 24 in bf16, leaving none in fp8: "
             "choose 0 to 11, or PR=bf16.") in str(err.value)
+    with pytest.raises(UserError) as err:  # megatron-core 0.19.2 asserts at the first forward otherwise
+        api_flags(paths, MODEL_SIZE="0.5B", PR="fp8", environ={"MP_FP8_BF16_LAYERS": "1"})
+    assert ("MP_FP8_BF16_LAYERS=1 needs current or block scaling: megatron-core 0.19.2 refuses bf16 layers under "
+            "delayed scaling (MP_FP8_RECIPE=delayed, the default)") in str(err.value)
     launch, flags = api_flags(paths, MODEL_SIZE="0.5B", PR="bf16", environ={"MP_FP8_BF16_LAYERS": "1"})
     assert "--first-last-layers-bf16" not in flags
     assert any("MP_FP8_BF16_LAYERS=1 has no effect with PR=bf16" in w for w in launch.warnings)
@@ -652,6 +668,7 @@ INVALID = [
     ("precision", {"PR": "int8"}, {}, "PR must be one of fp32, bf16, fp16, fp8; got 'int8'"),
     ("fp8_recipe", {}, {"MP_FP8_RECIPE": "current"},
      "MP_FP8_RECIPE must be one of delayed, tensorwise, blockwise, mxfp8; got 'current'"),
+    ("fp8_format", {}, {"MP_FP8_FORMAT": "e5m2"}, "MP_FP8_FORMAT must be one of hybrid, e4m3; got 'e5m2'"),
     ("ac_mode", {"AC": "selective"}, {}, "AC must be one of sel, full, offload, false; got 'selective'"),
     ("sp_not_boolean", {"SP": "maybe"}, {}, "SP must be true or false, got 'maybe'"),
     ("optimizer_offload", {"OPTIMIZER_OFFLOAD": "true"}, {}, "OPTIMIZER_OFFLOAD must be one of false, static, auto"),

@@ -34,7 +34,8 @@ def test_every_manifest_entry_says_what_why_until_and_names_existing_tests():
     names = [p.name for p in patches.MANIFEST]
     assert len(names) == len(set(names)), f"duplicate patch names: {names}"
     for patch in patches.MANIFEST:
-        assert patch.kind in (patches.FIX, patches.CPU, patches.FUSED, patches.RELIABILITY, patches.LOGGING), patch
+        assert patch.kind in (patches.FIX, patches.CPU, patches.FUSED, patches.RELIABILITY, patches.LOGGING,
+                              patches.OPTION), patch
         assert patch.changes and patch.why and patch.until and patch.tests, f"{patch.name}: an empty field"
         assert callable(patch.install), patch.name
         for test in patch.tests:
