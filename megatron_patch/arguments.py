@@ -23,8 +23,8 @@ def qwen2_5_model_flags(size: Qwen25Size) -> list[str]:
         "--group-query-attention",
         "--num-query-groups", str(size.num_query_groups),
         "--ffn-hidden-size", str(size.ffn_hidden_size),
-        "--max-position-embeddings", str(size.max_position_embeddings),
-        "--position-embedding-type", "rope",
+        "--max-position-embeddings", str(size.positions),
+        *rope_flags(size),
         "--rotary-base", str(int(size.rope_theta)),
         "--rotary-percent", "1.0",
         "--normalization", "RMSNorm",
@@ -40,6 +40,18 @@ def qwen2_5_model_flags(size: Qwen25Size) -> list[str]:
     if not size.tie_word_embeddings:
         flags.append("--untie-embeddings-and-output-weights")
     return flags
+
+
+def rope_flags(size: Qwen25Size) -> list[str]:
+    """RoPE, or megatron-core's YaRN (GPTModel's `yarn` position embedding: the same inverse frequencies and
+    correction range as transformers' YaRN, and its attention applies the same 0.1 ln(factor) + 1 scaling to cos
+    and sin, from --mscale 1 and --mscale-all-dim 0, megatron-core's defaults)."""
+    yarn = size.rope_scaling
+    if yarn is None:
+        return ["--position-embedding-type", "rope"]
+    return ["--position-embedding-type", "yarn", "--rotary-scaling-factor", str(yarn.factor),
+            "--yarn-original-max-position-embeddings", str(yarn.original_max_position_embeddings),
+            "--yarn-beta-fast", str(yarn.beta_fast), "--yarn-beta-slow", str(yarn.beta_slow)]
 
 
 def expand_model_size(argv: list[str]) -> list[str]:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +37,17 @@ from megatron_patch.convert.mapping import (
 from megatron_patch.convert.staging import StagedOutput, check_save_dir
 from megatron_patch.errors import UserError
 from megatron_patch.hf_checkpoint import TOKENIZER_FILES
-from megatron_patch.model_sizes import Qwen25Size, layout_problems, resolve_size
+from megatron_patch.model_sizes import (
+    Qwen25Size,
+    YarnScaling,
+    following_config_note,
+    hf_config_with,
+    layout_problems,
+    model_from_hf_config,
+    non_shape_differences,
+    read_hf_config,
+    resolve_size,
+)
 
 # Files that travel with the weights: the HF config and everything the tokenizer and generation need.
 SIDE_FILES = ("config.json", *TOKENIZER_FILES)
@@ -69,13 +80,6 @@ def _precision(pr: str) -> torch.dtype:
     return DTYPES[pr]
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise UserError(f"error: {path} is not valid JSON ({e}); restore it from the checkpoint's source.") from None
-
-
 def _size(model_size: str, config_dir: Path, label: str, tp: int, pp: int) -> Qwen25Size:
     """The shape config_dir's config.json gives (checked against MODEL_SIZE), splittable into TP x PP."""
     if not config_dir.is_dir():
@@ -89,10 +93,11 @@ def _config_size(model_size: str, config_dir: Path) -> Qwen25Size:
     config = config_dir / "config.json"
     if not config.is_file():
         raise UserError(f"error: no config.json in {config_dir}: the HF folder must hold the model's config.json.")
-    model_type = _read_json(config).get("model_type")
-    if model_type not in (None, "qwen2"):
-        raise UserError(f"error: {config} describes a '{model_type}' model; this convertor handles Qwen2.5 (qwen2).")
-    return resolve_size(model_size, config_dir)
+    model = resolve_size(model_size, config_dir)
+    note = following_config_note(model, config, model_size)
+    if note:
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    return model
 
 
 def check_parallel_layout(size: Qwen25Size, tp: int, pp: int) -> None:
@@ -102,7 +107,10 @@ def check_parallel_layout(size: Qwen25Size, tp: int, pp: int) -> None:
         raise UserError("error: " + "; ".join(problems) + ". The checkpoint itself loads with any valid TP/PP.")
 
 
-def _copy_side_files(src_dir: Path, dst_dir: Path, dtype: torch.dtype | None = None) -> list[str]:
+def _copy_side_files(src_dir: Path, dst_dir: Path, dtype: torch.dtype | None = None,
+                     model: Qwen25Size | None = None) -> list[str]:
+    """The config and tokenizer files; with `dtype` the config names it, with `model` it records that model's
+    RoPE and norm settings."""
     copied = []
     for name in SIDE_FILES:
         src = src_dir / name
@@ -113,6 +121,8 @@ def _copy_side_files(src_dir: Path, dst_dir: Path, dtype: torch.dtype | None = N
             keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
             for k in keys:
                 config[k] = HF_DTYPE_NAMES[dtype]
+            if model is not None:
+                config = hf_config_with(config, model)
             (dst_dir / name).write_text(json.dumps(config, indent=2) + "\n")
         else:
             shutil.copy2(src, dst_dir / name)
@@ -240,7 +250,7 @@ def find_mcore_checkpoint(load_dir: Path) -> Path:
         raise UserError(f"error: no Megatron checkpoint in {load_dir}: expected {TRACKER_FILE} (a training --save "
                         "folder) or metadata.json (one iteration folder).")
     meta = ckpt / "metadata.json"
-    backend = _read_json(meta).get("sharded_backend") if meta.is_file() else "torch (legacy)"
+    backend = read_hf_config(meta).get("sharded_backend") if meta.is_file() else "torch (legacy)"
     if backend != "torch_dist":
         raise UserError(f"error: {ckpt} is a '{backend}' checkpoint; only torch_dist is read. Re-save it from "
                         "training with --ckpt-format torch_dist.")
@@ -295,15 +305,7 @@ def validate_mcore_checkpoint(ckpt: Path, size: Qwen25Size) -> dict:
            if tuple(meta[k].size) != expected[k]]
     if bad:
         problems.append("tensors with the wrong shape: " + "; ".join(bad[:8]))
-    from megatron.core import dist_checkpointing
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        ckpt_args = dist_checkpointing.load_common_state_dict(str(ckpt)).get("args")
-    except CheckpointException as e:  # the files are there (checked above) but their bytes do not unpickle
-        raise _corrupt_checkpoint(ckpt, "the common state (args, iteration)", e) from None
-    except Exception:  # noqa: BLE001 -- args are only a cross-check; shapes above already decide
-        ckpt_args = None
+    ckpt_args = checkpoint_args(ckpt)
     if ckpt_args is not None:
         groups = getattr(ckpt_args, "num_query_groups", None) if getattr(ckpt_args, "group_query_attention", False) \
             else getattr(ckpt_args, "num_attention_heads", None)
@@ -316,6 +318,34 @@ def validate_mcore_checkpoint(ckpt: Path, size: Qwen25Size) -> dict:
         raise UserError(f"error: the Megatron checkpoint {ckpt} does not match the Qwen2.5 config:\n  "
                               + "\n  ".join(problems))
     return meta
+
+
+def checkpoint_args(ckpt: Path):
+    """The Megatron arguments saved with the checkpoint (None where its common state has none)."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        return dist_checkpointing.load_common_state_dict(str(ckpt)).get("args")
+    except CheckpointException as e:  # the files are there (checked first) but their bytes do not unpickle
+        raise _corrupt_checkpoint(ckpt, "the common state (args, iteration)", e) from None
+    except Exception:  # noqa: BLE001 -- args are a cross-check and RoPE's record; the shapes decide
+        return None
+
+
+def trained_model(ckpt_args, model: Qwen25Size) -> Qwen25Size:
+    """`model` (HF_DIR's config.json) with the RoPE and norm settings the checkpoint's saved arguments trained
+    with, e.g. the YaRN scaling of a run with MP_ROPE_SCALING=yarn:F."""
+    if ckpt_args is None:
+        return model
+    yarn = None
+    if getattr(ckpt_args, "position_embedding_type", "rope") == "yarn":
+        # megatron-core's own fallbacks where a flag was not given
+        yarn = YarnScaling(float(ckpt_args.rotary_scaling_factor),
+                           int(ckpt_args.yarn_original_max_position_embeddings or 4096),
+                           float(ckpt_args.yarn_beta_fast or 32.0), float(ckpt_args.yarn_beta_slow or 1.0))
+    return replace(model, rope_theta=float(getattr(ckpt_args, "rotary_base", model.rope_theta)),
+                   rms_norm_eps=getattr(ckpt_args, "norm_epsilon", model.rms_norm_eps), rope_scaling=yarn)
 
 
 def _corrupt_checkpoint(ckpt: Path, what: str, e: BaseException) -> UserError:
@@ -413,6 +443,10 @@ def mcore_to_hf(model_size: str, load_dir: str | Path, save_dir: str | Path, hf_
     _use_device(use_cuda)
 
     meta = validate_mcore_checkpoint(ckpt, size)
+    trained = trained_model(checkpoint_args(ckpt), size)
+    if trained != size:
+        print(f"note: the checkpoint was trained with {', '.join(non_shape_differences(size, trained, 'HF_DIR'))}: "
+              "the output's config.json records it.", file=sys.stderr, flush=True)
     table = qwen2_5_mappings(size)
     check = None
     with StagedOutput(save_dir) as out, torch.no_grad():
@@ -428,9 +462,9 @@ def mcore_to_hf(model_size: str, load_dir: str | Path, save_dir: str | Path, hf_
                 progress.update(1)
         progress.close()
         shards = writer.close()
-        _copy_side_files(hf_dir, out, dtype)
+        _copy_side_files(hf_dir, out, dtype, trained if trained != size else None)
         if check_logits:
-            check = _check_mcore_against_hf(size, load_dir, ckpt, out)
+            check = _check_mcore_against_hf(trained, load_dir, ckpt, out)
             print(f"check-logits (converted HF vs Megatron checkpoint, fp32): {check}", flush=True)
     print(f"wrote {len(shards)} safetensors shard(s) of Qwen2.5 ({precision}) to {save_dir}", flush=True)
     return check
@@ -475,10 +509,9 @@ def compare_logits(hf_dir: Path, mcore_model, tokens: torch.Tensor | None = None
     from transformers import AutoModelForCausalLM
 
     from megatron_patch.convert import mcore_runtime
-    from megatron_patch.model_sizes import size_from_hf_config
 
     if tokens is None:
-        tokens = check_tokens(size_from_hf_config(json.loads((Path(hf_dir) / "config.json").read_text())))
+        tokens = check_tokens(model_from_hf_config(read_hf_config(Path(hf_dir) / "config.json")))
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     hf_out = hf(input_ids=tokens, labels=tokens)
     mcore_logits = mcore_runtime.forward(mcore_model, tokens).float().cpu()

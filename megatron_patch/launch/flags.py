@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from megatron_patch import hardware
-from megatron_patch.arguments import NO_TE_GPU_FLAGS
+from megatron_patch.arguments import NO_TE_GPU_FLAGS, qwen2_5_model_flags
 from megatron_patch.launch.arguments import Launch
 from megatron_patch.launch.machine import Machine, uses_te
 
@@ -17,8 +17,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def megatron_flags(launch: Launch, machine: Machine, tokenizer: str) -> list[str]:
     out = launch.output_basepath
+    # The model as settle resolved it (config.json's where the checkpoint has one): the entrypoint takes these as
+    # they are.
     flags = [
-        "--model-size", launch.model_size,
+        *qwen2_5_model_flags(launch.size),
         "--micro-batch-size", str(launch.batch_size),
         "--global-batch-size", str(launch.global_batch_size),
         "--seq-length", str(launch.seq_len),

@@ -334,7 +334,7 @@ def _check_free_space(launch: Launch) -> None:
     needed = checkpoint_bytes(launch)
     if free < needed:
         raise UserError(f"error: OUTPUT_BASEPATH {launch.output_basepath} has {free / 2**30:.2f} GiB free, but one "
-                        f"checkpoint of Qwen2.5-{launch.model_size} takes about {needed / 2**30:.2f} GiB (weights and "
+                        f"checkpoint of Qwen2.5-{launch.model_name} takes about {needed / 2**30:.2f} GiB (weights and "
                         "optimizer state). Free some space or pass an OUTPUT_BASEPATH on a larger disk.")
 
 

@@ -320,6 +320,8 @@ def settle_args(args) -> list[str]:
     from megatron.core.tensor_parallel import layers
 
     changes = []
+    if getattr(args, "position_embedding_type", "rope") == "yarn":
+        changes += _unfused_rope_for_yarn(args)
     if args.apply_rope_fusion and _rope_slot_empty(args, None):
         args.apply_rope_fusion = False
         changes.append("--apply-rope-fusion off: no fused RoPE here (Transformer Engine's is absent"
@@ -338,6 +340,17 @@ def settle_args(args) -> list[str]:
                        + ("--plain-kernels leaves ours out" if args.plain_kernels
                           else "ours needs a GPU and torch >= 2.8"))
     return changes
+
+
+def _unfused_rope_for_yarn(args) -> list[str]:
+    """YaRN multiplies cos and sin by its attention factor: megatron-core's unfused RoPE does, the fused kernels
+    (ours, Transformer Engine's, the single-QKV one) do not (its packed-sequence kernel would drop it silently)."""
+    args.apply_rope_fusion = False  # megatron-core's validate_args turns it off for any non-'rope' type too
+    args.fused_single_qkv_rope = False
+    if args.plain_kernels:
+        return []
+    return ["RoPE unfused for YaRN (--apply-rope-fusion and --fused-single-qkv-rope off): the fused RoPE kernels "
+            "leave out YaRN's attention scaling of cos and sin, which megatron-core's unfused RoPE applies"]
 
 
 def _fused_single_qkv_rope_fits(args) -> bool:

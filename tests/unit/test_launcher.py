@@ -160,7 +160,9 @@ def test_best_practice_pretraining_command(paths):
             "-do-true-sp-false-ti-9-wi-0")
     assert run.torchrun == {"--nproc-per-node": "1", "--nnodes": "1", "--node-rank": "0",
                             "--master-addr": "localhost", "--master-port": run.torchrun["--master-port"]}
-    assert run.value("--model-size") == "tiny"
+    # The model's own flags (tiny's, from the size table): the entrypoint expands no size name.
+    assert not run.has("--model-size") and run.value("--num-layers") == "2" and run.value("--hidden-size") == "64"
+    assert run.value("--rotary-base") == "1000000" and run.value("--position-embedding-type") == "rope"
     assert run.value("--micro-batch-size") == "1" and run.value("--global-batch-size") == "8"
     assert run.value("--seq-length") == "128"
     assert float(run.value("--lr")) == 1e-5 and float(run.value("--min-lr")) == 1e-6
