@@ -161,6 +161,8 @@ def _rope_parameters(config: dict) -> dict:
     rope_parameters (which wins where both are given, as in transformers)."""
     rope = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
     rope.setdefault("rope_theta", config.get("rope_theta", HF_DEFAULT_ROPE_THETA))
+    if "partial_rotary_factor" in config:
+        rope.setdefault("partial_rotary_factor", config["partial_rotary_factor"])
     rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
     return rope
 

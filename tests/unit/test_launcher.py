@@ -67,22 +67,26 @@ def write_small_idxmaps(data: Path) -> None:
                                          for tokens in documents])
 
 
+def converted_checkpoint(folder: Path, size, overrides: dict | None = None) -> Path:
+    """A converted checkpoint's folder as the launcher reads it: the tracker, and the config.json the convertor
+    keeps beside the weights (of `size`, a size-table name or a Qwen25Size; `overrides`: more config.json keys)."""
+    from megatron_patch.hf_checkpoint import hf_config_for
+    from megatron_patch.model_sizes import get_size
+
+    folder.mkdir()
+    (folder / "latest_checkpointed_iteration.txt").write_text("release")
+    config = hf_config_for(get_size(size) if isinstance(size, str) else size, overrides=overrides)
+    config.to_json_file(folder / "config.json")
+    return folder
+
+
 @pytest.fixture
 def paths(tmp_path, default_tokenizer_dir) -> Paths:
-    from megatron_patch.hf_checkpoint import hf_config_for
-    from megatron_patch.model_sizes import QWEN2_5_SIZES
-
     data = tmp_path / "data"
     write_small_idxmaps(data)
     for name in ("train.json", "valid.json"):
         (data / name).write_text(json.dumps([{"instruction": "你好", "output": "你好！"}], ensure_ascii=False))
-    checkpoints = {}
-    for size in ("tiny", "0.5B"):
-        ckpt = tmp_path / f"qwen2.5-{size}-to-mcore"
-        ckpt.mkdir()
-        (ckpt / "latest_checkpointed_iteration.txt").write_text("release")
-        hf_config_for(QWEN2_5_SIZES[size]).to_json_file(ckpt / "config.json")
-        checkpoints[size] = ckpt
+    checkpoints = {size: converted_checkpoint(tmp_path / f"qwen2.5-{size}-to-mcore", size) for size in ("tiny", "0.5B")}
     return Paths(tmp_path, data / "train_text_document", data / "valid_text_document", data / "sft",
                  data / "sft_valid", data / "train.json",
                  data / "valid.json", checkpoints["tiny"], checkpoints["0.5B"], default_tokenizer_dir,
@@ -638,6 +642,7 @@ def test_checkpoint_tokenizer_is_preferred_to_the_default(paths):
      {"MP_VP": "6", "MP_AC_LAYERS": "3", "MP_FUSED_KERNELS": "false"}),
     ({"SFT": "true", "PR": "fp32", "AC": "sel", "CP": "2"}, {"MP_DATASET_TYPE": "raw", "MP_SFT_PACKING": "true"}),
     ({"TP": "2", "SP": "true"}, {"MP_CUDA_GRAPH": "true"}),
+    ({"SEQ_LEN": "65536", "PAD_LEN": "128", "TRAIN_TOKENS_OR_ITERS": "100000000"}, {"MP_ROPE_SCALING": "yarn:4"}),
 ])
 def test_every_flag_is_known_to_megatron_core(paths, overrides, environ, monkeypatch):
     """The produced flags parse with megatron-core 0.19.2's own argument parser plus ours, and pass its checks."""
@@ -794,3 +799,117 @@ def test_packed_finetuning_refuses_what_needs_the_te_spec(paths):
     with pytest.raises(UserError) as err:
         api_flags(paths, SFT="true", PR="fp8", environ={"MP_SFT_PACKING": "true"})
     assert "MP_SFT_PACKING=true trains on megatron-core's local spec" in str(err.value)
+
+
+# ---- the model is the checkpoint's config.json: variants, MODEL_SIZE=auto, YaRN ----
+
+def math_size():
+    """Qwen2.5-Math's RoPE base and positions (rope_theta 10000, 4096) on the tiny shape."""
+    from megatron_patch.model_sizes import QWEN2_5_SIZES
+
+    return dataclasses.replace(QWEN2_5_SIZES["tiny"], rope_theta=10000.0, max_position_embeddings=4096)
+
+
+def refused(paths: Paths, args: list[str], environ: dict, monkeypatch, capsys) -> str:
+    """The launcher's stderr for a launch that must stop before torchrun."""
+    def forbidden(*a, **kw):
+        raise AssertionError(f"torchrun was started: {a}")
+
+    monkeypatch.setattr(launch_run, "_launch", forbidden)
+    monkeypatch.setattr(launch_run.subprocess, "Popen", forbidden)
+    status = launch_run.main(args, {"MP_TOKENIZER_PATH": str(paths.tokenizer), **environ})
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error: "), err
+    assert not paths.out.exists()
+    return err
+
+
+def test_math_checkpoint_trains_with_its_own_rope_base_and_positions(paths):
+    """config.json's rope_theta 10000 and 4096 positions reach Megatron under MODEL_SIZE=auto (through the shell
+    script) and under the shape's name, with one note line saying they differ from the size table."""
+    math = converted_checkpoint(paths.root / "qwen2.5-math-to-mcore", math_size())
+    auto = dry_run(paths, argv(paths, MODEL_SIZE="auto", PRETRAIN_CHECKPOINT_PATH=str(math)))
+    planned, named = api_flags(paths, PRETRAIN_CHECKPOINT_PATH=str(math))
+    for flags in (auto.flags, named):
+        assert value(flags, "--rotary-base") == "10000" and value(flags, "--max-position-embeddings") == "4096"
+        assert value(flags, "--position-embedding-type") == "rope" and value(flags, "--num-layers") == "2"
+    note = (f"{math / 'config.json'} differs from the tiny size table in rope_theta 10000 (table: 1000000), "
+            "max_position_embeddings 4096 (table: 32768): following config.json.")
+    assert [line for line in auto.stderr.splitlines() if line.startswith("note:")] == [f"note: {note}"]
+    assert planned.notes == [note]
+    # auto names its run folder after the shape's size-table entry
+    assert Path(auto.value("--save")).name.startswith("mcore-qwen2.5-tiny-pretrain-")
+
+
+def test_seq_len_beyond_the_configs_positions_is_refused_and_yarn_extends_them(paths, monkeypatch, capsys):
+    math = converted_checkpoint(paths.root / "qwen2.5-math-to-mcore", math_size())
+    long = argv(paths, MODEL_SIZE="auto", PRETRAIN_CHECKPOINT_PATH=str(math), SEQ_LEN="8192", PAD_LEN="8192",
+                TRAIN_TOKENS_OR_ITERS="100000000")
+    err = refused(paths, long, {}, monkeypatch, capsys)
+    assert (f"SEQ_LEN=8192 exceeds Qwen2.5-tiny's 4096 positions (max_position_embeddings in {math / 'config.json'})"
+            ". Lower SEQ_LEN, or extend the context with YaRN: MP_ROPE_SCALING=yarn:2.") in err
+    launch = plan(paths, GPU_TE, {"MP_ROPE_SCALING": "yarn:2"}, long).launch
+    flags = launch_flags.megatron_flags(launch, GPU_TE, str(paths.tokenizer))
+    assert flags[flags.index("--position-embedding-type"):][:9] == [
+        "--position-embedding-type", "yarn", "--rotary-scaling-factor", "2.0",
+        "--yarn-original-max-position-embeddings", "4096", "--yarn-beta-fast", "32.0", "--yarn-beta-slow"]
+    assert value(flags, "--max-position-embeddings") == "8192" and value(flags, "--rotary-base") == "10000"
+    assert launch.run_name.endswith("-yarn-2")  # a run folder of its own: never resumes the plain-RoPE run
+    err = refused(paths, argv(paths, SEQ_LEN="262144", PAD_LEN="128", TRAIN_TOKENS_OR_ITERS="10000000000"),
+                  {"MP_ROPE_SCALING": "yarn:4"}, monkeypatch, capsys)
+    assert ("SEQ_LEN=262144 exceeds Qwen2.5-tiny's 131072 positions (YaRN's factor 4 x 32768 original positions). "
+            "Lower SEQ_LEN, or raise the YaRN factor") in err
+
+
+def test_auto_with_a_shape_of_its_own_runs_as_custom(paths):
+    from megatron_patch.model_sizes import QWEN2_5_SIZES
+
+    fine_tune = dataclasses.replace(QWEN2_5_SIZES["tiny"], num_layers=4, ffn_hidden_size=96, rms_norm_eps=1e-5)
+    ckpt = converted_checkpoint(paths.root / "my-fine-tune", fine_tune, overrides={"max_window_layers": 2})
+    planned, flags = api_flags(paths, MODEL_SIZE="auto", PRETRAIN_CHECKPOINT_PATH=str(ckpt), PP="2")
+    assert planned.run_name.startswith("mcore-qwen2.5-custom-pretrain-") and not planned.notes
+    assert value(flags, "--num-layers") == "4" and value(flags, "--ffn-hidden-size") == "96"
+    assert value(flags, "--norm-epsilon") == "1e-05"
+
+
+def test_yarn_in_config_json_is_followed_and_the_knob_replaces_it_with_a_warning(paths):
+    from megatron_patch.model_sizes import YarnScaling
+
+    yarn = dataclasses.replace(math_size(), rope_scaling=YarnScaling(4.0, 4096))
+    ckpt = converted_checkpoint(paths.root / "math-yarn", yarn)
+    planned, flags = api_flags(paths, MODEL_SIZE="auto", PRETRAIN_CHECKPOINT_PATH=str(ckpt), SEQ_LEN="16384",
+                               PAD_LEN="128", TRAIN_TOKENS_OR_ITERS="100000000")
+    assert value(flags, "--rotary-scaling-factor") == "4.0" and value(flags, "--max-position-embeddings") == "16384"
+    assert not any("YaRN" in w for w in planned.warnings)
+    planned, flags = api_flags(paths, environ={"MP_ROPE_SCALING": "yarn:8"}, MODEL_SIZE="auto",
+                               PRETRAIN_CHECKPOINT_PATH=str(ckpt))
+    assert value(flags, "--rotary-scaling-factor") == "8.0"
+    assert value(flags, "--yarn-original-max-position-embeddings") == "4096"
+    assert f"MP_ROPE_SCALING=yarn:8 replaces the YaRN factor 4 of {ckpt / 'config.json'}." in planned.warnings
+
+
+@pytest.mark.parametrize("overrides, environ, message", [
+    ({"MODEL_SIZE": "auto"}, {}, "MODEL_SIZE=auto takes the model from PRETRAIN_CHECKPOINT_PATH's config.json, but "
+                                 "PRETRAIN_CHECKPOINT_PATH is none. Pass a checkpoint converted by the toolkit's "
+                                 "convertor"),
+    ({"MODEL_SIZE": "auto", "PRETRAIN_CHECKPOINT_PATH": "{root}/data"}, {},
+     "MODEL_SIZE=auto takes the model from PRETRAIN_CHECKPOINT_PATH's config.json, but there is no {root}/data/config.json"),
+    ({}, {"MP_ROPE_SCALING": "linear:2"}, "MP_ROPE_SCALING must be yarn:FACTOR with a factor above 1, e.g. yarn:4"),
+    ({}, {"MP_ROPE_SCALING": "yarn:1"}, "MP_ROPE_SCALING must be yarn:FACTOR with a factor above 1"),
+    ({"MODEL_SIZE": "0.6B"}, {}, "MODEL_SIZE must be one of tiny, 0.5B, 1.5B, 3B, 7B, 14B, 32B, 72B, or auto"),
+])
+def test_model_choices_that_stop_before_torchrun(paths, overrides, environ, message, monkeypatch, capsys):
+    err = refused(paths, invalid_argv(paths, overrides), environ, monkeypatch, capsys)
+    assert message.format(root=paths.root) in err, err
+
+
+def test_a_config_json_field_megatron_cannot_build_stops_the_script_naming_it(paths):
+    ckpt = converted_checkpoint(paths.root / "sliding", "tiny", overrides={"use_sliding_window": True,
+                                                                           "sliding_window": 64})
+    for size in ("tiny", "auto"):
+        proc = run_script(argv(paths, MODEL_SIZE=size, PRETRAIN_CHECKPOINT_PATH=str(ckpt)),
+                          clean_env(MP_TOKENIZER_PATH=str(paths.tokenizer)), paths.root)
+        assert proc.returncode == 2 and "torch.distributed.run" not in proc.stdout + proc.stderr
+        assert proc.stderr.startswith(f"error: {ckpt / 'config.json'} describes a model this toolkit cannot train "
+                                      "as written:\n  use_sliding_window: true (sliding-window attention"), proc.stderr
+        assert not paths.out.exists()
