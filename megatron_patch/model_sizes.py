@@ -200,8 +200,8 @@ def _rope_problems(rope: dict) -> list[str]:
     elif kind == "yarn":
         if not isinstance(rope.get("factor"), (int, float)) or rope["factor"] <= 1:
             problems.append(f"rope_scaling.factor: {rope.get('factor')} (YaRN needs a factor above 1, e.g. 4.0)")
-        allowed = YARN_KEYS | {"partial_rotary_factor"} | ({"truncate"} if rope.get("truncate", True) is True else set())
-        other = sorted(set(rope) - allowed)
+        truncates = rope.get("truncate", True) is True  # transformers' default, as megatron-core rounds
+        other = sorted(set(rope) - YARN_KEYS - {"partial_rotary_factor"} - ({"truncate"} if truncates else set()))
         if other:
             problems.append(f"rope_scaling keys {', '.join(other)} (megatron-core's YaRN here takes factor, "
                             "original_max_position_embeddings, beta_fast and beta_slow, with YaRN's default "

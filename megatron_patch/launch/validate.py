@@ -233,7 +233,8 @@ def _positions_problem(launch: Launch) -> str:
         source = f"max_position_embeddings in {launch.model_config}" if launch.model_config else "the size table"
         fix = (f"Lower SEQ_LEN, or extend the context with YaRN: MP_ROPE_SCALING=yarn:"
                f"{math.ceil(launch.seq_len / size.positions)}.")
-    return f"SEQ_LEN={launch.seq_len} exceeds Qwen2.5-{launch.model_name}'s {size.positions} positions ({source}). {fix}"
+    return (f"SEQ_LEN={launch.seq_len} exceeds Qwen2.5-{launch.model_name}'s {size.positions} positions ({source}). "
+            + fix)
 
 
 def _schedule_problems(launch: Launch) -> list[str]:

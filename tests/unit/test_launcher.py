@@ -893,7 +893,8 @@ def test_yarn_in_config_json_is_followed_and_the_knob_replaces_it_with_a_warning
                                  "PRETRAIN_CHECKPOINT_PATH is none. Pass a checkpoint converted by the toolkit's "
                                  "convertor"),
     ({"MODEL_SIZE": "auto", "PRETRAIN_CHECKPOINT_PATH": "{root}/data"}, {},
-     "MODEL_SIZE=auto takes the model from PRETRAIN_CHECKPOINT_PATH's config.json, but there is no {root}/data/config.json"),
+     "MODEL_SIZE=auto takes the model from PRETRAIN_CHECKPOINT_PATH's config.json, but there is no "
+     "{root}/data/config.json"),
     ({}, {"MP_ROPE_SCALING": "linear:2"}, "MP_ROPE_SCALING must be yarn:FACTOR with a factor above 1, e.g. yarn:4"),
     ({}, {"MP_ROPE_SCALING": "yarn:1"}, "MP_ROPE_SCALING must be yarn:FACTOR with a factor above 1"),
     ({"MODEL_SIZE": "0.6B"}, {}, "MODEL_SIZE must be one of tiny, 0.5B, 1.5B, 3B, 7B, 14B, 32B, 72B, or auto"),

@@ -53,10 +53,11 @@ def test_published_variants_are_7b_shapes_built_as_their_config_says(tmp_path, n
     model = resolve_size("7B", tmp_path)
     assert resolve_size("auto", tmp_path) == model
     config = PUBLISHED[name]
-    assert (model.rope_theta, model.max_position_embeddings) == (config["rope_theta"], config["max_position_embeddings"])
+    assert model.rope_theta == config["rope_theta"]
+    assert model.max_position_embeddings == config["max_position_embeddings"]
     note = following_config_note(model, tmp_path / "config.json", "7B")
-    assert note == (None if differences is None else
-                    f"{tmp_path / 'config.json'} differs from the 7B size table in {differences}: following config.json.")
+    expected = f"{tmp_path / 'config.json'} differs from the 7B size table in {differences}: following config.json."
+    assert note == (None if differences is None else expected)
     if "rope_scaling" in config:
         assert model.rope_scaling == YarnScaling(4.0, 32768) and model.positions == 131072
 
