@@ -245,7 +245,8 @@ def model_from_hf_config(config: dict, path: Path | str = "config.json") -> Qwen
     )
 
 
-def read_hf_config(path: Path) -> dict:
+def read_checkpoint_json(path: Path) -> dict:
+    """A checkpoint's JSON file (config.json, metadata.json); one that does not parse is a UserError naming it."""
     try:
         return json.loads(path.read_text())
     except ValueError as e:
@@ -260,7 +261,7 @@ def resolve_size(name: str, checkpoint_dir: str | Path | None = None) -> Qwen25S
         if name == "auto":
             raise UserError(f"error: MODEL_SIZE=auto needs a config.json, and none is at {config_path}.")
         return get_size(name)
-    model = model_from_hf_config(read_hf_config(config_path), config_path)
+    model = model_from_hf_config(read_checkpoint_json(config_path), config_path)
     if name != "auto":
         bad = shape_differences(get_size(name), model)
         if bad:
@@ -280,6 +281,8 @@ def hf_config_with(config: dict, model: Qwen25Size) -> dict:
         config["rope_parameters"] = {**(scaling or {}), "rope_type": scaling["type"] if scaling else "default",
                                      "rope_theta": model.rope_theta}
         config.pop("rope_scaling", None)
+        if "rope_theta" in config:  # transformers reads rope_parameters' first: never leave the two disagreeing
+            config["rope_theta"] = model.rope_theta
     else:
         config |= {"rope_theta": model.rope_theta, "rope_scaling": scaling}
     return config

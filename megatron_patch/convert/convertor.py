@@ -45,7 +45,7 @@ from megatron_patch.model_sizes import (
     layout_problems,
     model_from_hf_config,
     non_shape_differences,
-    read_hf_config,
+    read_checkpoint_json,
     resolve_size,
 )
 
@@ -250,7 +250,7 @@ def find_mcore_checkpoint(load_dir: Path) -> Path:
         raise UserError(f"error: no Megatron checkpoint in {load_dir}: expected {TRACKER_FILE} (a training --save "
                         "folder) or metadata.json (one iteration folder).")
     meta = ckpt / "metadata.json"
-    backend = read_hf_config(meta).get("sharded_backend") if meta.is_file() else "torch (legacy)"
+    backend = read_checkpoint_json(meta).get("sharded_backend") if meta.is_file() else "torch (legacy)"
     if backend != "torch_dist":
         raise UserError(f"error: {ckpt} is a '{backend}' checkpoint; only torch_dist is read. Re-save it from "
                         "training with --ckpt-format torch_dist.")
@@ -511,7 +511,7 @@ def compare_logits(hf_dir: Path, mcore_model, tokens: torch.Tensor | None = None
     from megatron_patch.convert import mcore_runtime
 
     if tokens is None:
-        tokens = check_tokens(model_from_hf_config(read_hf_config(Path(hf_dir) / "config.json")))
+        tokens = check_tokens(model_from_hf_config(read_checkpoint_json(Path(hf_dir) / "config.json")))
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     hf_out = hf(input_ids=tokens, labels=tokens)
     mcore_logits = mcore_runtime.forward(mcore_model, tokens).float().cpu()

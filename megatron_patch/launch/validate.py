@@ -18,7 +18,7 @@ from megatron_patch.model_sizes import (
     following_config_note,
     layout_problems,
     model_from_hf_config,
-    read_hf_config,
+    read_checkpoint_json,
     shape_differences,
     with_yarn,
 )
@@ -51,7 +51,7 @@ def resolve_model(launch: Launch) -> tuple[Launch, list[str]]:
     that cannot be trained as written is a UserError naming the field and the file."""
     config = Path(launch.pretrain_checkpoint) / "config.json" if launch.pretrain_checkpoint else None
     if config is not None and config.is_file():
-        model = model_from_hf_config(read_hf_config(config), config)
+        model = model_from_hf_config(read_checkpoint_json(config), config)
     elif launch.model_size == "auto":
         where = f"there is no {config}" if config else "PRETRAIN_CHECKPOINT_PATH is none"
         raise UserError(f"error: MODEL_SIZE=auto takes the model from PRETRAIN_CHECKPOINT_PATH's config.json, but "

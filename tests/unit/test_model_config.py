@@ -75,19 +75,21 @@ def test_yarn_reads_the_same_in_qwens_and_transformers_5s_spelling():
     assert model_from_hf_config(rope_type_spelling).rope_scaling == YarnScaling(4.0, 32768, beta_fast=16.0)
 
 
-@pytest.mark.parametrize("spelling", ["qwen", "transformers 5"])
+@pytest.mark.parametrize("spelling", ["qwen", "transformers 5", "both"])
 def test_conversion_back_records_the_trained_rope_settings_in_the_configs_own_spelling(spelling):
     from megatron_patch.hf_checkpoint import hf_config_for
 
     base = QWEN2_5_SIZES["tiny"]
     config = {**TINY_CONFIG, "max_position_embeddings": 32768, "torch_dtype": "bfloat16"}
-    if spelling == "transformers 5":
+    if spelling != "qwen":
         config = json.loads(hf_config_for(base).to_json_string())
+        config |= {"rope_theta": base.rope_theta} if spelling == "both" else {}
     assert model_from_hf_config(config) == base
     trained = dataclasses.replace(base, rope_theta=10000.0, rms_norm_eps=1e-5, rope_scaling=YarnScaling(4.0, 32768))
     written = hf_config_with(config, trained)
     assert model_from_hf_config(written) == trained
-    assert ("rope_parameters" in written) == (spelling == "transformers 5")
+    assert ("rope_parameters" in written) == (spelling != "qwen")
+    assert written.get("rope_theta", trained.rope_theta) == trained.rope_theta  # never two disagreeing
     assert {k: v for k, v in written.items() if k not in ("rope_theta", "rope_scaling", "rope_parameters",
                                                           "rms_norm_eps")} == \
         {k: v for k, v in config.items() if k not in ("rope_theta", "rope_scaling", "rope_parameters", "rms_norm_eps")}
