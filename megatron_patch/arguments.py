@@ -1,4 +1,5 @@
-"""Qwen2.5's Megatron flags (from the size table) and the extra arguments our entrypoint adds."""
+"""Qwen2.5's Megatron flags (of a model: a checkpoint's config.json or a size-table entry) and the extra arguments
+our entrypoint adds."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ NO_TE_GPU_FLAGS = ["--transformer-impl", "local", "--no-persist-layer-norm", "--
 
 
 def qwen2_5_model_flags(size: Qwen25Size) -> list[str]:
-    """The megatron-core architecture flags that make GPTModel a Qwen2.5 of this size."""
+    """The megatron-core architecture flags that make GPTModel this Qwen2.5 model (shape, RoPE base and scaling,
+    positions, norm epsilon, vocabulary, tying)."""
     flags = [
         "--num-layers", str(size.num_layers),
         "--hidden-size", str(size.hidden_size),

@@ -206,7 +206,8 @@ def test_fused_single_qkv_rope_is_switched_on_only_where_it_applies(monkeypatch)
     for unfit in (dict(sft_packing=True), dict(rotary_interleaved=True), dict(position_embedding_type="yarn"),
                   dict(qk_layernorm=True), dict(tensor_model_parallel_size=4, num_query_groups=2)):
         args, changes = settle(**unfit)
-        assert not getattr(args, "fused_single_qkv_rope", False) and changes == [], unfit
+        said = ["RoPE unfused for YaRN"] if unfit.get("position_embedding_type") == "yarn" else []  # the only line
+        assert not getattr(args, "fused_single_qkv_rope", False) and [c[:21] for c in changes] == said, unfit
     # our kernel not in the slot (no GPU, or --plain-kernels): a user's flag is switched off, saying why
     monkeypatch.setattr(attention, "apply_fused_qkv_rotary_pos_emb", None, raising=False)
     args, changes = settle(fused_single_qkv_rope=True)
