@@ -206,16 +206,45 @@ def test_prepare_data_keeps_every_ceval_cell_as_its_text(ceval_zip, tmp_path):
                 assert [json.loads(line) for line in lines] == expected
 
 
-def test_ceval_valid_scores_the_prepared_subjects_with_upstream_few_shot_prompts(tiny_hf_checkpoint, ceval_zip,
-                                                                                  tmp_path):
+UNTRUSTED_CODE_RAN = "modeling_qwen2.py from MODEL_DIR was executed"
+
+
+@pytest.fixture
+def model_dir_with_untrusted_code(tiny_hf_checkpoint, tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """(tiny_hf_checkpoint with a modeling_qwen2.py that config.json's auto_map names, a file it creates when it
+    runs): the .py raises on import. Checked armed: transformers told to trust remote code does run it."""
+    model = tmp_path / "untrusted_model"
+    shutil.copytree(tiny_hf_checkpoint, model, ignore=shutil.ignore_patterns("eval_results", "config.json"),
+                    copy_function=os.link)
+    ran = tmp_path / "untrusted_code_ran"
+    (model / "modeling_qwen2.py").write_text(f"open({str(ran)!r}, 'w').close()\n"
+                                             f"raise RuntimeError({UNTRUSTED_CODE_RAN!r})\n")
+    config = json.loads((tiny_hf_checkpoint / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "modeling_qwen2.Qwen2Config",
+                          "AutoModelForCausalLM": "modeling_qwen2.Qwen2ForCausalLM"}
+    (model / "config.json").write_text(json.dumps(config, indent=2))
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))  # where transformers copies remote code
+    trusted = subprocess.run([sys.executable, "-c", "import sys; from transformers import AutoConfig; "
+                              "AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)", model],
+                             capture_output=True, text=True, timeout=120)
+    assert trusted.returncode != 0 and UNTRUSTED_CODE_RAN in trusted.stderr and ran.exists(), trusted.stderr[-2000:]
+    ran.unlink()
+    return model, ran
+
+
+def test_ceval_valid_scores_the_prepared_subjects_with_upstream_few_shot_prompts(model_dir_with_untrusted_code,
+                                                                                  ceval_zip, tmp_path):
+    """Also: a .py file in MODEL_DIR that config.json names (auto_map) is never run, since Qwen2 is transformers'."""
+    model, untrusted_code_ran = model_dir_with_untrusted_code
     data_dir = tmp_path / "data"
     prepared = subprocess.run([sys.executable, PREPARE_DATA, "--ceval", ceval_zip, "--out", data_dir],
                               capture_output=True, text=True, timeout=60)
     assert prepared.returncode == 0, prepared.stderr
     results_dir = tmp_path / "results"
-    done = run_script(["bash", RUN_EVAL, tiny_hf_checkpoint, "ceval-valid", "--limit", "2", "--num_fewshot", "1",
+    done = run_script(["bash", RUN_EVAL, model, "ceval-valid", "--limit", "2", "--num_fewshot", "1",
                        "--log_samples", "--batch_size", "4", "--output_path", results_dir], data_dir, tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
+    assert not untrusted_code_ran.exists() and UNTRUSTED_CODE_RAN not in done.stderr
     assert "covers 3 of 52 subjects" in done.stderr  # the partial download is said, not hidden
     command = next(line for line in done.stdout.splitlines() if line.startswith("+ "))
     assert command.count("--batch_size") == 1 and "--batch_size 4" in command
@@ -357,7 +386,7 @@ def test_gpus_get_one_accelerate_process_each_and_user_args_win(tmp_path):
                                      out, num_gpus=8, python="python")
     assert on_gpus[:10] == ["python", "-m", "accelerate.commands.accelerate_cli", "launch", "--num_processes", "8",
                             "--main_process_port", "29051", "-m", "lm_eval"]
-    assert on_gpus[on_gpus.index("--model_args") + 1] == f"pretrained={model},trust_remote_code=True"
+    assert on_gpus[on_gpus.index("--model_args") + 1] == f"pretrained={model},trust_remote_code=False"
     assert on_gpus[on_gpus.index("--tasks") + 1] == "cmmlu,ceval-valid"
     assert on_gpus.count("--batch_size") == 1 and on_gpus[on_gpus.index("--batch_size") + 1] == "8"
     assert on_gpus[-4:] == ["--limit", "10", "--batch_size", "8"] and "--device" not in on_gpus
