@@ -19,13 +19,12 @@ import json
 import os
 import pickle
 import re
-import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_patch.atomic_write import atomic_write_text
 from megatron_patch.errors import UserError
-from megatron_patch.fault_injection import fault_point
 
 TRACKER = "latest_checkpointed_iteration.txt"
 ITERATION_FOLDER = re.compile(r"^iter_(\d{7,})$")
@@ -217,24 +216,11 @@ def resume_state(checkpoint_dir: str | os.PathLike) -> ResumeState:
     return state
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `path` so that a reader (or a relaunch after a kill at any instant) sees the old text or the new
-    one, never a mix or an empty file: a temporary file beside it, fsync'd, renamed over it, directory fsync'd."""
-    path = Path(path)
-    # Named by host and process: on a shared file system each node may check (and repair) the same folder.
-    temporary = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    with open(temporary, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    # The kill tests land here: the new text is on disk, the old tracker still in place.
-    fault_point(f"tracker-write:{text}")
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+def write_tracker(path: Path, text: str) -> None:
+    """The tracker, replaced whole: a reader (or a relaunch after a kill at any instant) sees the old text or the
+    new one, never a mix or an empty file. MP_FAULT_INJECT=tracker-write:TEXT kills the process once the new text
+    is on disk and the old tracker still in place."""
+    atomic_write_text(path, text, encoding="ascii", fault=f"tracker-write:{text}")
 
 
 def repair_tracker(state: ResumeState) -> None:
@@ -246,7 +232,7 @@ def repair_tracker(state: ResumeState) -> None:
     if state.tracker_text == "":
         tracker.unlink(missing_ok=True)
     else:
-        atomic_write_text(tracker, state.tracker_text)
+        write_tracker(tracker, state.tracker_text)
 
 
 def prepare_resume(checkpoint_dir: str | os.PathLike, dry_run: bool = False) -> int | None:

@@ -10,7 +10,7 @@ read) are read one decoder layer at a time as global tensors, split by the table
 shards that are flushed as they fill.
 
 Every input is validated before anything is written (a truncated or corrupt file is named, with what is wrong);
-output goes to a hidden folder beside SAVE_DIR and takes its place only when complete (`staging`).
+output goes to a hidden folder beside SAVE_DIR and takes its place only when complete (`StagedFolder`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from megatron_patch.convert.mapping import (
     qwen2_5_mappings,
     stacked_key,
 )
-from megatron_patch.convert.staging import StagedOutput, check_save_dir
+from megatron_patch.atomic_write import StagedFolder
+from megatron_patch.convert.staging import check_save_dir
 from megatron_patch.errors import UserError
 from megatron_patch.hf_checkpoint import TOKENIZER_FILES
 from megatron_patch.model_sizes import Qwen25Size, layout_problems, resolve_size
@@ -192,7 +193,7 @@ def hf_to_mcore(model_size: str, load_dir: str | Path, save_dir: str | Path, pre
         raise RuntimeError(f"the Megatron model has parameters the mapping table does not cover: "
                            f"{_listing(unmapped)}")
     check = None
-    with StagedOutput(save_dir) as out, torch.no_grad():
+    with StagedFolder(save_dir, "convert") as out, torch.no_grad():
         for m in _progress(table, "HF -> Megatron"):
             tensor = m.to_mcore([reader.get(name) for name in m.hf], size)
             target = weights[m.mcore]
@@ -415,7 +416,7 @@ def mcore_to_hf(model_size: str, load_dir: str | Path, save_dir: str | Path, hf_
     meta = validate_mcore_checkpoint(ckpt, size)
     table = qwen2_5_mappings(size)
     check = None
-    with StagedOutput(save_dir) as out, torch.no_grad():
+    with StagedFolder(save_dir, "convert") as out, torch.no_grad():
         writer = HFShardWriter(out, max_shard_bytes)
         progress = _progress(None, "Megatron -> HF", total=len(table))
         for group in _groups(table):

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT, SHARED_DIR
+from megatron_patch.fault_injection import KILLED_EXIT_STATUS
 
 EVAL_DIR = REPO_ROOT / "LM-Evaluation-Harness"
 RUN_EVAL = EVAL_DIR / "run_eval.sh"
@@ -300,6 +301,73 @@ def test_model_dir_without_readable_hf_weights_is_refused_before_lm_eval(tiny_hf
         done = run_script(["bash", RUN_EVAL, model_dir], tmp_path, tmp_path, timeout=120)
         assert done.returncode == 2 and message in done.stderr, done.stderr[-3000:]
         assert "Traceback" not in done.stderr and "lm_eval" not in done.stdout
+
+
+# prepare_data.py, on a file system that cannot swap two names at once (NFS): two renames instead.
+PREPARE_DATA_WITHOUT_EXCHANGE = """
+import sys
+from megatron_patch import atomic_write
+atomic_write.exchange = lambda a, b: False
+import prepare_data
+sys.exit(prepare_data.main(sys.argv[1:]))
+"""
+
+
+def prepare_ceval(download: Path, out: Path, fault: str | None = None, exchange: bool = True):
+    env = {k: v for k, v in os.environ.items() if k != "MP_FAULT_INJECT"}
+    env["PYTHONPATH"] = os.pathsep.join([str(EVAL_DIR), str(REPO_ROOT)])
+    if fault:
+        env["MP_FAULT_INJECT"] = fault
+    script = [PREPARE_DATA] if exchange else ["-c", PREPARE_DATA_WITHOUT_EXCHANGE]
+    return subprocess.run([sys.executable, *script, "--ceval", download, "--out", out], capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+def folder_contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def old_and_new_ceval_data(tmp_path_factory) -> tuple[Path, Path, Path, Path]:
+    """(old download, its prepared data, new download, its prepared data): the new one has a subject fewer."""
+    root = tmp_path_factory.mktemp("ceval_versions")
+    old = write_ceval_download(root / "old")
+    new = root / "new"
+    shutil.copytree(old, new, ignore=shutil.ignore_patterns("computer_network_*"))
+    for download in (old, new):
+        assert prepare_ceval(download, root / f"{download.name}_data").returncode == 0
+    return old, root / "old_data" / "ceval", new, root / "new_data" / "ceval"
+
+
+@pytest.mark.parametrize("fault,exchange,in_place", [
+    ("prepare_data:output-written", True, "old"),   # killed before the swap
+    ("prepare_data:before-swap", True, "old"),
+    ("prepare_data:before-cleanup", True, "new"),   # killed after the swap (one atomic exchange)
+    ("prepare_data:between-renames", False, None),  # two renames: the next run puts the new data back first
+    ("prepare_data:before-cleanup", False, "new"),
+])
+def test_prepare_data_killed_during_its_swap_leaves_the_old_or_the_new_data_whole(old_and_new_ceval_data, tmp_path,
+                                                                                  fault, exchange, in_place):
+    old_download, old_data, new_download, new_data = old_and_new_ceval_data
+    whole = {"old": folder_contents(old_data), "new": folder_contents(new_data)}
+    assert whole["old"] != whole["new"]
+    out = tmp_path / "data"
+    shutil.copytree(old_data, out / "ceval")
+    killed = prepare_ceval(new_download, out, fault, exchange)
+    assert killed.returncode == KILLED_EXIT_STATUS, killed.stderr
+    if in_place:
+        assert folder_contents(out / "ceval") == whole[in_place]
+    else:
+        assert not (out / "ceval").exists()
+        (done,) = out.glob(".ceval.done-*")
+        assert folder_contents(done) == whole["new"]  # whole, beside: the README's hand recovery renames it back
+    # The next run, whatever it is given, first recovers: here a download it refuses, so nothing else changes.
+    empty = tmp_path / "empty_download"
+    for split in ("dev", "val"):
+        (empty / split).mkdir(parents=True)
+    assert prepare_ceval(empty, out).returncode == 2
+    assert folder_contents(out / "ceval") == whole[in_place or "new"]
+    assert sorted(p.name for p in out.iterdir()) == ["ceval"]
 
 
 def ceval_problem_rows(root: Path) -> dict[str, str]:
