@@ -34,6 +34,7 @@ from megatron_patch.convert.mapping import (
     stacked_key,
 )
 from megatron_patch.atomic_write import StagedFolder
+from megatron_patch.checkpoint_state import DamagedCheckpoint, torch_dist_index
 from megatron_patch.convert.staging import check_save_dir
 from megatron_patch.errors import UserError
 from megatron_patch.hf_checkpoint import TOKENIZER_FILES
@@ -252,29 +253,15 @@ def _mcore_tensor_metadata(ckpt: Path) -> dict:
     """The model tensors' metadata, after checking that every .distcp file holding them is there and as long as
     the checkpoint's index says: a truncated copy or an interrupted save is named here, not deep inside
     torch.distributed.checkpoint."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     try:
-        metadata = FileSystemReader(str(ckpt)).read_metadata()
-    except Exception as e:  # noqa: BLE001 -- any unpickling failure means the same thing to the user
-        raise UserError(f"error: {ckpt / '.metadata'} is unreadable ({type(e).__name__}: {e}); the checkpoint is "
-                        "truncated or corrupt: convert an earlier iteration, or copy it again.") from None
-    meta = {k: v for k, v in metadata.state_dict_metadata.items()
+        metadata = torch_dist_index(ckpt, holds=lambda key: not key.startswith(NON_MODEL_PREFIXES))
+    except DamagedCheckpoint as problem:
+        raise UserError(f"error: {problem}. The checkpoint is incomplete or corrupt (an interrupted save or copy): "
+                        "convert an earlier iteration, or copy it again.") from None
+    return {k: v for k, v in metadata.state_dict_metadata.items()
             if isinstance(v, TensorStorageMetadata) and not k.startswith(NON_MODEL_PREFIXES)}
-    needed: dict[str, int] = {}
-    for index, info in (metadata.storage_data or {}).items():
-        if index.fqn in meta:
-            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for name, length in sorted(needed.items()):
-        path = ckpt / name
-        size = path.stat().st_size if path.is_file() else None
-        if size is None or size < length:
-            what = "is missing" if size is None else f"is truncated: {size} bytes, but the checkpoint's .metadata " \
-                                                     f"places model weights up to byte {length}"
-            raise UserError(f"error: {path} {what}. The checkpoint is incomplete (an interrupted save or copy): "
-                            "convert an earlier iteration, or copy it again.")
-    return meta
 
 
 def validate_mcore_checkpoint(ckpt: Path, size: Qwen25Size) -> dict:

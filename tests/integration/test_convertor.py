@@ -355,7 +355,7 @@ def test_corrupt_inputs_are_named_with_what_is_wrong(tiny_hf_checkpoint, convert
     (distcp,) = (mcore / "release").glob("*.distcp")
     size = distcp.stat().st_size
     os.truncate(distcp, size // 3)
-    fails_naming(mcore, "true", f"{distcp} is truncated: {size // 3} bytes", "interrupted save or copy")
+    fails_naming(mcore, "true", f"{distcp} is truncated ({size // 3} bytes", "interrupted save or copy")
     metadata = mcore / "release" / ".metadata"
     metadata.write_bytes(metadata.read_bytes()[:40])
     fails_naming(mcore, "true", f"{metadata} is unreadable")
