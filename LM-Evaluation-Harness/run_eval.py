@@ -4,7 +4,9 @@
 
 Runs the best practice's command,
     accelerate launch --main_process_port 29051 -m lm_eval --model hf \
-        --model_args pretrained=MODEL_DIR,trust_remote_code=True --tasks cmmlu,ceval-valid --batch_size 16
+        --model_args pretrained=MODEL_DIR,trust_remote_code=False --tasks cmmlu,ceval-valid --batch_size 16
+(upstream's trust_remote_code=True turned off: Qwen2 is built into transformers, so trusting would only let a .py
+file in MODEL_DIR run; pass lm-eval's own --trust_remote_code for a model that needs its code),
 data parallel with one process per visible GPU (plain `python -m lm_eval --device cpu` without a GPU), with the
 hub switched off and lm-eval's cmmlu/ceval-valid reading prepare_data.py's files from EVAL_DATA_DIR.
 Results (JSON, plus the task configs used) go to MODEL_DIR/eval_results/ unless --output_path is given.
@@ -141,7 +143,9 @@ def build_command(model_dir: Path, tasks: str, extra: list[str], include_path: P
                     "--num_processes", str(num_gpus), "--main_process_port", port, "-m", "lm_eval"]
     else:
         launcher = [python, "-m", "lm_eval"]
-    command = [*launcher, "--model", "hf", "--model_args", f"pretrained={model_dir},trust_remote_code=True",
+    # Qwen2 is built into transformers: trusting remote code would only run .py files lying in MODEL_DIR. lm-eval's
+    # own --trust_remote_code (or --model_args trust_remote_code=True) in `extra` overrides this.
+    command = [*launcher, "--model", "hf", "--model_args", f"pretrained={model_dir},trust_remote_code=False",
                "--tasks", tasks, "--include_path", str(include_path)]
     defaults = {"--batch_size": DEFAULT_BATCH_SIZE, "--output_path": str(output_path)}
     if num_gpus == 0:

@@ -10,7 +10,7 @@ so the same command on a machine with TE carried measures TE's CP):
 Each --cp value is one run on all GPUs (CP1 is data parallelism over them; CP2 on two GPUs has DP1), at the same
 global batch, so each run trains the same global tokens. Prints tokens/s/GPU (tokens over time after the first 5
 iterations), MFU against the H100/H200 dense bf16 peak, and peak memory (benchmarks/train_throughput.py's
-FLOP count, log parsing and report).
+log parsing and report, Qwen25Size.training_flops_per_token's FLOP count).
 
 The attention alone, forward + backward, one process per GPU (NCCL), against one GPU's cuDNN SDPA over the whole
 sequence; `--impl te` times TE's CP attention on the same chunks instead (a separate run: TE's core library
@@ -74,7 +74,7 @@ def launcher_args(size: str, seq_len: int, micro: int, global_batch: int, cp: in
 def train(args) -> None:
     from megatron_patch import hardware
     from megatron_patch.model_sizes import get_size
-    from train_throughput import flops_per_token, report, run_launcher, throughput_from_log
+    from train_throughput import report, run_launcher, throughput_from_log
 
     tokenizer, data = prepare_assets(Path(args.assets))
     gpus = hardware.gpu_count()
@@ -82,7 +82,7 @@ def train(args) -> None:
     spec = "TE spec" if hardware.transformer_engine_importable() else "local spec (SDPA)"
     print(f"{gpus or 'no'} GPU(s), {spec} | Qwen2.5-{args.size} | seq {args.seq_len} | micro-batch "
           f"{args.micro_batch} | global batch {args.global_batch} | AC {args.ac} | "
-          f"{flops_per_token(size, args.seq_len) / 1e9:.1f} GFLOP/token", flush=True)
+          f"{size.training_flops_per_token(args.seq_len) / 1e9:.1f} GFLOP/token", flush=True)
     for cp in args.cp:
         ac = f"{args.ac}-block{args.ac_block_layers}" if args.ac_block_layers else args.ac
         out = Path(args.out) / f"{args.size}-seq{args.seq_len}-cp{cp}-ac{ac}"

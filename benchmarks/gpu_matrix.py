@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from megatron_patch import hardware  # noqa: E402
+from megatron_patch.atomic_write import atomic_write_text  # noqa: E402
 from megatron_patch.model_sizes import get_size  # noqa: E402
 from megatron_patch.launch.arguments import POSITIONAL  # noqa: E402
 from train_throughput import throughput_from_log  # noqa: E402
@@ -816,9 +817,7 @@ def load_state(path: Path) -> dict:
 
 def save_state(state: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=1, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(state, indent=1, ensure_ascii=False) + "\n")
 
 
 def copy_results(folder: Path, doc: Path, state_path: Path) -> None:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # the report line, FLOP count and 
 
 import train_throughput  # noqa: E402
 
-report, flops_per_token, mfu_peak = train_throughput.report, train_throughput.flops_per_token, train_throughput.mfu_peak
+report, mfu_peak = train_throughput.report, train_throughput.mfu_peak
 
 from megatron_patch.hf_checkpoint import hf_config_for  # noqa: E402
 from megatron_patch.model_sizes import get_size  # noqa: E402
@@ -70,7 +70,8 @@ def main() -> None:
         print(f"device: {device_name} | world size {world} | "
               f"Qwen2.5-{args.size} | seq {args.seq_len} | micro-batch {args.micro_batch} | global batch "
               f"{args.global_batch} ({accumulation} accumulation steps) | "
-              f"{flops_per_token(get_size(args.size), args.seq_len) / 1e9:.2f} GFLOP/token | {peak_words}", flush=True)
+              f"{get_size(args.size).training_flops_per_token(args.seq_len) / 1e9:.2f} GFLOP/token | {peak_words}",
+              flush=True)
 
     from transformers import Qwen2ForCausalLM
 

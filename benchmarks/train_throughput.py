@@ -33,8 +33,8 @@ launcher's log after its first 5 iterations; HF: after 2 steps). `--json` append
 too, to a JSON list, so two processes (ours on GPU 0, HF on GPU 1) can run at once; `--table` prints each
 side's sweep, its best, and ours / HF at best and at each micro-batch both ran.
 
-FLOP count (per token, forward + backward): 6 * (parameters in the transformer layers and the output layer)
-+ 6 * layers * hidden * seq_len (causal attention scores and context: 12 * L * h * s halved by the mask).
+FLOP count (per token, forward + backward): Qwen25Size.training_flops_per_token, megatron-core's own count for the
+TFLOP/s it logs (6 * the GEMM weights + 6 * layers * hidden * seq_len for the causal attention).
 MFU is against the device's dense bf16 peak (PEAK_BF16_DENSE; `--peak-tflops` for a device not listed).
 """
 
@@ -120,22 +120,12 @@ def versions() -> dict[str, str]:
     return found
 
 
-def flops_per_token(size, seq_len: int) -> float:
-    layer_params = size.num_layers * (
-        size.hidden_size * (size.hidden_size + 2 * size.num_query_groups * size.head_dim)  # q, k, v
-        + size.hidden_size * size.hidden_size  # o
-        + 3 * size.hidden_size * size.ffn_hidden_size  # gate, up, down
-    )
-    output_params = size.vocab_size * size.hidden_size
-    return 6 * (layer_params + output_params) + 6 * size.num_layers * size.hidden_size * seq_len
-
-
 def report(name: str, tokens_per_s: float, size, seq_len: int, peak_gib: float,
            peak_flops: float | None = None) -> dict[str, float | None]:
     """Prints one result line and returns its figures. peak_flops: the MFU peak, by default this device's."""
     if peak_flops is None:
         peak_flops = mfu_peak(device_name())[0]
-    tflops = tokens_per_s * flops_per_token(size, seq_len) / 1e12
+    tflops = tokens_per_s * size.training_flops_per_token(seq_len) / 1e12
     mfu = tflops * 1e12 / peak_flops if peak_flops else None
     print(f"{name:58s} {tokens_per_s:10,.0f} tokens/s/GPU  {tflops:6.1f} TFLOP/s/GPU  "
           f"MFU {f'{100 * mfu:5.1f}%' if mfu is not None else '  n/a '}  peak {peak_gib:5.1f} GiB", flush=True)
@@ -601,8 +591,8 @@ def main() -> None:
     peak_flops, peak_words = mfu_peak(device_name(), args.peak_tflops)
     print("versions: " + " | ".join(f"{k} {v}" for k, v in stack.items()), flush=True)
     print(f"device: {device_name()} | {peak_words} | Qwen2.5-{args.size} | seq {args.seq_len} | micro-batch "
-          f"{args.micro_batch} | global batch {args.global_batch} | {flops_per_token(size, args.seq_len) / 1e9:.2f} "
-          "GFLOP/token", flush=True)
+          f"{args.micro_batch} | global batch {args.global_batch} | "
+          f"{size.training_flops_per_token(args.seq_len) / 1e9:.2f} GFLOP/token", flush=True)
     if args.loss_check_iters:
         check_losses(args)
         return

@@ -79,6 +79,16 @@ class Qwen25Size:
         embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + embeddings + h
 
+    def training_flops_per_token(self, seq_len: int) -> float:
+        """Model FLOPs of one training token (forward + backward) in a full causal sequence of `seq_len`: 6 x the
+        GEMM weights (q, k, v, o, gate, up, down, output layer) + 6 x layers x q-heads' width x seq_len (scores and
+        context, 12 per token halved by the causal mask). Megatron-core's own count for the TFLOP/s it logs
+        (megatron.training.training.num_floating_point_operations); tests/unit/test_launcher.py holds them equal."""
+        h, q, kv = self.hidden_size, self.num_attention_heads * self.head_dim, self.num_query_groups * self.head_dim
+        layer_weights = h * (q + 2 * kv) + q * h + 3 * h * self.ffn_hidden_size
+        output_weights = self.vocab_size * h
+        return 6 * (self.num_layers * layer_weights + output_weights) + 6 * self.num_layers * q * seq_len
+
 
 QWEN2_5_SIZES: dict[str, Qwen25Size] = {
     "tiny": Qwen25Size(2, 64, 4, 2, 128, 151936, True, 1e-6, 32768),

@@ -1,4 +1,5 @@
-"""No process of a training job outlives the process that started it.
+"""No process of a training job outlives the process that started it; and whether the process that left a file
+behind is still alive.
 
 Linux's PR_SET_PDEATHSIG asks the kernel to signal a process when its parent dies. The launcher sets it on
 torchrun, each rank sets it on itself, and every multiprocessing child a rank starts (megatron-core's checkpoint
@@ -88,3 +89,22 @@ def exit_without_teardown(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# psutil's start times come from boot time plus clock ticks, and file times from another clock: within this much of
+# each other, a process counts as the writer (kept alive: a leftover is only deleted when its writer surely died).
+START_TIME_SLACK_S = 2.0
+
+
+def writer_alive(pid: int, changed_at: float) -> bool:
+    """Whether process `pid` is alive and may be the one that last changed a file at `changed_at` (its st_ctime).
+    A process started after that moment holds a reused number: the writer is gone."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and process.create_time() <= changed_at + START_TIME_SLACK_S
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:  # someone else's live process
+        return True

@@ -15,7 +15,8 @@ from functools import partial
 from pathlib import Path
 
 from megatron_patch import process_lifetime
-from megatron_patch.convert.staging import check_save_dir, recover_interrupted
+from megatron_patch.atomic_write import recover_interrupted
+from megatron_patch.convert.staging import check_save_dir
 from megatron_patch.errors import dry_run_requested, parse_bool, report_user_errors
 
 

@@ -10,7 +10,7 @@ read) are read one decoder layer at a time as global tensors, split by the table
 shards that are flushed as they fill.
 
 Every input is validated before anything is written (a truncated or corrupt file is named, with what is wrong);
-output goes to a hidden folder beside SAVE_DIR and takes its place only when complete (`staging`).
+output goes to a hidden folder beside SAVE_DIR and takes its place only when complete (`StagedFolder`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from megatron_patch.convert.mapping import (
     qwen2_5_mappings,
     stacked_key,
 )
-from megatron_patch.convert.staging import StagedOutput, check_save_dir
+from megatron_patch.atomic_write import StagedFolder
+from megatron_patch.checkpoint_state import DamagedCheckpoint, torch_dist_index
+from megatron_patch.convert.staging import check_save_dir
 from megatron_patch.errors import UserError
 from megatron_patch.hf_checkpoint import TOKENIZER_FILES
 from megatron_patch.model_sizes import (
@@ -202,7 +204,7 @@ def hf_to_mcore(model_size: str, load_dir: str | Path, save_dir: str | Path, pre
         raise RuntimeError(f"the Megatron model has parameters the mapping table does not cover: "
                            f"{_listing(unmapped)}")
     check = None
-    with StagedOutput(save_dir) as out, torch.no_grad():
+    with StagedFolder(save_dir, "convert") as out, torch.no_grad():
         for m in _progress(table, "HF -> Megatron"):
             tensor = m.to_mcore([reader.get(name) for name in m.hf], size)
             target = weights[m.mcore]
@@ -261,29 +263,15 @@ def _mcore_tensor_metadata(ckpt: Path) -> dict:
     """The model tensors' metadata, after checking that every .distcp file holding them is there and as long as
     the checkpoint's index says: a truncated copy or an interrupted save is named here, not deep inside
     torch.distributed.checkpoint."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     try:
-        metadata = FileSystemReader(str(ckpt)).read_metadata()
-    except Exception as e:  # noqa: BLE001 -- any unpickling failure means the same thing to the user
-        raise UserError(f"error: {ckpt / '.metadata'} is unreadable ({type(e).__name__}: {e}); the checkpoint is "
-                        "truncated or corrupt: convert an earlier iteration, or copy it again.") from None
-    meta = {k: v for k, v in metadata.state_dict_metadata.items()
+        metadata = torch_dist_index(ckpt, holds=lambda key: not key.startswith(NON_MODEL_PREFIXES))
+    except DamagedCheckpoint as problem:
+        raise UserError(f"error: {problem}. The checkpoint is incomplete or corrupt (an interrupted save or copy): "
+                        "convert an earlier iteration, or copy it again.") from None
+    return {k: v for k, v in metadata.state_dict_metadata.items()
             if isinstance(v, TensorStorageMetadata) and not k.startswith(NON_MODEL_PREFIXES)}
-    needed: dict[str, int] = {}
-    for index, info in (metadata.storage_data or {}).items():
-        if index.fqn in meta:
-            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for name, length in sorted(needed.items()):
-        path = ckpt / name
-        size = path.stat().st_size if path.is_file() else None
-        if size is None or size < length:
-            what = "is missing" if size is None else f"is truncated: {size} bytes, but the checkpoint's .metadata " \
-                                                     f"places model weights up to byte {length}"
-            raise UserError(f"error: {path} {what}. The checkpoint is incomplete (an interrupted save or copy): "
-                            "convert an earlier iteration, or copy it again.")
-    return meta
 
 
 def validate_mcore_checkpoint(ckpt: Path, size: Qwen25Size) -> dict:
@@ -449,7 +437,7 @@ def mcore_to_hf(model_size: str, load_dir: str | Path, save_dir: str | Path, hf_
               "the output's config.json records it.", file=sys.stderr, flush=True)
     table = qwen2_5_mappings(size)
     check = None
-    with StagedOutput(save_dir) as out, torch.no_grad():
+    with StagedFolder(save_dir, "convert") as out, torch.no_grad():
         writer = HFShardWriter(out, max_shard_bytes)
         progress = _progress(None, "Megatron -> HF", total=len(table))
         for group in _groups(table):

@@ -1,10 +1,11 @@
 """Writing Megatron idxmaps (.bin + .idx) through megatron.core's IndexedDatasetBuilder, all or nothing.
 
 Every output is written under a temporary name beside its target, and each .idx is stamped with its .bin (see
-idxmap_stamp). Only when all outputs are complete do they replace the targets: first the old .idx files go,
-then the new .bin files and then the new .idx files take their names. A crash or a bad input line before that
-leaves the old outputs as they were; a kill during it leaves an idxmap without its .idx, which every reader
-refuses (dataset_checks), never a new .bin beside an old .idx.
+idxmap_stamp). Only when all outputs are complete do they replace the targets, each flushed to disk before its
+rename (atomic_write.replace_file): first the old .idx files go, then the new .bin files and then the new .idx
+files take their names. A crash or a bad input line before that leaves the old outputs as they were; a kill
+during it leaves an idxmap without its .idx, which every reader refuses (dataset_checks), never a new .bin beside
+an old .idx.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from megatron_patch.atomic_write import replace_file
 from megatron_patch.data.idxmap_stamp import append_stamp, new_pair_id
 from megatron_patch.errors import UserError
 from megatron_patch.fault_injection import fault_point
+from megatron_patch.process_lifetime import writer_alive
 from megatron_patch.tokenizer import TOKENIZER_SIZE
 
 
@@ -91,11 +94,11 @@ def _replace_targets(writers: Sequence[IndexedDatasetWriter]) -> None:
             Path(writer.prefix + ".idx").unlink(missing_ok=True)
     for writer in writers:
         with writing(writer.prefix + ".bin"):
-            os.replace(writer.temp_prefix + ".bin", writer.prefix + ".bin")
+            replace_file(writer.temp_prefix + ".bin", writer.prefix + ".bin")
     fault_point("data:between-renames")
     for writer in writers:
         with writing(writer.prefix + ".idx"):
-            os.replace(writer.temp_prefix + ".idx", writer.prefix + ".idx")
+            replace_file(writer.temp_prefix + ".idx", writer.prefix + ".idx")
         _remove_leftovers_of_dead_writers(writer.prefix)
 
 
@@ -104,18 +107,8 @@ def _remove_leftovers_of_dead_writers(prefix: str) -> None:
     target = Path(prefix)
     for leftover in target.parent.glob(f"{glob.escape(target.name)}.tmp-*"):
         pid = leftover.name[len(target.name) + len(".tmp-"):].split(".")[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not writer_alive(int(pid), leftover.lstat().st_ctime):
             leftover.unlink(missing_ok=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
 
 
 @contextlib.contextmanager

@@ -141,7 +141,7 @@ def resume_torch_adam_step_in_distributed_optimizer() -> None:
 
 class _AtomicTrackerStorage:
     """megatron.training.checkpointing's `maybe_msc` (local files or the multi-storage client), except that
-    writing the tracker goes through checkpoint_state.atomic_write_text."""
+    writing the tracker goes through checkpoint_state.write_tracker (replaced whole)."""
 
     def __init__(self, storage):
         self._storage = storage
@@ -174,9 +174,9 @@ class _AtomicTextFile:
 
     def __exit__(self, exc_type, *exc):
         if exc_type is None:
-            from megatron_patch.checkpoint_state import atomic_write_text
+            from megatron_patch.checkpoint_state import write_tracker
 
-            atomic_write_text(self.path, "".join(self.parts))
+            write_tracker(self.path, "".join(self.parts))
         return False
 
 

@@ -409,7 +409,7 @@ def test_corrupt_inputs_are_named_with_what_is_wrong(tiny_hf_checkpoint, convert
     (distcp,) = (mcore / "release").glob("*.distcp")
     size = distcp.stat().st_size
     os.truncate(distcp, size // 3)
-    fails_naming(mcore, "true", f"{distcp} is truncated: {size // 3} bytes", "interrupted save or copy")
+    fails_naming(mcore, "true", f"{distcp} is truncated ({size // 3} bytes", "interrupted save or copy")
     metadata = mcore / "release" / ".metadata"
     metadata.write_bytes(metadata.read_bytes()[:40])
     fails_naming(mcore, "true", f"{metadata} is unreadable")
@@ -419,7 +419,7 @@ def test_corrupt_inputs_are_named_with_what_is_wrong(tiny_hf_checkpoint, convert
 
 def test_overwrite_killed_after_the_swap_leaves_the_new_checkpoint_and_the_next_run_cleans_up(
         tiny_hf_checkpoint, converted_tiny, tmp_path, monkeypatch):
-    """A kill at the exact moment after the swap (MP_FAULT_INJECT); tests/unit/test_convert_staging.py covers every
+    """A kill at the exact moment after the swap (MP_FAULT_INJECT); tests/unit/test_atomic_write.py covers every
     other moment on a stand-in checkpoint."""
     from megatron_patch.convert.convertor import _mcore_tensor_metadata
     from megatron_patch.fault_injection import FAULT_ENV, KILLED_EXIT_STATUS

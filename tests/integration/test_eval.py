@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT, SHARED_DIR
+from megatron_patch.fault_injection import KILLED_EXIT_STATUS
 
 EVAL_DIR = REPO_ROOT / "LM-Evaluation-Harness"
 RUN_EVAL = EVAL_DIR / "run_eval.sh"
@@ -206,16 +207,45 @@ def test_prepare_data_keeps_every_ceval_cell_as_its_text(ceval_zip, tmp_path):
                 assert [json.loads(line) for line in lines] == expected
 
 
-def test_ceval_valid_scores_the_prepared_subjects_with_upstream_few_shot_prompts(tiny_hf_checkpoint, ceval_zip,
-                                                                                  tmp_path):
+UNTRUSTED_CODE_RAN = "modeling_qwen2.py from MODEL_DIR was executed"
+
+
+@pytest.fixture
+def model_dir_with_untrusted_code(tiny_hf_checkpoint, tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """(tiny_hf_checkpoint with a modeling_qwen2.py that config.json's auto_map names, a file it creates when it
+    runs): the .py raises on import. Checked armed: transformers told to trust remote code does run it."""
+    model = tmp_path / "untrusted_model"
+    shutil.copytree(tiny_hf_checkpoint, model, ignore=shutil.ignore_patterns("eval_results", "config.json"),
+                    copy_function=os.link)
+    ran = tmp_path / "untrusted_code_ran"
+    (model / "modeling_qwen2.py").write_text(f"open({str(ran)!r}, 'w').close()\n"
+                                             f"raise RuntimeError({UNTRUSTED_CODE_RAN!r})\n")
+    config = json.loads((tiny_hf_checkpoint / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "modeling_qwen2.Qwen2Config",
+                          "AutoModelForCausalLM": "modeling_qwen2.Qwen2ForCausalLM"}
+    (model / "config.json").write_text(json.dumps(config, indent=2))
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))  # where transformers copies remote code
+    trusted = subprocess.run([sys.executable, "-c", "import sys; from transformers import AutoConfig; "
+                              "AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)", model],
+                             capture_output=True, text=True, timeout=120)
+    assert trusted.returncode != 0 and UNTRUSTED_CODE_RAN in trusted.stderr and ran.exists(), trusted.stderr[-2000:]
+    ran.unlink()
+    return model, ran
+
+
+def test_ceval_valid_scores_the_prepared_subjects_with_upstream_few_shot_prompts(model_dir_with_untrusted_code,
+                                                                                  ceval_zip, tmp_path):
+    """Also: a .py file in MODEL_DIR that config.json names (auto_map) is never run, since Qwen2 is transformers'."""
+    model, untrusted_code_ran = model_dir_with_untrusted_code
     data_dir = tmp_path / "data"
     prepared = subprocess.run([sys.executable, PREPARE_DATA, "--ceval", ceval_zip, "--out", data_dir],
                               capture_output=True, text=True, timeout=60)
     assert prepared.returncode == 0, prepared.stderr
     results_dir = tmp_path / "results"
-    done = run_script(["bash", RUN_EVAL, tiny_hf_checkpoint, "ceval-valid", "--limit", "2", "--num_fewshot", "1",
+    done = run_script(["bash", RUN_EVAL, model, "ceval-valid", "--limit", "2", "--num_fewshot", "1",
                        "--log_samples", "--batch_size", "4", "--output_path", results_dir], data_dir, tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
+    assert not untrusted_code_ran.exists() and UNTRUSTED_CODE_RAN not in done.stderr
     assert "covers 3 of 52 subjects" in done.stderr  # the partial download is said, not hidden
     command = next(line for line in done.stdout.splitlines() if line.startswith("+ "))
     assert command.count("--batch_size") == 1 and "--batch_size 4" in command
@@ -271,6 +301,73 @@ def test_model_dir_without_readable_hf_weights_is_refused_before_lm_eval(tiny_hf
         done = run_script(["bash", RUN_EVAL, model_dir], tmp_path, tmp_path, timeout=120)
         assert done.returncode == 2 and message in done.stderr, done.stderr[-3000:]
         assert "Traceback" not in done.stderr and "lm_eval" not in done.stdout
+
+
+# prepare_data.py, on a file system that cannot swap two names at once (NFS): two renames instead.
+PREPARE_DATA_WITHOUT_EXCHANGE = """
+import sys
+from megatron_patch import atomic_write
+atomic_write.exchange = lambda a, b: False
+import prepare_data
+sys.exit(prepare_data.main(sys.argv[1:]))
+"""
+
+
+def prepare_ceval(download: Path, out: Path, fault: str | None = None, exchange: bool = True):
+    env = {k: v for k, v in os.environ.items() if k != "MP_FAULT_INJECT"}
+    env["PYTHONPATH"] = os.pathsep.join([str(EVAL_DIR), str(REPO_ROOT)])
+    if fault:
+        env["MP_FAULT_INJECT"] = fault
+    script = [PREPARE_DATA] if exchange else ["-c", PREPARE_DATA_WITHOUT_EXCHANGE]
+    return subprocess.run([sys.executable, *script, "--ceval", download, "--out", out], capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+def folder_contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def old_and_new_ceval_data(tmp_path_factory) -> tuple[Path, Path, Path, Path]:
+    """(old download, its prepared data, new download, its prepared data): the new one has a subject fewer."""
+    root = tmp_path_factory.mktemp("ceval_versions")
+    old = write_ceval_download(root / "old")
+    new = root / "new"
+    shutil.copytree(old, new, ignore=shutil.ignore_patterns("computer_network_*"))
+    for download in (old, new):
+        assert prepare_ceval(download, root / f"{download.name}_data").returncode == 0
+    return old, root / "old_data" / "ceval", new, root / "new_data" / "ceval"
+
+
+@pytest.mark.parametrize("fault,exchange,in_place", [
+    ("prepare_data:output-written", True, "old"),   # killed before the swap
+    ("prepare_data:before-swap", True, "old"),
+    ("prepare_data:before-cleanup", True, "new"),   # killed after the swap (one atomic exchange)
+    ("prepare_data:between-renames", False, None),  # two renames: the next run puts the new data back first
+    ("prepare_data:before-cleanup", False, "new"),
+])
+def test_prepare_data_killed_during_its_swap_leaves_the_old_or_the_new_data_whole(old_and_new_ceval_data, tmp_path,
+                                                                                  fault, exchange, in_place):
+    old_download, old_data, new_download, new_data = old_and_new_ceval_data
+    whole = {"old": folder_contents(old_data), "new": folder_contents(new_data)}
+    assert whole["old"] != whole["new"]
+    out = tmp_path / "data"
+    shutil.copytree(old_data, out / "ceval")
+    killed = prepare_ceval(new_download, out, fault, exchange)
+    assert killed.returncode == KILLED_EXIT_STATUS, killed.stderr
+    if in_place:
+        assert folder_contents(out / "ceval") == whole[in_place]
+    else:
+        assert not (out / "ceval").exists()
+        (done,) = out.glob(".ceval.done-*")
+        assert folder_contents(done) == whole["new"]  # whole, beside: the README's hand recovery renames it back
+    # The next run, whatever it is given, first recovers: here a download it refuses, so nothing else changes.
+    empty = tmp_path / "empty_download"
+    for split in ("dev", "val"):
+        (empty / split).mkdir(parents=True)
+    assert prepare_ceval(empty, out).returncode == 2
+    assert folder_contents(out / "ceval") == whole[in_place or "new"]
+    assert sorted(p.name for p in out.iterdir()) == ["ceval"]
 
 
 def ceval_problem_rows(root: Path) -> dict[str, str]:
@@ -357,7 +454,7 @@ def test_gpus_get_one_accelerate_process_each_and_user_args_win(tmp_path):
                                      out, num_gpus=8, python="python")
     assert on_gpus[:10] == ["python", "-m", "accelerate.commands.accelerate_cli", "launch", "--num_processes", "8",
                             "--main_process_port", "29051", "-m", "lm_eval"]
-    assert on_gpus[on_gpus.index("--model_args") + 1] == f"pretrained={model},trust_remote_code=True"
+    assert on_gpus[on_gpus.index("--model_args") + 1] == f"pretrained={model},trust_remote_code=False"
     assert on_gpus[on_gpus.index("--tasks") + 1] == "cmmlu,ceval-valid"
     assert on_gpus.count("--batch_size") == 1 and on_gpus[on_gpus.index("--batch_size") + 1] == "8"
     assert on_gpus[-4:] == ["--limit", "10", "--batch_size", "8"] and "--device" not in on_gpus

@@ -26,6 +26,7 @@ from megatron_patch.errors import UserError
 from megatron_patch.launch import arguments, flags as launch_flags, run as launch_run, validate
 from megatron_patch.launch.arguments import POSITIONAL
 from megatron_patch.launch.machine import Machine, detect_machine
+from megatron_patch.model_sizes import get_size
 
 from training_utils import REPO_ROOT, clean_env  # noqa: E402
 SCRIPT = REPO_ROOT / "examples" / "qwen2_5" / "run_mcore_qwen.sh"
@@ -664,6 +665,24 @@ def test_every_flag_is_known_to_megatron_core(paths, overrides, environ, monkeyp
         monkeypatch.setenv(name, setting)
     args.rank, args.world_size = 0, GPU_TE.world_size
     validate_args(args, {})
+
+
+@pytest.mark.parametrize("size_name,seq_len", [("0.5B", 4096), ("72B", 32768)])
+def test_our_flop_count_is_megatron_cores(size_name, seq_len):
+    """The benchmarks' MFU and the TFLOP/s megatron-core logs count the same FLOPs: its own function, on the
+    model flags the launcher passes (a tied GQA 14/2 model and an untied 64/8 one)."""
+    from megatron.training.arguments import add_megatron_arguments
+    from megatron.training.training import num_floating_point_operations
+
+    from megatron_patch.arguments import qwen2_5_model_flags
+
+    size = get_size(size_name)
+    parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+    args = parser.parse_args([*qwen2_5_model_flags(size), "--seq-length", str(seq_len)])
+    args.kv_channels = args.hidden_size // args.num_attention_heads  # what megatron's validate_args derives
+    batch = 3
+    megatron_core = num_floating_point_operations(args, batch) / (batch * seq_len)
+    assert size.training_flops_per_token(seq_len) == pytest.approx(megatron_core, rel=1e-12)
 
 
 # ---- invalid combinations: their own message, exit status 2, no torchrun, no output folder ----
