@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks import BENCHMARKS, Benchmark, default_data_dir
+from eval_benchmarks import BENCHMARKS, Benchmark, default_data_dir
 from megatron_patch.errors import UserError, report_user_errors
 
 ANSWER_LETTERS = ("A", "B", "C", "D")
