@@ -297,11 +297,13 @@ class Matrix:
             after_each=lambda: None) -> None:
         """Up to `jobs` rows at once, each on the least-busy GPUs it needs (a GPU takes ceil(jobs / GPUs) rows at a
         time): launch, checkpoint load and compilation are host work, and a 0.5B row uses a fraction of an H200.
-        A row that loads another's checkpoint starts once that row has saved; no row starts that would end after
+        A row that loads another's checkpoint starts once that row has saved, one whose reference has no golden
+        values once the reference has run; no row starts that would end after
         budget_s (its estimate: the longest row so far). Each result records how many other rows shared its GPUs
         (its tokens/s is then a smoke figure of a shared GPU). after_each: called as each row ends."""
         start = time.time()
         todo = self.plan(rows, redo)
+        golden = load_golden(self.golden_path).get(self.variant, {})
         if todo:
             self.checkpoint()  # converted once, before the threads that read it
         gpu_total = self.processes_available()
@@ -323,6 +325,9 @@ class Matrix:
                         self.record(row, dict(status="failed", message=f"{row.loads_from} saved no checkpoint",
                                               command="", seconds=0))
                     continue
+                pending = {r.name for r in todo} | {r.name for r, _ in running.values()}
+                if row.golden_name != row.name and row.golden_name not in golden and row.golden_name in pending:
+                    continue  # its reference writes the golden values it is checked against
                 if len(running) >= jobs:
                     break
                 if time.time() - start + (max(spent) if spent else 60) > budget_s:

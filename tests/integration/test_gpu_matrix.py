@@ -213,8 +213,12 @@ def test_rows_run_concurrently_on_the_least_busy_gpus_and_a_resume_waits_for_its
     started: list[tuple[str, list[int]]] = []
     saved_when: dict[str, float] = {}
 
+    ended: dict[str, float] = {}
+
     def fake_run_row(row, gpus):
         with lock:
+            if row.reference:  # the golden values it is checked against are written by its reference's run
+                assert row.reference in ended, f"{row.name} started before {row.reference} ended"
             started.append((row.name, gpus))
             for gpu in gpus:
                 busy[gpu] += 1
@@ -228,7 +232,9 @@ def test_rows_run_concurrently_on_the_least_busy_gpus_and_a_resume_waits_for_its
         if row.saves:
             matrix.saved_checkpoints[row.name] = tmp_path / row.name
             saved_when[row.name] = time.time()
-        return matrix.record(row, dict(status="ok", losses={"1": 11.9, "2": 11.0}, command="", seconds=0.3))
+        result = matrix.record(row, dict(status="ok", losses={"1": 11.9, "2": 11.0}, command="", seconds=0.3))
+        ended[row.name] = time.time()
+        return result
 
     monkeypatch.setattr(matrix, "run_row", fake_run_row)
     rows = matrix.select("base,ac-sel,ac-full,fl-true,tp2,resume-tp1pp2,tp2-pp2")
