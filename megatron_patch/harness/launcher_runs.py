@@ -74,13 +74,13 @@ class Launched:
 LIVE_LAUNCHERS: set[subprocess.Popen] = set()  # stopped by stop_live_launchers when this process ends early
 
 
-def start_launcher(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+def start_launcher(args: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None) -> subprocess.Popen:
     """The launcher with these arguments in its own session (the launcher, torchrun and the ranks are stopped
-    together), its output in log_path, its working folder log_path's."""
+    together), its output in log_path, its working folder `cwd` (default log_path's)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(["sh", str(SCRIPT), *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                cwd=log_path.parent, start_new_session=True)
+                                cwd=cwd or log_path.parent, start_new_session=True)
     LIVE_LAUNCHERS.add(proc)
     return proc
 
@@ -122,13 +122,14 @@ def wait_launchers(procs: list[subprocess.Popen], logs: list[Path], last_line: s
 
 
 def run_launcher(args: list[str], extra_env: dict[str, str], out: Path, iterations: int) -> str:
-    """One launcher run in an empty `out` (a run stopped during its final save leaves a partial checkpoint there,
-    which the launcher rightly refuses to resume from), its output in out/megatron.log, stopped once its last
-    iteration is logged (the final save measures the disk, not training); returns the log. Raises RuntimeError
-    with the log's tail if it failed first."""
+    """One launcher run from this working folder (relative paths in `args` read as the caller means them) in an
+    empty `out` (a run stopped during its final save leaves a partial checkpoint there, which the launcher rightly
+    refuses to resume from), with this environment less its launcher knobs plus `extra_env`; its output in
+    out/megatron.log, stopped once its last iteration is logged (the final save measures the disk, not training).
+    Returns the log; raises RuntimeError with the log's tail if it failed first."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    proc = start_launcher(args, clean_environ(**extra_env), out / "megatron.log")
+    proc = start_launcher(args, clean_environ(**extra_env), out / "megatron.log", cwd=Path.cwd())
     (launched,) = wait_launchers([proc], [out / "megatron.log"], last_iteration_mark(iterations), None)
     if not launched.stopped and launched.returncode != 0:
         raise RuntimeError("run failed:\n" + "\n".join(launched.output.splitlines()[-30:]))

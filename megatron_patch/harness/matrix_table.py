@@ -108,8 +108,9 @@ def matrix_rows(settings: Settings, path: Path = ROWS_FILE) -> list[Row]:
         if unknown:
             raise ValueError(f"{path}: row {entry.get('name')} has unknown field(s) {', '.join(sorted(unknown))}; "
                              f"a row takes {', '.join(sorted(known))}")
-        entry = {**entry, "what": str(entry["what"]).format(**values), "needs": frozenset(entry.get("needs", ())),
-                 **{key: {k: str(v).format(**values) for k, v in entry.get(key, {}).items()} for key in ("args", "env")}}
+        filled = {key: {k: str(v).format(**values) for k, v in entry.get(key, {}).items()} for key in ("args", "env")}
+        entry = {**entry, **filled, "what": str(entry["what"]).format(**values),
+                 "needs": frozenset(entry.get("needs", ()))}
         if entry["args"].get("PR") != settings.precision:
             rows.append(Row(**entry))
     return rows
