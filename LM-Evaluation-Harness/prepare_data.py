@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks import BENCHMARKS, Benchmark, default_data_dir
+from eval_benchmarks import BENCHMARKS, Benchmark, default_data_dir
 from megatron_patch.atomic_write import StagedFolder, recover_interrupted
 from megatron_patch.errors import UserError, report_user_errors
 

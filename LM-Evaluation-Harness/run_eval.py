@@ -28,7 +28,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from benchmarks import BENCHMARKS, HERE, Benchmark, default_data_dir, prepare_command
+from eval_benchmarks import BENCHMARKS, HERE, Benchmark, default_data_dir, prepare_command
 from megatron_patch.errors import UserError, dry_run_requested, report_user_errors
 
 DEFAULT_TASKS = "cmmlu,ceval-valid"

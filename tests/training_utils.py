@@ -13,6 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
+from megatron_patch.harness.iteration_log import tensorboard_scalars
 from megatron_patch.hardware import free_port  # noqa: F401  (tests import it from here)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -169,14 +170,4 @@ def run_tool(cmd: list, check: bool = True, cwd: Path | None = None) -> subproce
 
 def tensorboard_losses(workdir: Path, tag: str = "lm loss") -> dict[int, float]:
     """{iteration: loss} from the TensorBoard events the run wrote under workdir/tb (full float precision)."""
-    from gpu_matrix import tensorboard_losses as read_events
-
-    return read_events(workdir / "tb", tag)
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The caller's environment without the launcher's knobs or a scheduler's variables, plus `extra`."""
-    knobs = ("MP_", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "KUBERNETES_CONTAINER_RESOURCE_GPU")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(knobs)}
-    env.update(extra)
-    return env
+    return tensorboard_scalars(workdir / "tb", tag)

@@ -100,8 +100,8 @@ def _parallel_flags(launch: Launch, machine: Machine) -> list[str]:
         flags.append("--overlap-grad-reduce")
         # The overlapped gather is waited on in forward hooks, outside a captured graph's reach; AC=full runs
         # each layer's forward (and its hooks) again in backward, which starts a second gather of a bucket
-        # whose first is still pending (megatron-core 0.19.2 asserts; seen on two H200s at 7B, CP2). PR=fp8
-        # through TE meets the same assertion at DP2 (7B, two H200s, 2026-12-01).
+        # whose first is still pending (megatron-core 0.19.2 asserts); PR=fp8 through TE meets the same
+        # assertion (docs/benchmarks.md, "Lab notes moved out of the code").
         if launch.distributed_optimizer and not launch.cuda_graph and launch.activation_checkpointing != "full" \
                 and launch.precision != "fp8":
             flags.append("--overlap-param-gather")

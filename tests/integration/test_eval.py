@@ -29,8 +29,7 @@ PREPARE_DATA = EVAL_DIR / "prepare_data.py"
 CMMLU_DOWNLOAD = SHARED_DIR / "data" / "cmmlu"
 UPSTREAM_TASKS = Path(importlib.util.find_spec("lm_eval").origin).parent / "tasks"
 
-sys.path.insert(0, str(EVAL_DIR))
-import run_eval  # noqa: E402  (LM-Evaluation-Harness/ is a script folder, not a package)
+import run_eval  # noqa: E402  (LM-Evaluation-Harness/ is a script folder on pytest's pythonpath)
 
 # lm-eval's TaskConfig defaults; the cmmlu and ceval templates don't override them.
 TARGET_DELIMITER, FEWSHOT_DELIMITER = " ", "\n\n"
