@@ -23,7 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from megatron_patch.errors import UserError
+from megatron_patch.errors import UserError, stop_signals_ignored
 from megatron_patch.fault_injection import fault_point
 
 STATES = ("partial", "done", "old")
@@ -122,7 +122,7 @@ def recover_interrupted(save_dir: str | Path) -> None:
 
 class StagedOutput:
     """`with StagedOutput(save_dir) as out:` write into `out`; on success it takes SAVE_DIR's place (replacing
-    any earlier content), on failure it is deleted."""
+    any earlier content; a stop signal cannot cut that short), on failure or a stop it is deleted."""
 
     def __init__(self, save_dir: str | Path):
         self.save_dir = Path(save_dir).resolve()
@@ -135,12 +135,14 @@ class StagedOutput:
         return self.partial
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            shutil.rmtree(self.partial, ignore_errors=True)
-            return False
-        fault_point("convert:output-written")
-        done = _sibling(self.save_dir, "done", os.getpid())
-        os.replace(self.partial, done)
-        fault_point("convert:before-swap")
-        swap_in(done, self.save_dir)
+        try:
+            if exc_type is None:
+                fault_point("convert:output-written")
+                done = _sibling(self.save_dir, "done", os.getpid())
+                with stop_signals_ignored():
+                    os.replace(self.partial, done)
+                    fault_point("convert:before-swap")
+                    swap_in(done, self.save_dir)
+        finally:
+            shutil.rmtree(self.partial, ignore_errors=True)  # on failure or a stop (gone when put in place)
         return False

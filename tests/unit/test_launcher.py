@@ -159,7 +159,8 @@ def test_best_practice_pretraining_command(paths):
     name = ("mcore-qwen2.5-tiny-pretrain-lr-1e-05-minlr-1e-06-bs-1-gbs-8-seqlen-128-pr-bf16-tp-1-pp-1-cp-1-ac-false"
             "-do-true-sp-false-ti-9-wi-0")
     assert run.torchrun == {"--nproc-per-node": "1", "--nnodes": "1", "--node-rank": "0",
-                            "--master-addr": "localhost", "--master-port": run.torchrun["--master-port"]}
+                            "--master-addr": "localhost", "--master-port": run.torchrun["--master-port"],
+                            "--signals-to-handle": "SIGQUIT"}  # the launcher stops the ranks itself
     assert run.value("--model-size") == "tiny"
     assert run.value("--micro-batch-size") == "1" and run.value("--global-batch-size") == "8"
     assert run.value("--seq-length") == "128"
@@ -280,7 +281,7 @@ def test_dlc_takes_the_layout_from_the_scheduler(paths):
                   WORLD_SIZE="2", RANK="1", MASTER_ADDR="10.0.0.7", MASTER_PORT="23456",
                   KUBERNETES_CONTAINER_RESOURCE_GPU="8")
     assert run.torchrun == {"--nproc-per-node": "8", "--nnodes": "2", "--node-rank": "1",
-                            "--master-addr": "10.0.0.7", "--master-port": "23456"}
+                            "--master-addr": "10.0.0.7", "--master-port": "23456", "--signals-to-handle": "SIGQUIT"}
     assert run.value("--train-iters") == "100"  # 409600 / 32 / 128
 
 
