@@ -162,7 +162,8 @@ MANIFEST: tuple[Patch, ...] = (
         "group alone, though context-parallel ranks hold the same replicas (their gradients are all-reduced over "
         "data x context parallel): CP replicas that drifted apart went unseen.",
         "when megatron-core's check gathers over the data- and context-parallel group",
-        ("tests/integration/test_context_parallel.py::test_context_parallel_ranks_hold_bit_identical_replicas",),
+        ("tests/integration/test_context_parallel.py::test_the_replica_check_compares_context_parallel_ranks",
+         "tests/integration/test_context_parallel.py::test_context_parallel_ranks_hold_bit_identical_replicas"),
         replica_check.install),
 
     # ---- reliability

@@ -215,6 +215,9 @@ def test_ctrl_c_and_sigterm_stop_after_saving_and_the_relaunch_resumes_exactly(s
         first.wait_for(lambda: first.logged(2), 600, "iteration 2")
         first.signal_every_process_group(signal.SIGINT)
         stopped_at = assert_stopped(first, signal.SIGINT, saved_before=None)
+        # The relaunch is stopped once it has logged stopped_at + 1: it saves that iteration or the next.
+        reference.wait_for(lambda: reference.logged(stopped_at + 2), 600, "the reference's iterations")
+        os.kill(reference.proc.pid, signal.SIGTERM)
 
         relaunch = Run(sft_json, out, default_tokenizer_dir, save_interval=10000, console=tmp_path / "relaunch")
         runs.append(relaunch)
@@ -223,9 +226,6 @@ def test_ctrl_c_and_sigterm_stop_after_saving_and_the_relaunch_resumes_exactly(s
         saved = assert_stopped(relaunch, signal.SIGTERM, saved_before=stopped_at)
         assert re.search(rf"successfully loaded checkpoint from .* at iteration\s+{stopped_at}\b", relaunch.text())
         assert not any(relaunch.logged(i) for i in range(1, stopped_at + 1)), "the relaunch started over"
-
-        reference.wait_for(lambda: reference.logged(saved), 600, f"the reference's iteration {saved}")
-        os.kill(reference.proc.pid, signal.SIGTERM)
         assert reference.proc.wait(timeout=120) == 128 + signal.SIGTERM
     finally:
         for run in runs:
