@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import BENCHMARKS, Benchmark, default_data_dir
-from megatron_patch.errors import UserError, report_user_errors
+from megatron_patch.errors import UserError, report_user_errors, stop_signals_ignored
 
 ANSWER_LETTERS = ("A", "B", "C", "D")
 ARCHIVE_SUFFIXES = (".zip", ".tgz", ".tar.gz", ".tar")
@@ -162,8 +162,9 @@ def _convert_folder(bench: Benchmark, root: Path, data_dir: Path, skip_bad_rows:
     for subject, splits in tables.items():
         for split, rows in splits.items():
             write_jsonl(rows, partial / split / f"{subject}.jsonl")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    partial.rename(out_dir)
+    with stop_signals_ignored():  # Ctrl-C cannot leave the old data deleted and the new one not in place
+        shutil.rmtree(out_dir, ignore_errors=True)
+        partial.rename(out_dir)
     total = sum(len(splits[eval_split]) for splits in tables.values())
     print(f"{bench.name}: wrote {len(tables)} subjects ({total} {eval_split} questions) to {out_dir}")
     return {subject: {split: len(rows) for split, rows in splits.items()} for subject, splits in tables.items()}
