@@ -88,6 +88,9 @@ def add_extra_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="fp8 on Hopper: forward GEMMs promote their partial sums to fp32 (TE's split "
                             "accumulator, which its backward GEMMs use already) instead of accumulating in the fp8 "
                             "tensor cores' reduced precision")
+    group.add_argument("--replica-digests-dir", default=None,
+                       help="with --check-weight-hash-across-dp-replicas-interval: each rank also writes the SHA-1 "
+                            "of every parameter at each check to DIR/rank<N>.jsonl, to compare replicas offline")
     group.add_argument("--cpu-threads", type=int, default=None,
                        help="CPU runs: torch threads per process (default: cores / processes)")
     return parser

@@ -28,6 +28,7 @@ import socket
 import sys
 from pathlib import Path
 
+from megatron_patch.errors import stop_signals_ignored
 from megatron_patch.fault_injection import fault_point
 from megatron_patch.process_lifetime import writer_alive
 
@@ -129,7 +130,8 @@ def recover_interrupted(target: str | Path) -> None:
 
 class StagedFolder:
     """`with StagedFolder(target, "convert") as out:` write into `out`; on success it is flushed to disk and takes
-    `target`'s place (replacing what was there), on failure it is deleted. The second argument names the fault
+    `target`'s place (replacing what was there; a stop signal cannot cut that short), on failure or a stop it is
+    deleted. The second argument names the fault
     points (LABEL:output-written, LABEL:before-swap, LABEL:between-renames, LABEL:before-cleanup)."""
 
     def __init__(self, target: str | Path, fault_label: str):
@@ -144,15 +146,17 @@ class StagedFolder:
         return self.partial
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            shutil.rmtree(self.partial, ignore_errors=True)
-            return False
-        fsync_tree(self.partial)
-        fault_point(f"{self.fault_label}:output-written")
-        done = _sibling(self.target, "done", os.getpid())
-        os.replace(self.partial, done)
-        fault_point(f"{self.fault_label}:before-swap")
-        self._swap_in(done)
+        try:
+            if exc_type is None:
+                fsync_tree(self.partial)
+                fault_point(f"{self.fault_label}:output-written")
+                done = _sibling(self.target, "done", os.getpid())
+                with stop_signals_ignored():  # Ctrl-C cannot leave the old content moved aside, the new not in place
+                    os.replace(self.partial, done)
+                    fault_point(f"{self.fault_label}:before-swap")
+                    self._swap_in(done)
+        finally:
+            shutil.rmtree(self.partial, ignore_errors=True)  # on failure or a stop (gone when put in place)
         return False
 
     def _swap_in(self, done: Path) -> None:

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@report_user_errors
+@report_user_errors(stopped="SAVE_DIR was not written (what it held before is unchanged); run the same command "
+                            "to convert again")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)

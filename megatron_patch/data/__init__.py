@@ -13,3 +13,6 @@ Modules (import the one you need; this package imports nothing heavy, so preproc
     providers            what pretrain() calls: the datasets (GPTDataset blends, or SFT) and get_batch
     sft_providers        the SFT train/valid/test datasets from the entrypoint's arguments
 """
+
+# What a stopped preprocessing tool says it left (indexed_writer writes all outputs or none).
+IDXMAP_NOT_WRITTEN = "no idxmap was written (one already at this output prefix is unchanged); run the same command again"

@@ -3,9 +3,9 @@
 Every output is written under a temporary name beside its target, and each .idx is stamped with its .bin (see
 idxmap_stamp). Only when all outputs are complete do they replace the targets, each flushed to disk before its
 rename (atomic_write.replace_file): first the old .idx files go, then the new .bin files and then the new .idx
-files take their names. A crash or a bad input line before that leaves the old outputs as they were; a kill
-during it leaves an idxmap without its .idx, which every reader refuses (dataset_checks), never a new .bin beside
-an old .idx.
+files take their names. A crash, a bad input line or a stop (Ctrl-C, SIGTERM) before that leaves the old outputs
+as they were, and a stop cannot cut the renames short; a kill during them leaves an idxmap without its .idx,
+which every reader refuses (dataset_checks), never a new .bin beside an old .idx.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 
 from megatron_patch.atomic_write import replace_file
 from megatron_patch.data.idxmap_stamp import append_stamp, new_pair_id
-from megatron_patch.errors import UserError
+from megatron_patch.errors import UserError, stop_signals_ignored
 from megatron_patch.fault_injection import fault_point
 from megatron_patch.process_lifetime import writer_alive
 from megatron_patch.tokenizer import TOKENIZER_SIZE
@@ -65,6 +65,7 @@ class IndexedDatasetWriter:
         with writing(self.temp_prefix + ".bin"):
             self.builder.add_document(data.astype(self.dtype, copy=False), lengths)
         self.documents += 1
+        fault_point("data:document-added")
 
     def add_index(self, prefix: str | Path) -> None:
         """Append a whole existing idxmap (used to merge)."""
@@ -130,7 +131,8 @@ def atomic_indexed_writers(outputs: Sequence[tuple[str | Path, type]]) -> Iterat
         for writer in writers:
             writer.discard()
         raise
-    _replace_targets(writers)
+    with stop_signals_ignored():
+        _replace_targets(writers)
 
 
 def merge_indexed_datasets(prefixes: Sequence[str | Path], output_prefix: str | Path) -> int:

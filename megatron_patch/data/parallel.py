@@ -10,6 +10,8 @@ import multiprocessing
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
+from megatron_patch.errors import children_ignore_interrupts
+
 
 def ordered_parallel_map(
     func: Callable[[Any], Any],
@@ -27,7 +29,9 @@ def ordered_parallel_map(
         return
     # spawn, not fork: the parent may hold torch/tokenizers threads, and fork with live threads can deadlock.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=initializer, initargs=initargs) as pool:
+    with children_ignore_interrupts():  # Ctrl-C is the parent's to handle; leaving the block terminates the pool
+        pool = context.Pool(workers, initializer=initializer, initargs=initargs)
+    with pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(func, (chunk,)))

@@ -181,6 +181,8 @@ def torchrun_command(launch: Launch, machine: Machine, tokenizer: str) -> list[s
         "--nproc-per-node", str(machine.nproc_per_node), "--nnodes", str(machine.nnodes),
         "--node-rank", str(machine.node_rank),
         "--master-addr", machine.master_addr, "--master-port", str(machine.master_port),
+        # Not SIGINT/SIGTERM/SIGHUP (its default): the launcher stops the ranks itself (launch/run.py).
+        "--signals-to-handle", "SIGQUIT",
         "-m", "megatron_patch.pretrain_qwen", *megatron_flags(launch, machine, tokenizer),
     ]
 

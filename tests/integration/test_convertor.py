@@ -443,6 +443,25 @@ def test_overwrite_killed_after_the_swap_leaves_the_new_checkpoint_and_the_next_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # the dead run's leftover is gone
 
 
+def test_ctrl_c_leaves_save_dir_as_it_was_and_one_line(tiny_hf_checkpoint, converted_tiny, tmp_path):
+    """Ctrl-C once the new checkpoint is written, just before it would take SAVE_DIR's place (the last moment a
+    stop can still undo it), with megatron-core's writer helpers alive in the same process group: exit 130, one
+    line, SAVE_DIR still the old checkpoint (fp32, not the bf16 asked for), nothing left beside it."""
+    from megatron_patch.convert.convertor import _mcore_tensor_metadata
+
+    from training_utils import run_stopped
+
+    save_dir = tmp_path / "out" / "ckpt"
+    shutil.copytree(converted_tiny, save_dir)
+    line = run_stopped(["bash", RUN_8X, "tiny", tiny_hf_checkpoint, save_dir, "false", "false", "bf16", "",
+                        "--overwrite"], "convert:output-written", tmp_path)
+    assert line == ("stopped by SIGINT; SAVE_DIR was not written (what it held before is unchanged); run the same "
+                    "command to convert again")
+    assert sorted(p.name for p in save_dir.parent.iterdir()) == ["ckpt"]
+    assert sorted(p.name for p in save_dir.iterdir()) == sorted(p.name for p in converted_tiny.iterdir())
+    assert {m.properties.dtype for m in _mcore_tensor_metadata(save_dir / "release").values()} == {torch.float32}
+
+
 @pytest.mark.parametrize("variable,value,warned", [("MP_DRY_RUN", "1", False), ("DRY_RUN", "true", True)])
 def test_dry_run_prints_the_command_and_converts_nothing(tmp_path, variable, value, warned):
     env = {k: v for k, v in os.environ.items() if k not in ("MP_DRY_RUN", "DRY_RUN")}

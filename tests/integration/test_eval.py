@@ -185,6 +185,16 @@ def ceval_zip(tmp_path) -> Path:
     return archive
 
 
+@pytest.fixture
+def ceval_data_dir(ceval_zip, tmp_path) -> Path:
+    """ceval_zip through prepare_data.py: EVAL_DATA_DIR for run_eval.sh."""
+    data_dir = tmp_path / "data"
+    prepared = subprocess.run([sys.executable, PREPARE_DATA, "--ceval", ceval_zip, "--out", data_dir],
+                              capture_output=True, text=True, timeout=60)
+    assert prepared.returncode == 0, prepared.stderr
+    return data_dir
+
+
 def test_prepare_data_keeps_every_ceval_cell_as_its_text(ceval_zip, tmp_path):
     # Also a download folder holding the archive's extracted top folder, and a .tgz with a top folder.
     parent = tmp_path / "downloads"
@@ -233,16 +243,12 @@ def model_dir_with_untrusted_code(tiny_hf_checkpoint, tmp_path, monkeypatch) -> 
 
 
 def test_ceval_valid_scores_the_prepared_subjects_with_upstream_few_shot_prompts(model_dir_with_untrusted_code,
-                                                                                  ceval_zip, tmp_path):
+                                                                                  ceval_data_dir, tmp_path):
     """Also: a .py file in MODEL_DIR that config.json names (auto_map) is never run, since Qwen2 is transformers'."""
     model, untrusted_code_ran = model_dir_with_untrusted_code
-    data_dir = tmp_path / "data"
-    prepared = subprocess.run([sys.executable, PREPARE_DATA, "--ceval", ceval_zip, "--out", data_dir],
-                              capture_output=True, text=True, timeout=60)
-    assert prepared.returncode == 0, prepared.stderr
     results_dir = tmp_path / "results"
     done = run_script(["bash", RUN_EVAL, model, "ceval-valid", "--limit", "2", "--num_fewshot", "1",
-                       "--log_samples", "--batch_size", "4", "--output_path", results_dir], data_dir, tmp_path)
+                       "--log_samples", "--batch_size", "4", "--output_path", results_dir], ceval_data_dir, tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     assert not untrusted_code_ran.exists() and UNTRUSTED_CODE_RAN not in done.stderr
     assert "covers 3 of 52 subjects" in done.stderr  # the partial download is said, not hidden
@@ -427,21 +433,33 @@ def test_a_malformed_row_in_the_real_cmmlu_layout_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("variable", ["MP_DRY_RUN", "EVAL_DRY_RUN"])
-def test_dry_run_prints_the_lm_eval_command_and_writes_nothing(tiny_hf_checkpoint, ceval_zip, tmp_path, variable):
-    data_dir = tmp_path / "data"
-    prepared = subprocess.run([sys.executable, PREPARE_DATA, "--ceval", ceval_zip, "--out", data_dir],
-                              capture_output=True, text=True, timeout=60)
-    assert prepared.returncode == 0, prepared.stderr
+def test_dry_run_prints_the_lm_eval_command_and_writes_nothing(tiny_hf_checkpoint, ceval_data_dir, tmp_path,
+                                                               variable):
     results_dir = tmp_path / "results"
     env = {k: v for k, v in os.environ.items() if k not in ("MP_DRY_RUN", "EVAL_DRY_RUN")}
     done = subprocess.run(["bash", str(RUN_EVAL), str(tiny_hf_checkpoint), "ceval-valid", "--output_path",
                            str(results_dir)], capture_output=True, text=True, timeout=300,
-                          env={**env, "PYTHON": sys.executable, "EVAL_DATA_DIR": str(data_dir), variable: "1"})
+                          env={**env, "PYTHON": sys.executable, "EVAL_DATA_DIR": str(ceval_data_dir), variable: "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     command = next(line for line in done.stdout.splitlines() if line.startswith("+ "))
     assert " -m lm_eval --model hf " in command and f"--include_path {results_dir / 'lm_eval_tasks'}" in command
     assert ("EVAL_DRY_RUN is deprecated; use MP_DRY_RUN=1" in done.stderr) == (variable == "EVAL_DRY_RUN")
     assert not results_dir.exists()
+
+
+def test_ctrl_c_stops_lm_eval_with_one_line_and_no_results(tiny_hf_checkpoint, ceval_data_dir, tmp_path):
+    """Ctrl-C once lm-eval has started (it runs in its own session: run_eval.py kills its whole tree): exit 130,
+    one line, no results file and no staging folder under the output path (only the task configs it reads)."""
+    from training_utils import run_stopped
+
+    results_dir = tmp_path / "results"
+    line = run_stopped(["bash", RUN_EVAL, tiny_hf_checkpoint, "ceval-valid", "--limit", "2", "--output_path",
+                        results_dir], "owned-child:started", tmp_path, PYTHON=sys.executable,
+                       EVAL_DATA_DIR=str(ceval_data_dir))
+    assert line == "stopped by SIGINT; no results were written; run the same command to evaluate again"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".results")) == []
+    assert sorted(p.name for p in results_dir.iterdir()) == ["lm_eval_tasks"]
+    assert not list(results_dir.rglob("results_*.json")) and not list(results_dir.rglob("samples_*"))
 
 
 # ---------------------------------------------------------------- the command line, for GPU runs

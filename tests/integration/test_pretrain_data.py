@@ -315,3 +315,25 @@ def test_training_refuses_a_split_that_gets_no_document_instead_of_hanging(tmp_p
                                         rf"its validation split none\. Give it more documents \(at least 51"):
         training_datasets(monkeypatch, default_tokenizer_dir, ["--data-path", prefix, "--split", "99,1,0",
                                                                "--seq-length", "4"], [8, 2, 0])
+
+
+@pytest.mark.parametrize("tool", ["pretrain", "sft"])
+def test_both_preprocessing_tools_stopped_by_ctrl_c_write_nothing(tool, tmp_path, default_tokenizer_dir):
+    """Ctrl-C once the first document is written: exit 130, one line, no .bin/.idx or temporary file. The
+    pre-training tool runs two tokenizer workers, which the SIGINT reaches too (a terminal sends it to the whole
+    foreground group); both tools share that pool (data/parallel.py), so the SFT tool runs in one process."""
+    from training_utils import run_stopped
+
+    records = [{"text": f"document {i} " * 20, "instruction": f"question {i}", "output": f"answer {i}"}
+               for i in range(400)]
+    data = write_lines(tmp_path / "records.jsonl", [json.dumps(r) for r in records])
+    out = tmp_path / "out"
+    out.mkdir()
+    script, extra = {"pretrain": (PREPROCESS, ["--workers", "2"]),
+                     "sft": (REPO_ROOT / "toolkits" / "sft_data_preprocessing" / "build_idxmap_sft_dataset.py",
+                             ["--seq-length", "64"])}[tool]
+    line = run_stopped([sys.executable, script, "--input", data, "--output-prefix", out / "x", "--tokenizer",
+                        default_tokenizer_dir, "--no-progress", *extra], "data:document-added", tmp_path)
+    assert line == ("stopped by SIGINT; no idxmap was written (one already at this output prefix is unchanged); "
+                    "run the same command again")
+    assert leftovers(out) == [] and not list(out.iterdir())

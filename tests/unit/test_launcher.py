@@ -165,7 +165,8 @@ def test_best_practice_pretraining_command(paths):
     name = ("mcore-qwen2.5-tiny-pretrain-lr-1e-05-minlr-1e-06-bs-1-gbs-8-seqlen-128-pr-bf16-tp-1-pp-1-cp-1-ac-false"
             "-do-true-sp-false-ti-9-wi-0")
     assert run.torchrun == {"--nproc-per-node": "1", "--nnodes": "1", "--node-rank": "0",
-                            "--master-addr": "localhost", "--master-port": run.torchrun["--master-port"]}
+                            "--master-addr": "localhost", "--master-port": run.torchrun["--master-port"],
+                            "--signals-to-handle": "SIGQUIT"}  # the launcher stops the ranks itself
     # The model's own flags (tiny's, from the size table): the entrypoint expands no size name.
     assert not run.has("--model-size") and run.value("--num-layers") == "2" and run.value("--hidden-size") == "64"
     assert run.value("--rotary-base") == "1000000" and run.value("--position-embedding-type") == "rope"
@@ -288,7 +289,7 @@ def test_dlc_takes_the_layout_from_the_scheduler(paths):
                   WORLD_SIZE="2", RANK="1", MASTER_ADDR="10.0.0.7", MASTER_PORT="23456",
                   KUBERNETES_CONTAINER_RESOURCE_GPU="8")
     assert run.torchrun == {"--nproc-per-node": "8", "--nnodes": "2", "--node-rank": "1",
-                            "--master-addr": "10.0.0.7", "--master-port": "23456"}
+                            "--master-addr": "10.0.0.7", "--master-port": "23456", "--signals-to-handle": "SIGQUIT"}
     assert run.value("--train-iters") == "100"  # 409600 / 32 / 128
 
 

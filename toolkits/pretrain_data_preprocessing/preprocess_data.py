@@ -12,7 +12,7 @@ Inputs: .jsonl/.ndjson/.json files hold one JSON object per line, or one JSON ar
 line: one per line). Every document ends with <|endoftext|> (151643) unless --no-append-eod. Outputs appear only
 when complete, and replace an older idxmap at the same prefix as one unit. A bad line (malformed JSON, not
 UTF-8, ...) stops with its file:line unless --skip-bad-lines; a blank input file or no document at all writes
-nothing. Errors exit with status 2.
+nothing. Errors exit with status 2; Ctrl-C (or SIGTERM) stops with one line, writing nothing, status 130 (143).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_patch.data import IDXMAP_NOT_WRITTEN
 from megatron_patch.errors import report_user_errors
 
 
@@ -50,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-@report_user_errors
+@report_user_errors(stopped=IDXMAP_NOT_WRITTEN)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Imported here, not at the top: spawned workers re-import this script and must stay light.

@@ -14,7 +14,7 @@ kept and counted. With --packing, several samples share one row of --seq-length 
 A record with nothing to train on (no "output", no assistant turn), two user or two assistant turns in a row,
 malformed JSON or bytes that are not UTF-8 stops with its file:line, or is skipped and counted with
 --skip-bad-lines. An empty input writes nothing. Outputs replace older ones at the same prefix as one unit.
-Errors exit with status 2.
+Errors exit with status 2; Ctrl-C (or SIGTERM) stops with one line, writing nothing, status 130 (143).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_patch.data import IDXMAP_NOT_WRITTEN
 from megatron_patch.errors import report_user_errors
 
 
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-@report_user_errors
+@report_user_errors(stopped=IDXMAP_NOT_WRITTEN)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Imported here, not at the top: spawned workers re-import this script and must stay light.
