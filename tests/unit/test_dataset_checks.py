@@ -94,7 +94,8 @@ def test_an_sft_pair_written_apart_is_refused(tmp_path):
     samples = [([1, 2, 3], [0, 1, 1]), ([4, 5], [0, 1])]
     first = write_sft_idxmap(tmp_path / "first", samples)
     assert dataset_problem("DATASET_PATH", first, "sft") is None
-    second = write_sft_idxmap(tmp_path / "second", samples)
+    # Same lengths, other tokens: only the pair id tells the runs apart (identical data would be one pair).
+    second = write_sft_idxmap(tmp_path / "second", [([1, 2, 9], [0, 1, 1]), ([4, 5], [0, 0])])
     for suffix in (".bin", ".idx"):
         shutil.copy(f"{second}_label_document{suffix}", f"{first}_label_document{suffix}")
     assert dataset_problem("DATASET_PATH", first, "sft") == (
