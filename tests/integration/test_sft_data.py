@@ -519,3 +519,87 @@ def test_older_or_unfit_upstream_sft_idxmaps_are_refused(tmp_path, tok):
     assert dataset_problem("D", ours, "sft").startswith(
         f"D {ours} is not an SFT idxmap: {ours}.bin/.idx is one idxmap written by this toolkit's pre-training "
         f"preprocessor, neither the pair {SFT_TOOL} writes")
+
+
+# Two samples (10 11 12 | 20 21) and one padding position; labels shifted, -100 where untrained.
+UPSTREAM_ROW_TOKENS = [10, 11, -1 - 12, 20, -1 - 21, 0]
+UPSTREAM_ROW_LABELS = [-100, 12, -100, 21, -100, -100]
+
+
+@pytest.mark.parametrize("position, label, message", [
+    (None, None, None),
+    (1, -5, "label -5 is neither -100 nor a token id"),
+    (2, 20, "a sample's last position is trained (label 20), though nothing follows it"),
+    (1, 99, "label 99 is not the next token: labels are not the row's tokens shifted by one"),
+    (5, 7, "label 7 in the padding after the row's last sample"),
+])
+def test_each_upstream_row_is_checked(position, label, message):
+    from megatron_patch.data.upstream_sft_idxmap import row_problem
+
+    labels = list(UPSTREAM_ROW_LABELS)
+    if position is not None:
+        labels[position] = label
+    found = row_problem(np.asarray([UPSTREAM_ROW_TOKENS]), np.asarray([labels]))
+    assert found == (None if message is None else (0, position, message))
+
+
+def test_an_upstream_idxmap_with_a_row_of_another_length_is_refused(tmp_path, monkeypatch):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_patch.data import dataset_checks
+    from megatron_patch.data.sft_dataset import open_sft_idxmap
+
+    row = UPSTREAM_ROW_TOKENS + UPSTREAM_ROW_LABELS
+    builder = IndexedDatasetBuilder(str(tmp_path / "u_text_document.bin"), dtype=np.int32)
+    for values in (row, row + [1, -100], row):
+        builder.add_document(np.asarray(values, dtype=np.int32), [len(values)])
+    builder.finalize(str(tmp_path / "u_text_document.idx"))
+    monkeypatch.setattr(dataset_checks, "SAMPLED_ROWS", 1)  # the cheap check sees the first and last rows only
+    with pytest.raises(UserError, match=r"row 1 has 14 values where row 0 has 12: not Pai-Megatron-Patch's SFT "
+                                        r"layout"):
+        open_sft_idxmap(tmp_path / "u", 6, None, 0, packing=False)
+    with pytest.raises(UserError, match="is not an SFT idxmap pair; open it with open_sft_idxmap"):
+        SFTIdxMapDataset(tmp_path / "u_text_document", 6, None, 0, packing=False)
+
+
+def test_text_after_a_json_arrays_end_is_refused(tmp_path, default_tokenizer_dir):
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps([ALPACA_PLAIN], indent=1) + "\n" + json.dumps(ALPACA_PLAIN) + "\n")
+    with pytest.raises(InputError, match=rf"^error: {path}:8: more text after the JSON array's closing '\]'\. A JSON "
+                                         rf"file holds one array of records; JSONL holds one record \(or one list of "
+                                         rf"records\) per line\."):
+        build_sft_idxmap(path, tmp_path / "x", default_tokenizer_dir, 64, show_progress=False)
+
+
+# ---- blends: 'W1 P1 W2 P2 ...', as the entrypoint gets them ----
+
+
+def test_an_sft_blend_draws_by_its_weights(tmp_path, default_tokenizer_dir, tok, monkeypatch):
+    from data_files import assert_drawn_by_weight, write_upstream_sft_idxmap
+    from megatron.training.arguments import parse_args
+
+    from megatron_patch.arguments import add_extra_args
+    from megatron_patch.data.sft_dataset import open_sft_idxmap
+    from megatron_patch.data.sft_providers import BlendedSFTDataset, build_sft_datasets
+
+    array, _ = write_sft_files(tmp_path)
+    build_sft_idxmap(array, tmp_path / "ours", default_tokenizer_dir, 160, show_progress=False)
+    theirs = write_upstream_sft_idxmap(tmp_path / "theirs_text_document", COUNTING, tok, 160)
+    monkeypatch.setattr(sys, "argv", ["pretrain_qwen", "--instruction-tuning", "--dataset-type", "idxmap",
+                                      "--seq-length", "160", "--seed", "7", "--sft-packing", "--tokenizer-type",
+                                      "HuggingFaceTokenizer", "--tokenizer-model", str(default_tokenizer_dir),
+                                      "--train-data-path", "1", str(tmp_path / "ours"), "3", theirs,
+                                      "--valid-data-path", theirs])
+    train, valid, test = build_sft_datasets(parse_args(add_extra_args), [100, 5, 0])
+    assert isinstance(train, BlendedSFTDataset) and len(train) == 100 and test is None
+    assert "Pai-Megatron-Patch's layout" in valid.describe() and len(valid) == 5
+    assert_drawn_by_weight(train.dataset_index, [1, 3])
+    # Each item is its dataset's own item, each dataset read in its own order.
+    ours, upstream = (open_sft_idxmap(path, 160, n, seed, packing=True) for path, n, seed in
+                      ((tmp_path / "ours", 25, 7), (theirs, 75, 1007)))
+    for i in (0, 1, 2, 3, 50, 99):
+        source = (ours, upstream)[train.dataset_index[i]]
+        assert_same_items({0: train[i]}, {0: source[int(train.dataset_sample_index[i])]}, [0])
+    with pytest.raises(UserError, match=r"^error: --valid-data-path: the weight '0' of .* must be a positive number"):
+        monkeypatch.setattr(sys, "argv", sys.argv[:-1] + ["0", theirs])
+        build_sft_datasets(parse_args(add_extra_args), [100, 5, 0])
