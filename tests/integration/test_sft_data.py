@@ -380,7 +380,7 @@ COUNTING = [{"instruction": f"Count to {n}.", "input": "", "output": " ".join(ma
             for n in (2, 3, 4, 5, 6, 7)]
 
 
-def test_a_list_item_is_packed_together(tmp_path, default_tokenizer_dir):
+def test_a_list_item_is_packed_together(tmp_path, default_tokenizer_dir, tok):
     path = tmp_path / "groups.jsonl"
     items = [COUNTING[0], COUNTING[1:4], COUNTING[4], [COUNTING[5]]]
     path.write_text("".join(json.dumps(item) + "\n" for item in items))
@@ -392,6 +392,8 @@ def test_a_list_item_is_packed_together(tmp_path, default_tokenizer_dir):
     assert sorted(grouped.rows) == [[0], [1, 2, 3], [4], [5]]
     assert [int(grouped[i]["segment_ids"].max()) for i in range(4)].count(3) == 1  # three samples + padding
     assert len(SFTIdxMapDataset(tmp_path / "g", 160, None, seed=0, packing=False)) == 6
+    # The raw JSON reader takes a list item's records one by one.
+    assert len(RawJSONSFTDataset(path, tok, 160, None, seed=0, packing=False)) == 6
     # A group longer than a row goes on in the next row, in its order (upstream's builder does the same).
     stats = build_sft_idxmap(path, tmp_path / "short", default_tokenizer_dir, 64, show_progress=False)
     assert (stats.samples, stats.rows) == (6, 6)
