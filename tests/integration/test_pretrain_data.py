@@ -319,7 +319,24 @@ def test_upstreams_flags_are_accepted(tmp_path, default_tokenizer_dir, preproces
     assert len(read_idxmap(str(tmp_path / "mmap_qwen2_datasets_text_document"))) == len(titles) == 20
 
 
+def test_workers_auto_starts_a_process_per_core_but_none_for_a_small_input(tmp_path, monkeypatch):
+    from megatron_patch.data import parallel
+
+    corpus = write_lines(tmp_path / "c.jsonl", synthetic_jsonl(50))
+    (tmp_path / "pieces").mkdir()
+    (tmp_path / "pieces" / "00.jsonl.zst").write_bytes(b"x" * 3000)
+    assert parallel.auto_workers([corpus, tmp_path / "pieces"]) == 1
+    monkeypatch.setattr(parallel, "AUTO_BYTES_PER_WORKER", 3000)  # compressed bytes count four times
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 64)
+    assert parallel.auto_workers([tmp_path / "pieces"]) == 4
+    assert parallel.auto_workers([corpus, tmp_path / "pieces"]) == 4 + corpus.stat().st_size // 3000
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 2)
+    assert parallel.auto_workers([corpus, tmp_path / "pieces"]) == 2
+
+
 @pytest.mark.parametrize("flags, message", [
+    (["--workers", "0"], "argument --workers: must be at least 1"),
+    (["--workers", "many"], "argument --workers: expected a number or auto, got 'many'"),
     (["--patch-tokenizer-type", "LLama3Tokenizer"], "--patch-tokenizer-type LLama3Tokenizer: these tools write "
                                                     "Qwen2.5 data; pass Qwen2Tokenizer"),
     (["--split-sentences"], "--split-sentences is not supported: every document is written whole"),

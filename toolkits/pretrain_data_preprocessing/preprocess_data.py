@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_patch.data.parallel import auto_workers, workers_arg
 from megatron_patch.data.upstream_flags import add_upstream_flags, notes_and_dry_run, settle_upstream_flags
 from megatron_patch.errors import report_user_errors
 
@@ -41,7 +42,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--json-key", default="text", help="field of each JSON line holding the text (default: text)")
     parser.add_argument("--text-mode", choices=["paragraph", "line"], default="paragraph",
                         help="plain-text inputs: one document per blank-line-separated paragraph, or per line")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1: in this process)")
+    parser.add_argument("--workers", type=workers_arg, default=1,
+                        help="tokenizer processes (default 1: in this process), or auto: one per core, at most one "
+                             "per 4 MiB of input")
     parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                         help="end every document with <|endoftext|> (default: on)")
     parser.add_argument("--skip-bad-lines", action="store_true",
@@ -53,8 +56,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     notes = settle_upstream_flags(parser, args, "pretrain")
     if args.input and not args.tokenizer:
         parser.error("--tokenizer (or --load) is required with --input")
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
+    if args.workers == "auto" and args.input:
+        args.workers = auto_workers(args.input)
     return args, notes
 
 

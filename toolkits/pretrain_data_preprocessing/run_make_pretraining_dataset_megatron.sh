@@ -18,10 +18,9 @@ fi
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-# Upstream starts 2 tokenizer processes for Qwen2; one per core writes the same files sooner.
-WORKERS=$(nproc 2>/dev/null || echo 2)
-# JSON_KEYS unquoted, as upstream passes it: "text content" names two fields.
+# JSON_KEYS unquoted, as upstream passes it: "text content" names two fields. Upstream starts 2 tokenizer
+# processes; --workers auto starts one per core, fewer for a small input.
 # shellcheck disable=SC2086
 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" "$ROOT/toolkits/pretrain_data_preprocessing/preprocess_data.py" \
   --input "$1" --output-prefix "$4/mmap_qwen2_datasets" --patch-tokenizer-type "$2" --json-keys $3 --load "$5" \
-  --workers "$WORKERS" --append-eod
+  --workers auto --append-eod

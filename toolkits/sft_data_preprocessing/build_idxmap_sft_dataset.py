@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_patch.data.parallel import auto_workers, workers_arg
 from megatron_patch.data.upstream_flags import add_upstream_flags, notes_and_dry_run, settle_upstream_flags
 from megatron_patch.errors import report_user_errors
 
@@ -40,7 +41,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--tokenizer", help="Hugging Face tokenizer folder with a chat template")
     parser.add_argument("--seq-length", type=int, required=True, help="training sequence length (tokens)")
     parser.add_argument("--packing", action="store_true", help="pack several samples per row of --seq-length")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1: in this process)")
+    parser.add_argument("--workers", type=workers_arg, default=1,
+                        help="tokenizer processes (default 1: in this process), or auto: one per core, at most one "
+                             "per 4 MiB of input")
     parser.add_argument("--skip-bad-lines", action="store_true",
                         help="skip and count bad records (see above) instead of stopping at the first one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -51,8 +54,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         parser.error("--tokenizer (or --load) is required")
     if args.seq_length < 2:
         parser.error("--seq-length must be at least 2")
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
+    if args.workers == "auto" and args.input:
+        args.workers = auto_workers(args.input)
     return args, notes
 
 

@@ -25,8 +25,7 @@ esac
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-WORKERS=$(nproc 2>/dev/null || echo 2)
 # shellcheck disable=SC2086
 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" "$ROOT/toolkits/sft_data_preprocessing/build_idxmap_sft_dataset.py" \
   --input "$1" --output-prefix "$4" --patch-tokenizer-type "$2" --load "$5" --seq-length "$3" \
-  --workers "$WORKERS" $PACKING
+  --workers auto $PACKING
