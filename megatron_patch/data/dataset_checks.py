@@ -156,7 +156,7 @@ def _not_upstream_sft_layout(prefix: str, facts: IndexFacts) -> str | None:
     """Why an idxmap cannot be Pai-Megatron-Patch's SFT layout (one int32 row of 2 x its seq length per
     document), or None."""
     if facts.stamp is not None:
-        return "written by this toolkit's pre-training preprocessor"
+        return "written by this toolkit (pre-training data, or an SFT pair's text without its _label_document)"
     if facts.dtype_code != INT32_CODE:
         return "whose token ids are not int32"
     if facts.documents != facts.sequences:

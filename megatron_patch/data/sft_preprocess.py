@@ -8,8 +8,8 @@ Layout for `--output-prefix P`:
                               from another run
 Unpacked, each sample is its own *document*, except the records of one input item that is a list (upstream's
 "pack these together"): they share documents of at most seq_length tokens, in their order. With packing, each
-document is one packed row of several sequences (Megatron's document_indices), so sample boundaries survive and
-the reader restarts positions per sample. Inputs are JSON / JSONL files (optionally .gz or .zst), or folders
+document is one packed row of several sequences (Megatron's document_indices; list items are packed with the
+rest), so sample boundaries survive and the reader restarts positions per sample. Inputs are JSON / JSONL files (optionally .gz or .zst), or folders
 of them.
 """
 

@@ -519,8 +519,8 @@ def test_older_or_unfit_upstream_sft_idxmaps_are_refused(tmp_path, tok):
     assert "is one idxmap whose rows differ in length (2 and 4 tokens)" in dataset_problem("D", uneven, "sft")
     ours = write_idxmap(tmp_path / "ours_text_document", [[1, 2], [3, 4]])
     assert dataset_problem("D", ours, "sft").startswith(
-        f"D {ours} is not an SFT idxmap: {ours}.bin/.idx is one idxmap written by this toolkit's pre-training "
-        f"preprocessor, neither the pair {SFT_TOOL} writes")
+        f"D {ours} is not an SFT idxmap: {ours}.bin/.idx is one idxmap written by this toolkit (pre-training data, "
+        f"or an SFT pair's text without its _label_document), neither the pair {SFT_TOOL} writes")
 
 
 # Two samples (10 11 12 | 20 21) and one padding position; labels shifted, -100 where untrained.

@@ -198,4 +198,4 @@ def test_our_sft_pair_is_found_from_either_name(tmp_path):
         Path(f"{prefix}_label_document{suffix}").unlink()
     assert dataset_problem("DATASET_PATH", prefix, "sft").startswith(
         f"DATASET_PATH {prefix} is not an SFT idxmap: {prefix}_text_document.bin/.idx is one idxmap written by this "
-        f"toolkit's pre-training preprocessor")
+        f"toolkit (pre-training data, or an SFT pair's text without its _label_document), neither the pair")
