@@ -138,12 +138,18 @@ def write_zst_pieces(folder: Path, lines: list[str], pieces: int) -> Path:
     return folder
 
 
-def upstream_script(shell: str, script: str, *args: Path | str) -> None:
-    """`cd toolkits/<folder> && sh|bash <script> ARGS`, as upstream's READMEs run its data scripts."""
+def upstream_script(shell: str, script: str, *args: Path | str) -> subprocess.Popen:
+    """`cd toolkits/<folder> && sh|bash <script> ARGS`, as upstream's READMEs run its data scripts (started;
+    finish_scripts waits)."""
     folder = next(TOOLKITS.glob(f"*/{script}")).parent
-    run = subprocess.run(["sh", "-c", f'cd "{folder}" && {shell} {script} "$@"', "sh", *map(str, args)],
-                         env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return subprocess.Popen(["sh", "-c", f'cd "{folder}" && {shell} {script} "$@"', "sh", *map(str, args)],
+                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_scripts(*procs: subprocess.Popen) -> None:
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-2000:] + err[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -162,12 +168,13 @@ def corpora(tmp_path_factory, default_tokenizer_dir):
     (root / "alpaca_zh-train.json").write_text(json.dumps(alpaca[:64], ensure_ascii=False), encoding="utf-8")
     (root / "alpaca_zh-valid.json").write_text(json.dumps(alpaca[64:80], ensure_ascii=False), encoding="utf-8")
 
-    # Upstream's scripts: the first corpus from its zstd pieces, the SFT training file.
+    # Upstream's scripts (both at once: their time is mostly imports): the first corpus from its zstd pieces, the
+    # SFT training file.
     pieces = write_zst_pieces(root / "cleaned_zst", lines[:300], pieces=3)
-    upstream_script("sh", "run_make_pretraining_dataset_megatron.sh", f"{pieces}/", "Qwen2Tokenizer", "text", f"{root}/",
-                    default_tokenizer_dir)
-    upstream_script("bash", "run_build_idxmap_sft_dataset.sh", root / "alpaca_zh-train.json", "Qwen2Tokenizer", "128",
-                    root / "mmap_qwen2_sft_datasets", default_tokenizer_dir)
+    scripts = (upstream_script("sh", "run_make_pretraining_dataset_megatron.sh", f"{pieces}/", "Qwen2Tokenizer",
+                               "text", f"{root}/", default_tokenizer_dir),
+               upstream_script("bash", "run_build_idxmap_sft_dataset.sh", root / "alpaca_zh-train.json",
+                               "Qwen2Tokenizer", "128", root / "mmap_qwen2_sft_datasets", default_tokenizer_dir))
     # Our Python tools, as a user runs them (in this process: they only tokenize).
     pretrain_main = runpy.run_path(str(TOOLKITS / "pretrain_data_preprocessing" / "preprocess_data.py"))["main"]
     for name in ("peoples_daily", "peoples_daily_b"):
@@ -176,6 +183,7 @@ def corpora(tmp_path_factory, default_tokenizer_dir):
     sft_main = runpy.run_path(str(TOOLKITS / "sft_data_preprocessing" / "build_idxmap_sft_dataset.py"))["main"]
     assert sft_main(["--input", str(root / "alpaca_zh-valid.json"), "--output-prefix", str(root / "alpaca_zh-valid"),
                      "--tokenizer", str(default_tokenizer_dir), "--seq-length", "128", "--no-progress"]) == 0
+    finish_scripts(*scripts)
     return {"root": root, "records": alpaca}
 
 
