@@ -448,6 +448,9 @@ def test_upstreams_sft_flags(tmp_path, default_tokenizer_dir, sft_main, capsys):
         sft_main(["--input", str(array), "--output-prefix", str(tmp_path / "x"), "--load", str(default_tokenizer_dir),
                   "--seq-length", "160", "--json-keys", "content"])
     assert "--json-keys content: the SFT builder writes PREFIX_text_document" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sft_main(["--input", str(array), "--output-prefix", str(tmp_path / "x"), "--seq-length", "160"])
+    assert "error: --tokenizer (or --load) is required" in capsys.readouterr().err
 
 
 # ---- SFT idxmaps built by Pai-Megatron-Patch's own builder ----
