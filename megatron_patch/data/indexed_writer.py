@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from megatron_patch.atomic_write import replace_file
-from megatron_patch.data.idxmap_stamp import append_stamp, new_pair_id
+from megatron_patch.data.idxmap_stamp import append_stamp, pair_id_of
 from megatron_patch.errors import UserError, stop_signals_ignored
 from megatron_patch.fault_injection import fault_point
 from megatron_patch.process_lifetime import writer_alive
@@ -47,13 +47,13 @@ def writing(path: str | Path) -> Iterator[None]:
 class IndexedDatasetWriter:
     """One idxmap being written under a temporary prefix; `documents` counts the documents added."""
 
-    def __init__(self, prefix: str | Path, dtype: type, pair_id: bytes) -> None:
+    def __init__(self, prefix: str | Path, dtype: type) -> None:
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         self.prefix = str(prefix)
         self.temp_prefix = f"{self.prefix}.tmp-{os.getpid()}"
         self.dtype = dtype
-        self.pair_id = pair_id
+        self.pair_id = b""  # set when stamped
         with writing(self.temp_prefix + ".bin"):
             self.builder = IndexedDatasetBuilder(self.temp_prefix + ".bin", dtype=dtype)
         self.documents = 0
@@ -75,7 +75,11 @@ class IndexedDatasetWriter:
     def finalize_to_temp(self) -> None:
         with writing(self.temp_prefix + ".idx"):
             self.builder.finalize(self.temp_prefix + ".idx")
-            append_stamp(self.temp_prefix + ".idx", self.temp_prefix + ".bin", self.pair_id)
+
+    def stamp(self, pair_id: bytes) -> None:
+        with writing(self.temp_prefix + ".idx"):
+            append_stamp(self.temp_prefix + ".idx", self.temp_prefix + ".bin", pair_id)
+        self.pair_id = pair_id
 
     def discard(self) -> None:
         with contextlib.suppress(Exception):
@@ -119,14 +123,16 @@ def atomic_indexed_writers(outputs: Sequence[tuple[str | Path, type]]) -> Iterat
     for prefix, _ in outputs:
         with writing(Path(prefix).parent):
             Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    pair_id = new_pair_id()
     writers: list[IndexedDatasetWriter] = []
     try:
         for prefix, dtype in outputs:
-            writers.append(IndexedDatasetWriter(prefix, dtype, pair_id))
+            writers.append(IndexedDatasetWriter(prefix, dtype))
         yield writers
         for writer in writers:
             writer.finalize_to_temp()
+        pair_id = pair_id_of([writer.temp_prefix for writer in writers])
+        for writer in writers:
+            writer.stamp(pair_id)
     except BaseException:
         for writer in writers:
             writer.discard()

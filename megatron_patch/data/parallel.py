@@ -6,11 +6,37 @@
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing
+import os
 from collections import deque
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from megatron_patch.errors import children_ignore_interrupts
+
+AUTO_BYTES_PER_WORKER = 4 << 20
+
+
+def workers_arg(value: str) -> int | str:
+    """The tools' --workers: a number of tokenizer processes (1: in this process), or auto (auto_workers)."""
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got '{value}'") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+def auto_workers(paths: list[str | Path]) -> int:
+    """--workers auto: a process per core, but at most one per 4 MiB of input (a .gz or .zst file counts four
+    times its size): below that, starting a tokenizer process costs more than it saves."""
+    files = [f for p in map(Path, paths) for f in (sorted(p.iterdir()) if p.is_dir() else [p]) if f.is_file()]
+    size = sum(f.stat().st_size * (4 if f.suffix in (".gz", ".zst") else 1) for f in files)
+    return max(1, min(os.cpu_count() or 1, size // AUTO_BYTES_PER_WORKER))
 
 
 def ordered_parallel_map(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from megatron_patch import hardware
 from megatron_patch.arguments import NO_TE_GPU_FLAGS, qwen2_5_model_flags
+from megatron_patch.data.blend import split_data_path
 from megatron_patch.launch.arguments import Launch
 from megatron_patch.launch.machine import Machine, uses_te
 
@@ -160,19 +161,19 @@ def auto_offload_fraction(launch: Launch, machine: Machine, free_gpu_bytes: int 
 
 
 def _data_flags(launch: Launch) -> list[str]:
+    # A blend's words are separate arguments: Megatron's data path flags take lists.
+    train, valid = split_data_path(launch.dataset_path), split_data_path(launch.valid_dataset_path)
     if launch.sft:
         flags = ["--instruction-tuning", "--dataset-type", launch.dataset_type,
-                 "--train-data-path", launch.dataset_path,
-                 "--valid-data-path", launch.valid_dataset_path]
+                 "--train-data-path", *train, "--valid-data-path", *valid]
         if launch.dataset_type == "raw":
             flags += ["--max-padding-length", str(launch.pad_len)]
         if launch.sft_packing:
             flags.append("--sft-packing")
         return flags
     if launch.valid_dataset_path == launch.dataset_path:
-        return ["--dataset-type", "idxmap", "--data-path", launch.dataset_path, "--split", "99,1,0"]
-    return ["--dataset-type", "idxmap", "--train-data-path", launch.dataset_path,
-            "--valid-data-path", launch.valid_dataset_path]
+        return ["--dataset-type", "idxmap", "--data-path", *train, "--split", "99,1,0"]
+    return ["--dataset-type", "idxmap", "--train-data-path", *train, "--valid-data-path", *valid]
 
 
 def torchrun_command(launch: Launch, machine: Machine, tokenizer: str) -> list[str]:

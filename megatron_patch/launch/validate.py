@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_patch.data.blend import data_path_problem
 from megatron_patch.data.dataset_checks import dataset_problem
 from megatron_patch.launch.arguments import Launch
 from megatron_patch.launch.machine import Machine, uses_te
@@ -259,7 +260,11 @@ def _path_problems(launch: Launch) -> list[str]:
     datasets = [("DATASET_PATH", launch.dataset_path)]
     if launch.valid_dataset_path != launch.dataset_path:
         datasets.append(("VALID_DATASET_PATH", launch.valid_dataset_path))
-    errors = [problem for label, path in datasets if (problem := dataset_problem(label, path, kind))]
+    errors = []
+    for label, text in datasets:
+        blend, problem = data_path_problem(label, text)
+        paths = blend.paths if blend else []
+        errors += [problem] if problem else [p for path in paths if (p := dataset_problem(label, path, kind))]
     if launch.pretrain_checkpoint is not None:
         errors += _checkpoint_problems(launch, Path(launch.pretrain_checkpoint))
     return errors

@@ -308,6 +308,18 @@ def test_pretraining_with_a_separate_validation_set(paths):
     assert run.value("--valid-data-path") == str(paths.valid)
 
 
+def test_blends_go_to_megatron_as_lists(paths):
+    # Upstream passes DATASET_PATH unquoted to --data-path: a blend is one argument with spaces.
+    blend = f"0.7 {paths.train} 0.3 {paths.valid}"
+    run = dry_run(paths, argv(paths, DATASET_PATH=blend, VALID_DATASET_PATH=blend))
+    at = run.flags.index("--data-path")
+    assert run.flags[at + 1 : at + 6] == ["0.7", str(paths.train), "0.3", str(paths.valid), "--split"]
+    _, flags = api_flags(paths, SFT="true", DATASET_PATH=f"1 {paths.sft} 3 {paths.sft_valid}")
+    at = flags.index("--train-data-path")
+    assert flags[at + 1 : at + 7] == ["1", str(paths.sft), "3", str(paths.sft_valid), "--valid-data-path",
+                                      str(paths.sft)]
+
+
 def test_best_practice_finetuning_command_on_idxmap(paths):
     run = dry_run(paths, argv(paths, SFT="true", VALID_DATASET_PATH=str(paths.sft_valid)))
     # SFT budgets are iterations.
@@ -719,7 +731,13 @@ INVALID = [
      "nope_text_document is not an idxmap dataset prefix: missing"),
     ("prefix_with_extension", {"DATASET_PATH": "{train}.bin"}, {}, "train_text_document.bin is not an idxmap"),
     ("sft_on_a_pretraining_prefix", {"SFT": "true", "DATASET_PATH": "{train}"}, {},
-     "train_text_document is not an SFT idxmap prefix: missing"),
+     "train_text_document is not an SFT idxmap: "),
+    ("blend_weight", {"DATASET_PATH": "0.7 {train} -0.3 {valid}"}, {},
+     "DATASET_PATH: the weight '-0.3' of "),
+    ("blend_words", {"VALID_DATASET_PATH": "0.7 {train} {valid}"}, {},
+     "has 3 words: neither one path nor a blend 'W1 P1 W2 P2 ...'"),
+    ("blend_missing_prefix", {"DATASET_PATH": "0.5 {train} 0.5 {root}/data/absent_text_document"}, {},
+     "absent_text_document is not an idxmap dataset prefix: missing"),
     ("missing_raw_json", {"SFT": "true", "DATASET_PATH": "{root}/data/nope.json", "VALID_DATASET_PATH": "{valid_json}"},
      {"MP_DATASET_TYPE": "raw"}, "nope.json is not a file; MP_DATASET_TYPE=raw reads a JSON/JSONL file"),
     ("not_a_checkpoint", {"PRETRAIN_CHECKPOINT_PATH": "{root}/data"}, {},

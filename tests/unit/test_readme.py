@@ -57,6 +57,8 @@ def test_ci_runs_the_readme_test_command():
     ("run_mcore_qwen.sh", {25}),
     ("run_8xH20.sh", {6, 7}),
     ("hf2mcore_qwen2.5_convertor.sh", {9}),
+    ("run_make_pretraining_dataset_megatron.sh", {5}),
+    ("run_build_idxmap_sft_dataset.sh", {5, 6}),
 ])
 def test_shell_scripts_exist_and_get_their_argument_count(script, counts):
     for cwd, argv in commands_running(script):
