@@ -10,13 +10,9 @@ if [[ $# -lt 1 ]]; then
     exit 2
 fi
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# The project's venv (made by `make setup`) when there is one, so lm-eval and accelerate are the pinned ones.
-if [[ -z "${PYTHON:-}" ]]; then
-    PYTHON=python
-    [[ -x "$HERE/../.venv/bin/python" ]] && PYTHON="$HERE/../.venv/bin/python"
-fi
-# megatron_patch (errors, the convertor's safetensors check) from this checkout, whichever interpreter runs.
-export PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}"
+ROOT="$(cd "$HERE/.." && pwd)"
+# The project's venv when there is one, so lm-eval and accelerate are the locked ones.
+. "$ROOT/scripts/python_env.sh"
 # EVAL_DRY_RUN=1 was this script's dry-run switch before MP_DRY_RUN=1, every script's one convention.
 [[ -n "${EVAL_DRY_RUN:-}" ]] && { echo "warning: EVAL_DRY_RUN is deprecated; use MP_DRY_RUN=1" >&2; export MP_DRY_RUN="$EVAL_DRY_RUN"; }
-exec "$PYTHON" "$HERE/run_eval.py" "$@"
+exec "$PY" "$HERE/run_eval.py" "$@"

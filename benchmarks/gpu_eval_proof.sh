@@ -4,8 +4,8 @@
 set -euo pipefail
 TOK=$1 DATA=$2 OUT=$3
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-PY=${PYTHON:-python3}
-PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m megatron_patch.hf_checkpoint 0.5B "$OUT/qwen0.5b-random" \
+. "$ROOT/scripts/python_env.sh"
+"$PY" -m megatron_patch.hf_checkpoint 0.5B "$OUT/qwen0.5b-random" \
   --dtype bfloat16 --tokenizer "$TOK"
 start=$(date +%s)
 EVAL_DATA_DIR=$DATA PYTHON=$PY bash "$ROOT/LM-Evaluation-Harness/run_eval.sh" "$OUT/qwen0.5b-random" cmmlu --batch_size 64 \

@@ -38,8 +38,18 @@ def gpu_compute_capability() -> int:
     return major * 10 + minor
 
 
+@functools.cache
 def transformer_engine_importable() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
+    """Transformer Engine is installed and imports: the one probe the launcher, the entrypoint and the convertor
+    ask (its import fails in many ways when its CUDA libraries are missing, and a broken TE must read as absent to
+    all of them alike)."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 
 def flash_attn_importable() -> bool:

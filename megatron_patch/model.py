@@ -14,16 +14,6 @@ from megatron_patch.attention import SDPACoreAttention
 from megatron_patch.fused.rms_norm import FusedRMSNorm
 
 
-def transformer_engine_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # TE's import fails in many ways when its CUDA libraries are missing
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def qwen2_5_layer_spec(use_te: bool, fused_kernels: bool = True) -> ModuleSpec:
     """Pre-norm RMSNorm decoder layer with GQA self-attention and a SwiGLU MLP.
 

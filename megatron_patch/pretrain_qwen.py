@@ -3,8 +3,9 @@
 Launch it with torchrun (examples/qwen2_5/run_mcore_qwen.sh builds the command, with the model's own flags from its
 checkpoint's config.json); by hand, `--model-size NAME` stands for a size-table entry's flags:
     torchrun --nproc-per-node N -m megatron_patch.pretrain_qwen --model-size 0.5B [Megatron flags]
-Without a GPU the same command trains on the CPU (see megatron_patch/cpu_backend.py). Every change to torch's
-and megatron-core's behaviour is listed and applied in megatron_patch/patches (`prepare`, `apply`).
+Without a GPU the same command trains on the CPU (see megatron_patch/patches/cpu_backend.py). Megatron comes up as
+in every process of ours (megatron_patch.megatron_startup); every change to torch's and megatron-core's behaviour is
+listed in megatron_patch/patches.
 """
 
 from __future__ import annotations
@@ -22,17 +23,15 @@ for _name, _value in ENVIRONMENT_DEFAULTS.items():
 
 import torch  # noqa: E402
 
-from megatron_patch import cpu_backend  # noqa: E402
+from megatron_patch.megatron_startup import importing_megatron, start_megatron  # noqa: E402
 
-with cpu_backend.eager_fusers_while_importing_megatron():
+with importing_megatron():
     from megatron.core.enums import ModelType  # noqa: E402
     from megatron.core.rerun_state_machine import get_rerun_state_machine  # noqa: E402
     from megatron.training import get_args, get_timers, pretrain  # noqa: E402
     from megatron.training.argument_utils import pretrain_cfg_container_from_args  # noqa: E402
-    from megatron.training.arguments import parse_and_validate_args  # noqa: E402
 
-    from megatron_patch import checkpoint_state, patches, process_lifetime  # noqa: E402
-    from megatron_patch.arguments import add_extra_args, expand_model_size  # noqa: E402
+    from megatron_patch import checkpoint_state, process_lifetime  # noqa: E402
     from megatron_patch.data.providers import get_batch, train_valid_test_datasets_provider  # noqa: E402
     from megatron_patch.errors import UserError  # noqa: E402
     from megatron_patch.fused import linear_cross_entropy  # noqa: E402
@@ -97,16 +96,9 @@ def forward_step(data_iterator, model):
 def main(argv: list[str]) -> None:
     # A rank whose torchrun was killed (kill -9, the OOM killer) would live on, blocked in a collective and
     # holding its GPU; so would the helper processes it starts.
+    # (Their helper processes die with them: the manifest's children-die-with-parent.)
     process_lifetime.die_with_parent()
-    process_lifetime.children_die_with_this_process()
-    device = patches.device_here()
-    patches.prepare(device)
-    argv = expand_model_size(argv)
-    if device == "cpu":
-        argv = cpu_backend.cpu_argv(argv)
-    sys.argv = [sys.argv[0], *argv]
-    args = parse_and_validate_args(extra_args_provider=add_extra_args)
-    patches.apply(args, device)
+    args = start_megatron(argv)
     # The launcher settles a damaged or untracked checkpoint folder before torchrun; a direct torchrun is refused.
     checkpoint_state.refuse_unresolved(args.load)
     pretrain(

@@ -2,6 +2,6 @@
 # The best practice end to end on the embedded tiny default (what `make demo` runs); see demo.py beside it.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-PY=${PYTHON:-$ROOT/.venv/bin/python}
+. "$ROOT/scripts/python_env.sh"
 cd "$ROOT"
-PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=ignore exec "$PY" "$ROOT/examples/qwen2_5/demo.py" "$@"
+PYTHONWARNINGS=ignore exec "$PY" "$ROOT/examples/qwen2_5/demo.py" "$@"

@@ -8,6 +8,5 @@
 # README's table lists them all. Parsing, validation, the flag mapping and the run live in megatron_patch/launch/.
 set -e
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-PY=${PYTHON:-$ROOT/.venv/bin/python}
-[ -x "$PY" ] || PY=python3
-PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -m megatron_patch.launch "$@"
+. "$ROOT/scripts/python_env.sh"
+exec "$PY" -m megatron_patch.launch "$@"

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(shlex.join([sys.executable, "-m", "megatron_patch.convert", *map(str, argv)]))
         return 0
     if not args.use_cuda:
-        # Before anything touches CUDA: a CPU conversion must not see the GPU, so megatron_patch.cpu_backend
+        # Before anything touches CUDA: a CPU conversion must not see the GPU, so megatron_patch.patches.cpu_backend
         # takes over exactly as it does for CPU training.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     # Before torch loads (seconds): a SAVE_DIR that would destroy an input is refused at once.

@@ -140,7 +140,7 @@ def _progress(iterable, desc: str, total: int | None = None):
 
 def _use_device(use_cuda: bool) -> None:
     """USE_CUDA=true needs a visible GPU (a clear error, never a silent CPU run); false hides any GPU so
-    megatron takes the CPU/gloo path of megatron_patch.cpu_backend."""
+    megatron takes the CPU/gloo path of megatron_patch.patches.cpu_backend."""
     if use_cuda:
         if not torch.cuda.is_available():
             raise UserError("error: USE_CUDA=true but no CUDA GPU is visible to this process. Run with "

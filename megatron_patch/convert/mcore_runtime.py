@@ -1,14 +1,13 @@
 """Megatron in this process, set up the way the training entrypoint sets it up (one rank, TP=1, PP=1).
 
-The model comes from the entrypoint's own `megatron_patch.model.model_provider` with args parsed by megatron's
-`parse_and_validate_args` from the size table's flags (plus the CPU backend's flags when there is no GPU), so
-what is saved here is exactly what `pretrain_qwen` builds and loads.
+The model comes from the entrypoint's own `megatron_patch.model.model_provider`, with Megatron brought up by the
+entrypoint's own start-up (megatron_patch.megatron_startup) from the model's flags, so what is saved here is exactly
+what `pretrain_qwen` builds and loads.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -17,8 +16,6 @@ from megatron_patch.convert.mapping import canonical_mcore_name
 from megatron_patch.errors import UserError
 from megatron_patch.hardware import free_port
 from megatron_patch.model_sizes import Qwen25Size
-
-DTYPE_FLAGS = {torch.float32: [], torch.bfloat16: ["--bf16"], torch.float16: ["--fp16"]}
 
 
 def _single_process_env() -> None:
@@ -43,8 +40,9 @@ _ARGS = None
 
 
 def init_megatron(size: Qwen25Size, dtype: torch.dtype, seq_length: int = 128, extra_argv: tuple[str, ...] = ()):
-    """Megatron's global args, process groups and seeds for a one-process TP=1/PP=1 run; returns args.
-    `extra_argv`: more Megatron flags (e.g. --plain-kernels).
+    """Megatron's global args, process groups and seeds for a one-process TP=1/PP=1 run, brought up as the
+    training entrypoint brings it up (megatron_startup.start_megatron: the same patches, kernels and model);
+    returns args. `extra_argv`: more Megatron flags (e.g. --plain-kernels).
 
     Megatron keeps this state in globals, so a process initialises it once.
     """
@@ -52,45 +50,14 @@ def init_megatron(size: Qwen25Size, dtype: torch.dtype, seq_length: int = 128, e
     if _ARGS is not None:
         return _ARGS
     _single_process_env()
-    from megatron_patch import cpu_backend
+    from megatron_patch.megatron_flags import single_process_flags
+    from megatron_patch.megatron_startup import importing_megatron, start_megatron
 
-    with cpu_backend.eager_fusers_while_importing_megatron():
-        from megatron.training.arguments import parse_and_validate_args
+    dtype_name = str(dtype).removeprefix("torch.")
+    args = start_megatron(single_process_flags(size, dtype_name, seq_length) + list(extra_argv))
+    with importing_megatron():
         from megatron.training.initialize import initialize_megatron
-
-        from megatron_patch import patches
-        from megatron_patch.arguments import NO_TE_GPU_FLAGS, add_extra_args, qwen2_5_model_flags
-
-    # The training entrypoint's two calls (patches.prepare before parsing, patches.apply after), so the model and
-    # its kernels are exactly those training builds.
-    device = patches.device_here()
-    on_cpu = device == "cpu"
-    patches.prepare(device)
-
-    argv = qwen2_5_model_flags(size) + [
-        "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1",
-        "--micro-batch-size", "1", "--global-batch-size", "1",
-        "--seq-length", str(seq_length), "--max-position-embeddings", str(max(seq_length, size.positions)),
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", str(size.vocab_size - 1),
-        "--ckpt-format", "torch_dist", "--no-save-optim", "--no-save-rng",
-        "--train-iters", "1", "--lr", "0.0", "--seed", "1234",
-        *DTYPE_FLAGS[dtype], *extra_argv,
-    ]
-    if on_cpu:
-        argv = cpu_backend.cpu_argv(argv)
-    else:
-        from megatron_patch.model import transformer_engine_available
-
-        if not transformer_engine_available():
-            argv += NO_TE_GPU_FLAGS  # the launcher's flags for this case (patches.apply supplies the GEMM)
-    saved_argv = sys.argv
-    sys.argv = [saved_argv[0], *argv]
-    try:
-        args = parse_and_validate_args(extra_args_provider=add_extra_args)
-    finally:
-        sys.argv = saved_argv
-    patches.apply(args, device)
-    initialize_megatron(allow_no_cuda=on_cpu)
+    initialize_megatron(allow_no_cuda=not torch.cuda.is_available())
     # Every weight is overwritten from the checkpoint: skip the random init (minutes on a CPU for large sizes).
     args.perform_initialization = False
     _ARGS = args

@@ -11,10 +11,10 @@ Modules (import the one you need; this package imports nothing heavy, so preproc
     pretrain_preprocess  text -> token ids + end-of-document -> idxmap
     sft                  build_sft_sample (chat template + answer mask), plan_packing
     sft_preprocess       SFT records -> text/label idxmap pair (optionally packed)
-    sft_dataset          SFTIdxMapDataset, RawJSONSFTDataset, open_sft_idxmap
+    sft_dataset          SFTIdxMapDataset, RawJSONSFTDataset
     upstream_sft_idxmap  SFT idxmaps built by Pai-Megatron-Patch's own tool, read as our samples
     providers            what pretrain() calls: the datasets (GPTDataset blends, or SFT) and get_batch
-    sft_providers        the SFT train/valid/test datasets (or blends of them) from the entrypoint's arguments
+    sft_providers        open_sft_idxmap (either layout); the SFT train/valid/test datasets (or blends of them)
 """
 
 # What a stopped preprocessing tool says it left (indexed_writer writes all outputs or none).

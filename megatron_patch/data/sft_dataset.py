@@ -100,19 +100,6 @@ def sample_rows(lengths: Sequence[int], seq_length: int, packing: bool) -> list[
     return plan_packing([min(n, seq_length) for n in lengths], seq_length)
 
 
-def open_sft_idxmap(path: str | Path, seq_length: int, num_samples: int | None, seed: int, packing: bool
-                    ) -> EpochShuffledRows:
-    """The SFT idxmap dataset at `path`: our pair (SFTIdxMapDataset) or one built by Pai-Megatron-Patch's own
-    builder (UpstreamSFTIdxMapDataset), as dataset_checks.locate_sft_idxmap tells them apart."""
-    check_dataset("SFT data path", path, "sft")
-    found = locate_sft_idxmap(path)
-    if found.layout == "upstream":
-        from megatron_patch.data.upstream_sft_idxmap import UpstreamSFTIdxMapDataset
-
-        return UpstreamSFTIdxMapDataset(found.prefix, seq_length, num_samples, seed, packing)
-    return SFTIdxMapDataset(found.prefix, seq_length, num_samples, seed, packing)
-
-
 class SFTIdxMapDataset(EpochShuffledRows):
     """Reads `{path_prefix}_text_document` and `{path_prefix}_label_document` (see sft_preprocess).
 

@@ -3,6 +3,7 @@ one dataset or a blend of several (`W1 P1 W2 P2 ...`, drawn as Megatron draws it
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -10,8 +11,22 @@ import torch
 from megatron.training import print_rank_0
 
 from megatron_patch.data.blend import Blend, read_blend
-from megatron_patch.data.sft_dataset import RawJSONSFTDataset, open_sft_idxmap
+from megatron_patch.data.dataset_checks import check_dataset, locate_sft_idxmap
+from megatron_patch.data.sft_dataset import RawJSONSFTDataset, SFTIdxMapDataset
+from megatron_patch.data.upstream_sft_idxmap import UpstreamSFTIdxMapDataset
 from megatron_patch.errors import UserError
+
+
+def open_sft_idxmap(path: str | Path, seq_length: int, num_samples: int | None, seed: int, packing: bool
+                    ) -> SFTIdxMapDataset | UpstreamSFTIdxMapDataset:
+    """The SFT idxmap dataset at `path`: our pair (SFTIdxMapDataset) or one built by Pai-Megatron-Patch's own
+    builder (UpstreamSFTIdxMapDataset), as dataset_checks.locate_sft_idxmap tells them apart."""
+    check_dataset("SFT data path", path, "sft")
+    found = locate_sft_idxmap(path)
+    if found.layout == "upstream":
+        return UpstreamSFTIdxMapDataset(found.prefix, seq_length, num_samples, seed, packing)
+    return SFTIdxMapDataset(found.prefix, seq_length, num_samples, seed, packing)
+
 
 
 class BlendedSFTDataset(torch.utils.data.Dataset):

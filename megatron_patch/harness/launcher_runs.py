@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_patch.harness.iteration_log import last_iteration_mark
-from megatron_patch.launch.arguments import POSITIONAL
+from megatron_patch.launch.positional import POSITIONAL
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "examples" / "qwen2_5" / "run_mcore_qwen.sh"

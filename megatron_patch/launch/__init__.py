@@ -1,6 +1,6 @@
 """run_mcore_qwen.sh's logic, one module per step:
 
-    arguments  the 25 positional arguments and the MP_* environment knobs -> a Launch (pure parsing)
+    positional the 25 positional arguments and the MP_* environment knobs -> a Launch (pure parsing)
     machine    nodes, processes per node, GPUs, Transformer Engine -> a Machine (the one probe)
     validate   settle(): the adjustments a layout needs, each reported; problems(): what stops the run (pure)
     flags      Launch + Machine -> megatron-core flags, the torchrun command and its environment

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from megatron_patch import hardware
-from megatron_patch.arguments import NO_TE_GPU_FLAGS, qwen2_5_model_flags
+from megatron_patch.megatron_flags import NO_TE_GPU_FLAGS, qwen2_5_model_flags
 from megatron_patch.data.blend import split_data_path
-from megatron_patch.launch.arguments import Launch
+from megatron_patch.launch.positional import Launch
 from megatron_patch.launch.machine import Machine, uses_te
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

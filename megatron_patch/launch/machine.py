@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from megatron_patch import hardware
 from megatron_patch.errors import UserError
-from megatron_patch.launch.arguments import Launch, _int
+from megatron_patch.launch.positional import Launch, _int
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from megatron_patch import process_lifetime
 from megatron_patch.checkpoint_state import prepare_resume, resume_state
 from megatron_patch.errors import STOP_SIGNALS, UserError, dry_run_requested, report_user_errors, signal_name, \
     stop_signals_handled_by, stop_signals_ignored, stopped_status
-from megatron_patch.launch.arguments import Launch, parse
+from megatron_patch.launch.positional import Launch, parse
 from megatron_patch.launch.flags import launch_env, torchrun_command
 from megatron_patch.launch.machine import detect_machine
 from megatron_patch.launch.validate import problems, settle

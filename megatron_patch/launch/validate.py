@@ -11,7 +11,7 @@ from pathlib import Path
 
 from megatron_patch.data.blend import data_path_problem
 from megatron_patch.data.dataset_checks import dataset_problem
-from megatron_patch.launch.arguments import Launch
+from megatron_patch.launch.positional import Launch
 from megatron_patch.launch.machine import Machine, uses_te
 from megatron_patch.errors import UserError
 from megatron_patch.model_sizes import (

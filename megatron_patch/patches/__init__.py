@@ -1,22 +1,26 @@
 """Every change megatron_patch makes to torch's and megatron-core 0.19.2's behaviour, in one list.
 
-Each `Patch` says what it changes, why (the upstream bug or limitation), when it can go, and the tests that show
-it is still needed and still works (tests/unit/test_patches.py checks that every named test exists). The training
-entrypoint and the convertor apply them in two calls, around Megatron's argument parsing:
+Each `Patch` says what it changes (dotted names a test resolves against the installed packages), why (the upstream
+bug or limitation), when it can go, and the tests that show it is still needed and still works
+(tests/unit/test_patches.py checks that every named test exists, every target resolves and that megatron-core is
+the release pinned here). `python -m megatron_patch.patches` prints the table. Every process of ours brings
+Megatron up through megatron_patch.megatron_startup, which applies them in two calls around Megatron's argument
+parsing:
 
-    device = patches.device_here()      # "cuda" or "cpu"
-    patches.prepare(device)             # before parse_and_validate_args: the CPU backend
+    patches.prepare(device)             # before Megatron is imported and parses: process-wide and CPU entries
     args = parse_and_validate_args(...)
     patches.apply(args, device)         # everything else, then the argument changes
 
 Why two: without a GPU, validate_args itself calls torch.cuda (get_device_properties, for TP or CP > 1), so the CPU
 backend must be in place first; the other patches depend on the parsed arguments (--plain-kernels, the optimizer,
---gradient-accumulation-fusion). The CPU entries need nothing but the device.
+--gradient-accumulation-fusion). The CPU and PROCESS entries need nothing but the device. An entry with `remove`
+holds only while Megatron's modules are imported (megatron_startup.importing_megatron ends it).
 
-Kinds: FIX (an upstream bug; every run), CPU (the CPU backend; only without a GPU), FUSED (our faster kernels;
-none under --plain-kernels, which gives exactly megatron-core's plain modules), RELIABILITY (checkpoint and
-error-message hardening; every run), LOGGING (what megatron's log line lacks; every run), OPTION (a choice
-megatron-core has no flag for; only when its flag of ours is given).
+Kinds: PROCESS (how the process and its children live and die; every run), FIX (an upstream bug; every run), CPU
+(the CPU backend; only without a GPU), FUSED (our faster kernels; none under --plain-kernels, which gives exactly
+megatron-core's plain modules), RELIABILITY (checkpoint and error-message hardening; every run), LOGGING (what
+megatron's log line lacks; every run), OPTION (a choice megatron-core has no flag for; only when its flag of ours
+is given).
 
 Arguments are changed in one place only, `settle_args`, after the patches: it returns (and `apply` prints) each
 change with its reason (flags whose kernel is absent go off; --fused-single-qkv-rope goes on where ours fits).
@@ -30,25 +34,30 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from megatron_patch import cpu_backend
+from megatron_patch import process_lifetime
 from megatron_patch.fused import grad_accumulation, linear_bias, optimizer_step, rope, swiglu
 from megatron_patch.fused.compile import triton_kernels_run_here
-from megatron_patch.patches import fp8_accumulation, megatron_fixes, replica_check
+from megatron_patch.patches import cpu_backend, fp8_accumulation, megatron_fixes, replica_check
 
-FIX, CPU, FUSED, RELIABILITY, LOGGING, OPTION = "fix", "cpu", "fused", "reliability", "logging", "option"
-MEGATRON_CORE = "megatron-core 0.19.2"
+PROCESS, FIX, CPU, FUSED, RELIABILITY, LOGGING, OPTION = (
+    "process", "fix", "cpu", "fused", "reliability", "logging", "option")
+PINNED_MEGATRON_CORE = "0.19.2"  # the release every entry was written against (pyproject pins it too)
+MEGATRON_CORE = f"megatron-core {PINNED_MEGATRON_CORE}"
 
 
 @dataclass(frozen=True)
 class Patch:
     name: str
     kind: str
-    changes: tuple[str, ...]  # what it replaces, by dotted name
+    # What it replaces, by dotted name ({a,b} for several siblings; a note may follow in parentheses; "(a slot: ...)"
+    # names a module attribute that exists only where an optional package fills it).
+    changes: tuple[str, ...]
     why: str  # the upstream bug or limitation
     until: str  # when it can go
     tests: tuple[str, ...]  # "tests/<file>.py::<test>": still needed, still works
     install: Callable[[], None]
     applies: Callable[[object, str], bool] = lambda args, device: True  # (args, device) -> wanted here
+    remove: Callable[[], None] | None = None  # set: the entry holds only while Megatron's modules are imported
 
 
 def _rope_slot_empty(args, device) -> bool:
@@ -58,7 +67,27 @@ def _rope_slot_empty(args, device) -> bool:
 
 
 MANIFEST: tuple[Patch, ...] = (
-    # ---- the CPU backend (megatron_patch/cpu_backend.py)
+    # ---- the process (megatron_patch/process_lifetime.py)
+    Patch(
+        "children-die-with-parent", PROCESS,
+        ("multiprocessing.process.BaseProcess.start",),
+        f"{MEGATRON_CORE}'s torch_dist writer and the data loaders start helper processes that outlived a killed "
+        "rank: they kept the launcher's output pipe open (a hang) and held ~0.9 GB each. Each child now dies with "
+        "its parent and leaves stop signals to it.",
+        "when multiprocessing children can be told to die with their parent (never in the standard library: keep)",
+        ("tests/integration/test_faults.py::test_a_killed_process_ends_the_whole_run_and_keeps_its_checkpoint",),
+        process_lifetime.children_die_with_this_process),
+
+    # ---- the CPU backend (megatron_patch/patches/cpu_backend.py); the first one must come first
+    Patch(
+        "cpu-eager-fusions-at-import", CPU,
+        ("torch.compile (while Megatron's modules are imported)",),
+        f"{MEGATRON_CORE} decorates its small fusions with torch.compile as its modules are imported: the decorator "
+        "alone loads inductor, about 3 s of every process's start on a 2-core CPU, for fusions a CPU run does not "
+        "use.",
+        "when megatron-core compiles its fusions lazily (keep)",
+        ("tests/unit/test_patches.py::test_torch_compile_is_eager_only_while_megatron_is_imported",),
+        cpu_backend.keep_fusions_eager_at_import, remove=cpu_backend.restore_torch_compile),
     Patch(
         "cpu-torch-cuda-functions", CPU,
         ("torch.cuda.{device_count,current_device,set_device,synchronize,empty_cache,Stream,ExternalStream,Event,"
@@ -99,8 +128,8 @@ MANIFEST: tuple[Patch, ...] = (
         cpu_backend.skip_jit_warmup),
     Patch(
         "cpu-cuda-placement-onto-cpu", CPU,
-        ("every torch call's device='cuda' / .cuda() / .to(cuda) / pin_memory / record_stream (a TorchFunctionMode)",
-         "torch.Tensor.type() names (torch.cuda.*Tensor)"),
+        ("torch.Tensor.{cuda,to,pin_memory,record_stream} (and every torch call's device='cuda', through a "
+         "TorchFunctionMode)", "torch.Tensor.type (the torch.cuda.*Tensor names)"),
         f"{MEGATRON_CORE} places tensors on 'cuda' throughout, and its optimizer and grad clipping accept only "
         "'torch.cuda.*Tensor' parameters.",
         "when megatron-core trains on the CPU (keep)",
@@ -222,7 +251,7 @@ MANIFEST: tuple[Patch, ...] = (
         _rope_slot_empty),
     Patch(
         "fused-qkv-split-rope", FUSED,
-        ("megatron.core.transformer.attention.apply_fused_qkv_rotary_pos_emb",
+        ("megatron.core.transformer.attention.apply_fused_qkv_rotary_pos_emb (a slot: set where TE imports)",
          "megatron.core.transformer.attention.HAVE_FUSED_QKV_ROPE"),
         "megatron-core's split path copies q across the QKV groups, rotates q and k in separate kernels and "
         "concatenates their gradients back; its one-call alternative (--fused-single-qkv-rope) needs Transformer "
@@ -243,7 +272,7 @@ MANIFEST: tuple[Patch, ...] = (
         lambda args, device: device == "cuda" and getattr(args, "add_qkv_bias", False)),
     Patch(
         "gradient-accumulation-gemm", FUSED,
-        ("megatron.core.tensor_parallel.layers.fused_weight_gradient_mlp_cuda",
+        ("megatron.core.tensor_parallel.layers.fused_weight_gradient_mlp_cuda (a slot: set where Apex imports)",
          "megatron.core.tensor_parallel.layers._grad_accum_fusion_available"),
         "--gradient-accumulation-fusion needs Apex's fused_weight_gradient_mlp_cuda; without it each weight "
         "gradient is written in bf16 and added to the fp32 main_grad afterwards (~5% of a 0.5B step).",
@@ -321,10 +350,10 @@ def device_here() -> str:
 
 
 def wanted(args, device: str) -> list[Patch]:
-    """The manifest entries this run takes."""
+    """The manifest entries this run takes once its arguments are parsed."""
     chosen = []
     for patch in MANIFEST:
-        if patch.kind == CPU and device != "cpu":
+        if patch.remove is not None or (patch.kind == CPU and device != "cpu"):
             continue
         if patch.kind == FUSED and args.plain_kernels:
             continue
@@ -386,11 +415,19 @@ def _fused_single_qkv_rope_fits(args) -> bool:
 
 
 def prepare(device: str) -> None:
-    """Before Megatron parses its arguments: the CPU backend's entries, on a machine without a GPU."""
-    if device == "cpu":
-        for patch in MANIFEST:
-            if patch.kind == CPU:
-                _install(patch)
+    """Before Megatron is imported and parses its arguments: the process's entries, and on a machine without a GPU
+    the CPU backend's (the import-time one first)."""
+    for patch in MANIFEST:
+        if patch.kind == PROCESS or (patch.kind == CPU and device == "cpu"):
+            _install(patch)
+
+
+def end_import_time_entries() -> None:
+    """Undo the entries that hold only while Megatron's modules are imported."""
+    for patch in MANIFEST:
+        if patch.remove is not None and patch.name in _installed:
+            patch.remove()
+            _installed.discard(patch.name)
 
 
 def apply(args, device: str | None = None) -> list[str]:

@@ -31,7 +31,7 @@ import pytest
 
 from megatron_patch.harness.iteration_log import megatron_iterations, tensorboard_scalars
 from megatron_patch.harness.launcher_runs import clean_environ
-from megatron_patch.launch.arguments import POSITIONAL
+from megatron_patch.launch.positional import POSITIONAL
 from training_utils import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "examples" / "qwen2_5" / "run_mcore_qwen.sh"
@@ -144,7 +144,7 @@ def upstream_script(shell: str, script: str, *args: Path | str) -> subprocess.Po
     finish_scripts waits)."""
     folder = next(TOOLKITS.glob(f"*/{script}")).parent
     return subprocess.Popen(["sh", "-c", f'cd "{folder}" && {shell} {script} "$@"', "sh", *map(str, args)],
-                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=clean_environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish_scripts(*procs: subprocess.Popen) -> None:

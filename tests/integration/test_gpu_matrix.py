@@ -23,7 +23,7 @@ from megatron_patch.harness.matrix import Matrix, missing_for, save_state
 from megatron_patch.harness.matrix_assets import Assets
 from megatron_patch.harness.matrix_doc import write_doc
 from megatron_patch.harness.matrix_table import check_row, matrix_rows, settings_table, tolerance
-from megatron_patch.launch.arguments import POSITIONAL
+from megatron_patch.launch.positional import POSITIONAL
 from megatron_patch.model_sizes import get_size
 
 pytestmark = pytest.mark.timeout(900)

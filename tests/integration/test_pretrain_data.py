@@ -372,7 +372,7 @@ def training_datasets(monkeypatch, tokenizer_dir, flags: list[str], num_samples:
     from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
     from megatron.training.arguments import parse_args
 
-    from megatron_patch.arguments import add_extra_args
+    from megatron_patch.megatron_flags import add_extra_args
     from megatron_patch.data.providers import build_pretrain_datasets
 
     monkeypatch.setattr(sys, "argv", ["pretrain_qwen", "--tokenizer-type", "HuggingFaceTokenizer",

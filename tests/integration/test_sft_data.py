@@ -461,7 +461,7 @@ def test_an_upstream_sft_idxmap_trains_by_its_own_labels(tmp_path, tok, packing)
     from data_files import write_upstream_sft_idxmap
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from megatron_patch.data.sft_dataset import open_sft_idxmap
+    from megatron_patch.data.sft_providers import open_sft_idxmap
 
     items = [COUNTING[0], COUNTING[1:3], COUNTING[3], COUNTING[4:]]
     prefix = write_upstream_sft_idxmap(tmp_path / "mmap_qwen2_sft_datasets_text_document", items, tok, 160)
@@ -493,7 +493,7 @@ def test_older_or_unfit_upstream_sft_idxmaps_are_refused(tmp_path, tok):
     from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
     from megatron_patch.data.dataset_checks import SFT_TOOL, dataset_problem
-    from megatron_patch.data.sft_dataset import open_sft_idxmap
+    from megatron_patch.data.sft_providers import open_sft_idxmap
 
     # Before February 2025 upstream's rows did not mark where a sample ends: packed samples cannot be told apart.
     old = write_upstream_sft_idxmap(tmp_path / "old_text_document", COUNTING[:2], tok, 96, end_markers=False)
@@ -552,7 +552,7 @@ def test_an_upstream_idxmap_with_a_row_of_another_length_is_refused(tmp_path, mo
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     from megatron_patch.data import dataset_checks
-    from megatron_patch.data.sft_dataset import open_sft_idxmap
+    from megatron_patch.data.sft_providers import open_sft_idxmap
 
     row = UPSTREAM_ROW_TOKENS + UPSTREAM_ROW_LABELS
     builder = IndexedDatasetBuilder(str(tmp_path / "u_text_document.bin"), dtype=np.int32)
@@ -583,8 +583,8 @@ def test_an_sft_blend_draws_by_its_weights(tmp_path, default_tokenizer_dir, tok,
     from data_files import assert_drawn_by_weight, write_upstream_sft_idxmap
     from megatron.training.arguments import parse_args
 
-    from megatron_patch.arguments import add_extra_args
-    from megatron_patch.data.sft_dataset import open_sft_idxmap
+    from megatron_patch.megatron_flags import add_extra_args
+    from megatron_patch.data.sft_providers import open_sft_idxmap
     from megatron_patch.data.sft_providers import BlendedSFTDataset, build_sft_datasets
 
     array, _ = write_sft_files(tmp_path)

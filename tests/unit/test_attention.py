@@ -16,11 +16,11 @@ TOL = 1e-4 if DEVICE == "cuda" else 1e-5
 
 @pytest.fixture(scope="module")
 def model_parallel():
-    from megatron_patch import cpu_backend
+    from megatron_patch.megatron_startup import importing_megatron
 
-    cpu_backend.enable()
+    with importing_megatron():  # on a CPU: the CPU backend, as in training
+        from megatron.core import parallel_state
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
     # tcp:// init instead of MASTER_* variables: the environment leaks into every later test's subprocesses.
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)

@@ -8,7 +8,7 @@ import pytest
 from megatron_patch.harness.iteration_log import last_iteration_mark, logged_losses, megatron_iterations, \
     qwen_iteration_line, qwen_iterations, steady_throughput
 from megatron_patch.harness.launcher_runs import clean_environ, launcher_argv
-from megatron_patch.launch.arguments import POSITIONAL, parse
+from megatron_patch.launch.positional import POSITIONAL, parse
 
 # megatron-core 0.19.2's training_log line, as an fp16 run writes it (a skipped iteration has no grad norm).
 MEGATRON_LOG = """\

@@ -23,12 +23,12 @@ import pytest
 
 from megatron_patch import hardware
 from megatron_patch.errors import UserError
-from megatron_patch.launch import arguments, flags as launch_flags, run as launch_run, validate
-from megatron_patch.launch.arguments import POSITIONAL
+from megatron_patch.launch import positional, flags as launch_flags, run as launch_run, validate
+from megatron_patch.launch.positional import POSITIONAL
 from megatron_patch.launch.machine import Machine, detect_machine
 from megatron_patch.model_sizes import get_size
 
-from megatron_patch.harness.launcher_runs import clean_environ as clean_env
+from megatron_patch.harness.launcher_runs import clean_environ
 from training_utils import REPO_ROOT  # noqa: E402
 SCRIPT = REPO_ROOT / "examples" / "qwen2_5" / "run_mcore_qwen.sh"
 
@@ -146,7 +146,7 @@ def dry_run(paths: Paths, args: list[str], shell: str = "sh", tokenizer: bool = 
     cwd.mkdir(exist_ok=True)
     if tokenizer:
         env.setdefault("MP_TOKENIZER_PATH", str(paths.tokenizer))
-    proc = run_script(args, clean_env(MP_DRY_RUN="1", **env), cwd, shell)
+    proc = run_script(args, clean_environ(MP_DRY_RUN="1", **env), cwd, shell)
     assert proc.returncode == 0, proc.stderr
     assert not paths.out.exists(), "a dry run must not create the output folder"
     return parse_dry_run(proc.stdout, proc.stderr)
@@ -361,7 +361,7 @@ def test_converted_checkpoint_is_the_starting_point(paths):
 def test_bash_from_another_folder_with_a_relative_output_path(paths):
     cwd = paths.root / "elsewhere"
     cwd.mkdir()
-    proc = run_script(argv(paths, OUTPUT_BASEPATH="runs/out"), clean_env(MP_DRY_RUN="1",
+    proc = run_script(argv(paths, OUTPUT_BASEPATH="runs/out"), clean_environ(MP_DRY_RUN="1",
                       MP_TOKENIZER_PATH=str(paths.tokenizer)), cwd, shell="bash")
     assert proc.returncode == 0, proc.stderr
     run = parse_dry_run(proc.stdout, proc.stderr)
@@ -386,7 +386,7 @@ def test_default_tokenizer_lives_in_the_cache_and_a_dry_run_writes_nothing(paths
     run = dry_run(paths, argv(paths), tokenizer=False, MEGATRON_PATCH_CACHE=str(paths.root / "mine"))
     assert run.value("--tokenizer-model") == str(paths.root / "mine" / "qwen2.5-tokenizer")
     # A real launch writes it there once (the launcher's step before torchrun).
-    launch = arguments.parse(argv(paths), {})
+    launch = positional.parse(argv(paths), {})
     monkeypatch.setenv("MEGATRON_PATCH_CACHE", str(paths.root / "mine"))
     written = launch_run.tokenizer_dir(launch)
     assert written == str(paths.root / "mine" / "qwen2.5-tokenizer")
@@ -402,7 +402,7 @@ GPU_TE = Machine(nnodes=1, node_rank=0, nproc_per_node=8, master_addr="localhost
 @dataclass
 class Planned:
     """A launch after settle() and problems(), with what they reported."""
-    launch: arguments.Launch
+    launch: positional.Launch
     warnings: list[str]
     notes: list[str]
 
@@ -412,7 +412,7 @@ class Planned:
 
 def plan(paths: Paths, machine: Machine, environ: dict, args: list[str]) -> Planned:
     """What the launcher's main does before torchrun; its errors raised as one UserError."""
-    launch = arguments.parse(args, {"MP_TOKENIZER_PATH": str(paths.tokenizer), **environ})
+    launch = positional.parse(args, {"MP_TOKENIZER_PATH": str(paths.tokenizer), **environ})
     launch, changes = validate.settle(launch, machine)
     found = validate.problems(launch, machine)
     if found.errors:
@@ -448,10 +448,10 @@ def test_fp8_recipes_other_than_delayed_take_no_amax_history(paths, recipe):
 # (it keeps global state).
 MEGATRON_PARSES = """
 import json, os, sys
-from megatron_patch import cpu_backend
-with cpu_backend.eager_fusers_while_importing_megatron():
+from megatron_patch.megatron_startup import importing_megatron
+with importing_megatron():
     from megatron.training.arguments import parse_and_validate_args
-    from megatron_patch.arguments import add_extra_args, expand_model_size
+    from megatron_patch.megatron_flags import add_extra_args, expand_model_size
 os.environ.update(WORLD_SIZE="8", RANK="0")
 sys.argv = ["pretrain_qwen", *expand_model_size(json.loads(sys.argv[1]))]
 args = parse_and_validate_args(extra_args_provider=add_extra_args)
@@ -621,7 +621,7 @@ def test_auto_optimizer_offload_follows_free_gpu_memory(paths, monkeypatch, free
 
 def test_auto_optimizer_offload_keeps_what_fits(paths, monkeypatch):
     # 0.5B: 12 bytes of Adam state per parameter over 8 data-parallel ranks; half the free memory is for state.
-    launch = arguments.parse(argv(paths, MODEL_SIZE="0.5B", OPTIMIZER_OFFLOAD="auto"), {})
+    launch = positional.parse(argv(paths, MODEL_SIZE="0.5B", OPTIMIZER_OFFLOAD="auto"), {})
     state = 12 * launch.size.parameter_count / 8
     # half of the free memory is for optimizer state: free = state means half of the state fits on the GPU
     assert launch_flags.auto_offload_fraction(launch, GPU_TE, int(state)) == 0.5
@@ -644,9 +644,9 @@ def test_offload_sizing_counts_the_real_model_parameters(size_name):
 
 def test_checkpoint_tokenizer_is_preferred_to_the_default(paths):
     (paths.checkpoint / "tokenizer_config.json").write_text("{}")
-    launch = arguments.parse(argv(paths, PRETRAIN_CHECKPOINT_PATH=str(paths.checkpoint)), {})
+    launch = positional.parse(argv(paths, PRETRAIN_CHECKPOINT_PATH=str(paths.checkpoint)), {})
     assert launch_run.tokenizer_dir(launch) == str(paths.checkpoint)
-    launch = arguments.parse(argv(paths, PRETRAIN_CHECKPOINT_PATH=str(paths.checkpoint)),
+    launch = positional.parse(argv(paths, PRETRAIN_CHECKPOINT_PATH=str(paths.checkpoint)),
                              {"MP_TOKENIZER_PATH": "/my/tokenizer"})
     assert launch_run.tokenizer_dir(launch) == "/my/tokenizer"
 
@@ -664,7 +664,7 @@ def test_every_flag_is_known_to_megatron_core(paths, overrides, environ, monkeyp
     from megatron.training import arguments as megatron_arguments
     from megatron.training.arguments import add_megatron_arguments, validate_args
 
-    from megatron_patch.arguments import add_extra_args, expand_model_size
+    from megatron_patch.megatron_flags import add_extra_args, expand_model_size
 
     if environ.get("MP_DATASET_TYPE") == "raw":
         overrides.update(DATASET_PATH=str(paths.train_json), VALID_DATASET_PATH=str(paths.valid_json))
@@ -688,7 +688,7 @@ def test_our_flop_count_is_megatron_cores(size_name, seq_len):
     from megatron.training.arguments import add_megatron_arguments
     from megatron.training.training import num_floating_point_operations
 
-    from megatron_patch.arguments import qwen2_5_model_flags
+    from megatron_patch.megatron_flags import qwen2_5_model_flags
 
     size = get_size(size_name)
     parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
@@ -790,7 +790,7 @@ def test_invalid_combination_stops_the_script_before_torchrun(paths, case):
     _, overrides, environ, message = case
     # No MP_DRY_RUN: if validation let this through, training would really start (and create the output folder).
     proc = run_script(invalid_argv(paths, overrides),
-                      clean_env(MP_TOKENIZER_PATH=str(paths.tokenizer), **environ), paths.root)
+                      clean_environ(MP_TOKENIZER_PATH=str(paths.tokenizer), **environ), paths.root)
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     assert message in proc.stderr, proc.stderr
     assert proc.stderr.startswith("error: ")
@@ -819,7 +819,7 @@ def test_every_invalid_combination_has_its_own_message(paths):
     for case_id, overrides, environ, _ in INVALID:
         args = invalid_argv(paths, overrides)
         with pytest.raises(UserError) as err:
-            launch = arguments.parse(args, {"MP_TOKENIZER_PATH": str(paths.tokenizer), **environ})
+            launch = positional.parse(args, {"MP_TOKENIZER_PATH": str(paths.tokenizer), **environ})
             plan(paths, detect_machine(launch, environ), environ, args)
         messages[case_id] = str(err.value).splitlines()[0]
     assert len(set(messages.values())) == len(messages), messages
@@ -948,7 +948,7 @@ def test_a_config_json_field_megatron_cannot_build_stops_the_script_naming_it(pa
                                                                            "sliding_window": 64})
     for size in ("tiny", "auto"):
         proc = run_script(argv(paths, MODEL_SIZE=size, PRETRAIN_CHECKPOINT_PATH=str(ckpt)),
-                          clean_env(MP_TOKENIZER_PATH=str(paths.tokenizer)), paths.root)
+                          clean_environ(MP_TOKENIZER_PATH=str(paths.tokenizer)), paths.root)
         assert proc.returncode == 2 and "torch.distributed.run" not in proc.stdout + proc.stderr
         assert proc.stderr.startswith(f"error: {ckpt / 'config.json'} describes a model this toolkit cannot train "
                                       "as written:\n  use_sliding_window: true (sliding-window attention"), proc.stderr

@@ -34,8 +34,8 @@ def test_every_manifest_entry_says_what_why_until_and_names_existing_tests():
     names = [p.name for p in patches.MANIFEST]
     assert len(names) == len(set(names)), f"duplicate patch names: {names}"
     for patch in patches.MANIFEST:
-        assert patch.kind in (patches.FIX, patches.CPU, patches.FUSED, patches.RELIABILITY, patches.LOGGING,
-                              patches.OPTION), patch
+        assert patch.kind in (patches.PROCESS, patches.FIX, patches.CPU, patches.FUSED, patches.RELIABILITY,
+                              patches.LOGGING, patches.OPTION), patch
         assert patch.changes and patch.why and patch.until and patch.tests, f"{patch.name}: an empty field"
         assert callable(patch.install), patch.name
         for test in patch.tests:
@@ -43,6 +43,97 @@ def test_every_manifest_entry_says_what_why_until_and_names_existing_tests():
             path = REPO_ROOT / file
             assert path.is_file(), f"{patch.name}: {file} does not exist"
             assert function in _test_functions(path), f"{patch.name}: {test} does not exist"
+
+
+def patched_targets(patch) -> list[str]:
+    """An entry's `changes` as dotted names: {a,b} expanded, a trailing '(note)' dropped; a slot (an attribute that
+    exists only where an optional package fills it) as its module's name."""
+    names = []
+    for change in patch.changes:
+        name, _, note = change.partition(" (")
+        if note.startswith("a slot"):
+            name = name.rsplit(".", 1)[0]
+        head, brace, rest = name.partition("{")
+        if not brace:
+            names.append(name)
+            continue
+        siblings, _, tail = rest.partition("}")
+        names += [f"{head}{sibling}{tail}" for sibling in siblings.split(",")]
+    return names
+
+
+def resolve(dotted: str):
+    """The object at a dotted name: the longest importable module prefix, then attributes. Raises
+    ModuleNotFoundError when the name's top package is not installed."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            if cut == 1:
+                raise
+            continue
+        for attribute in parts[cut:]:
+            found = getattr(found, attribute)
+        return found
+
+
+def test_every_patched_target_exists_in_the_pinned_megatron_core():
+    """The manifest is a contract: megatron-core is the release it was written against, and every name an entry
+    replaces is there (a package that is not installed here, e.g. Transformer Engine on a CPU, is left out). A new
+    megatron-core release fails here with each entry's 'until', to be reviewed one by one."""
+    from importlib.metadata import version
+
+    installed = version("megatron-core")
+    assert installed == patches.PINNED_MEGATRON_CORE, (
+        f"megatron-core {installed} is installed; the manifest was written against {patches.PINNED_MEGATRON_CORE}. "
+        "Review each entry before moving the pin:\n" + "\n".join(f"  {p.name}: {p.until}" for p in patches.MANIFEST))
+    missing, unchecked = [], []
+    for patch in patches.MANIFEST:
+        for target in patched_targets(patch):
+            try:
+                resolve(target)
+            except ModuleNotFoundError:
+                unchecked.append(target)
+            except AttributeError:
+                missing.append(f"{patch.name}: {target}")
+    assert not missing, "names the manifest replaces are gone:\n" + "\n".join(missing)
+    assert all(t.startswith("transformer_engine.") for t in unchecked), unchecked
+
+
+def test_manifest_table_lists_every_entry():
+    table = subprocess.run([sys.executable, "-m", "megatron_patch.patches"], capture_output=True, text=True,
+                           cwd=REPO_ROOT, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert table.returncode == 0, table.stderr
+    for patch in patches.MANIFEST:
+        assert f"{patch.name}  [{patch.kind}" in table.stdout
+    assert "cpu-eager-fusions-at-import  [cpu, while importing Megatron]" in table.stdout
+
+
+TORCH_COMPILE_AT_IMPORT = """
+import json, torch
+real = torch.compile
+from megatron_patch.megatron_startup import importing_megatron
+with importing_megatron():
+    during = torch.compile is not real
+    from megatron.core.fusions import fused_bias_swiglu
+after = torch.compile is real
+print(json.dumps([during, after, type(fused_bias_swiglu.swiglu).__name__]))
+"""
+
+
+def test_torch_compile_is_eager_only_while_megatron_is_imported():
+    """On a CPU, megatron-core's torch.compile'd fusions stay plain functions (no inductor load at start-up), and
+    torch.compile is torch's own again once the import is done."""
+    if torch.cuda.is_available():
+        pytest.skip("the import-time entry is the CPU backend's")
+    proc = subprocess.run([sys.executable, "-c", TORCH_COMPILE_AT_IMPORT], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    during, after, fusion = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert during and after and fusion == "function"
 
 
 def _args(plain_kernels: bool, **overrides) -> SimpleNamespace:
@@ -118,7 +209,7 @@ def test_plain_kernels_apply_no_fused_patch():
     assert report["fused"] == {"rope": False, "l2_norm": False, "scale": False, "torch_adam": False,
                                "grad_accum": True}  # the GEMM needs a GPU
     # The announcement line the training log carries (test_training checks it in a real run).
-    assert "megatron_patch: plain megatron-core kernels; patches: cpu-torch-cuda-functions," in done.stdout
+    assert "megatron_patch: plain megatron-core kernels; patches: children-die-with-parent, cpu-torch-cuda-functions," in done.stdout
 
 
 def test_settle_args_is_the_one_place_args_change():

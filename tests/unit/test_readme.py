@@ -90,12 +90,12 @@ def test_readme_flag_tables_name_real_flags():
 
 
 def test_readme_environment_table_is_the_launchers_list():
-    from megatron_patch.launch.arguments import ENV_KNOBS
+    from megatron_patch.launch.positional import ENV_KNOBS
 
     rows = [f"| `{name}` | {f'`{default}`' if default else '-'} | {meaning} |"
             for name, (default, meaning) in ENV_KNOBS.items()]
     table = "| variable | default | meaning |\n|---|---|---|\n" + "\n".join(rows) + "\n"
-    assert table in README, "README's environment table differs from megatron_patch/launch/arguments.py ENV_KNOBS"
+    assert table in README, "README's environment table differs from megatron_patch/launch/positional.py ENV_KNOBS"
 
 
 # Variables every program inherits or that only configure third-party libraries.

@@ -1,5 +1,6 @@
 """The layout rules of issue 39, read from the files: no `sys.path` edit anywhere, tests never import a benchmark
-(the harness is what they share), benchmarks run as `python -m benchmarks.NAME`, module names read apart."""
+(the harness is what they share), benchmarks run as `python -m benchmarks.NAME`, module names read apart, no
+import cycle in the package, functions under 80 lines."""
 
 from __future__ import annotations
 
@@ -12,9 +13,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS = REPO / "benchmarks"
-# megatron_patch/arguments.py and launch/arguments.py: renamed in the other half of issue 39 (positional.py,
-# megatron_flags.py); empty this once they are.
-KNOWN_DUPLICATE_NAMES = {"arguments.py"}
 
 
 def tracked(*patterns: str) -> list[Path]:
@@ -67,7 +65,7 @@ def test_benchmarks_are_a_package_run_as_modules():
 def test_no_two_modules_share_a_name():
     names = Counter(p.name for folder in ("megatron_patch", "benchmarks", "LM-Evaluation-Harness")
                     for p in tracked(f"{folder}/*.py") if p.name not in ("__init__.py", "__main__.py"))
-    assert {name for name, count in names.items() if count > 1} == KNOWN_DUPLICATE_NAMES
+    assert {name for name, count in names.items() if count > 1} == set()
 
 
 def test_benchmarks_stay_small():
@@ -85,3 +83,46 @@ def test_functions_in_the_package_and_benchmarks_are_under_80_lines():
                 if length >= 80:
                     long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({length} lines)")
     assert long == [], "functions of 80 lines or more: " + ", ".join(long)
+
+
+def package_import_graph() -> dict[str, set[str]]:
+    """megatron_patch's modules -> the package's modules each imports (at the top or inside a function: a cycle
+    hidden in a function is still a cycle of the design)."""
+    modules = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in tracked("megatron_patch/*.py")}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the importing module's package, up level - 1 packages
+                    parents = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parents + ([base] if base else []))
+                # `from a.b import c`: the module a.b.c where c is one, else a.b
+                found |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names}
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def test_no_import_cycle_in_the_package():
+    graph = package_import_graph()
+    state: dict[str, str] = {}
+    cycles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for imported in sorted(graph[module]):
+            if state.get(imported) == "open":
+                cycles.append(" -> ".join(path[path.index(imported):] + [imported]))
+            elif imported not in state:
+                visit(imported, path + [imported])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == [], "import cycles: " + "; ".join(cycles)

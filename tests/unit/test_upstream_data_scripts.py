@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
-from training_utils import REPO_ROOT, clean_env
+from megatron_patch.harness.launcher_runs import clean_environ
+
+from training_utils import REPO_ROOT
 
 PRETRAIN_SCRIPT = REPO_ROOT / "toolkits" / "pretrain_data_preprocessing" / "run_make_pretraining_dataset_megatron.sh"
 SFT_SCRIPT = REPO_ROOT / "toolkits" / "sft_data_preprocessing" / "run_build_idxmap_sft_dataset.sh"
@@ -18,7 +20,7 @@ SFT_SCRIPT = REPO_ROOT / "toolkits" / "sft_data_preprocessing" / "run_build_idxm
 
 def run(script, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(["sh", str(script), *args], capture_output=True, text=True, timeout=120,
-                          env=clean_env(PYTHON=sys.executable, **env))
+                          env=clean_environ(PYTHON=sys.executable, **env))
 
 
 def flags_of(stdout: str) -> dict[str, str]:

@@ -15,8 +15,8 @@ set -euo pipefail
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2; exit 2; }
 [[ $# -ge 8 ]] || usage
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-if [[ -x "${REPO_ROOT}/.venv/bin/python" ]]; then PY="${REPO_ROOT}/.venv/bin/python"; else PY="${PYTHON:-python3}"; fi
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+. "$ROOT/scripts/python_env.sh"
 
 MODEL_SIZE=$1 SRC=$2 DST=$3 TP=$4 PP=$5 PR=$6 USE_TE=$7 MG2HF=$8
 HF_DIR=${9:-}
@@ -27,7 +27,6 @@ cmd=("$PY" -m megatron_patch.convert --model-size "$MODEL_SIZE" --load-dir "$SRC
 [[ -n "$HF_DIR" ]] && cmd+=(--hf-dir "$HF_DIR")
 cmd+=("$@")
 
-export PYTHONPATH="${REPO_ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
 # DRY_RUN=true was this script's dry-run switch before MP_DRY_RUN=1, every script's one convention.
 [[ -n "${DRY_RUN:-}" ]] && { echo "warning: DRY_RUN is deprecated; use MP_DRY_RUN=1" >&2; export MP_DRY_RUN="$DRY_RUN"; }
 exec "${cmd[@]}"

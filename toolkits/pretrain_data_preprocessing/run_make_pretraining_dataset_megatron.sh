@@ -16,11 +16,10 @@ if [ $# -lt 5 ]; then
   exit 2
 fi
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-PY=${PYTHON:-$ROOT/.venv/bin/python}
-[ -x "$PY" ] || PY=python3
+. "$ROOT/scripts/python_env.sh"
 # JSON_KEYS unquoted, as upstream passes it: "text content" names two fields. Upstream starts 2 tokenizer
 # processes; --workers auto starts one per core, fewer for a small input.
 # shellcheck disable=SC2086
-PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" "$ROOT/toolkits/pretrain_data_preprocessing/preprocess_data.py" \
+exec "$PY" "$ROOT/toolkits/pretrain_data_preprocessing/preprocess_data.py" \
   --input "$1" --output-prefix "$4/mmap_qwen2_datasets" --patch-tokenizer-type "$2" --json-keys $3 --load "$5" \
   --workers auto --append-eod

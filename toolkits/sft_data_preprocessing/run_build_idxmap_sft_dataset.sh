@@ -23,9 +23,8 @@ case "${6:-false}" in
   *) echo "error: default_packing (argument 6) must be true or false, got '$6'." >&2; exit 2 ;;
 esac
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-PY=${PYTHON:-$ROOT/.venv/bin/python}
-[ -x "$PY" ] || PY=python3
+. "$ROOT/scripts/python_env.sh"
 # shellcheck disable=SC2086
-PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" "$ROOT/toolkits/sft_data_preprocessing/build_idxmap_sft_dataset.py" \
+exec "$PY" "$ROOT/toolkits/sft_data_preprocessing/build_idxmap_sft_dataset.py" \
   --input "$1" --output-prefix "$4" --patch-tokenizer-type "$2" --load "$5" --seq-length "$3" \
   --workers auto $PACKING

@@ -17,8 +17,8 @@ set -euo pipefail
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2; exit 2; }
 [[ $# -ge 6 ]] || usage
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../../.." && pwd)"
-if [[ -x "${REPO_ROOT}/.venv/bin/python" ]]; then PY="${REPO_ROOT}/.venv/bin/python"; else PY="${PYTHON:-python3}"; fi
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../../.." && pwd)"
+. "$ROOT/scripts/python_env.sh"
 
 MODEL_SIZE=$1 LOAD_DIR=$2 SAVE_DIR=$3 MG2HF=$4 USE_CUDA=$5 PR=$6
 HF_DIR=${7:-}
@@ -29,7 +29,6 @@ cmd=("$PY" -m megatron_patch.convert --model-size "$MODEL_SIZE" --load-dir "$LOA
 [[ -n "$HF_DIR" ]] && cmd+=(--hf-dir "$HF_DIR")
 cmd+=("$@")
 
-export PYTHONPATH="${REPO_ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
 # DRY_RUN=true was this script's dry-run switch before MP_DRY_RUN=1, every script's one convention.
 [[ -n "${DRY_RUN:-}" ]] && { echo "warning: DRY_RUN is deprecated; use MP_DRY_RUN=1" >&2; export MP_DRY_RUN="$DRY_RUN"; }
 exec "${cmd[@]}"

@@ -27,32 +27,24 @@ import time
 import torch
 from torch.overrides import TorchFunctionMode
 
-from megatron_patch import hardware
+
+_real_torch_compile = torch.compile
 
 
-@contextlib.contextmanager
-def eager_fusers_while_importing_megatron():
+def keep_fusions_eager_at_import() -> None:
     """megatron-core decorates its small fusions (bias + GeLU/SwiGLU, RoPE helpers) with torch.compile when its
-    modules are imported; the decorator alone loads inductor (and dynamo, which torch.optim's first step loads
-    anyway): about 3 s of every process's start on a 2-core CPU, for fusions a CPU run does not need (compiling them would want a C++ toolchain). On a CPU,
-    torch.compile is a no-op decorator while Megatron's modules are imported, so they keep the eager functions."""
-    if hardware.gpu_count() > 0:
-        yield
-        return
-    real_compile = torch.compile
+    modules are imported; the decorator alone loads inductor (and dynamo): about 3 s of every process's start on a
+    2-core CPU, for fusions a CPU run does not need (compiling them would want a C++ toolchain). While Megatron's
+    modules are imported (megatron_startup.importing_megatron), torch.compile returns the function as it is."""
 
     def eager(model=None, **_options):
         return model if model is not None else (lambda fn: fn)
 
     torch.compile = eager
-    try:
-        yield
-    finally:
-        torch.compile = real_compile
 
 
-def cuda_absent() -> bool:
-    return not torch.cuda.is_available()
+def restore_torch_compile() -> None:
+    torch.compile = _real_torch_compile
 
 
 def _is_accelerator(device) -> bool:
@@ -215,7 +207,7 @@ def skip_jit_warmup() -> None:
     the device's generator; here 'cuda' is the CPU, and the CPU generator is also the one --use-cpu-initialization
     draws the weights from. So the warm-up, sized by CP and TP, moved the start of the weights' stream: from
     random weights CP2 built other weights than CP1. The fusions it warms are off on the CPU
-    (CPU_FLAGS): skipped, each weight is drawn whole from the generator megatron seeded (seed + 100 x PP rank)
+    (megatron_flags.CPU_FLAGS): skipped, each weight is drawn whole from the generator megatron seeded (seed + 100 x PP rank)
     and split by TP rank, whatever the CP and TP sizes."""
     import megatron.training.initialize as initialize
 
@@ -243,24 +235,6 @@ def place_cuda_tensors_on_cpu() -> None:
     _CudaOnCpu().__enter__()
 
 
-# Flags a CPU run needs: gloo, weights built on the host, and none of the CUDA-only fused kernels.
-CPU_FLAGS = [
-    "--distributed-backend", "gloo",
-    "--use-cpu-initialization",
-    "--transformer-impl", "local",
-    "--no-gradient-accumulation-fusion",
-    "--no-bias-swiglu-fusion",
-    "--no-bias-dropout-fusion",
-    "--no-masked-softmax-fusion",
-    "--no-persist-layer-norm",
-]
-
-
-def cpu_argv(argv: list[str]) -> list[str]:
-    """The command line with the CPU flags in front (flags the user gives still win)."""
-    return CPU_FLAGS + argv
-
-
 def share_cores(args) -> None:
     """Share the host's cores among the ranks, and say once that the run is on the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -269,14 +243,3 @@ def share_cores(args) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"megatron_patch: no GPU found, training on the CPU with gloo ({world} processes, {threads} threads each)",
               flush=True)
-
-
-def enable() -> bool:
-    """The CPU backend's manifest entries, if there is no GPU; True when the run is on the CPU. For code that runs
-    megatron-core modules in-process without the entrypoint (tests); the entrypoint calls patches.prepare."""
-    if not cuda_absent():
-        return False
-    from megatron_patch import patches
-
-    patches.prepare("cpu")
-    return True

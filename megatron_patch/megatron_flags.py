@@ -1,5 +1,7 @@
-"""Qwen2.5's Megatron flags (of a model: a checkpoint's config.json or a size-table entry) and the extra arguments
-our entrypoint adds."""
+"""Every Megatron flag list we write, in one place: a Qwen2.5 model's (a checkpoint's config.json or a size-table
+entry), a machine's (CPU, GPU without Transformer Engine), the convertor's one-process run, and the extra
+arguments our entrypoint adds to megatron-core's parser. (The launcher maps the 25 positionals onto flags in
+launch/flags.py; megatron_startup.start_megatron puts a machine's flags in front of any command line.)"""
 
 from __future__ import annotations
 
@@ -11,8 +13,42 @@ from megatron_patch.model_sizes import Qwen25Size, get_size
 
 # A GPU without Transformer Engine has no Apex either: megatron-core's persistent layer norm and masked-softmax
 # kernels are Apex's, so they go; the gradient-accumulation GEMM stays (megatron_patch.fused supplies it).
-# The launcher and the convertor both build the model with exactly these.
 NO_TE_GPU_FLAGS = ["--transformer-impl", "local", "--no-persist-layer-norm", "--no-masked-softmax-fusion"]
+
+# A CPU run: gloo, weights built on the host, and none of the CUDA-only fused kernels.
+CPU_FLAGS = [
+    "--distributed-backend", "gloo",
+    "--use-cpu-initialization",
+    "--transformer-impl", "local",
+    "--no-gradient-accumulation-fusion",
+    "--no-bias-swiglu-fusion",
+    "--no-bias-dropout-fusion",
+    "--no-masked-softmax-fusion",
+    "--no-persist-layer-norm",
+]
+
+# The weights' dtype of a one-process run (the convertor's PR).
+DTYPE_FLAGS = {"float32": [], "bfloat16": ["--bf16"], "float16": ["--fp16"]}
+
+
+def machine_flags(device: str, has_te: bool) -> list[str]:
+    """What a command line needs on this machine, put in front of it (flags given later still win)."""
+    if device == "cpu":
+        return list(CPU_FLAGS)
+    return [] if has_te else list(NO_TE_GPU_FLAGS)
+
+
+def single_process_flags(size: Qwen25Size, dtype: str, seq_length: int) -> list[str]:
+    """A one-process TP=1/PP=1 run that builds `size` to load or save its weights (the convertor's, the tests')."""
+    return qwen2_5_model_flags(size) + [
+        "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1",
+        "--micro-batch-size", "1", "--global-batch-size", "1",
+        "--seq-length", str(seq_length), "--max-position-embeddings", str(max(seq_length, size.positions)),
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", str(size.vocab_size - 1),
+        "--ckpt-format", "torch_dist", "--no-save-optim", "--no-save-rng",
+        "--train-iters", "1", "--lr", "0.0", "--seed", "1234",
+        *DTYPE_FLAGS[dtype],
+    ]
 
 
 def qwen2_5_model_flags(size: Qwen25Size) -> list[str]:
