@@ -35,6 +35,7 @@ with cpu_backend.eager_fusers_while_importing_megatron():
     from megatron_patch.data.providers import get_batch, train_valid_test_datasets_provider  # noqa: E402
     from megatron_patch.errors import UserError  # noqa: E402
     from megatron_patch.fused import linear_cross_entropy  # noqa: E402
+    from megatron_patch.lora import attach as lora  # noqa: E402
     from megatron_patch.model import model_provider  # noqa: E402
 
 # megatron's pretrain_gpt: a loss this many times the running average is reported as spiky (not fatal).
@@ -106,6 +107,7 @@ def main(argv: list[str]) -> None:
     sys.argv = [sys.argv[0], *argv]
     args = parse_and_validate_args(extra_args_provider=add_extra_args)
     patches.apply(args, device)
+    lora.settle_args(args)
     # The launcher settles a damaged or untracked checkpoint folder before torchrun; a direct torchrun is refused.
     checkpoint_state.refuse_unresolved(args.load)
     pretrain(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_patch.errors import UserError, parse_bool
+from megatron_patch.lora.targets import ALL_TARGETS, DEFAULT_ALPHA, METHODS, LoraSettings, parse_targets
 from megatron_patch.model_sizes import QWEN2_5_SIZES, Qwen25Size
 
 POSITIONAL = (
@@ -50,6 +51,15 @@ ENV_KNOBS = {
                                           "tensor cores' own reduced precision) or `fp32` (partial sums promoted to "
                                           "fp32, as TE does for the backward's GEMMs; slower)"),
     "MP_CUDA_GRAPH": ("false", "`true`: replay each iteration from one CUDA graph (GPU, PP=1)"),
+    "MP_LORA_RANK": ("0", "LoRA/DoRA adapter rank, e.g. `16`; `0`: full fine-tuning. With a rank, "
+                         "PRETRAIN_CHECKPOINT_PATH is the frozen base (read, never copied or changed) and checkpoints "
+                         "hold the adapters and their optimizer state only"),
+    "MP_LORA_ALPHA": (f"{DEFAULT_ALPHA:g}", "LoRA's alpha: the adapters' update is scaled by alpha / rank"),
+    "MP_LORA_DROPOUT": ("0", "dropout on the adapters' input (LoRA only)"),
+    "MP_LORA_TARGETS": ("all", "layers with adapters: Megatron's `linear_qkv,linear_proj,linear_fc1,linear_fc2` or "
+                               "PEFT's `q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj` (q/k/v and gate/up "
+                               "only together: Megatron fuses them); `all`: every one"),
+    "MP_LORA_METHOD": ("lora", "`lora`, or `dora` (weight-decomposed LoRA, PEFT's use_dora)"),
     "MP_DRY_RUN": ("", "`1`: print the command that would run (and its environment) and run nothing; every "
                        "script of the project takes it"),
     "MP_TOKENIZER_PATH": ("", "tokenizer folder when the checkpoint has none (default: the embedded Qwen2.5 "
@@ -106,6 +116,7 @@ class Launch:
     fp8_format: str = "hybrid"
     fp8_fprop_accumulation: str = "fast"
     tokenizer_path: str | None = None
+    lora: LoraSettings | None = None  # None: full fine-tuning
 
     @property
     def size(self) -> Qwen25Size:
@@ -144,6 +155,9 @@ class Launch:
         ]
         if self.sft:
             parts.append(f"data-{self.dataset_type}" + ("-packed" if self.sft_packing else ""))
+        if self.lora:
+            parts.append(f"{self.lora.method}-r{self.lora.rank}-a{self.lora.alpha:g}"
+                         + ("" if self.lora.targets == ALL_TARGETS else "-" + "+".join(self.lora.targets)))
         return "-".join(parts)
 
     @property
@@ -231,4 +245,14 @@ def parse(argv: list[str], environ: dict[str, str]) -> Launch:
         fp8_fprop_accumulation=_choice("MP_FP8_FPROP_ACCUMULATION", knob("MP_FP8_FPROP_ACCUMULATION"),
                                        FP8_FPROP_ACCUMULATIONS),
         tokenizer_path=knob("MP_TOKENIZER_PATH") or None,
+        lora=_lora(knob),
     )
+
+
+def _lora(knob) -> LoraSettings | None:
+    rank = _int("MP_LORA_RANK", knob("MP_LORA_RANK"), 0)
+    if rank == 0:
+        return None
+    return LoraSettings(rank, _float("MP_LORA_ALPHA", knob("MP_LORA_ALPHA")),
+                        _float("MP_LORA_DROPOUT", knob("MP_LORA_DROPOUT")), parse_targets(knob("MP_LORA_TARGETS")),
+                        _choice("MP_LORA_METHOD", knob("MP_LORA_METHOD"), METHODS))

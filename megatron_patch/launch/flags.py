@@ -59,7 +59,16 @@ def megatron_flags(launch: Launch, machine: Machine, tokenizer: str) -> list[str
     flags += _recompute_flags(launch)
     flags += _optimizer_offload_flags(launch, machine)
     flags += _data_flags(launch)
+    flags += _lora_flags(launch)
     return flags
+
+
+def _lora_flags(launch: Launch) -> list[str]:
+    lora = launch.lora
+    if lora is None:
+        return []
+    return ["--lora-rank", str(lora.rank), "--lora-alpha", f"{lora.alpha:g}", "--lora-dropout", f"{lora.dropout:g}",
+            "--lora-targets", ",".join(lora.targets), "--lora-method", lora.method]
 
 
 def _precision_flags(launch: Launch) -> list[str]:
@@ -103,7 +112,9 @@ def _parallel_flags(launch: Launch, machine: Machine) -> list[str]:
         if launch.distributed_optimizer and not launch.cuda_graph and launch.activation_checkpointing != "full" \
                 and launch.precision != "fp8":
             flags.append("--overlap-param-gather")
-        if launch.tp > 1 and launch.sp and uses_te(launch, machine):
+        # LoRA asks TE's layer-norm linears for their normalized input, which TE's userbuffers all-gather
+        # overlap does not hand out.
+        if launch.tp > 1 and launch.sp and uses_te(launch, machine) and launch.lora is None:
             flags.append("--tp-comm-overlap")
     return flags
 

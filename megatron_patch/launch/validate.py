@@ -11,6 +11,7 @@ from pathlib import Path
 from megatron_patch.data.dataset_checks import dataset_problem
 from megatron_patch.launch.arguments import Launch
 from megatron_patch.launch.machine import Machine, uses_te
+from megatron_patch.lora.targets import KNOB_NAMES, settings_problems
 from megatron_patch.model_sizes import hf_config_mismatches, layout_problems
 
 
@@ -58,6 +59,7 @@ def problems(launch: Launch, machine: Machine) -> Findings:
     found.errors += _layout_problems(launch, machine)
     found.errors += _schedule_problems(launch)
     found.errors += _path_problems(launch)
+    found.errors += _lora_problems(launch)
     if launch.sp and launch.tp == 1:
         found.warnings.append("SP=true has no effect with TP=1: sequence parallelism is left off.")
     return found
@@ -200,6 +202,17 @@ def _schedule_problems(launch: Launch) -> list[str]:
     if launch.min_lr > launch.lr or launch.min_lr < 0:
         errors.append(f"MIN_LR={launch.min_lr:g} is above LR={launch.lr:g} or negative: the cosine schedule decays from "
                       "LR down to MIN_LR. Pass 0 <= MIN_LR <= LR.")
+    return errors
+
+
+def _lora_problems(launch: Launch) -> list[str]:
+    if launch.lora is None:
+        return []
+    errors = settings_problems(launch.lora, "PR=fp8" if launch.precision == "fp8" else None, KNOB_NAMES)
+    if launch.pretrain_checkpoint is None:
+        errors.append(f"MP_LORA_RANK={launch.lora.rank} trains adapters over a base model, but "
+                      "PRETRAIN_CHECKPOINT_PATH is none: pass the converted checkpoint of the model to fine-tune "
+                      "(toolkits/distributed_checkpoints_convertor), or unset MP_LORA_RANK for full training.")
     return errors
 
 

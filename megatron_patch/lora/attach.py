@@ -8,6 +8,7 @@ by the model provider from the base checkpoint on every start, fresh or resumed,
 
 from __future__ import annotations
 
+import os
 import zlib
 from pathlib import Path
 
@@ -15,8 +16,8 @@ import torch
 
 from megatron_patch.errors import UserError
 from megatron_patch.lora.adapters import Adapter, adapt
-from megatron_patch.lora.targets import ALL_TARGETS, PARENTS, LoraSettings, adapter_parameter_count, \
-    trainable_parameters_line
+from megatron_patch.lora.targets import ALL_TARGETS, FLAG_NAMES, PARENTS, LoraSettings, adapter_parameter_count, \
+    settings_problems, trainable_parameters_line
 
 ADAPTER_KEY = ".adapter."  # in every adapter tensor's name, and in no base weight's
 
@@ -66,19 +67,16 @@ def adapters_only_in_checkpoints(model) -> None:
     model.register_load_state_dict_post_hook(base_weights_are_not_missing)
 
 
-def load_base_weights(model, base_dir: str) -> None:
-    """The base checkpoint's weights into `model` (no adapters yet) through megatron.training's load_checkpoint, as
-    a fine-tuning start: any TP/PP, no optimizer state, RNG, iteration or schedule."""
+def load_base_weights(model, base_dir: str, iteration: str) -> None:
+    """The base checkpoint's weights (its iteration `iteration`, or 'release') into `model` (no adapters yet)
+    through megatron.training's load_checkpoint, as a fine-tuning start: any TP/PP, no optimizer state, RNG,
+    iteration or schedule."""
     from megatron.training import get_args
     from megatron.training.checkpointing import load_checkpoint
 
-    if not (Path(base_dir) / "latest_checkpointed_iteration.txt").is_file():
-        raise UserError(f"error: the LoRA base checkpoint {base_dir} holds no Megatron checkpoint (no "
-                        "latest_checkpointed_iteration.txt). Pass a checkpoint converted by "
-                        "toolkits/distributed_checkpoints_convertor (or a training run's folder).")
     args = get_args()
     overrides = dict(load=str(base_dir), pretrained_checkpoint=None, finetune=True, no_load_optim=True,
-                     no_load_rng=True, ckpt_step=None)
+                     no_load_rng=True, ckpt_step=None if iteration == "release" else int(iteration))
     saved = {key: getattr(args, key) for key in overrides}
     vars(args).update(overrides)
     try:
@@ -93,7 +91,7 @@ def attach_for_training(model, args, vp_stage: int | None) -> None:
     from megatron.training import print_rank_0
 
     settings = LoraSettings.from_args(args)
-    load_base_weights(model, args.lora_base_checkpoint)
+    load_base_weights(model, args.lora_base_checkpoint, args.lora_base_iteration)
     add_adapters(model, settings, args.seed)
     adapters_only_in_checkpoints(model)
     if not vp_stage:
@@ -107,8 +105,42 @@ def trainable_parameters_report(args, settings: LoraSettings) -> str:
 
     heads, groups = args.num_attention_heads, args.num_query_groups or args.num_attention_heads
     base = Qwen25Size(args.num_layers, args.hidden_size, heads, groups, args.ffn_hidden_size, args.padded_vocab_size,
-                      not args.untie_embeddings_and_output_weights, args.norm_epsilon,
+                      not args.untie_embeddings_and_output_weights, args.layernorm_epsilon,
                       args.max_position_embeddings).parameter_count
     trainable = adapter_parameter_count(settings, args.num_layers, args.hidden_size, heads, groups,
                                         args.ffn_hidden_size)
     return trainable_parameters_line(trainable, base)
+
+
+def settle_args(args) -> None:
+    """The entrypoint's LoRA step before Megatron starts: refuse what cannot run (the launcher refuses the same
+    before torchrun, by its knobs' names) and move the base checkpoint from --pretrained-checkpoint, which Megatron
+    would load into the adapted model, to args.lora_base_checkpoint, which the model provider loads and every
+    checkpoint's args record. Says so on rank 0."""
+    if args.lora_rank < 0:
+        raise UserError(f"error: --lora-rank must be at least 1 for LoRA (0: full fine-tuning), got {args.lora_rank}.")
+    settings = LoraSettings.from_args(args)
+    if settings is None:
+        return
+    errors = settings_problems(settings, "--fp8-format" if args.fp8 else None, FLAG_NAMES)
+    if args.pretrained_checkpoint is None:
+        errors.append("--lora-rank needs the base model's checkpoint as --pretrained-checkpoint (LoRA trains adapters "
+                      "over given weights, never from random ones).")
+    if args.ckpt_format != "torch_dist":
+        errors.append(f"--lora-rank saves adapters-only torch_dist checkpoints; --ckpt-format {args.ckpt_format} is "
+                      "not supported. Pass --ckpt-format torch_dist.")
+    tracker = Path(args.pretrained_checkpoint or "") / "latest_checkpointed_iteration.txt"
+    if args.pretrained_checkpoint is not None and not tracker.is_file():
+        errors.append(f"the LoRA base checkpoint {args.pretrained_checkpoint} holds no Megatron checkpoint (no "
+                      f"{tracker.name}). Pass a checkpoint converted by toolkits/distributed_checkpoints_convertor "
+                      "(or a training run's folder).")
+    if errors:
+        raise UserError("\n".join(f"error: {e}" for e in errors))
+    # The record every checkpoint's args keep: which base, and which of its iterations, the adapters belong to.
+    args.lora_base_checkpoint = str(Path(args.pretrained_checkpoint).absolute())
+    args.lora_base_iteration = tracker.read_text().strip()
+    args.pretrained_checkpoint = None
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"megatron_patch: LoRA: the base weights come from {args.lora_base_checkpoint}, loaded by the model "
+              "provider on every start (fresh or resumed), frozen and never saved; Megatron's own load reads the "
+              "adapters only (from --load).", flush=True)

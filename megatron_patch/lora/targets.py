@@ -86,6 +86,29 @@ def parse_targets(text: str, source: str = "MP_LORA_TARGETS") -> tuple[str, ...]
     return tuple(t for t in ALL_TARGETS if t in chosen)
 
 
+# How each setting is spelled where the user gave it: the launcher's knobs, the entrypoint's flags.
+KNOB_NAMES = {"rank": "MP_LORA_RANK", "alpha": "MP_LORA_ALPHA", "dropout": "MP_LORA_DROPOUT",
+              "targets": "MP_LORA_TARGETS", "method": "MP_LORA_METHOD"}
+FLAG_NAMES = {key: "--lora-" + key for key in KNOB_NAMES}
+
+
+def settings_problems(settings: LoraSettings, fp8: str | None, names: dict[str, str]) -> list[str]:
+    """What stops a LoRA run with these settings, one line each; `fp8` says how the run asks for fp8 ('PR=fp8'),
+    None when it does not; `names` spells the settings (KNOB_NAMES or FLAG_NAMES)."""
+    errors = []
+    if settings.alpha <= 0:
+        errors.append(f"{names['alpha']}={settings.alpha:g} must be positive: the update is scaled by alpha/rank.")
+    if not 0 <= settings.dropout < 1:
+        errors.append(f"{names['dropout']}={settings.dropout:g} must be at least 0 and below 1.")
+    elif settings.dora and settings.dropout > 0:
+        errors.append(f"{names['method']}=dora with {names['dropout']}={settings.dropout:g} is not supported: DoRA "
+                      "with dropout runs each base layer a second time on the dropped-out input. Set "
+                      f"{names['dropout']}=0, or {names['method']}=lora.")
+    if fp8:
+        errors.append(f"{names['method']}={settings.method} with {fp8} is not supported: the adapters (and DoRA's "
+                      "weight norms) are not fp8 kernels. Use PR=bf16 (7B LoRA fits one 80 GB GPU in bf16).")
+    return errors
+
 def adapter_dims(target: str, hidden: int, heads: int, groups: int, ffn: int) -> tuple[int, int]:
     """(input features, output features) of the whole (unsplit) Megatron layer a target adapts."""
     head_dim = hidden // heads
@@ -112,3 +135,17 @@ def trainable_parameters_line(trainable: int, base: int) -> str:
     """PEFT's print_trainable_parameters line; `base` is the frozen model's count."""
     total = trainable + base
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+
+def add_lora_args(parser) -> None:
+    """The entrypoint's LoRA flags (the launcher maps MP_LORA_* onto them)."""
+    group = parser.add_argument_group("LoRA/DoRA fine-tuning (megatron_patch.lora)")
+    group.add_argument("--lora-rank", type=int, default=0,
+                       help="adapter rank; 0: full fine-tuning. The base weights come from --pretrained-checkpoint, "
+                            "are frozen and never saved")
+    group.add_argument("--lora-alpha", type=float, default=DEFAULT_ALPHA, help="scaling alpha (update x alpha/rank)")
+    group.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    group.add_argument("--lora-targets", default="all",
+                       help=f"comma-separated layers: {', '.join(ALL_TARGETS)} or PEFT's q_proj,...,down_proj "
+                            "(q/k/v and gate/up together), or all")
+    group.add_argument("--lora-method", choices=METHODS, default="lora", help="lora, or dora (weight-decomposed)")
