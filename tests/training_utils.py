@@ -162,7 +162,9 @@ def run_entrypoint(workdir: Path, nproc: int, args: list[str], timeout: int = 60
 
 def run_tool(cmd: list, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """A toolkit script or CLI in a subprocess (Megatron keeps its setup in process globals)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="2")
+    # The caller's PYTHONPATH stays behind the repository's (where a test dependency such as peft may live).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH"))
+                                                       if p), OMP_NUM_THREADS="2")
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

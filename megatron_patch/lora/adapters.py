@@ -105,10 +105,11 @@ class Adapter(torch.nn.Module):
         without the scaling."""
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-        # Inputs that differ between TP ranks (split columns, sequence chunks) take TP's own dropout stream.
-        split_input = self.tp_size > 1 and (self.kind == ROW or self.sequence_parallel)
-        with get_cuda_rng_tracker().fork() if split_input and self.training else contextlib.nullcontext():
-            x = self.dropout(x)
+        if self.training and isinstance(self.dropout, torch.nn.Dropout):
+            # Inputs that differ between TP ranks (split columns, sequence chunks) take TP's own dropout stream.
+            split_input = self.tp_size > 1 and (self.kind == ROW or self.sequence_parallel)
+            with get_cuda_rng_tracker().fork() if split_input else contextlib.nullcontext():
+                x = self.dropout(x)
         return F.linear(self.combine_over_tp(F.linear(x, self.lora_A)), self.lora_B)
 
     def combine_over_tp(self, h: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,9 @@
 layouts give one process's losses, a LoRA checkpoint holds the adapters and their optimizer state only and
 resumes exactly under another TP after a kill in the middle of its save, and the base is never written.
 
+The TP collectives between A and B (sequence parallelism too, which only TE's spec on a GPU trains with) are
+also checked alone in two gloo processes against one.
+
 DoRA at TP2 (its magnitudes, and the weight norms summed over TP for the row-parallel layers) saves every
 iteration and is killed (MP_FAULT_INJECT) while writing the tracker of iteration 3, which loses its TensorBoard
 events: it is checked through its relaunch at TP1 from iteration 2, whose iteration 3 must be one uninterrupted
@@ -11,13 +14,16 @@ process's.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
+from megatron_patch.lora.targets import LoraSettings
 from training_utils import LAYOUT_ITERS, run_entrypoint, tensorboard_losses, tiny_mock_args
 
 pytestmark = pytest.mark.timeout(1200)
@@ -132,3 +138,75 @@ def test_the_log_says_what_trains_as_peft_does(lora_runs):
         assert line in lora_runs[name]["log"]
     # megatron's own count of the one process's parameters: the base and the adapters
     assert "model parallel rank (0, 0, 0): 9811520" in lora_runs["lora_tp1"]["log"]
+
+
+def test_a_dora_run_exports_as_a_peft_adapter_with_our_models_logits(lora_runs, tiny_hf_checkpoint, tmp_path):
+    """The DoRA checkpoint (trained at TP2, then TP1) as peft's use_dora adapter over the HF base: our model's
+    logits. (DoRA's merge is peft's: tests/unit/test_lora_adapters.py; the merged export's path: LoRA's test.)"""
+    from test_lora_export import LOGITS_TOLERANCE, export
+
+    ckpt = lora_runs["dora_tp1_resumed"]["ckpt"]
+    assert export(ckpt, tiny_hf_checkpoint, tmp_path / "adapter") <= LOGITS_TOLERANCE
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+
+
+# ---------------------------------------------------------------- the collectives alone, in two gloo processes
+
+def _adapter_ranks_against_one_process(rank: int, port: int) -> None:
+    """One of two gloo processes: each kind of base (column, row) with and without sequence parallelism, against
+    the same adapter computed whole in one process (what TP1 computes)."""
+    import torch.distributed as dist
+
+    from megatron_patch.lora.adapters import COLUMN, ROW, Adapter
+
+    # megatron-core's sequence-parallel collectives allocate on torch.cuda.current_device(), forward and backward
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    group, settings = dist.group.WORLD, LoraSettings(rank=4, alpha=8.0)
+    seq, fan_in, fan_out = 6, 10, 8
+    for kind in (COLUMN, ROW):
+        for sequence_parallel in (False, True):
+            torch.manual_seed(0)
+            x, weight, probe = torch.randn(seq, 2, fan_in), torch.randn(fan_out, fan_in), torch.randn(seq, 2, fan_out)
+            whole = Adapter(settings, kind, weight, None, False)
+            whole.initialize(torch.Generator().manual_seed(1), weight)
+            with torch.no_grad():
+                whole.lora_B.normal_()
+            x_whole = x.clone().requires_grad_()
+            (whole.low_rank(x_whole) * probe).sum().backward()
+            # This rank's part: column-parallel B rows (input whole, or its sequence chunk with SP); row-parallel
+            # A columns and input columns (output whole, or its sequence chunk with SP).
+            sequence = slice(rank * seq // 2, (rank + 1) * seq // 2) if sequence_parallel else slice(None)
+            rows = slice(rank * fan_out // 2, (rank + 1) * fan_out // 2) if kind == COLUMN else slice(None)
+            columns = slice(rank * fan_in // 2, (rank + 1) * fan_in // 2) if kind == ROW else slice(None)
+            local_weight = weight[rows, columns]
+            part = Adapter(settings, kind, local_weight, group, sequence_parallel)
+            part.initialize(torch.Generator().manual_seed(1), local_weight)  # each rank keeps its part of A
+            torch.testing.assert_close(part.lora_A, whole.lora_A[:, columns])
+            with torch.no_grad():
+                part.lora_B.copy_(whole.lora_B[rows])
+            x_part = x[sequence if kind == COLUMN else slice(None), :, columns].clone().requires_grad_()
+            output = part.low_rank(x_part)
+            (output * probe[sequence if kind == ROW else slice(None), :, rows]).sum().backward()
+            for param in (part.lora_A, part.lora_B):  # what megatron's finalize_model_grads sums over TP
+                if param.sequence_parallel:
+                    dist.all_reduce(param.grad, group=group)
+            case = f"{kind}, sequence parallel {sequence_parallel}"
+            torch.testing.assert_close(part.lora_A.grad, whole.lora_A.grad[:, columns], msg=case)
+            torch.testing.assert_close(part.lora_B.grad, whole.lora_B.grad[rows], msg=case)
+            x_sequence = sequence if kind == COLUMN else slice(None)
+            torch.testing.assert_close(x_part.grad, x_whole.grad[x_sequence, :, columns], msg=case)
+            # DoRA's row norms (of a row-parallel weight: summed over TP)
+            torch.testing.assert_close(part.weight_norm(local_weight), whole.weight_norm(weight)[rows], msg=case)
+    dist.destroy_process_group()
+
+
+def test_tensor_and_sequence_parallel_adapters_match_one_process():
+    """The TP collectives between A and B, in two gloo processes: gradients of A, B and the input, DoRA's norms
+    and the initial A of every rank's part as one process computes them whole. Sequence parallelism (TE's spec
+    on a GPU only, so no CPU training run covers it) included."""
+    import torch.multiprocessing as mp
+
+    from training_utils import free_port
+
+    mp.spawn(_adapter_ranks_against_one_process, args=(free_port(),), nprocs=2)

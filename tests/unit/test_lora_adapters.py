@@ -126,6 +126,28 @@ def test_te_shaped_layers_take_the_adapter_peft_computes_on_their_linear_input(l
     torch.testing.assert_close(output, reference(layer.normed(x)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_merged_weights_are_peft_merge(method):
+    """The convertor's --merge-lora maths (megatron_patch.lora.peft_export.merged_weight) against peft's own
+    merge of the same LoRA/DoRA layer."""
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as PeftLinear
+
+    from megatron_patch.lora.peft_export import merged_weight
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 24, bias=False)
+    reference = PeftLinear(base, "default", LoraConfig(r=4, lora_alpha=8, use_dora=method == "dora"), r=4,
+                           lora_alpha=8)
+    with torch.no_grad():
+        lora_A, lora_B = reference.lora_A["default"].weight, reference.lora_B["default"].weight
+        lora_B.normal_()
+        magnitude = reference.lora_magnitude_vector["default"].weight.uniform_(0.5, 2.0) if method == "dora" else None
+        ours = merged_weight(base.weight.clone(), lora_A, lora_B, magnitude, scaling=2.0)
+        reference.merge()
+    torch.testing.assert_close(ours, reference.base_layer.weight, rtol=1e-6, atol=1e-6)
+
+
 def test_targets_take_megatron_and_peft_names_in_model_order():
     assert parse_targets("") == parse_targets("all-linear") == parse_targets("all") == ALL_TARGETS
     assert parse_targets("down_proj, q_proj,k_proj,v_proj") == ("linear_qkv", "linear_fc2")
@@ -143,3 +165,4 @@ def test_a_target_that_cannot_be_adapted_is_refused_naming_the_fix(text, says):
     with pytest.raises(UserError, match="MP_LORA_TARGETS") as err:
         parse_targets(text)
     assert says in str(err.value)
+
