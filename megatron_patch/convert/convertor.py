@@ -297,15 +297,7 @@ def validate_mcore_checkpoint(ckpt: Path, size: Qwen25Size) -> dict:
            if tuple(meta[k].size) != expected[k]]
     if bad:
         problems.append("tensors with the wrong shape: " + "; ".join(bad[:8]))
-    from megatron.core import dist_checkpointing
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        ckpt_args = dist_checkpointing.load_common_state_dict(str(ckpt)).get("args")
-    except CheckpointException as e:  # the files are there (checked above) but their bytes do not unpickle
-        raise _corrupt_checkpoint(ckpt, "the common state (args, iteration)", e) from None
-    except Exception:  # noqa: BLE001 -- args are only a cross-check; shapes above already decide
-        ckpt_args = None
+    ckpt_args = checkpoint_args(ckpt)
     if ckpt_args is not None:
         groups = getattr(ckpt_args, "num_query_groups", None) if getattr(ckpt_args, "group_query_attention", False) \
             else getattr(ckpt_args, "num_attention_heads", None)
@@ -318,6 +310,20 @@ def validate_mcore_checkpoint(ckpt: Path, size: Qwen25Size) -> dict:
         raise UserError(f"error: the Megatron checkpoint {ckpt} does not match the Qwen2.5 config:\n  "
                               + "\n  ".join(problems))
     return meta
+
+
+def checkpoint_args(ckpt: Path):
+    """The args a torch_dist checkpoint saved (None where there are none), after mcore_tensor_metadata checked its
+    files: bytes that do not unpickle are named."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        return dist_checkpointing.load_common_state_dict(str(ckpt)).get("args")
+    except CheckpointException as e:  # the files are there (checked before) but their bytes do not unpickle
+        raise _corrupt_checkpoint(ckpt, "the common state (args, iteration)", e) from None
+    except Exception:  # noqa: BLE001 -- args are a cross-check (and LoRA's settings); shapes decide the rest
+        return None
 
 
 def _corrupt_checkpoint(ckpt: Path, what: str, e: BaseException) -> UserError:
@@ -418,7 +424,8 @@ def mcore_to_hf(model_size: str, load_dir: str | Path, save_dir: str | Path, hf_
 
     from megatron_patch.lora.peft_export import lora_checkpoint, write_adapter
 
-    lora = lora_checkpoint(ckpt)
+    mcore_tensor_metadata(ckpt)  # a missing or truncated file is named before anything else reads the folder
+    lora = lora_checkpoint(ckpt, checkpoint_args(ckpt))
     if merge_lora and lora is None:
         raise UserError(f"error: --merge-lora: {ckpt} is a full checkpoint, not a LoRA run's; drop --merge-lora.")
     check = None

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_patch.errors import UserError, parse_bool
-from megatron_patch.lora.targets import ALL_TARGETS, DEFAULT_ALPHA, METHODS, LoraSettings, parse_targets
+from megatron_patch.lora.targets import ALL_TARGETS, DEFAULT_ALPHA, METHODS, LoraSettings, adapter_parameter_count, \
+    parse_targets
 from megatron_patch.model_sizes import QWEN2_5_SIZES, Qwen25Size
 
 POSITIONAL = (
@@ -121,6 +122,15 @@ class Launch:
     @property
     def size(self) -> Qwen25Size:
         return QWEN2_5_SIZES[self.model_size]
+
+    @property
+    def trained_parameters(self) -> int:
+        """Parameters the optimizer steps and checkpoints save: the whole model, or a LoRA run's adapters."""
+        size = self.size
+        if self.lora is None:
+            return size.parameter_count
+        return adapter_parameter_count(self.lora, size.num_layers, size.hidden_size, size.num_attention_heads,
+                                       size.num_query_groups, size.ffn_hidden_size)
 
     @property
     def virtual_stages(self) -> int | None:

@@ -156,14 +156,14 @@ def _optimizer_offload_flags(launch: Launch, machine: Machine) -> list[str]:
 def auto_offload_fraction(launch: Launch, machine: Machine, free_gpu_bytes: int | None) -> float:
     """Share of optimizer state to keep on the CPU so the rest fits in free GPU memory.
 
-    Adam keeps fp32 master weights and two moments: 12 bytes per parameter (the real shape's count), split over
-    the model-parallel ranks and, by the distributed optimizer, over data-parallel ranks. Half of the GPU's free
-    memory is left for weights, grads and activations.
+    Adam keeps fp32 master weights and two moments: 12 bytes per trained parameter (the real shape's count, or a
+    LoRA run's adapters), split over the model-parallel ranks and, by the distributed optimizer, over
+    data-parallel ranks. Half of the GPU's free memory is left for weights, grads and activations.
     """
     if free_gpu_bytes is None:
         return 1.0
     dp = max(1, machine.world_size // (launch.tp * launch.pp * launch.cp))
-    state_bytes = 12 * launch.size.parameter_count / (launch.tp * launch.pp) / dp
+    state_bytes = 12 * launch.trained_parameters / (launch.tp * launch.pp) / dp
     on_gpu = min(1.0, 0.5 * free_gpu_bytes / state_bytes)
     return round(max(0.0, 1.0 - on_gpu), 2)
 

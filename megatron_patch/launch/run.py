@@ -324,15 +324,9 @@ def _launch(launch: Launch, machine, env: dict[str, str]) -> int:
 
 def checkpoint_bytes(launch: Launch) -> int:
     """About what one checkpoint takes: the trained weights (fp32 master copies when training in 16 bits) and
-    Adam's two fp32 moments, 12 or 16 bytes per parameter; a LoRA run trains and saves its adapters only."""
-    from megatron_patch.lora.targets import adapter_parameter_count
-
+    Adam's two fp32 moments, 12 or 16 bytes per parameter (a LoRA run trains and saves its adapters only)."""
     per_parameter = 12 if launch.precision == "fp32" else 16
-    size = launch.size
-    trained = size.parameter_count if launch.lora is None else adapter_parameter_count(
-        launch.lora, size.num_layers, size.hidden_size, size.num_attention_heads, size.num_query_groups,
-        size.ffn_hidden_size)
-    return trained * per_parameter
+    return launch.trained_parameters * per_parameter
 
 
 def _check_free_space(launch: Launch) -> None:

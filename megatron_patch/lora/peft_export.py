@@ -98,14 +98,8 @@ class LoraCheckpoint:
                 for name in self.adapter_names(layer)}
 
 
-def lora_checkpoint(folder: Path) -> LoraCheckpoint | None:
-    """The LoRA run a torch_dist folder was saved by, or None for a full checkpoint."""
-    from megatron.core import dist_checkpointing
-
-    try:
-        args = dist_checkpointing.load_common_state_dict(str(folder)).get("args")
-    except Exception:  # noqa: BLE001 -- unreadable common state: the full-checkpoint path names the damage
-        return None
+def lora_checkpoint(folder: Path, args) -> LoraCheckpoint | None:
+    """The LoRA run a torch_dist folder was saved by, from the args it saved; None for a full checkpoint."""
     settings = LoraSettings.from_args(args) if args is not None else None
     if settings is None:
         return None

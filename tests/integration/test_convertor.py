@@ -367,7 +367,7 @@ def test_overwrite_killed_after_the_swap_leaves_the_new_checkpoint_and_the_next_
         tiny_hf_checkpoint, converted_tiny, tmp_path, monkeypatch):
     """A kill at the exact moment after the swap (MP_FAULT_INJECT); tests/unit/test_convert_staging.py covers every
     other moment on a stand-in checkpoint."""
-    from megatron_patch.convert.convertor import _mcore_tensor_metadata
+    from megatron_patch.convert.convertor import mcore_tensor_metadata
     from megatron_patch.fault_injection import FAULT_ENV, KILLED_EXIT_STATUS
 
     save_dir = tmp_path / "ckpt"
@@ -378,7 +378,7 @@ def test_overwrite_killed_after_the_swap_leaves_the_new_checkpoint_and_the_next_
     assert proc.returncode == KILLED_EXIT_STATUS, proc.stderr[-3000:]  # and returned: no helper held its pipe open
     # SAVE_DIR holds the new (bf16) checkpoint, complete: every model tensor's bytes are there.
     assert (save_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "release"
-    metadata = _mcore_tensor_metadata(save_dir / "release")
+    metadata = mcore_tensor_metadata(save_dir / "release")
     assert {m.properties.dtype for m in metadata.values()} == {torch.bfloat16}
     assert (save_dir / "config.json").read_bytes() == (tiny_hf_checkpoint / "config.json").read_bytes()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".ckpt.old-")]

@@ -122,3 +122,11 @@ def test_run_eval_scores_the_adapter_as_the_merged_model(lora_sft_run, tmp_path)
         theirs = [float(resp[0][0]) for resp in sample["resps"]]
         shift = theirs[0] - ours[0]
         assert abs(shift) < 3e-3 and max(abs(t - o - shift) for o, t in zip(ours, theirs)) < 1e-4, (ours, theirs)
+
+
+def test_merging_a_full_checkpoint_is_refused(converted_tiny, tiny_hf_checkpoint, tmp_path):
+    proc = run_tool(["bash", RUN_8X, "tiny", converted_tiny, tmp_path / "out", "true", "false", "fp32",
+                     tiny_hf_checkpoint, "--merge-lora"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"error: --merge-lora: {converted_tiny / 'release'} is a full checkpoint, not a LoRA run's" in proc.stderr
+    assert not (tmp_path / "out").exists()

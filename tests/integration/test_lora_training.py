@@ -136,8 +136,12 @@ def test_the_log_says_what_trains_as_peft_does(lora_runs):
     assert line == "trainable params: 13,312 || all params: 9,811,520 || trainable%: 0.1357"
     for name in ("lora_tp1", "lora_pp2"):
         assert line in lora_runs[name]["log"]
-    # megatron's own count of the one process's parameters: the base and the adapters
-    assert "model parallel rank (0, 0, 0): 9811520" in lora_runs["lora_tp1"]["log"]
+    # megatron's own count of the one process's parameters: the base and the adapters; its gradient buffer (and so
+    # the optimizer, which steps what the buffer holds) has the adapters alone
+    log = lora_runs["lora_tp1"]["log"]
+    assert "model parallel rank (0, 0, 0): 9811520" in log
+    assert "Number of buckets for gradient all-reduce / reduce-scatter: 1" in log
+    assert f"Params for bucket 1 ({trainable} elements," in log
 
 
 def test_a_dora_run_exports_as_a_peft_adapter_with_our_models_logits(lora_runs, tiny_hf_checkpoint, tmp_path):

@@ -146,3 +146,15 @@ def test_the_entrypoint_moves_the_base_out_of_megatrons_reach(tmp_path):
     full = entrypoint_args(lora_rank=0)
     settle_args(full)
     assert full.pretrained_checkpoint == "/base" and not hasattr(full, "lora_base_checkpoint")
+
+
+def test_optimizer_offload_is_sized_by_what_trains(paths, monkeypatch):
+    """OPTIMIZER_OFFLOAD=auto keeps on the GPU what fits: a LoRA run's optimizer state is its adapters'."""
+    from megatron_patch import hardware
+
+    monkeypatch.setattr(hardware, "free_gpu_bytes", lambda: 2**28)  # 256 MiB free on each of 8 GPUs
+    overrides = dict(MODEL_SIZE="0.5B", OPTIMIZER_OFFLOAD="auto", PRETRAIN_CHECKPOINT_PATH=str(paths.checkpoint_05b))
+    _, full = api_flags(paths, **overrides)
+    _, lora = api_flags(paths, environ=LORA, **overrides)
+    assert float(full[full.index("--optimizer-offload-fraction") + 1]) > 0.5
+    assert float(lora[lora.index("--optimizer-offload-fraction") + 1]) == 0.0
