@@ -1,10 +1,15 @@
 # The two commands a new user runs: `make demo` (the best practice end to end on the embedded tiny default,
-# CPU when there is no GPU) and `make test`. Both install into .venv first.
+# CPU when there is no GPU) and `make test`. Both install into .venv first, from requirements-lock.txt.
 PY := .venv/bin/python
 
-.PHONY: setup demo test
+.PHONY: setup lock demo test
 setup:
 	@bash scripts/setup_venv.sh
+
+# Re-resolve requirements-lock.txt after a dependency change in pyproject.toml (UPGRADE=1: newest releases),
+# then reinstall .venv from it and run the test suite.
+lock:
+	@bash scripts/lock.sh
 
 demo: setup
 	@bash examples/qwen2_5/demo.sh

@@ -25,7 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks import BENCHMARKS, Benchmark, default_data_dir
+from eval_benchmarks import BENCHMARKS, Benchmark, default_data_dir
+from megatron_patch.atomic_write import StagedFolder, recover_interrupted
 from megatron_patch.errors import UserError, report_user_errors
 
 ANSWER_LETTERS = ("A", "B", "C", "D")
@@ -108,6 +109,8 @@ def write_jsonl(rows: list[dict[str, str]], path: Path) -> None:
 def prepare_benchmark(bench: Benchmark, source: Path, data_dir: Path,
                       skip_bad_rows: bool = False) -> dict[str, dict[str, int]]:
     """Convert one benchmark's download; returns {subject: {split: row count}}."""
+    # First, an earlier run killed mid-swap on a file system without an atomic exchange is finished.
+    recover_interrupted(data_dir / bench.name)
     source = source.expanduser().resolve()
     if not source.exists():
         raise UserError(f"error: --{bench.name} {source} does not exist.\nGet the data with:\n  {bench.download_hint}")
@@ -155,15 +158,12 @@ def _convert_folder(bench: Benchmark, root: Path, data_dir: Path, skip_bad_rows:
     if not tables:
         raise UserError(f"error: no {bench.name} subject had all of {', '.join(bench.splits)}; nothing written.")
 
-    # Written to a scratch folder and swapped in at the end: a failed run leaves the old data whole, and subjects
-    # dropped from a newer download do not linger.
-    partial = data_dir / f".{bench.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    for subject, splits in tables.items():
-        for split, rows in splits.items():
-            write_jsonl(rows, partial / split / f"{subject}.jsonl")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    partial.rename(out_dir)
+    # Written to a scratch folder and swapped in whole at the end: a failed or killed run leaves the old data whole,
+    # and subjects dropped from a newer download do not linger.
+    with StagedFolder(out_dir, "prepare_data") as partial:
+        for subject, splits in tables.items():
+            for split, rows in splits.items():
+                write_jsonl(rows, partial / split / f"{subject}.jsonl")
     total = sum(len(splits[eval_split]) for splits in tables.values())
     print(f"{bench.name}: wrote {len(tables)} subjects ({total} {eval_split} questions) to {out_dir}")
     return {subject: {split: len(rows) for split, rows in splits.items()} for subject, splits in tables.items()}

@@ -4,10 +4,13 @@
 
 Runs the best practice's command,
     accelerate launch --main_process_port 29051 -m lm_eval --model hf \
-        --model_args pretrained=MODEL_DIR,trust_remote_code=True --tasks cmmlu,ceval-valid --batch_size 16
+        --model_args pretrained=MODEL_DIR,trust_remote_code=False --tasks cmmlu,ceval-valid --batch_size 16
+(upstream's trust_remote_code=True turned off: Qwen2 is built into transformers, so trusting would only let a .py
+file in MODEL_DIR run; pass lm-eval's own --trust_remote_code for a model that needs its code),
 data parallel with one process per visible GPU (plain `python -m lm_eval --device cpu` without a GPU), with the
 hub switched off and lm-eval's cmmlu/ceval-valid reading prepare_data.py's files from EVAL_DATA_DIR.
-Results (JSON, plus the task configs used) go to MODEL_DIR/eval_results/ unless --output_path is given.
+Results (JSON, plus the task configs used) go to MODEL_DIR/eval_results/ unless --output_path is given; they
+appear only once lm-eval has finished. Ctrl-C stops it with one line and exit status 130, writing no results.
 
 MODEL_DIR must hold Hugging Face weights, config.json and a tokenizer, or be a PEFT adapter folder (the convertor's
 export of a LoRA run: adapter_config.json names the base model's folder, which lm-eval loads with the adapter);
@@ -28,8 +31,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from benchmarks import BENCHMARKS, HERE, Benchmark, default_data_dir, prepare_command
-from megatron_patch.errors import UserError, dry_run_requested, report_user_errors
+from eval_benchmarks import BENCHMARKS, HERE, Benchmark, default_data_dir, prepare_command
+from megatron_patch import process_lifetime
+from megatron_patch.errors import UserError, dry_run_requested, report_user_errors, stop_signals_ignored
 
 DEFAULT_TASKS = "cmmlu,ceval-valid"
 DEFAULT_BATCH_SIZE = "16"
@@ -66,7 +70,7 @@ def model_args(model_dir: Path) -> str:
     """lm-eval's --model_args for MODEL_DIR: the model, or the base model with the PEFT adapter."""
     base = peft_adapter_base(model_dir)
     loads = f"pretrained={model_dir}" if base is None else f"pretrained={base},peft={model_dir}"
-    return f"{loads},trust_remote_code=True"
+    return f"{loads},trust_remote_code=False"
 
 
 def check_model_dir(model_dir: Path) -> None:
@@ -170,6 +174,8 @@ def build_command(model_dir: Path, tasks: str, extra: list[str], include_path: P
                     "--num_processes", str(num_gpus), "--main_process_port", port, "-m", "lm_eval"]
     else:
         launcher = [python, "-m", "lm_eval"]
+    # Qwen2 is built into transformers: trusting remote code would only run .py files lying in MODEL_DIR. lm-eval's
+    # own --trust_remote_code (or --model_args trust_remote_code=True) in `extra` overrides this.
     command = [*launcher, "--model", "hf", "--model_args", model_args(model_dir),
                "--tasks", tasks, "--include_path", str(include_path)]
     defaults = {"--batch_size": DEFAULT_BATCH_SIZE, "--output_path": str(output_path)}
@@ -200,7 +206,7 @@ def visible_gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-@report_user_errors
+@report_user_errors(stopped="no results were written; run the same command to evaluate again")
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -228,7 +234,44 @@ def main(argv: list[str]) -> int:
     print("+ " + shlex.join(command), flush=True)
     if dry:
         return 0
-    os.execve(command[0], command, lm_eval_env(dict(os.environ)))
+    return run_lm_eval(command, output_path, lm_eval_env(dict(os.environ)))
+
+
+def with_output_path(command: list[str], path: Path) -> list[str]:
+    """The command with its --output_path value replaced by `path`."""
+    changed = list(command)
+    for i, arg in enumerate(changed):
+        if arg == "--output_path":
+            changed[i + 1] = str(path)
+        elif arg.startswith("--output_path="):
+            changed[i] = f"--output_path={path}"
+    return changed
+
+
+def run_lm_eval(command: list[str], output_path: Path, env: dict[str, str]) -> int:
+    """lm-eval, writing into a hidden folder beside OUTPUT_PATH (`.NAME.partial-PID`, which mirrors OUTPUT_PATH's
+    parent); its files move into place once it has exited 0, the results JSONs last. lm-eval writes a results
+    JSON and then each task's samples, so a stop (its whole process tree is killed, see errors.py) or a failure
+    halfway would otherwise leave a complete-looking results file beside half of its samples, or a cut one."""
+    staging = output_path.parent / f".{output_path.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        code = process_lifetime.run_owned_child(with_output_path(command, staging / output_path.name), env)
+        if code == 0:
+            with stop_signals_ignored():  # a stop now is too late: lm-eval has finished
+                _move_into_place(staging, output_path.parent)
+        return code
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into_place(staging: Path, destination: Path) -> None:
+    written = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: p.name.startswith("results"))
+    for path in written:
+        target = destination / path.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Causal attention forward + backward through each scaled_dot_product_attention backend, at Qwen2.5 shapes, in the
 layout our core attention hands it ([s, b, heads, d] permuted to [b, heads, s, d]).
 
-    python benchmarks/attention_backends.py [--sizes 0.5B 1.5B 7B] [--seq-lens 2048 4096] [--tokens 16384]
+    python -m benchmarks.attention_backends [--sizes 0.5B 1.5B 7B] [--seq-lens 2048 4096] [--tokens 16384]
 
 GQA: the flash, memory-efficient and math backends take K/V with fewer heads (enable_gqa); for a backend that
 refuses that, K/V are expanded to the query heads first (the expand is part of the timing, as it would be in
@@ -10,16 +10,13 @@ training). FLOPs: forward 2 * 2 * b * heads * s^2 * d / 2 (causal), backward 2.5
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cuda_timing import attention_shape_sweep, time_ms  # noqa: E402
+from benchmarks.cuda_timing import attention_shape_sweep, time_ms
 
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,

@@ -1,7 +1,7 @@
 """HF -> Megatron -> HF round trip of a random-init Qwen2.5 through the user-facing convertor scripts, timed
 beside a plain safetensors load-and-save of the same weights (the floor for any conversion).
 
-    python benchmarks/convert_roundtrip.py --size 0.5B --use-cuda true --tokenizer DIR --work /tmp/convert
+    python -m benchmarks.convert_roundtrip --size 0.5B --use-cuda true --tokenizer DIR --work /tmp/convert
 
 Prints wall time and peak host memory (max RSS of the process tree) of each step, and checks that every
 tensor comes back bit-exact.
@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def measure(name: str, cmd: list[str]) -> None:

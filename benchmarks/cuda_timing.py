@@ -1,5 +1,5 @@
-"""What the kernel benchmarks share: GPU time of a callable, and the sweep over Qwen2.5 sizes and sequence lengths
-(benchmarks/ is on sys.path when they run as scripts, and they put the repository root there first)."""
+"""What the kernel benchmarks share: GPU time of a callable, and the sweep over Qwen2.5 sizes and sequence
+lengths."""
 
 from __future__ import annotations
 

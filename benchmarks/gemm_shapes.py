@@ -13,23 +13,20 @@ Prints TFLOP/s per GEMM and way (with the kernel cuBLAS ran as called), and the 
 every GEMM took its best way. A step runs its GEMMs back to back for about a second; `--reps 300` does the same
 per GEMM, to see whether a sustained load (clocks under the power limit) runs them slower than a short burst.
 
-    python benchmarks/gemm_shapes.py [--size 1.5B] [--seq-len 2048] [--micro-batch 16]
+    python -m benchmarks.gemm_shapes [--size 1.5B] [--seq-len 2048] [--micro-batch 16]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cuda_timing import kernel_ms_and_names  # noqa: E402
+from benchmarks.cuda_timing import kernel_ms_and_names
 
-from megatron_patch.fused.linear_cross_entropy import chunk_tokens_for  # noqa: E402
-from megatron_patch.model_sizes import get_size  # noqa: E402
+from megatron_patch.fused.linear_cross_entropy import chunk_tokens_for
+from megatron_patch.model_sizes import get_size
 
 
 def linears(size, tokens: int) -> list[tuple[str, int, int, int, int]]:

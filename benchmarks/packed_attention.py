@@ -1,7 +1,7 @@
 """Packed SFT rows: causal attention forward + backward through the dense block mask (SDPA, our backend order)
 against torch's variable-length flash kernel (megatron_patch.attention.packed_varlen_attention), at Qwen2.5 shapes.
 
-    python benchmarks/packed_attention.py [--sizes 0.5B 1.5B 7B] [--seq-lens 2048 4096] [--tokens 16384]
+    python -m benchmarks.packed_attention [--sizes 0.5B 1.5B 7B] [--seq-lens 2048 4096] [--tokens 16384]
 
 Rows are filled with samples of 64 to 1,024 tokens (seeded), the rest of a row is padding, as the SFT packer does.
 TFLOP/s count only the work inside samples: 3.5 * 2 * 2 * heads * d * sum(len^2) / 2. "host" is the launch
@@ -10,19 +10,16 @@ time per call on the CPU (what bounds a step at small micro-batches): try --seq-
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cuda_timing import attention_shape_sweep, gpu_and_host_ms  # noqa: E402
+from benchmarks.cuda_timing import attention_shape_sweep, gpu_and_host_ms
 
-from megatron_patch.attention import BACKEND_PRIORITY, packed_varlen_attention  # noqa: E402
-from megatron_patch.data.providers import packed_attention_mask, packed_seq_params_for  # noqa: E402
+from megatron_patch.attention import BACKEND_PRIORITY, packed_varlen_attention
+from megatron_patch.data.providers import packed_attention_mask, packed_seq_params_for
 
 
 def packed_segments(batch: int, seq: int, generator: torch.Generator) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Pre-training preprocessing throughput against plain Hugging Face batch encoding, on People's Daily 1998-01.
 
-  python benchmarks/preprocess_throughput.py [--workers 2] [--repeat 2] [--tokenizer DIR]
+  python -m benchmarks.preprocess_throughput [--workers 2] [--repeat 2] [--tokenizer DIR]
 
 Baseline: one process calling the HF tokenizer on batches of 1,000 documents (encoding only: no JSON, no EOD, no
 writing), once with the tokenizers library's own threads (its default) and once single-threaded
@@ -44,10 +44,9 @@ def main() -> None:
     parser.add_argument("--tokenizer", help="tokenizer folder (default: write the Qwen2.5 one to a temp dir)")
     args = parser.parse_args()
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "qwen2_5"))  # the sample corpora
+    from examples.qwen2_5.sample_corpora import peoples_daily_paragraphs
     from megatron_patch.data.pretrain_preprocess import preprocess_pretrain_corpus
     from megatron_patch.tokenizer import write_default_tokenizer
-    from sample_corpora import peoples_daily_paragraphs
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

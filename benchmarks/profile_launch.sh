@@ -11,4 +11,5 @@ if [ -z "${MP_TOKENIZER_PATH:-}" ]; then
   export MP_TOKENIZER_PATH
 fi
 cmd=$(MP_DRY_RUN=1 sh "$here/../examples/qwen2_5/run_mcore_qwen.sh" "$@" | tail -n 1)
-eval "$(printf '%s' "$cmd" | sed "s# -m megatron_patch.pretrain_qwen # $here/profile_step.py #")"
+# The launcher's command puts the repository on PYTHONPATH: the profiler runs as a module of it.
+eval "$(printf '%s' "$cmd" | sed "s# -m megatron_patch.pretrain_qwen # -m benchmarks.profile_step #")"

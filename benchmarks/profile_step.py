@@ -4,23 +4,20 @@ MP_PROFILE_HOST=1 instead prints the step's Python functions by host time (cProf
 GPU waits on the host (small micro-batches, no CUDA graph). MP_PROFILE_DETAIL=1 adds a second table of the same
 step's operators by input shape: which GEMM, copy or add runs on which tensors. MP_PROFILE_GAPS=1 instead
 measures the GPU's idle time from one step's start to the next one's, the log line and the next batch included
-(benchmarks/gpu_idle.py): what a CUDA-graphed step loses to the host.
+(megatron_patch/harness/gpu_idle.py): what a CUDA-graphed step loses to the host.
 The process exits once the profile is printed: the final checkpoint save would only measure the disk.
 
-    MP_PROFILE_STEP=4 torchrun --nproc-per-node 1 benchmarks/profile_step.py --model-size 0.5B [Megatron flags]
+    MP_PROFILE_STEP=4 torchrun --nproc-per-node 1 -m benchmarks.profile_step --model-size 0.5B [Megatron flags]
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_patch import pretrain_qwen  # noqa: E402  (applies the CPU backend / compat patches first)
-from megatron.training import training  # noqa: E402
-import torch  # noqa: E402
+from megatron_patch import pretrain_qwen  # first: applies the CPU backend / compat patches
+from megatron.training import training
+import torch
 
 PROFILE_STEP = int(os.environ.get("MP_PROFILE_STEP", "4"))
 _plain_train_step = training.train_step
@@ -63,7 +60,7 @@ def gaps_profiled(*args, **kwargs):
     if _calls == PROFILE_STEP + 1:
         _gap_profile[0].stop()
         if int(os.environ.get("RANK", "0")) == 0:
-            import gpu_idle
+            from megatron_patch.harness import gpu_idle
 
             print(f"GPU idle between step starts:\n{gpu_idle.report(_gap_profile[0].events())}", flush=True)
         finish()

@@ -10,23 +10,20 @@ slower side) and the kernel time (torch.profiler's sum over the kernels: what a 
 Bandwidth counts what the split + RoPE must move at least, over the kernel time: read the projection output and
 write q, k, v forward; the same backward.
 
-    python benchmarks/qkv_projection.py [--sizes 0.5B 1.5B 7B] [--seq-len 2048] [--batch 16]
+    python -m benchmarks.qkv_projection [--sizes 0.5B 1.5B 7B] [--seq-len 2048] [--batch 16]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cuda_timing import kernel_ms, time_ms  # noqa: E402
+from benchmarks.cuda_timing import kernel_ms, time_ms
 
-from megatron_patch.fused import rope  # noqa: E402
-from megatron_patch.model_sizes import get_size  # noqa: E402
+from megatron_patch.fused import rope
+from megatron_patch.model_sizes import get_size
 
 
 def _forward_backward(fn, mixed, freqs, sizes, upstream):

@@ -2,23 +2,20 @@
 (megatron_patch/fused/swiglu.py). Bandwidth counts the bytes each must move at least: read y [tokens, 2n] and the
 incoming gradient [tokens, n], write the input gradient [tokens, 2n].
 
-    python benchmarks/swiglu_backward.py [--sizes 0.5B 1.5B 7B] [--tokens 16384]
+    python -m benchmarks.swiglu_backward [--sizes 0.5B 1.5B 7B] [--tokens 16384]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cuda_timing import time_ms  # noqa: E402
+from benchmarks.cuda_timing import time_ms
 
-from megatron_patch.fused.swiglu import swiglu_backward  # noqa: E402
-from megatron_patch.model_sizes import get_size  # noqa: E402
+from megatron_patch.fused.swiglu import swiglu_backward
+from megatron_patch.model_sizes import get_size
 
 
 def main() -> None:

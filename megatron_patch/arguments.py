@@ -1,4 +1,5 @@
-"""Qwen2.5's Megatron flags (from the size table) and the extra arguments our entrypoint adds."""
+"""Qwen2.5's Megatron flags (of a model: a checkpoint's config.json or a size-table entry) and the extra arguments
+our entrypoint adds."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ NO_TE_GPU_FLAGS = ["--transformer-impl", "local", "--no-persist-layer-norm", "--
 
 
 def qwen2_5_model_flags(size: Qwen25Size) -> list[str]:
-    """The megatron-core architecture flags that make GPTModel a Qwen2.5 of this size."""
+    """The megatron-core architecture flags that make GPTModel this Qwen2.5 model (shape, RoPE base and scaling,
+    positions, norm epsilon, vocabulary, tying)."""
     flags = [
         "--num-layers", str(size.num_layers),
         "--hidden-size", str(size.hidden_size),
@@ -24,8 +26,8 @@ def qwen2_5_model_flags(size: Qwen25Size) -> list[str]:
         "--group-query-attention",
         "--num-query-groups", str(size.num_query_groups),
         "--ffn-hidden-size", str(size.ffn_hidden_size),
-        "--max-position-embeddings", str(size.max_position_embeddings),
-        "--position-embedding-type", "rope",
+        "--max-position-embeddings", str(size.positions),
+        *rope_flags(size),
         "--rotary-base", str(int(size.rope_theta)),
         "--rotary-percent", "1.0",
         "--normalization", "RMSNorm",
@@ -41,6 +43,18 @@ def qwen2_5_model_flags(size: Qwen25Size) -> list[str]:
     if not size.tie_word_embeddings:
         flags.append("--untie-embeddings-and-output-weights")
     return flags
+
+
+def rope_flags(size: Qwen25Size) -> list[str]:
+    """RoPE, or megatron-core's YaRN (GPTModel's `yarn` position embedding: the same inverse frequencies and
+    correction range as transformers' YaRN, and its attention applies the same 0.1 ln(factor) + 1 scaling to cos
+    and sin, from --mscale 1 and --mscale-all-dim 0, megatron-core's defaults)."""
+    yarn = size.rope_scaling
+    if yarn is None:
+        return ["--position-embedding-type", "rope"]
+    return ["--position-embedding-type", "yarn", "--rotary-scaling-factor", str(yarn.factor),
+            "--yarn-original-max-position-embeddings", str(yarn.original_max_position_embeddings),
+            "--yarn-beta-fast", str(yarn.beta_fast), "--yarn-beta-slow", str(yarn.beta_slow)]
 
 
 def expand_model_size(argv: list[str]) -> list[str]:
@@ -75,6 +89,9 @@ def add_extra_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="fp8 on Hopper: forward GEMMs promote their partial sums to fp32 (TE's split "
                             "accumulator, which its backward GEMMs use already) instead of accumulating in the fp8 "
                             "tensor cores' reduced precision")
+    group.add_argument("--replica-digests-dir", default=None,
+                       help="with --check-weight-hash-across-dp-replicas-interval: each rank also writes the SHA-1 "
+                            "of every parameter at each check to DIR/rank<N>.jsonl, to compare replicas offline")
     group.add_argument("--cpu-threads", type=int, default=None,
                        help="CPU runs: torch threads per process (default: cores / processes)")
     add_lora_args(parser)

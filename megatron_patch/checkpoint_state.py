@@ -1,4 +1,5 @@
-"""Which checkpoint a run folder resumes from, decided before torchrun starts (no torch import).
+"""Which checkpoint a run folder resumes from, decided before torchrun starts; and when a torch_dist checkpoint
+is complete (`torch_dist_index`, which the convertor reads checkpoints through too).
 
 megatron-core 0.19.2 trusts `latest_checkpointed_iteration.txt` alone: an empty tracker (it writes it in place,
 so a kill at that moment leaves it empty) ends the run with "Invalid metadata file" and exit status 0; a missing
@@ -11,21 +12,22 @@ A torch_dist checkpoint is complete when what megatron-core writes last is there
 every rank's `__<rank>_<n>.distcp`, then torch's `.metadata` (written by the coordinator once all ranks have
 written), then megatron-core's `metadata.json`; the tracker follows once all ranks pass a barrier. We also check
 each .distcp file's size against the byte ranges `.metadata` records for it (a truncated file is caught here).
+`.metadata` is read with torch.distributed.checkpoint's own FileSystemReader: the launcher imports torch only
+when a run folder holds a torch_dist checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
-import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_patch.atomic_write import atomic_write_text
 from megatron_patch.errors import UserError
-from megatron_patch.fault_injection import fault_point
 
 TRACKER = "latest_checkpointed_iteration.txt"
 ITERATION_FOLDER = re.compile(r"^iter_(\d{7,})$")
@@ -76,54 +78,45 @@ def _torch_dist_problem(folder: Path) -> str | None:
         return f"{stamp} is missing (the save did not finish)"
     except (OSError, ValueError) as err:
         return f"{stamp} is unreadable ({err})"
-    index = folder / TORCH_METADATA
     try:
-        extents = _shard_extents(index)
-    except FileNotFoundError:
-        return f"{index} is missing"
-    except Exception as err:  # a truncated or corrupt pickle fails in many ways
-        return f"{index} is unreadable ({type(err).__name__}: {err})"
-    for name, needed in sorted(extents.items()):
-        shard = folder / name
-        if not shard.is_file():
-            return f"{shard} is missing"
-        size = shard.stat().st_size
-        if size < needed:
-            return f"{shard} is truncated ({size} bytes, {needed} expected)"
-    if not extents and not any(folder.glob("*.distcp")):
-        return f"{folder} holds no .distcp file"
+        torch_dist_index(folder)
+    except DamagedCheckpoint as problem:
+        return str(problem)
     return None
 
 
-class _Stub:
-    """Stands in for every class a torch checkpoint index names: the index is read without importing torch (and
-    without running any code it names)."""
-
-    def __init__(self, *args, **kwargs):
-        self.__dict__["args"] = args
-
-    def __setstate__(self, state):
-        self.__dict__["state"] = state
+class DamagedCheckpoint(Exception):
+    """What is wrong with a torch_dist checkpoint folder, naming the file."""
 
 
-class _StubUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        return type(name, (_Stub,), {})
+def torch_dist_index(folder: Path, holds: Callable[[str], bool] = lambda key: True):
+    """torch.distributed.checkpoint's index of a torch_dist `folder` (its `.metadata`, read by torch's public
+    FileSystemReader), once every .distcp file holding an entry whose key `holds` is there and as long as the index
+    records. Raises DamagedCheckpoint naming the missing, unreadable or truncated file."""
+    index = folder / TORCH_METADATA
+    if not index.is_file():
+        raise DamagedCheckpoint(f"{index} is missing")
+    from torch.distributed.checkpoint import FileSystemReader
 
-
-def _shard_extents(index: Path) -> dict[str, int]:
-    """{.distcp file name: bytes its recorded shards need} from torch.distributed.checkpoint's `.metadata`."""
-    with open(index, "rb") as f:
-        metadata = _StubUnpickler(f).load()
-    state = getattr(metadata, "state", None)
-    storage = state.get("storage_data") if isinstance(state, dict) else None
+    try:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+    except Exception as err:  # a truncated or corrupt pickle fails in many ways
+        raise DamagedCheckpoint(f"{index} is unreadable ({type(err).__name__}: {err})") from None
     extents: dict[str, int] = {}
-    for info in (storage or {}).values():
-        fields = getattr(info, "state", None)
-        if isinstance(fields, dict) and {"relative_path", "offset", "length"} <= fields.keys():
-            end = fields["offset"] + fields["length"]
-            extents[fields["relative_path"]] = max(end, extents.get(fields["relative_path"], 0))
-    return extents
+    for item, stored in (metadata.storage_data or {}).items():
+        if holds(item.fqn):
+            end = stored.offset + stored.length
+            extents[stored.relative_path] = max(end, extents.get(stored.relative_path, 0))
+    for name, needed in sorted(extents.items()):
+        shard = folder / name
+        if not shard.is_file():
+            raise DamagedCheckpoint(f"{shard} is missing")
+        size = shard.stat().st_size
+        if size < needed:
+            raise DamagedCheckpoint(f"{shard} is truncated ({size} bytes, {needed} expected)")
+    if not extents and not any(folder.glob("*.distcp")):
+        raise DamagedCheckpoint(f"{folder} holds no .distcp file")
+    return metadata
 
 
 # ---------------------------------------------------------------- the run folder
@@ -217,24 +210,11 @@ def resume_state(checkpoint_dir: str | os.PathLike) -> ResumeState:
     return state
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `path` so that a reader (or a relaunch after a kill at any instant) sees the old text or the new
-    one, never a mix or an empty file: a temporary file beside it, fsync'd, renamed over it, directory fsync'd."""
-    path = Path(path)
-    # Named by host and process: on a shared file system each node may check (and repair) the same folder.
-    temporary = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    with open(temporary, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    # The kill tests land here: the new text is on disk, the old tracker still in place.
-    fault_point(f"tracker-write:{text}")
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+def write_tracker(path: Path, text: str) -> None:
+    """The tracker, replaced whole: a reader (or a relaunch after a kill at any instant) sees the old text or the
+    new one, never a mix or an empty file. MP_FAULT_INJECT=tracker-write:TEXT kills the process once the new text
+    is on disk and the old tracker still in place."""
+    atomic_write_text(path, text, encoding="ascii", fault=f"tracker-write:{text}")
 
 
 def repair_tracker(state: ResumeState) -> None:
@@ -246,7 +226,7 @@ def repair_tracker(state: ResumeState) -> None:
     if state.tracker_text == "":
         tracker.unlink(missing_ok=True)
     else:
-        atomic_write_text(tracker, state.tracker_text)
+        write_tracker(tracker, state.tracker_text)
 
 
 def prepare_resume(checkpoint_dir: str | os.PathLike, dry_run: bool = False) -> int | None:

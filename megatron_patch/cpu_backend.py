@@ -9,7 +9,8 @@ CPU, with gloo for every process group (any world size, TP/PP/DP included):
 * `torch.cuda` functions Megatron calls get CPU stand-ins: one pretend device, no-op streams and events
   (events time with the host clock), CUDA RNG state read and written on the CPU generator, zero memory stats;
 * `Tensor.type()` reports CPU float tensors with the CUDA names the optimizer and grad clipping assert on;
-* `initialize_megatron` is told CUDA is not required; `validate_args` reads the pretend device's properties.
+* `initialize_megatron` is told CUDA is not required; `validate_args` reads the pretend device's properties;
+* megatron.training's JIT warm-up is skipped (`skip_jit_warmup`: it would move the weights' random stream).
 
 Each of these is an entry of megatron_patch.patches' manifest, installed by `patches.prepare("cpu")` before
 Megatron parses its arguments, and only when `torch.cuda.is_available()` is False: GPU runs are never touched.
@@ -206,6 +207,19 @@ def keep_megatron_rng_state_on_cpu() -> None:
 
     mp_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
     mp_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+
+
+def skip_jit_warmup() -> None:
+    """pretrain() warms megatron-core's fused bias+SwiGLU and bias+dropout+add up on random tensors before it
+    builds the model: torch.rand(seq/CP x micro-batch x ffn/TP, device='cuda'). On a GPU those draws come from
+    the device's generator; here 'cuda' is the CPU, and the CPU generator is also the one --use-cpu-initialization
+    draws the weights from. So the warm-up, sized by CP and TP, moved the start of the weights' stream: from
+    random weights CP2 built other weights than CP1. The fusions it warms are off on the CPU
+    (CPU_FLAGS): skipped, each weight is drawn whole from the generator megatron seeded (seed + 100 x PP rank)
+    and split by TP rank, whatever the CP and TP sizes."""
+    import megatron.training.initialize as initialize
+
+    initialize._warmup_jit_function = lambda *args, **kwargs: None
 
 
 def let_megatron_initialize_without_cuda() -> None:

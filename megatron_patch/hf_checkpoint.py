@@ -1,4 +1,5 @@
-"""Random-init Hugging Face Qwen2.5 checkpoints of any size-table shape, for the demo, tests and benchmarks."""
+"""Random-init Hugging Face Qwen2.5 checkpoints of any size-table shape (or a variant's config: other rope_theta,
+positions, YaRN, any config.json key), for the demo, tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ TOKENIZER_FILES = (
 )
 
 
-def hf_config_for(size: Qwen25Size, dtype: str = "bfloat16"):
+def hf_config_for(size: Qwen25Size, dtype: str = "bfloat16", overrides: dict | None = None):
+    """transformers' Qwen2Config of `size` (its rope_theta, positions and YaRN scaling included); `overrides`: more
+    config.json keys, as a fine-tune's custom config would set them."""
     from transformers import Qwen2Config
 
-    return Qwen2Config(
+    return Qwen2Config(**{**dict(
         vocab_size=size.vocab_size,
         hidden_size=size.hidden_size,
         intermediate_size=size.ffn_hidden_size,
@@ -39,11 +42,12 @@ def hf_config_for(size: Qwen25Size, dtype: str = "bfloat16"):
         eos_token_id=151643,
         torch_dtype=dtype,
         use_sliding_window=False,
-    )
+        rope_scaling=size.rope_scaling.hf_fields() if size.rope_scaling else None,
+    ), **(overrides or {})})
 
 
 def random_hf_model(size: Qwen25Size | str, dtype: str = "bfloat16", seed: int = 1234,
-                    perturb_biases: bool = False):
+                    perturb_biases: bool = False, overrides: dict | None = None):
     """A random-init Qwen2ForCausalLM with `size`'s shape. HF's init leaves the RMSNorm weights at 1 (and the q/k/v
     biases at 0): they are perturbed, so conversion and gradient checks see every tensor do something."""
     import torch
@@ -51,7 +55,7 @@ def random_hf_model(size: Qwen25Size | str, dtype: str = "bfloat16", seed: int =
 
     size = get_size(size) if isinstance(size, str) else size
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(hf_config_for(size, dtype)).to(getattr(torch, dtype))
+    model = Qwen2ForCausalLM(hf_config_for(size, dtype, overrides)).to(getattr(torch, dtype))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name or (perturb_biases and name.endswith(".bias")):
@@ -65,10 +69,12 @@ def write_random_hf_checkpoint(
     dtype: str = "bfloat16",
     seed: int = 1234,
     tokenizer_dir: str | Path | None = None,
+    overrides: dict | None = None,
 ) -> Path:
-    """Save a random-init Qwen2ForCausalLM with `size`'s shape (and a tokenizer's files beside it)."""
+    """Save a random-init Qwen2ForCausalLM with `size`'s shape (and a tokenizer's files beside it); `overrides`:
+    more config.json keys."""
     out_dir = Path(out_dir)
-    model = random_hf_model(size, dtype, seed)
+    model = random_hf_model(size, dtype, seed, overrides=overrides)
     model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:

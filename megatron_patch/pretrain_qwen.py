@@ -1,6 +1,7 @@
 """Qwen2.5 pre-training and fine-tuning entrypoint: model provider, forward step with its loss, datasets.
 
-Launch it with torchrun (examples/qwen2_5/run_mcore_qwen.sh builds the command):
+Launch it with torchrun (examples/qwen2_5/run_mcore_qwen.sh builds the command, with the model's own flags from its
+checkpoint's config.json); by hand, `--model-size NAME` stands for a size-table entry's flags:
     torchrun --nproc-per-node N -m megatron_patch.pretrain_qwen --model-size 0.5B [Megatron flags]
 Without a GPU the same command trains on the CPU (see megatron_patch/cpu_backend.py). Every change to torch's
 and megatron-core's behaviour is listed and applied in megatron_patch/patches (`prepare`, `apply`).

@@ -283,18 +283,15 @@ def cached_default_tokenizer() -> Path:
     """The embedded default Qwen2.5 tokenizer, written once into the cache folder."""
     cache = cache_dir() / DEFAULT_TOKENIZER_FOLDER
     if not (cache / "tokenizer_config.json").is_file():
-        tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
-        try:
-            write_default_tokenizer(tmp)
+        from megatron_patch.atomic_write import StagedFolder
+
+        try:  # put in place whole: launches starting together each swap in a complete copy
+            with StagedFolder(cache, "tokenizer") as staged:
+                write_default_tokenizer(staged)
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise UserError(f"error: cannot write the default tokenizer to {cache}: {e.strerror or e}. Set "
                             f"MEGATRON_PATCH_CACHE to a writable folder, or MP_TOKENIZER_PATH to a tokenizer "
                             f"folder.") from None
-        try:
-            tmp.rename(cache)
-        except OSError:  # another launch wrote it first
-            shutil.rmtree(tmp, ignore_errors=True)
     return cache
 
 

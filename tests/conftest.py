@@ -75,8 +75,10 @@ def layout_runs(converted_tiny, tmp_path_factory) -> dict[str, dict]:
 
 @pytest.fixture(scope="session")
 def gpu_matrix_cpu_assets(tmp_path_factory, default_tokenizer_dir):
-    """benchmarks/gpu_matrix.py's data, small, for its CPU rows (test_gpu_matrix.py, test_dlc.py)."""
-    import gpu_matrix
+    """The GPU matrix's data (megatron_patch/harness/matrix_assets.py), small, for its CPU rows
+    (test_gpu_matrix.py, test_dlc.py)."""
+    from megatron_patch.harness.matrix_assets import prepare_assets
+    from megatron_patch.harness.matrix_table import settings_table
 
-    return gpu_matrix.prepare_assets(tmp_path_factory.mktemp("gpu_matrix_assets"), [gpu_matrix.SETTINGS["cpu"].seq_len],
-                                     documents=300, records=200, tokenizer=default_tokenizer_dir)
+    return prepare_assets(tmp_path_factory.mktemp("gpu_matrix_assets"), [settings_table()["cpu"].seq_len],
+                          documents=300, records=200, tokenizer=default_tokenizer_dir)

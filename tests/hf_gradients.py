@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-from pathlib import Path
 
 # fp32 means fp32 on both sides: Transformer Engine's GEMMs take TF32 for fp32 inputs (cuBLASLt's FAST_TF32
 # compute type, 1e-3 relative) unless this override, read when cuBLAS starts, says no.
@@ -29,8 +28,6 @@ os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_patch.convert import mcore_runtime  # noqa: E402
 from megatron_patch.convert.mapping import TiedLMHead, qwen2_5_mappings  # noqa: E402

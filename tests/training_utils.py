@@ -13,6 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
+from megatron_patch.harness.iteration_log import tensorboard_scalars
 from megatron_patch.hardware import free_port  # noqa: F401  (tests import it from here)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -171,16 +172,37 @@ def run_tool(cmd: list, check: bool = True, cwd: Path | None = None) -> subproce
     return proc
 
 
+def run_stopped(cmd: list, point: str, workdir: Path, signal_name: str = "SIGINT", **env: str) -> str:
+    """A tool run as a user runs it, in its own session, whose process group gets `signal_name` at the named
+    fault point of our code (MP_FAULT_INJECT=SIGINT@point: as a terminal's Ctrl-C signals every process of its
+    foreground group, the tool's workers and helpers included). Checks what every stopped tool must do: exit
+    status 128 + the signal, no traceback, the `stopped by SIGNAL; ...` line last and once, and no process of its
+    group left. `env`: more environment variables. Returns that line."""
+    import signal
+    import time
+
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="2", MP_FAULT_INJECT=f"{signal_name}@{point}",
+               **env)
+    console = workdir / f"stopped-at-{point.replace(':', '-')}.console"
+    with open(console, "w") as out:  # a file, not a pipe: a process left behind cannot hang the test
+        proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        code = proc.wait(timeout=600)
+    text = console.read_text(errors="replace")
+    assert code == 128 + signal.Signals[signal_name], (code, text[-3000:])
+    assert "Traceback" not in text, text[-5000:]
+    stop_lines = [line for line in text.splitlines() if line.startswith(f"stopped by {signal_name}; ")]
+    assert len(stop_lines) == 1 and text.rstrip().splitlines()[-1] == stop_lines[0], text[-3000:]
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return stop_lines[0]
+        assert time.monotonic() < deadline, "a process of the stopped tool is left"
+        time.sleep(0.1)
+
+
 def tensorboard_losses(workdir: Path, tag: str = "lm loss") -> dict[int, float]:
     """{iteration: loss} from the TensorBoard events the run wrote under workdir/tb (full float precision)."""
-    from gpu_matrix import tensorboard_losses as read_events
-
-    return read_events(workdir / "tb", tag)
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The caller's environment without the launcher's knobs or a scheduler's variables, plus `extra`."""
-    knobs = ("MP_", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "KUBERNETES_CONTAINER_RESOURCE_GPU")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(knobs)}
-    env.update(extra)
-    return env
+    return tensorboard_scalars(workdir / "tb", tag)

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 from megatron_patch import hardware
+from megatron_patch.harness.iteration_log import logged_losses
+from megatron_patch.harness.launcher_runs import launcher_argv
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = "tiny"
@@ -64,15 +66,13 @@ class Demo:
         # Four 128-token samples per iteration: on a CPU the 151,936-wide output layer is most of an iteration,
         # and 30 steps of 4 samples show the loss falling as well as 30 of 8 did, in half the time.
         gbs = 4 * world
-        budget = ITERS if sft else ITERS * gbs * SEQ_LEN  # SFT counts iterations, pre-training tokens
-        warmup = 2 if sft else 2 * gbs * SEQ_LEN
-        lr, min_lr = ("1e-3", "1e-4")
-        args = ["dsw", SIZE, "1", str(gbs), lr, min_lr, str(SEQ_LEN), str(SEQ_LEN), "bf16", "1", "1", "1",
-                "true", "true", "true", "true" if sft else "false", "false", "false", str(ITERS),
-                str(data), str(valid), str(ckpt), str(budget), str(warmup), str(out)]
+        args = launcher_argv(MODEL_SIZE=SIZE, BATCH_SIZE=1, GLOBAL_BATCH_SIZE=gbs, LR=1e-3, MIN_LR=1e-4,
+                             SEQ_LEN=SEQ_LEN, PR="bf16", SP=True, DO=True, FL=True, SFT=sft, SAVE_INTERVAL=ITERS,
+                             DATASET_PATH=data, VALID_DATASET_PATH=valid, PRETRAIN_CHECKPOINT_PATH=ckpt,
+                             iterations=ITERS, warmup_iterations=2, OUTPUT_BASEPATH=out)
         log = self.run(title, ["sh", "examples/qwen2_5/run_mcore_qwen.sh", *args],
                        {"MP_TOKENIZER_PATH": str(self.tokenizer), **(env or {})})
-        losses = [float(m) for m in re.findall(r"iteration +\d+/ *\d+ \|.*?lm loss: ([0-9.E+-]+)", log.read_text())]
+        losses = logged_losses(log.read_text())
         if len(losses) < ITERS:
             raise SystemExit(f"demo step {title}: expected {ITERS} logged iterations, found {len(losses)}; see {log}")
         self.losses[title] = (losses[0], losses[-1])

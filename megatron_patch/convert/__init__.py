@@ -4,6 +4,6 @@
     hf_io.py          streaming safetensors read/write
     mcore_runtime.py  megatron in-process, as the training entrypoint sets it up
     convertor.py      hf_to_mcore / mcore_to_hf / compare_logits
-    staging.py        where output may go, and how it replaces SAVE_DIR whole (a kill never leaves it half-written)
+    staging.py        where output may go (it replaces SAVE_DIR whole: megatron_patch.atomic_write)
     cli.py            `python -m megatron_patch.convert` (what toolkits/distributed_checkpoints_convertor runs)
 """

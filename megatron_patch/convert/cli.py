@@ -16,7 +16,8 @@ from functools import partial
 from pathlib import Path
 
 from megatron_patch import process_lifetime
-from megatron_patch.convert.staging import check_save_dir, recover_interrupted
+from megatron_patch.atomic_write import recover_interrupted
+from megatron_patch.convert.staging import check_save_dir
 from megatron_patch.errors import dry_run_requested, parse_bool, report_user_errors
 
 
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@report_user_errors
+@report_user_errors(stopped="SAVE_DIR was not written (what it held before is unchanged); run the same command "
+                            "to convert again")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)

@@ -11,7 +11,7 @@ shards that are flushed as they fill. A LoRA run's checkpoint (adapters only) be
 with --merge-lora the weights of the base it recorded with the adapters merged in (megatron_patch.lora.peft_export).
 
 Every input is validated before anything is written (a truncated or corrupt file is named, with what is wrong);
-output goes to a hidden folder beside SAVE_DIR and takes its place only when complete (`staging`).
+output goes to a hidden folder beside SAVE_DIR and takes its place only when complete (`StagedFolder`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,10 +35,22 @@ from megatron_patch.convert.mapping import (
     qwen2_5_mappings,
     stacked_key,
 )
-from megatron_patch.convert.staging import StagedOutput, check_save_dir
+from megatron_patch.atomic_write import StagedFolder
+from megatron_patch.checkpoint_state import DamagedCheckpoint, torch_dist_index
+from megatron_patch.convert.staging import check_save_dir
 from megatron_patch.errors import UserError
 from megatron_patch.hf_checkpoint import TOKENIZER_FILES
-from megatron_patch.model_sizes import Qwen25Size, layout_problems, resolve_size
+from megatron_patch.model_sizes import (
+    Qwen25Size,
+    YarnScaling,
+    following_config_note,
+    hf_config_with,
+    layout_problems,
+    model_from_hf_config,
+    non_shape_differences,
+    read_checkpoint_json,
+    resolve_size,
+)
 
 # Files that travel with the weights: the HF config and everything the tokenizer and generation need.
 SIDE_FILES = ("config.json", *TOKENIZER_FILES)
@@ -70,13 +83,6 @@ def _precision(pr: str) -> torch.dtype:
     return DTYPES[pr]
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise UserError(f"error: {path} is not valid JSON ({e}); restore it from the checkpoint's source.") from None
-
-
 def _size(model_size: str, config_dir: Path, label: str, tp: int, pp: int) -> Qwen25Size:
     """The shape config_dir's config.json gives (checked against MODEL_SIZE), splittable into TP x PP."""
     if not config_dir.is_dir():
@@ -90,10 +96,11 @@ def _config_size(model_size: str, config_dir: Path) -> Qwen25Size:
     config = config_dir / "config.json"
     if not config.is_file():
         raise UserError(f"error: no config.json in {config_dir}: the HF folder must hold the model's config.json.")
-    model_type = _read_json(config).get("model_type")
-    if model_type not in (None, "qwen2"):
-        raise UserError(f"error: {config} describes a '{model_type}' model; this convertor handles Qwen2.5 (qwen2).")
-    return resolve_size(model_size, config_dir)
+    model = resolve_size(model_size, config_dir)
+    note = following_config_note(model, config, model_size)
+    if note:
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    return model
 
 
 def check_parallel_layout(size: Qwen25Size, tp: int, pp: int) -> None:
@@ -104,7 +111,9 @@ def check_parallel_layout(size: Qwen25Size, tp: int, pp: int) -> None:
 
 
 def _copy_side_files(src_dir: Path, dst_dir: Path, dtype: torch.dtype | None = None,
-                     only: tuple[str, ...] = SIDE_FILES) -> list[str]:
+                     model: Qwen25Size | None = None, only: tuple[str, ...] = SIDE_FILES) -> list[str]:
+    """The config and tokenizer files (or `only` those); with `dtype` the config names it, with `model` it records
+    that model's RoPE and norm settings."""
     copied = []
     for name in only:
         src = src_dir / name
@@ -115,6 +124,8 @@ def _copy_side_files(src_dir: Path, dst_dir: Path, dtype: torch.dtype | None = N
             keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
             for k in keys:
                 config[k] = HF_DTYPE_NAMES[dtype]
+            if model is not None:
+                config = hf_config_with(config, model)
             (dst_dir / name).write_text(json.dumps(config, indent=2) + "\n")
         else:
             shutil.copy2(src, dst_dir / name)
@@ -194,7 +205,7 @@ def hf_to_mcore(model_size: str, load_dir: str | Path, save_dir: str | Path, pre
         raise RuntimeError(f"the Megatron model has parameters the mapping table does not cover: "
                            f"{_listing(unmapped)}")
     check = None
-    with StagedOutput(save_dir) as out, torch.no_grad():
+    with StagedFolder(save_dir, "convert") as out, torch.no_grad():
         for m in _progress(table, "HF -> Megatron"):
             tensor = m.to_mcore([reader.get(name) for name in m.hf], size)
             target = weights[m.mcore]
@@ -242,7 +253,7 @@ def find_mcore_checkpoint(load_dir: Path) -> Path:
         raise UserError(f"error: no Megatron checkpoint in {load_dir}: expected {TRACKER_FILE} (a training --save "
                         "folder) or metadata.json (one iteration folder).")
     meta = ckpt / "metadata.json"
-    backend = _read_json(meta).get("sharded_backend") if meta.is_file() else "torch (legacy)"
+    backend = read_checkpoint_json(meta).get("sharded_backend") if meta.is_file() else "torch (legacy)"
     if backend != "torch_dist":
         raise UserError(f"error: {ckpt} is a '{backend}' checkpoint; only torch_dist is read. Re-save it from "
                         "training with --ckpt-format torch_dist.")
@@ -253,29 +264,15 @@ def mcore_tensor_metadata(ckpt: Path) -> dict:
     """The model tensors' metadata, after checking that every .distcp file holding them is there and as long as
     the checkpoint's index says: a truncated copy or an interrupted save is named here, not deep inside
     torch.distributed.checkpoint."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     try:
-        metadata = FileSystemReader(str(ckpt)).read_metadata()
-    except Exception as e:  # noqa: BLE001 -- any unpickling failure means the same thing to the user
-        raise UserError(f"error: {ckpt / '.metadata'} is unreadable ({type(e).__name__}: {e}); the checkpoint is "
-                        "truncated or corrupt: convert an earlier iteration, or copy it again.") from None
-    meta = {k: v for k, v in metadata.state_dict_metadata.items()
+        metadata = torch_dist_index(ckpt, holds=lambda key: not key.startswith(NON_MODEL_PREFIXES))
+    except DamagedCheckpoint as problem:
+        raise UserError(f"error: {problem}. The checkpoint is incomplete or corrupt (an interrupted save or copy): "
+                        "convert an earlier iteration, or copy it again.") from None
+    return {k: v for k, v in metadata.state_dict_metadata.items()
             if isinstance(v, TensorStorageMetadata) and not k.startswith(NON_MODEL_PREFIXES)}
-    needed: dict[str, int] = {}
-    for index, info in (metadata.storage_data or {}).items():
-        if index.fqn in meta:
-            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for name, length in sorted(needed.items()):
-        path = ckpt / name
-        size = path.stat().st_size if path.is_file() else None
-        if size is None or size < length:
-            what = "is missing" if size is None else f"is truncated: {size} bytes, but the checkpoint's .metadata " \
-                                                     f"places model weights up to byte {length}"
-            raise UserError(f"error: {path} {what}. The checkpoint is incomplete (an interrupted save or copy): "
-                            "convert an earlier iteration, or copy it again.")
-    return meta
 
 
 def validate_mcore_checkpoint(ckpt: Path, size: Qwen25Size) -> dict:
@@ -313,17 +310,31 @@ def validate_mcore_checkpoint(ckpt: Path, size: Qwen25Size) -> dict:
 
 
 def checkpoint_args(ckpt: Path):
-    """The args a torch_dist checkpoint saved (None where there are none), after mcore_tensor_metadata checked its
-    files: bytes that do not unpickle are named."""
+    """The Megatron arguments saved with the checkpoint (None where its common state has none)."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         return dist_checkpointing.load_common_state_dict(str(ckpt)).get("args")
-    except CheckpointException as e:  # the files are there (checked before) but their bytes do not unpickle
+    except CheckpointException as e:  # the files are there (checked first) but their bytes do not unpickle
         raise _corrupt_checkpoint(ckpt, "the common state (args, iteration)", e) from None
-    except Exception:  # noqa: BLE001 -- args are a cross-check (and LoRA's settings); shapes decide the rest
+    except Exception:  # noqa: BLE001 -- args are a cross-check and RoPE's record; the shapes decide
         return None
+
+
+def trained_model(ckpt_args, model: Qwen25Size) -> Qwen25Size:
+    """`model` (HF_DIR's config.json) with the RoPE and norm settings the checkpoint's saved arguments trained
+    with, e.g. the YaRN scaling of a run with MP_ROPE_SCALING=yarn:F."""
+    if ckpt_args is None:
+        return model
+    yarn = None
+    if getattr(ckpt_args, "position_embedding_type", "rope") == "yarn":
+        # megatron-core's own fallbacks where a flag was not given
+        yarn = YarnScaling(float(ckpt_args.rotary_scaling_factor),
+                           int(ckpt_args.yarn_original_max_position_embeddings or 4096),
+                           float(ckpt_args.yarn_beta_fast or 32.0), float(ckpt_args.yarn_beta_slow or 1.0))
+    return replace(model, rope_theta=float(getattr(ckpt_args, "rotary_base", model.rope_theta)),
+                   rms_norm_eps=getattr(ckpt_args, "norm_epsilon", model.rms_norm_eps), rope_scaling=yarn)
 
 
 def _corrupt_checkpoint(ckpt: Path, what: str, e: BaseException) -> UserError:
@@ -425,19 +436,24 @@ def mcore_to_hf(model_size: str, load_dir: str | Path, save_dir: str | Path, hf_
     from megatron_patch.lora.peft_export import lora_checkpoint, write_adapter
 
     mcore_tensor_metadata(ckpt)  # a missing or truncated file is named before anything else reads the folder
-    lora = lora_checkpoint(ckpt, checkpoint_args(ckpt))
+    ckpt_args = checkpoint_args(ckpt)
+    lora = lora_checkpoint(ckpt, ckpt_args)
     if merge_lora and lora is None:
         raise UserError(f"error: --merge-lora: {ckpt} is a full checkpoint, not a LoRA run's; drop --merge-lora.")
+    trained = trained_model(ckpt_args, size)
+    if trained != size:
+        print(f"note: the checkpoint was trained with {', '.join(non_shape_differences(size, trained, 'HF_DIR'))}: "
+              "the output's config.json records it.", file=sys.stderr, flush=True)
     check = None
-    with StagedOutput(save_dir) as out, torch.no_grad():
+    with StagedFolder(save_dir, "convert") as out, torch.no_grad():
         if lora is not None and not merge_lora:
             written = f"a PEFT adapter ({write_adapter(lora, size, out, hf_dir.resolve(), dtype)} tensors)"
             _copy_side_files(hf_dir, out, only=TOKENIZER_FILES)
         else:
             written = f"{_write_hf_weights(ckpt, lora, size, out, dtype, max_shard_bytes)} safetensors shard(s)"
-            _copy_side_files(hf_dir, out, dtype)
+            _copy_side_files(hf_dir, out, dtype, trained if trained != size else None)
         if check_logits:
-            check = _check_mcore_against_hf(size, ckpt, out, lora, hf_dir if lora and not merge_lora else None)
+            check = _check_mcore_against_hf(trained, ckpt, out, lora, hf_dir if lora and not merge_lora else None)
             print(f"check-logits (converted HF vs Megatron checkpoint, fp32): {check}", flush=True)
     print(f"wrote {written} of Qwen2.5 ({precision}) to {save_dir}", flush=True)
     return check
@@ -526,10 +542,9 @@ def compare_logits(hf_dir: Path, mcore_model, tokens: torch.Tensor | None = None
     from transformers import AutoModelForCausalLM
 
     from megatron_patch.convert import mcore_runtime
-    from megatron_patch.model_sizes import size_from_hf_config
 
     if tokens is None:
-        tokens = check_tokens(size_from_hf_config(json.loads((Path(hf_dir) / "config.json").read_text())))
+        tokens = check_tokens(model_from_hf_config(read_checkpoint_json(Path(hf_dir) / "config.json")))
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     if adapter_dir is not None:
         try:

@@ -70,7 +70,7 @@ def init_megatron(size: Qwen25Size, dtype: torch.dtype, seq_length: int = 128, e
     argv = qwen2_5_model_flags(size) + [
         "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1",
         "--micro-batch-size", "1", "--global-batch-size", "1",
-        "--seq-length", str(seq_length), "--max-position-embeddings", str(max(seq_length, size.max_position_embeddings)),
+        "--seq-length", str(seq_length), "--max-position-embeddings", str(max(seq_length, size.positions)),
         "--tokenizer-type", "NullTokenizer", "--vocab-size", str(size.vocab_size - 1),
         "--ckpt-format", "torch_dist", "--no-save-optim", "--no-save-rng",
         "--train-iters", "1", "--lr", "0.0", "--seed", "1234",

@@ -10,23 +10,34 @@ from __future__ import annotations
 
 import glob
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_patch.data.idxmap_stamp import IndexDamaged, IndexFacts, bin_digest, read_index_facts
+from megatron_patch.data.idxmap_stamp import (
+    INT32_CODE,
+    IndexDamaged,
+    IndexFacts,
+    bin_digest,
+    read_index_facts,
+    read_sequence_lengths,
+)
 from megatron_patch.data.records import first_non_space_chars
 from megatron_patch.errors import UserError
 
 PRETRAIN_TOOL = "toolkits/pretrain_data_preprocessing/preprocess_data.py"
 SFT_TOOL = "toolkits/sft_data_preprocessing/build_idxmap_sft_dataset.py"
+SFT_SCRIPT = "toolkits/sft_data_preprocessing/run_build_idxmap_sft_dataset.sh"
 KINDS = ("pretrain", "sft", "raw")
+TEXT_DOCUMENT = "_text_document"
+SAMPLED_ROWS = 4096  # rows whose lengths the cheap layout check reads, at each end of an upstream SFT idxmap
 
 
 def dataset_problem(label: str, path: str | Path, kind: str) -> str | None:
     """What is wrong with `path` (passed as `label`, e.g. DATASET_PATH) as a dataset of `kind`, or None.
 
-    kind "pretrain": an idxmap prefix (PREFIX.bin + PREFIX.idx); "sft": an SFT idxmap prefix
-    (PREFIX_text_document and PREFIX_label_document, .bin + .idx each); "raw": a JSON array or JSONL file of SFT
-    records. The message has no leading "error: ", so callers can list several.
+    kind "pretrain": an idxmap prefix (PREFIX.bin + PREFIX.idx); "sft": an SFT idxmap (see locate_sft_idxmap);
+    "raw": a JSON array or JSONL file of SFT records. The message has no leading "error: ", so callers can list
+    several.
     """
     if kind == "pretrain":
         return _pretrain_idxmap_problem(label, str(path))
@@ -68,13 +79,47 @@ def _pretrain_idxmap_problem(label: str, prefix: str) -> str | None:
     return _idxmap_problem(label, prefix, PRETRAIN_TOOL)[1]
 
 
-def _sft_idxmap_problem(label: str, prefix: str) -> str | None:
-    text, labels = f"{prefix}_text_document", f"{prefix}_label_document"
+@dataclass(frozen=True)
+class SFTIdxmapFiles:
+    """Where an SFT data path's files are. layout "pair": ours, PREFIX_text_document + PREFIX_label_document (the
+    path given as PREFIX, or as PREFIX_text_document the way upstream names SFT data); "upstream": one idxmap at
+    PREFIX in the layout of Pai-Megatron-Patch's own builder (upstream_sft_idxmap reads it)."""
+
+    layout: str
+    prefix: str
+
+
+def locate_sft_idxmap(path: str | Path) -> SFTIdxmapFiles:
+    """Which files an SFT data path means. Pure file tests; a path that fits nothing is a pair with files missing."""
+    path = str(path)
+    if _pair_begun(path):
+        return SFTIdxmapFiles("pair", path)
+    if path.endswith(TEXT_DOCUMENT) and _pair_begun(path[: -len(TEXT_DOCUMENT)]):
+        return SFTIdxmapFiles("pair", path[: -len(TEXT_DOCUMENT)])
+    for single in (path, path + TEXT_DOCUMENT):
+        if not _missing_files([single]):
+            return SFTIdxmapFiles("upstream", single)
+    return SFTIdxmapFiles("pair", path)
+
+
+def _pair_begun(prefix: str) -> bool:
+    """Any trace of our pair at `prefix`: its label idxmap, meta file or a writer's leftovers."""
+    labels = Path(f"{prefix}_label_document")
+    return (any(Path(f"{labels}{ext}").exists() for ext in (".bin", ".idx")) or Path(f"{prefix}_sft_meta.json").exists()
+            or any(labels.parent.glob(f"{glob.escape(labels.name)}.tmp-*")))
+
+
+def _sft_idxmap_problem(label: str, path: str) -> str | None:
+    found = locate_sft_idxmap(path)
+    if found.layout == "upstream":
+        return _upstream_sft_problem(label, path, found.prefix)
+    prefix = found.prefix
+    text, labels = f"{prefix}{TEXT_DOCUMENT}", f"{prefix}_label_document"
     missing = _missing_files([text, labels])
     if missing:
         return (f"{label} {prefix} is not an SFT idxmap prefix: missing {', '.join(missing)}"
                 f"{_cut_short_note([text, labels])}. Pass the "
-                f"--output-prefix given to {SFT_TOOL} (without _text_document); for a JSON file set "
+                f"--output-prefix given to {SFT_TOOL} (or that prefix + _text_document); for a JSON file set "
                 "MP_DATASET_TYPE=raw.")
     text_facts, problem = _idxmap_problem(label, text, SFT_TOOL)
     if problem is None:
@@ -90,6 +135,41 @@ def _sft_idxmap_problem(label: str, prefix: str) -> str | None:
         return None
     return (f"{label}: {text}.idx and {labels}.idx were not written together ({why}): one was replaced without "
             f"the other. Write the pair again with {SFT_TOOL}.")
+
+
+def _upstream_sft_problem(label: str, path: str, prefix: str) -> str | None:
+    """A single idxmap given as SFT data: fine if it looks like Pai-Megatron-Patch's SFT layout (rows of token
+    ids ++ labels; the reader checks every row); the cheap signs read here are those of the header and the
+    lengths of the first and last rows."""
+    facts, problem = _idxmap_problem(label, prefix, SFT_SCRIPT)
+    if problem is not None:
+        return problem
+    why = _not_upstream_sft_layout(prefix, facts)
+    if why is None:
+        return None
+    return (f"{label} {path} is not an SFT idxmap: {prefix}.bin/.idx is one idxmap {why}, neither the pair "
+            f"{SFT_TOOL} writes (text and answer mask) nor the layout of Pai-Megatron-Patch's SFT builder. Build SFT "
+            f"data from the JSON records with {SFT_SCRIPT}; a pre-training idxmap trains with SFT=false.")
+
+
+def _not_upstream_sft_layout(prefix: str, facts: IndexFacts) -> str | None:
+    """Why an idxmap cannot be Pai-Megatron-Patch's SFT layout (one int32 row of 2 x its seq length per
+    document), or None."""
+    if facts.stamp is not None:
+        return "written by this toolkit (pre-training data, or an SFT pair's text without its _label_document)"
+    if facts.dtype_code != INT32_CODE:
+        return "whose token ids are not int32"
+    if facts.documents != facts.sequences:
+        return "whose documents hold several sequences"
+    count = min(SAMPLED_ROWS, facts.sequences)
+    lengths = set(read_sequence_lengths(f"{prefix}.idx", 0, count))
+    lengths |= set(read_sequence_lengths(f"{prefix}.idx", facts.sequences - count, count))
+    if len(lengths) > 1:
+        a, b = sorted(lengths)[:2]
+        return f"whose rows differ in length ({a:,} and {b:,} tokens)"
+    if lengths.pop() % 2:
+        return "of rows of an odd length"
+    return None
 
 
 def _idxmap_problem(label: str, prefix: str, tool: str) -> tuple[IndexFacts | None, str | None]:

@@ -2,9 +2,10 @@
 
 Megatron's .idx (MMIDIDX version 1) is a 34-byte header, then int32 sequence lengths, int64 byte pointers into
 the .bin and int64 document indices; its readers ignore anything after that. Our writer appends a 48-byte stamp:
-the .bin's size, a digest of sampled blocks of the .bin, and a random pair id shared by every idxmap written in
-one go (SFT's text and label idxmaps). A .bin replaced without its .idx (a replacement cut short, one file
-copied over) then no longer matches the stamp, and a text idxmap no longer pairs with an older label idxmap.
+the .bin's size, a digest of sampled blocks of the .bin, and a pair id shared by every idxmap written in one go
+(SFT's text and label idxmaps), a digest of all of them. A .bin replaced without its .idx (a replacement cut
+short, one file copied over) then no longer matches the stamp, and a text idxmap no longer pairs with a label
+idxmap of other data. The same inputs give byte-identical files (the id comes from the contents, not chance).
 
 The .bin gets no extra bytes: megatron's own merge (IndexedDatasetBuilder.add_index) copies whole .bin files, so
 anything appended there would shift every later document. Idxmaps written elsewhere (no stamp) are still read;
@@ -47,6 +48,7 @@ class IndexFacts:
     documents: int
     data_bytes: int  # how much of the .bin the index points into
     stamp: Stamp | None  # None: written by another tool
+    dtype_code: int  # megatron's DType code of the tokens (4: int32)
 
 
 def bin_digest(bin_path: str | Path) -> bytes:
@@ -64,8 +66,15 @@ def bin_digest(bin_path: str | Path) -> bytes:
     return digest.digest()
 
 
-def new_pair_id() -> bytes:
-    return os.urandom(16)
+def pair_id_of(prefixes: list[str]) -> bytes:
+    """The pair id of idxmaps written together, not stamped yet: a digest of each one's .bin digest and .idx."""
+    digest = hashlib.blake2b(digest_size=16)
+    for prefix in prefixes:
+        digest.update(bin_digest(f"{prefix}.bin"))
+        with open(f"{prefix}.idx", "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    return digest.digest()
 
 
 def append_stamp(idx_path: str | Path, bin_path: str | Path, pair_id: bytes) -> None:
@@ -102,4 +111,15 @@ def read_index_facts(idx_path: str | Path) -> IndexFacts:
             f.seek(_HEADER.size + 4 * sequences + 8 * (sequences - 1))
             (last_pointer,) = struct.unpack("<q", f.read(8))
             data_bytes = last_pointer + last_length * _TOKEN_BYTES[code]
-    return IndexFacts(sequences, max(document_entries - 1, 0), data_bytes, stamp)
+    return IndexFacts(sequences, max(document_entries - 1, 0), data_bytes, stamp, code)
+
+
+INT32_CODE = 4
+
+
+def read_sequence_lengths(idx_path: str | Path, first: int, count: int) -> list[int]:
+    """Sequence lengths [first, first + count) of a whole index (read_index_facts checked it)."""
+    with open(idx_path, "rb") as f:
+        f.seek(_HEADER.size + 4 * first)
+        data = f.read(4 * count)
+    return list(struct.unpack(f"<{len(data) // 4}i", data))

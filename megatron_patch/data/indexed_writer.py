@@ -1,10 +1,11 @@
 """Writing Megatron idxmaps (.bin + .idx) through megatron.core's IndexedDatasetBuilder, all or nothing.
 
 Every output is written under a temporary name beside its target, and each .idx is stamped with its .bin (see
-idxmap_stamp). Only when all outputs are complete do they replace the targets: first the old .idx files go,
-then the new .bin files and then the new .idx files take their names. A crash or a bad input line before that
-leaves the old outputs as they were; a kill during it leaves an idxmap without its .idx, which every reader
-refuses (dataset_checks), never a new .bin beside an old .idx.
+idxmap_stamp). Only when all outputs are complete do they replace the targets, each flushed to disk before its
+rename (atomic_write.replace_file): first the old .idx files go, then the new .bin files and then the new .idx
+files take their names. A crash, a bad input line or a stop (Ctrl-C, SIGTERM) before that leaves the old outputs
+as they were, and a stop cannot cut the renames short; a kill during them leaves an idxmap without its .idx,
+which every reader refuses (dataset_checks), never a new .bin beside an old .idx.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from megatron_patch.data.idxmap_stamp import append_stamp, new_pair_id
-from megatron_patch.errors import UserError
+from megatron_patch.atomic_write import replace_file
+from megatron_patch.data.idxmap_stamp import append_stamp, pair_id_of
+from megatron_patch.errors import UserError, stop_signals_ignored
 from megatron_patch.fault_injection import fault_point
+from megatron_patch.process_lifetime import writer_alive
 from megatron_patch.tokenizer import TOKENIZER_SIZE
 
 
@@ -44,13 +47,13 @@ def writing(path: str | Path) -> Iterator[None]:
 class IndexedDatasetWriter:
     """One idxmap being written under a temporary prefix; `documents` counts the documents added."""
 
-    def __init__(self, prefix: str | Path, dtype: type, pair_id: bytes) -> None:
+    def __init__(self, prefix: str | Path, dtype: type) -> None:
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         self.prefix = str(prefix)
         self.temp_prefix = f"{self.prefix}.tmp-{os.getpid()}"
         self.dtype = dtype
-        self.pair_id = pair_id
+        self.pair_id = b""  # set when stamped
         with writing(self.temp_prefix + ".bin"):
             self.builder = IndexedDatasetBuilder(self.temp_prefix + ".bin", dtype=dtype)
         self.documents = 0
@@ -62,6 +65,7 @@ class IndexedDatasetWriter:
         with writing(self.temp_prefix + ".bin"):
             self.builder.add_document(data.astype(self.dtype, copy=False), lengths)
         self.documents += 1
+        fault_point("data:document-added")
 
     def add_index(self, prefix: str | Path) -> None:
         """Append a whole existing idxmap (used to merge)."""
@@ -71,7 +75,11 @@ class IndexedDatasetWriter:
     def finalize_to_temp(self) -> None:
         with writing(self.temp_prefix + ".idx"):
             self.builder.finalize(self.temp_prefix + ".idx")
-            append_stamp(self.temp_prefix + ".idx", self.temp_prefix + ".bin", self.pair_id)
+
+    def stamp(self, pair_id: bytes) -> None:
+        with writing(self.temp_prefix + ".idx"):
+            append_stamp(self.temp_prefix + ".idx", self.temp_prefix + ".bin", pair_id)
+        self.pair_id = pair_id
 
     def discard(self) -> None:
         with contextlib.suppress(Exception):
@@ -91,11 +99,11 @@ def _replace_targets(writers: Sequence[IndexedDatasetWriter]) -> None:
             Path(writer.prefix + ".idx").unlink(missing_ok=True)
     for writer in writers:
         with writing(writer.prefix + ".bin"):
-            os.replace(writer.temp_prefix + ".bin", writer.prefix + ".bin")
+            replace_file(writer.temp_prefix + ".bin", writer.prefix + ".bin")
     fault_point("data:between-renames")
     for writer in writers:
         with writing(writer.prefix + ".idx"):
-            os.replace(writer.temp_prefix + ".idx", writer.prefix + ".idx")
+            replace_file(writer.temp_prefix + ".idx", writer.prefix + ".idx")
         _remove_leftovers_of_dead_writers(writer.prefix)
 
 
@@ -104,18 +112,8 @@ def _remove_leftovers_of_dead_writers(prefix: str) -> None:
     target = Path(prefix)
     for leftover in target.parent.glob(f"{glob.escape(target.name)}.tmp-*"):
         pid = leftover.name[len(target.name) + len(".tmp-"):].split(".")[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not writer_alive(int(pid), leftover.lstat().st_ctime):
             leftover.unlink(missing_ok=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
 
 
 @contextlib.contextmanager
@@ -125,19 +123,22 @@ def atomic_indexed_writers(outputs: Sequence[tuple[str | Path, type]]) -> Iterat
     for prefix, _ in outputs:
         with writing(Path(prefix).parent):
             Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    pair_id = new_pair_id()
     writers: list[IndexedDatasetWriter] = []
     try:
         for prefix, dtype in outputs:
-            writers.append(IndexedDatasetWriter(prefix, dtype, pair_id))
+            writers.append(IndexedDatasetWriter(prefix, dtype))
         yield writers
         for writer in writers:
             writer.finalize_to_temp()
+        pair_id = pair_id_of([writer.temp_prefix for writer in writers])
+        for writer in writers:
+            writer.stamp(pair_id)
     except BaseException:
         for writer in writers:
             writer.discard()
         raise
-    _replace_targets(writers)
+    with stop_signals_ignored():
+        _replace_targets(writers)
 
 
 def merge_indexed_datasets(prefixes: Sequence[str | Path], output_prefix: str | Path) -> int:

@@ -6,9 +6,37 @@
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing
+import os
 from collections import deque
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
+
+from megatron_patch.errors import children_ignore_interrupts
+
+AUTO_BYTES_PER_WORKER = 4 << 20
+
+
+def workers_arg(value: str) -> int | str:
+    """The tools' --workers: a number of tokenizer processes (1: in this process), or auto (auto_workers)."""
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got '{value}'") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+def auto_workers(paths: list[str | Path]) -> int:
+    """--workers auto: a process per core, but at most one per 4 MiB of input (a .gz or .zst file counts four
+    times its size): below that, starting a tokenizer process costs more than it saves."""
+    files = [f for p in map(Path, paths) for f in (sorted(p.iterdir()) if p.is_dir() else [p]) if f.is_file()]
+    size = sum(f.stat().st_size * (4 if f.suffix in (".gz", ".zst") else 1) for f in files)
+    return max(1, min(os.cpu_count() or 1, size // AUTO_BYTES_PER_WORKER))
 
 
 def ordered_parallel_map(
@@ -27,7 +55,9 @@ def ordered_parallel_map(
         return
     # spawn, not fork: the parent may hold torch/tokenizers threads, and fork with live threads can deadlock.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=initializer, initargs=initargs) as pool:
+    with children_ignore_interrupts():  # Ctrl-C is the parent's to handle; leaving the block terminates the pool
+        pool = context.Pool(workers, initializer=initializer, initargs=initargs)
+    with pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(func, (chunk,)))

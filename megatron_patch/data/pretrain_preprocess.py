@@ -1,6 +1,6 @@
 """Pre-training corpus -> Megatron idxmap: one document per input record, token ids + end-of-document.
 
-Inputs:
+Inputs (files, or folders of them; .gz and .zst files are read decompressed, see records):
   * JSON (.jsonl/.ndjson/.json): one object per line, or one JSON array of objects; the text under `json_key`.
   * anything else is plain UTF-8 text: by default one document per paragraph (lines up to a blank line, joined
     with their newlines); `text_mode="line"` makes every line a document instead.
@@ -25,9 +25,12 @@ import numpy as np
 from megatron_patch.data.parallel import ordered_parallel_map
 from megatron_patch.data.records import (
     JSON_LINES_SUFFIXES,
+    TEXT_SUFFIXES,
     InputError,
     JsonRecord,
+    data_suffix,
     first_non_space_chars,
+    input_files,
     is_json_array_file,
     iter_json_array,
     iter_raw_lines,
@@ -49,6 +52,7 @@ class PreprocessStats:
     empty_documents: int = 0  # blank text: counted, not written
     seconds: float = 0.0
     bad_line_messages: list[str] = field(default_factory=list)
+    left_out_files: list[str] = field(default_factory=list)  # in an input folder, not of a readable kind
 
     def summary(self, output: str) -> str:
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
@@ -105,15 +109,15 @@ def _document_text(raw: str | JsonRecord, json_key: str | None) -> tuple[str | N
     return text, None
 
 
-def encode_chunk(chunk: tuple[list[tuple[int, object, str | None]], str | None, bool]
-                 ) -> tuple[list[int], np.ndarray, np.ndarray, list]:
-    """Encode one chunk of raw records: (lines, ids of all documents concatenated (int32, each followed by EOD
-    when asked), per-document lengths, per-document error or None).
+def encode_chunk(chunk: tuple[str, list[tuple[int, object, str | None]], str | None, bool]
+                 ) -> tuple[str, list[int], np.ndarray, np.ndarray, list]:
+    """Encode one chunk of raw records of one file: (the file, lines, ids of all documents concatenated (int32,
+    each followed by EOD when asked), per-document lengths, per-document error or None).
 
     One flat array per chunk, not one per document, keeps pickling between processes cheap. A blank document
     has length 0 (and no EOD) so the writer can count it.
     """
-    items, json_key, append_eod = chunk
+    path, items, json_key, append_eod = chunk
     lines, texts, errors = [], [], []
     for line, raw, error in items:
         if error is None:
@@ -133,14 +137,14 @@ def encode_chunk(chunk: tuple[list[tuple[int, object, str | None]], str | None, 
                 pieces.append(np.asarray(ids, dtype=np.int32))
                 lengths[i] = len(ids)
     flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-    return lines, flat, lengths, errors
+    return path, lines, flat, lengths, errors
 
 
 # ---- reading inputs ----
 
 
 def is_json_input(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in JSON_LINES_SUFFIXES
+    return data_suffix(path) in JSON_LINES_SUFFIXES
 
 
 def iter_documents(path: str | Path, text_mode: str = "paragraph") -> Iterator[tuple[int, object, str | None]]:
@@ -179,18 +183,20 @@ def iter_documents(path: str | Path, text_mode: str = "paragraph") -> Iterator[t
         yield paragraph()
 
 
-def iter_chunks(path: str | Path, text_mode: str, json_key: str, append_eod: bool = True) -> Iterator[tuple]:
-    key = json_key if is_json_input(path) else None
-    batch: list[tuple[int, object, str | None]] = []
-    characters = 0
-    for item in iter_documents(path, text_mode):
-        batch.append(item)
-        characters += len(item[1]) if isinstance(item[1], str) else 0  # array elements: counted by number only
-        if len(batch) >= CHUNK_DOCUMENTS or characters >= CHUNK_CHARACTERS:
-            yield batch, key, append_eod
-            batch, characters = [], 0
-    if batch:
-        yield batch, key, append_eod
+def iter_chunks(files: list[Path], text_mode: str, json_key: str, append_eod: bool = True) -> Iterator[tuple]:
+    """The chunks encode_chunk takes, file after file (one worker pool serves a whole folder)."""
+    for path in files:
+        key = json_key if is_json_input(path) else None
+        batch: list[tuple[int, object, str | None]] = []
+        characters = 0
+        for item in iter_documents(path, text_mode):
+            batch.append(item)
+            characters += len(item[1]) if isinstance(item[1], str) else 0  # array elements: counted by number only
+            if len(batch) >= CHUNK_DOCUMENTS or characters >= CHUNK_CHARACTERS:
+                yield str(path), batch, key, append_eod
+                batch, characters = [], 0
+        if batch:
+            yield str(path), batch, key, append_eod
 
 
 def check_tokenizer_dir(tokenizer_dir: str | Path) -> None:
@@ -201,6 +207,17 @@ def check_tokenizer_dir(tokenizer_dir: str | Path) -> None:
 
 def output_prefix_for(output_prefix: str | Path, json_key: str = "text") -> str:
     return f"{output_prefix}_{json_key}_document"
+
+
+def readable_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[Path]]:
+    """(files to tokenize, files of a folder left out) for the files and folders passed; an empty file is
+    refused before anything is written."""
+    files, left_out = input_files(inputs, JSON_LINES_SUFFIXES + TEXT_SUFFIXES)
+    for path in files:
+        if not first_non_space_chars(path):
+            raise InputError(f"error: {path} is empty (no text): nothing to tokenize, nothing written. "
+                             f"Check that file, or leave it out of --input.")
+    return files, left_out
 
 
 def preprocess_pretrain_corpus(
@@ -214,49 +231,51 @@ def preprocess_pretrain_corpus(
     text_mode: str = "paragraph",
     show_progress: bool = True,
 ) -> tuple[str, PreprocessStats]:
-    """Tokenize `inputs` into one idxmap; returns (its prefix, stats). Raises InputError on a bad line."""
-    from tqdm import tqdm
-
+    """Tokenize `inputs` (files, or folders of files) into one idxmap; returns (its prefix, stats). Raises
+    InputError on a bad line."""
     from megatron_patch.data.indexed_writer import atomic_indexed_writers, token_dtype
 
-    for path in inputs:
-        if not Path(path).is_file():
-            raise InputError(f"error: {path}: no such file; check --input.")
-        if not first_non_space_chars(path):
-            raise InputError(f"error: {path} is empty (no text): nothing to tokenize, nothing written. "
-                             f"Check that file, or leave it out of --input.")
+    files, left_out = readable_inputs(inputs)
     check_tokenizer_dir(tokenizer_dir)
     out = output_prefix_for(output_prefix, json_key)
-    stats = PreprocessStats()
+    stats = PreprocessStats(left_out_files=[str(p) for p in left_out])
     dtype = token_dtype()  # imports megatron.core (seconds): before the clock starts
     start = time.perf_counter()
-    progress = tqdm(unit=" docs", disable=not show_progress, file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
-    with progress, atomic_indexed_writers([(out, dtype)]) as (writer,):
-        for path in inputs:
-            progress.set_description(Path(path).name)
-            chunks = iter_chunks(path, text_mode, json_key, append_eod)
-            initargs = (str(tokenizer_dir), workers > 1)
-            for lines, flat, lengths, errors in ordered_parallel_map(encode_chunk, chunks, workers, init_encoder, initargs):
-                ends = np.cumsum(lengths)
-                for line, error, length, end in zip(lines, errors, lengths.tolist(), ends.tolist()):
-                    if error is not None:
-                        stop_or_note_bad_input(f"{path}:{line}: {error}", skip_bad_lines, "line",
-                                               stats.bad_line_messages)
-                        stats.skipped_bad_lines += 1
-                        continue
-                    if length == 0:
-                        stats.empty_documents += 1
-                        continue
-                    writer.add_document([flat[end - length : end]])
-                    stats.documents += 1
-                    stats.tokens += length
-                progress.update(len(lines))
-                elapsed = time.perf_counter() - start
-                progress.set_postfix_str(f"{stats.tokens / max(elapsed, 1e-9):,.0f} tokens/s", refresh=False)
+    with atomic_indexed_writers([(out, dtype)]) as (writer,):
+        chunks = iter_chunks(files, text_mode, json_key, append_eod)
+        results = ordered_parallel_map(encode_chunk, chunks, workers, init_encoder, (str(tokenizer_dir), workers > 1))
+        _write_documents(writer, results, stats, skip_bad_lines, files, show_progress)
         if stats.documents == 0:
             raise InputError(
                 f"error: no document in {', '.join(map(str, inputs))} ({stats.skipped_bad_lines:,} bad lines skipped, "
                 f"{stats.empty_documents:,} blank documents): nothing written. Check --input"
-                + (" and --json-key." if any(is_json_input(p) for p in inputs) else "."))
+                + (" and --json-key." if any(is_json_input(p) for p in files) else "."))
     stats.seconds = time.perf_counter() - start
     return out, stats
+
+
+def _write_documents(writer, results: Iterator[tuple], stats: PreprocessStats, skip_bad_lines: bool,
+                     files: list[Path], show_progress: bool) -> None:
+    """Add encode_chunk's results to the writer in order, counting into stats, with a progress bar that names
+    the file being read."""
+    from tqdm import tqdm
+
+    start, names = time.perf_counter(), {str(p): f"{i}/{len(files)} {p.name}" for i, p in enumerate(files, 1)}
+    progress = tqdm(unit=" docs", disable=not show_progress, file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+    with progress:
+        for path, lines, flat, lengths, errors in results:
+            progress.set_description(names[path] if len(files) > 1 else Path(path).name, refresh=False)
+            ends = np.cumsum(lengths)
+            for line, error, length, end in zip(lines, errors, lengths.tolist(), ends.tolist()):
+                if error is not None:
+                    stop_or_note_bad_input(f"{path}:{line}: {error}", skip_bad_lines, "line", stats.bad_line_messages)
+                    stats.skipped_bad_lines += 1
+                elif length == 0:
+                    stats.empty_documents += 1
+                else:
+                    writer.add_document([flat[end - length : end]])
+                    stats.documents += 1
+                    stats.tokens += length
+            progress.update(len(lines))
+            elapsed = time.perf_counter() - start
+            progress.set_postfix_str(f"{stats.tokens / max(elapsed, 1e-9):,.0f} tokens/s", refresh=False)

@@ -10,6 +10,7 @@ from megatron.training import get_args, get_tokenizer, print_rank_0
 from megatron.training.utils import get_blend_and_blend_per_split
 
 from megatron_patch.attention import PackedSamples, varlen_available
+from megatron_patch.data.blend import weight_problem
 from megatron_patch.data.dataset_checks import check_dataset
 from megatron_patch.data.idxmap_stamp import read_index_facts
 from megatron_patch.errors import UserError
@@ -22,8 +23,10 @@ def build_pretrain_datasets(args, tokenizer, num_samples):
     blend, blend_per_split = get_blend_and_blend_per_split(args)
     if args.dataset_type != "mock":
         splits = zip(("--train-data-path", "--valid-data-path", "--test-data-path"), blend_per_split or [])
-        for label, split_blend in [("--data-path", blend), *splits]:
-            for prefix in split_blend[0] if split_blend else []:
+        for label, (prefixes, weights) in [(label, b) for label, b in [("--data-path", blend), *splits] if b]:
+            for prefix, weight in zip(prefixes, weights or [1.0] * len(prefixes)):
+                if problem := weight_problem(label, weight, prefix):
+                    raise UserError(f"error: {problem}")
                 check_dataset(label, prefix, "pretrain")
     config = GPTDatasetConfig(
         random_seed=args.seed,
@@ -117,12 +120,16 @@ def packed_attention_by_varlen(args) -> bool:
             and args.cuda_graph_impl != "full_iteration")
 
 
+MODEL_INPUTS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")
+
+
 def get_batch(data_iterator) -> dict:
     """Next micro-batch, on this rank's device: under context parallelism, this CP rank's two sequence chunks."""
     batch = next(data_iterator)
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    out = {key: value.to(device, non_blocking=True) for key, value in batch.items()
-           if torch.is_tensor(value) and key != "segment_ids"}
+    # Only what the model takes: a blend's items also carry their dataset id ([b], no sequence dimension), which
+    # megatron-core's context-parallel split would try to cut along one.
+    out = {key: batch[key].to(device, non_blocking=True) for key in MODEL_INPUTS if torch.is_tensor(batch.get(key))}
     segment_ids = batch.get("segment_ids")
     cp_size = mpu.get_context_parallel_world_size()
     if segment_ids is not None and packed_attention_by_varlen(get_args()):

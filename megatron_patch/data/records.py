@@ -1,11 +1,16 @@
 """Reading input files record by record, keeping each record's file:line so errors can point at it.
 
-Files are read as UTF-8 (a leading byte-order mark is dropped). A byte that is not UTF-8 makes that line (or
-that JSON array element) a bad record naming file:line, which --skip-bad-lines skips like any other.
+Files are read as UTF-8 (a leading byte-order mark is dropped), streaming, and decompressed on the fly when their
+name ends in .gz or .zst (upstream's WuDao recipe splits a corpus into NN.jsonl.zst files); the suffix before
+that tells JSON from plain text. A byte that is not UTF-8 makes that line (or that JSON array element) a bad
+record naming file:line, which --skip-bad-lines skips like any other. `input_files` turns the paths a user
+passes (files, or folders of them) into the files to read, in order.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -15,6 +20,8 @@ from typing import Any, Iterator
 from megatron_patch.errors import UserError
 
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson", ".json")
+TEXT_SUFFIXES = (".txt", ".text")
+COMPRESSED_SUFFIXES = (".gz", ".zst")
 
 
 class InputError(UserError):
@@ -51,8 +58,93 @@ def _not_utf8(bad: re.Match) -> str:
             f"convert the file to UTF-8 (e.g. iconv -f GB18030 -t UTF-8)")
 
 
-def _open_text(path: str | Path):
-    return open(path, encoding="utf-8-sig", errors="surrogateescape")
+def data_suffix(path: str | Path) -> str:
+    """The suffix that says what a file holds, under any compression suffix: 'a.jsonl.zst' -> '.jsonl'."""
+    path = Path(path)
+    if path.suffix.lower() in COMPRESSED_SUFFIXES:
+        path = path.with_suffix("")
+    return path.suffix.lower()
+
+
+def _open_binary(path: Path):
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        import gzip
+
+        return gzip.open(path, "rb")
+    if suffix == ".zst":
+        return io.BufferedReader(_ZstdFrames(path), buffer_size=1 << 17)
+    return open(path, "rb")
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a file of zstd frames. A file cut inside a frame raises EOFError at its end
+    (zstandard's own stream_reader just stops there, silently dropping the rest)."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            import zstandard
+        except ImportError:
+            raise InputError(f"error: {path} is zstd-compressed, and the zstandard package is not installed. "
+                             f"Install it (pip install zstandard), or decompress the file (zstd -d).") from None
+        self._new_frame = zstandard.ZstdDecompressor().decompressobj
+        self._frame, self._in_frame = self._new_frame(), False
+        self._file = open(path, "rb")
+        self._out, self._at = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._at == len(self._out):
+            compressed = self._file.read(1 << 17)
+            if not compressed:
+                if self._in_frame:
+                    raise EOFError("the file ends inside a zstd frame: it was cut short")
+                return 0
+            self._out, self._at = self._decompress(compressed), 0
+        n = min(len(buffer), len(self._out) - self._at)
+        buffer[:n] = self._out[self._at : self._at + n]
+        self._at += n
+        return n
+
+    def _decompress(self, compressed: bytes) -> bytes:
+        out = []
+        while compressed:
+            out.append(self._frame.decompress(compressed))
+            self._in_frame = not self._frame.eof
+            if self._in_frame:
+                break
+            compressed = self._frame.unused_data  # the next frame's start (zstd -c a b: one frame each)
+            self._frame = self._new_frame()
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+@contextlib.contextmanager
+def _open_text(path: str | Path) -> Iterator[io.TextIOBase]:
+    """The file as UTF-8 text (decompressed if need be); damaged compressed data becomes an InputError."""
+    path = Path(path)
+    with io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="surrogateescape") as f:
+        try:
+            yield f
+        except Exception as e:
+            if not _is_decompression_error(e):
+                raise
+            raise InputError(f"error: {path}: the compressed data is damaged ({e}). Compress the file again, "
+                             f"or leave it out.") from None
+
+
+def _is_decompression_error(error: Exception) -> bool:
+    import gzip
+    import zlib
+
+    if isinstance(error, (EOFError, gzip.BadGzipFile, zlib.error)):
+        return True
+    return type(error).__name__ == "ZstdError"
 
 
 @dataclass(frozen=True)
@@ -77,8 +169,19 @@ def first_non_space_chars(path: str | Path, count: int = 1) -> str:
 
 
 def is_json_array_file(path: str | Path) -> bool:
-    """An alpaca-style file holding one JSON array (as opposed to one JSON object per line)."""
-    return first_non_space_chars(path) == "["
+    """An alpaca-style file holding one JSON array, as opposed to JSONL: one JSON value per line, where a line may
+    be an array itself (Pai-Megatron-Patch's "pack these records together"). As upstream reads them, a file that
+    is one JSON value is an array of items; so a first line that is a whole array makes JSONL only if more
+    lines follow."""
+    if first_non_space_chars(path) != "[":
+        return False
+    with _open_text(path) as f:
+        first = next(line for line in f if line.strip())
+        try:
+            json.loads(first)
+        except json.JSONDecodeError:
+            return True
+        return not any(line.strip() for line in f)
 
 
 def iter_raw_lines(path: str | Path) -> Iterator[tuple[int, str, str | None]]:
@@ -131,9 +234,7 @@ def iter_json_array(path: str | Path) -> Iterator[JsonRecord]:
         return line
 
     pos = skip_space(pos)
-    if pos < len(text) and text[pos] == "]":
-        return
-    while True:
+    while pos >= len(text) or text[pos] != "]":
         try:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
@@ -150,11 +251,17 @@ def iter_json_array(path: str | Path) -> Iterator[JsonRecord]:
         pos = skip_space(end)
         if pos < len(text) and text[pos] == ",":
             pos = skip_space(pos + 1)
-            continue
-        if pos < len(text) and text[pos] == "]":
-            return
-        raise InputError(f"error: {path}:{line_at(pos)}: expected ',' or ']' between array elements; "
-                         f"fix the JSON array.")
+        elif pos >= len(text) or text[pos] != "]":
+            raise InputError(f"error: {path}:{line_at(pos)}: expected ',' or ']' between array elements; "
+                             f"fix the JSON array.")
+    _nothing_after_the_array(path, text, pos + 1, line_at)
+
+
+def _nothing_after_the_array(path, text: str, pos: int, line_at) -> None:
+    end = len(text) - len(text[pos:].lstrip())
+    if end < len(text):
+        raise InputError(f"error: {path}:{line_at(end)}: more text after the JSON array's closing ']'. A JSON file "
+                         f"holds one array of records; JSONL holds one record (or one list of records) per line.")
 
 
 def iter_json_records(path: str | Path) -> Iterator[JsonRecord]:
@@ -163,3 +270,26 @@ def iter_json_records(path: str | Path) -> Iterator[JsonRecord]:
     if not path.is_file():
         raise InputError(f"error: {path}: no such file; check the --input path.")
     return iter_json_array(path) if is_json_array_file(path) else iter_json_lines(path)
+
+
+def input_files(paths: list[str | Path], suffixes: tuple[str, ...], option: str = "--input"
+                ) -> tuple[list[Path], list[Path]]:
+    """(files to read, files left out) for the files and folders a user passed, in the order given; a folder
+    gives its files whose data suffix (see data_suffix) is one of `suffixes`, by name (upstream's split pieces
+    00, 01, ... in order). Raises InputError for a path that does not exist or a folder with nothing to read."""
+    files, left_out = [], []
+    for path in map(Path, paths):
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            readable = [p for p in found if data_suffix(p) in suffixes]
+            if not readable:
+                kinds = ", ".join(suffixes)
+                raise InputError(f"error: {path} holds no input file (names ending in {kinds}, optionally followed "
+                                 f"by .gz or .zst); check {option}.")
+            files += readable
+            left_out += [p for p in found if p not in readable]
+        else:
+            raise InputError(f"error: {path}: no such file or folder; check {option}.")
+    return files, left_out

@@ -6,7 +6,8 @@ Accepted records:
   messages  {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": ...}, ...]}
   ShareGPT  {"conversations": [{"from": "system"|"human"|"gpt"|..., "value": ...}, ...]}
 A record must have something to train on (alpaca's "output", at least one assistant turn), start with a user
-turn (after any system prompt) and not repeat a role in consecutive turns (tool results excepted).
+turn (after any system prompt) and not repeat a role in consecutive turns (tool results excepted). An item of
+the input may also be a list of records: Pai-Megatron-Patch's form for "pack these together" (sft_group).
 
 The answer mask is 1 on exactly each assistant turn's answer tokens and its <|im_end|>, and 0 on everything
 else: system and user turns, each "<|im_start|>assistant\\n" header and the "\\n" after <|im_end|>.
@@ -131,6 +132,23 @@ def record_to_messages(record: Any) -> list[dict]:
     return messages
 
 
+def sft_group(item: Any) -> list[dict]:
+    """The records of one input item: a record, or a non-empty list of records to pack together (each checked
+    with record_to_messages; an error names the element)."""
+    if isinstance(item, dict):
+        record_to_messages(item)
+        return [item]
+    if not isinstance(item, list) or not item:
+        what = "an empty list" if isinstance(item, list) else type(item).__name__
+        raise SFTRecordError(f"expected a JSON object, or a list of them to pack together; got {what}")
+    for i, record in enumerate(item):
+        try:
+            record_to_messages(record)
+        except SFTRecordError as e:
+            raise SFTRecordError(f"[{i}] of the list: {e}") from None
+    return item
+
+
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
@@ -193,6 +211,20 @@ def build_sft_sample(record: Any, tokenizer, max_length: int) -> SFTSample:
 
 
 # ---- packing ----
+
+
+def split_group(lengths: Sequence[int], seq_length: int) -> list[list[int]]:
+    """Rows of a group's samples in their order, a new row where the next sample would pass `seq_length` (what
+    Pai-Megatron-Patch's builder does with a list of records)."""
+    rows: list[list[int]] = []
+    room = 0
+    for i, n in enumerate(lengths):
+        if not rows or n > room:
+            rows.append([])
+            room = seq_length
+        rows[-1].append(i)
+        room -= n
+    return rows
 
 
 def plan_packing(lengths: Sequence[int], seq_length: int) -> list[list[int]]:

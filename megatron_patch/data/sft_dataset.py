@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from megatron_patch.data.dataset_checks import check_dataset
+from megatron_patch.data.dataset_checks import check_dataset, locate_sft_idxmap
 from megatron_patch.data.sft import SFTSample, build_sft_sample, plan_packing
 from megatron_patch.errors import UserError
 from megatron_patch.tokenizer import PAD_TOKEN_ID
@@ -59,7 +59,7 @@ def make_training_item(samples: Sequence[SFTSample], seq_length: int, packing: b
     return item
 
 
-class _EpochShuffledRows(torch.utils.data.Dataset):
+class EpochShuffledRows(torch.utils.data.Dataset):
     """num_samples items over `row_count` rows, each epoch a permutation drawn from (seed, epoch)."""
 
     def __init__(self, row_count: int, seq_length: int, num_samples: int | None, seed: int, packing: bool) -> None:
@@ -93,13 +93,27 @@ class _EpochShuffledRows(torch.utils.data.Dataset):
         return make_training_item(self.row_samples(self.row_index(idx)), self.seq_length, self.packing)
 
 
-def _rows(lengths: Sequence[int], seq_length: int, packing: bool) -> list[list[int]]:
+def sample_rows(lengths: Sequence[int], seq_length: int, packing: bool) -> list[list[int]]:
+    """Rows of sample indices: each sample alone, or packed into rows of seq_length (samples cut to it first)."""
     if not packing:
         return [[i] for i in range(len(lengths))]
     return plan_packing([min(n, seq_length) for n in lengths], seq_length)
 
 
-class SFTIdxMapDataset(_EpochShuffledRows):
+def open_sft_idxmap(path: str | Path, seq_length: int, num_samples: int | None, seed: int, packing: bool
+                    ) -> EpochShuffledRows:
+    """The SFT idxmap dataset at `path`: our pair (SFTIdxMapDataset) or one built by Pai-Megatron-Patch's own
+    builder (UpstreamSFTIdxMapDataset), as dataset_checks.locate_sft_idxmap tells them apart."""
+    check_dataset("SFT data path", path, "sft")
+    found = locate_sft_idxmap(path)
+    if found.layout == "upstream":
+        from megatron_patch.data.upstream_sft_idxmap import UpstreamSFTIdxMapDataset
+
+        return UpstreamSFTIdxMapDataset(found.prefix, seq_length, num_samples, seed, packing)
+    return SFTIdxMapDataset(found.prefix, seq_length, num_samples, seed, packing)
+
+
+class SFTIdxMapDataset(EpochShuffledRows):
     """Reads `{path_prefix}_text_document` and `{path_prefix}_label_document` (see sft_preprocess).
 
     A file packed at preprocessing time for this seq_length is read row by row as written; with packing=True on
@@ -114,8 +128,11 @@ class SFTIdxMapDataset(_EpochShuffledRows):
         from megatron_patch.data.idxmap_stamp import read_index_facts
         from megatron_patch.data.sft_preprocess import label_prefix, meta_path, text_prefix
 
-        self.path_prefix = str(path_prefix)
         check_dataset("SFT data path", path_prefix, "sft")
+        found = locate_sft_idxmap(path_prefix)
+        if found.layout != "pair":
+            raise UserError(f"error: {path_prefix} is not an SFT idxmap pair; open it with open_sft_idxmap.")
+        path_prefix = self.path_prefix = found.prefix
         self.text = IndexedDataset(text_prefix(path_prefix))
         self.labels = IndexedDataset(label_prefix(path_prefix))
         meta_file = Path(meta_path(path_prefix))
@@ -128,7 +145,7 @@ class SFTIdxMapDataset(_EpochShuffledRows):
         if packing and meta.get("packed") and meta.get("seq_length") == seq_length:
             self.rows = [list(range(documents[d], documents[d + 1])) for d in range(len(documents) - 1)]
         else:
-            self.rows = _rows(lengths, seq_length, packing)
+            self.rows = sample_rows(lengths, seq_length, packing)
         super().__init__(len(self.rows), seq_length, num_samples, seed, packing)
 
     def describe(self) -> str:
@@ -143,7 +160,7 @@ class SFTIdxMapDataset(_EpochShuffledRows):
         return samples
 
 
-class RawJSONSFTDataset(_EpochShuffledRows):
+class RawJSONSFTDataset(EpochShuffledRows):
     """SFT records from a JSON array / JSONL file, tokenized on the fly with build_sft_sample.
 
     Records are parsed and validated up front (a bad one raises with file:line unless skip_bad_records). Without
@@ -162,7 +179,7 @@ class RawJSONSFTDataset(_EpochShuffledRows):
         self._samples: list[SFTSample] | None = None
         if packing:
             self._samples = [build_sft_sample(r.value, tokenizer, seq_length) for r in self.records]
-            self.rows = _rows([len(s) for s in self._samples], seq_length, packing=True)
+            self.rows = sample_rows([len(s) for s in self._samples], seq_length, packing=True)
         else:
             self.rows = [[i] for i in range(len(self.records))]
         super().__init__(len(self.rows), seq_length, num_samples, seed, packing)

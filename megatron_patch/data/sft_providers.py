@@ -1,26 +1,58 @@
-"""SFT train/valid/test datasets for `pretrain()`: idxmap (preprocessed) or raw JSON (tokenized on the fly)."""
+"""SFT train/valid/test datasets for `pretrain()`: idxmap (preprocessed) or raw JSON (tokenized on the fly), each
+one dataset or a blend of several (`W1 P1 W2 P2 ...`, drawn as Megatron draws its blends)."""
 
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
+import torch
 from megatron.training import print_rank_0
 
-from megatron_patch.data.sft_dataset import RawJSONSFTDataset, SFTIdxMapDataset
+from megatron_patch.data.blend import Blend, read_blend
+from megatron_patch.data.sft_dataset import RawJSONSFTDataset, open_sft_idxmap
 from megatron_patch.errors import UserError
 
 
-def _one_path(paths, what: str) -> str:
-    if not paths:
+class BlendedSFTDataset(torch.utils.data.Dataset):
+    """`num_samples` items from several SFT datasets in proportion to the blend's weights, in the order Megatron's
+    BlendedDataset draws them (its build_blending_indices: each item from the dataset furthest below its share,
+    so every prefix of the order is within one item of the weights). Dataset k gets as many items as it is drawn
+    for; its own epochs and shuffle are its own (seed + 1000 k)."""
+
+    def __init__(self, blend: Blend, num_samples: int, seed: int, build: Callable[[str, int, int], object]) -> None:
+        from megatron.core.datasets import helpers
+
+        weights = [w / sum(blend.weights) for w in blend.weights]
+        self.blend = blend
+        self.dataset_index = np.zeros(num_samples, dtype=np.int16)
+        self.dataset_sample_index = np.zeros(num_samples, dtype=np.int64)
+        helpers.build_blending_indices(self.dataset_index, self.dataset_sample_index, weights, len(weights),
+                                       num_samples, False)
+        counts = np.bincount(self.dataset_index, minlength=len(weights)).tolist()
+        self.datasets = [build(path, count, seed + 1000 * k) for k, (path, count) in enumerate(zip(blend.paths, counts))]
+
+    def describe(self) -> str:
+        return "blend of " + ", ".join(f"{w:g} x {d.describe()}" for w, d in zip(self.blend.weights, self.datasets))
+
+    def __len__(self) -> int:
+        return len(self.dataset_index)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        return self.datasets[self.dataset_index[idx]][int(self.dataset_sample_index[idx])]
+
+
+def _blend(words, what: str) -> Blend:
+    if not words:
         raise UserError(f"error: SFT needs --{what}-data-path (DATASET_PATH / VALID_DATASET_PATH in run_mcore_qwen.sh).")
-    if len(paths) != 1:
-        raise UserError(f"error: SFT takes one --{what}-data-path, got {len(paths)}: {' '.join(paths)}")
-    return paths[0]
+    return read_blend(f"--{what}-data-path", list(words))
 
 
 def build_sft_datasets(args, num_samples):
-    train_path = _one_path(args.train_data_path, "train")
-    valid_path = _one_path(args.valid_data_path, "valid")
+    train = _blend(args.train_data_path, "train")
+    valid = _blend(args.valid_data_path, "valid")
     # Upstream passed the validation file as the test file too, evaluating it twice: no test set unless asked.
-    test_path = _one_path(args.test_data_path, "test") if args.test_data_path else None
+    test = _blend(args.test_data_path, "test") if args.test_data_path else None
     packing = args.sft_packing
     if args.dataset_type == "raw":
         from megatron_patch.tokenizer import load_tokenizer
@@ -29,16 +61,20 @@ def build_sft_datasets(args, num_samples):
         # Raw samples are padded to PAD_LEN (--max-padding-length), which the launcher keeps <= SEQ_LEN.
         length = args.max_padding_length or args.seq_length
 
-        def build(path, n, seed):
+        def build_one(path, n, seed):
             return RawJSONSFTDataset(path, tokenizer, length, n, seed, packing)
     else:
-        def build(path, n, seed):
-            return SFTIdxMapDataset(path, args.seq_length, n, seed, packing)
+        def build_one(path, n, seed):
+            return open_sft_idxmap(path, args.seq_length, n, seed, packing)
+
+    def build(blend: Blend, n: int, seed: int):
+        if blend.weights is None:
+            return build_one(blend.paths[0], n, seed)
+        return BlendedSFTDataset(blend, n, seed, build_one)
 
     datasets = []
-    for path, n, offset in ((train_path, num_samples[0], 0), (valid_path, num_samples[1], 1),
-                            (test_path, num_samples[2], 2)):
-        datasets.append(build(path, n, args.seed + offset) if n and path else None)
+    for blend, n, offset in ((train, num_samples[0], 0), (valid, num_samples[1], 1), (test, num_samples[2], 2)):
+        datasets.append(build(blend, n, args.seed + offset) if n and blend else None)
         if datasets[-1] is not None:
             print_rank_0(f"> SFT {('train', 'valid', 'test')[offset]}: {datasets[-1].describe()}, {n} samples"
                          + (", packed" if packing else ""))

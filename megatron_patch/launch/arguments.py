@@ -9,7 +9,7 @@ from pathlib import Path
 from megatron_patch.errors import UserError, parse_bool
 from megatron_patch.lora.targets import ALL_TARGETS, DEFAULT_ALPHA, METHODS, LoraSettings, adapter_parameter_count, \
     parse_targets
-from megatron_patch.model_sizes import QWEN2_5_SIZES, Qwen25Size
+from megatron_patch.model_sizes import QWEN2_5_SIZES, Qwen25Size, shape_name
 
 POSITIONAL = (
     "ENV MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN PR TP PP CP SP DO FL SFT AC "
@@ -51,6 +51,9 @@ ENV_KNOBS = {
     "MP_FP8_FPROP_ACCUMULATION": ("fast", "PR=fp8 on Hopper: `fast` (TE's default: forward GEMMs accumulate in the fp8 "
                                           "tensor cores' own reduced precision) or `fp32` (partial sums promoted to "
                                           "fp32, as TE does for the backward's GEMMs; slower)"),
+    "MP_ROPE_SCALING": ("", "`yarn:F`: YaRN RoPE scaling by F over the model's positions for this run, e.g. "
+                            "`yarn:4` takes a 32k model to 128k (Qwen2.5's documented long-context setting); "
+                            "without it a checkpoint's config.json rope_scaling is followed"),
     "MP_CUDA_GRAPH": ("false", "`true`: replay each iteration from one CUDA graph (GPU, PP=1)"),
     "MP_LORA_RANK": ("0", "LoRA/DoRA adapter rank, e.g. `16`; `0`: full fine-tuning. With a rank, "
                          "PRETRAIN_CHECKPOINT_PATH is the frozen base (read, never copied or changed) and checkpoints "
@@ -117,11 +120,24 @@ class Launch:
     fp8_format: str = "hybrid"
     fp8_fprop_accumulation: str = "fast"
     tokenizer_path: str | None = None
+    yarn_factor: float | None = None  # MP_ROPE_SCALING=yarn:F
+    # The model to train, set by validate.settle: the checkpoint's config.json (model_config) where it has one,
+    # else MODEL_SIZE's size-table entry; with MP_ROPE_SCALING's YaRN.
+    model: Qwen25Size | None = None
+    model_config: Path | None = None
     lora: LoraSettings | None = None  # None: full fine-tuning
 
     @property
     def size(self) -> Qwen25Size:
-        return QWEN2_5_SIZES[self.model_size]
+        return self.model or QWEN2_5_SIZES[self.model_size]
+
+    @property
+    def model_name(self) -> str:
+        """MODEL_SIZE, or for `auto` the size-table name of the checkpoint's shape ('custom' for a shape of its
+        own): what run folders and messages call the model."""
+        if self.model_size != "auto":
+            return self.model_size
+        return shape_name(self.size) or "custom"
 
     @property
     def trained_parameters(self) -> int:
@@ -157,12 +173,14 @@ class Launch:
         """Encodes the settings, so runs with different settings never share a checkpoint folder."""
         kind = "finetune" if self.sft else "pretrain"
         parts = [
-            f"mcore-qwen2.5-{self.model_size}-{kind}", f"lr-{self.lr:g}", f"minlr-{self.min_lr:g}",
+            f"mcore-qwen2.5-{self.model_name}-{kind}", f"lr-{self.lr:g}", f"minlr-{self.min_lr:g}",
             f"bs-{self.batch_size}", f"gbs-{self.global_batch_size}", f"seqlen-{self.seq_len}",
             f"pr-{self.precision}", f"tp-{self.tp}", f"pp-{self.pp}", f"cp-{self.cp}",
             f"ac-{self.activation_checkpointing}", f"do-{str(self.distributed_optimizer).lower()}",
             f"sp-{str(self.sp and self.tp > 1).lower()}", f"ti-{self.train_iters}", f"wi-{self.warmup_iters}",
         ]
+        if self.size.rope_scaling:
+            parts.append(f"yarn-{self.size.rope_scaling.factor:g}")
         if self.sft:
             parts.append(f"data-{self.dataset_type}" + ("-packed" if self.sft_packing else ""))
         if self.lora:
@@ -208,8 +226,9 @@ def parse(argv: list[str], environ: dict[str, str]) -> Launch:
             + f"\nusage: run_mcore_qwen.sh {' '.join(POSITIONAL)}"
         )
     a = dict(zip(POSITIONAL, argv))
-    if a["MODEL_SIZE"] not in QWEN2_5_SIZES:
-        raise UserError(f"error: MODEL_SIZE must be one of {', '.join(QWEN2_5_SIZES)}; got '{a['MODEL_SIZE']}'.")
+    if a["MODEL_SIZE"] not in (*QWEN2_5_SIZES, "auto"):
+        raise UserError(f"error: MODEL_SIZE must be one of {', '.join(QWEN2_5_SIZES)}, or auto (the model of "
+                        f"PRETRAIN_CHECKPOINT_PATH's config.json); got '{a['MODEL_SIZE']}'.")
 
     def knob(name: str) -> str:
         return environ.get(name, "").strip() or ENV_KNOBS[name][0]
@@ -255,8 +274,24 @@ def parse(argv: list[str], environ: dict[str, str]) -> Launch:
         fp8_fprop_accumulation=_choice("MP_FP8_FPROP_ACCUMULATION", knob("MP_FP8_FPROP_ACCUMULATION"),
                                        FP8_FPROP_ACCUMULATIONS),
         tokenizer_path=knob("MP_TOKENIZER_PATH") or None,
+        yarn_factor=_yarn_factor(knob("MP_ROPE_SCALING")),
         lora=_lora(knob),
     )
+
+
+def _yarn_factor(value: str) -> float | None:
+    """MP_ROPE_SCALING=yarn:F -> F (above 1); empty -> None."""
+    if not value:
+        return None
+    kind, _, factor = value.partition(":")
+    try:
+        number = float(factor)
+    except ValueError:
+        number = 0.0
+    if kind.strip().lower() != "yarn" or not number > 1:
+        raise UserError(f"error: MP_ROPE_SCALING must be yarn:FACTOR with a factor above 1, e.g. yarn:4 (32k -> 128k "
+                        f"positions); got '{value}'. YaRN is the only RoPE scaling offered.")
+    return number
 
 
 def _lora(knob) -> LoraSettings | None:

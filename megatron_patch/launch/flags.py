@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from megatron_patch import hardware
-from megatron_patch.arguments import NO_TE_GPU_FLAGS
+from megatron_patch.arguments import NO_TE_GPU_FLAGS, qwen2_5_model_flags
+from megatron_patch.data.blend import split_data_path
 from megatron_patch.launch.arguments import Launch
 from megatron_patch.launch.machine import Machine, uses_te
 
@@ -17,8 +18,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def megatron_flags(launch: Launch, machine: Machine, tokenizer: str) -> list[str]:
     out = launch.output_basepath
+    # The model as settle resolved it (config.json's where the checkpoint has one): the entrypoint takes these as
+    # they are.
     flags = [
-        "--model-size", launch.model_size,
+        *qwen2_5_model_flags(launch.size),
         "--micro-batch-size", str(launch.batch_size),
         "--global-batch-size", str(launch.global_batch_size),
         "--seq-length", str(launch.seq_len),
@@ -107,8 +110,8 @@ def _parallel_flags(launch: Launch, machine: Machine) -> list[str]:
         flags.append("--overlap-grad-reduce")
         # The overlapped gather is waited on in forward hooks, outside a captured graph's reach; AC=full runs
         # each layer's forward (and its hooks) again in backward, which starts a second gather of a bucket
-        # whose first is still pending (megatron-core 0.19.2 asserts; seen on two H200s at 7B, CP2). PR=fp8
-        # through TE meets the same assertion at DP2 (7B, two H200s, 2026-12-01).
+        # whose first is still pending (megatron-core 0.19.2 asserts); PR=fp8 through TE meets the same
+        # assertion (docs/benchmarks.md, "Lab notes moved out of the code").
         if launch.distributed_optimizer and not launch.cuda_graph and launch.activation_checkpointing != "full" \
                 and launch.precision != "fp8":
             flags.append("--overlap-param-gather")
@@ -169,19 +172,19 @@ def auto_offload_fraction(launch: Launch, machine: Machine, free_gpu_bytes: int 
 
 
 def _data_flags(launch: Launch) -> list[str]:
+    # A blend's words are separate arguments: Megatron's data path flags take lists.
+    train, valid = split_data_path(launch.dataset_path), split_data_path(launch.valid_dataset_path)
     if launch.sft:
         flags = ["--instruction-tuning", "--dataset-type", launch.dataset_type,
-                 "--train-data-path", launch.dataset_path,
-                 "--valid-data-path", launch.valid_dataset_path]
+                 "--train-data-path", *train, "--valid-data-path", *valid]
         if launch.dataset_type == "raw":
             flags += ["--max-padding-length", str(launch.pad_len)]
         if launch.sft_packing:
             flags.append("--sft-packing")
         return flags
     if launch.valid_dataset_path == launch.dataset_path:
-        return ["--dataset-type", "idxmap", "--data-path", launch.dataset_path, "--split", "99,1,0"]
-    return ["--dataset-type", "idxmap", "--train-data-path", launch.dataset_path,
-            "--valid-data-path", launch.valid_dataset_path]
+        return ["--dataset-type", "idxmap", "--data-path", *train, "--split", "99,1,0"]
+    return ["--dataset-type", "idxmap", "--train-data-path", *train, "--valid-data-path", *valid]
 
 
 def torchrun_command(launch: Launch, machine: Machine, tokenizer: str) -> list[str]:
@@ -190,6 +193,8 @@ def torchrun_command(launch: Launch, machine: Machine, tokenizer: str) -> list[s
         "--nproc-per-node", str(machine.nproc_per_node), "--nnodes", str(machine.nnodes),
         "--node-rank", str(machine.node_rank),
         "--master-addr", machine.master_addr, "--master-port", str(machine.master_port),
+        # Not SIGINT/SIGTERM/SIGHUP (its default): the launcher stops the ranks itself (launch/run.py).
+        "--signals-to-handle", "SIGQUIT",
         "-m", "megatron_patch.pretrain_qwen", *megatron_flags(launch, machine, tokenizer),
     ]
 

@@ -1,15 +1,20 @@
 """The launcher's main: parse, probe, settle, check, then torchrun as a process tree the launcher owns.
 
-Ownership: torchrun starts in its own process group with PR_SET_PDEATHSIG (it gets SIGTERM if the launcher dies),
+Ownership: torchrun starts in its own process group with PR_SET_PDEATHSIG (it gets SIGKILL if the launcher dies),
 each rank and every helper process a rank starts die with their parent (megatron_patch.process_lifetime), and
-the launcher is a child subreaper, so anything orphaned below it comes back to it. When torchrun ends (or the
-launcher is told to stop) everything left below the launcher is killed, so no process outlives the run and the
-launcher returns within seconds. Writing the log never takes the job down: on a full disk it goes on without it.
+the launcher is a child subreaper, so anything orphaned below it comes back to it. When torchrun ends everything
+left below the launcher is killed, so no process outlives the run. Writing the log never takes the job down: on a
+full disk it goes on without it.
+
+Stops: Ctrl-C (SIGINT), a scheduler's SIGTERM or SIGHUP reach the launcher, which sends SIGTERM to each rank:
+Megatron's --exit-signal-handler saves the iteration in progress and exits 0. torchrun and the ranks ignore the
+stop signals themselves (torchrun would print a SignalException traceback and end ranks that cannot save yet),
+so a signal sent to every process of the job changes nothing. The launcher then says in one line what was
+saved (from the run folder's tracker) and exits with 128 + the signal; ranks still alive 30 s on are killed.
 """
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import errno
 import fcntl
@@ -24,14 +29,15 @@ import threading
 import time
 from pathlib import Path
 
-from megatron_patch.checkpoint_state import prepare_resume
-from megatron_patch.errors import UserError, dry_run_requested
+from megatron_patch import process_lifetime
+from megatron_patch.checkpoint_state import prepare_resume, resume_state
+from megatron_patch.errors import STOP_SIGNALS, UserError, dry_run_requested, report_user_errors, signal_name, \
+    stop_signals_handled_by, stop_signals_ignored, stopped_status
 from megatron_patch.launch.arguments import Launch, parse
 from megatron_patch.launch.flags import launch_env, torchrun_command
 from megatron_patch.launch.machine import detect_machine
 from megatron_patch.launch.validate import problems, settle
 
-PR_SET_CHILD_SUBREAPER = 36
 STOP_GRACE_SECONDS = 30  # after SIGTERM, how long ranks get to save and exit before SIGKILL
 
 
@@ -134,67 +140,15 @@ class Log:
 
 # ------------------------------------------------------------------------------------------- owning the process tree
 
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def become_subreaper() -> None:
-    """Orphans below this process (a rank's helpers whose rank died) are re-parented here, not to PID 1."""
-    if sys.platform.startswith("linux"):
-        _libc().prctl(PR_SET_CHILD_SUBREAPER, 1)
-
-
 def _torchrun_preexec() -> None:
-    """In the forked child before exec: its own process group, and SIGKILL when the launcher dies abruptly (a
-    launcher that is asked to stop forwards SIGTERM itself, so ranks still save on a scheduler's preemption)."""
+    """In the forked child before exec: its own process group; SIGKILL when the launcher dies abruptly; and the
+    stop signals ignored, which its ranks inherit. torchrun would turn a stop signal into a SignalException
+    traceback and pass it on to ranks that may not save yet; the launcher stops the ranks itself, and Megatron's
+    --exit-signal-handler takes SIGTERM over in each rank once it can save."""
     os.setpgid(0, 0)
-    if sys.platform.startswith("linux"):
-        _libc().prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (children first found through /proc's parent links)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        found.append(child)
-        todo += children.get(child, [])
-    return found
-
-
-def kill_everything_below(pid: int) -> None:
-    """SIGKILL every process below `pid`, until none is left (reaping zombies re-parented to us)."""
-    for _ in range(50):
-        left = descendants(pid)
-        if not left:
-            return
-        for child in left:
-            try:
-                os.kill(child, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        _reap_children()
-        time.sleep(0.1)
-
-
-def _reap_children() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+    process_lifetime.kill_when_parent_dies()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class OwnedTorchrun:
@@ -206,7 +160,10 @@ class OwnedTorchrun:
                                      stdin=subprocess.DEVNULL, preexec_fn=_torchrun_preexec)
         self._reader = threading.Thread(target=self._copy_output, daemon=True)
         self._reader.start()
-        self._stop_requested_at: float | None = None
+        self.stopped_by: int | None = None  # the stop signal the launcher got
+        self.killed = False  # the ranks outlived the grace period
+        self._stop_requested_at = 0.0
+        self._signalled: set[int] = set()  # ranks sent SIGTERM
 
     def _copy_output(self) -> None:
         assert self.proc.stdout is not None
@@ -214,16 +171,30 @@ class OwnedTorchrun:
             self.log.write(raw.decode("utf-8", errors="replace"))
 
     def request_stop(self, signum: int) -> None:
-        """The launcher got SIGTERM/SIGINT/SIGHUP: pass SIGTERM to the whole group (Megatron's --exit-signal-handler
-        saves a checkpoint and exits); `wait` SIGKILLs whatever is left after the grace period."""
-        if self._stop_requested_at is None:
+        """The launcher got SIGINT/SIGTERM/SIGHUP: each rank gets SIGTERM (Megatron's --exit-signal-handler saves
+        the iteration it is in and exits 0); `wait` SIGKILLs whatever is left after the grace period."""
+        if self.stopped_by is None:
+            self.stopped_by = signum
             self._stop_requested_at = time.monotonic()
-            self.log.terminal(f"run_mcore_qwen: got signal {signum}; stopping training (SIGTERM, then SIGKILL "
-                              f"after {STOP_GRACE_SECONDS} s)\n", stream=sys.stderr)
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            self.log.terminal(f"run_mcore_qwen: {signal_name(signum)}: saving the iteration in progress, then "
+                              f"stopping (killed after {STOP_GRACE_SECONDS} s)\n", stream=sys.stderr)
+            self._keep_stopping()
+
+    def _keep_stopping(self) -> None:
+        """SIGTERM to each rank (torchrun's children) once it can take it: a rank still starting up ignores it
+        until Megatron's handler is in place, and one signalled again while it exits would die of it (Python's
+        shutdown puts the default action back). After the grace period everything is killed."""
+        if time.monotonic() - self._stop_requested_at > STOP_GRACE_SECONDS:
+            self.killed = True
+            process_lifetime.kill_everything_below(os.getpid())
+            return
+        for rank in process_lifetime.children(self.proc.pid):
+            if rank not in self._signalled and process_lifetime.catches(rank, signal.SIGTERM):
+                self._signalled.add(rank)
+                try:
+                    os.kill(rank, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
 
     def wait(self) -> int:
         while True:
@@ -231,31 +202,51 @@ class OwnedTorchrun:
                 code = self.proc.wait(timeout=0.5)
                 break
             except subprocess.TimeoutExpired:
-                if (self._stop_requested_at is not None
-                        and time.monotonic() - self._stop_requested_at > STOP_GRACE_SECONDS):
-                    kill_everything_below(os.getpid())
+                if self.stopped_by is not None:
+                    self._keep_stopping()
         # torchrun is gone: nothing of this run may outlive it (e.g. a killed rank's checkpoint writers, which
         # would also hold our output pipe open and hang the reader).
-        kill_everything_below(os.getpid())
+        process_lifetime.kill_everything_below(os.getpid())
         self._reader.join(timeout=10)
         return code
 
 
-def run_owned(command: list[str], env: dict[str, str], log: Log) -> int:
-    become_subreaper()
-    owned = OwnedTorchrun(command, env, log)
-    handlers = {}
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        handlers[signum] = signal.signal(signum, lambda s, _f: owned.request_stop(s))
+def run_owned(command: list[str], env: dict[str, str], log: Log) -> OwnedTorchrun:
+    """torchrun, to its end; a stop signal meanwhile (even while torchrun starts) stops the ranks."""
+    process_lifetime.become_subreaper()
+    started: list[OwnedTorchrun] = []
+    early: list[int] = []
+
+    def stop(signum, _frame):
+        started[0].request_stop(signum) if started else early.append(signum)
+
     try:
-        code = owned.wait()
-        if code < 0:  # killed by a signal: report it the way a shell does
-            code = 128 - code
+        with stop_signals_handled_by(stop):
+            started.append(OwnedTorchrun(command, env, log))
+            for signum in early[:1]:
+                started[0].request_stop(signum)
+            started[0].wait()
     finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        kill_everything_below(os.getpid())
-    return code
+        process_lifetime.kill_everything_below(os.getpid())
+    return started[0]
+
+
+def stop_report(checkpoint_dir: Path, owned: OwnedTorchrun, resumed_from: int | None, log: Path) -> str:
+    """The one line a stopped run ends with: what stopped it, what it saved, what the same command does next."""
+    name = signal_name(owned.stopped_by)
+    newest = resume_state(checkpoint_dir).iteration  # the newest complete checkpoint, as the next launch finds it
+    code = owned.proc.returncode
+    if owned.killed:
+        how = f"stopped by {name}: the ranks had not stopped {STOP_GRACE_SECONDS} s later and were killed"
+    elif code != 0:
+        how = f"stopped by {name}, but torchrun ended with exit status {code} (see {log})"
+    elif newest is not None and newest != resumed_from:
+        return f"run_mcore_qwen: stopped by {name} after saving iteration {newest}; run the same command to resume"
+    else:
+        how = f"stopped by {name} before it saved a checkpoint"
+    if newest is None:
+        return f"run_mcore_qwen: {how}; nothing is saved, so the same command starts from the beginning"
+    return f"run_mcore_qwen: {how}; run the same command to resume from iteration {newest}"
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -265,6 +256,7 @@ def _print_findings(lines: list[str], kind: str) -> None:
         print(f"{kind}: {line}", file=sys.stderr)
 
 
+@report_user_errors(stopped="training had not started; run the same command to start it")
 def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     environ = dict(os.environ) if environ is None else environ
@@ -303,17 +295,24 @@ def _launch(launch: Launch, machine, env: dict[str, str]) -> int:
         lock.acquire()
         # The run folder is ours now: decide what it resumes from (and repair a damaged tracker) before any rank
         # reads it.
-        prepare_resume(launch.checkpoint_dir)
+        resumes_from = prepare_resume(launch.checkpoint_dir)
         command = torchrun_command(launch, machine, tokenizer_dir(launch))
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         log = Log(launch.output_basepath / "log" / f"{stamp}_{launch.run_name}_node{machine.node_rank}.log")
         Log.terminal(f"run_mcore_qwen: {launch.run_name}\n  checkpoints: {launch.checkpoint_dir}\n  log: {log.path}\n")
         log.write(f"# {datetime.datetime.now().isoformat()} {shlex.join(command)}\n")
-        code = run_owned(command, {**os.environ, **env}, log)
-        if code != 0:
-            Log.terminal(f"run_mcore_qwen: training failed (torchrun exit status {code}); see {log.path}\n",
-                         stream=sys.stderr)
-        log.close()
+        with stop_signals_ignored():  # once torchrun has ended a stop is too late to change anything
+            owned = run_owned(command, {**os.environ, **env}, log)
+            code = owned.proc.returncode
+            code = 128 - code if code < 0 else code  # killed by a signal: reported the way a shell does
+            if owned.stopped_by is not None:
+                Log.terminal(stop_report(launch.checkpoint_dir, owned, resumes_from, log.path) + "\n",
+                             stream=sys.stderr)
+                code = stopped_status(owned.stopped_by)
+            elif code != 0:
+                Log.terminal(f"run_mcore_qwen: training failed (torchrun exit status {code}); see {log.path}\n",
+                             stream=sys.stderr)
+            log.close()
         return code
     except UserError as err:
         print(str(err), file=sys.stderr)
@@ -334,7 +333,7 @@ def _check_free_space(launch: Launch) -> None:
     needed = checkpoint_bytes(launch)
     if free < needed:
         raise UserError(f"error: OUTPUT_BASEPATH {launch.output_basepath} has {free / 2**30:.2f} GiB free, but one "
-                        f"checkpoint of Qwen2.5-{launch.model_size} takes about {needed / 2**30:.2f} GiB (weights and "
+                        f"checkpoint of Qwen2.5-{launch.model_name} takes about {needed / 2**30:.2f} GiB (weights and "
                         "optimizer state). Free some space or pass an OUTPUT_BASEPATH on a larger disk.")
 
 

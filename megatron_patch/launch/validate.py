@@ -1,18 +1,29 @@
-"""Before torchrun: `settle` makes the adjustments a layout needs and says each one; `problems` returns what
-stops the run (errors), what the user should know (warnings) and suggestions (notes), changing nothing."""
+"""Before torchrun: `settle` reads the model (the checkpoint's config.json, else the size table) and makes the
+adjustments a layout needs, saying each one; `problems` returns what stops the run (errors), what the user should
+know (warnings) and notes, changing nothing."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_patch.data.blend import data_path_problem
 from megatron_patch.data.dataset_checks import dataset_problem
 from megatron_patch.launch.arguments import Launch
 from megatron_patch.launch.machine import Machine, uses_te
+from megatron_patch.errors import UserError
 from megatron_patch.lora.targets import KNOB_NAMES, settings_problems
-from megatron_patch.model_sizes import hf_config_mismatches, layout_problems
+from megatron_patch.model_sizes import (
+    QWEN2_5_SIZES,
+    following_config_note,
+    layout_problems,
+    model_from_hf_config,
+    read_checkpoint_json,
+    shape_differences,
+    with_yarn,
+)
 
 
 @dataclass
@@ -23,8 +34,8 @@ class Findings:
 
 
 def settle(launch: Launch, machine: Machine) -> tuple[Launch, list[str]]:
-    """The launch with the adjustments its layout needs, and one line per adjustment made."""
-    changes = []
+    """The launch with its model and the adjustments its layout needs, and one line per adjustment made."""
+    launch, changes = resolve_model(launch)
     if launch.sp and launch.tp > 1 and not uses_te(launch, machine):
         # megatron-core's local (torch) norms refuse sequence parallelism; only TE's fused norms support it.
         launch = dataclasses.replace(launch, sp=False)
@@ -34,6 +45,29 @@ def settle(launch: Launch, machine: Machine) -> tuple[Launch, list[str]]:
         launch = dataclasses.replace(launch, distributed_optimizer=True)
         changes.append(f"OPTIMIZER_OFFLOAD={launch.optimizer_offload} needs the distributed optimizer: DO is turned on.")
     return launch, changes
+
+
+def resolve_model(launch: Launch) -> tuple[Launch, list[str]]:
+    """The launch with its model: PRETRAIN_CHECKPOINT_PATH's config.json (the copy the convertor keeps beside the
+    checkpoint) where there is one, else MODEL_SIZE's size-table entry; MP_ROPE_SCALING adds YaRN. A config.json
+    that cannot be trained as written is a UserError naming the field and the file."""
+    config = Path(launch.pretrain_checkpoint) / "config.json" if launch.pretrain_checkpoint else None
+    if config is not None and config.is_file():
+        model = model_from_hf_config(read_checkpoint_json(config), config)
+    elif launch.model_size == "auto":
+        where = f"there is no {config}" if config else "PRETRAIN_CHECKPOINT_PATH is none"
+        raise UserError(f"error: MODEL_SIZE=auto takes the model from PRETRAIN_CHECKPOINT_PATH's config.json, but "
+                        f"{where}. Pass a checkpoint converted by the toolkit's convertor (it keeps config.json "
+                        f"beside the checkpoint), or name a size: {', '.join(QWEN2_5_SIZES)}.")
+    else:
+        model, config = QWEN2_5_SIZES[launch.model_size], None
+    changes = []
+    if launch.yarn_factor:
+        if model.rope_scaling and model.rope_scaling.factor != launch.yarn_factor:
+            changes.append(f"MP_ROPE_SCALING=yarn:{launch.yarn_factor:g} replaces the YaRN factor "
+                           f"{model.rope_scaling.factor:g} of {config}.")
+        model = with_yarn(model, launch.yarn_factor)
+    return dataclasses.replace(launch, model=model, model_config=config), changes
 
 
 def cuda_graph_obstacle(launch: Launch, machine: Machine) -> str | None:
@@ -60,6 +94,11 @@ def problems(launch: Launch, machine: Machine) -> Findings:
     found.errors += _schedule_problems(launch)
     found.errors += _path_problems(launch)
     found.errors += _lora_problems(launch)
+    if launch.model_config is not None:
+        # MP_ROPE_SCALING's YaRN is the run's choice, not config.json's
+        from_config = dataclasses.replace(launch.size, rope_scaling=None) if launch.yarn_factor else launch.size
+        note = following_config_note(from_config, launch.model_config, launch.model_size)
+        found.notes += [note] if note else []
     if launch.sp and launch.tp == 1:
         found.warnings.append("SP=true has no effect with TP=1: sequence parallelism is left off.")
     return found
@@ -142,7 +181,7 @@ def _layout_problems(launch: Launch, machine: Machine) -> list[str]:
     if machine.world_size % model_parallel:
         errors.append(f"TP*PP*CP = {launch.tp}*{launch.pp}*{launch.cp} = {model_parallel} does not divide the "
                       f"{machine.world_size} processes ({machine.nnodes} node(s) x {machine.nproc_per_node}).")
-    errors += [f"{p} of Qwen2.5-{launch.model_size}." for p in layout_problems(size, launch.tp, launch.pp)]
+    errors += [f"{p} of Qwen2.5-{launch.model_name}." for p in layout_problems(size, launch.tp, launch.pp)]
     layers_per_stage = size.num_layers // launch.pp
     vp = launch.layers_per_virtual_stage
     if vp is not None:
@@ -164,7 +203,7 @@ def _layout_problems(launch: Launch, machine: Machine) -> list[str]:
                           f"(MP_AC_METHOD=block recomputes that many of them): choose 1 to {layers_per_stage}.")
     if launch.precision == "fp8" and 2 * launch.fp8_bf16_layers >= size.num_layers:
         errors.append(f"MP_FP8_BF16_LAYERS={launch.fp8_bf16_layers} keeps {launch.fp8_bf16_layers} layers at each end "
-                      f"of Qwen2.5-{launch.model_size}'s {size.num_layers} in bf16, leaving none in fp8: choose 0 to "
+                      f"of Qwen2.5-{launch.model_name}'s {size.num_layers} in bf16, leaving none in fp8: choose 0 to "
                       f"{(size.num_layers - 1) // 2}, or PR=bf16.")
     if launch.activation_checkpointing == "offload":
         if launch.pp > 1:
@@ -177,15 +216,28 @@ def _layout_problems(launch: Launch, machine: Machine) -> list[str]:
         if launch.global_batch_size % (launch.batch_size * dp):
             errors.append(f"GLOBAL_BATCH_SIZE={launch.global_batch_size} must be a multiple of BATCH_SIZE x "
                           f"data-parallel size = {launch.batch_size} x {dp} = {launch.batch_size * dp}.")
-    if launch.seq_len > size.max_position_embeddings:
-        errors.append(f"SEQ_LEN={launch.seq_len} exceeds Qwen2.5-{launch.model_size}'s {size.max_position_embeddings} "
-                      "positions.")
+    if launch.seq_len > size.positions:
+        errors.append(_positions_problem(launch))
     if launch.cp > 1 and launch.seq_len % (2 * launch.cp):
         errors.append(f"SEQ_LEN={launch.seq_len} must be divisible by 2*CP = {2 * launch.cp}.")
     if launch.sft and launch.dataset_type == "raw" and launch.pad_len > launch.seq_len:
         errors.append(f"PAD_LEN={launch.pad_len} exceeds SEQ_LEN={launch.seq_len}: raw JSON samples are padded to "
                       "PAD_LEN, which must fit in the sequence. Lower PAD_LEN or raise SEQ_LEN.")
     return errors
+
+
+def _positions_problem(launch: Launch) -> str:
+    size = launch.size
+    if size.rope_scaling:
+        source = (f"YaRN's factor {size.rope_scaling.factor:g} x {size.rope_scaling.original_max_position_embeddings}"
+                  f" original positions")
+        fix = "Lower SEQ_LEN, or raise the YaRN factor (MP_ROPE_SCALING=yarn:F)."
+    else:
+        source = f"max_position_embeddings in {launch.model_config}" if launch.model_config else "the size table"
+        fix = (f"Lower SEQ_LEN, or extend the context with YaRN: MP_ROPE_SCALING=yarn:"
+               f"{math.ceil(launch.seq_len / size.positions)}.")
+    return (f"SEQ_LEN={launch.seq_len} exceeds Qwen2.5-{launch.model_name}'s {size.positions} positions ({source}). "
+            + fix)
 
 
 def _schedule_problems(launch: Launch) -> list[str]:
@@ -221,7 +273,11 @@ def _path_problems(launch: Launch) -> list[str]:
     datasets = [("DATASET_PATH", launch.dataset_path)]
     if launch.valid_dataset_path != launch.dataset_path:
         datasets.append(("VALID_DATASET_PATH", launch.valid_dataset_path))
-    errors = [problem for label, path in datasets if (problem := dataset_problem(label, path, kind))]
+    errors = []
+    for label, text in datasets:
+        blend, problem = data_path_problem(label, text)
+        paths = blend.paths if blend else []
+        errors += [problem] if problem else [p for path in paths if (p := dataset_problem(label, path, kind))]
     if launch.pretrain_checkpoint is not None:
         errors += _checkpoint_problems(launch, Path(launch.pretrain_checkpoint))
     return errors
@@ -233,11 +289,10 @@ def _checkpoint_problems(launch: Launch, ckpt: Path) -> list[str]:
                 "Convert a Hugging Face checkpoint first with "
                 "toolkits/distributed_checkpoints_convertor/scripts/qwen2_5/run_8xH20.sh, or pass none to start from "
                 "random weights."]
-    config = ckpt / "config.json"
-    if not config.is_file():
+    if launch.model_config is None or launch.model_size == "auto":
         return []
-    bad = hf_config_mismatches(launch.size, json.loads(config.read_text()))
+    bad = shape_differences(QWEN2_5_SIZES[launch.model_size], launch.size)
     if bad:
-        return [f"MODEL_SIZE={launch.model_size} does not match {ckpt}/config.json:\n  " + "\n  ".join(bad)
-                + "\nPass the MODEL_SIZE this checkpoint was converted as."]
+        return [f"MODEL_SIZE={launch.model_size} does not match {launch.model_config}:\n  " + "\n  ".join(bad)
+                + "\nPass the MODEL_SIZE this checkpoint was converted as, or MODEL_SIZE=auto."]
     return []

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from megatron_patch import cpu_backend
 from megatron_patch.fused import grad_accumulation, linear_bias, optimizer_step, rope, swiglu
 from megatron_patch.fused.compile import triton_kernels_run_here
-from megatron_patch.patches import fp8_accumulation, megatron_fixes
+from megatron_patch.patches import fp8_accumulation, megatron_fixes, replica_check
 
 FIX, CPU, FUSED, RELIABILITY, LOGGING, OPTION = "fix", "cpu", "fused", "reliability", "logging", "option"
 MEGATRON_CORE = "megatron-core 0.19.2"
@@ -88,6 +88,15 @@ MANIFEST: tuple[Patch, ...] = (
         "when pretrain() takes allow_no_cuda (not in 0.19.2)",
         ("tests/integration/test_training.py::test_every_layout_trains_three_iterations_with_finite_loss",),
         cpu_backend.let_megatron_initialize_without_cuda),
+    Patch(
+        "cpu-no-jit-warmup", CPU,
+        ("megatron.training.initialize._warmup_jit_function",),
+        "pretrain() warms its fusions up on torch.rand(..., device='cuda') tensors sized by CP and TP; on the CPU "
+        "those draws come from the generator --use-cpu-initialization builds the weights from, so from random "
+        "weights CP2 built other weights than CP1 (and the fusions it warms are off on the CPU).",
+        "when megatron-core trains on the CPU (keep)",
+        ("tests/integration/test_context_parallel.py::test_context_parallel_matches_one_process",),
+        cpu_backend.skip_jit_warmup),
     Patch(
         "cpu-cuda-placement-onto-cpu", CPU,
         ("every torch call's device='cuda' / .cuda() / .to(cuda) / pin_memory / record_stream (a TorchFunctionMode)",
@@ -145,6 +154,17 @@ MANIFEST: tuple[Patch, ...] = (
         ("tests/integration/test_best_practice_commands.py::test_kill_9_and_relaunch_continues_exactly",),
         megatron_fixes.resume_torch_adam_step_in_distributed_optimizer,
         lambda args, device: not _distributed_optimizer_has_apex_or_te()),
+
+    Patch(
+        "weight-hash-check-across-context-parallel", FIX,
+        ("megatron.training.training.check_param_hashes_across_dp_replicas",),
+        f"{MEGATRON_CORE}'s --check-weight-hash-across-dp-replicas-interval compares hashes over the data-parallel "
+        "group alone, though context-parallel ranks hold the same replicas (their gradients are all-reduced over "
+        "data x context parallel): CP replicas that drifted apart went unseen.",
+        "when megatron-core's check gathers over the data- and context-parallel group",
+        ("tests/integration/test_context_parallel.py::test_the_replica_check_compares_context_parallel_ranks",
+         "tests/integration/test_context_parallel.py::test_context_parallel_ranks_hold_bit_identical_replicas"),
+        replica_check.install),
 
     # ---- reliability
     Patch(
@@ -320,6 +340,8 @@ def settle_args(args) -> list[str]:
     from megatron.core.tensor_parallel import layers
 
     changes = []
+    if getattr(args, "position_embedding_type", "rope") == "yarn":
+        changes += _unfused_rope_for_yarn(args)
     if args.apply_rope_fusion and _rope_slot_empty(args, None):
         args.apply_rope_fusion = False
         changes.append("--apply-rope-fusion off: no fused RoPE here (Transformer Engine's is absent"
@@ -338,6 +360,17 @@ def settle_args(args) -> list[str]:
                        + ("--plain-kernels leaves ours out" if args.plain_kernels
                           else "ours needs a GPU and torch >= 2.8"))
     return changes
+
+
+def _unfused_rope_for_yarn(args) -> list[str]:
+    """YaRN multiplies cos and sin by its attention factor: megatron-core's unfused RoPE does, the fused kernels
+    (ours, Transformer Engine's, the single-QKV one) do not (its packed-sequence kernel would drop it silently)."""
+    args.apply_rope_fusion = False  # megatron-core's validate_args turns it off for any non-'rope' type too
+    args.fused_single_qkv_rope = False
+    if args.plain_kernels:
+        return []
+    return ["RoPE unfused for YaRN (--apply-rope-fusion and --fused-single-qkv-rope off): the fused RoPE kernels "
+            "leave out YaRN's attention scaling of cos and sin, which megatron-core's unfused RoPE applies"]
 
 
 def _fused_single_qkv_rope_fits(args) -> bool:

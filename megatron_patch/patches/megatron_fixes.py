@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from megatron_patch.harness.iteration_log import qwen_iteration_line
+
 
 def skip_dataset_helper_compilation() -> None:
     """The wheel ships the compiled dataset helpers (helpers_cpp) but no Makefile, so Megatron's
@@ -77,15 +79,16 @@ def _log_tokens_and_memory(training, iteration: int) -> None:
         return
     tokens = (iteration - last_iteration) * args.global_batch_size * args.seq_length
     tokens_per_gpu = tokens / (now - last_time) / args.world_size
-    line = f" [qwen] iteration {iteration:8d} | tokens/s/GPU: {tokens_per_gpu:,.0f}"
     if torch.cuda.is_available():
         gib = 1024 ** 3
-        line += (f" | memory allocated/peak/reserved (GiB): {torch.cuda.memory_allocated() / gib:.2f}/"
-                 f"{torch.cuda.max_memory_allocated() / gib:.2f}/{torch.cuda.memory_reserved() / gib:.2f}")
+        memory = (torch.cuda.memory_allocated() / gib, torch.cuda.max_memory_allocated() / gib,
+                  torch.cuda.memory_reserved() / gib)
+        line = qwen_iteration_line(iteration, tokens_per_gpu, gpu_memory_gib=memory)
     else:
         import resource
 
-        line += f" | host peak RSS (GiB): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2:.2f}"
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+        line = qwen_iteration_line(iteration, tokens_per_gpu, host_peak_rss_gib=rss)
     writer = training.get_tensorboard_writer()
     if writer:
         writer.add_scalar("tokens-per-second-per-gpu", tokens_per_gpu, iteration)
@@ -141,7 +144,7 @@ def resume_torch_adam_step_in_distributed_optimizer() -> None:
 
 class _AtomicTrackerStorage:
     """megatron.training.checkpointing's `maybe_msc` (local files or the multi-storage client), except that
-    writing the tracker goes through checkpoint_state.atomic_write_text."""
+    writing the tracker goes through checkpoint_state.write_tracker (replaced whole)."""
 
     def __init__(self, storage):
         self._storage = storage
@@ -174,9 +177,9 @@ class _AtomicTextFile:
 
     def __exit__(self, exc_type, *exc):
         if exc_type is None:
-            from megatron_patch.checkpoint_state import atomic_write_text
+            from megatron_patch.checkpoint_state import write_tracker
 
-            atomic_write_text(self.path, "".join(self.parts))
+            write_tracker(self.path, "".join(self.parts))
         return False
 
 

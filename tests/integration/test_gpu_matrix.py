@@ -1,6 +1,7 @@
-"""benchmarks/gpu_matrix.py on the CPU: the matrix covers every launcher value and knob; every row the CPU lacks
-something for is refused by run_mcore_qwen.sh before torchrun with its own message (and every other row is
-accepted); the CPU-runnable rows that no other test trains agree with their reference (tiny, fp32, gloo); the
+"""The GPU matrix (benchmarks/gpu_matrix_rows.yaml, run by megatron_patch/harness/matrix.py) on the CPU: the rows
+cover every launcher value and knob; every row the CPU lacks something for is refused by run_mcore_qwen.sh before
+torchrun with its own message (and every other row is accepted); the CPU-runnable rows that no other test trains
+pass the matrix's own check against their reference (every iteration, loss and grad norm; tiny, fp32, gloo); the
 state file makes the matrix resumable by row and the doc says what each row needs.
 
 Trained here: a checkpoint saved at TP2 continued at TP1 PP2 (against TP1 PP1), and PP2 with virtual stages once the
@@ -14,36 +15,34 @@ from __future__ import annotations
 import json
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from training_utils import REPO_ROOT  # noqa: E402
-
-import gpu_matrix  # noqa: E402
-from gpu_matrix import SETTINGS, Matrix, matrix_rows, missing_for  # noqa: E402
-
-from megatron_patch.launch.arguments import POSITIONAL  # noqa: E402
-from megatron_patch.model_sizes import get_size  # noqa: E402
+from megatron_patch.harness.launcher_runs import SCRIPT
+from megatron_patch.harness.matrix import Matrix, missing_for, save_state
+from megatron_patch.harness.matrix_assets import Assets
+from megatron_patch.harness.matrix_doc import write_doc
+from megatron_patch.harness.matrix_table import check_row, matrix_rows, settings_table, tolerance
+from megatron_patch.launch.arguments import POSITIONAL
+from megatron_patch.model_sizes import get_size
 
 pytestmark = pytest.mark.timeout(900)
 
-CPU = SETTINGS["cpu"]
-FP32_CPU_TOLERANCE = gpu_matrix.tolerance("fp32", "fp32", on_gpu=False)
+CPU = settings_table()["cpu"]
 
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory, gpu_matrix_cpu_assets, converted_tiny) -> Matrix:
     work = tmp_path_factory.mktemp("gpu_matrix_work")
-    return Matrix(CPU, gpu_matrix_cpu_assets, work, work / "state.json",
-                  checkpoint=converted_tiny, variant="cpu")
+    return Matrix(CPU, gpu_matrix_cpu_assets, work, work / "state.json", checkpoint=converted_tiny, variant="cpu",
+                  golden_path=work / "golden.json")
 
 
 # ---- the matrix itself ----
 
 
 def test_rows_cover_every_launcher_value_and_knob():
-    rows = matrix_rows(SETTINGS["gpu"])
+    rows = matrix_rows(settings_table()["gpu"])
     seen: dict[str, set[str]] = {}
     for row in rows:
         for key, value in {**row.args, **row.env}.items():
@@ -54,23 +53,25 @@ def test_rows_cover_every_launcher_value_and_knob():
     assert {"2"} == seen["TP"] == seen["PP"] == seen["CP"]
     assert {"true"} == seen["SP"] == seen["DO"] == seen["FL"] == seen["SFT"]
     assert {"tensorwise", "blockwise", "mxfp8"} == seen["MP_FP8_RECIPE"]  # delayed is pr-fp8's default
-    for knob in ("MP_DATASET_TYPE", "MP_AC_LAYERS", "MP_AC_METHOD", "MP_VP", "MP_SFT_PACKING", "MP_FUSED_KERNELS", "MP_CUDA_GRAPH"):
+    for knob in ("MP_DATASET_TYPE", "MP_AC_LAYERS", "MP_AC_METHOD", "MP_VP", "MP_SFT_PACKING", "MP_FUSED_KERNELS",
+                 "MP_CUDA_GRAPH"):
         assert knob in seen, knob
     assert set(seen) <= set(POSITIONAL) | {k for k in seen if k.startswith("MP_")}
     names = {row.name for row in rows}
     assert {"dp2", "dp2-do", "dlc-2x1", "resume-tp1pp2", "sft-idxmap", "sft-raw", "sft-packed"} <= names
+    assert matrix_rows(CPU)[0].name == "base" and "pr-bf16" in {r.name for r in matrix_rows(CPU)} - names
     for row in rows:  # every reference is a row, of the same kind of data
-        if row.reference:
-            assert row.reference in names and matrix_rows(CPU)[0].name == "base"
-            assert row.sft == next(r for r in rows if r.name == row.reference).sft, row.name
+        assert row.golden_name in names and row.first_iteration_of in (None, "base"), row.name
+        assert row.sft == next(r for r in rows if r.name == row.golden_name).sft, row.name
     dlc = next(r for r in rows if r.name == "dlc-2x1")
     assert dlc.nodes == 2 and dlc.reference == "dp2"
+    assert {r.name for r in rows if r.first_replayed} == {"cuda-graph", "sft-packed-cuda-graph"}
 
 
 def test_tolerances_widen_with_the_coarser_precision():
-    assert gpu_matrix.tolerance("fp32", "fp32", on_gpu=False) == 1e-5
-    assert gpu_matrix.tolerance("bf16", "bf16", on_gpu=True) == gpu_matrix.tolerance("fp32", "bf16", on_gpu=True)
-    assert gpu_matrix.tolerance("fp8", "bf16", on_gpu=True) > gpu_matrix.tolerance("bf16", "bf16", on_gpu=True)
+    assert tolerance("fp32", "fp32", on_gpu=False).loss == 1e-5
+    assert tolerance("bf16", "bf16", on_gpu=True) == tolerance("fp32", "bf16", on_gpu=True)
+    assert tolerance("fp8", "bf16", on_gpu=True).loss > tolerance("bf16", "bf16", on_gpu=True).loss
 
 
 # ---- refusals: what the CPU lacks, named by the launcher before torchrun ----
@@ -83,7 +84,7 @@ def dry_run(matrix: Matrix, row) -> subprocess.CompletedProcess:
     if row.nodes > 1:
         extra.update(WORLD_SIZE=str(row.nodes), RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999",
                      KUBERNETES_CONTAINER_RESOURCE_GPU=str(row.gpus // row.nodes))
-    return subprocess.run(["sh", str(gpu_matrix.SCRIPT), *args], env=matrix.launcher_env(row, extra),
+    return subprocess.run(["sh", str(SCRIPT), *args], env=matrix.launcher_env(row, extra),
                           capture_output=True, text=True, timeout=120)
 
 
@@ -123,13 +124,15 @@ def test_a_refused_row_is_recorded_with_the_launchers_message(matrix):
 # ---- training: the CPU-runnable rows no other test trains ----
 
 
-def assert_agrees(result: dict, reference: dict, tolerance: float) -> None:
-    """Same losses at every iteration (same weights, data and optimizer: not only the first), and falling."""
+def assert_agrees(result: dict, reference: dict, name: str) -> None:
+    """The matrix's own check with the reference run here as the golden values: the same loss and grad norm at
+    every iteration (same weights, data and optimizer: not only the first), and falling."""
     assert result["status"] == "ok" and reference["status"] == "ok", (result, reference)
     assert sorted(result["losses"], key=int) == [str(i) for i in range(1, CPU.iterations + 1)]
-    assert result["losses"][str(CPU.iterations)] < result["losses"]["1"], result["losses"]
-    for it, loss in result["losses"].items():
-        assert abs(loss - reference["losses"][it]) <= tolerance, (it, result["losses"], reference["losses"])
+    assert sorted(result["grad_norms"], key=int) == sorted(result["losses"], key=int), result
+    row = matrix_rows(CPU)[[r.name for r in matrix_rows(CPU)].index(name)]
+    deviation, problems = check_row(row, result, {row.golden_name: reference}, on_gpu=False)
+    assert not problems and deviation.iterations == list(range(1, CPU.iterations + 1)), (problems, result, reference)
 
 
 def test_resumed_in_another_layout_agrees_with_the_simplest(matrix, layout_runs):
@@ -139,7 +142,7 @@ def test_resumed_in_another_layout_agrees_with_the_simplest(matrix, layout_runs)
     matrix.saved_checkpoints["tp2"] = saved
     with ThreadPoolExecutor(max_workers=2) as pool:  # both at once: much of a launch is single-threaded start-up
         resumed, reference = pool.map(matrix.run_row, (matrix.rows["resume-tp1pp2"], matrix.rows["resume-tp1pp1"]))
-    assert_agrees(resumed, reference, FP32_CPU_TOLERANCE)
+    assert_agrees(resumed, reference, "resume-tp1pp2")
     for name in ("resume-tp1pp2", "resume-tp1pp1"):  # both loaded the TP2 run's last iteration
         log = (matrix.out_dir(matrix.rows[name]) / "launcher.log").read_text()
         assert f"successfully loaded checkpoint from {saved} " in log, name
@@ -152,40 +155,46 @@ def test_sft_over_two_processes_agrees_with_one(matrix):
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = dict(zip(names, pool.map(matrix.run_row, [matrix.rows[name] for name in names])))
     for name in ("sft-packed-tp2", "sft-packed-dp2", "sft-idxmap-tp2"):
-        assert_agrees(results[name], results[matrix.rows[name].reference], FP32_CPU_TOLERANCE)
+        assert_agrees(results[name], results[matrix.rows[name].reference], name)
 
 
 @pytest.mark.xfail(not VP_FITS_TINY, strict=True, reason="tiny has 2 layers; PP=2 x two virtual stages needs 4")
 def test_virtual_pipeline_agrees_with_one_process(matrix):
     result = matrix.run_row(matrix.rows["pp2-vp2"])
     assert result["status"] == "ok", result
-    assert_agrees(result, matrix.ensure("base"), FP32_CPU_TOLERANCE)
+    assert_agrees(result, matrix.run_row(matrix.rows["base"]), "pp2-vp2")
 
 
 # ---- resumable by row; the doc ----
 
 
 def test_rows_done_are_skipped_and_the_doc_says_what_each_needs(tmp_path, monkeypatch):
-    state = tmp_path / "state.json"
-    done = dict(status="ok", losses={"1": 11.93, "2": 11.5, "3": 11.0}, tokens_per_s_per_gpu=1000, peak_gib=None,
-                device="CPU", te="none", date="2026-11-30", precision="fp32", command="sh run_mcore_qwen.sh ...")
-    gpu_matrix.save_state({"rows": {"cpu/base": done, "cpu/ac-sel": dict(done, losses={"1": 11.95, "2": 11.96,
-                                                                                   "3": 11.97})},
-                           "settings": {}, "checkpoint": {}, "calls": []}, state)
-    matrix = Matrix(CPU, gpu_matrix.Assets(tmp_path), tmp_path, state, checkpoint=tmp_path, variant="cpu")
+    state, golden = tmp_path / "state.json", tmp_path / "golden.json"
+    done = dict(status="ok", losses={"1": 11.93, "2": 11.5, "3": 11.0}, grad_norms={"1": 5.0, "2": 4.0, "3": 3.0},
+                tokens_per_s_per_gpu=1000, peak_gib=None, device="CPU", te="none", date="2026-11-30",
+                precision="fp32", command="sh run_mcore_qwen.sh ...")
+    stalled = dict(done, losses={"1": 11.93, "2": 11.96, "3": 11.97})
+    before_grad_norms = {k: v for k, v in done.items() if k != "grad_norms"}  # a result recorded before 2026-12-07
+    save_state({"rows": {"cpu/base": done, "cpu/ac-sel": stalled, "cpu/ac-full": before_grad_norms},
+                "settings": {}, "checkpoint": {}, "calls": []}, state)
+    golden.write_text(json.dumps({"cpu": {"base": done}}))
+    matrix = Matrix(CPU, Assets(tmp_path), tmp_path, state, checkpoint=tmp_path, variant="cpu", golden_path=golden)
     ran = []
-    monkeypatch.setattr(matrix, "run_row", lambda row: ran.append(row.name) or {})
-    doc = tmp_path / "doc.md"
-    matrix.run(matrix.select("base,ac-*,tp2-pp2"), budget_s=600, redo=False, copy_to=tmp_path / "out", doc=doc)
-    assert ran == ["ac-full", "ac-full-block", "ac-offload"]  # base and ac-sel are done; tp2-pp2 needs 4 processes
-    text = doc.read_text()
-    assert (tmp_path / "out" / "doc.md").read_text() == text and (tmp_path / "out" / "state.json").is_file()
-    cpu_table = text[text.index("## CPU"):].splitlines()
-    line = next(line for line in cpu_table if line.startswith("| `ac-sel`"))
-    assert "loss did not fall" in line and "+2.0e-02 (tol 1e-05)" in line and "beyond 1e-05" in line
-    assert "| ok |" in next(line for line in cpu_table if line.startswith("| `base`"))
-    assert "| 4 | | | planned, needs 4 GPUs |" in next(line for line in cpu_table if "`tp2-pp2`" in line)
-    assert "| 1 | | | planned, needs 1 GPU, TE |" in next(line for line in cpu_table if "`pr-fp8`" in line)
+    monkeypatch.setattr(matrix, "run_row", lambda row, gpus: ran.append(row.name) or {})
+    matrix.run(matrix.select("base,ac-*,tp2-pp2"), budget_s=600)
+    assert ran == ["ac-full-block", "ac-offload"]  # base, ac-sel, ac-full are done; tp2-pp2 needs 4 processes
+    write_doc(json.loads(state.read_text()), json.loads(golden.read_text()), tmp_path / "doc.md", CPU)
+    cpu_table = (tmp_path / "doc.md").read_text().split("## CPU")[1].splitlines()
+
+    def line(name: str) -> str:
+        return next(line for line in cpu_table if line.startswith(f"| `{name}`"))
+
+    assert "loss did not fall" in line("ac-sel") and "+9.7e-01 at it. 3 (tol 1e-05; vs `base`)" in line("ac-sel")
+    assert "loss at iteration 3 +9.70e-01 from the golden values, beyond 1e-05" in line("ac-sel")
+    assert "| ok |" in line("base") and "golden values (this run)" in line("base")
+    assert "re-run (losses only" in line("ac-full") and "| not recorded |" in line("ac-full")
+    assert "| 4 | | | planned, needs 4 GPUs |" in line("tp2-pp2")
+    assert "| 1 | | | planned, needs 1 GPU, TE |" in line("pr-fp8")
     with pytest.raises(SystemExit, match="--rows nope matches no row"):
         matrix.select("base,nope")
 
@@ -194,8 +203,8 @@ def test_rows_run_concurrently_on_the_least_busy_gpus_and_a_resume_waits_for_its
     import threading
     import time
 
-    matrix = Matrix(CPU, gpu_matrix.Assets(tmp_path), tmp_path, tmp_path / "state.json", checkpoint=tmp_path,
-                    variant="cpu")
+    matrix = Matrix(CPU, Assets(tmp_path), tmp_path, tmp_path / "state.json", checkpoint=tmp_path, variant="cpu",
+                    golden_path=tmp_path / "golden.json")
     monkeypatch.setattr(matrix, "processes_available", lambda: 2)
     lock = threading.Lock()
     busy: dict[int, int] = {0: 0, 1: 0}
@@ -203,8 +212,12 @@ def test_rows_run_concurrently_on_the_least_busy_gpus_and_a_resume_waits_for_its
     started: list[tuple[str, list[int]]] = []
     saved_when: dict[str, float] = {}
 
+    ended: dict[str, float] = {}
+
     def fake_run_row(row, gpus):
         with lock:
+            if row.reference:  # the golden values it is checked against are written by its reference's run
+                assert row.reference in ended, f"{row.name} started before {row.reference} ended"
             started.append((row.name, gpus))
             for gpu in gpus:
                 busy[gpu] += 1
@@ -218,13 +231,16 @@ def test_rows_run_concurrently_on_the_least_busy_gpus_and_a_resume_waits_for_its
         if row.saves:
             matrix.saved_checkpoints[row.name] = tmp_path / row.name
             saved_when[row.name] = time.time()
-        return matrix.record(row, dict(status="ok", losses={"1": 11.9, "2": 11.0}, command="", seconds=0.3))
+        result = matrix.record(row, dict(status="ok", losses={"1": 11.9, "2": 11.0}, command="", seconds=0.3))
+        ended[row.name] = time.time()
+        return result
 
     monkeypatch.setattr(matrix, "run_row", fake_run_row)
     rows = matrix.select("base,ac-sel,ac-full,fl-true,tp2,resume-tp1pp2,tp2-pp2")
-    matrix.run_concurrently(rows, jobs=4, budget_s=600, redo=False, copy_to=None, doc=tmp_path / "doc.md")
+    matrix.run(rows, budget_s=600, jobs=4)
     names = [name for name, _ in started]
-    # tp2-pp2 needs 4 GPUs: planned; resume-tp1pp2's reference resume-tp1pp1 is run too, after tp2 saved.
+    # tp2-pp2 needs 4 GPUs: planned; resume-tp1pp2's reference resume-tp1pp1 has no golden values: run too, after
+    # tp2 saved, and its result written as its golden values.
     assert sorted(names) == sorted(["base", "ac-sel", "ac-full", "fl-true", "tp2", "resume-tp1pp1",
                                     "resume-tp1pp2"])
     assert max(most_busy.values()) <= 2 and min(most_busy.values()) >= 1  # 4 jobs on 2 GPUs: 2 per GPU at most
@@ -232,3 +248,4 @@ def test_rows_run_concurrently_on_the_least_busy_gpus_and_a_resume_waits_for_its
     state = json.loads((tmp_path / "state.json").read_text())
     assert {k for k, v in state["rows"].items() if v["status"] == "ok"} == {f"cpu/{n}" for n in names}
     assert "rows_sharing_its_gpus" in state["rows"]["cpu/ac-sel"]
+    assert sorted(json.loads((tmp_path / "golden.json").read_text())["cpu"]) == ["base", "resume-tp1pp1"]

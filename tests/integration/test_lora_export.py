@@ -14,7 +14,8 @@ import torch
 from test_converted_checkpoint_eval import QUESTIONS, RUN_EVAL, continuation_loglikelihood, run, write_cmmlu_layout
 from test_convertor import RUN_8X, logit_check, safetensors_dict
 from test_lora_training import file_digests
-from training_utils import REPO_ROOT, clean_env, run_tool
+from megatron_patch.harness.launcher_runs import clean_environ, launcher_argv, start_launcher, wait_launchers
+from training_utils import REPO_ROOT, run_tool
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -33,8 +34,6 @@ def export(ckpt, hf_dir, out, *flags: str) -> float:
 @pytest.fixture(scope="module")
 def lora_sft_run(converted_tiny, tiny_hf_checkpoint, default_tokenizer_dir, tmp_path_factory) -> dict:
     """The best practice's fine-tuning command on the tiny model with MP_LORA_RANK=8, then both exports."""
-    import subprocess
-
     root = tmp_path_factory.mktemp("lora_sft")
     records = [{"instruction": f"第{i}个问题：{i} 加 {i} 等于几？", "output": f"{i} 加 {i} 等于 {2 * i}。"}
                for i in range(48)]
@@ -42,19 +41,21 @@ def lora_sft_run(converted_tiny, tiny_hf_checkpoint, default_tokenizer_dir, tmp_
         (root / f"{split}.json").write_text(json.dumps(part, ensure_ascii=False), encoding="utf-8")
     out = root / "output"
     before = file_digests(converted_tiny)
-    args = ["dsw", "tiny", "1", "4", "1e-3", "1e-4", "128", "128", "fp32", "1", "1", "1", "false", "false", "false",
-            "true", "false", "false", str(ITERATIONS), root / "train.json", root / "valid.json", converted_tiny,
-            str(ITERATIONS), "1", out]
-    env = clean_env(MP_DATASET_TYPE="raw", MP_TOKENIZER_PATH=str(default_tokenizer_dir), MP_LORA_RANK="8",
-                    MP_LORA_ALPHA="16")
-    proc = subprocess.run(["sh", str(REPO_ROOT / "examples/qwen2_5/run_mcore_qwen.sh"), *map(str, args)], cwd=root,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    args = launcher_argv(iterations=ITERATIONS, warmup_iterations=1, MODEL_SIZE="tiny", BATCH_SIZE=1,
+                         GLOBAL_BATCH_SIZE=4, LR=1e-3, MIN_LR=1e-4, SEQ_LEN=128, PR="fp32", SFT=True,
+                         SAVE_INTERVAL=ITERATIONS, DATASET_PATH=root / "train.json",
+                         VALID_DATASET_PATH=root / "valid.json", PRETRAIN_CHECKPOINT_PATH=converted_tiny,
+                         OUTPUT_BASEPATH=out)
+    env = clean_environ(MP_DATASET_TYPE="raw", MP_TOKENIZER_PATH=str(default_tokenizer_dir), MP_LORA_RANK="8",
+                        MP_LORA_ALPHA="16")
+    proc = start_launcher(args, env, root / "launcher.log")
+    (launched,) = wait_launchers([proc], [root / "launcher.log"], None, 600)
+    assert launched.returncode == 0, launched.output[-4000:]
     (ckpt,) = (out / "checkpoint").iterdir()
     adapter, merged = root / "adapter", root / "merged"
     differences = {"adapter": export(ckpt, tiny_hf_checkpoint, adapter),
                    "merged": export(ckpt, tiny_hf_checkpoint, merged, "--merge-lora")}
-    return dict(ckpt=ckpt, log=proc.stdout + proc.stderr, adapter=adapter, merged=merged, differences=differences,
+    return dict(ckpt=ckpt, log=launched.output, adapter=adapter, merged=merged, differences=differences,
                 base_digests=(before, file_digests(converted_tiny)))
 
 

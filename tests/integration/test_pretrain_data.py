@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from megatron_patch.data.pretrain_preprocess import preprocess_pretrain_corpus
 from megatron_patch.data.records import InputError
@@ -236,6 +237,119 @@ def test_an_unwritable_output_folder_gives_one_message(tmp_path, default_tokeniz
     assert sorted(os.listdir(folder)) == before
 
 
+# ---- compressed inputs, folders, upstream's flags ----
+
+
+def synthetic_jsonl(count: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    words = ["数据", "模型", "training", "token", "Megatron", "并行", "loss", "。", "\n"]
+    return [json.dumps({"text": " ".join(rng.choice(words, 40)), "title": f"t{i}"}, ensure_ascii=False)
+            for i in range(count)]
+
+
+def test_a_folder_of_zst_and_gz_pieces_gives_the_plain_jsonls_idxmap(tmp_path, default_tokenizer_dir, preprocess_main,
+                                                                      capsys):
+    import gzip
+
+    import zstandard
+
+    lines = synthetic_jsonl(300)
+    plain = write_lines(tmp_path / "all.jsonl", lines)
+    pieces = tmp_path / "cleaned_zst"
+    pieces.mkdir()
+    for k in range(3):  # upstream's recipe: split -l, then zstd each piece
+        data = ("\n".join(lines[100 * k : 100 * (k + 1)]) + "\n").encode()
+        compressed = gzip.compress(data) if k == 1 else zstandard.ZstdCompressor().compress(data)
+        (pieces / f"{k:02d}.jsonl{'.gz' if k == 1 else '.zst'}").write_bytes(compressed)
+    (pieces / "README.md").write_text("not data")
+    (pieces / ".hidden.jsonl").write_text("{")
+    from_plain, _ = preprocess_pretrain_corpus([plain], tmp_path / "plain", default_tokenizer_dir, show_progress=False)
+    assert preprocess_main(["--input", str(pieces), "--output-prefix", str(tmp_path / "pieces"), "--tokenizer",
+                            str(default_tokenizer_dir), "--no-progress"]) == 0
+    assert f"note: left out 1 file(s) of another kind in the input folder(s): {pieces / 'README.md'}" in \
+        capsys.readouterr().err
+    for suffix in (".bin", ".idx"):  # byte for byte, the .idx's stamp included
+        assert Path(from_plain + suffix).read_bytes() == (tmp_path / f"pieces_text_document{suffix}").read_bytes()
+
+
+def test_damaged_compressed_inputs_and_empty_folders_are_refused(tmp_path, default_tokenizer_dir):
+    import zstandard
+
+    compressed = zstandard.ZstdCompressor().compress(("\n".join(synthetic_jsonl(2000)) + "\n").encode())
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(compressed[: len(compressed) // 2])
+    with pytest.raises(InputError, match=rf"^error: {cut}: the compressed data is damaged \(the file ends inside a "
+                                         rf"zstd frame: it was cut short\)\. Compress the file again, or leave it out\."):
+        preprocess_pretrain_corpus([cut], tmp_path / "c", default_tokenizer_dir, show_progress=False)
+    assert leftovers(tmp_path) == []
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.md").write_text("x")
+    with pytest.raises(InputError, match=rf"^error: {tmp_path / 'empty'} holds no input file \(names ending in "
+                                         rf"\.jsonl, \.ndjson, \.json, \.txt, \.text, optionally followed by \.gz or "
+                                         rf"\.zst\); check --input\."):
+        preprocess_pretrain_corpus([tmp_path / "empty"], tmp_path / "c", default_tokenizer_dir, show_progress=False)
+    with pytest.raises(InputError, match=rf"^error: {tmp_path / 'nowhere'}: no such file or folder; check --input\."):
+        preprocess_pretrain_corpus([tmp_path / "nowhere"], tmp_path / "c", default_tokenizer_dir, show_progress=False)
+
+
+def test_a_zst_file_without_the_zstandard_package_says_how_to_get_it(tmp_path, default_tokenizer_dir, monkeypatch):
+    path = tmp_path / "a.jsonl.zst"
+    path.write_bytes(b"\x28\xb5\x2f\xfd")
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # import zstandard raises ImportError
+    with pytest.raises(InputError, match=rf"^error: {path} is zstd-compressed, and the zstandard package is not "
+                                         rf"installed\. Install it \(pip install zstandard\)"):
+        preprocess_pretrain_corpus([path], tmp_path / "z", default_tokenizer_dir, show_progress=False)
+
+
+def test_upstreams_flags_are_accepted(tmp_path, default_tokenizer_dir, preprocess_main, capsys):
+    corpus = write_lines(tmp_path / "c.jsonl", synthetic_jsonl(20))
+    # preprocess_data_megatron.py's flags as upstream's script passes them, and --json-keys with two fields.
+    assert preprocess_main(["--input", str(corpus), "--output-prefix", str(tmp_path / "mmap_qwen2_datasets"),
+                            "--patch-tokenizer-type", "Qwen2Tokenizer", "--json-keys", "text", "title",
+                            "--load", str(default_tokenizer_dir), "--workers", "1", "--partitions", "2",
+                            "--keep-sequential-samples", "--append-eod", "--seq-length", "2048",
+                            "--no-progress"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [
+        "note: --partitions 2 changes nothing here: one pass reads the inputs in order and --workers sets the "
+        "parallelism.",
+        "note: --keep-sequential-samples changes nothing here: documents are always written in input order.",
+        "note: --seq-length 2048 changes nothing here: pre-training documents are not cut at preprocessing."]
+    titles = read_idxmap(str(tmp_path / "mmap_qwen2_datasets_title_document"))
+    assert len(read_idxmap(str(tmp_path / "mmap_qwen2_datasets_text_document"))) == len(titles) == 20
+
+
+def test_workers_auto_starts_a_process_per_core_but_none_for_a_small_input(tmp_path, monkeypatch):
+    from megatron_patch.data import parallel
+
+    corpus = write_lines(tmp_path / "c.jsonl", synthetic_jsonl(50))
+    (tmp_path / "pieces").mkdir()
+    (tmp_path / "pieces" / "00.jsonl.zst").write_bytes(b"x" * 3000)
+    assert parallel.auto_workers([corpus, tmp_path / "pieces"]) == 1
+    monkeypatch.setattr(parallel, "AUTO_BYTES_PER_WORKER", 3000)  # compressed bytes count four times
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 64)
+    assert parallel.auto_workers([tmp_path / "pieces"]) == 4
+    assert parallel.auto_workers([corpus, tmp_path / "pieces"]) == 4 + corpus.stat().st_size // 3000
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 2)
+    assert parallel.auto_workers([corpus, tmp_path / "pieces"]) == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--workers", "0"], "argument --workers: must be at least 1"),
+    (["--workers", "many"], "argument --workers: expected a number or auto, got 'many'"),
+    (["--patch-tokenizer-type", "LLama3Tokenizer"], "--patch-tokenizer-type LLama3Tokenizer: these tools write "
+                                                    "Qwen2.5 data; pass Qwen2Tokenizer"),
+    (["--split-sentences"], "--split-sentences is not supported: every document is written whole"),
+    (["--load", "/elsewhere"], "--load /elsewhere and --tokenizer "),
+])
+def test_upstream_flags_that_cannot_be_honoured_are_refused(tmp_path, default_tokenizer_dir, preprocess_main,
+                                                            capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_:
+        preprocess_main(["--input", "x.jsonl", "--output-prefix", str(tmp_path / "o"), "--tokenizer",
+                         str(default_tokenizer_dir), *flags])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 # ---- the datasets training builds: megatron's GPTDataset from the entrypoint's own arguments ----
 
 
@@ -268,17 +382,37 @@ def training_datasets(monkeypatch, tokenizer_dir, flags: list[str], num_samples:
 
 
 def test_training_builds_a_split_blend(tmp_path, small_idxmaps, default_tokenizer_dir, monkeypatch):
+    from data_files import assert_drawn_by_weight
+    from megatron_patch.data import providers
+
     train_prefix, other = small_idxmaps
     train, valid, test = training_datasets(
         monkeypatch, default_tokenizer_dir, ["--data-path", "0.7", train_prefix, "0.3", other, "--split", "90,10,0",
                                              "--seq-length", "64", "--data-cache-path", str(tmp_path / "cache")],
         [200, 20, 0])
     assert test is None and len(train) == 200 and len(valid) == 20
+    assert [d.dataset_path for d in train.datasets] == [train_prefix, other]
+    assert_drawn_by_weight(train.dataset_index, [0.7, 0.3])
+    assert_drawn_by_weight(valid.dataset_index, [0.7, 0.3])
     for item in (train[0], train[199], valid[5]):
         assert {"tokens", "labels", "loss_mask", "position_ids"} <= set(item) and "attention_mask" not in item
         assert item["tokens"].shape == item["labels"].shape == (64,)
         assert item["labels"][:-1].tolist() == item["tokens"][1:].tolist()
         assert int(item["tokens"].max()) < 151665
+    # The batch the model gets: a blend's items also carry a dataset id, which has no sequence dimension for a
+    # context-parallel split to cut along.
+    assert "dataset_id" in train[0]
+    monkeypatch.setattr(providers.mpu, "get_context_parallel_world_size", lambda: 1)
+    batch = providers.get_batch(iter([torch.utils.data.default_collate([train[0], train[1]])]))
+    assert sorted(batch) == ["labels", "loss_mask", "position_ids", "tokens"]
+
+
+def test_training_refuses_a_blend_weight_that_is_not_positive(small_idxmaps, default_tokenizer_dir, monkeypatch):
+    train_prefix, other = small_idxmaps
+    with pytest.raises(UserError, match=rf"^error: --data-path: the weight '-0.3' of {other} must be a positive "
+                                        rf"number; a blend is 'W1 P1 W2 P2 \.\.\.'"):
+        training_datasets(monkeypatch, default_tokenizer_dir,
+                          ["--data-path", "0.7", train_prefix, "-0.3", other, "--seq-length", "64"], [20, 2, 0])
 
 
 def test_training_builds_a_separate_validation_set(tmp_path, small_idxmaps, default_tokenizer_dir, monkeypatch):
@@ -315,3 +449,25 @@ def test_training_refuses_a_split_that_gets_no_document_instead_of_hanging(tmp_p
                                         rf"its validation split none\. Give it more documents \(at least 51"):
         training_datasets(monkeypatch, default_tokenizer_dir, ["--data-path", prefix, "--split", "99,1,0",
                                                                "--seq-length", "4"], [8, 2, 0])
+
+
+@pytest.mark.parametrize("tool", ["pretrain", "sft"])
+def test_both_preprocessing_tools_stopped_by_ctrl_c_write_nothing(tool, tmp_path, default_tokenizer_dir):
+    """Ctrl-C once the first document is written: exit 130, one line, no .bin/.idx or temporary file. The
+    pre-training tool runs two tokenizer workers, which the SIGINT reaches too (a terminal sends it to the whole
+    foreground group); both tools share that pool (data/parallel.py), so the SFT tool runs in one process."""
+    from training_utils import run_stopped
+
+    records = [{"text": f"document {i} " * 20, "instruction": f"question {i}", "output": f"answer {i}"}
+               for i in range(400)]
+    data = write_lines(tmp_path / "records.jsonl", [json.dumps(r) for r in records])
+    out = tmp_path / "out"
+    out.mkdir()
+    script, extra = {"pretrain": (PREPROCESS, ["--workers", "2"]),
+                     "sft": (REPO_ROOT / "toolkits" / "sft_data_preprocessing" / "build_idxmap_sft_dataset.py",
+                             ["--seq-length", "64"])}[tool]
+    line = run_stopped([sys.executable, script, "--input", data, "--output-prefix", out / "x", "--tokenizer",
+                        default_tokenizer_dir, "--no-progress", *extra], "data:document-added", tmp_path)
+    assert line == ("stopped by SIGINT; no idxmap was written (one already at this output prefix is unchanged); "
+                    "run the same command again")
+    assert leftovers(out) == [] and not list(out.iterdir())

@@ -16,7 +16,13 @@ import torch
 from megatron_patch.data.records import InputError
 from megatron_patch.data.sft import SFTRecordError, build_sft_sample, plan_packing, record_to_messages
 from megatron_patch.data.sft_dataset import RawJSONSFTDataset, SFTIdxMapDataset
-from megatron_patch.data.sft_preprocess import build_sft_idxmap, label_prefix, meta_path, text_prefix
+from megatron_patch.data.sft_preprocess import (
+    build_sft_idxmap,
+    label_prefix,
+    meta_path,
+    read_sft_records,
+    text_prefix,
+)
 from megatron_patch.errors import UserError
 from megatron_patch.tokenizer import IM_END_TOKEN_ID, IM_START_TOKEN_ID, PAD_TOKEN_ID, load_tokenizer
 
@@ -366,3 +372,239 @@ def test_cli_on_a_real_alpaca_corpus(tmp_path, default_tokenizer_dir, tok):
     untruncated = {r["output"] + "<|im_end|>" for r in records}
     decoded = [tok.decode(text[i][labels[i] == 1]) for i in range(len(text))]
     assert sum(d in untruncated for d in decoded) == 200 - meta["truncated"]
+
+
+# ---- upstream's item forms, compressed inputs and flags ----
+
+COUNTING = [{"instruction": f"Count to {n}.", "input": "", "output": " ".join(map(str, range(1, n + 1)))}
+            for n in (2, 3, 4, 5, 6, 7)]
+
+
+def test_a_list_item_is_packed_together(tmp_path, default_tokenizer_dir, tok):
+    path = tmp_path / "groups.jsonl"
+    items = [COUNTING[0], COUNTING[1:4], COUNTING[4], [COUNTING[5]]]
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    stats = build_sft_idxmap(path, tmp_path / "g", default_tokenizer_dir, 160, show_progress=False)
+    assert (stats.samples, stats.rows) == (6, 4)
+    assert json.loads(Path(meta_path(tmp_path / "g")).read_text())["packed"]
+    # MP_SFT_PACKING=true trains the rows as grouped; without packing each sample is alone.
+    grouped = SFTIdxMapDataset(tmp_path / "g", 160, None, seed=0, packing=True)
+    assert sorted(grouped.rows) == [[0], [1, 2, 3], [4], [5]]
+    assert [int(grouped[i]["segment_ids"].max()) for i in range(4)].count(3) == 1  # three samples + padding
+    assert len(SFTIdxMapDataset(tmp_path / "g", 160, None, seed=0, packing=False)) == 6
+    # The raw JSON reader takes a list item's records one by one.
+    assert len(RawJSONSFTDataset(path, tok, 160, None, seed=0, packing=False)) == 6
+    # A group longer than a row goes on in the next row, in its order (upstream's builder does the same).
+    stats = build_sft_idxmap(path, tmp_path / "short", default_tokenizer_dir, 64, show_progress=False)
+    assert (stats.samples, stats.rows) == (6, 6)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps([COUNTING[0], {"instruction": "no answer"}]) + "\n" + json.dumps([]) + "\n")
+    with pytest.raises(InputError, match=rf"^error: {bad}:1: \[1\] of the list: no 'output': the record has no answer"):
+        build_sft_idxmap(bad, tmp_path / "b", default_tokenizer_dir, 64, show_progress=False)
+    with pytest.raises(InputError, match=rf"^error: {bad}: no SFT samples \(2 bad records skipped\)"):
+        build_sft_idxmap(bad, tmp_path / "b", default_tokenizer_dir, 64, skip_bad_lines=True, show_progress=False)
+    _, messages = read_sft_records(bad, skip_bad=True)
+    assert messages[1] == f"{bad}:2: expected a JSON object, or a list of them to pack together; got an empty list"
+
+
+def test_compressed_sft_files_and_folders_read_as_the_plain_files(tmp_path, default_tokenizer_dir):
+    import gzip
+
+    import zstandard
+
+    array, lines = write_sft_files(tmp_path)
+    folder = tmp_path / "pieces"
+    folder.mkdir()
+    (folder / "a.json.zst").write_bytes(zstandard.ZstdCompressor().compress(array.read_bytes()))
+    (folder / "b.jsonl.gz").write_bytes(gzip.compress(lines.read_bytes()))
+    build_sft_idxmap([array, lines], tmp_path / "plain", default_tokenizer_dir, 160, show_progress=False)
+    build_sft_idxmap(folder, tmp_path / "packed", default_tokenizer_dir, 160, show_progress=False)
+    for prefix in (text_prefix, label_prefix):
+        for suffix in (".bin", ".idx"):
+            assert Path(prefix(tmp_path / "plain") + suffix).read_bytes() == \
+                Path(prefix(tmp_path / "packed") + suffix).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def sft_main():
+    import runpy
+
+    return runpy.run_path(str(BUILD_SFT))["main"]
+
+
+def test_upstreams_sft_flags(tmp_path, default_tokenizer_dir, sft_main, capsys):
+    array, _ = write_sft_files(tmp_path)
+    # The flags upstream's run_build_idxmap_sft_dataset.sh passes, plus two more upstream spellings.
+    assert sft_main(["--input", str(array), "--output-prefix", str(tmp_path / "mmap_qwen2_sft_datasets"),
+                     "--patch-tokenizer-type", "Qwen2Tokenizer", "--load", str(default_tokenizer_dir),
+                     "--seq-length", "160", "--workers", "1", "--partitions", "1", "--sequence-packing",
+                     "--append-eod", "--json-keys", "text", "--no-progress"]) == 0
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")] == [
+        "note: --partitions 1 changes nothing here: one pass reads the inputs in order and --workers sets the "
+        "parallelism.",
+        "note: --append-eod changes nothing here: every answer already ends with <|im_end|>."]
+    assert json.loads(Path(meta_path(tmp_path / "mmap_qwen2_sft_datasets")).read_text())["packed"]
+    with pytest.raises(SystemExit):
+        sft_main(["--input", str(array), "--output-prefix", str(tmp_path / "x"), "--load", str(default_tokenizer_dir),
+                  "--seq-length", "160", "--json-keys", "content"])
+    assert "--json-keys content: the SFT builder writes PREFIX_text_document" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sft_main(["--input", str(array), "--output-prefix", str(tmp_path / "x"), "--seq-length", "160"])
+    assert "error: --tokenizer (or --load) is required" in capsys.readouterr().err
+
+
+# ---- SFT idxmaps built by Pai-Megatron-Patch's own builder ----
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_an_upstream_sft_idxmap_trains_by_its_own_labels(tmp_path, tok, packing):
+    from data_files import write_upstream_sft_idxmap
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_patch.data.sft_dataset import open_sft_idxmap
+
+    items = [COUNTING[0], COUNTING[1:3], COUNTING[3], COUNTING[4:]]
+    prefix = write_upstream_sft_idxmap(tmp_path / "mmap_qwen2_sft_datasets_text_document", items, tok, 160)
+    written = IndexedDataset(prefix)  # held: megatron unmaps the file when the dataset goes
+    upstream = np.stack([written[i] for i in range(len(written))])  # [rows, 2 x 160]: tokens, then shifted labels
+    dataset = open_sft_idxmap(prefix, 160, None, seed=0, packing=packing)
+    assert "Pai-Megatron-Patch's layout" in dataset.describe()
+    assert len(dataset) == (len(upstream) if packing else len(COUNTING))
+    decoded = []
+    for i in range(len(dataset)):
+        item = {k: v.numpy() for k, v in dataset[i].items()}
+        trained = item["loss_mask"] > 0
+        decoded.append(tok.decode(item["labels"][trained]))
+        if packing:  # a row as built: upstream's tokens, labels, and sample boundaries
+            row = upstream[dataset.row_index(i)]
+            tokens, labels = row[:160], row[160:]
+            assert item["tokens"].tolist() == np.where(tokens < 0, -1 - tokens, tokens).tolist()
+            assert trained.tolist() == (labels != -100).tolist()
+            assert item["labels"][trained].tolist() == labels[labels != -100].tolist()
+            starts = [0] + (np.flatnonzero(tokens < 0) + 1).tolist()
+            assert [j for j in range(160) if item["position_ids"][j] == 0] == starts
+    if not packing:  # upstream trains everything after the prompt: the assistant header to the last newline
+        expected = [f"<|im_start|>assistant\n{r['output']}<|im_end|>\n" for r in COUNTING]
+        assert sorted(decoded) == sorted(expected)
+
+
+def test_older_or_unfit_upstream_sft_idxmaps_are_refused(tmp_path, tok):
+    from data_files import write_idxmap, write_upstream_sft_idxmap
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    from megatron_patch.data.dataset_checks import SFT_TOOL, dataset_problem
+    from megatron_patch.data.sft_dataset import open_sft_idxmap
+
+    # Before February 2025 upstream's rows did not mark where a sample ends: packed samples cannot be told apart.
+    old = write_upstream_sft_idxmap(tmp_path / "old_text_document", COUNTING[:2], tok, 96, end_markers=False)
+    with pytest.raises(UserError, match=rf"^error: SFT data path {old}: row 0, position 0: no sample ends in this "
+                                        rf"row .* older than February 2025.* Build the data again from its JSON "
+                                        rf"records with toolkits/sft_data_preprocessing/run_build_idxmap_sft_dataset"):
+        open_sft_idxmap(old, 96, None, 0, packing=True)
+    # Labels that are not the next tokens (e.g. unshifted): refused, not trained.
+    good = write_upstream_sft_idxmap(tmp_path / "good_text_document", COUNTING[:1], tok, 96)
+    written = IndexedDataset(good)  # held: megatron unmaps the file when the dataset goes
+    row = written[0].copy()
+    trained = np.flatnonzero(row[96:] != -100)
+    row[96 + trained] = np.abs(row[trained])  # each label its own position's token: not shifted
+    builder = IndexedDatasetBuilder(str(tmp_path / "unshifted_text_document.bin"), dtype=np.int32)
+    builder.add_document(row, [len(row)])
+    builder.finalize(str(tmp_path / "unshifted_text_document.idx"))
+    with pytest.raises(UserError, match=rf"row 0, position {trained[0]}: label {row[96 + trained[0]]} is not the next "
+                                        rf"token: labels are not the row's tokens shifted by one"):
+        open_sft_idxmap(tmp_path / "unshifted_text_document", 96, None, 0, packing=False)
+    # A pre-training idxmap given as SFT data.
+    uneven = tmp_path / "uneven_text_document"
+    builder = IndexedDatasetBuilder(f"{uneven}.bin", dtype=np.int32)
+    for document in ([1, 2, 3, 4], [5, 6]):
+        builder.add_document(np.asarray(document, dtype=np.int32), [len(document)])
+    builder.finalize(f"{uneven}.idx")
+    assert "is one idxmap whose rows differ in length (2 and 4 tokens)" in dataset_problem("D", uneven, "sft")
+    ours = write_idxmap(tmp_path / "ours_text_document", [[1, 2], [3, 4]])
+    assert dataset_problem("D", ours, "sft").startswith(
+        f"D {ours} is not an SFT idxmap: {ours}.bin/.idx is one idxmap written by this toolkit (pre-training data, "
+        f"or an SFT pair's text without its _label_document), neither the pair {SFT_TOOL} writes")
+
+
+# Two samples (10 11 12 | 20 21) and one padding position; labels shifted, -100 where untrained.
+UPSTREAM_ROW_TOKENS = [10, 11, -1 - 12, 20, -1 - 21, 0]
+UPSTREAM_ROW_LABELS = [-100, 12, -100, 21, -100, -100]
+
+
+@pytest.mark.parametrize("position, label, message", [
+    (None, None, None),
+    (1, -5, "label -5 is neither -100 nor a token id"),
+    (2, 20, "a sample's last position is trained (label 20), though nothing follows it"),
+    (1, 99, "label 99 is not the next token: labels are not the row's tokens shifted by one"),
+    (5, 7, "label 7 in the padding after the row's last sample"),
+])
+def test_each_upstream_row_is_checked(position, label, message):
+    from megatron_patch.data.upstream_sft_idxmap import row_problem
+
+    labels = list(UPSTREAM_ROW_LABELS)
+    if position is not None:
+        labels[position] = label
+    found = row_problem(np.asarray([UPSTREAM_ROW_TOKENS]), np.asarray([labels]))
+    assert found == (None if message is None else (0, position, message))
+
+
+def test_an_upstream_idxmap_with_a_row_of_another_length_is_refused(tmp_path, monkeypatch):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_patch.data import dataset_checks
+    from megatron_patch.data.sft_dataset import open_sft_idxmap
+
+    row = UPSTREAM_ROW_TOKENS + UPSTREAM_ROW_LABELS
+    builder = IndexedDatasetBuilder(str(tmp_path / "u_text_document.bin"), dtype=np.int32)
+    for values in (row, row + [1, -100], row):
+        builder.add_document(np.asarray(values, dtype=np.int32), [len(values)])
+    builder.finalize(str(tmp_path / "u_text_document.idx"))
+    monkeypatch.setattr(dataset_checks, "SAMPLED_ROWS", 1)  # the cheap check sees the first and last rows only
+    with pytest.raises(UserError, match=r"row 1 has 14 values where row 0 has 12: not Pai-Megatron-Patch's SFT "
+                                        r"layout"):
+        open_sft_idxmap(tmp_path / "u", 6, None, 0, packing=False)
+    with pytest.raises(UserError, match="is not an SFT idxmap pair; open it with open_sft_idxmap"):
+        SFTIdxMapDataset(tmp_path / "u_text_document", 6, None, 0, packing=False)
+
+
+def test_text_after_a_json_arrays_end_is_refused(tmp_path, default_tokenizer_dir):
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps([ALPACA_PLAIN], indent=1) + "\n" + json.dumps(ALPACA_PLAIN) + "\n")
+    with pytest.raises(InputError, match=rf"^error: {path}:8: more text after the JSON array's closing '\]'\. A JSON "
+                                         rf"file holds one array of records; JSONL holds one record \(or one list of "
+                                         rf"records\) per line\."):
+        build_sft_idxmap(path, tmp_path / "x", default_tokenizer_dir, 64, show_progress=False)
+
+
+# ---- blends: 'W1 P1 W2 P2 ...', as the entrypoint gets them ----
+
+
+def test_an_sft_blend_draws_by_its_weights(tmp_path, default_tokenizer_dir, tok, monkeypatch):
+    from data_files import assert_drawn_by_weight, write_upstream_sft_idxmap
+    from megatron.training.arguments import parse_args
+
+    from megatron_patch.arguments import add_extra_args
+    from megatron_patch.data.sft_dataset import open_sft_idxmap
+    from megatron_patch.data.sft_providers import BlendedSFTDataset, build_sft_datasets
+
+    array, _ = write_sft_files(tmp_path)
+    build_sft_idxmap(array, tmp_path / "ours", default_tokenizer_dir, 160, show_progress=False)
+    theirs = write_upstream_sft_idxmap(tmp_path / "theirs_text_document", COUNTING, tok, 160)
+    monkeypatch.setattr(sys, "argv", ["pretrain_qwen", "--instruction-tuning", "--dataset-type", "idxmap",
+                                      "--seq-length", "160", "--seed", "7", "--sft-packing", "--tokenizer-type",
+                                      "HuggingFaceTokenizer", "--tokenizer-model", str(default_tokenizer_dir),
+                                      "--train-data-path", "1", str(tmp_path / "ours"), "3", theirs,
+                                      "--valid-data-path", theirs])
+    train, valid, test = build_sft_datasets(parse_args(add_extra_args), [100, 5, 0])
+    assert isinstance(train, BlendedSFTDataset) and len(train) == 100 and test is None
+    assert "Pai-Megatron-Patch's layout" in valid.describe() and len(valid) == 5
+    assert_drawn_by_weight(train.dataset_index, [1, 3])
+    # Each item is its dataset's own item, each dataset read in its own order.
+    ours, upstream = (open_sft_idxmap(path, 160, n, seed, packing=True) for path, n, seed in
+                      ((tmp_path / "ours", 25, 7), (theirs, 75, 1007)))
+    for i in (0, 1, 2, 3, 50, 99):
+        source = (ours, upstream)[train.dataset_index[i]]
+        assert_same_items({0: train[i]}, {0: source[int(train.dataset_sample_index[i])]}, [0])
+    with pytest.raises(UserError, match=r"^error: --valid-data-path: the weight '0' of .* must be a positive number"):
+        monkeypatch.setattr(sys, "argv", sys.argv[:-1] + ["0", theirs])
+        build_sft_datasets(parse_args(add_extra_args), [100, 5, 0])

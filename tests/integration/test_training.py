@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from megatron_patch.harness.iteration_log import qwen_iterations
 from training_utils import LAYOUT_ITERS, LAYOUTS, tiny_mock_args
 
 pytestmark = pytest.mark.timeout(900)
@@ -56,10 +57,9 @@ def test_plain_kernels_run_megatron_core_modules_and_no_fused_patch(layout_runs)
 
 def test_log_reports_tokens_per_second_and_memory(layout_runs):
     # Iterations 2 and 3 (the first has no interval to measure): tiny's 4 x 64 tokens per iteration.
-    lines = re.findall(r"\[qwen\] iteration\s+(\d+) \| tokens/s/GPU: ([\d,]+) \| host peak RSS \(GiB\): ([\d.]+)",
-                       layout_runs["tp1"]["log"])
-    assert [int(it) for it, _, _ in lines] == [2, 3], lines
-    assert all(int(tokens.replace(",", "")) > 0 and float(rss) > 0.1 for _, tokens, rss in lines), lines
+    lines = qwen_iterations(layout_runs["tp1"]["log"])
+    assert [line.iteration for line in lines] == [2, 3], lines
+    assert all(line.tokens_per_s_per_gpu > 0 and line.host_peak_rss_gib > 0.1 for line in lines), lines
 
 
 @pytest.mark.parametrize("layout", ["tp1_recompute_selective", "tp1_recompute_block"])
@@ -77,11 +77,11 @@ def test_data_parallel_follows_single_process(layout_losses, layout):
 
 
 def test_bf16_starts_where_fp32_does(layout_losses):
-    # bf16 rounds every GEMM: iteration 1 within gpu_matrix's bf16 tolerance of fp32, and it still learns.
-    from gpu_matrix import TOLERANCE
+    # bf16 rounds every GEMM: iteration 1 within the GPU matrix's bf16 tolerance of fp32, and it still learns.
+    from megatron_patch.harness.matrix_table import tolerance
 
     bf16, fp32 = layout_losses["tp1_bf16"], layout_losses["tp1"]
-    assert abs(bf16[1] - fp32[1]) <= TOLERANCE["bf16"], layout_losses
+    assert abs(bf16[1] - fp32[1]) <= tolerance("bf16", "fp32", on_gpu=False).loss, layout_losses
     assert bf16[LAYOUT_ITERS] < bf16[1], bf16
 
 

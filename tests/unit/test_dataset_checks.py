@@ -94,7 +94,8 @@ def test_an_sft_pair_written_apart_is_refused(tmp_path):
     samples = [([1, 2, 3], [0, 1, 1]), ([4, 5], [0, 1])]
     first = write_sft_idxmap(tmp_path / "first", samples)
     assert dataset_problem("DATASET_PATH", first, "sft") is None
-    second = write_sft_idxmap(tmp_path / "second", samples)
+    # Same lengths, other tokens: only the pair id tells the runs apart (identical data would be one pair).
+    second = write_sft_idxmap(tmp_path / "second", [([1, 2, 9], [0, 1, 1]), ([4, 5], [0, 0])])
     for suffix in (".bin", ".idx"):
         shutil.copy(f"{second}_label_document{suffix}", f"{first}_label_document{suffix}")
     assert dataset_problem("DATASET_PATH", first, "sft") == (
@@ -155,3 +156,46 @@ def test_a_replaced_idxmap_drops_megatrons_sample_index_cache(tmp_path):
     write_idxmap(prefix, [[4, 5], [6]])
     assert not cached.parent.exists() and (Path(prefix) / "cache").is_dir()
     assert dataset_problem("DATASET_PATH", prefix, "pretrain") is None
+
+
+def write_rows(prefix: Path, rows: list[list[int]], dtype=np.int32, lengths=None) -> str:
+    """An idxmap written by megatron's own builder (no stamp, as upstream's tools write them)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
+    for row in rows:
+        builder.add_document(np.asarray(row, dtype=dtype), lengths or [len(row)])
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
+@pytest.mark.parametrize("rows, dtype, lengths, why", [
+    ([[1, 2, 3, 4], [5, 6, 7, 8]], np.uint16, None, "whose token ids are not int32"),
+    ([[1, -3, 4, -100], [5, -7, 6, -100]], np.int32, [2, 2], "whose documents hold several sequences"),
+    ([[1, 2, 3], [4, 5, 6]], np.int32, None, "of rows of an odd length"),
+    ([[1, 2, 3, 4], [5, 6]], np.int32, None, "whose rows differ in length (2 and 4 tokens)"),
+])
+def test_a_single_idxmap_that_cannot_be_upstreams_sft_layout_is_refused(tmp_path, rows, dtype, lengths, why):
+    prefix = write_rows(tmp_path / "sft_text_document", rows, dtype, lengths)
+    # Given as upstream names it (PREFIX_text_document) or as its prefix.
+    for given in (prefix, tmp_path / "sft"):
+        assert dataset_problem("DATASET_PATH", given, "sft") == (
+            f"DATASET_PATH {given} is not an SFT idxmap: {prefix}.bin/.idx is one idxmap {why}, neither the pair "
+            f"{SFT_TOOL} writes (text and answer mask) nor the layout of Pai-Megatron-Patch's SFT builder. Build SFT "
+            f"data from the JSON records with toolkits/sft_data_preprocessing/run_build_idxmap_sft_dataset.sh; a "
+            f"pre-training idxmap trains with SFT=false.")
+
+
+def test_our_sft_pair_is_found_from_either_name(tmp_path):
+    from megatron_patch.data.dataset_checks import locate_sft_idxmap
+
+    prefix = write_sft_idxmap(tmp_path / "alpaca", [([1, 2, 3], [0, 1, 1])])
+    for given in (prefix, f"{prefix}_text_document"):
+        assert dataset_problem("DATASET_PATH", given, "sft") is None
+        assert (locate_sft_idxmap(given).layout, locate_sft_idxmap(given).prefix) == ("pair", prefix)
+    # Its label idxmap gone (and nothing else of the pair): the text idxmap alone is not taken for upstream's.
+    for suffix in (".bin", ".idx"):
+        Path(f"{prefix}_label_document{suffix}").unlink()
+    assert dataset_problem("DATASET_PATH", prefix, "sft").startswith(
+        f"DATASET_PATH {prefix} is not an SFT idxmap: {prefix}_text_document.bin/.idx is one idxmap written by this "
+        f"toolkit (pre-training data, or an SFT pair's text without its _label_document), neither the pair")

@@ -156,9 +156,7 @@ def test_qkv_split_rope_kernel_matches_the_split_path_in_triton_interpreter():
     # layout attention hands back, forward and backward against megatron-core's split path in fp32.
     pytest.importorskip("triton")
     script = textwrap.dedent("""
-        import sys
         import torch
-        sys.path.insert(0, "tests/unit")
         from test_fused_kernels import _megatron_split_path, _qkv_inputs
         from megatron_patch.fused import rope
         for groups, q_per_group in ((2, 6), (4, 7)):
@@ -206,7 +204,8 @@ def test_fused_single_qkv_rope_is_switched_on_only_where_it_applies(monkeypatch)
     for unfit in (dict(sft_packing=True), dict(rotary_interleaved=True), dict(position_embedding_type="yarn"),
                   dict(qk_layernorm=True), dict(tensor_model_parallel_size=4, num_query_groups=2)):
         args, changes = settle(**unfit)
-        assert not getattr(args, "fused_single_qkv_rope", False) and changes == [], unfit
+        said = ["RoPE unfused for YaRN"] if unfit.get("position_embedding_type") == "yarn" else []  # the only line
+        assert not getattr(args, "fused_single_qkv_rope", False) and [c[:21] for c in changes] == said, unfit
     # our kernel not in the slot (no GPU, or --plain-kernels): a user's flag is switched off, saying why
     monkeypatch.setattr(attention, "apply_fused_qkv_rotary_pos_emb", None, raising=False)
     args, changes = settle(fused_single_qkv_rope=True)
@@ -415,9 +414,12 @@ def _swiglu_reference_grad(grad_output: torch.Tensor, y: torch.Tensor) -> torch.
 def _run_in_triton_interpreter(script: str) -> str:
     """Runs `script` in a fresh interpreter with Triton's interpreter on (it must be switched on before triton is
     imported; it runs the kernels themselves on the CPU) from the repository root; returns its stdout."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # The script imports this file's helpers (tests/unit) and the package (the repository root).
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, TRITON_INTERPRET="1"),
-                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+                            env=dict(os.environ, TRITON_INTERPRET="1",
+                                     PYTHONPATH=os.pathsep.join([repo, os.path.join(repo, "tests", "unit")])),
+                            cwd=repo)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -425,9 +427,7 @@ def _run_in_triton_interpreter(script: str) -> str:
 def test_swiglu_backward_kernel_matches_autograd_in_triton_interpreter():
     pytest.importorskip("triton")
     script = textwrap.dedent("""
-        import sys
         import torch
-        sys.path.insert(0, "tests/unit")
         from test_fused_kernels import _swiglu_reference_grad
         from megatron_patch.fused.swiglu import BLOCK, swiglu_backward
         torch.manual_seed(0)

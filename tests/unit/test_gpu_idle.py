@@ -1,4 +1,4 @@
-"""benchmarks/gpu_idle.py: the GPU's idle time between kernels within a window of host activity."""
+"""megatron_patch/harness/gpu_idle.py: the GPU's idle time between kernels within a window of host activity."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 from torch.autograd import DeviceType
 
-import gpu_idle
-from gpu_idle import Span
+from megatron_patch.harness import gpu_idle
+from megatron_patch.harness.gpu_idle import Span
 
 
 def test_busy_union_merges_overlapping_kernels_of_several_streams():

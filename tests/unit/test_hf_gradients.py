@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,9 @@ BF16_TOLERANCE = 5e-2
                          ids=["tied (0.5B-3B)", "untied (7B up)", "tied, bf16 model"])
 def test_loss_and_every_gradient_match_transformers(untied, bf16):
     flags = (["--untied"] if untied else []) + (["--bf16"] if bf16 else [])
-    proc = subprocess.run([sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=600)
+    # The package from this checkout, whatever the interpreter has installed.
+    proc = subprocess.run([sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=str(SCRIPT.parents[1])))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     tolerance = BF16_TOLERANCE if bf16 else FP32_TOLERANCE

@@ -26,8 +26,10 @@ from megatron_patch.errors import UserError
 from megatron_patch.launch import arguments, flags as launch_flags, run as launch_run, validate
 from megatron_patch.launch.arguments import POSITIONAL
 from megatron_patch.launch.machine import Machine, detect_machine
+from megatron_patch.model_sizes import get_size
 
-from training_utils import REPO_ROOT, clean_env  # noqa: E402
+from megatron_patch.harness.launcher_runs import clean_environ as clean_env
+from training_utils import REPO_ROOT  # noqa: E402
 SCRIPT = REPO_ROOT / "examples" / "qwen2_5" / "run_mcore_qwen.sh"
 
 pytestmark = pytest.mark.timeout(120)
@@ -67,22 +69,26 @@ def write_small_idxmaps(data: Path) -> None:
                                          for tokens in documents])
 
 
+def converted_checkpoint(folder: Path, size, overrides: dict | None = None) -> Path:
+    """A converted checkpoint's folder as the launcher reads it: the tracker, and the config.json the convertor
+    keeps beside the weights (of `size`, a size-table name or a Qwen25Size; `overrides`: more config.json keys)."""
+    from megatron_patch.hf_checkpoint import hf_config_for
+    from megatron_patch.model_sizes import get_size
+
+    folder.mkdir()
+    (folder / "latest_checkpointed_iteration.txt").write_text("release")
+    config = hf_config_for(get_size(size) if isinstance(size, str) else size, overrides=overrides)
+    config.to_json_file(folder / "config.json")
+    return folder
+
+
 @pytest.fixture
 def paths(tmp_path, default_tokenizer_dir) -> Paths:
-    from megatron_patch.hf_checkpoint import hf_config_for
-    from megatron_patch.model_sizes import QWEN2_5_SIZES
-
     data = tmp_path / "data"
     write_small_idxmaps(data)
     for name in ("train.json", "valid.json"):
         (data / name).write_text(json.dumps([{"instruction": "你好", "output": "你好！"}], ensure_ascii=False))
-    checkpoints = {}
-    for size in ("tiny", "0.5B"):
-        ckpt = tmp_path / f"qwen2.5-{size}-to-mcore"
-        ckpt.mkdir()
-        (ckpt / "latest_checkpointed_iteration.txt").write_text("release")
-        hf_config_for(QWEN2_5_SIZES[size]).to_json_file(ckpt / "config.json")
-        checkpoints[size] = ckpt
+    checkpoints = {size: converted_checkpoint(tmp_path / f"qwen2.5-{size}-to-mcore", size) for size in ("tiny", "0.5B")}
     return Paths(tmp_path, data / "train_text_document", data / "valid_text_document", data / "sft",
                  data / "sft_valid", data / "train.json",
                  data / "valid.json", checkpoints["tiny"], checkpoints["0.5B"], default_tokenizer_dir,
@@ -159,8 +165,11 @@ def test_best_practice_pretraining_command(paths):
     name = ("mcore-qwen2.5-tiny-pretrain-lr-1e-05-minlr-1e-06-bs-1-gbs-8-seqlen-128-pr-bf16-tp-1-pp-1-cp-1-ac-false"
             "-do-true-sp-false-ti-9-wi-0")
     assert run.torchrun == {"--nproc-per-node": "1", "--nnodes": "1", "--node-rank": "0",
-                            "--master-addr": "localhost", "--master-port": run.torchrun["--master-port"]}
-    assert run.value("--model-size") == "tiny"
+                            "--master-addr": "localhost", "--master-port": run.torchrun["--master-port"],
+                            "--signals-to-handle": "SIGQUIT"}  # the launcher stops the ranks itself
+    # The model's own flags (tiny's, from the size table): the entrypoint expands no size name.
+    assert not run.has("--model-size") and run.value("--num-layers") == "2" and run.value("--hidden-size") == "64"
+    assert run.value("--rotary-base") == "1000000" and run.value("--position-embedding-type") == "rope"
     assert run.value("--micro-batch-size") == "1" and run.value("--global-batch-size") == "8"
     assert run.value("--seq-length") == "128"
     assert float(run.value("--lr")) == 1e-5 and float(run.value("--min-lr")) == 1e-6
@@ -280,7 +289,7 @@ def test_dlc_takes_the_layout_from_the_scheduler(paths):
                   WORLD_SIZE="2", RANK="1", MASTER_ADDR="10.0.0.7", MASTER_PORT="23456",
                   KUBERNETES_CONTAINER_RESOURCE_GPU="8")
     assert run.torchrun == {"--nproc-per-node": "8", "--nnodes": "2", "--node-rank": "1",
-                            "--master-addr": "10.0.0.7", "--master-port": "23456"}
+                            "--master-addr": "10.0.0.7", "--master-port": "23456", "--signals-to-handle": "SIGQUIT"}
     assert run.value("--train-iters") == "100"  # 409600 / 32 / 128
 
 
@@ -297,6 +306,18 @@ def test_pretraining_with_a_separate_validation_set(paths):
     assert not run.has("--data-path") and not run.has("--split")
     assert run.value("--train-data-path") == str(paths.train)
     assert run.value("--valid-data-path") == str(paths.valid)
+
+
+def test_blends_go_to_megatron_as_lists(paths):
+    # Upstream passes DATASET_PATH unquoted to --data-path: a blend is one argument with spaces.
+    blend = f"0.7 {paths.train} 0.3 {paths.valid}"
+    run = dry_run(paths, argv(paths, DATASET_PATH=blend, VALID_DATASET_PATH=blend))
+    at = run.flags.index("--data-path")
+    assert run.flags[at + 1 : at + 6] == ["0.7", str(paths.train), "0.3", str(paths.valid), "--split"]
+    _, flags = api_flags(paths, SFT="true", DATASET_PATH=f"1 {paths.sft} 3 {paths.sft_valid}")
+    at = flags.index("--train-data-path")
+    assert flags[at + 1 : at + 7] == ["1", str(paths.sft), "3", str(paths.sft_valid), "--valid-data-path",
+                                      str(paths.sft)]
 
 
 def test_best_practice_finetuning_command_on_idxmap(paths):
@@ -529,10 +550,10 @@ def test_gpu_overlap_flags(paths):
     _, flags = api_flags(paths, DO="false")
     assert "--overlap-grad-reduce" in flags and "--overlap-param-gather" not in flags
     # AC=full re-runs each layer's forward hooks in backward, starting a second gather of a pending bucket
-    # (megatron-core 0.19.2 asserts in iteration 2: seen on two H200s at 7B CP2); AC=sel recomputes no parameters.
+    # (megatron-core 0.19.2 asserts in iteration 2); AC=sel recomputes no parameters.
     assert "--overlap-param-gather" not in api_flags(paths, AC="full")[1]
     assert "--overlap-param-gather" in api_flags(paths, AC="sel")[1]
-    # PR=fp8 through TE meets the same assertion at DP2 (7B, two H200s); bf16 keeps the overlap.
+    # PR=fp8 through TE meets the same assertion; bf16 keeps the overlap.
     assert "--overlap-param-gather" not in api_flags(paths, PR="fp8")[1]
     assert "--overlap-param-gather" in api_flags(paths, PR="bf16")[1]
 
@@ -636,6 +657,7 @@ def test_checkpoint_tokenizer_is_preferred_to_the_default(paths):
      {"MP_VP": "6", "MP_AC_LAYERS": "3", "MP_FUSED_KERNELS": "false"}),
     ({"SFT": "true", "PR": "fp32", "AC": "sel", "CP": "2"}, {"MP_DATASET_TYPE": "raw", "MP_SFT_PACKING": "true"}),
     ({"TP": "2", "SP": "true"}, {"MP_CUDA_GRAPH": "true"}),
+    ({"SEQ_LEN": "65536", "PAD_LEN": "128", "TRAIN_TOKENS_OR_ITERS": "100000000"}, {"MP_ROPE_SCALING": "yarn:4"}),
 ])
 def test_every_flag_is_known_to_megatron_core(paths, overrides, environ, monkeypatch):
     """The produced flags parse with megatron-core 0.19.2's own argument parser plus ours, and pass its checks."""
@@ -657,6 +679,24 @@ def test_every_flag_is_known_to_megatron_core(paths, overrides, environ, monkeyp
         monkeypatch.setenv(name, setting)
     args.rank, args.world_size = 0, GPU_TE.world_size
     validate_args(args, {})
+
+
+@pytest.mark.parametrize("size_name,seq_len", [("0.5B", 4096), ("72B", 32768)])
+def test_our_flop_count_is_megatron_cores(size_name, seq_len):
+    """The benchmarks' MFU and the TFLOP/s megatron-core logs count the same FLOPs: its own function, on the
+    model flags the launcher passes (a tied GQA 14/2 model and an untied 64/8 one)."""
+    from megatron.training.arguments import add_megatron_arguments
+    from megatron.training.training import num_floating_point_operations
+
+    from megatron_patch.arguments import qwen2_5_model_flags
+
+    size = get_size(size_name)
+    parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+    args = parser.parse_args([*qwen2_5_model_flags(size), "--seq-length", str(seq_len)])
+    args.kv_channels = args.hidden_size // args.num_attention_heads  # what megatron's validate_args derives
+    batch = 3
+    megatron_core = num_floating_point_operations(args, batch) / (batch * seq_len)
+    assert size.training_flops_per_token(seq_len) == pytest.approx(megatron_core, rel=1e-12)
 
 
 # ---- invalid combinations: their own message, exit status 2, no torchrun, no output folder ----
@@ -691,7 +731,13 @@ INVALID = [
      "nope_text_document is not an idxmap dataset prefix: missing"),
     ("prefix_with_extension", {"DATASET_PATH": "{train}.bin"}, {}, "train_text_document.bin is not an idxmap"),
     ("sft_on_a_pretraining_prefix", {"SFT": "true", "DATASET_PATH": "{train}"}, {},
-     "train_text_document is not an SFT idxmap prefix: missing"),
+     "train_text_document is not an SFT idxmap: "),
+    ("blend_weight", {"DATASET_PATH": "0.7 {train} -0.3 {valid}"}, {},
+     "DATASET_PATH: the weight '-0.3' of "),
+    ("blend_words", {"VALID_DATASET_PATH": "0.7 {train} {valid}"}, {},
+     "has 3 words: neither one path nor a blend 'W1 P1 W2 P2 ...'"),
+    ("blend_missing_prefix", {"DATASET_PATH": "0.5 {train} 0.5 {root}/data/absent_text_document"}, {},
+     "absent_text_document is not an idxmap dataset prefix: missing"),
     ("missing_raw_json", {"SFT": "true", "DATASET_PATH": "{root}/data/nope.json", "VALID_DATASET_PATH": "{valid_json}"},
      {"MP_DATASET_TYPE": "raw"}, "nope.json is not a file; MP_DATASET_TYPE=raw reads a JSON/JSONL file"),
     ("not_a_checkpoint", {"PRETRAIN_CHECKPOINT_PATH": "{root}/data"}, {},
@@ -792,3 +838,118 @@ def test_packed_finetuning_refuses_what_needs_the_te_spec(paths):
     with pytest.raises(UserError) as err:
         api_flags(paths, SFT="true", PR="fp8", environ={"MP_SFT_PACKING": "true"})
     assert "MP_SFT_PACKING=true trains on megatron-core's local spec" in str(err.value)
+
+
+# ---- the model is the checkpoint's config.json: variants, MODEL_SIZE=auto, YaRN ----
+
+def math_size():
+    """Qwen2.5-Math's RoPE base and positions (rope_theta 10000, 4096) on the tiny shape."""
+    from megatron_patch.model_sizes import QWEN2_5_SIZES
+
+    return dataclasses.replace(QWEN2_5_SIZES["tiny"], rope_theta=10000.0, max_position_embeddings=4096)
+
+
+def refused(paths: Paths, args: list[str], environ: dict, monkeypatch, capsys) -> str:
+    """The launcher's stderr for a launch that must stop before torchrun."""
+    def forbidden(*a, **kw):
+        raise AssertionError(f"torchrun was started: {a}")
+
+    monkeypatch.setattr(launch_run, "_launch", forbidden)
+    monkeypatch.setattr(launch_run.subprocess, "Popen", forbidden)
+    status = launch_run.main(args, {"MP_TOKENIZER_PATH": str(paths.tokenizer), **environ})
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error: "), err
+    assert not paths.out.exists()
+    return err
+
+
+def test_math_checkpoint_trains_with_its_own_rope_base_and_positions(paths):
+    """config.json's rope_theta 10000 and 4096 positions reach Megatron under MODEL_SIZE=auto (through the shell
+    script) and under the shape's name, with one note line saying they differ from the size table."""
+    math = converted_checkpoint(paths.root / "qwen2.5-math-to-mcore", math_size())
+    auto = dry_run(paths, argv(paths, MODEL_SIZE="auto", PRETRAIN_CHECKPOINT_PATH=str(math)))
+    planned, named = api_flags(paths, PRETRAIN_CHECKPOINT_PATH=str(math))
+    for flags in (auto.flags, named):
+        assert value(flags, "--rotary-base") == "10000" and value(flags, "--max-position-embeddings") == "4096"
+        assert value(flags, "--position-embedding-type") == "rope" and value(flags, "--num-layers") == "2"
+    note = (f"{math / 'config.json'} differs from the tiny size table in rope_theta 10000 (table: 1000000), "
+            "max_position_embeddings 4096 (table: 32768): following config.json.")
+    assert [line for line in auto.stderr.splitlines() if line.startswith("note:")] == [f"note: {note}"]
+    assert planned.notes == [note]
+    # auto names its run folder after the shape's size-table entry
+    assert Path(auto.value("--save")).name.startswith("mcore-qwen2.5-tiny-pretrain-")
+
+
+def test_seq_len_beyond_the_configs_positions_is_refused_and_yarn_extends_them(paths, monkeypatch, capsys):
+    math = converted_checkpoint(paths.root / "qwen2.5-math-to-mcore", math_size())
+    long = argv(paths, MODEL_SIZE="auto", PRETRAIN_CHECKPOINT_PATH=str(math), SEQ_LEN="8192", PAD_LEN="8192",
+                TRAIN_TOKENS_OR_ITERS="100000000")
+    err = refused(paths, long, {}, monkeypatch, capsys)
+    assert (f"SEQ_LEN=8192 exceeds Qwen2.5-tiny's 4096 positions (max_position_embeddings in {math / 'config.json'})"
+            ". Lower SEQ_LEN, or extend the context with YaRN: MP_ROPE_SCALING=yarn:2.") in err
+    launch = plan(paths, GPU_TE, {"MP_ROPE_SCALING": "yarn:2"}, long).launch
+    flags = launch_flags.megatron_flags(launch, GPU_TE, str(paths.tokenizer))
+    assert flags[flags.index("--position-embedding-type"):][:9] == [
+        "--position-embedding-type", "yarn", "--rotary-scaling-factor", "2.0",
+        "--yarn-original-max-position-embeddings", "4096", "--yarn-beta-fast", "32.0", "--yarn-beta-slow"]
+    assert value(flags, "--max-position-embeddings") == "8192" and value(flags, "--rotary-base") == "10000"
+    assert launch.run_name.endswith("-yarn-2")  # a run folder of its own: never resumes the plain-RoPE run
+    err = refused(paths, argv(paths, SEQ_LEN="262144", PAD_LEN="128", TRAIN_TOKENS_OR_ITERS="10000000000"),
+                  {"MP_ROPE_SCALING": "yarn:4"}, monkeypatch, capsys)
+    assert ("SEQ_LEN=262144 exceeds Qwen2.5-tiny's 131072 positions (YaRN's factor 4 x 32768 original positions). "
+            "Lower SEQ_LEN, or raise the YaRN factor") in err
+
+
+def test_auto_with_a_shape_of_its_own_runs_as_custom(paths):
+    from megatron_patch.model_sizes import QWEN2_5_SIZES
+
+    fine_tune = dataclasses.replace(QWEN2_5_SIZES["tiny"], num_layers=4, ffn_hidden_size=96, rms_norm_eps=1e-5)
+    ckpt = converted_checkpoint(paths.root / "my-fine-tune", fine_tune, overrides={"max_window_layers": 2})
+    planned, flags = api_flags(paths, MODEL_SIZE="auto", PRETRAIN_CHECKPOINT_PATH=str(ckpt), PP="2")
+    assert planned.run_name.startswith("mcore-qwen2.5-custom-pretrain-") and not planned.notes
+    assert value(flags, "--num-layers") == "4" and value(flags, "--ffn-hidden-size") == "96"
+    assert value(flags, "--norm-epsilon") == "1e-05"
+
+
+def test_yarn_in_config_json_is_followed_and_the_knob_replaces_it_with_a_warning(paths):
+    from megatron_patch.model_sizes import YarnScaling
+
+    yarn = dataclasses.replace(math_size(), rope_scaling=YarnScaling(4.0, 4096))
+    ckpt = converted_checkpoint(paths.root / "math-yarn", yarn)
+    planned, flags = api_flags(paths, MODEL_SIZE="auto", PRETRAIN_CHECKPOINT_PATH=str(ckpt), SEQ_LEN="16384",
+                               PAD_LEN="128", TRAIN_TOKENS_OR_ITERS="100000000")
+    assert value(flags, "--rotary-scaling-factor") == "4.0" and value(flags, "--max-position-embeddings") == "16384"
+    assert not any("YaRN" in w for w in planned.warnings)
+    planned, flags = api_flags(paths, environ={"MP_ROPE_SCALING": "yarn:8"}, MODEL_SIZE="auto",
+                               PRETRAIN_CHECKPOINT_PATH=str(ckpt))
+    assert value(flags, "--rotary-scaling-factor") == "8.0"
+    assert value(flags, "--yarn-original-max-position-embeddings") == "4096"
+    assert f"MP_ROPE_SCALING=yarn:8 replaces the YaRN factor 4 of {ckpt / 'config.json'}." in planned.warnings
+
+
+@pytest.mark.parametrize("overrides, environ, message", [
+    ({"MODEL_SIZE": "auto"}, {}, "MODEL_SIZE=auto takes the model from PRETRAIN_CHECKPOINT_PATH's config.json, but "
+                                 "PRETRAIN_CHECKPOINT_PATH is none. Pass a checkpoint converted by the toolkit's "
+                                 "convertor"),
+    ({"MODEL_SIZE": "auto", "PRETRAIN_CHECKPOINT_PATH": "{root}/data"}, {},
+     "MODEL_SIZE=auto takes the model from PRETRAIN_CHECKPOINT_PATH's config.json, but there is no "
+     "{root}/data/config.json"),
+    ({}, {"MP_ROPE_SCALING": "linear:2"}, "MP_ROPE_SCALING must be yarn:FACTOR with a factor above 1, e.g. yarn:4"),
+    ({}, {"MP_ROPE_SCALING": "yarn:1"}, "MP_ROPE_SCALING must be yarn:FACTOR with a factor above 1"),
+    ({"MODEL_SIZE": "0.6B"}, {}, "MODEL_SIZE must be one of tiny, 0.5B, 1.5B, 3B, 7B, 14B, 32B, 72B, or auto"),
+])
+def test_model_choices_that_stop_before_torchrun(paths, overrides, environ, message, monkeypatch, capsys):
+    err = refused(paths, invalid_argv(paths, overrides), environ, monkeypatch, capsys)
+    assert message.format(root=paths.root) in err, err
+
+
+def test_a_config_json_field_megatron_cannot_build_stops_the_script_naming_it(paths):
+    ckpt = converted_checkpoint(paths.root / "sliding", "tiny", overrides={"use_sliding_window": True,
+                                                                           "sliding_window": 64})
+    for size in ("tiny", "auto"):
+        proc = run_script(argv(paths, MODEL_SIZE=size, PRETRAIN_CHECKPOINT_PATH=str(ckpt)),
+                          clean_env(MP_TOKENIZER_PATH=str(paths.tokenizer)), paths.root)
+        assert proc.returncode == 2 and "torch.distributed.run" not in proc.stdout + proc.stderr
+        assert proc.stderr.startswith(f"error: {ckpt / 'config.json'} describes a model this toolkit cannot train "
+                                      "as written:\n  use_sliding_window: true (sliding-window attention"), proc.stderr
+        assert not paths.out.exists()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,10 @@ TOLERANCE = 1e-5  # fp32 on both sides; measured on the CPU: 5.1e-7 (LoRA), 9.2e
 
 @pytest.fixture(scope="module")
 def against_peft() -> dict:
-    proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=600)
+    # The package from this checkout (and peft wherever PYTHONPATH has it), whatever the interpreter has installed.
+    path = os.pathsep.join(p for p in (str(SCRIPT.parents[1]), os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

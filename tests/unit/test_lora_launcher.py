@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import pytest
 
 from megatron_patch.errors import UserError
+from megatron_patch.harness.launcher_runs import clean_environ
 from megatron_patch.launch import arguments, run as launch_run
 from megatron_patch.lora.targets import LoraSettings
 from test_launcher import GPU_TE, api_flags, argv, dry_run, paths, run_script  # noqa: F401  (paths: a fixture)
 from test_launcher import test_invalid_combination_never_starts_torchrun as refused_before_torchrun
-from training_utils import clean_env
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -105,7 +105,7 @@ def test_what_lora_cannot_run_is_refused_before_torchrun(paths, case, monkeypatc
 
 def test_a_refusal_through_the_shell_script(paths):
     proc = run_script(finetune(paths, PRETRAIN_CHECKPOINT_PATH="none"),
-                      clean_env(MP_TOKENIZER_PATH=str(paths.tokenizer), **LORA), paths.root)
+                      clean_environ(MP_TOKENIZER_PATH=str(paths.tokenizer), **LORA), paths.root)
     assert proc.returncode == 2 and proc.stderr.startswith("error: MP_LORA_RANK=16 trains adapters"), proc.stderr
     assert not paths.out.exists()
 

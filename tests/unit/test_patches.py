@@ -185,7 +185,7 @@ def test_megatron_still_writes_the_tracker_in_place(tmp_path, monkeypatch):
     assert checkpointing.maybe_msc.os.path.isfile(str(tracker))
 
     # A kill at the exact moment between writing the new text and the rename (MP_FAULT_INJECT) keeps the old one.
-    script = f"from megatron_patch.checkpoint_state import atomic_write_text; atomic_write_text({str(tracker)!r}, '9')"
+    script = f"from megatron_patch.checkpoint_state import write_tracker; write_tracker({str(tracker)!r}, '9')"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), MP_FAULT_INJECT="tracker-write:9"))
     assert done.returncode == 137, done.stderr

@@ -57,6 +57,8 @@ def test_ci_runs_the_readme_test_command():
     ("run_mcore_qwen.sh", {25}),
     ("run_8xH20.sh", {6, 7}),
     ("hf2mcore_qwen2.5_convertor.sh", {9}),
+    ("run_make_pretraining_dataset_megatron.sh", {5}),
+    ("run_build_idxmap_sft_dataset.sh", {5, 6}),
 ])
 def test_shell_scripts_exist_and_get_their_argument_count(script, counts):
     for cwd, argv in commands_running(script):
@@ -125,9 +127,13 @@ def test_eval_script_and_module_commands_exist():
 
 def test_dockerfile_installs_as_the_readme_says():
     dockerfile = (REPO / "Dockerfile").read_text()
-    readme_install = next(" ".join(argv) for _, argv in shell_commands() if argv[:2] == ["pip", "install"])
-    runs = [line.removeprefix("RUN ").strip() for line in dockerfile.splitlines() if line.startswith("RUN ")]
-    assert readme_install in runs, (readme_install, runs)
+    # The README's two steps: the lock's constraints for what the environment lacks, then the install with them.
+    steps = [" ".join(argv) for _, argv in shell_commands()
+             if argv[:2] == ["pip", "install"] or argv[:2] == ["python", "scripts/dependency_lock.py"]][:2]
+    runs = [" ".join(shlex.split(command)) for line in dockerfile.replace("\\\n", " ").splitlines()
+            if line.startswith("RUN ") for command in line.removeprefix("RUN ").split("&&")]
+    assert len(steps) == 2 and "dependency_lock.py constraints" in steps[0] and "-c" in steps[1].split(), steps
+    assert all(step in runs for step in steps), (steps, runs)
     assert re.search(r"^FROM nvcr\.io/nvidia/pytorch:", dockerfile, re.M), "the base image must be NGC PyTorch"
 
 

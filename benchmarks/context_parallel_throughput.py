@@ -3,13 +3,13 @@
 Training through the launcher (random init, pre-training on a random-token idxmap; TE's spec where TE imports,
 so the same command on a machine with TE carried measures TE's CP):
 
-    python benchmarks/context_parallel.py --prepare-only                       # here: tokenizer + data
-    python3 benchmarks/context_parallel.py train --size 1.5B --seq-len 32768 --cp 1 --cp 2 [--ac full] \\
+    python -m benchmarks.context_parallel_throughput --prepare-only                       # here: tokenizer + data
+    python3 -m benchmarks.context_parallel_throughput train --size 1.5B --seq-len 32768 --cp 1 --cp 2 [--ac full] \\
         [--micro-batch 1] [--global-batch 8] [--iters 12]
 
 Each --cp value is one run on all GPUs (CP1 is data parallelism over them; CP2 on two GPUs has DP1), at the same
 global batch, so each run trains the same global tokens. Prints tokens/s/GPU (tokens over time after the first 5
-iterations), MFU against the H100/H200 dense bf16 peak, and peak memory (benchmarks/train_throughput.py's
+iterations), MFU against the H100/H200 dense bf16 peak, and peak memory (megatron_patch.harness's
 FLOP count, log parsing and report).
 
 The attention alone, forward + backward, one process per GPU (NCCL), against one GPU's cuDNN SDPA over the whole
@@ -17,7 +17,7 @@ sequence; `--impl te` times TE's CP attention on the same chunks instead (a sepa
 loads the system's cuDNN, which cannot join the one torch's kernels loaded); `--profile` prints the GPU kernels
 by total time:
 
-    python3 benchmarks/context_parallel.py attention --heads 28 --groups 4 --seq-len 32768 [--kernel flash] \
+    python3 -m benchmarks.context_parallel_throughput attention --heads 28 --groups 4 --seq-len 32768 [--kernel flash] \
         [--impl te [--te-comm-type p2p]] [--profile]
 
 The CPU runs both at the tiny size (gloo; `train --size tiny --seq-len 256` checks the wiring, not speed).
@@ -26,15 +26,12 @@ The CPU runs both at the tiny size (gloo; `train --size tiny --seq-len 256` chec
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-DEFAULT_ASSETS = REPO / "output" / "context-parallel-assets"  # /output/ is git-ignored: carry it to the device
+DEFAULT_ASSETS = Path(__file__).resolve().parents[1] / "output" / "context-parallel-assets"  # git-ignored: carry it
 RANDOM_TOKENS = 2_000_000  # 8 MB; the dataset goes round it as often as the run needs
 
 
@@ -62,19 +59,12 @@ def prepare_assets(root: Path) -> tuple[Path, Path]:
     return tokenizer, prefix
 
 
-def launcher_args(size: str, seq_len: int, micro: int, global_batch: int, cp: int, ac: str, iters: int,
-                  data: Path, out: Path) -> list[str]:
-    """run_mcore_qwen.sh's 25 positional arguments: bf16, TP1 PP1, the distributed optimizer (which shards over
-    data- and context-parallel ranks), random init."""
-    return ["dsw", size, str(micro), str(global_batch), "1e-4", "1e-5", str(seq_len), str(seq_len), "bf16",
-            "1", "1", str(cp), "false", "true", "false", "false", ac, "false", "100000", str(data), str(data),
-            "none", str(iters * global_batch * seq_len), "0", str(out)]
-
-
 def train(args) -> None:
     from megatron_patch import hardware
+    from megatron_patch.harness.iteration_log import steady_throughput
+    from megatron_patch.harness.launcher_runs import launcher_argv, run_launcher
+    from megatron_patch.harness.throughput import report
     from megatron_patch.model_sizes import get_size
-    from train_throughput import flops_per_token, report, run_launcher, throughput_from_log
 
     tokenizer, data = prepare_assets(Path(args.assets))
     gpus = hardware.gpu_count()
@@ -82,12 +72,15 @@ def train(args) -> None:
     spec = "TE spec" if hardware.transformer_engine_importable() else "local spec (SDPA)"
     print(f"{gpus or 'no'} GPU(s), {spec} | Qwen2.5-{args.size} | seq {args.seq_len} | micro-batch "
           f"{args.micro_batch} | global batch {args.global_batch} | AC {args.ac} | "
-          f"{flops_per_token(size, args.seq_len) / 1e9:.1f} GFLOP/token", flush=True)
+          f"{size.training_flops_per_token(args.seq_len) / 1e9:.1f} GFLOP/token", flush=True)
     for cp in args.cp:
         ac = f"{args.ac}-block{args.ac_block_layers}" if args.ac_block_layers else args.ac
         out = Path(args.out) / f"{args.size}-seq{args.seq_len}-cp{cp}-ac{ac}"
-        positional = launcher_args(args.size, args.seq_len, args.micro_batch, args.global_batch, cp, args.ac,
-                                   args.iters, data, out)
+        # bf16, TP1 PP1, the distributed optimizer (which shards over data- and context-parallel ranks), random init
+        positional = launcher_argv(MODEL_SIZE=args.size, BATCH_SIZE=args.micro_batch,
+                                   GLOBAL_BATCH_SIZE=args.global_batch, LR=1e-4, MIN_LR=1e-5, SEQ_LEN=args.seq_len,
+                                   PR="bf16", CP=cp, DO=True, AC=args.ac, DATASET_PATH=data, iterations=args.iters,
+                                   OUTPUT_BASEPATH=out)
         env = {"MP_TOKENIZER_PATH": str(tokenizer)}
         if args.ac_block_layers:
             env.update(MP_AC_METHOD="block", MP_AC_LAYERS=str(args.ac_block_layers))
@@ -98,7 +91,7 @@ def train(args) -> None:
         except RuntimeError as failed:  # report it (out of memory, say) and go on with the other runs
             print(f"CP{cp}: {failed}", flush=True)
             continue
-        rate, peak = throughput_from_log(log)
+        rate, peak = steady_throughput(log)
         dp = max(1, (gpus or cp) // cp)
         report(f"Qwen2.5-{args.size} seq {args.seq_len} CP{cp} DP{dp} AC {ac}, {spec}", rate, size,
                args.seq_len, peak)
@@ -251,8 +244,6 @@ def main() -> None:
     att.add_argument("--profile", action="store_true", help="print each side's GPU kernels by total time")
     args = parser.parse_args()
     # SIGTERM (a time limit) as an exception, so the launcher's session is stopped with this process.
-    import signal
-
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.prepare_only:
         print("assets:", *prepare_assets(Path(args.assets)))

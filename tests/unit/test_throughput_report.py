@@ -1,11 +1,13 @@
-"""benchmarks/train_throughput.py's --table maths on hand-written rows: each side's best, ours / HF at best and
-at each micro-batch both ran, and the MFU peak lookup."""
+"""The throughput benchmarks' harness (megatron_patch/harness/): the --table maths on hand-written rows (each side's
+best, ours / HF at best and at each micro-batch both ran), the MFU peak lookup, the HF micro-batch sweep, the
+--mcore run variants and the loss check."""
 
 from __future__ import annotations
 
 import pytest
 
-import train_throughput as tt
+from megatron_patch.harness import hf_baseline, mcore_runs
+from megatron_patch.harness import throughput as tt
 
 
 def row(side: str, micro: int, rate: float | None, variant: str = "v", status: str = "ok", note: str = "") -> dict:
@@ -57,42 +59,42 @@ def test_peak_lookup_by_device_name():
     assert tt.mfu_peak("NVIDIA GeForce RTX 4090", 165.2)[0] == 165.2e12
 
 
-def test_an_hf_micro_batch_out_of_memory_after_earlier_runs_gets_a_fresh_process(tmp_path, monkeypatch):
+def test_mfu_is_model_flops_over_the_peak():
+    from megatron_patch.model_sizes import get_size
+
+    size = get_size("1.5B")
+    tflops, utilization = tt.mfu(50_000, size, 2048, 989e12)
+    assert tflops == 50_000 * size.training_flops_per_token(2048) / 1e12 and utilization == tflops / 989
+    assert tt.mfu(50_000, size, 2048, None)[1] is None
+
+
+def test_an_hf_micro_batch_out_of_memory_after_earlier_runs_gets_a_fresh_process():
     """The sweep's second micro-batch runs out of memory in the process that ran the first (fragmentation, seen
     at 1.5B mb 16): it is run again alone in a new process, whose row is the one kept; an OOM there ends the sweep."""
-    import json
-    import sys
-    from pathlib import Path
-
     import torch
 
-    calls = []
+    measured, alone, kept = [], [], []
 
-    def fake_hf(size, seq_len, micro, global_batch, pure_bf16, steps, warmup, mode):
-        calls.append(micro)
+    def measure(micro):
+        measured.append(micro)
         if micro > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.27 GiB")
         return 100.0, 1.0, 0
 
-    fresh = []
+    def measure_alone(micro):  # the fresh process records its own row
+        alone.append(micro)
+        kept.append((micro, "ok" if micro == 2 else "OOM"))
+        return kept[-1][1]
 
-    def fake_run(command, check):
-        micro = int(command[command.index("--hf-micro-batches") + 1])
-        fresh.append(micro)
-        status = "ok" if micro == 2 else "OOM"
-        rows = [dict(row("HF (a)", micro, 90.0 if status == "ok" else None, "compile default", status),
-                     size="tiny", seq_len=64, global_batch=4)]
-        Path(command[command.index("--json") + 1]).write_text(json.dumps(rows))
-
-    monkeypatch.setattr(tt, "hf_throughput", fake_hf)
-    monkeypatch.setattr(tt.subprocess, "run", fake_run)
-    out = tmp_path / "rows.json"
-    monkeypatch.setattr(sys, "argv", ["train_throughput.py", "--size", "tiny", "--seq-len", "64", "--global-batch", "4",
-                                      "--skip-mcore", "--hf", "a", "--hf-micro-batches", "1,2,4", "--json", str(out)])
-    tt.main()
-    assert calls == [1, 2, 4] and fresh == [2, 4]  # mb 4 also OOMs in-process, then alone: the sweep ends there
-    kept = [(r["micro_batch"], r["status"]) for r in json.loads(out.read_text())]
+    ran = hf_baseline.sweep_micro_batches([1, 2, 4], measure, measure_alone,
+                                          lambda micro, status, *rest, **note: kept.append((micro, status)), False)
+    assert ran and measured == [1, 2, 4] and alone == [2, 4]  # mb 4 also OOMs in-process, then alone: the end
     assert kept == [(1, "ok"), (2, "ok"), (4, "OOM")]
+    kept.clear()  # a first run that fails is a row, and the sweep ends there without a fresh process
+    assert not hf_baseline.sweep_micro_batches([2, 4], measure, measure_alone,
+                                               lambda micro, status, **note: kept.append((micro, status, note)),
+                                               False)
+    assert kept == [(2, "OOM", {"note": "OutOfMemoryError: CUDA out of memory. Tried to allocate 9.27 GiB"})]
 
 
 def test_loss_check_runs_warm_up_over_a_tenth_of_their_iterations(tmp_path, monkeypatch, capsys):
@@ -103,14 +105,13 @@ def test_loss_check_runs_warm_up_over_a_tenth_of_their_iterations(tmp_path, monk
     def fake_launcher(positional, env, out, iters):
         launched.append((positional[22], positional[23], env.get("MP_FP8_RECIPE")))
         losses = [10.0, 9.0] if "MP_FP8_RECIPE" not in env else [10.0, 9.09]
-        return "\n".join(f"[qwen] iteration {i + 1} | lm loss: {v:.6E}" for i, v in enumerate(losses))
+        return "\n".join(f" iteration {i + 1}/ 20 | lm loss: {v:.6E} |" for i, v in enumerate(losses))
 
-    monkeypatch.setattr(tt, "run_launcher", fake_launcher)
-    parser_args = ["--size", "0.5B", "--seq-len", "128", "--global-batch", "4", "--data", "D", "--tokenizer", "T",
-                   "--loss-check-iters", "20", "--mcore", "fused:2", "--mcore", "fused:2:fp8-tensorwise",
-                   "--out", str(tmp_path)]
-    monkeypatch.setattr("sys.argv", ["train_throughput.py", *parser_args])
-    tt.main()
+    monkeypatch.setattr(mcore_runs, "run_launcher", fake_launcher)
+    runs = [mcore_runs.McoreRun.parse("fused:2"), mcore_runs.McoreRun.parse("fused:2:fp8-tensorwise")]
+    mcore_runs.check_losses(runs, 1, 20, None, lambda run, label, warmup: mcore_runs.megatron_run(
+        "0.5B", 128, run.micro, 4, "D", "T", 20, tmp_path / label, run.env, precision=run.precision,
+        warmup_iters=warmup))
     # TRAIN_TOKENS_OR_ITERS and WARMUP_TOKENS_OR_ITERS: 20 and 2 iterations of 4 x 128 tokens
     assert launched == [("10240", "1024", None), ("10240", "1024", "tensorwise")]
     out = capsys.readouterr().out
@@ -120,30 +121,27 @@ def test_loss_check_runs_warm_up_over_a_tenth_of_their_iterations(tmp_path, monk
 
 def test_a_repeated_loss_check_run_is_numbered_not_overwritten():
     taken = {"fused": [], "fused, fp8 tensorwise": []}
-    assert tt.repeat_label("fused", taken) == "fused (run 2)"
+    assert mcore_runs.repeat_label("fused", taken) == "fused (run 2)"
     taken["fused (run 2)"] = []
-    assert tt.repeat_label("fused", taken) == "fused (run 3)"
-    assert tt.repeat_label("plain", taken) == "plain"
-    assert tt.repeat_label("fused, fp8 blockwise", taken) == "fused, fp8 blockwise"
+    assert mcore_runs.repeat_label("fused", taken) == "fused (run 3)"
+    assert mcore_runs.repeat_label("plain", taken) == "plain"
+    assert mcore_runs.repeat_label("fused, fp8 blockwise", taken) == "fused, fp8 blockwise"
 
 
-def test_loss_check_repeats_interleave_and_each_variant_gets_its_mean_and_range(tmp_path, monkeypatch, capsys):
-    """--loss-check-repeats 2: A, B, A, B (a drifting machine touches both alike); the per-variant lines average
-    the repeats' last-10 means and say whether the two variants' ranges overlap."""
+def test_loss_check_repeats_interleave_and_each_variant_gets_its_mean_and_range(capsys):
+    """Two repeats: A, B, A, B (a drifting machine touches both alike); the per-variant lines average the repeats'
+    last-10 means and say whether the two variants' ranges overlap."""
     tails = iter([7.00, 7.20, 7.04, 7.16])  # bf16, fp8, bf16, fp8
     launched = []
 
-    def fake_launcher(positional, env, out, iters):
-        launched.append(env.get("MP_FP8_RECIPE", "bf16"))
+    def launch(run, label, warmup):
+        launched.append((run.env.get("MP_FP8_RECIPE", "bf16"), warmup))
         last = next(tails)
-        return "\n".join(f"[qwen] iteration {i + 1} | lm loss: {v:.6E}" for i, v in enumerate([11.0] + [last] * 10))
+        return "\n".join(f" iteration {i + 1}/ 11 | lm loss: {v:.6E} |" for i, v in enumerate([11.0] + [last] * 10))
 
-    monkeypatch.setattr(tt, "run_launcher", fake_launcher)
-    monkeypatch.setattr("sys.argv", ["train_throughput.py", "--data", "D", "--tokenizer", "T", "--out", str(tmp_path),
-                                     "--loss-check-iters", "11", "--loss-check-repeats", "2",
-                                     "--mcore", "fused:2", "--mcore", "fused:2:fp8-tensorwise"])
-    tt.main()
-    assert launched == ["bf16", "tensorwise", "bf16", "tensorwise"]
+    runs = [mcore_runs.McoreRun.parse("fused:2"), mcore_runs.McoreRun.parse("fused:2:fp8-tensorwise")]
+    mcore_runs.check_losses(runs, 2, 11, 0, launch)
+    assert launched == [("bf16", 0), ("tensorwise", 0), ("bf16", 0), ("tensorwise", 0)]
     out = capsys.readouterr().out
     assert "fused (run 2)" in out and "fused, fp8 tensorwise (run 2)" in out
     assert "fused                        2 run(s), last 10 iterations' mean 7.0200 (7.0000-7.0400)" in out
@@ -153,21 +151,21 @@ def test_loss_check_repeats_interleave_and_each_variant_gets_its_mean_and_range(
 
 
 def test_variant_summary_says_when_ranges_overlap():
-    lines = tt.variant_summary({"a": [[7.0] * 10, [7.2] * 10], "b": [[7.1] * 10]})
+    lines = mcore_runs.variant_summary({"a": [[7.0] * 10, [7.2] * 10], "b": [[7.1] * 10]})
     assert lines[0].split() == ["a", "2", "run(s),", "last", "10", "iterations'", "mean", "7.1000", "(7.0000-7.2000)"]
     assert lines[1].endswith("+0.00% against a, ranges overlap")
 
 
 def test_an_mcore_run_takes_the_fp8_accuracy_knobs():
-    run = tt.McoreRun.parse("fused:4:fp8-tensorwise:bf16-ends-1")
+    run = mcore_runs.McoreRun.parse("fused:4:fp8-tensorwise:bf16-ends-1")
     assert run.env == {"MP_FUSED_KERNELS": "true", "MP_CUDA_GRAPH": "false", "MP_FP8_RECIPE": "tensorwise",
                        "MP_FP8_BF16_LAYERS": "1"}
     assert run.precision == "fp8" and run.label() == "fused, fp8 tensorwise, bf16 ends 1"
-    run = tt.McoreRun.parse("fused:4:fp8-tensorwise:fprop-fp32:e4m3")
+    run = mcore_runs.McoreRun.parse("fused:4:fp8-tensorwise:fprop-fp32:e4m3")
     assert run.env == {"MP_FUSED_KERNELS": "true", "MP_CUDA_GRAPH": "false", "MP_FP8_RECIPE": "tensorwise",
                        "MP_FP8_FORMAT": "e4m3", "MP_FP8_FPROP_ACCUMULATION": "fp32"}
     assert run.label() == "fused, fp8 tensorwise, e4m3, fp32 forward accumulation"
     for wrong in ("fused:4:bf16-ends-1", "fused:4:fp8-tensorwise:bf16-ends-x", "fused:4:fp8-tensorwise:ends-1",
                   "fused:4:e4m3", "fused:4:fprop-fp32", "fused:4:fp8-tensorwise:e4m3:e4m3"):
         with pytest.raises(SystemExit, match="bf16-ends-N"):
-            tt.McoreRun.parse(wrong)
+            mcore_runs.McoreRun.parse(wrong)

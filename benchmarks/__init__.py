@@ -1,0 +1,1 @@
+"""Benchmarks and the GPU matrix: each a `python -m benchmarks.NAME` script over megatron_patch.harness."""
