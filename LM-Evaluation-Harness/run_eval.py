@@ -12,8 +12,9 @@ hub switched off and lm-eval's cmmlu/ceval-valid reading prepare_data.py's files
 Results (JSON, plus the task configs used) go to MODEL_DIR/eval_results/ unless --output_path is given; they
 appear only once lm-eval has finished. Ctrl-C stops it with one line and exit status 130, writing no results.
 
-MODEL_DIR must hold Hugging Face weights, config.json and a tokenizer; a Megatron checkpoint folder is refused
-with the convertor command that turns it back into Hugging Face format.
+MODEL_DIR must hold Hugging Face weights, config.json and a tokenizer, or be a PEFT adapter folder (the convertor's
+export of a LoRA run: adapter_config.json names the base model's folder, which lm-eval loads with the adapter);
+a Megatron checkpoint folder is refused with the convertor command that turns it back into Hugging Face format.
 
 Environment: EVAL_DATA_DIR (default LM-Evaluation-Harness/data), MAIN_PROCESS_PORT (default 29051),
 MP_DRY_RUN=1 prints the lm_eval command instead of running it, and writes nothing (run_eval.sh still takes the
@@ -23,6 +24,7 @@ to let lm-eval reach the hub.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -48,11 +50,38 @@ MEGATRON_MARKERS = ("latest_checkpointed_iteration.txt", "metadata.json", "*.dis
 CONVERT_BACK = HERE.parent / "toolkits/distributed_checkpoints_convertor/scripts/qwen2_5/run_8xH20.sh"
 
 
+def peft_adapter_base(model_dir: Path) -> Path | None:
+    """The base model's folder of a PEFT adapter folder (adapter_config.json), None for any other folder."""
+    config = model_dir / "adapter_config.json"
+    if not config.is_file():
+        return None
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise UserError(f"error: MODEL_DIR {model_dir} is a PEFT adapter over {base!r}, which is not a folder here. "
+                        f"Set base_model_name_or_path in {config} to the base model's Hugging Face folder (lm-eval "
+                        "loads it offline, then the adapter).")
+    if not (model_dir / "adapter_model.safetensors").is_file():
+        raise UserError(f"error: MODEL_DIR {model_dir} has adapter_config.json but no adapter_model.safetensors; "
+                        "export the LoRA run again (the convertor's MG2HF writes both).")
+    return Path(base)
+
+
+def model_args(model_dir: Path) -> str:
+    """lm-eval's --model_args for MODEL_DIR: the model, or the base model with the PEFT adapter."""
+    base = peft_adapter_base(model_dir)
+    loads = f"pretrained={model_dir}" if base is None else f"pretrained={base},peft={model_dir}"
+    return f"{loads},trust_remote_code=False"
+
+
 def check_model_dir(model_dir: Path) -> None:
     """MODEL_DIR is a Hugging Face checkpoint lm-eval can load: weights (readable, where safetensors), config.json
-    and a tokenizer. Checked before lm-eval starts, which would otherwise die deep inside transformers."""
+    and a tokenizer (a PEFT adapter's base model is). Checked before lm-eval starts, which would otherwise die deep
+    inside transformers."""
     if not model_dir.is_dir():
         raise UserError(f"error: MODEL_DIR {model_dir} is not a folder.")
+    base = peft_adapter_base(model_dir)
+    if base is not None:
+        return check_model_dir(base)
     if not any((model_dir / name).is_file() for name in HF_WEIGHT_FILES):
         megatron = sorted({p.name for pattern in MEGATRON_MARKERS for p in model_dir.glob(pattern)})
         if megatron:
@@ -147,7 +176,7 @@ def build_command(model_dir: Path, tasks: str, extra: list[str], include_path: P
         launcher = [python, "-m", "lm_eval"]
     # Qwen2 is built into transformers: trusting remote code would only run .py files lying in MODEL_DIR. lm-eval's
     # own --trust_remote_code (or --model_args trust_remote_code=True) in `extra` overrides this.
-    command = [*launcher, "--model", "hf", "--model_args", f"pretrained={model_dir},trust_remote_code=False",
+    command = [*launcher, "--model", "hf", "--model_args", model_args(model_dir),
                "--tasks", tasks, "--include_path", str(include_path)]
     defaults = {"--batch_size": DEFAULT_BATCH_SIZE, "--output_path": str(output_path)}
     if num_gpus == 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_patch.errors import UserError
+from megatron_patch.lora.targets import add_lora_args
 from megatron_patch.model_sizes import Qwen25Size, get_size
 
 
@@ -129,4 +130,5 @@ def add_extra_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "of every parameter at each check to DIR/rank<N>.jsonl, to compare replicas offline")
     group.add_argument("--cpu-threads", type=int, default=None,
                        help="CPU runs: torch threads per process (default: cores / processes)")
+    add_lora_args(parser)
     return parser

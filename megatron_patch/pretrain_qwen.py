@@ -35,6 +35,7 @@ with importing_megatron():
     from megatron_patch.data.providers import get_batch, train_valid_test_datasets_provider  # noqa: E402
     from megatron_patch.errors import UserError  # noqa: E402
     from megatron_patch.fused import linear_cross_entropy  # noqa: E402
+    from megatron_patch.lora import attach as lora  # noqa: E402
     from megatron_patch.model import model_provider  # noqa: E402
 
 # megatron's pretrain_gpt: a loss this many times the running average is reported as spiky (not fatal).
@@ -99,6 +100,7 @@ def main(argv: list[str]) -> None:
     # (Their helper processes die with them: the manifest's children-die-with-parent.)
     process_lifetime.die_with_parent()
     args = start_megatron(argv)
+    lora.settle_args(args)
     # The launcher settles a damaged or untracked checkpoint folder before torchrun; a direct torchrun is refused.
     checkpoint_state.refuse_unresolved(args.load)
     pretrain(

@@ -43,6 +43,48 @@ def total_grad(param: torch.Tensor) -> torch.Tensor:
     return grad + param.main_grad if hasattr(param, "main_grad") else grad
 
 
+def models_with_the_same_weights(size, bf16: bool, plain_kernels: bool, seq_len: int):
+    """HF's Qwen2ForCausalLM in fp32 and the model training builds (in bf16 with `bf16`), holding the same weights
+    (HF takes them as the Megatron model holds them, rounded to bf16 with `bf16`): (hf, model, mappings)."""
+    hf = random_hf_model(size, "float32", seed=0, perturb_biases=True)
+    mcore_runtime.init_megatron(size, torch.bfloat16 if bf16 else torch.float32, seq_length=seq_len,
+                                extra_argv=("--plain-kernels",) if plain_kernels else ())
+    model = mcore_runtime.build_model().train()
+    device = next(model.parameters()).device
+    hf.to(device)
+    weights = mcore_runtime.named_weights(model)
+    hf_params = dict(hf.named_parameters())
+    table = [m for m in qwen2_5_mappings(size) if not isinstance(m, TiedLMHead)]
+    with torch.no_grad():
+        for m in table:
+            weights[m.mcore].copy_(m.to_mcore([hf_params[name] for name in m.hf], size))
+        for m in table:
+            for name, value in zip(m.hf, m.to_hf(weights[m.mcore].float(), size)):
+                hf_params[name].copy_(value)
+    return hf, model, table
+
+
+def random_batch(size, batch: int, seq: int, device) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    return dict(tokens=torch.randint(0, size.vocab_size, (batch, seq), device=device),
+                labels=torch.randint(0, size.vocab_size, (batch, seq), device=device),
+                loss_mask=(torch.rand(batch, seq, device=device) > 0.2).float())
+
+
+def mcore_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """pretrain_qwen.forward_step's call: the loss-mask-weighted sum of token losses."""
+    tokens = batch["tokens"]
+    position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    return model(tokens, position_ids, None, labels=batch["labels"],
+                 output_processor=linear_cross_entropy.output_processor, loss_mask=batch["loss_mask"])
+
+
+def hf_loss(hf, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    token_losses = F.cross_entropy(hf(input_ids=batch["tokens"]).logits.flatten(0, 1).float(),
+                                   batch["labels"].flatten(), reduction="none")
+    return (token_losses * batch["loss_mask"].flatten()).sum()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--untied", action="store_true", help="a separate output layer (as 7B and larger have)")
@@ -54,51 +96,31 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args()
     size = dataclasses.replace(get_size(args.size), tie_word_embeddings=not args.untied)
-    batch, seq = args.batch, args.seq_len
 
-    hf = random_hf_model(size, "float32", seed=0, perturb_biases=True)
-    mcore_runtime.init_megatron(size, torch.bfloat16 if args.bf16 else torch.float32, seq_length=seq,
-                                extra_argv=("--plain-kernels",) if args.plain_kernels else ())
-    model = mcore_runtime.build_model().train()
+    hf, model, table = models_with_the_same_weights(size, args.bf16, args.plain_kernels, args.seq_len)
     from megatron_patch.model import describe_modules  # after init_megatron: it imports megatron-core its way
     device = next(model.parameters()).device
-    hf.to(device)
     weights = mcore_runtime.named_weights(model)
     hf_params = dict(hf.named_parameters())
-    table = [m for m in qwen2_5_mappings(size) if not isinstance(m, TiedLMHead)]
-    with torch.no_grad():
-        for m in table:
-            weights[m.mcore].copy_(m.to_mcore([hf_params[name] for name in m.hf], size))
-        for m in table:  # HF takes the weights as the model holds them (rounded to bf16 with --bf16)
-            for name, value in zip(m.hf, m.to_hf(weights[m.mcore].float(), size)):
-                hf_params[name].copy_(value)
     if device.type == "cuda":
         for param in model.parameters():
             param.main_grad = torch.zeros_like(param, dtype=torch.float32)
 
-    torch.manual_seed(1)
-    tokens = torch.randint(0, size.vocab_size, (batch, seq), device=device)
-    labels = torch.randint(0, size.vocab_size, (batch, seq), device=device)
-    loss_mask = (torch.rand(batch, seq, device=device) > 0.2).float()
-    position_ids = torch.arange(seq, device=device).expand(batch, seq)
-    # pretrain_qwen.forward_step's call: the loss-mask-weighted sum of token losses.
-    loss = model(tokens, position_ids, None, labels=labels,
-                 output_processor=linear_cross_entropy.output_processor, loss_mask=loss_mask)
+    batch = random_batch(size, args.batch, args.seq_len, device)
+    loss = mcore_loss(model, batch)
     loss.backward()
 
     def hf_loss_and_backward() -> torch.Tensor:
-        token_losses = F.cross_entropy(hf(input_ids=tokens).logits.flatten(0, 1).float(), labels.flatten(),
-                                       reduction="none")
-        hf_loss = (token_losses * loss_mask.flatten()).sum()
-        hf_loss.backward()
-        return hf_loss
+        value = hf_loss(hf, batch)
+        value.backward()
+        return value
 
-    hf_loss = hf_loss_and_backward()
+    reference_loss = hf_loss_and_backward()
     reference = {name: param.grad for name, param in hf_params.items()}
     ours = {name: grad.float() for m in table
             for name, grad in zip(m.hf, m.to_hf(total_grad(weights[m.mcore]), size))}
     result = {"device": device.type, "modules": describe_modules(model), "loss": loss.item(),
-              "hf_loss": hf_loss.item(), "relative_grad_difference": relative_differences(ours, reference)}
+              "hf_loss": reference_loss.item(), "relative_grad_difference": relative_differences(ours, reference)}
     if args.bf16 and device.type == "cuda":
         # What bf16 costs HF itself (autocast over fp32 weights, HF (a)'s numerics): the yardstick for ours.
         hf.zero_grad(set_to_none=True)

@@ -114,12 +114,14 @@ def warm_ranks() -> WarmRanks:
         return _warm_ranks[0]
 
 
-def run_entrypoint(workdir: Path, nproc: int, args: list[str], timeout: int = 600, check: bool = True):
+def run_entrypoint(workdir: Path, nproc: int, args: list[str], timeout: int = 600, check: bool = True,
+                   env: dict[str, str] | None = None):
     """The entrypoint's ranks (megatron_patch.pretrain_qwen's entry) with TensorBoard under workdir/tb; returns a
     CompletedProcess of all ranks' output. Started as torchrun starts them (RANK, LOCAL_RANK, WORLD_SIZE,
     MASTER_ADDR/PORT; rank 0 hosts the store), each forked from the session's warm process (tests/warm_ranks.py:
     the imports every rank repeats are done once), without torchrun's own process. As torchrun does, a rank that
-    fails ends the others. The launcher's tests start ranks through real torchrun."""
+    fails ends the others. The launcher's tests start ranks through real torchrun. `env`: more environment for
+    this launch's ranks only (os.environ is every launch's)."""
     import signal
     import tempfile
     import time
@@ -128,7 +130,7 @@ def run_entrypoint(workdir: Path, nproc: int, args: list[str], timeout: int = 60
     argv = [*args, "--tensorboard-dir", str(workdir / "tb"), "--tensorboard-log-interval", "1"]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)),
                WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()))
+               MASTER_PORT=str(free_port())) | (env or {})
     server = warm_ranks()
     with tempfile.TemporaryDirectory() as outputs:
         out, err = Path(outputs) / "stdout", Path(outputs) / "stderr"
@@ -161,7 +163,9 @@ def run_entrypoint(workdir: Path, nproc: int, args: list[str], timeout: int = 60
 
 def run_tool(cmd: list, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """A toolkit script or CLI in a subprocess (Megatron keeps its setup in process globals)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="2")
+    # The caller's PYTHONPATH stays behind the repository's (where a test dependency such as peft may live).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH"))
+                                                       if p), OMP_NUM_THREADS="2")
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

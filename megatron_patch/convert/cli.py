@@ -2,6 +2,7 @@
 
     python -m megatron_patch.convert --model-size auto --load-dir HF --save-dir MCORE --precision bf16
     python -m megatron_patch.convert --mg2hf --model-size 7B --load-dir MCORE --save-dir HF_OUT --hf-dir HF
+    (a LoRA run's MCORE: a PEFT adapter folder over HF; add --merge-lora for merged full weights)
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logits-tolerance", type=float, default=None,
                    help="with --check-logits: fail if the max abs logit difference is larger")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty SAVE_DIR (only on success)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="Megatron -> HF of a LoRA run: full HF weights with the adapters merged into the base the run "
+                        "recorded, instead of a PEFT adapter folder (adapter_config.json, adapter_model.safetensors)")
     return p
 
 
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.mg2hf:
             check = mcore_to_hf(args.model_size, args.load_dir, args.save_dir, args.hf_dir, args.precision,
                                 args.use_cuda, args.check_logits, args.max_shard_size, args.tp, args.pp,
-                                args.overwrite)
+                                args.overwrite, args.merge_lora)
         else:
             if args.use_te and not args.use_cuda:
                 print("note: USE_TE=true is informational here; the checkpoint uses the TE key names either way "

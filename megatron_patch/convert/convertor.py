@@ -7,7 +7,8 @@ loads it with any TP/PP (dist_checkpointing reshards on load).
 
 Megatron -> HF (`mcore_to_hf`): the model weights of a torch_dist checkpoint (any TP/PP; optimizer state is never
 read) are read one decoder layer at a time as global tensors, split by the table and written to safetensors
-shards that are flushed as they fill.
+shards that are flushed as they fill. A LoRA run's checkpoint (adapters only) becomes a PEFT adapter folder, or
+with --merge-lora the weights of the base it recorded with the adapters merged in (megatron_patch.lora.peft_export).
 
 Every input is validated before anything is written (a truncated or corrupt file is named, with what is wrong);
 output goes to a hidden folder beside SAVE_DIR and takes its place only when complete (`StagedFolder`).
@@ -110,11 +111,11 @@ def check_parallel_layout(size: Qwen25Size, tp: int, pp: int) -> None:
 
 
 def _copy_side_files(src_dir: Path, dst_dir: Path, dtype: torch.dtype | None = None,
-                     model: Qwen25Size | None = None) -> list[str]:
-    """The config and tokenizer files; with `dtype` the config names it, with `model` it records that model's
-    RoPE and norm settings."""
+                     model: Qwen25Size | None = None, only: tuple[str, ...] = SIDE_FILES) -> list[str]:
+    """The config and tokenizer files (or `only` those); with `dtype` the config names it, with `model` it records
+    that model's RoPE and norm settings."""
     copied = []
-    for name in SIDE_FILES:
+    for name in only:
         src = src_dir / name
         if not src.is_file():
             continue
@@ -259,7 +260,7 @@ def find_mcore_checkpoint(load_dir: Path) -> Path:
     return ckpt
 
 
-def _mcore_tensor_metadata(ckpt: Path) -> dict:
+def mcore_tensor_metadata(ckpt: Path) -> dict:
     """The model tensors' metadata, after checking that every .distcp file holding them is there and as long as
     the checkpoint's index says: a truncated copy or an interrupted save is named here, not deep inside
     torch.distributed.checkpoint."""
@@ -276,7 +277,7 @@ def _mcore_tensor_metadata(ckpt: Path) -> dict:
 
 def validate_mcore_checkpoint(ckpt: Path, size: Qwen25Size) -> dict:
     """Model tensors of the checkpoint against the table (names and global shapes); returns their metadata."""
-    meta = _mcore_tensor_metadata(ckpt)
+    meta = mcore_tensor_metadata(ckpt)
     expected: dict[str, tuple[int, ...]] = {}
     for name, shape in mcore_shapes(size).items():
         key, layer = stacked_key(name)
@@ -345,14 +346,14 @@ def _corrupt_checkpoint(ckpt: Path, what: str, e: BaseException) -> UserError:
                      "of this checkpoint is corrupt. Convert an earlier iteration, or copy the checkpoint again.")
 
 
-def _read_mcore_tensors(ckpt: Path, mappings: list[Mapping], meta: dict) -> dict[str, torch.Tensor]:
-    """Global (unsharded) tensors for `mappings`, whatever TP/PP saved them. Decoder layers are stored stacked,
+def read_mcore_tensors(ckpt: Path, names: list[str], meta: dict) -> dict[str, torch.Tensor]:
+    """Global (unsharded) tensors by Megatron name, whatever TP/PP saved them. Decoder layers are stored stacked,
     so only this layer's slice of each stacked tensor is requested: that much is read and held, no more."""
     from torch.distributed.checkpoint import FileSystemReader, load
 
     requests = {}
-    for m in mappings:
-        key, layer = stacked_key(m.mcore)
+    for name in names:
+        key, layer = stacked_key(name)
         info = meta[key]
         shape = tuple(info.size)
         offsets = (0,) * len(shape) if layer is None else (layer,) + (0,) * (len(shape) - 1)
@@ -365,9 +366,9 @@ def _read_mcore_tensors(ckpt: Path, mappings: list[Mapping], meta: dict) -> dict
     except (Exception, CheckpointException) as e:  # sizes were checked: what fails now is the files' content
         raise _corrupt_checkpoint(ckpt, ", ".join(requests), e) from None
     out = {}
-    for m in mappings:
-        key, layer = stacked_key(m.mcore)
-        out[m.mcore] = requests[key][1] if layer is None else requests[key][1][0]
+    for name in names:
+        key, layer = stacked_key(name)
+        out[name] = requests[key][1] if layer is None else requests[key][1][0]
     return out
 
 
@@ -417,8 +418,10 @@ def _groups(table: list[Mapping]) -> list[list[Mapping]]:
 def mcore_to_hf(model_size: str, load_dir: str | Path, save_dir: str | Path, hf_dir: str | Path | None,
                 precision: str = "bf16", use_cuda: bool = False, check_logits: bool = False,
                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tp: int = 1, pp: int = 1,
-                overwrite: bool = False) -> LogitCheck | None:
-    """Convert a torch_dist checkpoint into HF safetensors shards with HF_DIR's config and tokenizer."""
+                overwrite: bool = False, merge_lora: bool = False) -> LogitCheck | None:
+    """Convert a torch_dist checkpoint into HF safetensors shards with HF_DIR's config and tokenizer. A LoRA run's
+    checkpoint becomes a PEFT adapter folder over HF_DIR, or with `merge_lora` the base's weights with the
+    adapters merged in."""
     load_dir, save_dir = Path(load_dir), Path(save_dir)
     dtype = _precision(precision)
     if hf_dir is None or str(hf_dir) == "":
@@ -430,39 +433,65 @@ def mcore_to_hf(model_size: str, load_dir: str | Path, save_dir: str | Path, hf_
     check_save_dir(save_dir, overwrite, {"LOAD_DIR": load_dir, "HF_DIR": hf_dir})
     _use_device(use_cuda)
 
-    meta = validate_mcore_checkpoint(ckpt, size)
-    trained = trained_model(checkpoint_args(ckpt), size)
+    from megatron_patch.lora.peft_export import lora_checkpoint, write_adapter
+
+    mcore_tensor_metadata(ckpt)  # a missing or truncated file is named before anything else reads the folder
+    ckpt_args = checkpoint_args(ckpt)
+    lora = lora_checkpoint(ckpt, ckpt_args)
+    if merge_lora and lora is None:
+        raise UserError(f"error: --merge-lora: {ckpt} is a full checkpoint, not a LoRA run's; drop --merge-lora.")
+    trained = trained_model(ckpt_args, size)
     if trained != size:
         print(f"note: the checkpoint was trained with {', '.join(non_shape_differences(size, trained, 'HF_DIR'))}: "
               "the output's config.json records it.", file=sys.stderr, flush=True)
-    table = qwen2_5_mappings(size)
     check = None
     with StagedFolder(save_dir, "convert") as out, torch.no_grad():
-        writer = HFShardWriter(out, max_shard_bytes)
-        progress = _progress(None, "Megatron -> HF", total=len(table))
-        for group in _groups(table):
-            wanted = [m for m in group if not isinstance(m, TiedLMHead)]
-            tensors = _read_mcore_tensors(ckpt, wanted, meta) if wanted else {}
-            for m in group:
-                if not isinstance(m, TiedLMHead):
-                    for name, t in zip(m.hf, m.to_hf(tensors.pop(m.mcore), size)):
-                        writer.add(name, t.to(dtype))
-                progress.update(1)
-        progress.close()
-        shards = writer.close()
-        _copy_side_files(hf_dir, out, dtype, trained if trained != size else None)
+        if lora is not None and not merge_lora:
+            written = f"a PEFT adapter ({write_adapter(lora, size, out, hf_dir.resolve(), dtype)} tensors)"
+            _copy_side_files(hf_dir, out, only=TOKENIZER_FILES)
+        else:
+            written = f"{_write_hf_weights(ckpt, lora, size, out, dtype, max_shard_bytes)} safetensors shard(s)"
+            _copy_side_files(hf_dir, out, dtype, trained if trained != size else None)
         if check_logits:
-            check = _check_mcore_against_hf(trained, load_dir, ckpt, out)
+            check = _check_mcore_against_hf(trained, ckpt, out, lora, hf_dir if lora and not merge_lora else None)
             print(f"check-logits (converted HF vs Megatron checkpoint, fp32): {check}", flush=True)
-    print(f"wrote {len(shards)} safetensors shard(s) of Qwen2.5 ({precision}) to {save_dir}", flush=True)
+    print(f"wrote {written} of Qwen2.5 ({precision}) to {save_dir}", flush=True)
     return check
 
 
-def _check_mcore_against_hf(size: Qwen25Size, load_dir: Path, ckpt: Path, hf_out: Path) -> LogitCheck:
-    """The checkpoint through megatron.training's own load_checkpoint into the entrypoint's model, vs the HF
-    output through transformers."""
-    from megatron.training import get_args
+def _write_hf_weights(ckpt: Path, lora, size: Qwen25Size, out: Path, dtype: torch.dtype,
+                      max_shard_bytes: int) -> int:
+    """The model's weights as HF shards in `out` (a LoRA run's: its base's, adapters merged); returns the number of
+    shards."""
+    from megatron_patch.lora.peft_export import merge_adapters
 
+    weights = ckpt if lora is None else lora.base
+    if lora is not None and not weights.is_dir():
+        raise UserError(f"error: {ckpt} holds LoRA adapters trained over the base checkpoint {weights}, which is "
+                        "missing; merged weights need it. Restore it, or export the adapter alone (no --merge-lora).")
+    meta = validate_mcore_checkpoint(weights, size)
+    adapter_meta = mcore_tensor_metadata(ckpt) if lora is not None else None
+    table = qwen2_5_mappings(size)
+    writer = HFShardWriter(out, max_shard_bytes)
+    progress = _progress(None, "Megatron -> HF", total=len(table))
+    for group in _groups(table):
+        wanted = [m.mcore for m in group if not isinstance(m, TiedLMHead)]
+        tensors = read_mcore_tensors(weights, wanted, meta) if wanted else {}
+        if lora is not None:
+            merge_adapters(tensors, lora, adapter_meta)
+        for m in group:
+            if not isinstance(m, TiedLMHead):
+                for name, t in zip(m.hf, m.to_hf(tensors.pop(m.mcore), size)):
+                    writer.add(name, t.to(dtype))
+            progress.update(1)
+    progress.close()
+    return len(writer.close())
+
+
+def _check_mcore_against_hf(size: Qwen25Size, ckpt: Path, hf_out: Path, lora=None,
+                            adapter_base: Path | None = None) -> LogitCheck:
+    """The checkpoint through megatron.training's own load_checkpoint into the entrypoint's model (a LoRA run's:
+    its base, then its adapters), vs the HF output through transformers (a PEFT adapter: over `adapter_base`)."""
     from megatron_patch.convert import mcore_runtime
 
     mcore_runtime.init_megatron(size, torch.float32)
@@ -470,14 +499,29 @@ def _check_mcore_against_hf(size: Qwen25Size, load_dir: Path, ckpt: Path, hf_out
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
-    root = ckpt.parent
-    if ckpt.name.startswith("iter_"):
-        get_args().ckpt_step = int(ckpt.name.removeprefix("iter_"))
-    mcore_runtime.load_checkpoint_into(model, root)
+    _load_iteration(model, ckpt if lora is None else lora.base)
     if not any(p.abs().sum() > 0 for p in model.parameters()):
-        raise UserError(f"error: --check-logits: megatron's load_checkpoint found nothing to load under {root}; "
-                        "pass the checkpoint's top folder (with latest_checkpointed_iteration.txt).")
-    return compare_logits(hf_out, model)
+        raise UserError(f"error: --check-logits: megatron's load_checkpoint found nothing to load under "
+                        f"{ckpt.parent}; pass the checkpoint's top folder (with latest_checkpointed_iteration.txt).")
+    if lora is not None:
+        from megatron_patch.lora.attach import add_adapters, adapters_only_in_checkpoints
+
+        add_adapters(model, lora.settings, seed=0)  # values replaced by the checkpoint's
+        adapters_only_in_checkpoints(model)
+        _load_iteration(model, ckpt)
+    if adapter_base is None:
+        return compare_logits(hf_out, model)
+    return compare_logits(adapter_base, model, adapter_dir=hf_out)
+
+
+def _load_iteration(model, folder: Path) -> None:
+    """One torch_dist iteration (or release) folder into `model`, through megatron.training's load_checkpoint."""
+    from megatron.training import get_args
+
+    from megatron_patch.convert import mcore_runtime
+
+    get_args().ckpt_step = int(folder.name.removeprefix("iter_")) if folder.name.startswith("iter_") else None
+    mcore_runtime.load_checkpoint_into(model, folder.parent)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -491,9 +535,10 @@ def check_tokens(size: Qwen25Size, batch: int = 2, seq_length: int = 32, seed: i
 
 
 @torch.no_grad()
-def compare_logits(hf_dir: Path, mcore_model, tokens: torch.Tensor | None = None) -> LogitCheck:
-    """HF transformers and a Megatron model on the same tokens, both fp32: max abs logit difference and each
-    one's mean next-token loss."""
+def compare_logits(hf_dir: Path, mcore_model, tokens: torch.Tensor | None = None,
+                   adapter_dir: Path | None = None) -> LogitCheck:
+    """HF transformers (with `adapter_dir`: peft's PeftModel of that adapter over it) and a Megatron model on the
+    same tokens, both fp32: max abs logit difference and each one's mean next-token loss."""
     from transformers import AutoModelForCausalLM
 
     from megatron_patch.convert import mcore_runtime
@@ -501,6 +546,13 @@ def compare_logits(hf_dir: Path, mcore_model, tokens: torch.Tensor | None = None
     if tokens is None:
         tokens = check_tokens(model_from_hf_config(read_checkpoint_json(Path(hf_dir) / "config.json")))
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    if adapter_dir is not None:
+        try:
+            from peft import PeftModel
+        except ImportError:
+            raise UserError("error: --check-logits of a PEFT adapter loads it with peft, which is not installed "
+                            "here: pip install peft (or convert without --check-logits).") from None
+        hf = PeftModel.from_pretrained(hf, adapter_dir).eval()
     hf_out = hf(input_ids=tokens, labels=tokens)
     mcore_logits = mcore_runtime.forward(mcore_model, tokens).float().cpu()
     # Megatron's labels are the next tokens; the last position has none (masked out of the mean).

@@ -62,7 +62,16 @@ def megatron_flags(launch: Launch, machine: Machine, tokenizer: str) -> list[str
     flags += _recompute_flags(launch)
     flags += _optimizer_offload_flags(launch, machine)
     flags += _data_flags(launch)
+    flags += _lora_flags(launch)
     return flags
+
+
+def _lora_flags(launch: Launch) -> list[str]:
+    lora = launch.lora
+    if lora is None:
+        return []
+    return ["--lora-rank", str(lora.rank), "--lora-alpha", f"{lora.alpha:g}", "--lora-dropout", f"{lora.dropout:g}",
+            "--lora-targets", ",".join(lora.targets), "--lora-method", lora.method]
 
 
 def _precision_flags(launch: Launch) -> list[str]:
@@ -106,7 +115,9 @@ def _parallel_flags(launch: Launch, machine: Machine) -> list[str]:
         if launch.distributed_optimizer and not launch.cuda_graph and launch.activation_checkpointing != "full" \
                 and launch.precision != "fp8":
             flags.append("--overlap-param-gather")
-        if launch.tp > 1 and launch.sp and uses_te(launch, machine):
+        # LoRA asks TE's layer-norm linears for their normalized input, which TE's userbuffers all-gather
+        # overlap does not hand out.
+        if launch.tp > 1 and launch.sp and uses_te(launch, machine) and launch.lora is None:
             flags.append("--tp-comm-overlap")
     return flags
 
@@ -148,14 +159,14 @@ def _optimizer_offload_flags(launch: Launch, machine: Machine) -> list[str]:
 def auto_offload_fraction(launch: Launch, machine: Machine, free_gpu_bytes: int | None) -> float:
     """Share of optimizer state to keep on the CPU so the rest fits in free GPU memory.
 
-    Adam keeps fp32 master weights and two moments: 12 bytes per parameter (the real shape's count), split over
-    the model-parallel ranks and, by the distributed optimizer, over data-parallel ranks. Half of the GPU's free
-    memory is left for weights, grads and activations.
+    Adam keeps fp32 master weights and two moments: 12 bytes per trained parameter (the real shape's count, or a
+    LoRA run's adapters), split over the model-parallel ranks and, by the distributed optimizer, over
+    data-parallel ranks. Half of the GPU's free memory is left for weights, grads and activations.
     """
     if free_gpu_bytes is None:
         return 1.0
     dp = max(1, machine.world_size // (launch.tp * launch.pp * launch.cp))
-    state_bytes = 12 * launch.size.parameter_count / (launch.tp * launch.pp) / dp
+    state_bytes = 12 * launch.trained_parameters / (launch.tp * launch.pp) / dp
     on_gpu = min(1.0, 0.5 * free_gpu_bytes / state_bytes)
     return round(max(0.0, 1.0 - on_gpu), 2)
 

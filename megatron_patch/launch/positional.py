@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_patch.errors import UserError, parse_bool
+from megatron_patch.lora.targets import ALL_TARGETS, DEFAULT_ALPHA, METHODS, LoraSettings, adapter_parameter_count, \
+    parse_targets
 from megatron_patch.model_sizes import QWEN2_5_SIZES, Qwen25Size, shape_name
 
 POSITIONAL = (
@@ -53,6 +55,15 @@ ENV_KNOBS = {
                             "`yarn:4` takes a 32k model to 128k (Qwen2.5's documented long-context setting); "
                             "without it a checkpoint's config.json rope_scaling is followed"),
     "MP_CUDA_GRAPH": ("false", "`true`: replay each iteration from one CUDA graph (GPU, PP=1)"),
+    "MP_LORA_RANK": ("0", "LoRA/DoRA adapter rank, e.g. `16`; `0`: full fine-tuning. With a rank, "
+                         "PRETRAIN_CHECKPOINT_PATH is the frozen base (read, never copied or changed) and checkpoints "
+                         "hold the adapters and their optimizer state only"),
+    "MP_LORA_ALPHA": (f"{DEFAULT_ALPHA:g}", "LoRA's alpha: the adapters' update is scaled by alpha / rank"),
+    "MP_LORA_DROPOUT": ("0", "dropout on the adapters' input (LoRA only)"),
+    "MP_LORA_TARGETS": ("all", "layers with adapters: Megatron's `linear_qkv,linear_proj,linear_fc1,linear_fc2` or "
+                               "PEFT's `q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj` (q/k/v and gate/up "
+                               "only together: Megatron fuses them); `all`: every one"),
+    "MP_LORA_METHOD": ("lora", "`lora`, or `dora` (weight-decomposed LoRA, PEFT's use_dora)"),
     "MP_DRY_RUN": ("", "`1`: print the command that would run (and its environment) and run nothing; every "
                        "script of the project takes it"),
     "MP_TOKENIZER_PATH": ("", "tokenizer folder when the checkpoint has none (default: the embedded Qwen2.5 "
@@ -114,6 +125,7 @@ class Launch:
     # else MODEL_SIZE's size-table entry; with MP_ROPE_SCALING's YaRN.
     model: Qwen25Size | None = None
     model_config: Path | None = None
+    lora: LoraSettings | None = None  # None: full fine-tuning
 
     @property
     def size(self) -> Qwen25Size:
@@ -126,6 +138,15 @@ class Launch:
         if self.model_size != "auto":
             return self.model_size
         return shape_name(self.size) or "custom"
+
+    @property
+    def trained_parameters(self) -> int:
+        """Parameters the optimizer steps and checkpoints save: the whole model, or a LoRA run's adapters."""
+        size = self.size
+        if self.lora is None:
+            return size.parameter_count
+        return adapter_parameter_count(self.lora, size.num_layers, size.hidden_size, size.num_attention_heads,
+                                       size.num_query_groups, size.ffn_hidden_size)
 
     @property
     def virtual_stages(self) -> int | None:
@@ -162,6 +183,9 @@ class Launch:
             parts.append(f"yarn-{self.size.rope_scaling.factor:g}")
         if self.sft:
             parts.append(f"data-{self.dataset_type}" + ("-packed" if self.sft_packing else ""))
+        if self.lora:
+            parts.append(f"{self.lora.method}-r{self.lora.rank}-a{self.lora.alpha:g}"
+                         + ("" if self.lora.targets == ALL_TARGETS else "-" + "+".join(self.lora.targets)))
         return "-".join(parts)
 
     @property
@@ -251,6 +275,7 @@ def parse(argv: list[str], environ: dict[str, str]) -> Launch:
                                        FP8_FPROP_ACCUMULATIONS),
         tokenizer_path=knob("MP_TOKENIZER_PATH") or None,
         yarn_factor=_yarn_factor(knob("MP_ROPE_SCALING")),
+        lora=_lora(knob),
     )
 
 
@@ -267,3 +292,12 @@ def _yarn_factor(value: str) -> float | None:
         raise UserError(f"error: MP_ROPE_SCALING must be yarn:FACTOR with a factor above 1, e.g. yarn:4 (32k -> 128k "
                         f"positions); got '{value}'. YaRN is the only RoPE scaling offered.")
     return number
+
+
+def _lora(knob) -> LoraSettings | None:
+    rank = _int("MP_LORA_RANK", knob("MP_LORA_RANK"), 0)
+    if rank == 0:
+        return None
+    return LoraSettings(rank, _float("MP_LORA_ALPHA", knob("MP_LORA_ALPHA")),
+                        _float("MP_LORA_DROPOUT", knob("MP_LORA_DROPOUT")), parse_targets(knob("MP_LORA_TARGETS")),
+                        _choice("MP_LORA_METHOD", knob("MP_LORA_METHOD"), METHODS))

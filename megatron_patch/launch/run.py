@@ -322,10 +322,10 @@ def _launch(launch: Launch, machine, env: dict[str, str]) -> int:
 
 
 def checkpoint_bytes(launch: Launch) -> int:
-    """About what one checkpoint takes: the weights (fp32 master copies when training in 16 bits) and Adam's two
-    fp32 moments, 12 or 16 bytes per parameter."""
+    """About what one checkpoint takes: the trained weights (fp32 master copies when training in 16 bits) and
+    Adam's two fp32 moments, 12 or 16 bytes per parameter (a LoRA run trains and saves its adapters only)."""
     per_parameter = 12 if launch.precision == "fp32" else 16
-    return launch.size.parameter_count * per_parameter
+    return launch.trained_parameters * per_parameter
 
 
 def _check_free_space(launch: Launch) -> None:

@@ -14,6 +14,7 @@ from megatron_patch.data.dataset_checks import dataset_problem
 from megatron_patch.launch.positional import Launch
 from megatron_patch.launch.machine import Machine, uses_te
 from megatron_patch.errors import UserError
+from megatron_patch.lora.targets import KNOB_NAMES, settings_problems
 from megatron_patch.model_sizes import (
     QWEN2_5_SIZES,
     following_config_note,
@@ -92,6 +93,7 @@ def problems(launch: Launch, machine: Machine) -> Findings:
     found.errors += _layout_problems(launch, machine)
     found.errors += _schedule_problems(launch)
     found.errors += _path_problems(launch)
+    found.errors += _lora_problems(launch)
     if launch.model_config is not None:
         # MP_ROPE_SCALING's YaRN is the run's choice, not config.json's
         from_config = dataclasses.replace(launch.size, rope_scaling=None) if launch.yarn_factor else launch.size
@@ -252,6 +254,17 @@ def _schedule_problems(launch: Launch) -> list[str]:
     if launch.min_lr > launch.lr or launch.min_lr < 0:
         errors.append(f"MIN_LR={launch.min_lr:g} is above LR={launch.lr:g} or negative: the cosine schedule decays from "
                       "LR down to MIN_LR. Pass 0 <= MIN_LR <= LR.")
+    return errors
+
+
+def _lora_problems(launch: Launch) -> list[str]:
+    if launch.lora is None:
+        return []
+    errors = settings_problems(launch.lora, "PR=fp8" if launch.precision == "fp8" else None, KNOB_NAMES)
+    if launch.pretrain_checkpoint is None:
+        errors.append(f"MP_LORA_RANK={launch.lora.rank} trains adapters over a base model, but "
+                      "PRETRAIN_CHECKPOINT_PATH is none: pass the converted checkpoint of the model to fine-tune "
+                      "(toolkits/distributed_checkpoints_convertor), or unset MP_LORA_RANK for full training.")
     return errors
 
 

@@ -421,7 +421,7 @@ def test_overwrite_killed_after_the_swap_leaves_the_new_checkpoint_and_the_next_
         tiny_hf_checkpoint, converted_tiny, tmp_path, monkeypatch):
     """A kill at the exact moment after the swap (MP_FAULT_INJECT); tests/unit/test_atomic_write.py covers every
     other moment on a stand-in checkpoint."""
-    from megatron_patch.convert.convertor import _mcore_tensor_metadata
+    from megatron_patch.convert.convertor import mcore_tensor_metadata
     from megatron_patch.fault_injection import FAULT_ENV, KILLED_EXIT_STATUS
 
     save_dir = tmp_path / "ckpt"
@@ -432,7 +432,7 @@ def test_overwrite_killed_after_the_swap_leaves_the_new_checkpoint_and_the_next_
     assert proc.returncode == KILLED_EXIT_STATUS, proc.stderr[-3000:]  # and returned: no helper held its pipe open
     # SAVE_DIR holds the new (bf16) checkpoint, complete: every model tensor's bytes are there.
     assert (save_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "release"
-    metadata = _mcore_tensor_metadata(save_dir / "release")
+    metadata = mcore_tensor_metadata(save_dir / "release")
     assert {m.properties.dtype for m in metadata.values()} == {torch.bfloat16}
     assert (save_dir / "config.json").read_bytes() == (tiny_hf_checkpoint / "config.json").read_bytes()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".ckpt.old-")]
@@ -447,7 +447,7 @@ def test_ctrl_c_leaves_save_dir_as_it_was_and_one_line(tiny_hf_checkpoint, conve
     """Ctrl-C once the new checkpoint is written, just before it would take SAVE_DIR's place (the last moment a
     stop can still undo it), with megatron-core's writer helpers alive in the same process group: exit 130, one
     line, SAVE_DIR still the old checkpoint (fp32, not the bf16 asked for), nothing left beside it."""
-    from megatron_patch.convert.convertor import _mcore_tensor_metadata
+    from megatron_patch.convert.convertor import mcore_tensor_metadata
 
     from training_utils import run_stopped
 
@@ -459,7 +459,7 @@ def test_ctrl_c_leaves_save_dir_as_it_was_and_one_line(tiny_hf_checkpoint, conve
                     "command to convert again")
     assert sorted(p.name for p in save_dir.parent.iterdir()) == ["ckpt"]
     assert sorted(p.name for p in save_dir.iterdir()) == sorted(p.name for p in converted_tiny.iterdir())
-    assert {m.properties.dtype for m in _mcore_tensor_metadata(save_dir / "release").values()} == {torch.float32}
+    assert {m.properties.dtype for m in mcore_tensor_metadata(save_dir / "release").values()} == {torch.float32}
 
 
 @pytest.mark.parametrize("variable,value,warned", [("MP_DRY_RUN", "1", False), ("DRY_RUN", "true", True)])
