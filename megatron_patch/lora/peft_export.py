@@ -84,7 +84,7 @@ class LoraCheckpoint:
 
     def adapters(self, layer: int, meta: dict) -> dict[str, dict[str, torch.Tensor | None]]:
         """{Megatron layer name: {lora_A, lora_B, magnitude}} of one decoder layer, whole (unsplit) tensors."""
-        from megatron_patch.convert.convertor import read_mcore_tensors
+        from megatron_patch.convert.torch_dist_io import read_mcore_tensors
 
         parts = ("lora_A", "lora_B", "magnitude") if self.settings.dora else ("lora_A", "lora_B")
         keys = [f"{name}.adapter.{part}" for name in self.adapter_names(layer) for part in parts]
@@ -123,7 +123,7 @@ def write_adapter(lora: LoraCheckpoint, size: Qwen25Size, out: Path, base_model:
     number of tensors written."""
     from safetensors.torch import save_file
 
-    from megatron_patch.convert.convertor import mcore_tensor_metadata
+    from megatron_patch.convert.torch_dist_io import mcore_tensor_metadata
 
     meta = mcore_tensor_metadata(lora.folder)
     tensors = {}

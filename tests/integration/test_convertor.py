@@ -421,7 +421,7 @@ def test_overwrite_killed_after_the_swap_leaves_the_new_checkpoint_and_the_next_
         tiny_hf_checkpoint, converted_tiny, tmp_path, monkeypatch):
     """A kill at the exact moment after the swap (MP_FAULT_INJECT); tests/unit/test_atomic_write.py covers every
     other moment on a stand-in checkpoint."""
-    from megatron_patch.convert.convertor import mcore_tensor_metadata
+    from megatron_patch.convert.torch_dist_io import mcore_tensor_metadata
     from megatron_patch.fault_injection import FAULT_ENV, KILLED_EXIT_STATUS
 
     save_dir = tmp_path / "ckpt"
@@ -447,7 +447,7 @@ def test_ctrl_c_leaves_save_dir_as_it_was_and_one_line(tiny_hf_checkpoint, conve
     """Ctrl-C once the new checkpoint is written, just before it would take SAVE_DIR's place (the last moment a
     stop can still undo it), with megatron-core's writer helpers alive in the same process group: exit 130, one
     line, SAVE_DIR still the old checkpoint (fp32, not the bf16 asked for), nothing left beside it."""
-    from megatron_patch.convert.convertor import mcore_tensor_metadata
+    from megatron_patch.convert.torch_dist_io import mcore_tensor_metadata
 
     from training_utils import run_stopped
 

@@ -11,7 +11,7 @@ import pytest
 
 from megatron_patch.errors import UserError
 from megatron_patch.harness.launcher_runs import clean_environ
-from megatron_patch.launch import arguments, run as launch_run
+from megatron_patch.launch import positional, run as launch_run
 from megatron_patch.lora.targets import LoraSettings
 from test_launcher import GPU_TE, api_flags, argv, dry_run, paths, run_script  # noqa: F401  (paths: a fixture)
 from test_launcher import test_invalid_combination_never_starts_torchrun as refused_before_torchrun
@@ -42,7 +42,7 @@ def test_the_flags_read_back_as_the_same_settings(paths):
     """Knobs -> launcher flags -> megatron-core's parser plus ours -> the settings the model provider builds from."""
     from megatron.training.arguments import add_megatron_arguments
 
-    from megatron_patch.arguments import add_extra_args, expand_model_size
+    from megatron_patch.megatron_flags import add_extra_args, expand_model_size
 
     environ = dict(LORA, MP_LORA_ALPHA="8", MP_LORA_DROPOUT="0.05", MP_LORA_TARGETS="linear_fc1,down_proj")
     planned, flags = api_flags(paths, environ=environ, SFT="true", PRETRAIN_CHECKPOINT_PATH=str(paths.checkpoint))
@@ -59,8 +59,8 @@ def test_lora_keeps_te_layer_norm_linears_off_the_userbuffers_overlap(paths):
 
 
 def test_a_lora_checkpoint_is_sized_by_its_adapters(paths):
-    full = arguments.parse(finetune(paths, MODEL_SIZE="7B"), {})
-    lora = arguments.parse(finetune(paths, MODEL_SIZE="7B"), LORA)
+    full = positional.parse(finetune(paths, MODEL_SIZE="7B"), {})
+    lora = positional.parse(finetune(paths, MODEL_SIZE="7B"), LORA)
     # 7B, rank 16, every linear layer: 35.6M adapter parameters (peft's 40.4M less the A's that q/k/v and gate/up
     # share here), 16 bytes each in bf16 (master copy, Adam's moments).
     assert launch_run.checkpoint_bytes(lora) == 35_553_280 * 16
