@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import random
 import socket
 from pathlib import Path
 
@@ -67,8 +68,31 @@ def free_gpu_bytes() -> int | None:
     return torch.cuda.mem_get_info()[0]
 
 
+# Rendezvous ports are drawn below the kernel's ephemeral range: a port from that range that is free now can be
+# taken, before the rendezvous listens on it, as the source port of any outgoing connection on the host (gloo
+# opens many), which fails the run with EADDRINUSE.
+RENDEZVOUS_PORTS = range(20000, 32768)
+
+
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return range(low, high + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on now, for a rendezvous on this host."""
-    with socket.socket() as s:
+    """A TCP port nothing listens on now, outside the ephemeral range, for a rendezvous on this host."""
+    ephemeral = _ephemeral_ports()
+    candidates = [p for p in RENDEZVOUS_PORTS if p not in ephemeral]
+    for port in random.sample(candidates, min(64, len(candidates))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every candidate taken (or none outside the ephemeral range): the kernel's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -953,3 +954,17 @@ def test_a_config_json_field_megatron_cannot_build_stops_the_script_naming_it(pa
         assert proc.stderr.startswith(f"error: {ckpt / 'config.json'} describes a model this toolkit cannot train "
                                       "as written:\n  use_sliding_window: true (sliding-window attention"), proc.stderr
         assert not paths.out.exists()
+
+
+def test_rendezvous_ports_come_from_outside_the_ephemeral_range():
+    """A free port of the ephemeral range can become some outgoing connection's source port before the rendezvous
+    listens on it (EADDRINUSE, seen with gloo runs side by side); ports below the range are taken only by binds."""
+    from megatron_patch import hardware
+
+    ephemeral = hardware._ephemeral_ports()
+    ports = {hardware.free_port() for _ in range(8)}
+    assert all(port not in ephemeral and port in hardware.RENDEZVOUS_PORTS for port in ports), (ports, ephemeral)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports.pop()))
+        taken.listen()
+        assert hardware.free_port() != taken.getsockname()[1]
