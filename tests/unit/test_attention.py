@@ -80,7 +80,7 @@ def test_packed_mask_matches_plain_attention_and_isolates_samples(model_parallel
     torch.testing.assert_close(out[5:9], alone, atol=TOL, rtol=TOL)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_cuda_bf16_attention_takes_cudnn_and_matches_fp32_plain_attention(model_parallel):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -120,7 +120,7 @@ def test_packed_seq_params_count_samples_row_by_row():
     assert packed_seq_params_for(torch.tensor([[0, 0, 0], [0, 1, 1]]), "cpu").cu_seqlens_q.tolist() == [0, 3, 4, 6]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_cuda_packed_samples_through_varlen_match_fp32_block_mask(model_parallel):
     from megatron_patch import attention
     from megatron_patch.data.providers import packed_attention_mask, packed_seq_params_for
