@@ -89,25 +89,13 @@ def test_a_rank_forked_from_the_warm_process_trains_as_a_fresh_python_does(tmp_p
     """The harness forks ranks from a warm process (tests/warm_ranks.py); a fresh `python -m` rank with the same
     arguments must log the same losses, to the last bit (an import order that compiled Megatron's fusions once
     moved them by 1e-3)."""
-    import os
-    import subprocess
-    import sys
-
-    from training_utils import REPO_ROOT, free_port, run_entrypoint, tensorboard_losses
+    from training_utils import run_entrypoint, run_fresh_rank, tensorboard_losses
 
     args = tiny_mock_args(iters=2)
     run_entrypoint(tmp_path / "warm", 1, args)
-    warm = tensorboard_losses(tmp_path / "warm")
-    fresh_dir = tmp_path / "fresh"
-    fresh_dir.mkdir()
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(os.cpu_count() or 2), RANK="0",
-               LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()))
-    fresh = subprocess.run([sys.executable, "-m", "megatron_patch.pretrain_qwen", *args, "--tensorboard-dir",
-                            str(fresh_dir / "tb"), "--tensorboard-log-interval", "1"], cwd=fresh_dir, env=env,
-                           capture_output=True, text=True, timeout=600)
-    assert fresh.returncode == 0, fresh.stderr[-3000:]
-    assert sorted(warm) == [1, 2] and warm == tensorboard_losses(fresh_dir), (warm, tensorboard_losses(fresh_dir))
+    run_fresh_rank(tmp_path / "fresh", args)
+    warm, fresh = tensorboard_losses(tmp_path / "warm"), tensorboard_losses(tmp_path / "fresh")
+    assert sorted(warm) == [1, 2] and warm == fresh, (warm, fresh)
 
 
 def test_ranks_exit_when_torchrun_is_killed(tmp_path):
