@@ -91,7 +91,7 @@ def converted_tiny(tiny_hf_checkpoint, tmp_path_factory) -> Path:
 def layout_runs(converted_tiny, tmp_path_factory) -> dict[str, dict]:
     """Each of training_utils.LAYOUTS trains LAYOUT_ITERS iterations from `converted_tiny` through the real
     entrypoint; tp2 also saves its last iteration (with optimizer state) for the conversion back to HF.
-    {name: {work, losses, log}}."""
+    {name: {work, losses, grad_norms, log}}."""
     from training_utils import LAYOUT_ITERS, LAYOUTS, run_entrypoint, tensorboard_losses, tiny_mock_args
 
     def train(name: str) -> tuple[str, dict]:
@@ -101,7 +101,8 @@ def layout_runs(converted_tiny, tmp_path_factory) -> dict[str, dict]:
         if name == "tp2":
             args += ["--save", str(work / "ckpt"), "--save-interval", str(LAYOUT_ITERS)]
         run_entrypoint(work, nproc, args)
-        return name, dict(work=work, losses=tensorboard_losses(work), log=(work / "train.log").read_text())
+        return name, dict(work=work, losses=tensorboard_losses(work), grad_norms=tensorboard_losses(work, "grad-norm"),
+                          log=(work / "train.log").read_text())
 
     # Two at a time: much of a launch is single-threaded interpreter start-up.
     with ThreadPoolExecutor(max_workers=2) as pool:

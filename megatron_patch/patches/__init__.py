@@ -79,7 +79,7 @@ MANIFEST: tuple[Patch, ...] = (
         "the model-parallel RNG tracker reads and writes CUDA generator states through these helpers (not "
         "torch.cuda's), which need a CUDA device.",
         "when megatron-core trains on the CPU (keep)",
-        ("tests/integration/test_training.py::test_first_iteration_loss_matches_single_process",),
+        ("tests/integration/test_training.py::test_every_layout_follows_one_process_at_every_iteration",),
         cpu_backend.keep_megatron_rng_state_on_cpu),
     Patch(
         "cpu-initialize-without-cuda", CPU,
