@@ -132,7 +132,9 @@ MANIFEST: tuple[Patch, ...] = (
         "parameters with autograd on ('a view of a leaf Variable that requires grad is being used in an in-place "
         "operation').",
         "when the dp_reshardable loader runs under no_grad upstream",
-        ("tests/integration/test_best_practice_commands.py::test_kill_9_and_relaunch_continues_exactly",),
+        ("tests/integration/test_checkpoint_resume.py::"
+         "test_kill_while_writing_the_tracker_resumes_from_the_previous_one",
+         "tests/integration/test_best_practice_commands.py::test_kill_9_and_relaunch_continues_exactly"),
         megatron_fixes.load_distributed_optimizer_without_grad),
     Patch(
         "distributed-optimizer-torch-adam-step", FIX,
@@ -142,7 +144,9 @@ MANIFEST: tuple[Patch, ...] = (
         "optimizer state, and once past that every parameter shares one 'step' tensor that torch Adam "
         "increments once per parameter (wrong bias correction after each resume).",
         "when DistributedOptimizer supports torch Adam's per-parameter step upstream",
-        ("tests/integration/test_best_practice_commands.py::test_kill_9_and_relaunch_continues_exactly",),
+        ("tests/integration/test_checkpoint_resume.py::"
+         "test_kill_while_writing_the_tracker_resumes_from_the_previous_one",
+         "tests/integration/test_best_practice_commands.py::test_kill_9_and_relaunch_continues_exactly"),
         megatron_fixes.resume_torch_adam_step_in_distributed_optimizer,
         lambda args, device: not _distributed_optimizer_has_apex_or_te()),
 

@@ -1,11 +1,12 @@
 """Checkpoint integrity (issue 19): megatron_patch.checkpoint_state decides what a run folder resumes from before
 torchrun starts; the entrypoint refuses a folder that needs that decision; the tracker is written atomically.
 
-The end-to-end cases share one interrupted run: the tp1 layout of conftest.layout_runs (same flags, same
-pretrained checkpoint) saving every iteration, killed by MP_FAULT_INJECT at the exact moment it writes the
-tracker for iteration 2. The layout run itself is the uninterrupted reference for the losses. Each case then
-damages a hard-linked copy of that folder as a user's disk would, and resumes it the way run_mcore_qwen.sh does
-(prepare_resume, then torchrun).
+The end-to-end cases share one interrupted run: the dp2_distributed_optimizer layout of conftest.layout_runs (two
+ranks, the distributed optimizer sharding Adam's state between them; same flags, same pretrained checkpoint) saving
+every iteration, killed by MP_FAULT_INJECT at the exact moment it writes the tracker for iteration 2. The layout
+run itself is the uninterrupted reference for the losses and grad norms. Each case then damages a hard-linked copy
+of that folder as a user's disk would, and resumes it the way run_mcore_qwen.sh does (prepare_resume, then
+torchrun).
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import torch
 from megatron_patch import checkpoint_state
 from megatron_patch.checkpoint_state import TRACKER, prepare_resume, resume_state
 from megatron_patch.errors import UserError
-from training_utils import LAYOUT_ITERS, run_entrypoint, tensorboard_losses, tiny_mock_args
+from megatron_patch.harness.matrix_table import tolerance
+from training_utils import LAYOUT_ITERS, LAYOUTS, run_entrypoint, tensorboard_losses, tiny_mock_args
 
 pytestmark = pytest.mark.timeout(900)
+INTERRUPTED = "dp2_distributed_optimizer"  # the layout run interrupted and resumed (conftest.layout_runs)
 
 
 # ---------------------------------------------------------------- resume_state on small folders (no training)
@@ -138,18 +141,21 @@ def test_the_entrypoint_check_refuses_what_the_launcher_would_repair(run_folder)
 
 @pytest.fixture(scope="module")
 def killed_while_writing_tracker(layout_runs, converted_tiny, tmp_path_factory) -> dict:
-    """The tp1 layout saving every iteration, killed while it writes the tracker for iteration 2."""
+    """The INTERRUPTED layout saving every iteration, killed while rank 0 writes the tracker for iteration 2."""
     work = tmp_path_factory.mktemp("killed_at_tracker")
     ckpt = work / "ckpt"
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MP_FAULT_INJECT", "tracker-write:2")
-        proc = run_entrypoint(work, 1, _resume_args(converted_tiny, ckpt) + ["--save", str(ckpt), "--save-interval",
-                                                                              "1"], check=False)
-    return dict(ckpt=ckpt, proc=proc, log=proc.stdout + proc.stderr, reference=layout_runs["tp1"]["losses"])
+        proc = _resume(work, converted_tiny, ckpt, ["--save", str(ckpt), "--save-interval", "1"], check=False)
+    return dict(ckpt=ckpt, proc=proc, log=proc.stdout + proc.stderr, reference=layout_runs[INTERRUPTED])
 
 
-def _resume_args(converted_tiny: Path, ckpt: Path) -> list[str]:
-    return tiny_mock_args(iters=LAYOUT_ITERS) + ["--pretrained-checkpoint", str(converted_tiny), "--load", str(ckpt)]
+def _resume(work: Path, converted_tiny: Path, ckpt: Path, extra: list[str] = (), check: bool = True):
+    """The INTERRUPTED layout's run, loading `ckpt` where it holds a checkpoint."""
+    nproc, flags = LAYOUTS[INTERRUPTED]
+    args = tiny_mock_args(iters=LAYOUT_ITERS) + flags + ["--pretrained-checkpoint", str(converted_tiny), "--load",
+                                                         str(ckpt)]
+    return run_entrypoint(work, nproc, args + list(extra), check=check)
 
 
 def _linked_copy(src: Path, dst: Path) -> Path:
@@ -198,12 +204,12 @@ def test_kill_while_writing_the_tracker_resumes_from_the_previous_one(killed_whi
         if name not in trained:
             return name, dict(warnings=state.warnings)
         work = tmp_path_factory.mktemp("resumed")
-        run_entrypoint(work, 1, _resume_args(converted_tiny, folder))
+        _resume(work, converted_tiny, folder)
         return name, dict(warnings=state.warnings, log=(work / "train.log").read_text(),
-                          losses=tensorboard_losses(work))
+                          losses=tensorboard_losses(work), grad_norms=tensorboard_losses(work, "grad-norm"))
 
     with ThreadPoolExecutor(max_workers=2) as pool:  # interpreter start-up is mostly single-threaded
-        refusing = pool.submit(run_entrypoint, refused_work, 1, _resume_args(converted_tiny, deleted), check=False)
+        refusing = pool.submit(_resume, refused_work, converted_tiny, deleted, check=False)
         resumed = dict(pool.map(resume, cases))
         refused = refusing.result()
     assert refused.returncode != 0
@@ -211,7 +217,7 @@ def test_kill_while_writing_the_tracker_resumes_from_the_previous_one(killed_whi
            "from iteration 2)" in refused.stdout + refused.stderr
     assert "successfully loaded checkpoint" not in refused.stdout + refused.stderr
 
-    reference = killed["reference"]
+    reference, tol = killed["reference"], tolerance("fp32", "fp32", on_gpu=False)
     for name, (folder, iteration) in cases.items():
         if name not in trained:
             continue
@@ -219,8 +225,12 @@ def test_kill_while_writing_the_tracker_resumes_from_the_previous_one(killed_whi
         assert re.search(rf"successfully loaded checkpoint from {re.escape(str(folder))} .*at iteration\s+"
                          rf"{iteration}\b", run["log"]), (name, run["log"][-3000:])
         assert sorted(run["losses"]) == list(range(iteration + 1, LAYOUT_ITERS + 1)), (name, run["losses"])
+        # Resumed at iteration 1, iteration 3's loss follows the step iteration 2 took with Adam's moments from the
+        # checkpoint (each rank's shard of them): exactly the uninterrupted run's.
         for it, loss in run["losses"].items():
-            assert abs(loss - reference[it]) <= 1e-5, (name, it, loss, reference[it])
+            assert abs(loss - reference["losses"][it]) <= tol.loss, (name, it, loss, reference["losses"][it])
+            assert abs(run["grad_norms"][it] - reference["grad_norms"][it]) <= tol.grad_norm * \
+                reference["grad_norms"][it], (name, it, run["grad_norms"], reference["grad_norms"])
     assert resumed["as killed"]["warnings"] == [
         f"warning: {ckpt} holds iter_0000002, newer than the tracker's iteration 1: its save never finished, so "
         "the run resumes from iteration 1 and overwrites it."]
