@@ -88,6 +88,28 @@ def test_bf16_starts_where_fp32_does(layout_losses):
     assert bf16[LAYOUT_ITERS] < bf16[1], bf16
 
 
+def test_virtual_pipeline_trains_as_the_pipeline_without_it(tmp_path):
+    """MP_VP on the CPU: the tiny shape with 4 layers at PP=2, one layer per virtual stage (two model chunks per
+    rank, megatron-core's interleaved schedule), loads PP=2's iteration-1 checkpoint (weights and optimizer: layers
+    1-2 | 3-4 resharded to 1, 3 | 2, 4) and trains iterations 2 and 3 as PP=2 did: loss and grad norm (fp32)."""
+    from megatron_patch.harness.matrix_table import tolerance
+    from training_utils import run_entrypoint, tensorboard_losses
+
+    pp2 = tiny_mock_args(iters=3) + ["--num-layers", "4", "--pipeline-model-parallel-size", "2"]
+    ckpt = tmp_path / "pp2_ckpt"
+    run_entrypoint(tmp_path / "pp2", 2, pp2 + ["--save", str(ckpt), "--save-interval", "1"])
+    run_entrypoint(tmp_path / "vp", 2, pp2 + ["--num-layers-per-virtual-pipeline-stage", "1", "--load", str(ckpt),
+                                              "--ckpt-step", "1"])
+    vp_log = (tmp_path / "vp" / "train.log").read_text()
+    assert re.search(r"virtual_pipeline_model_parallel_size \.+ 2\b", vp_log), vp_log[:3000]
+    assert re.search(r"successfully loaded checkpoint from .* at iteration\s+1\b", vp_log), vp_log[-3000:]
+    tol = tolerance("fp32", "fp32", on_gpu=False)
+    for tag, allowed in (("lm loss", lambda want: tol.loss), ("grad-norm", lambda want: tol.grad_norm * want)):
+        want, got = tensorboard_losses(tmp_path / "pp2", tag), tensorboard_losses(tmp_path / "vp", tag)
+        assert sorted(got) == [2, 3] and sorted(want) == [1, 2, 3], (tag, got, want)
+        assert all(abs(got[it] - want[it]) <= allowed(want[it]) for it in got), (tag, got, want)
+
+
 def test_a_rank_forked_from_the_warm_process_trains_as_a_fresh_python_does(tmp_path):
     """The harness forks ranks from a warm process (tests/warm_ranks.py); a fresh `python -m` rank with the same
     arguments must log the same losses, to the last bit (an import order that compiled Megatron's fusions once
