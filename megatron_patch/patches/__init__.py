@@ -189,6 +189,7 @@ MANIFEST: tuple[Patch, ...] = (
         "(--fp8-fprop-fp32-accumulation, MP_FP8_FPROP_ACCUMULATION=fp32).",
         "when megatron-core exposes TE's fp8_gemm_fprop",
         ("tests/unit/test_launcher.py::test_fp8_knobs_reach_megatron_cores_parser",
+         "tests/unit/test_patches.py::test_the_fp8_accumulation_entry_is_taken_only_for_fp8_with_its_flag",
          "tests/unit/test_fp8_gpu.py::test_fp32_forward_accumulation_is_closer_to_the_exact_product"),
         fp8_accumulation.install,
         lambda args, device: bool(getattr(args, "fp8", None)) and getattr(args, "fp8_fprop_fp32_accumulation", False)),

@@ -137,6 +137,74 @@ def test_the_entrypoint_check_refuses_what_the_launcher_would_repair(run_folder)
     assert not (run_folder / TRACKER).exists()  # read-only
 
 
+def test_the_repair_command_the_refusal_names_repairs_the_folder(run_folder, capsys):
+    """The command the entrypoint's refusal tells the user to run, run as typed: it rewrites the tracker, and the
+    entrypoint's check then lets the folder through. Without --repair (in this process, as `python -m` runs it) it
+    only says what a relaunch would do; where nothing is left to resume from it says so, exit status 2."""
+    import shlex
+    import subprocess
+    import sys
+
+    from megatron_patch.errors import report_user_errors
+    from training_utils import REPO_ROOT
+
+    (run_folder / TRACKER).unlink()
+    with pytest.raises(UserError) as refused:
+        checkpoint_state.refuse_unresolved(run_folder)
+    (typed,) = re.findall(r"run `(python -m megatron_patch\.checkpoint_state --repair [^`]+)`", str(refused.value))
+    command = report_user_errors(checkpoint_state.main)
+    arguments = shlex.split(typed)[3:]
+
+    assert command([a for a in arguments if a != "--repair"]) == 0
+    looked = capsys.readouterr()
+    assert looked.out == "resumes from iteration 2\n" and f"warning: {run_folder / TRACKER} is missing" in looked.err
+    assert not (run_folder / TRACKER).exists()
+    repaired = subprocess.run([sys.executable, *shlex.split(typed)[1:]], capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert (repaired.returncode, repaired.stdout) == (0, "resumes from iteration 2\n"), repaired.stderr
+    assert (run_folder / TRACKER).read_text() == "2"
+    checkpoint_state.refuse_unresolved(run_folder)  # no longer refused
+
+    for shard in run_folder.glob("iter_*/*.distcp"):
+        os.truncate(shard, 10)
+    assert command(arguments) == 2
+    assert capsys.readouterr().err.startswith(f"error: no complete checkpoint to resume from in {run_folder}: ")
+
+
+def test_a_release_checkpoint_resumes_at_iteration_0_and_a_damaged_one_is_named(tmp_path):
+    """The convertor's output (tracker `release`): nothing to decide; damaged, nothing else to fall back to."""
+    _save_torch_dist(tmp_path / "release")
+    (tmp_path / TRACKER).write_text("release")
+    state = resume_state(tmp_path)
+    assert (state.iteration, state.warnings, state.error, state.needs_repair) == (0, [], None, False)
+    (shard,) = (tmp_path / "release").glob("*.distcp")
+    os.truncate(shard, shard.stat().st_size // 2)
+    state = resume_state(tmp_path)
+    assert state.iteration is None and state.error == (
+        f"error: the release checkpoint in {tmp_path} is damaged: {shard} is truncated "
+        f"({shard.stat().st_size} bytes, {2 * shard.stat().st_size} expected).")
+    with pytest.raises(UserError, match="the release checkpoint in .* is damaged"):
+        prepare_resume(tmp_path)
+
+
+def test_the_older_torch_format_resumes_and_an_empty_rank_file_is_named(tmp_path):
+    """--ckpt-format torch (one mp_rank_*/model_optim_rng.pt per model-parallel rank): complete when every rank's file
+    has content; an empty one (a save killed as it began writing) falls back to the previous iteration."""
+    for iteration in (1, 2):
+        for rank in ("mp_rank_00", "mp_rank_01"):
+            folder = tmp_path / f"iter_{iteration:07d}" / rank
+            folder.mkdir(parents=True)
+            torch.save({"iteration": iteration}, folder / "model_optim_rng.pt")
+    (tmp_path / TRACKER).write_text("2")
+    assert resume_state(tmp_path).iteration == 2
+    empty = tmp_path / "iter_0000002" / "mp_rank_01" / "model_optim_rng.pt"
+    empty.write_bytes(b"")
+    state = resume_state(tmp_path)
+    assert (state.iteration, state.tracker_text) == (1, "1")
+    assert state.warnings == [f"warning: {tmp_path / TRACKER} names iteration 2, but {empty} is empty. Resuming from "
+                              "the newest complete checkpoint, iteration 1 (the tracker is rewritten to say so)."]
+
+
 # ---------------------------------------------------------------- end to end through the entrypoint
 
 @pytest.fixture(scope="module")
