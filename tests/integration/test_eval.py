@@ -22,6 +22,7 @@ import yaml
 
 from conftest import REPO_ROOT, SHARED_DIR
 from megatron_patch.fault_injection import KILLED_EXIT_STATUS
+from missing_inputs import input_unavailable
 
 EVAL_DIR = REPO_ROOT / "LM-Evaluation-Harness"
 RUN_EVAL = EVAL_DIR / "run_eval.sh"
@@ -96,7 +97,7 @@ def samples_of(folder: Path, task: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def cmmlu_data_dir(tmp_path_factory) -> Path:
     if not (CMMLU_DOWNLOAD / "test").is_dir():
-        pytest.skip(f"the real CMMLU CSVs are not at {CMMLU_DOWNLOAD} (shared data folder absent)")
+        input_unavailable(f"the real CMMLU CSVs are not at {CMMLU_DOWNLOAD} (shared data folder absent)")
     data_dir = tmp_path_factory.mktemp("eval_data")
     done = subprocess.run([sys.executable, PREPARE_DATA, "--cmmlu", CMMLU_DOWNLOAD, "--out", data_dir],
                           capture_output=True, text=True, timeout=120)
@@ -424,7 +425,7 @@ def test_malformed_rows_are_listed_as_file_and_line_and_nothing_is_written(tmp_p
 
 def test_a_malformed_row_in_the_real_cmmlu_layout_is_named(tmp_path):
     if not (CMMLU_DOWNLOAD / "test").is_dir():
-        pytest.skip(f"the real CMMLU CSVs are not at {CMMLU_DOWNLOAD} (shared data folder absent)")
+        input_unavailable(f"the real CMMLU CSVs are not at {CMMLU_DOWNLOAD} (shared data folder absent)")
     download = tmp_path / "cmmlu"
     for split in ("dev", "test"):
         (download / split).mkdir(parents=True)
