@@ -168,8 +168,10 @@ def _entrypoint_argv(workdir: Path, args: list[str]) -> list[str]:
 
 
 def _ranks_env(nproc: int) -> dict[str, str]:
-    """torchrun's variables for a one-node job of nproc ranks (each rank adds its RANK and LOCAL_RANK)."""
-    return dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)),
+    """torchrun's variables for a one-node job of nproc ranks (each rank adds its RANK and LOCAL_RANK). The
+    repository goes first on PYTHONPATH, which keeps what was there (a GPU machine's carried packages)."""
+    python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=python_path, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)),
                 WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(free_port()))
 
