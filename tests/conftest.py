@@ -17,6 +17,41 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+GPU_ONLY = "gpu"  # the pytest mark of tests that need a CUDA GPU (pyproject.toml registers it)
+
+
+def _gpu_run(config) -> bool:
+    """`pytest -m gpu` (make test-gpu)."""
+    return config.option.markexpr.strip() == GPU_ONLY
+
+
+def pytest_configure(config):
+    from megatron_patch.hardware import gpu_count
+
+    if _gpu_run(config) and gpu_count() == 0:
+        raise pytest.UsageError("pytest -m gpu (make test-gpu) runs the tests that need a CUDA GPU, and torch sees "
+                                "none here. Run it on a GPU machine; `make test` runs the rest.")
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Under `-m gpu` only the test files that carry the mark are imported: the others import packages a GPU
+    machine's own Python may lack (lm-eval, peft)."""
+    if _gpu_run(config) and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        return True if f"mark.{GPU_ONLY}" not in collection_path.read_text(encoding="utf-8") else None
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without a CUDA GPU the gpu-marked tests are collected and skipped, saying why."""
+    from megatron_patch.hardware import gpu_count
+
+    if gpu_count():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: `make test-gpu` runs it on a GPU machine")
+    for item in items:
+        if item.get_closest_marker(GPU_ONLY):
+            item.add_marker(skip)
+
 
 @pytest.fixture(scope="session")
 def default_tokenizer_dir(tmp_path_factory) -> Path:
@@ -56,7 +91,7 @@ def converted_tiny(tiny_hf_checkpoint, tmp_path_factory) -> Path:
 def layout_runs(converted_tiny, tmp_path_factory) -> dict[str, dict]:
     """Each of training_utils.LAYOUTS trains LAYOUT_ITERS iterations from `converted_tiny` through the real
     entrypoint; tp2 also saves its last iteration (with optimizer state) for the conversion back to HF.
-    {name: {work, losses, log}}."""
+    {name: {work, losses, grad_norms, log}}."""
     from training_utils import LAYOUT_ITERS, LAYOUTS, run_entrypoint, tensorboard_losses, tiny_mock_args
 
     def train(name: str) -> tuple[str, dict]:
@@ -66,7 +101,8 @@ def layout_runs(converted_tiny, tmp_path_factory) -> dict[str, dict]:
         if name == "tp2":
             args += ["--save", str(work / "ckpt"), "--save-interval", str(LAYOUT_ITERS)]
         run_entrypoint(work, nproc, args)
-        return name, dict(work=work, losses=tensorboard_losses(work), log=(work / "train.log").read_text())
+        return name, dict(work=work, losses=tensorboard_losses(work), grad_norms=tensorboard_losses(work, "grad-norm"),
+                          log=(work / "train.log").read_text())
 
     # Two at a time: much of a launch is single-threaded interpreter start-up.
     with ThreadPoolExecutor(max_workers=2) as pool:

@@ -127,10 +127,7 @@ def run_entrypoint(workdir: Path, nproc: int, args: list[str], timeout: int = 60
     import time
 
     workdir.mkdir(parents=True, exist_ok=True)
-    argv = [*args, "--tensorboard-dir", str(workdir / "tb"), "--tensorboard-log-interval", "1"]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)),
-               WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port())) | (env or {})
+    argv, env = _entrypoint_argv(workdir, args), _ranks_env(nproc) | (env or {})
     server = warm_ranks()
     with tempfile.TemporaryDirectory() as outputs:
         out, err = Path(outputs) / "stdout", Path(outputs) / "stderr"
@@ -154,6 +151,35 @@ def run_entrypoint(workdir: Path, nproc: int, args: list[str], timeout: int = 60
         proc = subprocess.CompletedProcess(["megatron_patch.pretrain_qwen", *argv], returncode,
                                            out.read_text() if out.exists() else "",
                                            err.read_text() if err.exists() else "")
+    return _kept(workdir, proc, check)
+
+
+def run_fresh_rank(workdir: Path, args: list[str], timeout: int = 600, check: bool = True):
+    """One rank of the entrypoint in a fresh `python -m megatron_patch.pretrain_qwen`, as run_entrypoint's ranks
+    see it otherwise (TensorBoard under workdir/tb, train.log). On a GPU: a rank forked from a process that has
+    imported torch and megatron-core may find CUDA already initialised."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = dict(_ranks_env(1), RANK="0", LOCAL_RANK="0")
+    proc = subprocess.run([sys.executable, "-m", "megatron_patch.pretrain_qwen", *_entrypoint_argv(workdir, args)],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+    return _kept(workdir, proc, check)
+
+
+def _entrypoint_argv(workdir: Path, args: list[str]) -> list[str]:
+    return [*args, "--tensorboard-dir", str(workdir / "tb"), "--tensorboard-log-interval", "1"]
+
+
+def _ranks_env(nproc: int) -> dict[str, str]:
+    """torchrun's variables for a one-node job of nproc ranks (each rank adds its RANK and LOCAL_RANK). The
+    repository goes first on PYTHONPATH, which keeps what was there (a GPU machine's carried packages)."""
+    python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=python_path, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)),
+                WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(free_port()))
+
+
+def _kept(workdir: Path, proc: subprocess.CompletedProcess, check: bool) -> subprocess.CompletedProcess:
+    """The run's output in workdir/train.log; a failed run is an AssertionError with the log's tail (check)."""
     (workdir / "train.log").write_text(proc.stdout + proc.stderr)
     if check and proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])

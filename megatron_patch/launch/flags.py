@@ -14,6 +14,9 @@ from megatron_patch.launch.positional import Launch
 from megatron_patch.launch.machine import Machine, uses_te
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# MP_CUDA_GRAPH=true: each training iteration's forward and backward replayed from one graph. The NaN check reads the
+# loss on the host, which a graph replay cannot do.
+CUDA_GRAPH_FLAGS = ["--cuda-graph-impl", "full_iteration", "--no-check-for-nan-in-loss-and-grad"]
 
 
 def megatron_flags(launch: Launch, machine: Machine, tokenizer: str) -> list[str]:
@@ -57,8 +60,7 @@ def megatron_flags(launch: Launch, machine: Machine, tokenizer: str) -> list[str
     if not launch.fused_kernels:
         flags.append("--plain-kernels")
     if launch.cuda_graph:
-        # The NaN check reads the loss on the host, which a graph replay cannot do.
-        flags += ["--cuda-graph-impl", "full_iteration", "--no-check-for-nan-in-loss-and-grad"]
+        flags += CUDA_GRAPH_FLAGS
     flags += _recompute_flags(launch)
     flags += _optimizer_offload_flags(launch, machine)
     flags += _data_flags(launch)

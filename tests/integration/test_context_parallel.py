@@ -187,7 +187,7 @@ def test_gloo_ranks_match_full_attention_causal_and_packed():
     mp.spawn(_ranks_against_full_attention, args=(2, free_port(), "cpu"), nprocs=2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_block_kernels_simulated_ranks_match_fp32_attention(dtype):
     """On one GPU: the cuDNN/flash block kernels, merged by log-sum-exp, against fp32 full causal attention."""
@@ -203,6 +203,7 @@ def test_cuda_block_kernels_simulated_ranks_match_fp32_attention(dtype):
             assert error < 1e-2, f"{kernel.__name__}: {what} relative error {error}"
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_cuda_nccl_ranks_match_full_attention_causal_and_packed():
     import torch.multiprocessing as mp

@@ -4,10 +4,10 @@ torchrun with its own message (and every other row is accepted); the CPU-runnabl
 pass the matrix's own check against their reference (every iteration, loss and grad norm; tiny, fp32, gloo); the
 state file makes the matrix resumable by row and the doc says what each row needs.
 
-Trained here: a checkpoint saved at TP2 continued at TP1 PP2 (against TP1 PP1), and PP2 with virtual stages once the
-tiny size has the layers for it. Already trained elsewhere, not here: TP2/PP2/DP2+DO against TP1
-(tests/integration/test_training.py, from conftest's `layout_runs`), ENV=dlc (tests/integration/test_dlc.py), idxmap/raw/packed SFT
-through the launcher (tests/integration/test_best_practice_commands.py).
+Trained here: a checkpoint saved at TP2 continued at TP1 PP2 (against TP1 PP1). Already trained elsewhere, not here:
+TP2/PP2/TP2xPP2/DP2+DO against TP1 and PP2 with virtual stages (4 layers) against PP2
+(tests/integration/test_training.py), ENV=dlc (tests/integration/test_dlc.py), idxmap/raw/packed SFT through the
+launcher (tests/integration/test_best_practice_commands.py).
 """
 
 from __future__ import annotations
@@ -156,13 +156,6 @@ def test_sft_over_two_processes_agrees_with_one(matrix):
         results = dict(zip(names, pool.map(matrix.run_row, [matrix.rows[name] for name in names])))
     for name in ("sft-packed-tp2", "sft-packed-dp2", "sft-idxmap-tp2"):
         assert_agrees(results[name], results[matrix.rows[name].reference], name)
-
-
-@pytest.mark.xfail(not VP_FITS_TINY, strict=True, reason="tiny has 2 layers; PP=2 x two virtual stages needs 4")
-def test_virtual_pipeline_agrees_with_one_process(matrix):
-    result = matrix.run_row(matrix.rows["pp2-vp2"])
-    assert result["status"] == "ok", result
-    assert_agrees(result, matrix.run_row(matrix.rows["base"]), "pp2-vp2")
 
 
 # ---- resumable by row; the doc ----

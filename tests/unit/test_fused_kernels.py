@@ -560,12 +560,9 @@ def test_optimizer_patches_make_megatron_build_fused_adamw(monkeypatch):
     _close(weight.detach(), reference.param_groups[0]["params"][0].detach(), 1e-6, 1e-6, "fused AdamW step")
 
 
-# ---------------------------------------------------------------- on a GPU (the device machine; skipped on CPU)
+# ---------------------------------------------------------------- on a GPU (make test-gpu; skipped without one)
 
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@cuda_only
+@pytest.mark.gpu
 def test_gradient_accumulation_gemm_adds_into_fp32_main_grad():
     from megatron_patch.fused import grad_accumulation
 
@@ -581,7 +578,7 @@ def test_gradient_accumulation_gemm_adds_into_fp32_main_grad():
     _close(main_grad, expected, 1e-4, 1e-3, "accumulated weight gradient")
 
 
-@cuda_only
+@pytest.mark.gpu
 def test_compiled_kernels_on_cuda_match_the_fp32_reference():
     # The compiled bf16 kernels round once where eager bf16 rounds at every step: compare both with fp32.
     t, freqs = _rope_inputs(torch.bfloat16)
@@ -611,7 +608,7 @@ def test_compiled_kernels_on_cuda_match_the_fp32_reference():
         assert relative_error < 1e-2, f"{name} gradient: relative error {relative_error:.3g} against fp32"
 
 
-@cuda_only
+@pytest.mark.gpu
 def test_qkv_split_rope_kernel_on_cuda_matches_the_fp32_split_path():
     # Qwen2.5-7B's grouping at a real head size, bf16 on the GPU against megatron-core's split path in fp32.
     mixed, freqs, sizes = _qkv_inputs(64, 2, 4, 7, 128, torch.bfloat16)
@@ -629,7 +626,7 @@ def test_qkv_split_rope_kernel_on_cuda_matches_the_fp32_split_path():
     _close(ours_in.grad.cpu(), ref_in.grad, 2e-2, 2e-2, "projection gradient")
 
 
-@cuda_only
+@pytest.mark.gpu
 def test_swiglu_function_backward_takes_the_kernel_and_matches_float64_autograd():
     from megatron.core.fusions.fused_bias_swiglu import SwiGLUFunction, bias_swiglu_impl
 

