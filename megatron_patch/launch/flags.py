@@ -38,8 +38,7 @@ def megatron_flags(launch: Launch, machine: Machine, tokenizer: str) -> list[str
         "--seed", "1234",
         # Loss is summed per token and divided by the global batch's token count: exact under any layout.
         "--calculate-per-token-loss",
-        "--save", str(launch.checkpoint_dir), "--load", str(launch.checkpoint_dir),
-        "--save-interval", str(launch.save_interval), "--ckpt-format", "torch_dist",
+        "--load", str(launch.checkpoint_dir), "--ckpt-format", "torch_dist",
         "--exit-signal-handler",
         "--eval-interval", "10000", "--eval-iters", "10",
         "--log-interval", "1", "--log-throughput",
@@ -47,6 +46,8 @@ def megatron_flags(launch: Launch, machine: Machine, tokenizer: str) -> list[str
         "--tensorboard-queue-size", "1", "--tensorboard-log-interval", "1",
         "--log-timers-to-tensorboard", "--log-validation-ppl-to-tensorboard", "--log-memory-to-tensorboard",
     ]
+    if launch.save_checkpoints:  # without --save Megatron saves nothing, not even at the end or on a stop
+        flags += ["--save", str(launch.checkpoint_dir), "--save-interval", str(launch.save_interval)]
     if launch.pretrain_checkpoint:
         # Megatron loads --load when it holds a checkpoint (a relaunch resumes, optimizer included) and
         # otherwise starts from these weights alone.
