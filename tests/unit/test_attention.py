@@ -156,37 +156,104 @@ def _reference_varlen_flash_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     return torch.cat(out)
 
 
-def test_model_with_packed_seq_params_matches_block_mask(model_parallel, monkeypatch):
-    """The whole GPTModel (rotary table, attention, loss) given the samples' boundaries, as get_batch hands them
-    over on a GPU, computes the losses the block mask gives."""
+def _packed_sample_model(core_attention=None):
+    """A 2-layer GPTModel on the local spec (fused kernels), its core attention replaced if given, and a packed
+    batch: row 1 holds samples of 9, 20 and 3 tokens and 8 padding; row 2 one of 37 and a short last sample."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_patch import attention
-    from megatron_patch.data.providers import packed_attention_mask, packed_seq_params_for
     from megatron_patch.model import qwen2_5_layer_spec
 
-    monkeypatch.setattr(attention, "varlen_flash_attention", _reference_varlen_flash_attention)
     config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                                ffn_hidden_size=96, normalization="RMSNorm", gated_linear_unit=True,
                                activation_func=F.silu, add_bias_linear=False, add_qkv_bias=True,
                                attention_dropout=0.0, hidden_dropout=0.0, masked_softmax_fusion=False,
                                bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False)
+    spec = qwen2_5_layer_spec(use_te=False, fused_kernels=True)
+    if core_attention is not None:
+        spec.submodules.self_attention.submodules.core_attention = core_attention
     torch.manual_seed(5)
-    model = GPTModel(config, qwen2_5_layer_spec(use_te=False, fused_kernels=True), vocab_size=96,
-                     max_sequence_length=64, position_embedding_type="rope", rotary_base=1000000).to(DEVICE)
-    # Row 1: samples of 9, 20 and 3 tokens, 8 padding; row 2: 40 and a short last sample.
+    model = GPTModel(config, spec, vocab_size=96, max_sequence_length=64, position_embedding_type="rope",
+                     rotary_base=1000000).to(DEVICE)
     segments = torch.tensor([[0] * 9 + [1] * 20 + [2] * 3 + [3] * 8, [0] * 37 + [1] * 3])
-    tokens = torch.randint(0, 96, segments.shape, device=DEVICE)
-    labels = torch.randint(0, 96, segments.shape, device=DEVICE)
-    position_ids = torch.arange(40, device=DEVICE).expand(2, 40)
-    with_mask = model(tokens, position_ids, packed_attention_mask(segments).to(DEVICE), labels=labels)
+    batch = {"tokens": torch.randint(0, 96, segments.shape, device=DEVICE),
+             "labels": torch.randint(0, 96, segments.shape, device=DEVICE),
+             "position_ids": torch.arange(40, device=DEVICE).expand(2, 40)}
+    return model, segments, batch
+
+
+def _block_mask_losses(model, segments, batch):
+    from megatron_patch.data.providers import packed_attention_mask
+
+    return model(batch["tokens"], batch["position_ids"], packed_attention_mask(segments).to(DEVICE),
+                 labels=batch["labels"])
+
+
+def test_model_with_packed_seq_params_matches_block_mask(model_parallel, monkeypatch):
+    """The whole GPTModel (rotary table, attention, loss) given the samples' boundaries, as get_batch hands them
+    over on a GPU, computes the losses the block mask gives."""
+    from megatron_patch import attention
+    from megatron_patch.data.providers import packed_seq_params_for
+
+    monkeypatch.setattr(attention, "varlen_flash_attention", _reference_varlen_flash_attention)
+    model, segments, batch = _packed_sample_model()
+    tokens, labels, position_ids = batch["tokens"], batch["labels"], batch["position_ids"]
+    with_mask = _block_mask_losses(model, segments, batch)
     with_bounds = model(tokens, position_ids, None, labels=labels,
                         packed_seq_params=packed_seq_params_for(segments, DEVICE))
     assert with_bounds.shape == with_mask.shape == (2, 40)
     torch.testing.assert_close(with_bounds, with_mask, atol=TOL, rtol=TOL)
     # ... and not what plain causal attention across the samples gives.
     assert (model(tokens, position_ids, None, labels=labels) - with_mask).abs().max() > 1e-3
+
+
+def test_thd_packed_seq_params_mark_each_sample_of_the_micro_batch_as_one_row():
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_patch.data.providers import thd_batch
+
+    # Two rows: samples of 2 and 3 tokens and 1 padding token; samples of 4 and 2 tokens.
+    segments = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 0, 1, 1]])
+    batch = {"tokens": torch.arange(12).view(2, 6), "labels": torch.arange(12).view(2, 6) + 1,
+             "loss_mask": torch.ones(2, 6), "position_ids": torch.tensor([[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 0, 1]])}
+    flat = thd_batch(batch, segments, "cpu")
+    params = flat.pop("packed_seq_params")
+    assert type(params) is PackedSeqParams and params.qkv_format == "thd"  # TE takes PackedSeqParams' own fields
+    assert params.cu_seqlens_q.tolist() == [0, 2, 5, 6, 10, 12] and params.cu_seqlens_q.dtype == torch.int32
+    assert params.cu_seqlens_kv is params.cu_seqlens_q
+    assert params.max_seqlen_q == params.max_seqlen_kv == 4  # the longest sample: it sizes the rotary table
+    assert {key: value.tolist() for key, value in flat.items()} == \
+        {key: value.reshape(1, 12).tolist() for key, value in batch.items()}
+
+
+def test_model_with_thd_packed_seq_params_matches_block_mask(model_parallel):
+    """megatron-core's thd path (the batch as one row of b * s tokens, RoPE restarting in every sample, attention
+    on [t, heads, d]) as get_batch feeds it to the Transformer Engine spec gives the block mask's losses. TE's
+    attention is stood in for by one causal SDPA call per sample over the cumulative lengths it is given."""
+    from megatron_patch.attention import SDPACoreAttention
+    from megatron_patch.data.providers import thd_batch
+
+    seen = []
+
+    class ThdReference(SDPACoreAttention):
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            p = packed_seq_params
+            if p is None:  # the block-mask run
+                return super().forward(query, key, value, attention_mask, attn_mask_type)
+            assert p.qkv_format == "thd" and query.dim() == 3 and attention_mask is None
+            seen.append(p.cu_seqlens_q.tolist())
+            return _reference_varlen_flash_attention(query, key, value, p.cu_seqlens_q, p.cu_seqlens_kv,
+                                                     p.max_seqlen_q, p.max_seqlen_kv, self.softmax_scale).flatten(1)
+
+    model, segments, batch = _packed_sample_model(ThdReference)
+    with_mask = _block_mask_losses(model, segments, batch)
+    flat = thd_batch(batch, segments, DEVICE)
+    with_thd = model(flat["tokens"], flat["position_ids"], None, labels=flat["labels"],
+                     packed_seq_params=flat["packed_seq_params"])
+    assert with_thd.shape == (1, 80)
+    torch.testing.assert_close(with_thd.view(2, 40), with_mask, atol=TOL, rtol=TOL)
+    assert seen == [[0, 9, 29, 32, 40, 77, 80]] * 2  # both layers, the samples' boundaries (padding its own)
 
 
 def test_model_with_fused_single_qkv_rope_matches_the_split_path(model_parallel, monkeypatch):
@@ -252,3 +319,40 @@ def test_packed_samples_take_varlen_only_where_it_runs(model_parallel, monkeypat
     assert providers.packed_attention_by_varlen(args) is expected
     monkeypatch.setattr(providers, "varlen_available", lambda: False)  # a CPU, or a GPU before Ampere
     assert providers.packed_attention_by_varlen(args) is False
+
+
+def test_varlen_call_matches_this_torchs_public_api():
+    """Our call into torch.nn.attention.varlen (argument names, causal window, GQA keyword), run on fake CUDA
+    tensors: shapes and dtypes as the op's registered fake says, without a GPU (its kernels are tested on one)."""
+    import inspect
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from megatron_patch import attention
+
+    parameters = inspect.signature(attention.varlen_attn).parameters
+    assert list(parameters)[:7] == ["query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k"]
+    assert {"scale", "window_size"} <= set(parameters)  # window (-1, 0): causal, in torch 2.11 and 2.14 alike
+    with FakeTensorMode():
+        q = torch.empty(12, 4, 16, device="cuda", dtype=torch.bfloat16)
+        k = v = torch.empty(12, 2, 16, device="cuda", dtype=torch.bfloat16)
+        cu_seqlens = torch.tensor([0, 5, 12], dtype=torch.int32, device="cuda")
+        out = attention.varlen_flash_attention(q, k, v, cu_seqlens, cu_seqlens, 7, 7, 0.25)
+        assert out.shape == q.shape and out.dtype == q.dtype  # (the CPU backend, once up, maps "cuda" to the CPU)
+
+
+def test_private_flash_calls_keep_their_pinned_signatures():
+    """context_parallel.FlashBlock calls aten's private flash kernels by position; their schemas (the same in torch
+    2.11 and 2.14) are pinned here, so a torch whose arguments moved fails this test, not a GPU run."""
+    def arguments(op):
+        schema = op.default._schema
+        return [a.name for a in schema.arguments if not a.kwarg_only], \
+            [a.name for a in schema.arguments if a.kwarg_only], len(schema.returns)
+
+    positional, keyword, returns = arguments(torch.ops.aten._flash_attention_forward)
+    assert positional == ["query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p",
+                          "is_causal", "return_debug_mask"] and "scale" in keyword and returns == 5
+    positional, keyword, returns = arguments(torch.ops.aten._flash_attention_backward)
+    assert positional == ["grad_out", "query", "key", "value", "out", "logsumexp", "cum_seq_q", "cum_seq_k", "max_q",
+                          "max_k", "dropout_p", "is_causal", "rng_state", "unused"] and "scale" in keyword
+    assert returns == 3
