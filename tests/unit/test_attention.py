@@ -356,3 +356,23 @@ def test_private_flash_calls_keep_their_pinned_signatures():
     assert positional == ["grad_out", "query", "key", "value", "out", "logsumexp", "cum_seq_q", "cum_seq_k", "max_q",
                           "max_k", "dropout_p", "is_causal", "rng_state", "unused"] and "scale" in keyword
     assert returns == 3
+
+
+def test_get_batch_hands_packed_samples_to_te_as_thd_and_refuses_what_thd_cannot_take(model_parallel, monkeypatch):
+    from types import SimpleNamespace
+
+    from megatron_patch.data import providers
+    from megatron_patch.errors import UserError
+
+    segments = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 0, 1, 1]])
+    item = {"tokens": torch.arange(12).view(2, 6), "labels": torch.arange(12).view(2, 6),
+            "loss_mask": torch.ones(2, 6), "position_ids": torch.arange(6).expand(2, 6), "segment_ids": segments}
+    args = SimpleNamespace(transformer_impl="transformer_engine", pipeline_model_parallel_size=1, micro_batch_size=2)
+    monkeypatch.setattr(providers, "get_args", lambda: args)
+    batch = providers.get_batch(iter([item]))
+    assert batch["tokens"].shape == (1, 12) and "attention_mask" not in batch
+    assert batch["packed_seq_params"].qkv_format == "thd"
+    assert batch["packed_seq_params"].cu_seqlens_q.tolist() == [0, 2, 5, 6, 10, 12]
+    args.pipeline_model_parallel_size = 2  # a stage's activations are [s, b, h], not one row of b x s
+    with pytest.raises(UserError, match="need --transformer-impl local"):
+        providers.get_batch(iter([item]))
