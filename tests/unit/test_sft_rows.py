@@ -86,3 +86,25 @@ def test_our_real_token_rate_counts_each_timed_iterations_rows(assets):
     log = "\n".join(qwen_iteration_line(i, padded / 0.5) for i in range(2, 6))
     assert real_tokens_per_s(log, rows, skip=1) == pytest.approx(sum(rows.tokens(i - 1) for i in (3, 4, 5)) / 1.5)
     assert rows.attention_span <= max(n for row in rows.lengths for n in row)
+
+
+def test_the_hf_loop_trains_lora_on_the_rows_and_counts_their_real_tokens(assets, monkeypatch):
+    """hf_throughput on the CPU (tiny model, peft LoRA on every linear layer, no compile): only the adapters
+    train, and the rate is the timed steps' real tokens over their time."""
+    from megatron_patch.harness import hf_baseline
+
+    import torch
+
+    rows = PackedRows(assets.rows_file(SEQ_LEN), global_batch=4)
+    timed, trained = [], []
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: trained.extend(params) or adamw(trained, **kw))
+    monkeypatch.setattr(hf_baseline, "_timed", lambda step, steps, warmup, cuda, distributed:
+                        [step(i) for i in range(warmup + steps)] and timed.append((warmup, steps)) or 2.0)
+    run = hf_baseline.HFRun("tiny", SEQ_LEN, 2, 4, pure_bf16=False, compile_mode=None, lora_rank=4)
+    rate, peak, skips = hf_baseline.hf_throughput(run, steps=2, warmup=1, data=rows)
+    assert timed == [(1, 2)] and rate == (rows.tokens(1) + rows.tokens(2)) / 2.0 and (peak, skips) == (0.0, 0)
+    # rank 4 on q, k, v, o, gate, up, down of 2 layers (hidden 64, 2 of 4 heads' width for k/v, ffn 128)
+    assert sum(p.numel() for p in trained) == 2 * 4 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 128)
+                                                       + (128 + 64))
+    assert all(p.dtype == torch.float32 for p in trained)  # (a): fp32 adapters over the bf16 base
