@@ -134,9 +134,9 @@ def run_hf(args, record: Recorder, may_start) -> None:
 
 def lora_base(args, assets: SFTAssets) -> str:
     """A random-init Qwen2.5 of --size converted by the toolkit's convertor (once per --out): LoRA's frozen base."""
-    from megatron_patch.harness.matrix_assets import Assets, converted_checkpoint
+    from megatron_patch.harness.matrix_assets import converted_checkpoint
 
-    folder, how = converted_checkpoint(args.out / "base", args.size, "bf16", Assets(assets.root))
+    folder, how = converted_checkpoint(args.out / "base", args.size, "bf16", assets)
     print(f"LoRA base: {how}", flush=True)
     return str(folder)
 

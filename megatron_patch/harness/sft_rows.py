@@ -16,16 +16,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-SEED = 1234  # the launcher's --seed: the train split's epochs are drawn from it (data/sft_providers.py)
+from megatron_patch.harness.matrix_assets import Assets
+from megatron_patch.launch.flags import TRAINING_SEED as SEED  # the train split's epochs are drawn from it
 
 
 @dataclass(frozen=True)
-class SFTAssets:
-    root: Path
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.root / "tokenizer"
+class SFTAssets(Assets):
+    """The GPU matrix's asset folder layout (its tokenizer; a checkpoint converted from it) with these records and
+    rows."""
 
     @property
     def records(self) -> Path:

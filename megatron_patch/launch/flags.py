@@ -14,6 +14,7 @@ from megatron_patch.launch.positional import Launch
 from megatron_patch.launch.machine import Machine, uses_te
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+TRAINING_SEED = 1234  # --seed: weights' init and the SFT train split's epochs (data/sft_providers.py)
 
 
 def megatron_flags(launch: Launch, machine: Machine, tokenizer: str) -> list[str]:
@@ -35,7 +36,7 @@ def megatron_flags(launch: Launch, machine: Machine, tokenizer: str) -> list[str
         "--pipeline-model-parallel-size", str(launch.pp),
         "--context-parallel-size", str(launch.cp),
         "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer,
-        "--seed", "1234",
+        "--seed", str(TRAINING_SEED),
         # Loss is summed per token and divided by the global batch's token count: exact under any layout.
         "--calculate-per-token-loss",
         "--load", str(launch.checkpoint_dir), "--ckpt-format", "torch_dist",
