@@ -126,10 +126,14 @@ def run_hf(args, record: Recorder, may_start) -> None:
         if not may_start():
             print(f"--hf {text}: skipped, out of time", flush=True)
             continue
-        for row in rows_of_child([sys.executable, "-m", "benchmarks.sft_throughput", *common_flags(args),
-                                  "--hf-alone", text, "--micro-batches",
-                                  ",".join(map(str, args.micro_batches))], REPO):
+        rows = rows_of_child([sys.executable, "-m", "benchmarks.sft_throughput", *common_flags(args), "--hf-alone",
+                              text, "--micro-batches", ",".join(map(str, args.micro_batches))], REPO)
+        for row in rows:
             record.keep(row)
+        if not rows:  # it died before its first row (an import, a crash): still a row of the table
+            letter, _, name = hf_variant(text)
+            record(HF_SIDES[letter], name, args.micro_batches[0], "failed",
+                   note="the HF process ended without a result; its output above says why")
 
 
 def lora_base(args, assets: SFTAssets) -> str:

@@ -120,12 +120,14 @@ def run_mcore_variants(texts: list[str], launch: Callable[[McoreRun, Path], str]
     """Each `--mcore` run text through `launch(run, out) -> log` (a SystemExit when it failed; out: a folder of
     its own under out_root), recorded as ok (`measure(log)` -> rate, peak GiB, more fields), OOM or failed. A run
     is skipped where a smaller micro-batch of its variant ran out of memory, and none starts once `may_start()`
-    says no (a time budget); `graph_fallback`: a CUDA-graphed run that fails (not OOM) runs again without it."""
+    says no (a time budget); `graph_fallback`: a CUDA-graphed run that fails (not OOM) runs again without it, and
+    so do the graphed runs after it."""
     te = transformer_engine_importable()
     oom_at: dict[str, int] = {}  # variant -> micro-batch that ran out of memory
-    pending = list(texts)
+    pending, graph_failed = list(texts), False
     while pending:
         text = pending.pop(0)
+        text = text.replace(":graph", "") if graph_failed else text
         run = McoreRun.parse(text)
         variant = f"{run.label()}, {'TE' if te else 'local'} spec, {layout}"
         if run.micro > oom_at.get(variant, run.micro) or not may_start():
@@ -142,7 +144,8 @@ def run_mcore_variants(texts: list[str], launch: Callable[[McoreRun, Path], str]
             oom_at.update({variant: run.micro} if status == "OOM" else {})
             record(mcore_side(run, te), variant, run.micro, status, note=cause)
             if status == "failed" and graph_fallback and run.graph:
-                pending.insert(0, text.replace(":graph", ""))
+                graph_failed = True
+                pending.insert(0, text)
             continue
         rate, peak, extra = measure(log)
         record(mcore_side(run, te), variant, run.micro, "ok", rate, peak, **extra)

@@ -173,8 +173,8 @@ def test_an_mcore_run_takes_the_fp8_accuracy_knobs():
 
 def test_launcher_runs_stop_at_oom_fall_back_from_the_graph_and_keep_to_the_budget(tmp_path):
     """run_mcore_variants: a failed run's status and cause come from its logs; a larger micro-batch of a variant
-    that ran out of memory is not launched; a graphed run that fails otherwise runs again without the graph; no
-    run starts once the budget says no."""
+    that ran out of memory is not launched; a graphed run that fails otherwise runs again without the graph, and
+    so do the graphed runs after it; no run starts once the budget says no."""
     launched, recorded = [], []
 
     def launch(run, out):
@@ -189,7 +189,7 @@ def test_launcher_runs_stop_at_oom_fall_back_from_the_graph_and_keep_to_the_budg
         return "log"
 
     starts = iter([True] * 3 + [False])  # asked before each launch not skipped for memory
-    mcore_runs.run_mcore_variants(["fused:2:graph", "fused:4", "fused:8", "fused:1"], launch, tmp_path,
+    mcore_runs.run_mcore_variants(["fused:2:graph", "fused:4:graph", "fused:8", "fused:1"], launch, tmp_path,
                                   lambda *row, **fields: recorded.append((row, fields)),
                                   lambda log: (10.0, 2.0, {"host_peak_gib": 3.0}), "packed SFT",
                                   graph_fallback=True, may_start=lambda: next(starts))
