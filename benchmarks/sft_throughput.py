@@ -41,7 +41,7 @@ from pathlib import Path
 from megatron_patch.hardware import transformer_engine_importable
 from megatron_patch.harness.hf_baseline import HFRun, hf_throughput, sweep_micro_batches
 from megatron_patch.harness.iteration_log import host_peak_gib, steady_throughput
-from megatron_patch.harness.mcore_runs import MCORE_RUN_FORM, megatron_run, run_mcore_variants
+from megatron_patch.harness.mcore_runs import MCORE_RUN_FORM, McoreRun, megatron_run, run_mcore_variants
 from megatron_patch.harness.sft_rows import PackedRows, SFTAssets, prepare_sft_assets, real_tokens_per_s
 from megatron_patch.harness.throughput import HF_SIDES, Recorder, comma_list, device_name, markdown_table, \
     mfu_peak, rows_of_child
@@ -122,7 +122,6 @@ def hf_sweep(args, record: Recorder, text: str) -> None:
 
 def run_hf(args, record: Recorder, may_start) -> None:
     for text in args.hf or ["a:liger", "b:liger"]:
-        hf_variant(text)  # refuses a bad one before any run
         if not may_start():
             print(f"--hf {text}: skipped, out of time", flush=True)
             continue
@@ -190,6 +189,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"sft_throughput: no packed rows in {args.assets} for sequence {args.seq_len}: run "
                          f"`python -m benchmarks.sft_throughput --prepare-only --seq-len {args.seq_len}` where the "
                          "package index is, and carry that folder here.")
+    for text in args.hf or []:
+        hf_variant(text)  # a bad variant is refused before any run
+    for text in args.mcore or []:
+        McoreRun.parse(text)
     rows = PackedRows(assets.rows_file(args.seq_len), args.global_batch)
     record = Recorder(args.size, args.seq_len, args.global_batch, args.json, args.peak_tflops, rows.attention_span)
     if args.hf_alone:
