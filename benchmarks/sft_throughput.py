@@ -25,8 +25,8 @@ bf16 base, fp32 or bf16 adapters); torch.compile; `flex` asks transformers for f
 skips the blocks between samples) instead of SDPA, `liger` adds Liger's Qwen2 kernels (fused linear +
 cross-entropy, RMSNorm, SwiGLU, RoPE). Default: a:liger, b:liger. MFU counts attention over the samples' lengths.
 
---budget-s starts no run after that many seconds (the one under way finishes), so one command fits a time limit;
-the table of what ran is printed at the end, and every row goes to --json as it ends.
+--budget-s starts no run (and no HF micro-batch) after that many seconds, the one under way finishing, so one
+command fits a time limit; the table of what ran is printed at the end, and every row goes to --json as it ends.
 """
 
 from __future__ import annotations
@@ -103,8 +103,11 @@ def hf_sweep(args, record: Recorder, text: str) -> None:
     letter, fields, name = hf_variant(text)
     data = PackedRows(SFTAssets(args.assets).rows_file(args.seq_len), args.global_batch, "cuda")
     name += f", LoRA r{args.lora}" if args.lora else ""
+    deadline = time.time() + args.budget_s  # the parent's budget left when it started this process
 
     def measure(micro: int):
+        if time.time() > deadline:
+            raise TimeoutError("not run: the --budget-s was spent")
         run = HFRun(args.size, args.seq_len, micro, args.global_batch, letter == "b",
                     activation_checkpointing=args.ac != "false", lora_rank=args.lora, **fields)
         return hf_throughput(run, args.hf_steps, args.hf_warmup, data=data)
@@ -120,13 +123,15 @@ def hf_sweep(args, record: Recorder, text: str) -> None:
                         lambda micro, *rest, **note: record(HF_SIDES[letter], name, micro, *rest, **note), False)
 
 
-def run_hf(args, record: Recorder, may_start) -> None:
+def run_hf(args, record: Recorder, may_start, started: float) -> None:
     for text in args.hf or ["a:liger", "b:liger"]:
         if not may_start():
             print(f"--hf {text}: skipped, out of time", flush=True)
             continue
+        left = args.budget_s - (time.time() - started)
         rows = rows_of_child([sys.executable, "-m", "benchmarks.sft_throughput", *common_flags(args), "--hf-alone",
-                              text, "--micro-batches", ",".join(map(str, args.micro_batches))], REPO)
+                              text, "--micro-batches", ",".join(map(str, args.micro_batches)), "--budget-s",
+                              f"{left:.0f}"], REPO)
         for row in rows:
             record.keep(row)
         if not rows:  # it died before its first row (an import, a crash): still a row of the table
@@ -212,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_mcore:
         run_ours(args, assets, rows, record, may_start)
     if not args.skip_hf:
-        run_hf(args, record, may_start)
+        run_hf(args, record, may_start, start)
     print(f"sft_throughput: {time.time() - start:.0f} s", flush=True)
     if record.rows:
         print(markdown_table(record.rows), flush=True)
