@@ -41,25 +41,15 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from megatron_patch.hardware import transformer_engine_importable
 from megatron_patch.harness.hf_baseline import HFRun, hf_throughput, sweep_micro_batches
 from megatron_patch.harness.iteration_log import steady_throughput
-from megatron_patch.harness.mcore_runs import MCORE_RUN_FORM, McoreRun, check_losses, megatron_run
-from megatron_patch.harness.throughput import HF_SIDES, NO_FIGURES, OURS, append_row, device_name, \
-    markdown_table, mfu_peak, report, result_row, versions
-from megatron_patch.model_sizes import get_size
-
-
-def comma_list(item_type):
-    def parse(text: str) -> list:
-        return [item_type(item) for item in text.split(",")]
-    parse.__name__ = f"comma-separated {item_type.__name__}"  # argparse names it in its error
-    return parse
+from megatron_patch.harness.mcore_runs import MCORE_RUN_FORM, McoreRun, check_losses, megatron_run, \
+    run_mcore_variants
+from megatron_patch.harness.throughput import HF_SIDES, Recorder, append_row, comma_list, device_name, \
+    markdown_table, mfu_peak, rows_of_child
 
 
 def parse_args(argv: list[str] | None = None):
@@ -96,78 +86,24 @@ def parse_args(argv: list[str] | None = None):
     return parser.parse_args(argv)
 
 
-class Recorder:
-    """Prints each result row and appends it to --json."""
-
-    def __init__(self, args):
-        self.args, self.size, self.stack = args, get_size(args.size), versions()
-        self.peak_flops = mfu_peak(device_name(), args.peak_tflops)[0]
-
-    def __call__(self, side: str, variant: str, micro: int, status: str, rate: float = 0.0, peak_gib: float = 0.0,
-                 note: str = "") -> None:
-        """note: why it failed, or what an "ok" row lacked."""
-        name = f"{side} {variant}, mb {micro}"
-        figures = NO_FIGURES
-        if status == "ok":
-            figures = report(name, rate, self.size, self.args.seq_len, peak_gib, self.peak_flops)
-        if status != "ok" or note:
-            print(f"{name:58s} {status}{': ' + note if note else ''}", flush=True)
-        if self.args.json:
-            append_row(self.args.json, result_row(side, variant, micro, figures, status, note, self.args.size,
-                                                  self.args.seq_len, self.args.global_batch, self.stack))
-
-
-def mcore_side(run: McoreRun, te: bool) -> str:
-    """The table's side of a launcher run: ours is the fused path in bf16; megatron-core's plain modules (with
-    TE: upstream's flags on megatron-core + TE, Pai's stack) and fp8 runs are sides of their own, so a bf16
-    comparison never picks them as ours."""
-    base = OURS if run.kernels == "fused" else "Pai: megatron-core + TE" if te else "megatron-core plain"
-    return f"{base}, fp8" if run.fp8_recipe else base
-
-
 def run_mcore(args, record: Recorder) -> None:
-    te_spec = transformer_engine_importable()
-    te = "TE spec" if te_spec else "local spec"
-    oom_at = {}  # variant -> micro-batch that ran out of memory: larger ones of that variant are not launched
-    for text in args.mcore or [f"fused:{args.micro_batch}"]:
-        run = McoreRun.parse(text)
-        variant = f"{run.label()}, {te}, TP{args.tp} DP{args.nproc // args.tp}"
-        if run.micro > oom_at.get(variant, run.micro):
-            print(f"--mcore {text}: skipped, out of memory at micro-batch {oom_at[variant]}", flush=True)
-            continue
-        out = Path(args.out) / f"mcore-{args.size}-{args.seq_len}-{text.replace(':', '-')}"
-        try:
-            log = megatron_run(args.size, args.seq_len, run.micro, args.global_batch, args.data, args.tokenizer,
-                               args.iters, out, run.env, args.tp, args.nproc, run.precision)
-        except SystemExit as failed:  # report it and go on with the other runs
-            if failed.code == 143:  # SIGTERM (main): this benchmark is stopping, not the run failing
-                raise
-            print(f"--mcore {text}: {failed}", flush=True)
-            # The whole log, and the launcher's per-node logs (where the ranks' own errors are): torchrun's summary
-            # of the failed ranks can push a rank's error out of the tail.
-            logs = [out / "megatron.log", *sorted(out.glob("log/*.log"))]
-            lines = [line for log in logs for line in log.read_text(errors="replace").splitlines()] or [str(failed)]
-            oom = next((line for line in lines if "out of memory" in line), None)
-            if oom:
-                oom_at[variant] = run.micro
-            cause = oom or next((line for line in reversed(lines) if "Error" in line and "ChildFailedError" not in
-                                 line), lines[-1])
-            record(mcore_side(run, te_spec), variant, run.micro, "OOM" if oom else "failed", note=cause.strip())
-            continue
-        record(mcore_side(run, te_spec), variant, run.micro, "ok", *steady_throughput(log))
+    def launch(run, out: Path) -> str:
+        return megatron_run(args.size, args.seq_len, run.micro, args.global_batch, args.data, args.tokenizer,
+                            args.iters, out, run.env, args.tp, args.nproc, run.precision)
+
+    run_mcore_variants(args.mcore or [f"fused:{args.micro_batch}"], launch,
+                       Path(args.out) / f"{args.size}-{args.seq_len}", record,
+                       lambda log: (*steady_throughput(log), {}), f"TP{args.tp} DP{args.nproc // args.tp}")
 
 
 def hf_alone(args, letter: str, mode: str, micro: int) -> str:
     """One HF run (variant, compile mode, micro-batch) by this script in a new process; its row goes to --json as
     its own run's would. Returns the row's status."""
-    with tempfile.TemporaryDirectory() as scratch:
-        rows_path = Path(scratch) / "rows.json"
-        command = [sys.executable, "-m", "benchmarks.train_throughput", "--size", args.size, "--seq-len",
-                   str(args.seq_len), "--global-batch", str(args.global_batch), "--hf-steps", str(args.hf_steps),
-                   "--skip-mcore", "--hf", letter, "--hf-compile-modes", mode, "--hf-micro-batches", str(micro),
-                   "--json", str(rows_path)] + (["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else [])
-        subprocess.run(command, check=False, cwd=Path(__file__).resolve().parents[1])
-        rows = json.loads(rows_path.read_text()) if rows_path.exists() else []
+    command = [sys.executable, "-m", "benchmarks.train_throughput", "--size", args.size, "--seq-len",
+               str(args.seq_len), "--global-batch", str(args.global_batch), "--hf-steps", str(args.hf_steps),
+               "--skip-mcore", "--hf", letter, "--hf-compile-modes", mode, "--hf-micro-batches", str(micro)] \
+        + (["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else [])
+    rows = rows_of_child(command, Path(__file__).resolve().parents[1])
     for row in rows:
         if args.json:
             append_row(args.json, row)
@@ -199,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
                              "pass divisors of the global batch")
     # SIGTERM (timeout, a scheduler) as an exception, so the launcher runs' process sessions are ended too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    record = Recorder(args)
+    record = Recorder(args.size, args.seq_len, args.global_batch, args.json, args.peak_tflops)
     print("versions: " + " | ".join(f"{k} {v}" for k, v in record.stack.items()), flush=True)
     print(f"device: {device_name()} | {mfu_peak(device_name(), args.peak_tflops)[1]} | Qwen2.5-{args.size} | seq "
           f"{args.seq_len} | micro-batch {args.micro_batch} | global batch {args.global_batch} | "

@@ -11,8 +11,9 @@ benchmarks/attention_backends.py). Where cuDNN cannot take the call (a CPU, anot
 does not support) torch goes down the list to flash, memory-efficient, then math.
 
 Packed samples (SFT packing): on a GPU the batch reader hands over the samples' boundaries (PackedSeqParams,
-cumulative lengths over the micro-batch's rows) and attention runs through torch's variable-length flash kernel,
-which skips every block between two samples; elsewhere it gets the dense block mask instead.
+cumulative lengths over the micro-batch's rows) and attention runs through torch's variable-length flash kernel
+(torch.nn.attention.varlen), which skips every block between two samples; elsewhere it gets the dense block mask
+instead. (The Transformer Engine spec takes the same boundaries in megatron-core's "thd" format: data/providers.py.)
 
 Context parallelism (megatron-core only has it in Transformer Engine's attention): see context_parallel.py.
 """
@@ -21,11 +22,16 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # an older torch: packed samples take the block mask
+    varlen_attn = None
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
@@ -42,36 +48,26 @@ class PackedSamples(PackedSeqParams):
 
 @functools.cache  # asked by every micro-batch's get_batch; the answer is fixed for the process
 def varlen_available() -> bool:
-    """torch's variable-length flash kernels: a CUDA GPU of compute capability 8.0 or later (Ampere on)."""
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+    """torch's variable-length flash kernels: a torch with torch.nn.attention.varlen and a CUDA GPU of compute
+    capability 8.0 or later (Ampere on)."""
+    return varlen_attn is not None and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
 
-class _VarlenFlashAttention(torch.autograd.Function):
-    """Causal attention within packed samples through aten's variable-length flash kernels, called directly:
-    torch.nn.attention.varlen.varlen_attn, a Python custom op, took about 0.55 ms more host time per forward +
-    backward than SDPA (H200, torch 2.11), which made a host-bound packed-SFT run slower than the block mask."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_kv, longest_q, longest_kv, scale):
-        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_seqlens_q, cu_seqlens_kv, longest_q, longest_kv, 0.0, True, False, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_kv, rng_state, unused)
-        ctx.bounds = (longest_q, longest_kv, scale)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_kv, rng_state, unused = ctx.saved_tensors
-        longest_q, longest_kv, scale = ctx.bounds
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            grad_out.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_kv, longest_q, longest_kv, 0.0, True,
-            rng_state, unused, scale=scale)
-        return dq, dk, dv, None, None, None, None, None
+@functools.cache
+def _varlen_gqa_keyword() -> dict[str, bool]:
+    """varlen_attn of torch 2.14 asks for enable_gqa=True when K/V have fewer heads than Q; that of torch 2.11 has no
+    such argument, and its flash kernel takes grouped K/V as they are."""
+    return {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
 
 
 def varlen_flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_kv, longest_q, longest_kv, scale):
-    """[tokens, heads, d] each (K/V may have fewer heads: grouped-query attention); causal within each sample."""
-    return _VarlenFlashAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_kv, longest_q, longest_kv, scale)
+    """[tokens, heads, d] each (K/V may have fewer heads: grouped-query attention); causal within each sample.
+    torch's public variable-length attention (a custom op with its own backward): the same flash kernels as aten's
+    private _flash_attention_forward/_backward, whose signatures move between torch releases, for 0.07-0.14 ms more
+    host time per forward + backward (docs/benchmarks.md, issue 8)."""
+    gqa = _varlen_gqa_keyword() if k.shape[1] != q.shape[1] else {}
+    return varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_kv, longest_q, longest_kv, scale=scale, window_size=(-1, 0),
+                       **gqa)
 
 
 def packed_varlen_attention(query, key, value, packed_seq_params, scale):

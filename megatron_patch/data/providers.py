@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from megatron.core import mpu
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.training import get_args, get_tokenizer, print_rank_0
@@ -94,18 +95,40 @@ def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return ~(causal[None] & same_sample)[:, None]
 
 
-def packed_seq_params_for(segment_ids: torch.Tensor, device) -> PackedSamples:
-    """The packed samples' boundaries for variable-length attention: cumulative lengths over the rows of
-    segment_ids [b, s] read one after the other (a row always starts a new sample; so does its padding)."""
+def sample_boundaries(segment_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(cumulative lengths of the packed samples over the rows of segment_ids [b, s] read one after the other, int32;
+    the longest sample's length). A row always starts a new sample; so does its padding."""
     starts = torch.ones_like(segment_ids, dtype=torch.bool)
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     total = torch.tensor([segment_ids.numel()])
     cu_seqlens = torch.cat([starts.reshape(-1).nonzero().squeeze(1), total]).to(torch.int32)
-    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
+def packed_seq_params_for(segment_ids: torch.Tensor, device) -> PackedSamples:
+    """The packed samples' boundaries for the local spec's variable-length attention ([s, b, heads, d] layout)."""
+    cu_seqlens, longest = sample_boundaries(segment_ids)
     cu_seqlens = cu_seqlens.to(device, non_blocking=True)
     row = segment_ids.shape[1]
     return PackedSamples(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                          max_seqlen_q=row, max_seqlen_kv=row, longest_sample=longest)
+
+
+def thd_packed_seq_params(segment_ids: torch.Tensor, device) -> PackedSeqParams:
+    """The packed samples' boundaries in megatron-core's "thd" format, which Transformer Engine's attention and
+    megatron-core's RoPE take (positions restart in every sample): the micro-batch's rows as one row of b * s
+    tokens (thd_batch), max_seqlen the longest sample (it sizes the rotary table and TE's kernels)."""
+    cu_seqlens, longest = sample_boundaries(segment_ids)
+    cu_seqlens = cu_seqlens.to(device, non_blocking=True)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def thd_batch(batch: dict, segment_ids: torch.Tensor, device) -> dict:
+    """A packed micro-batch for the Transformer Engine spec: tokens, labels, loss mask and positions as one row of
+    b * s tokens ([1, b * s]: megatron-core's thd attention squeezes a batch dimension of 1), and the boundaries."""
+    flat = {key: value.reshape(1, -1) for key, value in batch.items() if key != "attention_mask"}
+    return {**flat, "packed_seq_params": thd_packed_seq_params(segment_ids, device)}
 
 
 def packed_attention_by_varlen(args) -> bool:
@@ -132,6 +155,14 @@ def get_batch(data_iterator) -> dict:
     out = {key: batch[key].to(device, non_blocking=True) for key in MODEL_INPUTS if torch.is_tensor(batch.get(key))}
     segment_ids = batch.get("segment_ids")
     cp_size = mpu.get_context_parallel_world_size()
+    if segment_ids is not None and get_args().transformer_impl == "transformer_engine":
+        args = get_args()
+        if cp_size > 1 or (args.pipeline_model_parallel_size > 1 and args.micro_batch_size > 1):
+            # The launcher trains these layouts on the local spec (launch/machine.py, packed_samples_need_masks).
+            raise UserError("error: packed SFT samples with CP > 1, or with PP > 1 and a micro-batch above 1, need "
+                            "--transformer-impl local: TE's thd format needs sample lengths divisible by 2 x CP, and "
+                            "its one row of b x s tokens is not the activation shape pipeline stages exchange.")
+        return thd_batch(out, segment_ids.cpu(), device)
     if segment_ids is not None and packed_attention_by_varlen(get_args()):
         # Computed from the reader's CPU tensor: the longest sample's length needs no GPU sync.
         out["packed_seq_params"] = packed_seq_params_for(segment_ids.cpu(), device)

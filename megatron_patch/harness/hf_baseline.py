@@ -4,7 +4,11 @@ with FSDP2 over the process group's ranks (each decoder layer its own unit, the 
 
 Variants: (a) fp32 master weights with bf16 compute (autocast on one GPU; FSDP2's MixedPrecisionPolicy with bf16
 params and fp32 gradient reduction): the numerics of our Megatron bf16 runs; (b) parameters in bf16 (and bf16
-reduction): a speed bound."""
+reduction): a speed bound. Fine-tuning adds peft's LoRA (the base frozen in bf16; (a): fp32 adapters under
+autocast, (b): bf16 adapters), Liger's Qwen2 kernels and the attention implementation; its data (sft_rows.py)
+are packed rows with position ids restarting in every sample, which transformers turns into a block-diagonal
+mask (flex_attention: a block mask that skips the blocks between samples), and only real tokens are counted.
+Liger patches transformers' Qwen2 module for the whole process: run a Liger variant in a process of its own."""
 
 from __future__ import annotations
 
@@ -26,6 +30,28 @@ class HFRun:
     compile_mode: str | None = "default"  # torch.compile mode (per decoder layer under FSDP2); None: eager
     fsdp: bool = False
     activation_checkpointing: bool = False  # torch checkpoint around each decoder layer (non-reentrant)
+    attention: str = "sdpa"  # transformers' attn_implementation: sdpa or flex_attention
+    liger: bool = False  # Liger's Qwen2 kernels: RoPE, RMSNorm, SwiGLU, fused linear + cross-entropy
+    lora_rank: int = 0  # peft LoRA on every linear layer of the decoder, alpha 2 x rank; 0: full training
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class RandomTokens:
+    """Pre-training data: one random micro-batch, every step, every token counted."""
+
+    def __init__(self, run: HFRun, device):
+        import torch
+
+        tokens = torch.randint(0, 151643, (run.micro_batch, run.seq_len), device=device)
+        self.batch, self.per_step = {"input_ids": tokens, "labels": tokens}, run.global_batch * run.seq_len
+
+    def micro_batches(self, step: int, count: int) -> list[dict]:
+        return [self.batch] * count
+
+    def tokens(self, step: int) -> int:
+        return self.per_step
 
 
 def free_cuda_memory() -> None:
@@ -46,12 +72,13 @@ def _model(run: HFRun, device):
 
     from megatron_patch.hf_checkpoint import hf_config_for
 
-    config = hf_config_for(get_size(run.size), "bfloat16" if run.pure_bf16 else "float32")
-    config._attn_implementation = "sdpa"
+    base_bf16 = run.pure_bf16 or bool(run.lora_rank)
+    config = hf_config_for(get_size(run.size), "bfloat16" if base_bf16 else "float32")
+    config._attn_implementation = run.attention
     torch.manual_seed(0)
     if not run.fsdp:
         model = Qwen2ForCausalLM(config).to(device)
-        model = model.to(torch.bfloat16) if run.pure_bf16 else model
+        model = _fine_tuning_extras(model.to(torch.bfloat16) if base_bf16 else model, run)
         if run.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return torch.compile(model, mode=run.compile_mode) if run.compile_mode else model
@@ -75,10 +102,27 @@ def _model(run: HFRun, device):
     return model
 
 
-def hf_throughput(run: HFRun, steps: int, warmup: int, device=None) -> tuple[float, float, int]:
+def _fine_tuning_extras(model, run: HFRun):
+    """Liger's kernels patched into the model, then peft's LoRA around it (the base frozen)."""
+    if run.liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+        apply_liger_kernel_to_qwen2(model=model)
+    if not run.lora_rank:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=run.lora_rank, lora_alpha=2 * run.lora_rank, lora_dropout=0.0,
+                        target_modules=list(LORA_TARGETS))
+    # autocast_adapter_dtype: fp32 adapters over the bf16 base for (a), as our LoRA keeps fp32 main parameters.
+    return get_peft_model(model, config, autocast_adapter_dtype=not run.pure_bf16)
+
+
+def hf_throughput(run: HFRun, steps: int, warmup: int, device=None, data=None) -> tuple[float, float, int]:
     """Tokens/s per GPU over `steps` steps after `warmup`, peak GiB, and how many compiled graphs ran without the
-    CUDA graphs their mode asked for. Under FSDP2 the process group must be up; the rate is rank 0's view of the
-    whole group's tokens over its ranks."""
+    CUDA graphs their mode asked for. `data` (default RandomTokens) gives each step's micro-batches on the device
+    and the tokens it counts. Under FSDP2 the process group must be up; the rate is rank 0's view of the whole
+    group's tokens over its ranks."""
     import torch
     import torch.distributed as dist
     from torch._dynamo.utils import counters
@@ -98,46 +142,49 @@ def hf_throughput(run: HFRun, steps: int, warmup: int, device=None) -> tuple[flo
     # output, overwritten at the next replay: there gradients live in persistent buffers, as in Megatron's grad
     # buffer. Elsewhere they are freed after each step, HF's default and the lower peak.
     graphs = bool(run.compile_mode) and list_mode_options(run.compile_mode).get("triton.cudagraphs", False)
-    for param in model.parameters() if graphs else ():
+    trained = [param for param in model.parameters() if param.requires_grad]
+    for param in trained if graphs else ():
         param.grad = torch.zeros_like(param)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, **({"fused": True} if cuda else {"foreach": True}))
+    optimizer = torch.optim.AdamW(trained, lr=1e-5, **({"fused": True} if cuda else {"foreach": True}))
     accumulation = run.global_batch // (run.micro_batch * world)
-    tokens = torch.randint(0, 151643, (run.micro_batch, run.seq_len), device=device)
+    data = data or RandomTokens(run, device)
     autocast = cuda and not run.fsdp and not run.pure_bf16  # FSDP2's policy casts the parameters itself
-    # The one-GPU figures in docs/benchmarks.md were measured with HF's default cache argument, FSDP2's without.
-    cache = {"use_cache": False} if run.fsdp else {}
+    # The one-GPU figures in docs/benchmarks.md were measured with HF's default cache argument, FSDP2's without
+    # (packed rows need it off: with a cache transformers does not read samples from the position ids).
+    cache = {"use_cache": False} if run.fsdp or not isinstance(data, RandomTokens) else {}
 
-    def step():
-        for i in range(accumulation):
+    def step(index: int):
+        for i, batch in enumerate(data.micro_batches(index, accumulation)):
             if run.fsdp:
                 model.set_requires_gradient_sync(i == accumulation - 1)  # reduce-scatter after the last only
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                loss = model(input_ids=tokens, labels=tokens, **cache).loss / accumulation
+                loss = model(**batch, **cache).loss / accumulation
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=not graphs)
 
     elapsed = _timed(step, steps, warmup, cuda, run.fsdp)
     peak = torch.cuda.max_memory_allocated() / 1024 ** 3 if cuda else 0.0
-    return (steps * run.global_batch * run.seq_len / elapsed / world, peak,
-            counters["inductor"]["cudagraph_skips"] - skips_before)
+    tokens = sum(data.tokens(warmup + i) for i in range(steps))
+    return tokens / elapsed / world, peak, counters["inductor"]["cudagraph_skips"] - skips_before
 
 
-def _timed(step: Callable[[], None], steps: int, warmup: int, cuda: bool, distributed: bool) -> float:
-    """Seconds of `steps` calls after `warmup`, synchronized (and barriered across ranks)."""
+def _timed(step: Callable[[int], None], steps: int, warmup: int, cuda: bool, distributed: bool) -> float:
+    """Seconds of steps warmup .. warmup + steps - 1 after steps 0 .. warmup - 1, synchronized (and barriered
+    across ranks)."""
     import torch
     import torch.distributed as dist
 
-    for _ in range(warmup):
-        step()
+    for index in range(warmup):
+        step(index)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     if distributed:
         dist.barrier()
     start = time.perf_counter()
-    for _ in range(steps):
-        step()
+    for index in range(warmup, warmup + steps):
+        step(index)
     if cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start

@@ -21,7 +21,7 @@ def qwen_iteration_line(iteration: int, tokens_per_s_per_gpu: float,
                         gpu_memory_gib: tuple[float, float, float] | None = None,
                         host_peak_rss_gib: float | None = None) -> str:
     """The line training prints after each logged iteration: GPU memory (allocated, peak, reserved) on a GPU,
-    the host's peak RSS on a CPU."""
+    and the host's peak RSS (of the rank that prints)."""
     line = f" {QWEN_MARK} {iteration:8d} | tokens/s/GPU: {tokens_per_s_per_gpu:,.0f}"
     if gpu_memory_gib is not None:
         line += " | memory allocated/peak/reserved (GiB): " + "/".join(f"{v:.2f}" for v in gpu_memory_gib)
@@ -40,7 +40,7 @@ class QwenIteration:
     iteration: int
     tokens_per_s_per_gpu: float
     gpu_peak_gib: float | None  # peak allocated GPU memory (a GPU run)
-    host_peak_rss_gib: float | None  # a CPU run
+    host_peak_rss_gib: float | None
 
 
 def qwen_iterations(log: str) -> list[QwenIteration]:
@@ -62,6 +62,12 @@ def steady_throughput(log: str, skip: int = 5) -> tuple[float, float]:
     steady = rates[skip:] or rates
     rate = len(steady) / sum(1 / r for r in steady) if steady and all(steady) else 0.0
     return rate, max([line.gpu_peak_gib for line in lines if line.gpu_peak_gib is not None] or [0.0])
+
+
+def host_peak_gib(log: str) -> float | None:
+    """The largest host peak RSS the `[qwen]` lines logged (None if they logged none)."""
+    peaks = [line.host_peak_rss_gib for line in qwen_iterations(log) if line.host_peak_rss_gib is not None]
+    return max(peaks, default=None)
 
 
 def megatron_iterations(log: str) -> dict[int, dict[str, float | None]]:

@@ -10,6 +10,7 @@ from typing import Callable
 
 from megatron_patch.harness.iteration_log import logged_losses
 from megatron_patch.harness.launcher_runs import launcher_argv, run_launcher
+from megatron_patch.harness.throughput import OURS
 from megatron_patch.hardware import flash_attn_importable, transformer_engine_importable
 
 MCORE_RUN_FORM = "KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE[:bf16-ends-N][:e4m3][:fprop-fp32]]"
@@ -75,18 +76,79 @@ class McoreRun:
 
 def megatron_run(size: str, seq_len: int, micro: int, global_batch: int, data: str, tokenizer: str, iters: int,
                  out: Path, extra_env: dict[str, str], tp: int = 1, nproc: int = 1, precision: str = "bf16",
-                 warmup_iters: int = 0) -> str:
-    """Our launcher path (random init, pre-training on an idxmap, the distributed optimizer); returns its log."""
+                 warmup_iters: int = 0, **positionals) -> str:
+    """Our launcher path (by default random init, pre-training on an idxmap, the distributed optimizer; other
+    `positionals`, e.g. SFT=True, AC="full", override those); no checkpoint saved (MP_SAVE=false). Returns its
+    log."""
     # FL: flash attention; with TE it needs flash-attn, else TE's cuDNN fused attention (FL=false).
     flash = flash_attn_importable() or not transformer_engine_importable()
-    args = launcher_argv(MODEL_SIZE=size, BATCH_SIZE=micro, GLOBAL_BATCH_SIZE=global_batch, LR=1e-4, MIN_LR=1e-5,
-                         SEQ_LEN=seq_len, PR=precision, TP=tp, SP=tp > 1, DO=True, FL=flash, DATASET_PATH=data,
-                         iterations=iters, warmup_iterations=warmup_iters, OUTPUT_BASEPATH=out)
-    env = {"MP_TOKENIZER_PATH": tokenizer, "MP_NPROC_PER_NODE": str(nproc), **extra_env}
+    values = dict(MODEL_SIZE=size, BATCH_SIZE=micro, GLOBAL_BATCH_SIZE=global_batch, LR=1e-4, MIN_LR=1e-5,
+                  SEQ_LEN=seq_len, PR=precision, TP=tp, SP=tp > 1, DO=True, FL=flash, DATASET_PATH=data,
+                  OUTPUT_BASEPATH=out)
+    args = launcher_argv(**{**values, **positionals}, iterations=iters, warmup_iterations=warmup_iters)
+    env = {"MP_TOKENIZER_PATH": tokenizer, "MP_NPROC_PER_NODE": str(nproc), "MP_SAVE": "false", **extra_env}
     try:
         return run_launcher(args, env, out, iters)
     except RuntimeError as failed:
         raise SystemExit(f"megatron {failed}") from None
+
+
+def mcore_side(run: McoreRun, te: bool) -> str:
+    """The table's side of a launcher run: ours is the fused path in bf16; megatron-core's plain modules (with
+    TE: upstream's flags on megatron-core + TE, Pai's stack) and fp8 runs are sides of their own, so a bf16
+    comparison never picks them as ours."""
+    base = OURS if run.kernels == "fused" else "Pai: megatron-core + TE" if te else "megatron-core plain"
+    return f"{base}, fp8" if run.fp8_recipe else base
+
+
+def launch_failure(out: Path, failed: BaseException) -> tuple[str, str]:
+    """("OOM" or "failed", the line that says why) of a launcher run into `out` that failed: from its whole log and
+    the launcher's per-node logs (where the ranks' own errors are: torchrun's summary of the failed ranks can push
+    a rank's error out of the tail)."""
+    logs = [out / "megatron.log", *sorted(out.glob("log/*.log"))]
+    lines = [line for log in logs if log.is_file() for line in log.read_text(errors="replace").splitlines()]
+    lines = lines or [str(failed)]
+    oom = next((line for line in lines if "out of memory" in line), None)
+    cause = oom or next((line for line in reversed(lines) if "Error" in line and "ChildFailedError" not in line),
+                        lines[-1])
+    return ("OOM" if oom else "failed"), cause.strip()
+
+
+def run_mcore_variants(texts: list[str], launch: Callable[[McoreRun, Path], str], out_root: Path,
+                       record: Callable[..., None], measure: Callable[[str], tuple[float, float, dict]], layout: str,
+                       graph_fallback: bool = False, may_start: Callable[[], bool] = lambda: True) -> None:
+    """Each `--mcore` run text through `launch(run, out) -> log` (a SystemExit when it failed; out: a folder of
+    its own under out_root), recorded as ok (`measure(log)` -> rate, peak GiB, more fields), OOM or failed. A run
+    is skipped where a smaller micro-batch of its variant ran out of memory, and none starts once `may_start()`
+    says no (a time budget); `graph_fallback`: a CUDA-graphed run that fails (not OOM) runs again without it, and
+    so do the graphed runs after it."""
+    te = transformer_engine_importable()
+    oom_at: dict[str, int] = {}  # variant -> micro-batch that ran out of memory
+    pending, graph_failed = list(texts), False
+    while pending:
+        text = pending.pop(0)
+        text = text.replace(":graph", "") if graph_failed else text
+        run = McoreRun.parse(text)
+        variant = f"{run.label()}, {'TE' if te else 'local'} spec, {layout}"
+        if run.micro > oom_at.get(variant, run.micro) or not may_start():
+            why = f"out of memory at micro-batch {oom_at[variant]}" if variant in oom_at else "out of time"
+            print(f"--mcore {text}: skipped, {why}", flush=True)
+            continue
+        out = out_root / f"mcore-{text.replace(':', '-')}"
+        try:
+            log = launch(run, out)
+        except SystemExit as failed:  # report it and go on with the other runs
+            if failed.code == 143:  # SIGTERM (main): this benchmark is stopping, not the run failing
+                raise
+            status, cause = launch_failure(out, failed)
+            oom_at.update({variant: run.micro} if status == "OOM" else {})
+            record(mcore_side(run, te), variant, run.micro, status, note=cause)
+            if status == "failed" and graph_fallback and run.graph:
+                graph_failed = True
+                pending.insert(0, text)
+            continue
+        rate, peak, extra = measure(log)
+        record(mcore_side(run, te), variant, run.micro, "ok", rate, peak, **extra)
 
 
 def repeat_label(label: str, taken) -> str:

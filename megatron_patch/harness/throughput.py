@@ -89,7 +89,61 @@ def versions() -> dict[str, str]:
     return found
 
 
+def comma_list(item_type):
+    """An argparse type: comma-separated values of item_type."""
+    def parse(text: str) -> list:
+        return [item_type(item) for item in text.split(",")]
+    parse.__name__ = f"comma-separated {item_type.__name__}"  # argparse names it in its error
+    return parse
+
+
 # ---- result rows (--json) and the table (--table) ----
+
+class Recorder:
+    """Prints each result row, keeps it (`rows`) and appends it to `json_path`. MFU counts attention over
+    `mfu_seq_len` (default the sequence; packed samples attend over less)."""
+
+    def __init__(self, size_name: str, seq_len: int, global_batch: int, json_path: Path | None = None,
+                 peak_tflops: float | None = None, mfu_seq_len: float | None = None):
+        from megatron_patch.model_sizes import get_size
+
+        self.size_name, self.size, self.seq_len, self.global_batch = size_name, get_size(size_name), seq_len, \
+            global_batch
+        self.json_path, self.mfu_seq_len = json_path, mfu_seq_len or seq_len
+        self.stack, self.peak_flops = versions(), mfu_peak(device_name(), peak_tflops)[0]
+        self.rows: list[dict] = []
+
+    def __call__(self, side: str, variant: str, micro: int, status: str, rate: float = 0.0, peak_gib: float = 0.0,
+                 note: str = "", **extra) -> None:
+        """note: why it failed, or what an "ok" row lacked; extra: more fields of the row (printed too)."""
+        name = f"{side} {variant}, mb {micro}"
+        figures = NO_FIGURES
+        if status == "ok":
+            figures = report(name, rate, self.size, self.mfu_seq_len, peak_gib, self.peak_flops)
+        if status != "ok" or note:
+            print(f"{name:58s} {status}{': ' + note if note else ''}", flush=True)
+        if extra:
+            print(f"{name:58s} " + ", ".join(f"{key} {value}" for key, value in extra.items()), flush=True)
+        self.keep({**result_row(side, variant, micro, figures, status, note, self.size_name, self.seq_len,
+                                self.global_batch, self.stack), **extra})
+
+    def keep(self, row: dict) -> None:
+        """A row as it is (one a child process recorded)."""
+        self.rows.append(row)
+        if self.json_path:
+            append_row(self.json_path, row)
+
+
+def rows_of_child(command: list[str], cwd: Path) -> list[dict]:
+    """The result rows of a benchmark run in a fresh process (`command` plus --json into a scratch file)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        rows_path = Path(scratch) / "rows.json"
+        subprocess.run([*command, "--json", str(rows_path)], check=False, cwd=cwd)
+        return json.loads(rows_path.read_text()) if rows_path.exists() else []
+
 
 def result_row(side: str, variant: str, micro: int, figures: dict, status: str, note: str, size: str, seq_len: int,
                global_batch: int, stack: dict[str, str]) -> dict:

@@ -17,6 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # MP_CUDA_GRAPH=true: each training iteration's forward and backward replayed from one graph. The NaN check reads the
 # loss on the host, which a graph replay cannot do.
 CUDA_GRAPH_FLAGS = ["--cuda-graph-impl", "full_iteration", "--no-check-for-nan-in-loss-and-grad"]
+TRAINING_SEED = 1234  # --seed: weights' init and the SFT train split's epochs (data/sft_providers.py)
 
 
 def megatron_flags(launch: Launch, machine: Machine, tokenizer: str) -> list[str]:
@@ -38,11 +39,10 @@ def megatron_flags(launch: Launch, machine: Machine, tokenizer: str) -> list[str
         "--pipeline-model-parallel-size", str(launch.pp),
         "--context-parallel-size", str(launch.cp),
         "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer,
-        "--seed", "1234",
+        "--seed", str(TRAINING_SEED),
         # Loss is summed per token and divided by the global batch's token count: exact under any layout.
         "--calculate-per-token-loss",
-        "--save", str(launch.checkpoint_dir), "--load", str(launch.checkpoint_dir),
-        "--save-interval", str(launch.save_interval), "--ckpt-format", "torch_dist",
+        "--load", str(launch.checkpoint_dir), "--ckpt-format", "torch_dist",
         "--exit-signal-handler",
         "--eval-interval", "10000", "--eval-iters", "10",
         "--log-interval", "1", "--log-throughput",
@@ -50,6 +50,8 @@ def megatron_flags(launch: Launch, machine: Machine, tokenizer: str) -> list[str
         "--tensorboard-queue-size", "1", "--tensorboard-log-interval", "1",
         "--log-timers-to-tensorboard", "--log-validation-ppl-to-tensorboard", "--log-memory-to-tensorboard",
     ]
+    if launch.save_checkpoints:  # without --save Megatron saves nothing, not even at the end or on a stop
+        flags += ["--save", str(launch.checkpoint_dir), "--save-interval", str(launch.save_interval)]
     if launch.pretrain_checkpoint:
         # Megatron loads --load when it holds a checkpoint (a relaunch resumes, optimizer included) and
         # otherwise starts from these weights alone.

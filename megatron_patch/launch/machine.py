@@ -64,6 +64,24 @@ def detect_machine(launch: Launch, environ: dict[str, str]) -> Machine:
     return Machine(1, 0, nproc, "localhost", hardware.free_port(), has_gpu, has_te, has_flash_attn, gpu_capability)
 
 
+def packed_samples_need_masks(launch: Launch) -> str | None:
+    """Why this launch's packed samples (MP_SFT_PACKING) train on the local spec, whose attention takes them as
+    block masks, rather than as boundaries in TE's "thd" format (data/providers.py); None where TE can take them."""
+    if not launch.sft_packing:
+        return None
+    if launch.cuda_graph:
+        return "MP_CUDA_GRAPH=true (a replay would keep the first batch's sample boundaries; the block mask is built " \
+               "on the GPU inside the step)"
+    if launch.cp > 1:
+        return f"CP={launch.cp} (TE's thd format needs every sample's length divisible by 2 x CP)"
+    if launch.pp > 1 and launch.batch_size > 1:
+        return "PP > 1 with BATCH_SIZE > 1 (thd puts a micro-batch's rows into one, not the activation shape " \
+               "pipeline stages exchange)"
+    if launch.precision == "fp32":
+        return "PR=fp32 (TE's thd attention kernels take 16-bit inputs)"
+    return None
+
+
 def uses_te(launch: Launch, machine: Machine) -> bool:
-    """The Transformer Engine spec: TE is here and no packed samples need block masks."""
-    return machine.has_te and not launch.sft_packing
+    """The Transformer Engine spec: TE is here, and packed samples (if any) can go to its attention as thd."""
+    return machine.has_te and packed_samples_need_masks(launch) is None

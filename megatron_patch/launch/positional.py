@@ -55,6 +55,8 @@ ENV_KNOBS = {
                             "`yarn:4` takes a 32k model to 128k (Qwen2.5's documented long-context setting); "
                             "without it a checkpoint's config.json rope_scaling is followed"),
     "MP_CUDA_GRAPH": ("false", "`true`: replay each iteration from one CUDA graph (GPU, PP=1)"),
+    "MP_SAVE": ("true", "`false`: save no checkpoint at all (throughput runs): no `--save`, SAVE_INTERVAL is ignored, "
+                        "no free-space check, and a stop keeps nothing of the run"),
     "MP_LORA_RANK": ("0", "LoRA/DoRA adapter rank, e.g. `16`; `0`: full fine-tuning. With a rank, "
                          "PRETRAIN_CHECKPOINT_PATH is the frozen base (read, never copied or changed) and checkpoints "
                          "hold the adapters and their optimizer state only"),
@@ -115,6 +117,7 @@ class Launch:
     sft_packing: bool = False
     fused_kernels: bool = True
     cuda_graph: bool = False
+    save_checkpoints: bool = True  # MP_SAVE
     fp8_recipe: str = "delayed"
     fp8_bf16_layers: int = 0
     fp8_format: str = "hybrid"
@@ -268,6 +271,7 @@ def parse(argv: list[str], environ: dict[str, str]) -> Launch:
         sft_packing=parse_bool("MP_SFT_PACKING", knob("MP_SFT_PACKING")),
         fused_kernels=parse_bool("MP_FUSED_KERNELS", knob("MP_FUSED_KERNELS")),
         cuda_graph=parse_bool("MP_CUDA_GRAPH", knob("MP_CUDA_GRAPH")),
+        save_checkpoints=parse_bool("MP_SAVE", knob("MP_SAVE")),
         fp8_recipe=_choice("MP_FP8_RECIPE", knob("MP_FP8_RECIPE"), FP8_RECIPES),
         fp8_bf16_layers=_int("MP_FP8_BF16_LAYERS", knob("MP_FP8_BF16_LAYERS"), 0),
         fp8_format=_choice("MP_FP8_FORMAT", knob("MP_FP8_FORMAT"), FP8_FORMATS),

@@ -329,12 +329,15 @@ def checkpoint_bytes(launch: Launch) -> int:
 
 
 def _check_free_space(launch: Launch) -> None:
+    if not launch.save_checkpoints:
+        return  # MP_SAVE=false: nothing will be written but the log and TensorBoard's events
     free = shutil.disk_usage(launch.output_basepath).free
     needed = checkpoint_bytes(launch)
     if free < needed:
         raise UserError(f"error: OUTPUT_BASEPATH {launch.output_basepath} has {free / 2**30:.2f} GiB free, but one "
                         f"checkpoint of Qwen2.5-{launch.model_name} takes about {needed / 2**30:.2f} GiB (weights and "
-                        "optimizer state). Free some space or pass an OUTPUT_BASEPATH on a larger disk.")
+                        "optimizer state). Free some space or pass an OUTPUT_BASEPATH on a larger disk; a run that "
+                        "needs no checkpoint (a throughput measurement) can set MP_SAVE=false instead.")
 
 
 def _check_writable(folder: Path) -> None:

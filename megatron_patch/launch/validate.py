@@ -12,7 +12,7 @@ from pathlib import Path
 from megatron_patch.data.blend import data_path_problem
 from megatron_patch.data.dataset_checks import dataset_problem
 from megatron_patch.launch.positional import Launch
-from megatron_patch.launch.machine import Machine, uses_te
+from megatron_patch.launch.machine import Machine, packed_samples_need_masks, uses_te
 from megatron_patch.errors import UserError
 from megatron_patch.lora.targets import KNOB_NAMES, settings_problems
 from megatron_patch.model_sizes import (
@@ -101,6 +101,9 @@ def problems(launch: Launch, machine: Machine) -> Findings:
         found.notes += [note] if note else []
     if launch.sp and launch.tp == 1:
         found.warnings.append("SP=true has no effect with TP=1: sequence parallelism is left off.")
+    if not launch.save_checkpoints:
+        found.warnings.append(f"MP_SAVE=false: this run saves no checkpoint (SAVE_INTERVAL={launch.save_interval} is "
+                              "ignored); when it ends or is stopped, nothing of its training is kept.")
     return found
 
 
@@ -112,15 +115,16 @@ def _feature_problems(launch: Launch, machine: Machine, found: Findings) -> list
         errors.append("FL=true asks Transformer Engine for flash-attn's attention kernels, but the flash_attn package "
                       "is not installed. Install it (pip install flash-attn --no-build-isolation), or set FL=false "
                       "for TE's cuDNN fused attention.")
-    if launch.sft_packing and machine.has_te:
-        # Packed samples need block masks; the TE attention configured here is causal only and would let them
-        # attend to each other. The local spec's SDPA attention takes the masks.
+    needs_masks = packed_samples_need_masks(launch)
+    if needs_masks and machine.has_te:
+        # TE's attention takes packed samples as thd boundaries only; the local spec's SDPA attention takes masks.
         if launch.precision == "fp8" or launch.activation_checkpointing == "offload":
-            errors.append("MP_SFT_PACKING=true trains on megatron-core's local spec (packed samples need block "
-                          "attention masks), but PR=fp8 and AC=offload need the Transformer Engine spec. Turn "
-                          "packing off, or use PR=bf16 with AC=sel/full/false.")
-        found.warnings.append("MP_SFT_PACKING=true: training on the local spec, whose attention keeps packed samples "
-                              "apart (variable-length flash kernel on the GPU, block masks elsewhere).")
+            errors.append(f"MP_SFT_PACKING=true with {needs_masks} trains on megatron-core's local spec (packed "
+                          "samples as block attention masks), but PR=fp8 and AC=offload need the Transformer Engine "
+                          "spec. Change that setting, turn packing off, or use PR=bf16 with AC=sel/full/false.")
+        found.warnings.append(f"MP_SFT_PACKING=true with {needs_masks}: training on the local spec, whose attention "
+                              "keeps packed samples apart (variable-length flash kernel on the GPU, block masks "
+                              "elsewhere).")
     if launch.precision == "fp16" and not machine.has_gpu:
         errors.append("PR=fp16 needs a GPU: a CPU has no fast fp16 arithmetic (a tiny model's iteration takes ~80 s "
                       "instead of 3 s in fp32). Use PR=fp32 or PR=bf16 here.")

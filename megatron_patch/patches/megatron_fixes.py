@@ -4,6 +4,7 @@ manifest in megatron_patch/patches/__init__.py, which says why and when it can g
 from __future__ import annotations
 
 import os
+import resource
 import time
 
 import torch
@@ -79,16 +80,14 @@ def _log_tokens_and_memory(training, iteration: int) -> None:
         return
     tokens = (iteration - last_iteration) * args.global_batch_size * args.seq_length
     tokens_per_gpu = tokens / (now - last_time) / args.world_size
+    memory = None
     if torch.cuda.is_available():
         gib = 1024 ** 3
         memory = (torch.cuda.memory_allocated() / gib, torch.cuda.max_memory_allocated() / gib,
                   torch.cuda.memory_reserved() / gib)
-        line = qwen_iteration_line(iteration, tokens_per_gpu, gpu_memory_gib=memory)
-    else:
-        import resource
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-        line = qwen_iteration_line(iteration, tokens_per_gpu, host_peak_rss_gib=rss)
+    # The host's peak too on a GPU: optimizer offload keeps Adam's state there.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    line = qwen_iteration_line(iteration, tokens_per_gpu, gpu_memory_gib=memory, host_peak_rss_gib=rss)
     writer = training.get_tensorboard_writer()
     if writer:
         writer.add_scalar("tokens-per-second-per-gpu", tokens_per_gpu, iteration)

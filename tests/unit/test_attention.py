@@ -156,8 +156,9 @@ def _reference_varlen_flash_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     return torch.cat(out)
 
 
-def tiny_gpt(**config_changes):
-    """A two-layer GPTModel of Qwen2.5's shape on DEVICE (the local spec with our fused modules), seed 5."""
+def tiny_gpt(core_attention=None, **config_changes):
+    """A two-layer GPTModel of Qwen2.5's shape on DEVICE (the local spec with our fused modules, its core attention
+    replaced if given), seed 5."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -169,9 +170,12 @@ def tiny_gpt(**config_changes):
                                attention_dropout=0.0, hidden_dropout=0.0, masked_softmax_fusion=False,
                                bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
                                **config_changes)
+    spec = qwen2_5_layer_spec(use_te=False, fused_kernels=True)
+    if core_attention is not None:
+        spec.submodules.self_attention.submodules.core_attention = core_attention
     torch.manual_seed(5)
-    return GPTModel(config, qwen2_5_layer_spec(use_te=False, fused_kernels=True), vocab_size=96,
-                    max_sequence_length=64, position_embedding_type="rope", rotary_base=1000000).to(DEVICE)
+    return GPTModel(config, spec, vocab_size=96, max_sequence_length=64, position_embedding_type="rope",
+                    rotary_base=1000000).to(DEVICE)
 
 
 class PackedBatch:
@@ -180,13 +184,13 @@ class PackedBatch:
     def __init__(self):
         from megatron_patch.data.providers import packed_attention_mask, packed_seq_params_for
 
-        segments = torch.tensor([[0] * 9 + [1] * 20 + [2] * 3 + [3] * 8, [0] * 37 + [1] * 3])
+        self.segments = torch.tensor([[0] * 9 + [1] * 20 + [2] * 3 + [3] * 8, [0] * 37 + [1] * 3])
         torch.manual_seed(7)
-        self.tokens = torch.randint(0, 96, segments.shape, device=DEVICE)
-        self.labels = torch.randint(0, 96, segments.shape, device=DEVICE)
+        self.tokens = torch.randint(0, 96, self.segments.shape, device=DEVICE)
+        self.labels = torch.randint(0, 96, self.segments.shape, device=DEVICE)
         self.position_ids = torch.arange(40, device=DEVICE).expand(2, 40)
-        self.mask = packed_attention_mask(segments).to(DEVICE)
-        self.bounds = packed_seq_params_for(segments, DEVICE)
+        self.mask = packed_attention_mask(self.segments).to(DEVICE)
+        self.bounds = packed_seq_params_for(self.segments, DEVICE)
 
     def losses(self, model, attention: str) -> torch.Tensor:
         """Per-token losses [2, 40] with the block mask, the samples' boundaries (variable-length attention), or
@@ -241,6 +245,56 @@ def test_cuda_model_with_varlen_flash_matches_the_fp32_block_mask(model_parallel
         assert error["bf16 across samples"] > 10 * max(error["bf16 varlen"], error["bf16 block mask"]), (what, error)
 
 
+def test_thd_packed_seq_params_mark_each_sample_of_the_micro_batch_as_one_row():
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_patch.data.providers import thd_batch
+
+    # Two rows: samples of 2 and 3 tokens and 1 padding token; samples of 4 and 2 tokens.
+    segments = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 0, 1, 1]])
+    batch = {"tokens": torch.arange(12).view(2, 6), "labels": torch.arange(12).view(2, 6) + 1,
+             "loss_mask": torch.ones(2, 6), "position_ids": torch.tensor([[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 0, 1]])}
+    flat = thd_batch(batch, segments, "cpu")
+    params = flat.pop("packed_seq_params")
+    assert type(params) is PackedSeqParams and params.qkv_format == "thd"  # TE takes PackedSeqParams' own fields
+    assert params.cu_seqlens_q.tolist() == [0, 2, 5, 6, 10, 12] and params.cu_seqlens_q.dtype == torch.int32
+    assert params.cu_seqlens_kv is params.cu_seqlens_q
+    assert params.max_seqlen_q == params.max_seqlen_kv == 4  # the longest sample: it sizes the rotary table
+    assert {key: value.tolist() for key, value in flat.items()} == \
+        {key: value.reshape(1, 12).tolist() for key, value in batch.items()}
+
+
+def test_model_with_thd_packed_seq_params_matches_block_mask(model_parallel):
+    """megatron-core's thd path (the batch as one row of b * s tokens, RoPE restarting in every sample, attention
+    on [t, heads, d]) as get_batch feeds it to the Transformer Engine spec gives the block mask's losses. TE's
+    attention is stood in for by one causal SDPA call per sample over the cumulative lengths it is given."""
+    from megatron_patch.attention import SDPACoreAttention
+    from megatron_patch.data.providers import thd_batch
+
+    seen = []
+
+    class ThdReference(SDPACoreAttention):
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            p = packed_seq_params
+            if p is None:  # the block-mask run
+                return super().forward(query, key, value, attention_mask, attn_mask_type)
+            assert p.qkv_format == "thd" and query.dim() == 3 and attention_mask is None
+            seen.append(p.cu_seqlens_q.tolist())
+            return _reference_varlen_flash_attention(query, key, value, p.cu_seqlens_q, p.cu_seqlens_kv,
+                                                     p.max_seqlen_q, p.max_seqlen_kv, self.softmax_scale).flatten(1)
+
+    model, batch = tiny_gpt(core_attention=ThdReference), PackedBatch()
+    with_mask = batch.losses(model, "block mask")
+    flat = thd_batch({"tokens": batch.tokens, "labels": batch.labels, "position_ids": batch.position_ids},
+                     batch.segments, DEVICE)
+    with_thd = model(flat["tokens"], flat["position_ids"], None, labels=flat["labels"],
+                     packed_seq_params=flat["packed_seq_params"])
+    assert with_thd.shape == (1, 80)
+    torch.testing.assert_close(with_thd.view(2, 40), with_mask, atol=TOL, rtol=TOL)
+    assert seen == [[0, 9, 29, 32, 40, 77, 80]] * 2  # both layers, the samples' boundaries (padding its own)
+
+
 def test_model_with_fused_single_qkv_rope_matches_the_split_path(model_parallel, monkeypatch):
     """megatron-core's --fused-single-qkv-rope route through our function (its slot filled as the manifest does
     on a GPU) gives the split path's losses and gradients: exactly on the CPU (the function's CPU branch), to
@@ -293,3 +347,60 @@ def test_packed_samples_take_varlen_only_where_it_runs(model_parallel, monkeypat
     assert providers.packed_attention_by_varlen(args) is expected
     monkeypatch.setattr(providers, "varlen_available", lambda: False)  # a CPU, or a GPU before Ampere
     assert providers.packed_attention_by_varlen(args) is False
+
+
+def test_varlen_call_matches_this_torchs_public_api():
+    """Our call into torch.nn.attention.varlen (argument names, causal window, GQA keyword), run on fake CUDA
+    tensors: shapes and dtypes as the op's registered fake says, without a GPU (its kernels are tested on one)."""
+    import inspect
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from megatron_patch import attention
+
+    parameters = inspect.signature(attention.varlen_attn).parameters
+    assert list(parameters)[:7] == ["query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k"]
+    assert {"scale", "window_size"} <= set(parameters)  # window (-1, 0): causal, in torch 2.11 and 2.14 alike
+    with FakeTensorMode():
+        q = torch.empty(12, 4, 16, device="cuda", dtype=torch.bfloat16)
+        k = v = torch.empty(12, 2, 16, device="cuda", dtype=torch.bfloat16)
+        cu_seqlens = torch.tensor([0, 5, 12], dtype=torch.int32, device="cuda")
+        out = attention.varlen_flash_attention(q, k, v, cu_seqlens, cu_seqlens, 7, 7, 0.25)
+        assert out.shape == q.shape and out.dtype == q.dtype  # (the CPU backend, once up, maps "cuda" to the CPU)
+
+
+def test_private_flash_calls_keep_their_pinned_signatures():
+    """context_parallel.FlashBlock calls aten's private flash kernels by position; their schemas (the same in torch
+    2.11 and 2.14) are pinned here, so a torch whose arguments moved fails this test, not a GPU run."""
+    def arguments(op):
+        schema = op.default._schema
+        return [a.name for a in schema.arguments if not a.kwarg_only], \
+            [a.name for a in schema.arguments if a.kwarg_only], len(schema.returns)
+
+    positional, keyword, returns = arguments(torch.ops.aten._flash_attention_forward)
+    assert positional == ["query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p",
+                          "is_causal", "return_debug_mask"] and "scale" in keyword and returns == 5
+    positional, keyword, returns = arguments(torch.ops.aten._flash_attention_backward)
+    assert positional == ["grad_out", "query", "key", "value", "out", "logsumexp", "cum_seq_q", "cum_seq_k", "max_q",
+                          "max_k", "dropout_p", "is_causal", "rng_state", "unused"] and "scale" in keyword
+    assert returns == 3
+
+
+def test_get_batch_hands_packed_samples_to_te_as_thd_and_refuses_what_thd_cannot_take(model_parallel, monkeypatch):
+    from types import SimpleNamespace
+
+    from megatron_patch.data import providers
+    from megatron_patch.errors import UserError
+
+    segments = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 0, 1, 1]])
+    item = {"tokens": torch.arange(12).view(2, 6), "labels": torch.arange(12).view(2, 6),
+            "loss_mask": torch.ones(2, 6), "position_ids": torch.arange(6).expand(2, 6), "segment_ids": segments}
+    args = SimpleNamespace(transformer_impl="transformer_engine", pipeline_model_parallel_size=1, micro_batch_size=2)
+    monkeypatch.setattr(providers, "get_args", lambda: args)
+    batch = providers.get_batch(iter([item]))
+    assert batch["tokens"].shape == (1, 12) and "attention_mask" not in batch
+    assert batch["packed_seq_params"].qkv_format == "thd"
+    assert batch["packed_seq_params"].cu_seqlens_q.tolist() == [0, 2, 5, 6, 10, 12]
+    args.pipeline_model_parallel_size = 2  # a stage's activations are [s, b, h], not one row of b x s
+    with pytest.raises(UserError, match="need --transformer-impl local"):
+        providers.get_batch(iter([item]))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_patch.harness.iteration_log import last_iteration_mark, logged_losses, megatron_iterations, \
-    qwen_iteration_line, qwen_iterations, steady_throughput
+from megatron_patch.harness.iteration_log import host_peak_gib, last_iteration_mark, logged_losses, \
+    megatron_iterations, qwen_iteration_line, qwen_iterations, steady_throughput
 from megatron_patch.harness.launcher_runs import clean_environ, launcher_argv
 from megatron_patch.launch.positional import POSITIONAL, parse
 
@@ -31,6 +31,11 @@ def test_the_qwen_line_the_training_patch_writes_is_the_one_the_harness_reads():
         (7, 12346.0, 2.5, None)
     assert (eight.iteration, eight.tokens_per_s_per_gpu, eight.gpu_peak_gib, eight.host_peak_rss_gib) == \
         (8, 0.0, None, 1.25)
+    # On a GPU the line carries the host's peak as well (optimizer offload keeps Adam's state there).
+    both = qwen_iteration_line(9, 10.0, gpu_memory_gib=(1.0, 2.5, 3.0), host_peak_rss_gib=96.5)
+    (nine,) = qwen_iterations(both)
+    assert (nine.gpu_peak_gib, nine.host_peak_rss_gib) == (2.5, 96.5)
+    assert host_peak_gib(f"{gpu}\n{both}\n{cpu}") == 96.5 and host_peak_gib(gpu) is None
 
 
 def test_steady_throughput_is_total_tokens_over_total_time_after_the_warm_up():

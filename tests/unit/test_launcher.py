@@ -347,6 +347,41 @@ def test_packed_finetuning(paths):
     assert run.has("--sft-packing") and run.value("--save").endswith("-data-idxmap-packed")
 
 
+def test_no_save_knob_leaves_out_every_save(paths):
+    run = dry_run(paths, argv(paths, SAVE_INTERVAL="50"), MP_SAVE="false")
+    # Without --save Megatron writes no checkpoint, periodic, final or on a stop; --load still resumes a folder's.
+    assert not run.has("--save") and not run.has("--save-interval")
+    assert run.value("--load") == str(paths.out / "checkpoint" / Path(run.value("--load")).name)
+    assert "warning: MP_SAVE=false: this run saves no checkpoint (SAVE_INTERVAL=50 is ignored); when it ends or is " \
+           "stopped, nothing of its training is kept." in run.stderr
+    saved = dry_run(paths, argv(paths, SAVE_INTERVAL="50"))
+    assert saved.value("--save-interval") == "50" and "MP_SAVE" not in saved.stderr
+    with pytest.raises(UserError, match="MP_SAVE must be true or false"):
+        positional.parse(argv(paths), {"MP_SAVE": "never"})
+
+
+def test_free_space_check_names_the_no_save_knob_and_is_skipped_by_it(paths, monkeypatch, capsys):
+    import shutil
+    from types import SimpleNamespace
+
+    full_disk = shutil._ntuple_diskusage(2**40, 2**40 - 2**20, 2**20)  # 1 MiB free
+    monkeypatch.setattr(launch_run.shutil, "disk_usage", lambda path: full_disk)
+    started = []
+
+    def run_owned(command, env, log):  # stands in for torchrun: the launch got past its checks
+        started.append(command)
+        return SimpleNamespace(proc=SimpleNamespace(returncode=0), stopped_by=None)
+
+    monkeypatch.setattr(launch_run, "run_owned", run_owned)
+    environ = {"MP_TOKENIZER_PATH": str(paths.tokenizer)}
+    assert launch_run.main(argv(paths, MODEL_SIZE="0.5B"), environ) == 2 and not started
+    err = capsys.readouterr().err
+    assert f"error: OUTPUT_BASEPATH {paths.out} has 0.00 GiB free, but one checkpoint of Qwen2.5-0.5B takes about" \
+           in err and "a run that needs no checkpoint (a throughput measurement) can set MP_SAVE=false" in err
+    assert launch_run.main(argv(paths, MODEL_SIZE="0.5B"), {**environ, "MP_SAVE": "false"}) == 0
+    assert len(started) == 1 and "--save" not in started[0]
+
+
 def test_fused_kernels_are_the_default_and_can_be_turned_off(paths):
     assert not dry_run(paths, argv(paths)).has("--plain-kernels")
     assert dry_run(paths, argv(paths), MP_FUSED_KERNELS="false").has("--plain-kernels")
@@ -534,8 +569,12 @@ def test_flash_attention_with_transformer_engine_needs_flash_attn(paths):
     assert "flash_attn package is not installed" in str(err.value) and "FL=false" in str(err.value)
     _, flags = api_flags(paths, no_flash, FL="false")
     assert value(flags, "--attention-backend") == "fused"
-    # Packed SFT trains on the local spec (SDPA), which needs no flash-attn.
-    _, flags = api_flags(paths, no_flash, SFT="true", FL="true", environ={"MP_SFT_PACKING": "true"})
+    # Packed SFT goes to TE's attention as well, and asks the same of FL=true ...
+    with pytest.raises(UserError, match="flash_attn package is not installed"):
+        api_flags(paths, no_flash, SFT="true", FL="true", environ={"MP_SFT_PACKING": "true"})
+    # ... except where it trains on the local spec (SDPA), which needs no flash-attn.
+    _, flags = api_flags(paths, no_flash, SFT="true", FL="true",
+                         environ={"MP_SFT_PACKING": "true", "MP_CUDA_GRAPH": "true"})
     assert value(flags, "--transformer-impl") == "local"
 
 
@@ -575,6 +614,7 @@ def test_cuda_graph_captures_whole_iterations(paths):
     # Packed SFT too: its batches have fixed shapes and its attention mask is built on the GPU inside the step.
     _, flags = api_flags(paths, SFT="true", environ={"MP_CUDA_GRAPH": "true", "MP_SFT_PACKING": "true"})
     assert value(flags, "--cuda-graph-impl") == "full_iteration" and "--sft-packing" in flags
+    assert value(flags, "--transformer-impl") == "local"
 
 
 def test_sft_on_a_gpu_suggests_the_cuda_graph_where_it_can_replay(paths):
@@ -859,19 +899,46 @@ def test_every_invalid_combination_has_its_own_message(paths):
     assert not repeated, repeated
 
 
-def test_packed_finetuning_uses_the_local_spec_even_with_transformer_engine(paths):
-    # TE's causal attention here would let packed samples see each other; the local spec's SDPA takes the masks.
-    launch, flags = api_flags(paths, SFT="true", environ={"MP_SFT_PACKING": "true"})
-    assert value(flags, "--transformer-impl") == "local" and "--sft-packing" in flags
-    assert "--attention-backend" not in flags
-    assert any("block masks" in w for w in launch.warnings)
+@pytest.mark.parametrize("overrides", [{}, {"PR": "fp8"}, {"AC": "offload"}, {"MP_LORA_RANK": "8"}])
+def test_packed_finetuning_takes_the_te_spec_where_te_is_present(paths, overrides):
+    # TE's attention takes the samples' boundaries (thd, data/providers.py), so packing combines with fp8 and
+    # AC=offload.
+    environ = {"MP_SFT_PACKING": "true", **{k: v for k, v in overrides.items() if k.startswith("MP_")}}
+    positionals = {k: v for k, v in overrides.items() if not k.startswith("MP_")}
+    if "MP_LORA_RANK" in environ:
+        positionals["PRETRAIN_CHECKPOINT_PATH"] = str(paths.checkpoint)
+    launch, flags = api_flags(paths, SFT="true", environ=environ, **positionals)
+    assert value(flags, "--transformer-impl") == "transformer_engine" and "--sft-packing" in flags
+    assert not any("training on the local spec" in w for w in launch.warnings)
     assert GPU_TE.has_te, "the machine description must not be changed by validation"
 
 
-def test_packed_finetuning_refuses_what_needs_the_te_spec(paths):
+@pytest.mark.parametrize("overrides, environ, why", [
+    ({}, {"MP_CUDA_GRAPH": "true"}, "MP_CUDA_GRAPH=true (a replay would keep the first batch's sample boundaries"),
+    ({"CP": "2"}, {}, "CP=2 (TE's thd format needs every sample's length divisible by 2 x CP)"),
+    ({"PP": "2", "BATCH_SIZE": "2", "GLOBAL_BATCH_SIZE": "16"}, {}, "PP > 1 with BATCH_SIZE > 1"),
+    ({"PR": "fp32"}, {}, "PR=fp32 (TE's thd attention kernels take 16-bit inputs)"),
+])
+def test_packed_finetuning_keeps_the_local_spec_where_thd_cannot_go(paths, overrides, environ, why):
+    launch, flags = api_flags(paths, SFT="true", environ={"MP_SFT_PACKING": "true", **environ}, **overrides)
+    assert value(flags, "--transformer-impl") == "local" and "--attention-backend" not in flags
+    assert f"MP_SFT_PACKING=true with {why}" in " ".join(launch.warnings)
+    # There AC=offload (and PR=fp8), which need TE's spec, are refused with the reason.
     with pytest.raises(UserError) as err:
-        api_flags(paths, SFT="true", PR="fp8", environ={"MP_SFT_PACKING": "true"})
-    assert "MP_SFT_PACKING=true trains on megatron-core's local spec" in str(err.value)
+        api_flags(paths, SFT="true", AC="offload", environ={"MP_SFT_PACKING": "true", **environ}, **overrides)
+    assert f"MP_SFT_PACKING=true with {why}" in str(err.value)
+    assert "trains on megatron-core's local spec (packed samples as block attention masks), but PR=fp8 and " \
+           "AC=offload need the Transformer Engine spec" in str(err.value)
+
+
+def test_packed_fp8_and_activation_offload_stay_refused_without_transformer_engine(paths):
+    no_te = dataclasses.replace(GPU_TE, has_te=False, has_flash_attn=False)
+    for overrides, message in (({"PR": "fp8"}, "PR=fp8 needs Transformer Engine"),
+                               ({"AC": "offload"}, "AC=offload uses Transformer Engine's CPU offload")):
+        with pytest.raises(UserError, match=message):
+            api_flags(paths, no_te, SFT="true", environ={"MP_SFT_PACKING": "true"}, **overrides)
+    _, flags = api_flags(paths, no_te, SFT="true", FL="false", environ={"MP_SFT_PACKING": "true"})
+    assert value(flags, "--transformer-impl") == "local"
 
 
 # ---- the model is the checkpoint's config.json: variants, MODEL_SIZE=auto, YaRN ----

@@ -169,3 +169,33 @@ def test_an_mcore_run_takes_the_fp8_accuracy_knobs():
                   "fused:4:e4m3", "fused:4:fprop-fp32", "fused:4:fp8-tensorwise:e4m3:e4m3"):
         with pytest.raises(SystemExit, match="bf16-ends-N"):
             mcore_runs.McoreRun.parse(wrong)
+
+
+def test_launcher_runs_stop_at_oom_fall_back_from_the_graph_and_keep_to_the_budget(tmp_path):
+    """run_mcore_variants: a failed run's status and cause come from its logs; a larger micro-batch of a variant
+    that ran out of memory is not launched; a graphed run that fails otherwise runs again without the graph, and
+    so do the graphed runs after it; no run starts once the budget says no."""
+    launched, recorded = [], []
+
+    def launch(run, out):
+        launched.append((run.micro, run.graph))
+        (out / "log").mkdir(parents=True)
+        if run.micro == 4:
+            (out / "log" / "node0.log").write_text("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate\n")
+            raise SystemExit("megatron run failed")
+        if run.graph:
+            (out / "megatron.log").write_text("RuntimeError: capture failed\nChildFailedError: ranks failed\n")
+            raise SystemExit("megatron run failed")
+        return "log"
+
+    starts = iter([True] * 3 + [False])  # asked before each launch not skipped for memory
+    mcore_runs.run_mcore_variants(["fused:2:graph", "fused:4:graph", "fused:8", "fused:1"], launch, tmp_path,
+                                  lambda *row, **fields: recorded.append((row, fields)),
+                                  lambda log: (10.0, 2.0, {"host_peak_gib": 3.0}), "packed SFT",
+                                  graph_fallback=True, may_start=lambda: next(starts))
+    assert launched == [(2, True), (2, False), (4, False)]  # fused:8 skipped (OOM at 4), fused:1 out of time
+    statuses = [(row[2], row[3], fields.get("note", "")) for row, fields in recorded]
+    assert statuses == [(2, "failed", "RuntimeError: capture failed"), (2, "ok", ""),
+                        (4, "OOM", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate")]
+    assert recorded[1] == (("megatron_patch", "fused, local spec, packed SFT", 2, "ok", 10.0, 2.0),
+                           {"host_peak_gib": 3.0})
