@@ -866,9 +866,11 @@ GPU_WITHOUT_TE = dataclasses.replace(GPU_TE, has_te=False, has_flash_attn=False)
 GPU_INVALID = [
     ("cuda_graph_ac_offload", GPU_TE, {"AC": "offload"}, {"MP_CUDA_GRAPH": "true"},
      "MP_CUDA_GRAPH=true, but AC=offload copies activations to the host inside the step. Unset MP_CUDA_GRAPH"),
-    ("packing_ac_offload", GPU_TE, {"SFT": "true", "AC": "offload"}, {"MP_SFT_PACKING": "true"},
-     "MP_SFT_PACKING=true trains on megatron-core's local spec (packed samples need block attention masks), but "
-     "PR=fp8 and AC=offload need the Transformer Engine spec. Turn packing off"),
+    ("packing_on_the_local_spec_ac_offload", GPU_TE, {"SFT": "true", "AC": "offload", "CP": "2"},
+     {"MP_SFT_PACKING": "true"},
+     "MP_SFT_PACKING=true with CP=2 (TE's thd format needs every sample's length divisible by 2 x CP) trains on "
+     "megatron-core's local spec (packed samples as block attention masks), but PR=fp8 and AC=offload need the "
+     "Transformer Engine spec."),
     ("fp8_on_a_gpu_without_te", GPU_WITHOUT_TE, {"PR": "fp8"}, {},
      "PR=fp8 needs Transformer Engine on a GPU, and it is not importable here. Use PR=bf16"),
     ("ac_offload_pp", GPU_TE, {"AC": "offload", "PP": "2"}, {},
