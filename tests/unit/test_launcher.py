@@ -741,7 +741,8 @@ INVALID = [
     ("missing_raw_json", {"SFT": "true", "DATASET_PATH": "{root}/data/nope.json", "VALID_DATASET_PATH": "{valid_json}"},
      {"MP_DATASET_TYPE": "raw"}, "nope.json is not a file; MP_DATASET_TYPE=raw reads a JSON/JSONL file"),
     ("not_a_checkpoint", {"PRETRAIN_CHECKPOINT_PATH": "{root}/data"}, {},
-     "is not a Megatron checkpoint (no latest_checkpointed_iteration.txt)"),
+     "is neither a Hugging Face folder (config.json beside model.safetensors or model.safetensors.index.json) nor a "
+     "Megatron checkpoint (no latest_checkpointed_iteration.txt)"),
     ("checkpoint_size", {"PRETRAIN_CHECKPOINT_PATH": "{checkpoint_05b}"}, {}, "MODEL_SIZE=tiny does not match"),
     ("dlc_without_world_size", {"ENV": "dlc"}, {"RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
      "ENV=dlc needs the scheduler's WORLD_SIZE"),
@@ -929,8 +930,8 @@ def test_yarn_in_config_json_is_followed_and_the_knob_replaces_it_with_a_warning
 
 @pytest.mark.parametrize("overrides, environ, message", [
     ({"MODEL_SIZE": "auto"}, {}, "MODEL_SIZE=auto takes the model from PRETRAIN_CHECKPOINT_PATH's config.json, but "
-                                 "PRETRAIN_CHECKPOINT_PATH is none. Pass a checkpoint converted by the toolkit's "
-                                 "convertor"),
+                                 "PRETRAIN_CHECKPOINT_PATH is none. Pass a Hugging Face folder or a "
+                                 "checkpoint converted by the toolkit's convertor"),
     ({"MODEL_SIZE": "auto", "PRETRAIN_CHECKPOINT_PATH": "{root}/data"}, {},
      "MODEL_SIZE=auto takes the model from PRETRAIN_CHECKPOINT_PATH's config.json, but there is no "
      "{root}/data/config.json"),
