@@ -45,7 +45,7 @@ class HFCheckpointReader:
         missing_files = sorted({str(p) for p in self._file_of.values() if not p.is_file()})
         if missing_files:
             raise UserError(f"error: {INDEX_FILE} in {self.folder} lists shard files that are missing: "
-                            + ", ".join(missing_files))
+                            + ", ".join(missing_files) + ". The download or copy is incomplete: fetch them again.")
         for shard in sorted(set(self._file_of.values())):
             listed = {name for name, f in self._file_of.items() if f == shard}
             absent = listed - set(shard_tensor_names(shard))

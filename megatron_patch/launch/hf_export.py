@@ -138,6 +138,7 @@ class HFExports:
         self.queue: list[int] = []
         self.running: Export | None = None
         self.failed: list[int] = []
+        self.behind = False  # said once that exports fall behind
         for target in leftover_targets(self.folder):  # what exports killed with an earlier launch left
             recover_interrupted(target)
 
@@ -149,13 +150,30 @@ class HFExports:
             self._finished(self.running)
         if stopping:
             return
-        newest = tracked_iteration(self.launch.checkpoint_dir)
-        if newest is not None and newest != self.seen:
-            self.seen = newest
-            if not (self.folder / f"iter_{newest:07d}").is_dir():
-                self.queue.append(newest)
+        self.queue += [i for i in self._newly_saved() if not (self.folder / f"iter_{i:07d}").is_dir()]
+        keep = self.launch.save_hf_keep
+        if keep is not None and len(self.queue) > keep:  # older ones would be deleted as soon as written
+            skipped, self.queue = self.queue[:-keep], self.queue[-keep:]
+            self.say(f"run_mcore_qwen: not exporting iteration(s) {', '.join(map(str, skipped))}: newer checkpoints "
+                     f"are waiting and MP_SAVE_HF_KEEP={keep} keeps the newest\n")
+        elif len(self.queue) > 1 and not self.behind:
+            self.behind = True
+            self.say(f"warning: checkpoints are saved faster than they are exported to Hugging Face ({len(self.queue)} "
+                     "waiting); raise SAVE_INTERVAL, or set MP_SAVE_HF_KEEP to export only the newest.\n")
         if self.running is None and self.queue:
             self._start(self.queue.pop(0))
+
+    def _newly_saved(self) -> list[int]:
+        """The iterations saved since the last look: the tracker's first (a resumed run's), then every saved
+        iteration up to the tracker's."""
+        newest = tracked_iteration(self.launch.checkpoint_dir)
+        if newest is None or newest == self.seen:
+            return []
+        seen, self.seen = self.seen, newest
+        if seen is None:
+            return [newest]
+        folders = self.launch.checkpoint_dir.glob("iter_*")
+        return sorted(i for i in (int(p.name[5:]) for p in folders if p.name[5:].isdigit()) if seen < i <= newest)
 
     def _start(self, iteration: int) -> None:
         log = self.log_prefix.with_name(f"{self.log_prefix.name}_hf_iter_{iteration:07d}.log")
@@ -218,13 +236,12 @@ class HFExports:
                     time.sleep(0.2)
                     self.poll()
         unwritten = self._pending()
-        newest = tracked_iteration(self.launch.checkpoint_dir)
-        if newest is not None and newest not in unwritten and not (self.folder / f"iter_{newest:07d}").is_dir() \
-                and newest not in self.failed:  # the stop's own save
-            unwritten.append(newest)
+        if stopped_by is not None:  # what was saved since the last look, the stop's own save included
+            unwritten += [i for i in self._newly_saved() if not (self.folder / f"iter_{i:07d}").is_dir()]
         self._stop_running()
-        lines = [f"run_mcore_qwen: not exported to Hugging Face: iteration {i} (its checkpoint is complete; export "
-                 f"it with: {shlex.join(export_command(self.launch, i, self.source))})" for i in unwritten]
+        lines = [f"run_mcore_qwen: not exported to Hugging Face: iteration(s) {', '.join(map(str, unwritten))} "
+                 f"(complete checkpoints; export one with: "
+                 f"{shlex.join(export_command(self.launch, unwritten[-1], self.source))})"] if unwritten else []
         if self.failed:
             lines.append(f"run_mcore_qwen: the Hugging Face export failed for iteration(s) "
                          f"{', '.join(map(str, self.failed))} (warnings above)")
