@@ -196,7 +196,7 @@ class HFExports:
         self.running = None
         target = self.folder / f"iter_{export.iteration:07d}"
         if export.proc.returncode == 0 and target.is_dir():
-            self.say(f"run_mcore_qwen: wrote {target} ({time.monotonic() - export.started:.0f} s)\n")
+            self.say(f"run_mcore_qwen: wrote {target} ({time.monotonic() - export.started:.1f} s)\n")
             self._prune()
             return
         self.failed.append(export.iteration)

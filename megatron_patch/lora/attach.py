@@ -9,6 +9,7 @@ by the model provider from the base checkpoint on every start, fresh or resumed,
 from __future__ import annotations
 
 import os
+import time
 import zlib
 from pathlib import Path
 
@@ -91,6 +92,7 @@ def attach_for_training(model, args, vp_stage: int | None) -> None:
     from megatron.training import print_rank_0
 
     settings = LoraSettings.from_args(args)
+    start = time.monotonic()
     if args.lora_base_iteration == HF_BASE:
         from megatron.core import parallel_state
 
@@ -104,7 +106,8 @@ def attach_for_training(model, args, vp_stage: int | None) -> None:
     adapters_only_in_checkpoints(model)
     if not vp_stage:
         print_rank_0(f"LoRA ({settings.method}, rank {settings.rank}, alpha {settings.alpha:g}, targets "
-                     f"{','.join(settings.targets)}): {trainable_parameters_report(args, settings)}")
+                     f"{','.join(settings.targets)}): {trainable_parameters_report(args, settings)}; base weights "
+                     f"read in {time.monotonic() - start:.1f} s")
 
 
 def trainable_parameters_report(args, settings: LoraSettings) -> str:

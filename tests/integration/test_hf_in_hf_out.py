@@ -13,11 +13,8 @@ and a disk without room for one export is refused before torchrun.
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -28,25 +25,14 @@ import pytest
 from megatron_patch.harness.iteration_log import tensorboard_scalars
 from megatron_patch.harness.launcher_runs import SCRIPT, clean_environ, launcher_argv
 from test_convertor import logit_check
-from test_faults import _tmpfs, checkpoint_complete  # noqa: F401  (_tmpfs's unmounting fixture comes along)
-from test_faults import _unmount_after_test  # noqa: F401
+# test_faults' raw SFT records, its small file systems (and the fixture that unmounts them), its checkpoint check
+from test_faults import _tmpfs, _unmount_after_test, checkpoint_complete, sft_json  # noqa: F401
 from training_utils import run_tool
 
 pytestmark = pytest.mark.timeout(900)
 
 ITERATIONS = 4
 SAVE_INTERVAL = 2
-
-
-@pytest.fixture(scope="module")
-def sft_json(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    words = "the of and to in is was for on that with as by at from it an were are which this be or has".split()
-    records = [{"instruction": " ".join(rng.choice(words) for _ in range(8)),
-                "output": " ".join(rng.choice(words) for _ in range(12))} for _ in range(32)]
-    path = tmp_path_factory.mktemp("hf_io_data") / "sft.json"
-    path.write_text(json.dumps(records))
-    return path
 
 
 def command(data: Path, checkpoint: Path | str, out: Path, iterations: int = ITERATIONS,
