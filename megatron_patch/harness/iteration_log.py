@@ -80,7 +80,7 @@ def megatron_iterations(log: str) -> dict[int, dict[str, float | None]]:
     return found
 
 
-_TIMED_LINE = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\] iteration\s+(\d+)/\s*\d+ \|.*?"
+_TIMED_LINE = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?)\] iteration\s+(\d+)/\s*\d+ \|.*?"
                          r"elapsed time per iteration \(ms\): ([\d.]+)")
 
 
