@@ -11,6 +11,10 @@ Megatron's --exit-signal-handler saves the iteration in progress and exits 0. to
 stop signals themselves (torchrun would print a SignalException traceback and end ranks that cannot save yet),
 so a signal sent to every process of the job changes nothing. The launcher then says in one line what was
 saved (from the run folder's tracker) and exits with 128 + the signal; ranks still alive 30 s on are killed.
+
+MP_SAVE_HF's exports (launch/hf_export.py) are the launcher's children too, each in its own process group (a
+terminal's Ctrl-C is the launcher's to act on) and dying with the launcher; they outlive torchrun, and the launcher
+waits for them before it exits. A stop ends them (they delete what they wrote) and says what was not exported.
 """
 
 from __future__ import annotations

@@ -396,6 +396,23 @@ def test_a_hugging_face_folder_is_the_starting_point_as_it_is(paths):
     assert run.value("--num-layers") == "2" and run.value("--load") == run.value("--save")
 
 
+def test_a_direct_torchrun_given_a_hugging_face_folder_as_a_megatron_checkpoint_is_told_the_flag(paths):
+    """Megatron would read --pretrained-checkpoint (or --load) as a torch_dist checkpoint and fail deep inside."""
+    from types import SimpleNamespace
+
+    from megatron_patch.convert.hf_direct import settle_args
+
+    folder = hf_folder(paths.root / "Qwen2.5-tiny-hf", "tiny", ["model.safetensors"])
+    for flag in ("pretrained_checkpoint", "load"):
+        args = SimpleNamespace(**{"pretrained_checkpoint": None, "load": str(paths.out), "pretrained_hf": None,
+                                  flag: str(folder)})
+        with pytest.raises(UserError) as err:
+            settle_args(args)
+        assert f"--{flag.replace('_', '-')} {folder} is a Hugging Face folder" in str(err.value)
+        assert "Pass it as --pretrained-hf" in str(err.value)
+    settle_args(SimpleNamespace(pretrained_checkpoint=None, load=str(paths.out), pretrained_hf=str(folder)))
+
+
 def test_bash_from_another_folder_with_a_relative_output_path(paths):
     cwd = paths.root / "elsewhere"
     cwd.mkdir()
