@@ -213,8 +213,8 @@ def load(args) -> None:
     mcore = args.work / f"mcore-{args.size}"
     print(f"Qwen2.5-{args.size} weights into the entrypoint's model (one process, TP1/PP1, bf16, no GPU):")
     if not (mcore / "latest_checkpointed_iteration.txt").is_file():
-        timed("run_8xH20.sh HF -> Megatron", ["bash", str(CONVERTOR), args.size, str(hf), str(mcore), "false",
-                                              "false", "bf16"], args.work / "logs" / "load-convert.log", clean_environ())
+        command = ["bash", str(CONVERTOR), args.size, str(hf), str(mcore), "false", "false", "bf16"]
+        timed("run_8xH20.sh HF -> Megatron", command, args.work / "logs" / "load-convert.log", clean_environ())
     for arm, source in (("hf", hf), ("torch_dist", mcore)):
         if args.cold:
             drop_caches()

@@ -28,7 +28,8 @@ def is_hf_checkpoint(folder: str | Path) -> bool:
     """A Hugging Face model folder (config.json beside safetensors weights), not a Megatron checkpoint."""
     folder = Path(folder)
     weights = (folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file()
-    return (folder / "config.json").is_file() and weights and not (folder / "latest_checkpointed_iteration.txt").exists()
+    megatron = (folder / "latest_checkpointed_iteration.txt").exists()
+    return (folder / "config.json").is_file() and weights and not megatron
 
 
 def hf_config_for(size: Qwen25Size, dtype: str = "bfloat16", overrides: dict | None = None):

@@ -3,9 +3,9 @@
 Steps (each calls the user-facing script the README documents):
   1. write the default Qwen2.5 tokenizer and a random-init tiny Qwen2.5 Hugging Face checkpoint
   2. one step: fine-tune on alpaca_zh_demo (raw JSON) straight from the HF folder, writing a Hugging Face folder
-     as it saves                                    (run_mcore_qwen.sh, PRETRAIN_CHECKPOINT_PATH=HF, MP_SAVE_HF=true)
-  3. two steps, upstream's way: convert it to Megatron torch_dist
-                                                    (toolkits/distributed_checkpoints_convertor/scripts/qwen2_5/run_8xH20.sh)
+     as it saves                                     (run_mcore_qwen.sh, PRETRAIN_CHECKPOINT_PATH=HF, MP_SAVE_HF=true)
+  3. two steps, upstream's way: convert it to Megatron torch_dist  (toolkits/distributed_checkpoints_convertor/
+                                                     scripts/qwen2_5/run_8xH20.sh)
   4. continue pre-training on People's Daily text    (preprocess_data.py, then run_mcore_qwen.sh)
   5. fine-tune on alpaca_zh_demo: idxmap, then raw JSON  (build_idxmap_sft_dataset.py, run_mcore_qwen.sh SFT=true)
   6. convert the fine-tuned checkpoint back to HF     (hf2mcore_qwen2.5_convertor.sh ... MG2HF=true)

@@ -53,8 +53,8 @@ def shard_split(name: str, whole: tuple[int, ...], shard: tuple[int, ...], tp_si
         return 0, 1
     if len(differing) > 1 or whole[differing[0]] != tp_size * shard[differing[0]]:
         raise UserError(f"error: {name}: the model being trained has shape {tuple(shard)}, which is no "
-                        f"{tp_size}-way tensor-parallel shard of the Hugging Face folder's {tuple(whole)}: the folder's "
-                        "config.json describes another model than the training flags.")
+                        f"{tp_size}-way tensor-parallel shard of the Hugging Face folder's {tuple(whole)}: the "
+                        "folder's config.json describes another model than the training flags.")
     return differing[0], tp_size
 
 
