@@ -72,6 +72,7 @@ def hf_run(sft_json, tiny_hf_checkpoint, tmp_path_factory) -> dict:
     folder = run_folder(out)
     state = dict(first=first, first_exported=exported(out), first_hidden=sorted(os.listdir(out / "hf")),
                  first_losses=tensorboard_scalars(out / "tensorboard"),
+                 first_grad_norms=tensorboard_scalars(out / "tensorboard", "grad-norm"),
                  first_complete=[checkpoint_complete(out, i) for i in (2, 4)])
     shutil.rmtree(folder / "iter_0000004")  # a crash after the save of iteration 2
     (folder / "latest_checkpointed_iteration.txt").write_text("2")
@@ -79,6 +80,7 @@ def hf_run(sft_json, tiny_hf_checkpoint, tmp_path_factory) -> dict:
     started = time.monotonic()
     second = launch(args, MP_SAVE_HF_KEEP="1")
     state.update(second=second, second_losses=tensorboard_scalars(out / "tensorboard"), out=out, folder=folder,
+                 second_grad_norms=tensorboard_scalars(out / "tensorboard", "grad-norm"),
                  seconds=(first_seconds, time.monotonic() - started))
     reference = root / "mg2hf"
     state["convert"] = run_tool([sys.executable, "-m", "megatron_patch.convert", "--mg2hf", "--model-size", "auto",
@@ -109,7 +111,9 @@ def test_the_relaunch_resumes_exactly_and_exports_what_was_missing(hf_run):
     assert second.returncode == 0, text[-4000:]
     assert "the Hugging Face folder" in text and "is not read" in text
     assert "read from the Hugging Face folder" not in text
-    assert hf_run["second_losses"] == {i: hf_run["first_losses"][i] for i in (3, 4)}, hf_run["second_losses"]
+    for metric in ("losses", "grad_norms"):
+        first, second = hf_run[f"first_{metric}"], hf_run[f"second_{metric}"]
+        assert second == {i: first[i] for i in (3, 4)}, (metric, first, second)
     out = hf_run["out"]
     assert text.index(f"wrote {out / 'hf' / 'iter_0000002'}") < text.index(f"wrote {out / 'hf' / 'iter_0000004'}")
     assert f"removed {out / 'hf' / 'iter_0000002'} (MP_SAVE_HF_KEEP=1)" in text
