@@ -16,15 +16,10 @@ from pathlib import Path
 import torch
 
 from megatron_patch.convert.hf_io import HFCheckpointReader
-from megatron_patch.convert.mapping import OneToOne, TiedLMHead, canonical_mcore_name, qwen2_5_mappings
+from megatron_patch.convert.mapping import TIED_OUTPUT, TiedLMHead, canonical_mcore_name, qwen2_5_mappings
 from megatron_patch.errors import UserError
 from megatron_patch.hf_checkpoint import is_hf_checkpoint
 from megatron_patch.model_sizes import Qwen25Size, model_from_hf_config, read_checkpoint_json
-
-# A tied model's last pipeline stage (without the embedding) holds its own copy of the embedding as its output
-# layer, which megatron-core fills from the first stage's once, at construction: it is loaded from embed_tokens.
-TIED_OUTPUT = OneToOne("output_layer.weight", ("model.embed_tokens.weight",), ("vocab", "hidden"))
-
 
 def hf_model(folder: str | Path) -> Qwen25Size:
     config = Path(folder) / "config.json"

@@ -131,6 +131,12 @@ class TiedLMHead(Mapping):
         return []
 
 
+# A tied model trained with PP > 1: its last pipeline stage (without the embedding) holds a copy of the embedding
+# as its output layer (megatron-core fills it from the first stage's once, at construction; a torch_dist checkpoint
+# stores it under the embedding's key). Loaded straight from a HF folder, it is embed_tokens.
+TIED_OUTPUT = OneToOne("output_layer.weight", ("model.embed_tokens.weight",), ("vocab", "hidden"))
+
+
 LAYER_MAPPINGS: tuple[Mapping, ...] = (
     OneToOne("decoder.layers.{layer}.self_attention.linear_qkv.layer_norm_weight",
              ("model.layers.{layer}.input_layernorm.weight",), ("hidden",)),
