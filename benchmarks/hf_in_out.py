@@ -11,7 +11,8 @@ run_8xH20.sh's conversion followed by the same launch from the converted checkpo
 written (page cache warm for both; --cold drops the caches before each step, as root).
 
 stall: one run with MP_SAVE_HF=merged (LoRA adapters merged into the base: an export as large as the full
-model's) saving every --save-interval iterations. A save's stall is what the iterations that ran while its export
+model's) and MP_SAVE_HF_KEEP=1, saving every --save-interval iterations (it deletes the conversion first: at 7B the
+HF folder, two exports and the synchronous one take 60 GB). A save's stall is what the iterations that ran while its export
 ran (the iteration holding the save itself left out) took beyond the median iteration without an export; it is
 set against the same export run synchronously afterwards (MG2HF of the last checkpoint, the GPU idle).
 
@@ -161,13 +162,15 @@ def startup(args) -> None:
 def stall(args) -> None:
     hf = prepare(args)
     out = args.work / "out-stall"
-    shutil.rmtree(out, ignore_errors=True)
+    # Disk: the HF folder, two exports at a time (MP_SAVE_HF_KEEP=1) and the synchronous one, not the conversion
+    for folder in (out, args.work / f"mcore-{args.size}", args.work / "sync-export"):
+        shutil.rmtree(folder, ignore_errors=True)
     saves = args.saves
     iterations = args.save_interval * (saves + 1)  # the last save's export runs after training: not a stall
     print(f"Qwen2.5-{args.size} MP_SAVE_HF=merged, a save every {args.save_interval} of {iterations} iterations:")
     log = args.work / "logs" / "stall.log"
     proc = start_launcher(train_args(args, hf, out, iterations, args.save_interval)[1:],
-                          environment(args, MP_SAVE_HF="merged"), log)
+                          environment(args, MP_SAVE_HF="merged", MP_SAVE_HF_KEEP="1"), log)
     events: dict[tuple[str, int], float] = {}
     while proc.poll() is None:
         text = log.read_text(errors="replace")
