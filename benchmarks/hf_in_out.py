@@ -11,9 +11,10 @@ run_8xH20.sh's conversion followed by the same launch from the converted checkpo
 written (page cache warm for both; --cold drops the caches before each step, as root).
 
 stall: one run with MP_SAVE_HF=merged (LoRA adapters merged into the base: an export as large as the full
-model's) and MP_SAVE_HF_KEEP=1, saving every --save-interval iterations (it deletes the conversion first: at 7B the
+model's) and MP_SAVE_HF_KEEP=1, saving every --save-interval iterations (choose one whose time exceeds an
+export's, printed per save) (it deletes the conversion first: at 7B the
 HF folder, two exports and the synchronous one take 60 GB). A save's stall is what the iterations that ran while its export
-ran (the iteration holding the save itself left out) took beyond the median iteration without an export; it is
+ran (those holding a save left out) took beyond the median iteration without an export; it is
 set against the same export run synchronously afterwards (MG2HF of the last checkpoint, the GPU idle).
 
 Both train LoRA adapters (--lora-rank, default 16) so that 7B fits one GPU with its optimizer; --lora-rank 0
@@ -204,7 +205,7 @@ def report_stalls(args, out: Path, text: str, events: dict[tuple[str, int], floa
                        clean_environ())
     print(f"  median iteration without an export: {base * 1000:.0f} ms ({len(quiet)} iterations)")
     for k, window in windows.items():
-        stalled = sum(times[i][1] - base for i in times if i != k + 1 and during(i, window))
+        stalled = sum(times[i][1] - base for i in times if i - 1 not in saved and during(i, window))
         print(f"  save at iteration {k}: export {window[1] - window[0]:6.1f} s in the background; training "
               f"stalled {stalled:6.2f} s = {100 * stalled / sync:.1f}% of the synchronous export ({sync:.1f} s)")
 
