@@ -11,6 +11,7 @@ process):
     .NAME.partial-PID   being written; deleted on failure
     .NAME.done-PID      complete, about to take TARGET's place
     .NAME.old-PID       what TARGET held before; deleted once the new content is in place
+    .NAME.gone-PID      TARGET being deleted (`remove_folder`): never restored
 
 A file system that cannot exchange two names (NFS, some FUSE mounts) needs two renames, TARGET -> .NAME.old-PID
 then .NAME.done-PID -> TARGET; a kill between them leaves TARGET missing with both complete versions beside it.
@@ -32,7 +33,7 @@ from megatron_patch.errors import stop_signals_ignored
 from megatron_patch.fault_injection import fault_point
 from megatron_patch.process_lifetime import writer_alive
 
-STATES = ("partial", "done", "old")
+STATES = ("partial", "done", "old", "gone")
 
 
 # ---------------------------------------------------------------- files
@@ -126,6 +127,26 @@ def recover_interrupted(target: str | Path) -> None:
                 break
     for path in (p for paths in found.values() for p in paths):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_folder(target: str | Path) -> None:
+    """Delete a folder whole: it is renamed aside first, so a kill during the deletion leaves no half-deleted
+    folder under its name (`recover_interrupted` deletes the rest)."""
+    target = Path(target).resolve()
+    gone = _sibling(target, "gone", os.getpid())
+    os.replace(target, gone)
+    fsync_path(target.parent)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def leftover_targets(folder: Path) -> list[Path]:
+    """The targets in `folder` with a hidden folder of some writer beside them (for `recover_interrupted`)."""
+    found = set()
+    for path in folder.glob(".*.*-*") if folder.is_dir() else ():
+        name, _, state_pid = path.name[1:].rpartition(".")
+        if state_pid.split("-")[0] in STATES:
+            found.add(folder / name)
+    return sorted(found)
 
 
 class StagedFolder:

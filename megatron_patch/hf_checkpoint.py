@@ -1,5 +1,6 @@
-"""Random-init Hugging Face Qwen2.5 checkpoints of any size-table shape (or a variant's config: other rope_theta,
-positions, YaRN, any config.json key), for the demo, tests and benchmarks."""
+"""Hugging Face Qwen2.5 folders: what one holds (its weight and tokenizer files; no torch needed to tell one), and
+random-init ones of any size-table shape (or a variant's config: other rope_theta, positions, YaRN, any
+config.json key), for the demo, tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 from megatron_patch.model_sizes import QWEN2_5_SIZES, Qwen25Size, get_size
 
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -19,6 +22,14 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
+
+
+def is_hf_checkpoint(folder: str | Path) -> bool:
+    """A Hugging Face model folder (config.json beside safetensors weights), not a Megatron checkpoint."""
+    folder = Path(folder)
+    weights = (folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file()
+    megatron = (folder / "latest_checkpointed_iteration.txt").exists()
+    return (folder / "config.json").is_file() and weights and not megatron
 
 
 def hf_config_for(size: Qwen25Size, dtype: str = "bfloat16", overrides: dict | None = None):
@@ -70,12 +81,13 @@ def write_random_hf_checkpoint(
     seed: int = 1234,
     tokenizer_dir: str | Path | None = None,
     overrides: dict | None = None,
+    max_shard_size: str = "5GB",
 ) -> Path:
     """Save a random-init Qwen2ForCausalLM with `size`'s shape (and a tokenizer's files beside it); `overrides`:
-    more config.json keys."""
+    more config.json keys; `max_shard_size`: transformers' (a smaller one writes a sharded folder with its index)."""
     out_dir = Path(out_dir)
     model = random_hf_model(size, dtype, seed, overrides=overrides)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / name
@@ -91,8 +103,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--tokenizer", help="folder whose tokenizer files are copied beside the weights")
+    parser.add_argument("--max-shard-size", default="5GB", help="transformers' largest shard, e.g. 2GB")
     args = parser.parse_args()
-    write_random_hf_checkpoint(args.size, args.out_dir, args.dtype, args.seed, args.tokenizer)
+    write_random_hf_checkpoint(args.size, args.out_dir, args.dtype, args.seed, args.tokenizer,
+                               max_shard_size=args.max_shard_size)
     print(f"wrote a random-init Qwen2.5-{args.size} checkpoint to {args.out_dir}")
 
 

@@ -128,6 +128,10 @@ def add_extra_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--replica-digests-dir", default=None,
                        help="with --check-weight-hash-across-dp-replicas-interval: each rank also writes the SHA-1 "
                             "of every parameter at each check to DIR/rank<N>.jsonl, to compare replicas offline")
+    group.add_argument("--pretrained-hf", default=None, metavar="DIR",
+                       help="start from a Hugging Face Qwen2.5 folder (config.json + safetensors): each rank reads its "
+                            "own TP/PP shards into the model before the optimizer copies it; not read when --load holds "
+                            "a checkpoint (a resumed run continues from its own)")
     group.add_argument("--cpu-threads", type=int, default=None,
                        help="CPU runs: torch threads per process (default: cores / processes)")
     add_lora_args(parser)

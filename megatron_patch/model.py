@@ -80,6 +80,10 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
         pg_collection=pg_collection,
     )
     print_rank_0(f"Qwen2.5 GPTModel modules: {describe_modules(model)}")
+    if args.pretrained_hf:
+        from megatron_patch.convert.hf_direct import load_for_training
+
+        load_for_training(model, args, vp_stage)
     if args.lora_rank:
         from megatron_patch.lora.attach import attach_for_training
 

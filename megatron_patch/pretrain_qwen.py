@@ -34,6 +34,7 @@ with importing_megatron():
     from megatron_patch import checkpoint_state, process_lifetime  # noqa: E402
     from megatron_patch.data.providers import get_batch, train_valid_test_datasets_provider  # noqa: E402
     from megatron_patch.errors import UserError  # noqa: E402
+    from megatron_patch.convert import hf_direct  # noqa: E402
     from megatron_patch.fused import linear_cross_entropy  # noqa: E402
     from megatron_patch.lora import attach as lora  # noqa: E402
     from megatron_patch.model import model_provider  # noqa: E402
@@ -100,6 +101,7 @@ def main(argv: list[str]) -> None:
     # (Their helper processes die with them: the manifest's children-die-with-parent.)
     process_lifetime.die_with_parent()
     args = start_megatron(argv)
+    hf_direct.settle_args(args)
     lora.settle_args(args)
     # The launcher settles a damaged or untracked checkpoint folder before torchrun; a direct torchrun is refused.
     checkpoint_state.refuse_unresolved(args.load)

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from megatron_patch.errors import children_ignore_interrupts, default_stop_signals_in_child
@@ -161,10 +162,10 @@ def catches(pid: int, signum: int) -> bool:
     return bool(int(mask, 16) >> (signum - 1) & 1)
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (found through /proc's parent links)."""
+def descendants(pid: int, spare: Collection[int] = ()) -> list[int]:
+    """Every live process below `pid` (found through /proc's parent links), but those in `spare` and theirs."""
     by_parent = _children_by_parent()
-    found, todo = [], list(by_parent.get(pid, []))
+    found, todo = [], [child for child in by_parent.get(pid, []) if child not in spare]
     while todo:
         child = todo.pop()
         found.append(child)
@@ -172,10 +173,11 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def kill_everything_below(pid: int) -> None:
-    """SIGKILL every process below `pid`, until none is left (reaping zombies re-parented to us)."""
+def kill_everything_below(pid: int, spare: Collection[int] = ()) -> None:
+    """SIGKILL every process below `pid` (but the trees of `spare`: processes this one still waits on), until
+    none is left, reaping what was killed."""
     for _ in range(50):
-        left = descendants(pid)
+        left = descendants(pid, spare)
         if not left:
             return
         for child in left:
@@ -183,18 +185,17 @@ def kill_everything_below(pid: int) -> None:
                 os.kill(child, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        _reap_children()
+        _reap(left)
         time.sleep(0.1)
 
 
-def _reap_children() -> None:
-    while True:
+def _reap(pids: list[int]) -> None:
+    """Collect the exit status of those of `pids` that are our children (the rest are another's to collect)."""
+    for pid in pids:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            return
-        if pid == 0:
-            return
+            pass
 
 
 def kill_when_parent_dies() -> None:

@@ -88,17 +88,42 @@ def converted_tiny(tiny_hf_checkpoint, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def layout_runs(converted_tiny, tmp_path_factory) -> dict[str, dict]:
-    """Each of training_utils.LAYOUTS trains LAYOUT_ITERS iterations from `converted_tiny` through the real
-    entrypoint; tp2 also saves its last iteration (with optimizer state) for the conversion back to HF.
-    {name: {work, losses, grad_norms, log}}."""
-    from training_utils import LAYOUT_ITERS, LAYOUTS, run_entrypoint, tensorboard_losses, tiny_mock_args
+def tiny_untied_hf_sharded(tmp_path_factory, default_tokenizer_dir) -> Path:
+    """The `tiny` shape untied (its own lm_head), fp32, saved in 20 MB shards with an index."""
+    import dataclasses
+
+    from megatron_patch.hf_checkpoint import write_random_hf_checkpoint
+    from megatron_patch.model_sizes import QWEN2_5_SIZES
+
+    untied = dataclasses.replace(QWEN2_5_SIZES["tiny"], tie_word_embeddings=False)
+    out = tmp_path_factory.mktemp("tiny_untied_hf") / "model"
+    return write_random_hf_checkpoint(untied, out, dtype="float32", seed=5, tokenizer_dir=default_tokenizer_dir,
+                                      max_shard_size="20MB")
+
+
+@pytest.fixture(scope="session")
+def converted_tiny_untied(tiny_untied_hf_sharded, tmp_path_factory) -> Path:
+    """tiny_untied_hf_sharded converted to a Megatron release checkpoint (fp32), by the convertor's CLI."""
+    from training_utils import run_tool
+
+    out = tmp_path_factory.mktemp("tiny_untied_mcore") / "ckpt"
+    run_tool([sys.executable, "-m", "megatron_patch.convert", "--model-size", "auto", "--load-dir",
+              tiny_untied_hf_sharded, "--save-dir", out, "--precision", "fp32"])
+    return out
+
+
+def train_layouts(layouts: dict[str, tuple[int, list[str], Path]], tmp_path_factory,
+                  saved: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Each layout (processes, flags, starting weights) trains LAYOUT_ITERS iterations through the real entrypoint;
+    those in `saved` also save their last iteration (with optimizer state). {name: {work, losses, grad_norms,
+    log}}."""
+    from training_utils import LAYOUT_ITERS, run_entrypoint, starting_weights, tensorboard_losses, tiny_mock_args
 
     def train(name: str) -> tuple[str, dict]:
-        nproc, flags = LAYOUTS[name]
+        nproc, flags, weights = layouts[name]
         work = tmp_path_factory.mktemp(f"layout_{name}")
-        args = tiny_mock_args(iters=LAYOUT_ITERS) + flags + ["--pretrained-checkpoint", str(converted_tiny)]
-        if name == "tp2":
+        args = tiny_mock_args(iters=LAYOUT_ITERS) + flags + starting_weights(weights)
+        if name in saved:
             args += ["--save", str(work / "ckpt"), "--save-interval", str(LAYOUT_ITERS)]
         run_entrypoint(work, nproc, args)
         return name, dict(work=work, losses=tensorboard_losses(work), grad_norms=tensorboard_losses(work, "grad-norm"),
@@ -106,7 +131,26 @@ def layout_runs(converted_tiny, tmp_path_factory) -> dict[str, dict]:
 
     # Two at a time: much of a launch is single-threaded interpreter start-up.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(train, LAYOUTS))
+        return dict(pool.map(train, layouts))
+
+
+@pytest.fixture(scope="session")
+def layout_runs(converted_tiny, tmp_path_factory) -> dict[str, dict]:
+    """Each of training_utils.LAYOUTS trains from `converted_tiny`; tp2 also saves its last iteration for the
+    conversion back to HF. {name: {work, losses, grad_norms, log}}."""
+    from training_utils import LAYOUTS
+
+    return train_layouts({name: (nproc, flags, converted_tiny) for name, (nproc, flags) in LAYOUTS.items()},
+                         tmp_path_factory, saved=("tp2",))
+
+
+@pytest.fixture(scope="session")
+def hf_layout_runs(request, tmp_path_factory) -> dict[str, dict]:
+    """training_utils.HF_LAYOUTS: the tiny models from their Hugging Face folders and from their conversions."""
+    from training_utils import HF_LAYOUTS
+
+    return train_layouts({name: (nproc, flags, request.getfixturevalue(weights))
+                          for name, (nproc, flags, weights) in HF_LAYOUTS.items()}, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

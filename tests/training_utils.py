@@ -27,7 +27,7 @@ LAYOUTS = {
     "tp2": (2, ["--tensor-model-parallel-size", "2"]),
     "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
     "dp2_distributed_optimizer": (2, ["--use-distributed-optimizer"]),
-    "tp2_pp2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+    "tp2_pp2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),  # = TP2_PP2
     "dp2": (2, []),  # without the distributed optimizer
     "tp1_bf16": (1, ["--bf16"]),
     # AC=sel and AC=full with MP_AC_METHOD=block (uniform: test_context_parallel's cp2_pp2_do_ac_full)
@@ -36,6 +36,27 @@ LAYOUTS = {
                                 "--recompute-num-layers", "1"]),
 }
 LAYOUT_ITERS = 3
+TP2_PP2 = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
+UNTIED = ["--untie-embeddings-and-output-weights"]
+# Training straight from a Hugging Face folder against convert-then-train (the `hf_layout_runs` fixture):
+# name -> (processes, flags, the conftest fixture of the starting weights: a converted checkpoint is passed as
+# --pretrained-checkpoint, a HF folder as --pretrained-hf). The tied single-file model's convert-then-train runs
+# are LAYOUTS' tp1 and tp2_pp2; the untied model is sharded.
+HF_LAYOUTS = {
+    "hf_tp1": (1, [], "tiny_hf_checkpoint"),
+    "hf_tp2_pp2": (4, TP2_PP2, "tiny_hf_checkpoint"),
+    "untied_hf_tp1": (1, UNTIED, "tiny_untied_hf_sharded"),
+    "untied_hf_tp2_pp2": (4, TP2_PP2 + UNTIED, "tiny_untied_hf_sharded"),
+    "untied_tp1": (1, UNTIED, "converted_tiny_untied"),
+    "untied_tp2_pp2": (4, TP2_PP2 + UNTIED, "converted_tiny_untied"),
+}
+
+
+def starting_weights(folder: Path) -> list[str]:
+    """The entrypoint's flag for a layout's starting weights: a HF folder or a converted checkpoint."""
+    from megatron_patch.hf_checkpoint import is_hf_checkpoint
+
+    return ["--pretrained-hf" if is_hf_checkpoint(folder) else "--pretrained-checkpoint", str(folder)]
 
 
 def tiny_mock_args(iters: int, seq_length: int = 64, micro_batch: int = 2, global_batch: int = 4) -> list[str]:

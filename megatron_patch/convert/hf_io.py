@@ -9,9 +9,8 @@ from pathlib import Path
 import torch
 
 from megatron_patch.errors import UserError
+from megatron_patch.hf_checkpoint import INDEX_FILE, SINGLE_FILE
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -46,7 +45,7 @@ class HFCheckpointReader:
         missing_files = sorted({str(p) for p in self._file_of.values() if not p.is_file()})
         if missing_files:
             raise UserError(f"error: {INDEX_FILE} in {self.folder} lists shard files that are missing: "
-                            + ", ".join(missing_files))
+                            + ", ".join(missing_files) + ". The download or copy is incomplete: fetch them again.")
         for shard in sorted(set(self._file_of.values())):
             listed = {name for name, f in self._file_of.items() if f == shard}
             absent = listed - set(shard_tensor_names(shard))
@@ -71,6 +70,15 @@ class HFCheckpointReader:
         # (headers are small; reopening costs next to nothing next to the read).
         with self._open(name) as f:
             return f.get_tensor(name)
+
+    def get_part(self, name: str, dim: int, index: int, parts: int) -> torch.Tensor:
+        """Part `index` of `parts` equal parts of a tensor along `dim`: only that part's bytes are read."""
+        if parts == 1:
+            return self.get(name)
+        with self._open(name) as f:
+            whole = f.get_slice(name)
+            step = whole.get_shape()[dim] // parts
+            return whole[(slice(None),) * dim + (slice(index * step, (index + 1) * step),)]
 
 
 class HFShardWriter:

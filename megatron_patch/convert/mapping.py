@@ -4,6 +4,12 @@ Megatron names are the canonical (Transformer Engine) names that a `torch_dist` 
 `{layer}` for the decoder layer index. Each mapping knows how its Megatron tensor is made from its HF tensors
 (`to_mcore`) and back (`to_hf`); the two are exact inverses (pure reshapes and concatenations), so a
 round trip is bit-exact.
+
+Every Megatron tensor splits over tensor-parallel ranks along one dimension, and its HF tensors split along the
+same one: a rank's shard of linear_qkv is the fusion of its query groups' q, k and v rows, its shard of
+linear_fc1 is [its gate rows; its up rows] (megatron-core's per-rank SwiGLU layout), and a one-to-one tensor's
+shard is the HF tensor's. So `to_mcore` of each HF tensor's TP-th part is the rank's shard (what
+megatron_patch.convert.hf_direct loads).
 """
 
 from __future__ import annotations
@@ -80,12 +86,14 @@ class OneToOne(Mapping):
 class QKVFused(Mapping):
     """HF q/k/v -> Megatron linear_qkv: per query group, [that group's q heads | its k head | its v head].
 
-    Works for weights ([rows, hidden]) and biases ([rows]) alike: only the first dimension is regrouped.
+    Works for weights ([rows, hidden]) and biases ([rows]) alike: only the first dimension is regrouped. The group
+    count is read off k's rows, so a TP rank's slice of q, k and v (its query groups) fuses into its own rows.
     """
 
     def to_mcore(self, tensors, size):
         q, k, v = tensors
-        groups, d = size.num_query_groups, size.head_dim
+        d = size.head_dim
+        groups = k.shape[0] // d
         rest = q.shape[1:]
         q = q.reshape(groups, -1, *rest)  # heads_per_group * head_dim rows per group
         k = k.reshape(groups, d, *rest)
@@ -121,6 +129,12 @@ class TiedLMHead(Mapping):
 
     def to_hf(self, tensor, size):
         return []
+
+
+# A tied model trained with PP > 1: its last pipeline stage (without the embedding) holds a copy of the embedding
+# as its output layer (megatron-core fills it from the first stage's once, at construction; a torch_dist checkpoint
+# stores it under the embedding's key). Loaded straight from a HF folder, it is embed_tokens.
+TIED_OUTPUT = OneToOne("output_layer.weight", ("model.embed_tokens.weight",), ("vocab", "hidden"))
 
 
 LAYER_MAPPINGS: tuple[Mapping, ...] = (

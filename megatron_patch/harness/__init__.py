@@ -13,5 +13,6 @@ single harness): a benchmark is a thin call into these modules, and a test impor
 - `mcore_runs`: our launcher runs as benchmark variants (`--mcore`), their sweep and the loss check.
 - `matrix`, `matrix_doc`: the GPU matrix's rows (benchmarks/gpu_matrix_rows.yaml), their golden values, one
   scheduler, the every-iteration check and docs/gpu_matrix.md.
+- `host_memory`: the peak host memory of a process tree (a launcher and everything below it), sampled.
 - `gpu_idle`: the GPU's idle time between one step's start and the next (from a torch.profiler trace).
 """

@@ -86,6 +86,19 @@ def megatron_iterations(log: str) -> dict[int, dict[str, float | None]]:
     return found
 
 
+_TIMED_LINE = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?)\] iteration\s+(\d+)/\s*\d+ \|.*?"
+                         r"elapsed time per iteration \(ms\): ([\d.]+)")
+
+
+def megatron_iteration_times(log: str) -> dict[int, tuple[float, float]]:
+    """{iteration: (when its line was written, as a POSIX time; its elapsed seconds)} from megatron's lines (the
+    elapsed time of the iteration after a save includes the save)."""
+    from datetime import datetime
+
+    return {int(it): (datetime.fromisoformat(stamp).timestamp(), float(ms) / 1000)
+            for stamp, it, ms in _TIMED_LINE.findall(log)}
+
+
 def logged_losses(log: str) -> list[float]:
     """The lm loss of every logged iteration, in order."""
     return [v["lm loss"] for _, v in sorted(megatron_iterations(log).items()) if v["lm loss"] is not None]

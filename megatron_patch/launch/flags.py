@@ -54,8 +54,8 @@ def megatron_flags(launch: Launch, machine: Machine, tokenizer: str) -> list[str
         flags += ["--save", str(launch.checkpoint_dir), "--save-interval", str(launch.save_interval)]
     if launch.pretrain_checkpoint:
         # Megatron loads --load when it holds a checkpoint (a relaunch resumes, optimizer included) and
-        # otherwise starts from these weights alone.
-        flags += ["--pretrained-checkpoint", launch.pretrain_checkpoint]
+        # otherwise starts from these weights alone; a Hugging Face folder each rank reads itself (the same rule).
+        flags += ["--pretrained-hf" if launch.pretrain_is_hf else "--pretrained-checkpoint", launch.pretrain_checkpoint]
     flags += _precision_flags(launch)
     flags += _parallel_flags(launch, machine)
     flags += _attention_flags(launch, machine)

@@ -25,6 +25,7 @@ OPTIMIZER_OFFLOAD_MODES = ("false", "static", "auto")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 FP8_FORMATS = ("hybrid", "e4m3")
 FP8_FPROP_ACCUMULATIONS = ("fast", "fp32")
+SAVE_HF_MODES = ("false", "true", "merged")
 
 # Every environment variable the launcher reads: name -> (default, meaning). README's table is checked against it.
 ENV_KNOBS = {
@@ -66,6 +67,12 @@ ENV_KNOBS = {
                                "PEFT's `q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj` (q/k/v and gate/up "
                                "only together: Megatron fuses them); `all`: every one"),
     "MP_LORA_METHOD": ("lora", "`lora`, or `dora` (weight-decomposed LoRA, PEFT's use_dora)"),
+    "MP_SAVE_HF": ("false", "`true`: at every checkpoint save and at the end, also write a Hugging Face folder "
+                            "`OUTPUT_BASEPATH/hf/iter_NNNNNNN` (safetensors, config.json, tokenizer and generation "
+                            "files; a LoRA run's: its PEFT adapter folder), in the background from the saved "
+                            "checkpoint; `merged`: a LoRA run's adapters merged into its base's full weights"),
+    "MP_SAVE_HF_KEEP": ("", "with MP_SAVE_HF: keep the newest N Hugging Face folders, deleting older ones (default: "
+                            "all)"),
     "MP_DRY_RUN": ("", "`1`: print the command that would run (and its environment) and run nothing; every "
                        "script of the project takes it"),
     "MP_TOKENIZER_PATH": ("", "tokenizer folder when the checkpoint has none (default: the embedded Qwen2.5 "
@@ -128,7 +135,10 @@ class Launch:
     # else MODEL_SIZE's size-table entry; with MP_ROPE_SCALING's YaRN.
     model: Qwen25Size | None = None
     model_config: Path | None = None
+    pretrain_is_hf: bool = False  # PRETRAIN_CHECKPOINT_PATH is a Hugging Face folder (set by validate.settle)
     lora: LoraSettings | None = None  # None: full fine-tuning
+    save_hf: str = "false"  # MP_SAVE_HF: false, true or merged
+    save_hf_keep: int | None = None  # MP_SAVE_HF_KEEP; None: every export stays
 
     @property
     def size(self) -> Qwen25Size:
@@ -236,7 +246,7 @@ def parse(argv: list[str], environ: dict[str, str]) -> Launch:
     def knob(name: str) -> str:
         return environ.get(name, "").strip() or ENV_KNOBS[name][0]
 
-    vp = knob("MP_VP")
+    vp, keep = knob("MP_VP"), knob("MP_SAVE_HF_KEEP")
     ckpt = a["PRETRAIN_CHECKPOINT_PATH"]
     return Launch(
         env=_choice("ENV", a["ENV"], ("dsw", "dlc")),
@@ -280,6 +290,8 @@ def parse(argv: list[str], environ: dict[str, str]) -> Launch:
         tokenizer_path=knob("MP_TOKENIZER_PATH") or None,
         yarn_factor=_yarn_factor(knob("MP_ROPE_SCALING")),
         lora=_lora(knob),
+        save_hf=_choice("MP_SAVE_HF", knob("MP_SAVE_HF").lower(), SAVE_HF_MODES),
+        save_hf_keep=_int("MP_SAVE_HF_KEEP", keep, 1) if keep else None,
     )
 
 

@@ -11,6 +11,10 @@ Megatron's --exit-signal-handler saves the iteration in progress and exits 0. to
 stop signals themselves (torchrun would print a SignalException traceback and end ranks that cannot save yet),
 so a signal sent to every process of the job changes nothing. The launcher then says in one line what was
 saved (from the run folder's tracker) and exits with 128 + the signal; ranks still alive 30 s on are killed.
+
+MP_SAVE_HF's exports (launch/hf_export.py) are the launcher's children too, each in its own process group (a
+terminal's Ctrl-C is the launcher's to act on) and dying with the launcher; they outlive torchrun, and the launcher
+waits for them before it exits. A stop ends them (they delete what they wrote) and says what was not exported.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from megatron_patch.errors import STOP_SIGNALS, UserError, dry_run_requested, re
     stop_signals_handled_by, stop_signals_ignored, stopped_status
 from megatron_patch.launch.positional import Launch, parse
 from megatron_patch.launch.flags import launch_env, torchrun_command
+from megatron_patch.launch.hf_export import HFExports, export_bytes, export_folder, export_source
 from megatron_patch.launch.machine import detect_machine
 from megatron_patch.launch.validate import problems, settle
 
@@ -152,10 +157,12 @@ def _torchrun_preexec() -> None:
 
 
 class OwnedTorchrun:
-    """torchrun and everything below it; `wait` returns its exit status once nothing of it is left."""
+    """torchrun and everything below it; `wait` returns its exit status once nothing of it is left. `exports`
+    (MP_SAVE_HF's background exports) are polled meanwhile and outlive it."""
 
-    def __init__(self, command: list[str], env: dict[str, str], log: Log):
+    def __init__(self, command: list[str], env: dict[str, str], log: Log, exports: HFExports | None = None):
         self.log = log
+        self.exports = exports
         self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, preexec_fn=_torchrun_preexec)
         self._reader = threading.Thread(target=self._copy_output, daemon=True)
@@ -186,7 +193,7 @@ class OwnedTorchrun:
         shutdown puts the default action back). After the grace period everything is killed."""
         if time.monotonic() - self._stop_requested_at > STOP_GRACE_SECONDS:
             self.killed = True
-            process_lifetime.kill_everything_below(os.getpid())
+            process_lifetime.kill_everything_below(os.getpid(), self.spared())
             return
         for rank in process_lifetime.children(self.proc.pid):
             if rank not in self._signalled and process_lifetime.catches(rank, signal.SIGTERM):
@@ -196,6 +203,9 @@ class OwnedTorchrun:
                 except ProcessLookupError:
                     pass
 
+    def spared(self) -> list[int]:
+        return self.exports.pids() if self.exports else []
+
     def wait(self) -> int:
         while True:
             try:
@@ -204,14 +214,16 @@ class OwnedTorchrun:
             except subprocess.TimeoutExpired:
                 if self.stopped_by is not None:
                     self._keep_stopping()
+                if self.exports:
+                    self.exports.poll(stopping=self.stopped_by is not None)
         # torchrun is gone: nothing of this run may outlive it (e.g. a killed rank's checkpoint writers, which
-        # would also hold our output pipe open and hang the reader).
-        process_lifetime.kill_everything_below(os.getpid())
+        # would also hold our output pipe open and hang the reader), but a running export.
+        process_lifetime.kill_everything_below(os.getpid(), self.spared())
         self._reader.join(timeout=10)
         return code
 
 
-def run_owned(command: list[str], env: dict[str, str], log: Log) -> OwnedTorchrun:
+def run_owned(command: list[str], env: dict[str, str], log: Log, exports: HFExports | None = None) -> OwnedTorchrun:
     """torchrun, to its end; a stop signal meanwhile (even while torchrun starts) stops the ranks."""
     process_lifetime.become_subreaper()
     started: list[OwnedTorchrun] = []
@@ -222,12 +234,12 @@ def run_owned(command: list[str], env: dict[str, str], log: Log) -> OwnedTorchru
 
     try:
         with stop_signals_handled_by(stop):
-            started.append(OwnedTorchrun(command, env, log))
+            started.append(OwnedTorchrun(command, env, log, exports))
             for signum in early[:1]:
                 started[0].request_stop(signum)
             started[0].wait()
     finally:
-        process_lifetime.kill_everything_below(os.getpid())
+        process_lifetime.kill_everything_below(os.getpid(), started[0].spared() if started else ())
     return started[0]
 
 
@@ -296,29 +308,58 @@ def _launch(launch: Launch, machine, env: dict[str, str]) -> int:
         # The run folder is ours now: decide what it resumes from (and repair a damaged tracker) before any rank
         # reads it.
         resumes_from = prepare_resume(launch.checkpoint_dir)
-        command = torchrun_command(launch, machine, tokenizer_dir(launch))
+        tokenizer = tokenizer_dir(launch)
+        command = torchrun_command(launch, machine, tokenizer)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        log = Log(launch.output_basepath / "log" / f"{stamp}_{launch.run_name}_node{machine.node_rank}.log")
-        Log.terminal(f"run_mcore_qwen: {launch.run_name}\n  checkpoints: {launch.checkpoint_dir}\n  log: {log.path}\n")
+        log_prefix = launch.output_basepath / "log" / f"{stamp}_{launch.run_name}_node{machine.node_rank}"
+        log = Log(log_prefix.with_name(log_prefix.name + ".log"))
+        exports = _exports(launch, machine.node_rank, env, tokenizer, log_prefix, log)
+        Log.terminal(f"run_mcore_qwen: {launch.run_name}\n  checkpoints: {launch.checkpoint_dir}\n  log: {log.path}\n"
+                     + (f"  Hugging Face folders: {export_folder(launch)}\n" if exports else ""))
         log.write(f"# {datetime.datetime.now().isoformat()} {shlex.join(command)}\n")
         with stop_signals_ignored():  # once torchrun has ended a stop is too late to change anything
-            owned = run_owned(command, {**os.environ, **env}, log)
-            code = owned.proc.returncode
-            code = 128 - code if code < 0 else code  # killed by a signal: reported the way a shell does
-            if owned.stopped_by is not None:
-                Log.terminal(stop_report(launch.checkpoint_dir, owned, resumes_from, log.path) + "\n",
-                             stream=sys.stderr)
-                code = stopped_status(owned.stopped_by)
-            elif code != 0:
-                Log.terminal(f"run_mcore_qwen: training failed (torchrun exit status {code}); see {log.path}\n",
-                             stream=sys.stderr)
-            log.close()
-        return code
+            owned = run_owned(command, {**os.environ, **env}, log, exports)
+            return _end_of_run(launch, owned, resumes_from, log, exports)
     except UserError as err:
         print(str(err), file=sys.stderr)
         return 2
     finally:
         lock.release()
+
+
+def _exports(launch: Launch, node_rank: int, env: dict[str, str], tokenizer: str, log_prefix: Path,
+             log: Log) -> HFExports | None:
+    """MP_SAVE_HF's exports (node 0 only: its tracker is the run's), their side files written now."""
+    if launch.save_hf == "false" or node_rank != 0:
+        return None
+    try:
+        return HFExports(launch, export_source(launch, tokenizer), env, log_prefix, log.write)
+    except OSError as err:
+        raise UserError(f"error: MP_SAVE_HF: cannot write the Hugging Face side files (config.json, tokenizer) into "
+                        f"{launch.checkpoint_dir} ({err.strerror or err}). Free some space, or unset MP_SAVE_HF.") \
+            from None
+
+
+def _end_of_run(launch: Launch, owned: OwnedTorchrun, resumes_from: int | None, log: Log,
+                exports: HFExports | None) -> int:
+    """The pending exports, then the lines that end the run, last the one saying how it ended; its exit status."""
+    code = owned.proc.returncode
+    code = 128 - code if code < 0 else code  # killed by a signal: reported the way a shell does
+    unexported, stopped_exporting = exports.finish(owned.stopped_by) if exports else ([], None)
+    for line in unexported:
+        Log.terminal(line + "\n", stream=sys.stderr)
+    if owned.stopped_by is not None:
+        Log.terminal(stop_report(launch.checkpoint_dir, owned, resumes_from, log.path) + "\n", stream=sys.stderr)
+        code = stopped_status(owned.stopped_by)
+    elif code != 0:
+        Log.terminal(f"run_mcore_qwen: training failed (torchrun exit status {code}); see {log.path}\n",
+                     stream=sys.stderr)
+    elif stopped_exporting is not None:
+        Log.terminal(f"run_mcore_qwen: stopped by {signal_name(stopped_exporting)} after training ended, while "
+                     "exporting to Hugging Face (what was not exported is listed above)\n", stream=sys.stderr)
+        code = stopped_status(stopped_exporting)
+    log.close()
+    return code
 
 
 def checkpoint_bytes(launch: Launch) -> int:
@@ -329,15 +370,32 @@ def checkpoint_bytes(launch: Launch) -> int:
 
 
 def _check_free_space(launch: Launch) -> None:
+    """Room for one checkpoint and, with MP_SAVE_HF, one export (OUTPUT_BASEPATH/hf may be another disk); none
+    with MP_SAVE=false, which writes nothing but the log and TensorBoard's events."""
     if not launch.save_checkpoints:
-        return  # MP_SAVE=false: nothing will be written but the log and TensorBoard's events
-    free = shutil.disk_usage(launch.output_basepath).free
-    needed = checkpoint_bytes(launch)
-    if free < needed:
-        raise UserError(f"error: OUTPUT_BASEPATH {launch.output_basepath} has {free / 2**30:.2f} GiB free, but one "
-                        f"checkpoint of Qwen2.5-{launch.model_name} takes about {needed / 2**30:.2f} GiB (weights and "
-                        "optimizer state). Free some space or pass an OUTPUT_BASEPATH on a larger disk; a run that "
-                        "needs no checkpoint (a throughput measurement) can set MP_SAVE=false instead.")
+        return
+    hf = export_folder(launch)
+    needs = [(launch.output_basepath, checkpoint_bytes(launch), 0),
+             (hf if hf.is_dir() else launch.output_basepath, 0, export_bytes(launch))]
+    by_disk: dict[int, list] = {}
+    for folder, checkpoint, export in needs:
+        disk = by_disk.setdefault(os.stat(folder).st_dev, [folder, 0, 0])
+        disk[1] += checkpoint
+        disk[2] += export
+    for folder, checkpoint, export in by_disk.values():
+        free = shutil.disk_usage(folder).free
+        if free >= checkpoint + export:
+            continue
+        model = f"Qwen2.5-{launch.model_name}"
+        takes = [f"one checkpoint of {model} takes about {checkpoint / 2**30:.2f} GiB (weights and optimizer state)"
+                 ] if checkpoint else []
+        if export:
+            takes.append(f"its Hugging Face export (MP_SAVE_HF) about {export / 2**30:.2f} GiB more" if checkpoint
+                         else f"one Hugging Face export (MP_SAVE_HF) of {model} takes about {export / 2**30:.2f} GiB")
+        raise UserError(f"error: {'OUTPUT_BASEPATH ' if folder == launch.output_basepath else ''}{folder} has "
+                        f"{free / 2**30:.2f} GiB free, but {' and '.join(takes)}. Free some space"
+                        + (", unset MP_SAVE_HF," if export else "") + " or pass an OUTPUT_BASEPATH on a larger disk; a run "
+                        "that needs no checkpoint (a throughput measurement) can set MP_SAVE=false instead.")
 
 
 def _check_writable(folder: Path) -> None:

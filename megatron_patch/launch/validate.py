@@ -14,6 +14,7 @@ from megatron_patch.data.dataset_checks import dataset_problem
 from megatron_patch.launch.positional import Launch
 from megatron_patch.launch.machine import Machine, packed_samples_need_masks, uses_te
 from megatron_patch.errors import UserError
+from megatron_patch.hf_checkpoint import INDEX_FILE, SINGLE_FILE, is_hf_checkpoint
 from megatron_patch.lora.targets import KNOB_NAMES, settings_problems
 from megatron_patch.model_sizes import (
     QWEN2_5_SIZES,
@@ -48,17 +49,17 @@ def settle(launch: Launch, machine: Machine) -> tuple[Launch, list[str]]:
 
 
 def resolve_model(launch: Launch) -> tuple[Launch, list[str]]:
-    """The launch with its model: PRETRAIN_CHECKPOINT_PATH's config.json (the copy the convertor keeps beside the
-    checkpoint) where there is one, else MODEL_SIZE's size-table entry; MP_ROPE_SCALING adds YaRN. A config.json
-    that cannot be trained as written is a UserError naming the field and the file."""
+    """The launch with its model: PRETRAIN_CHECKPOINT_PATH's config.json (a Hugging Face folder's, or the copy the
+    convertor keeps beside a checkpoint) where there is one, else MODEL_SIZE's size-table entry; MP_ROPE_SCALING
+    adds YaRN. A config.json that cannot be trained as written is a UserError naming the field and the file."""
     config = Path(launch.pretrain_checkpoint) / "config.json" if launch.pretrain_checkpoint else None
     if config is not None and config.is_file():
         model = model_from_hf_config(read_checkpoint_json(config), config)
     elif launch.model_size == "auto":
         where = f"there is no {config}" if config else "PRETRAIN_CHECKPOINT_PATH is none"
         raise UserError(f"error: MODEL_SIZE=auto takes the model from PRETRAIN_CHECKPOINT_PATH's config.json, but "
-                        f"{where}. Pass a checkpoint converted by the toolkit's convertor (it keeps config.json "
-                        f"beside the checkpoint), or name a size: {', '.join(QWEN2_5_SIZES)}.")
+                        f"{where}. Pass a Hugging Face folder or a checkpoint converted by the toolkit's convertor "
+                        f"(it keeps config.json beside the checkpoint), or name a size: {', '.join(QWEN2_5_SIZES)}.")
     else:
         model, config = QWEN2_5_SIZES[launch.model_size], None
     changes = []
@@ -67,7 +68,8 @@ def resolve_model(launch: Launch) -> tuple[Launch, list[str]]:
             changes.append(f"MP_ROPE_SCALING=yarn:{launch.yarn_factor:g} replaces the YaRN factor "
                            f"{model.rope_scaling.factor:g} of {config}.")
         model = with_yarn(model, launch.yarn_factor)
-    return dataclasses.replace(launch, model=model, model_config=config), changes
+    is_hf = launch.pretrain_checkpoint is not None and is_hf_checkpoint(launch.pretrain_checkpoint)
+    return dataclasses.replace(launch, model=model, model_config=config, pretrain_is_hf=is_hf), changes
 
 
 def cuda_graph_obstacle(launch: Launch, machine: Machine) -> str | None:
@@ -94,6 +96,10 @@ def problems(launch: Launch, machine: Machine) -> Findings:
     found.errors += _schedule_problems(launch)
     found.errors += _path_problems(launch)
     found.errors += _lora_problems(launch)
+    if launch.save_hf != "false" and not launch.save_checkpoints:
+        found.errors.append(f"MP_SAVE_HF={launch.save_hf} exports each saved checkpoint, but MP_SAVE=false saves "
+                            "none. Unset one of them.")
+    found.warnings += _save_hf_warnings(launch)
     if launch.model_config is not None:
         # MP_ROPE_SCALING's YaRN is the run's choice, not config.json's
         from_config = dataclasses.replace(launch.size, rope_scaling=None) if launch.yarn_factor else launch.size
@@ -267,8 +273,9 @@ def _lora_problems(launch: Launch) -> list[str]:
     errors = settings_problems(launch.lora, "PR=fp8" if launch.precision == "fp8" else None, KNOB_NAMES)
     if launch.pretrain_checkpoint is None:
         errors.append(f"MP_LORA_RANK={launch.lora.rank} trains adapters over a base model, but "
-                      "PRETRAIN_CHECKPOINT_PATH is none: pass the converted checkpoint of the model to fine-tune "
-                      "(toolkits/distributed_checkpoints_convertor), or unset MP_LORA_RANK for full training.")
+                      "PRETRAIN_CHECKPOINT_PATH is none: pass the model to fine-tune (its Hugging Face folder, or a "
+                      "checkpoint converted by toolkits/distributed_checkpoints_convertor), or unset MP_LORA_RANK for "
+                      "full training.")
     return errors
 
 
@@ -288,15 +295,48 @@ def _path_problems(launch: Launch) -> list[str]:
 
 
 def _checkpoint_problems(launch: Launch, ckpt: Path) -> list[str]:
-    if not (ckpt / "latest_checkpointed_iteration.txt").is_file():
-        return [f"PRETRAIN_CHECKPOINT_PATH {ckpt} is not a Megatron checkpoint (no latest_checkpointed_iteration.txt). "
-                "Convert a Hugging Face checkpoint first with "
-                "toolkits/distributed_checkpoints_convertor/scripts/qwen2_5/run_8xH20.sh, or pass none to start from "
+    if launch.pretrain_is_hf:
+        errors = _hf_checkpoint_problems(launch, ckpt)
+    elif not (ckpt / "latest_checkpointed_iteration.txt").is_file():
+        return [f"PRETRAIN_CHECKPOINT_PATH {ckpt} is neither a Hugging Face folder (config.json beside "
+                f"{SINGLE_FILE} or {INDEX_FILE}) nor a Megatron checkpoint (no latest_checkpointed_iteration.txt). "
+                "Pass a Hugging Face Qwen2.5 folder, a checkpoint converted by "
+                "toolkits/distributed_checkpoints_convertor/scripts/qwen2_5/run_8xH20.sh, or none to start from "
                 "random weights."]
+    else:
+        errors = []
     if launch.model_config is None or launch.model_size == "auto":
-        return []
+        return errors
     bad = shape_differences(QWEN2_5_SIZES[launch.model_size], launch.size)
     if bad:
-        return [f"MODEL_SIZE={launch.model_size} does not match {launch.model_config}:\n  " + "\n  ".join(bad)
-                + "\nPass the MODEL_SIZE this checkpoint was converted as, or MODEL_SIZE=auto."]
+        errors.insert(0, f"MODEL_SIZE={launch.model_size} does not match {launch.model_config}:\n  " + "\n  ".join(bad)
+                      + "\nPass the MODEL_SIZE of this checkpoint, or MODEL_SIZE=auto.")
+    return errors
+
+
+def _hf_checkpoint_problems(launch: Launch, folder: Path) -> list[str]:
+    """A Hugging Face folder's weights: every shard its index names is there and readable, and every tensor the
+    model needs is present with its shape (headers only: no weight is read)."""
+    from megatron_patch.convert.convertor import validate_hf_checkpoint
+    from megatron_patch.convert.hf_io import HFCheckpointReader
+
+    try:
+        validate_hf_checkpoint(HFCheckpointReader(folder), launch.size)
+    except UserError as err:
+        return [str(err).removeprefix("error: ")]
+    return []
+
+
+def _save_hf_warnings(launch: Launch) -> list[str]:
+    if launch.save_hf == "false" and launch.save_hf_keep is not None:
+        return [f"MP_SAVE_HF_KEEP={launch.save_hf_keep} has no effect without MP_SAVE_HF."]
+    if launch.save_hf == "true" and launch.lora is not None and launch.pretrain_checkpoint and \
+            not launch.pretrain_is_hf:
+        return ["MP_SAVE_HF=true writes each LoRA checkpoint as a PEFT adapter folder, whose base model is named by "
+                "a folder of the run's config.json and tokenizer (the base here is a converted checkpoint, not a "
+                "Hugging Face folder): load the adapters over the original Hugging Face model, pass that folder as "
+                "PRETRAIN_CHECKPOINT_PATH, or set MP_SAVE_HF=merged for full weights."]
+    if launch.save_hf == "merged" and launch.lora is None:
+        return ["MP_SAVE_HF=merged merges a LoRA run's adapters into its base; this run trains every weight, so it "
+                "exports full weights, as MP_SAVE_HF=true does."]
     return []

@@ -9,6 +9,7 @@ by the model provider from the base checkpoint on every start, fresh or resumed,
 from __future__ import annotations
 
 import os
+import time
 import zlib
 from pathlib import Path
 
@@ -16,8 +17,8 @@ import torch
 
 from megatron_patch.errors import UserError
 from megatron_patch.lora.adapters import Adapter, adapt
-from megatron_patch.lora.targets import ALL_TARGETS, FLAG_NAMES, PARENTS, LoraSettings, adapter_parameter_count, \
-    settings_problems, trainable_parameters_line
+from megatron_patch.lora.targets import ALL_TARGETS, FLAG_NAMES, HF_BASE, PARENTS, LoraSettings, \
+    adapter_parameter_count, settings_problems, trainable_parameters_line
 
 ADAPTER_KEY = ".adapter."  # in every adapter tensor's name, and in no base weight's
 
@@ -91,12 +92,22 @@ def attach_for_training(model, args, vp_stage: int | None) -> None:
     from megatron.training import print_rank_0
 
     settings = LoraSettings.from_args(args)
-    load_base_weights(model, args.lora_base_checkpoint, args.lora_base_iteration)
+    start = time.monotonic()
+    if args.lora_base_iteration == HF_BASE:
+        from megatron.core import parallel_state
+
+        from megatron_patch.convert.hf_direct import load_hf_weights
+
+        load_hf_weights(model, args.lora_base_checkpoint, parallel_state.get_tensor_model_parallel_rank(),
+                        parallel_state.get_tensor_model_parallel_world_size())
+    else:
+        load_base_weights(model, args.lora_base_checkpoint, args.lora_base_iteration)
     add_adapters(model, settings, args.seed)
     adapters_only_in_checkpoints(model)
     if not vp_stage:
         print_rank_0(f"LoRA ({settings.method}, rank {settings.rank}, alpha {settings.alpha:g}, targets "
-                     f"{','.join(settings.targets)}): {trainable_parameters_report(args, settings)}")
+                     f"{','.join(settings.targets)}): {trainable_parameters_report(args, settings)}; base weights "
+                     f"read in {time.monotonic() - start:.1f} s")
 
 
 def trainable_parameters_report(args, settings: LoraSettings) -> str:
@@ -114,18 +125,21 @@ def trainable_parameters_report(args, settings: LoraSettings) -> str:
 
 def settle_args(args) -> None:
     """The entrypoint's LoRA step before Megatron starts: refuse what cannot run (the launcher refuses the same
-    before torchrun, by its knobs' names) and move the base checkpoint from --pretrained-checkpoint, which Megatron
-    would load into the adapted model, to args.lora_base_checkpoint, which the model provider loads and every
-    checkpoint's args record. Says so on rank 0."""
+    before torchrun, by its knobs' names) and move the base from --pretrained-checkpoint (which Megatron would load
+    into the adapted model) or --pretrained-hf (which the model provider would load only on a fresh start) to
+    args.lora_base_checkpoint, which the model provider loads on every start and every checkpoint's args record.
+    Says so on rank 0."""
     if args.lora_rank < 0:
         raise UserError(f"error: --lora-rank must be at least 1 for LoRA (0: full fine-tuning), got {args.lora_rank}.")
     settings = LoraSettings.from_args(args)
     if settings is None:
         return
     errors = settings_problems(settings, "--fp8-format" if args.fp8 else None, FLAG_NAMES)
-    if args.pretrained_checkpoint is None:
-        errors.append("--lora-rank needs the base model's checkpoint as --pretrained-checkpoint (LoRA trains adapters "
-                      "over given weights, never from random ones).")
+    base = args.pretrained_checkpoint or args.pretrained_hf
+    if base is None:
+        errors.append("--lora-rank needs the base model: --pretrained-hf (a Hugging Face folder) or "
+                      "--pretrained-checkpoint (a converted checkpoint); LoRA trains adapters over given weights, "
+                      "never from random ones.")
     if args.ckpt_format != "torch_dist":
         errors.append(f"--lora-rank saves adapters-only torch_dist checkpoints; --ckpt-format {args.ckpt_format} is "
                       "not supported. Pass --ckpt-format torch_dist.")
@@ -133,13 +147,14 @@ def settle_args(args) -> None:
     if args.pretrained_checkpoint is not None and not tracker.is_file():
         errors.append(f"the LoRA base checkpoint {args.pretrained_checkpoint} holds no Megatron checkpoint (no "
                       f"{tracker.name}). Pass a checkpoint converted by toolkits/distributed_checkpoints_convertor "
-                      "(or a training run's folder).")
+                      "(or a training run's folder), or a Hugging Face folder as --pretrained-hf.")
     if errors:
         raise UserError("\n".join(f"error: {e}" for e in errors))
-    # The record every checkpoint's args keep: which base, and which of its iterations, the adapters belong to.
-    args.lora_base_checkpoint = str(Path(args.pretrained_checkpoint).absolute())
-    args.lora_base_iteration = tracker.read_text().strip()
-    args.pretrained_checkpoint = None
+    # The record every checkpoint's args keep: which base, and which of its iterations (HF_BASE: a Hugging Face
+    # folder), the adapters belong to.
+    args.lora_base_checkpoint = str(Path(base).absolute())
+    args.lora_base_iteration = HF_BASE if args.pretrained_hf else tracker.read_text().strip()
+    args.pretrained_checkpoint = args.pretrained_hf = None
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"megatron_patch: LoRA: the base weights come from {args.lora_base_checkpoint}, loaded by the model "
               "provider on every start (fresh or resumed), frozen and never saved; Megatron's own load reads the "

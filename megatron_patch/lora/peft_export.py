@@ -16,7 +16,7 @@ import torch
 
 from megatron_patch.convert.mapping import Mapping, qwen2_5_mappings, stacked_key
 from megatron_patch.errors import UserError
-from megatron_patch.lora.targets import PARENTS, LoraSettings
+from megatron_patch.lora.targets import HF_BASE, PARENTS, LoraSettings
 from megatron_patch.model_sizes import Qwen25Size
 
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> Qwen2ForCausalLM
@@ -73,7 +73,7 @@ def adapter_config(settings: LoraSettings, base_model: Path) -> dict:
 @dataclass(frozen=True)
 class LoraCheckpoint:
     """A LoRA run's torch_dist checkpoint folder (adapters only), its settings, and the base checkpoint's
-    iteration folder the adapters were trained over (from the args the run saved)."""
+    iteration folder (or the Hugging Face folder) the adapters were trained over (from the args the run saved)."""
 
     folder: Path
     settings: LoraSettings
@@ -103,8 +103,9 @@ def lora_checkpoint(folder: Path, args) -> LoraCheckpoint | None:
     settings = LoraSettings.from_args(args) if args is not None else None
     if settings is None:
         return None
-    iteration = args.lora_base_iteration
-    base = Path(args.lora_base_checkpoint) / ("release" if iteration == "release" else f"iter_{int(iteration):07d}")
+    iteration, base = args.lora_base_iteration, Path(args.lora_base_checkpoint)
+    if iteration != HF_BASE:  # else the base is a Hugging Face folder itself
+        base = base / ("release" if iteration == "release" else f"iter_{int(iteration):07d}")
     return LoraCheckpoint(folder, settings, base)
 
 

@@ -27,6 +27,7 @@ METHODS = ("lora", "dora")
 # Where each Megatron module sits inside a decoder layer.
 PARENTS = {"linear_qkv": "self_attention", "linear_proj": "self_attention", "linear_fc1": "mlp", "linear_fc2": "mlp"}
 DEFAULT_ALPHA = 32.0  # ms-swift's and Megatron-Bridge's default
+HF_BASE = "hf"  # the base iteration a LoRA run records when its base is a Hugging Face folder
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from megatron_patch.convert.mapping import (
     qwen2_5_mappings,
     stacked_key,
 )
+from megatron_patch.errors import UserError
 from megatron_patch.model_sizes import Qwen25Size, YarnScaling, model_from_hf_config
 
 pytestmark = pytest.mark.timeout(900)
@@ -93,6 +94,28 @@ def test_qkv_fusion_follows_megatron_group_layout():
     assert torch.equal(bias, expected[:, 0])
     g = GateUpFused("y", ("gate", "up"), ("gate_up", "hidden"))
     assert all(torch.equal(a, b) for a, b in zip(g.to_hf(g.to_mcore([q, q + 1], size), size), (q, q + 1)))
+
+
+def test_a_tensor_parallel_shard_is_the_fusion_of_the_hf_tensors_shards():
+    """What training straight from a HF folder relies on (megatron_patch.convert.hf_direct): at TP=2 a rank's
+    linear_qkv rows are its query groups' (a contiguous half of the fused tensor) and its linear_fc1 rows are
+    [its gate half; its up half] (megatron-core's per-rank SwiGLU layout, not a half of [gate; up])."""
+    from megatron_patch.convert.hf_direct import shard_split
+
+    size = Qwen25Size(1, 16, 4, 2, 8, 10, True, 1e-6, 64)
+    q, k, v = torch.randn(16, 16), torch.randn(8, 16), torch.randn(8, 16)
+    gate, up = torch.randn(8, 16), torch.randn(8, 16)
+    qkv = QKVFused("x", ("q", "k", "v"), ("qkv", "hidden"))
+    fc1 = GateUpFused("y", ("gate", "up"), ("gate_up", "hidden"))
+    for rank in range(2):
+        shards = [t.chunk(2)[rank] for t in (q, k, v)]
+        assert torch.equal(qkv.to_mcore(shards, size), qkv.to_mcore([q, k, v], size).chunk(2)[rank])
+        assert torch.equal(fc1.to_mcore([gate.chunk(2)[rank], up.chunk(2)[rank]], size),
+                           torch.cat([gate.chunk(2)[rank], up.chunk(2)[rank]]))
+    assert shard_split("w", (32, 16), (16, 16), 2) == (0, 2) and shard_split("o", (16, 16), (16, 8), 2) == (1, 2)
+    assert shard_split("norm", (16,), (16,), 2) == (0, 1)
+    with pytest.raises(UserError, match="no 4-way tensor-parallel shard"):
+        shard_split("vocab", (20, 16), (20, 8), 4)
 
 
 def test_table_covers_every_hf_tensor_once_and_local_names_map_to_te_names():

@@ -1,7 +1,8 @@
-"""A LoRA fine-tuning run through run_mcore_qwen.sh (SFT on raw JSON, MP_LORA_* knobs, 5 iterations, fp32), exported
-by the convertor (MG2HF) as a PEFT adapter folder and as merged HF weights: peft loads the adapter over the HF base
-and gives our model's logits, the merged weights give the same, and LM-Evaluation-Harness/run_eval.sh scores the
-adapter as the merged model scores. The base checkpoint's files are untouched."""
+"""A LoRA fine-tuning run through run_mcore_qwen.sh (SFT on raw JSON, MP_LORA_* knobs, 5 iterations, fp32) over the
+Hugging Face folder itself, with MP_SAVE_HF=true; exported by the convertor (MG2HF) as a PEFT adapter folder (what
+MP_SAVE_HF wrote, byte for byte) and as merged HF weights: peft loads the adapter over the HF base and gives our
+model's logits, the merged weights give the same, and LM-Evaluation-Harness/run_eval.sh scores the adapter as the
+merged model scores. The base folder's files are untouched."""
 
 from __future__ import annotations
 
@@ -32,22 +33,23 @@ def export(ckpt, hf_dir, out, *flags: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def lora_sft_run(converted_tiny, tiny_hf_checkpoint, default_tokenizer_dir, tmp_path_factory) -> dict:
-    """The best practice's fine-tuning command on the tiny model with MP_LORA_RANK=8, then both exports."""
+def lora_sft_run(tiny_hf_checkpoint, default_tokenizer_dir, tmp_path_factory) -> dict:
+    """The best practice's fine-tuning command on the tiny model with MP_LORA_RANK=8 over the HF folder, then both
+    exports."""
     root = tmp_path_factory.mktemp("lora_sft")
     records = [{"instruction": f"第{i}个问题：{i} 加 {i} 等于几？", "output": f"{i} 加 {i} 等于 {2 * i}。"}
                for i in range(48)]
     for split, part in (("train", records[:40]), ("valid", records[40:])):
         (root / f"{split}.json").write_text(json.dumps(part, ensure_ascii=False), encoding="utf-8")
     out = root / "output"
-    before = file_digests(converted_tiny)
+    before = file_digests(tiny_hf_checkpoint)
     args = launcher_argv(iterations=ITERATIONS, warmup_iterations=1, MODEL_SIZE="tiny", BATCH_SIZE=1,
                          GLOBAL_BATCH_SIZE=4, LR=1e-3, MIN_LR=1e-4, SEQ_LEN=128, PR="fp32", SFT=True,
                          SAVE_INTERVAL=ITERATIONS, DATASET_PATH=root / "train.json",
-                         VALID_DATASET_PATH=root / "valid.json", PRETRAIN_CHECKPOINT_PATH=converted_tiny,
+                         VALID_DATASET_PATH=root / "valid.json", PRETRAIN_CHECKPOINT_PATH=tiny_hf_checkpoint,
                          OUTPUT_BASEPATH=out)
     env = clean_environ(MP_DATASET_TYPE="raw", MP_TOKENIZER_PATH=str(default_tokenizer_dir), MP_LORA_RANK="8",
-                        MP_LORA_ALPHA="16")
+                        MP_LORA_ALPHA="16", MP_SAVE_HF="true")
     proc = start_launcher(args, env, root / "launcher.log")
     (launched,) = wait_launchers([proc], [root / "launcher.log"], None, 600)
     assert launched.returncode == 0, launched.output[-4000:]
@@ -56,7 +58,7 @@ def lora_sft_run(converted_tiny, tiny_hf_checkpoint, default_tokenizer_dir, tmp_
     differences = {"adapter": export(ckpt, tiny_hf_checkpoint, adapter),
                    "merged": export(ckpt, tiny_hf_checkpoint, merged, "--merge-lora")}
     return dict(ckpt=ckpt, log=launched.output, adapter=adapter, merged=merged, differences=differences,
-                base_digests=(before, file_digests(converted_tiny)))
+                saved_hf=out / "hf" / f"iter_{ITERATIONS:07d}", base_digests=(before, file_digests(tiny_hf_checkpoint)))
 
 
 def test_the_launcher_trains_adapters_over_a_base_it_never_writes(lora_sft_run):
@@ -66,6 +68,18 @@ def test_the_launcher_trains_adapters_over_a_base_it_never_writes(lora_sft_run):
     assert (run_folder / "latest_checkpointed_iteration.txt").read_text().strip() == str(ITERATIONS)
     before, after = lora_sft_run["base_digests"]
     assert before and after == before
+
+
+def test_mp_save_hf_writes_the_convertors_peft_adapter_over_the_hf_base(lora_sft_run, tiny_hf_checkpoint):
+    """MP_SAVE_HF=true of a LoRA run is its PEFT adapter folder, naming the HF folder it trained over as its base:
+    the convertor's MG2HF of the same checkpoint, byte for byte."""
+    saved, converted = lora_sft_run["saved_hf"], lora_sft_run["adapter"]
+    files = sorted(p.name for p in converted.iterdir())
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= set(files)
+    assert sorted(p.name for p in saved.iterdir()) == files
+    assert all((saved / name).read_bytes() == (converted / name).read_bytes() for name in files)
+    config = json.loads((saved / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_hf_checkpoint.resolve())
 
 
 def test_the_exports_give_our_models_logits_in_transformers_and_peft(lora_sft_run, tiny_hf_checkpoint):

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from megatron_patch.lora.targets import LoraSettings
-from training_utils import LAYOUT_ITERS, run_entrypoint, tensorboard_losses, tiny_mock_args
+from training_utils import LAYOUT_ITERS, run_entrypoint, starting_weights, tensorboard_losses, tiny_mock_args
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -40,7 +40,10 @@ RUNS = {
     "dora_tp1": (1, DORA, {}),
     "dora_tp2_killed": (2, DORA + ["--tensor-model-parallel-size", "2"] + SAVE_EVERY_ITERATION,
                         {"MP_FAULT_INJECT": f"tracker-write:{LAYOUT_ITERS}"}),
+    # lora_tp2 over the Hugging Face folder the converted base came from (the model provider reads it itself)
+    "lora_tp2_hf_base": (2, LORA + ["--tensor-model-parallel-size", "2", "--save-interval", str(LAYOUT_ITERS)], {}),
 }
+HF_BASE_RUNS = {"lora_tp2_hf_base"}
 
 
 def file_digests(folder: Path) -> dict[str, str]:
@@ -49,7 +52,7 @@ def file_digests(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def lora_runs(converted_tiny, tmp_path_factory) -> dict[str, dict]:
+def lora_runs(converted_tiny, tiny_hf_checkpoint, tmp_path_factory) -> dict[str, dict]:
     """{name: {work, ckpt, losses, grad_norms, log, returncode}} for RUNS and "dora_tp1_resumed" (the killed TP2
     run's folder relaunched at TP1), plus "base_digests": the base checkpoint's files before and after."""
     before = file_digests(converted_tiny)
@@ -58,7 +61,8 @@ def lora_runs(converted_tiny, tmp_path_factory) -> dict[str, dict]:
         work = tmp_path_factory.mktemp(name)
         ckpt = load or work / "ckpt"
         saves = ["--save", str(ckpt), "--load", str(ckpt)] if "--save-interval" in flags or load else []
-        args = tiny_mock_args(iters=LAYOUT_ITERS) + ["--pretrained-checkpoint", str(converted_tiny)] + saves + flags
+        base = starting_weights(tiny_hf_checkpoint if name in HF_BASE_RUNS else converted_tiny)
+        args = tiny_mock_args(iters=LAYOUT_ITERS) + base + saves + flags
         proc = run_entrypoint(work, nproc, args, check=not env, env=env)
         return dict(work=work, ckpt=ckpt, losses=tensorboard_losses(work), log=proc.stdout + proc.stderr,
                     grad_norms=tensorboard_losses(work, "grad-norm"), returncode=proc.returncode)
@@ -152,6 +156,19 @@ def test_a_dora_run_exports_as_a_peft_adapter_with_our_models_logits(lora_runs, 
     ckpt = lora_runs["dora_tp1_resumed"]["ckpt"]
     assert export(ckpt, tiny_hf_checkpoint, tmp_path / "adapter") <= LOGITS_TOLERANCE
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+
+
+def test_a_hugging_face_base_trains_and_merges_as_its_conversion_does(lora_runs, tiny_hf_checkpoint, tmp_path):
+    """LoRA at TP2 over the HF folder itself (each rank reads its shards of the frozen base on every start) trains
+    as over its conversion, every iteration to the bit; its checkpoint records the HF folder as its base, and the
+    merged export reads the base from there: transformers on it gives our model's logits (base from the HF
+    folder, adapters from the checkpoint)."""
+    from test_lora_export import LOGITS_TOLERANCE, export
+
+    over_hf, over_converted = lora_runs["lora_tp2_hf_base"], lora_runs["lora_tp2"]
+    assert over_hf["losses"] == over_converted["losses"] and over_hf["grad_norms"] == over_converted["grad_norms"]
+    assert f"the base weights come from {tiny_hf_checkpoint}" in over_hf["log"]
+    assert export(over_hf["ckpt"], tiny_hf_checkpoint, tmp_path / "merged", "--merge-lora") <= LOGITS_TOLERANCE
 
 
 # ---------------------------------------------------------------- the collectives alone, in two gloo processes

@@ -65,6 +65,20 @@ def test_plain_kernels_run_megatron_core_modules_and_no_fused_patch(layout_runs)
     assert "megatron_patch: --apply-rope-fusion off: no fused RoPE here" in plain
 
 
+@pytest.mark.parametrize("direct,two_step", [("hf_tp1", "tp1"), ("hf_tp2_pp2", "tp2_pp2"),
+                                             ("untied_hf_tp1", "untied_tp1"), ("untied_hf_tp2_pp2", "untied_tp2_pp2")])
+def test_training_from_a_hugging_face_folder_starts_as_convert_then_train_does(layout_runs, hf_layout_runs, direct,
+                                                                              two_step):
+    """PRETRAIN_CHECKPOINT_PATH as the HF folder itself (each rank reads its own TP/PP shards: the tied model's
+    single file, the untied one's shards) against its fp32 conversion loaded by Megatron: iteration 1's loss and
+    gradient norm to the bit."""
+    runs = {**layout_runs, **hf_layout_runs}
+    for metric in ("losses", "grad_norms"):
+        assert runs[direct][metric][1] == runs[two_step][metric][1], (metric, runs[direct][metric],
+                                                                      runs[two_step][metric])
+    assert "tensors of this stage read from the Hugging Face folder" in runs[direct]["log"]
+
+
 def test_log_reports_tokens_per_second_and_memory(layout_runs):
     # Iterations 2 and 3 (the first has no interval to measure): tiny's 4 x 64 tokens per iteration.
     lines = qwen_iterations(layout_runs["tp1"]["log"])

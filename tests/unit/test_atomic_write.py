@@ -108,6 +108,26 @@ def test_recovery_leaves_a_live_writer_alone(tmp_path):
     assert not partial.exists()
 
 
+def test_a_folder_deleted_whole_is_never_restored_and_a_killed_deletion_is_finished(tmp_path):
+    """remove_folder renames the folder aside before deleting it: a kill in between (a dead writer's .gone-PID
+    beside a missing target) leaves no half-deleted folder under the name, and recovery finishes the deletion
+    where it would restore an .old one."""
+    from megatron_patch.atomic_write import leftover_targets, remove_folder
+
+    save_dir = tmp_path / "iter_0000002"
+    assert write_checkpoint(save_dir, "old") == 0
+    remove_folder(save_dir)
+    assert not save_dir.exists() and hidden_leftovers(save_dir) == []
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    gone = tmp_path / f".iter_0000002.gone-{dead.pid}"
+    gone.mkdir()
+    (gone / "model.safetensors").write_text("half deleted")
+    assert leftover_targets(tmp_path) == [save_dir]
+    recover_interrupted(save_dir)
+    assert not save_dir.exists() and not gone.exists()
+
+
 def test_a_writer_is_alive_only_while_its_process_runs_and_not_under_a_reused_number():
     process = subprocess.Popen(["sleep", "30"])
     try:

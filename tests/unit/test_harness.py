@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_patch.harness.iteration_log import host_peak_gib, last_iteration_mark, logged_losses, \
-    megatron_iterations, qwen_iteration_line, qwen_iterations, steady_throughput
+    megatron_iteration_times, megatron_iterations, qwen_iteration_line, qwen_iterations, steady_throughput
 from megatron_patch.harness.launcher_runs import clean_environ, launcher_argv
 from megatron_patch.launch.positional import POSITIONAL, parse
 
@@ -53,6 +53,30 @@ def test_megatrons_iteration_line_gives_loss_grad_norm_scale_and_skips():
     assert found[1] == {"lm loss": 12.06192, "grad norm": 9.125, "loss scale": 4096.0, "skipped": 0}
     assert found[2] == {"lm loss": 10.83039, "grad norm": None, "loss scale": 2048.0, "skipped": 1}
     assert logged_losses(MEGATRON_LOG) == [12.06192, 10.83039]
+
+
+def test_megatrons_iteration_line_gives_when_each_iteration_ended_and_how_long_it_took():
+    from datetime import datetime
+
+    times = megatron_iteration_times(MEGATRON_LOG)
+    assert sorted(times) == [1, 2]
+    assert times[1] == (datetime(2026, 12, 7, 10, 0, 1).timestamp(), pytest.approx(0.8123))
+    assert times[2][0] - times[1][0] == 1.0 and times[2][1] == pytest.approx(0.401)
+
+
+def test_the_peak_host_memory_of_a_process_tree_counts_its_children(tmp_path):
+    """A grandchild that holds 300 MB for a moment: the tree's peak shows it."""
+    import subprocess
+    import sys
+
+    from megatron_patch.harness.host_memory import TreeMemory
+
+    child = "import time; held = bytes(range(256)) * (300 * 2**20 // 256); time.sleep(1.5)"
+    code = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    with TreeMemory(proc.pid, interval=0.1) as memory:
+        proc.wait()
+    assert 0.29 < memory.peak_gib < 0.5 and 0.29 < memory.largest_gib < 0.5, (memory.peak_gib, memory.largest_gib)
 
 
 def test_launcher_argv_is_the_25_positionals_the_launcher_parses(tmp_path):

@@ -54,6 +54,8 @@ class Paths:
     valid_json: Path
     checkpoint: Path  # a converted tiny checkpoint folder
     checkpoint_05b: Path  # converted as 0.5B
+    hf_05b: Path  # a Hugging Face folder whose config.json is 0.5B's
+    hf_missing_shard: Path  # a Hugging Face folder whose index names a shard that is not there
     tokenizer: Path
     out: Path
 
@@ -83,6 +85,29 @@ def converted_checkpoint(folder: Path, size, overrides: dict | None = None) -> P
     return folder
 
 
+def hf_folder(folder: Path, size: str, shards: list[str], present: int | None = None) -> Path:
+    """A Hugging Face folder's files as the launcher reads them before torchrun (config.json, shard headers, the
+    index of a sharded one): with one shard, every tensor of the model (zeros); with several, one small tensor
+    each, of which only the first `present` shards are written."""
+    import torch
+    from safetensors.torch import save_file
+
+    from megatron_patch.convert.mapping import hf_shapes
+    from megatron_patch.hf_checkpoint import INDEX_FILE, hf_config_for
+
+    folder.mkdir()
+    hf_config_for(get_size(size)).to_json_file(folder / "config.json")
+    if len(shards) == 1:
+        save_file({name: torch.zeros(shape) for name, shape in hf_shapes(get_size(size)).items()},
+                  str(folder / shards[0]))
+        return folder
+    weight_map = {f"model.layers.{i}.input_layernorm.weight": shard for i, shard in enumerate(shards)}
+    for name, shard in list(weight_map.items())[:present]:
+        save_file({name: torch.zeros(4)}, str(folder / shard))
+    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
 @pytest.fixture
 def paths(tmp_path, default_tokenizer_dir) -> Paths:
     data = tmp_path / "data"
@@ -92,8 +117,12 @@ def paths(tmp_path, default_tokenizer_dir) -> Paths:
     checkpoints = {size: converted_checkpoint(tmp_path / f"qwen2.5-{size}-to-mcore", size) for size in ("tiny", "0.5B")}
     return Paths(tmp_path, data / "train_text_document", data / "valid_text_document", data / "sft",
                  data / "sft_valid", data / "train.json",
-                 data / "valid.json", checkpoints["tiny"], checkpoints["0.5B"], default_tokenizer_dir,
-                 tmp_path / "output_mcore_qwen2.5")
+                 data / "valid.json", checkpoints["tiny"], checkpoints["0.5B"],
+                 hf_folder(tmp_path / "Qwen2.5-0.5B", "0.5B", ["model-00001-of-00002.safetensors",
+                                                               "model-00002-of-00002.safetensors"]),
+                 hf_folder(tmp_path / "Qwen2.5-tiny", "tiny", ["model-00001-of-00002.safetensors",
+                                                               "model-00002-of-00002.safetensors"], present=1),
+                 default_tokenizer_dir, tmp_path / "output_mcore_qwen2.5")
 
 
 def argv(paths: Paths, **overrides: str) -> list[str]:
@@ -392,6 +421,32 @@ def test_converted_checkpoint_is_the_starting_point(paths):
     assert run.value("--pretrained-checkpoint") == str(paths.checkpoint)
     # --load stays the run's own folder, so a relaunch resumes there instead of restarting from the checkpoint.
     assert run.value("--load") == run.value("--save") != str(paths.checkpoint)
+
+
+def test_a_hugging_face_folder_is_the_starting_point_as_it_is(paths):
+    """The HF folder itself (no conversion): each rank reads it (--pretrained-hf), its config.json is the model;
+    --load stays the run's own folder."""
+    folder = hf_folder(paths.root / "Qwen2.5-tiny-hf", "tiny", ["model.safetensors"])
+    run = dry_run(paths, argv(paths, MODEL_SIZE="auto", PRETRAIN_CHECKPOINT_PATH=str(folder)))
+    assert run.value("--pretrained-hf") == str(folder) and not run.has("--pretrained-checkpoint")
+    assert run.value("--num-layers") == "2" and run.value("--load") == run.value("--save")
+
+
+def test_a_direct_torchrun_given_a_hugging_face_folder_as_a_megatron_checkpoint_is_told_the_flag(paths):
+    """Megatron would read --pretrained-checkpoint (or --load) as a torch_dist checkpoint and fail deep inside."""
+    from types import SimpleNamespace
+
+    from megatron_patch.convert.hf_direct import settle_args
+
+    folder = hf_folder(paths.root / "Qwen2.5-tiny-hf", "tiny", ["model.safetensors"])
+    for flag in ("pretrained_checkpoint", "load"):
+        args = SimpleNamespace(**{"pretrained_checkpoint": None, "load": str(paths.out), "pretrained_hf": None,
+                                  flag: str(folder)})
+        with pytest.raises(UserError) as err:
+            settle_args(args)
+        assert f"--{flag.replace('_', '-')} {folder} is a Hugging Face folder" in str(err.value)
+        assert "Pass it as --pretrained-hf" in str(err.value)
+    settle_args(SimpleNamespace(pretrained_checkpoint=None, load=str(paths.out), pretrained_hf=str(folder)))
 
 
 def test_bash_from_another_folder_with_a_relative_output_path(paths):
@@ -754,6 +809,8 @@ INVALID = [
     ("sp_not_boolean", {"SP": "maybe"}, {}, "SP must be true or false, got 'maybe'"),
     ("optimizer_offload", {"OPTIMIZER_OFFLOAD": "true"}, {}, "OPTIMIZER_OFFLOAD must be one of false, static, auto"),
     ("env", {"ENV": "k8s"}, {}, "ENV must be one of dsw, dlc; got 'k8s'"),
+    ("save_hf_without_saves", {}, {"MP_SAVE": "false", "MP_SAVE_HF": "true"},
+     "MP_SAVE_HF=true exports each saved checkpoint, but MP_SAVE=false saves none. Unset one of them."),
     ("tp_kv_heads", {"TP": "4"}, {}, "TP=4 must divide the 4 attention heads and 2 key/value heads (choose TP from [1, 2])"),
     ("gbs_dp", {"GLOBAL_BATCH_SIZE": "3"}, {"MP_NPROC_PER_NODE": "2"},
      "GLOBAL_BATCH_SIZE=3 must be a multiple of BATCH_SIZE x data-parallel size = 1 x 2"),
@@ -782,8 +839,14 @@ INVALID = [
     ("missing_raw_json", {"SFT": "true", "DATASET_PATH": "{root}/data/nope.json", "VALID_DATASET_PATH": "{valid_json}"},
      {"MP_DATASET_TYPE": "raw"}, "nope.json is not a file; MP_DATASET_TYPE=raw reads a JSON/JSONL file"),
     ("not_a_checkpoint", {"PRETRAIN_CHECKPOINT_PATH": "{root}/data"}, {},
-     "is not a Megatron checkpoint (no latest_checkpointed_iteration.txt)"),
+     "is neither a Hugging Face folder (config.json beside model.safetensors or model.safetensors.index.json) nor a "
+     "Megatron checkpoint (no latest_checkpointed_iteration.txt)"),
     ("checkpoint_size", {"PRETRAIN_CHECKPOINT_PATH": "{checkpoint_05b}"}, {}, "MODEL_SIZE=tiny does not match"),
+    ("hf_folder_size", {"PRETRAIN_CHECKPOINT_PATH": "{hf_05b}"}, {},
+     "MODEL_SIZE=tiny does not match {hf_05b}/config.json:\n  num_hidden_layers: 2 (size table) vs 24 (config.json)"),
+    ("hf_missing_shard", {"PRETRAIN_CHECKPOINT_PATH": "{hf_missing_shard}"}, {},
+     "model.safetensors.index.json in {hf_missing_shard} lists shard files that are missing: "
+     "{hf_missing_shard}/model-00002-of-00002.safetensors"),
     ("dlc_without_world_size", {"ENV": "dlc"}, {"RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
      "ENV=dlc needs the scheduler's WORLD_SIZE"),
     ("dlc_without_gpus", {"ENV": "dlc"}, {"WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
@@ -826,7 +889,7 @@ def invalid_argv(paths: Paths, overrides: dict | None) -> list[str]:
 
 # Through the shell script: the parse-time errors and a sample of the later ones (each costs a process start).
 SHELL_CASES = {"arg_count", "model_size", "precision", "ac_mode", "sp_not_boolean", "optimizer_offload", "env",
-               "tp_kv_heads", "gbs_dp", "missing_prefix", "missing_raw_json", "checkpoint_size",
+               "tp_kv_heads", "gbs_dp", "missing_prefix", "missing_raw_json", "checkpoint_size", "hf_missing_shard",
                "dlc_without_world_size", "fp8_without_te", "vp_without_pp"}
 
 
@@ -838,7 +901,7 @@ def test_invalid_combination_stops_the_script_before_torchrun(paths, case):
     proc = run_script(invalid_argv(paths, overrides),
                       clean_environ(MP_TOKENIZER_PATH=str(paths.tokenizer), **environ), paths.root)
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    assert message in proc.stderr, proc.stderr
+    assert message.format(**vars(paths)) in proc.stderr, proc.stderr
     assert proc.stderr.startswith("error: ")
     assert "torch.distributed.run" not in proc.stdout + proc.stderr
     assert not paths.out.exists()
@@ -856,7 +919,7 @@ def test_invalid_combination_never_starts_torchrun(paths, case, monkeypatch, cap
     monkeypatch.setattr(launch_run.subprocess, "Popen", forbidden)
     status = launch_run.main(invalid_argv(paths, overrides), {"MP_TOKENIZER_PATH": str(paths.tokenizer), **environ})
     err = capsys.readouterr().err
-    assert status == 2 and err.startswith("error: ") and message in err, err
+    assert status == 2 and err.startswith("error: ") and message.format(**vars(paths)) in err, err
     assert not paths.out.exists()
 
 
@@ -1032,8 +1095,8 @@ def test_yarn_in_config_json_is_followed_and_the_knob_replaces_it_with_a_warning
 
 @pytest.mark.parametrize("overrides, environ, message", [
     ({"MODEL_SIZE": "auto"}, {}, "MODEL_SIZE=auto takes the model from PRETRAIN_CHECKPOINT_PATH's config.json, but "
-                                 "PRETRAIN_CHECKPOINT_PATH is none. Pass a checkpoint converted by the toolkit's "
-                                 "convertor"),
+                                 "PRETRAIN_CHECKPOINT_PATH is none. Pass a Hugging Face folder or a "
+                                 "checkpoint converted by the toolkit's convertor"),
     ({"MODEL_SIZE": "auto", "PRETRAIN_CHECKPOINT_PATH": "{root}/data"}, {},
      "MODEL_SIZE=auto takes the model from PRETRAIN_CHECKPOINT_PATH's config.json, but there is no "
      "{root}/data/config.json"),

@@ -112,14 +112,14 @@ def test_a_refusal_through_the_shell_script(paths):
 
 def entrypoint_args(**changes):
     args = dict(lora_rank=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets="all", lora_method="lora", fp8=None,
-                pretrained_checkpoint="/base", ckpt_format="torch_dist")
+                pretrained_checkpoint="/base", pretrained_hf=None, ckpt_format="torch_dist")
     return SimpleNamespace(**dict(args, **changes))
 
 
 @pytest.mark.parametrize("changes,message", [
     ({"lora_rank": -1}, "error: --lora-rank must be at least 1 for LoRA (0: full fine-tuning), got -1."),
     ({"pretrained_checkpoint": None},
-     "error: --lora-rank needs the base model's checkpoint as --pretrained-checkpoint"),
+     "error: --lora-rank needs the base model: --pretrained-hf (a Hugging Face folder) or --pretrained-checkpoint"),
     ({"ckpt_format": "torch"}, "--ckpt-format torch is not supported"),
     ({"fp8": "hybrid", "lora_method": "dora"}, "error: --lora-method=dora with --fp8-format is not supported"),
     ({"lora_targets": "up_proj"}, "error: --lora-targets names up_proj but not gate_proj"),
