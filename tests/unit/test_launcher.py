@@ -397,7 +397,7 @@ def test_free_space_check_names_the_no_save_knob_and_is_skipped_by_it(paths, mon
     monkeypatch.setattr(launch_run.shutil, "disk_usage", lambda path: full_disk)
     started = []
 
-    def run_owned(command, env, log):  # stands in for torchrun: the launch got past its checks
+    def run_owned(command, env, log, exports=None):  # stands in for torchrun: the launch got past its checks
         started.append(command)
         return SimpleNamespace(proc=SimpleNamespace(returncode=0), stopped_by=None)
 
