@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 from training_utils import REPO_ROOT  # noqa: E402,F401
-SHARED_DIR = REPO_ROOT.parent / "shared"
+
+# The project's shared data (real CMMLU CSVs): beside the checkout, or inside it where a copy of the tree carries it.
+SHARED_DIR = next((p for p in (REPO_ROOT.parent / "shared", REPO_ROOT / "shared") if p.is_dir()),
+                  REPO_ROOT.parent / "shared")
 
 # Nothing in the tests may reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
