@@ -14,7 +14,7 @@ the HF side trains the very same rows in the same order, padding-free (position 
 no cache: transformers 5 then masks each sample off, block-diagonally), so both count the same real tokens.
 
 Ours: each `--mcore KERNELS:MICRO_BATCH[:graph][:fp8-RECIPE...]` (megatron_patch/harness/mcore_runs.py) is one
-launcher run from random init (LoRA: from a random-init checkpoint converted once into --out), no checkpoint saved;
+launcher run from random init (LoRA: from a random HF folder written once into --out), no checkpoint saved;
 default `fused:MB:graph` for each --micro-batches value, and with Transformer Engine `fused:MB:fp8-tensorwise` too
 (packed SFT in fp8: TE takes the samples' boundaries). A graphed run that fails (not out of memory) runs again
 without the graph. Its rate: the real tokens of the iterations after the first --skip logged ones over their time.
@@ -141,11 +141,15 @@ def run_hf(args, record: Recorder, may_start, started: float) -> None:
 
 
 def lora_base(args, assets: SFTAssets) -> str:
-    """A random-init Qwen2.5 of --size converted by the toolkit's convertor (once per --out): LoRA's frozen base."""
-    from megatron_patch.harness.matrix_assets import converted_checkpoint
+    """A random Qwen2.5 HF folder of --size (5 GB bf16 shards, written once per --out): LoRA's frozen base, which
+    each rank reads straight from the safetensors files (PRETRAIN_CHECKPOINT_PATH = the folder)."""
+    from benchmarks.hf_in_out import write_random_weights
 
-    folder, how = converted_checkpoint(args.out / "base", args.size, "bf16", assets)
-    print(f"LoRA base: {how}", flush=True)
+    folder = args.out / f"hf-{args.size}"
+    if not (folder / "config.json").is_file():
+        start = time.time()
+        write_random_weights(args.size, folder, assets.tokenizer)
+        print(f"LoRA base: random HF Qwen2.5-{args.size} written in {time.time() - start:.0f} s", flush=True)
     return str(folder)
 
 
