@@ -101,7 +101,10 @@ def common_flags(args) -> list[str]:
 def hf_sweep(args, record: Recorder, text: str) -> None:
     """One HF variant over --micro-batches, in this process (the --hf-alone child)."""
     letter, fields, name = hf_variant(text)
-    data = PackedRows(SFTAssets(args.assets).rows_file(args.seq_len), args.global_batch, "cuda")
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: a smoke test of the command
+    data = PackedRows(SFTAssets(args.assets).rows_file(args.seq_len), args.global_batch, device)
     name += f", LoRA r{args.lora}" if args.lora else ""
     deadline = time.time() + args.budget_s  # the parent's budget left when it started this process
 
