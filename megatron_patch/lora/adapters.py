@@ -100,9 +100,8 @@ class Adapter(torch.nn.Module):
             torch.distributed.all_reduce(squares, group=self.tp_group)
         return squares.sqrt().to(weight.dtype)
 
-    def low_rank(self, x: torch.Tensor) -> torch.Tensor:
-        """B (A dropout(x)), with the TP collective between A and B; the base layer's output shape on this rank,
-        without the scaling."""
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """h = A dropout(x), combined over TP as B needs it: rank-sized values per token."""
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
         if self.training and isinstance(self.dropout, torch.nn.Dropout):
@@ -110,7 +109,7 @@ class Adapter(torch.nn.Module):
             split_input = self.tp_size > 1 and (self.kind == ROW or self.sequence_parallel)
             with get_cuda_rng_tracker().fork() if split_input else contextlib.nullcontext():
                 x = self.dropout(x)
-        return F.linear(self.combine_over_tp(F.linear(x, self.lora_A)), self.lora_B)
+        return self.combine_over_tp(F.linear(x, self.lora_A))
 
     def combine_over_tp(self, h: torch.Tensor) -> torch.Tensor:
         """A x as B needs it (the module docstring says why each)."""
@@ -130,9 +129,14 @@ class Adapter(torch.nn.Module):
                 added_bias: torch.Tensor | None) -> torch.Tensor:
         """The adapted output, given the base layer's input `x` (normalized for TE's layer-norm linears), its output
         and weight, and the bias its output includes (None when it returns the bias apart)."""
-        update = self.low_rank(x)
+        h = self.down(x)
         if self.magnitude is None:
-            return base_output + self.scaling * update
+            # base + s B h as one GEMM whose epilogue adds the base's output (cuBLAS's beta = 1): the scaling and
+            # the sum take no passes of their own over the layer's output, forward or backward.
+            out = torch.addmm(base_output.reshape(-1, base_output.shape[-1]), h.reshape(-1, h.shape[-1]),
+                              self.lora_B.t(), alpha=self.scaling)
+            return out.view(base_output.shape)
+        update = F.linear(h, self.lora_B)
         scale = self.magnitude / self.weight_norm(weight)
         without_bias = base_output if added_bias is None else base_output - added_bias
         return base_output + (scale - 1) * without_bias + scale * (self.scaling * update)

@@ -189,12 +189,13 @@ def _adapter_ranks_against_one_process(rank: int, port: int) -> None:
         for sequence_parallel in (False, True):
             torch.manual_seed(0)
             x, weight, probe = torch.randn(seq, 2, fan_in), torch.randn(fan_out, fan_in), torch.randn(seq, 2, fan_out)
+            base = torch.randn(seq, 2, fan_out)  # the base layer's output, which the adapter's update is added to
             whole = Adapter(settings, kind, weight, None, False)
             whole.initialize(torch.Generator().manual_seed(1), weight)
             with torch.no_grad():
                 whole.lora_B.normal_()
             x_whole = x.clone().requires_grad_()
-            (whole.low_rank(x_whole) * probe).sum().backward()
+            (whole(x_whole, base, weight, None) * probe).sum().backward()
             # This rank's part: column-parallel B rows (input whole, or its sequence chunk with SP); row-parallel
             # A columns and input columns (output whole, or its sequence chunk with SP).
             sequence = slice(rank * seq // 2, (rank + 1) * seq // 2) if sequence_parallel else slice(None)
@@ -207,8 +208,9 @@ def _adapter_ranks_against_one_process(rank: int, port: int) -> None:
             with torch.no_grad():
                 part.lora_B.copy_(whole.lora_B[rows])
             x_part = x[sequence if kind == COLUMN else slice(None), :, columns].clone().requires_grad_()
-            output = part.low_rank(x_part)
-            (output * probe[sequence if kind == ROW else slice(None), :, rows]).sum().backward()
+            out_sequence = sequence if kind == ROW else slice(None)
+            output = part(x_part, base[out_sequence, :, rows], local_weight, None)
+            (output * probe[out_sequence, :, rows]).sum().backward()
             for param in (part.lora_A, part.lora_B):  # what megatron's finalize_model_grads sums over TP
                 if param.sequence_parallel:
                     dist.all_reduce(param.grad, group=group)
