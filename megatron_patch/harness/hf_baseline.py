@@ -229,16 +229,30 @@ def sweep_micro_batches(micro_batches: list[int], measure: Callable[[int], tuple
             rate, peak, skips = measure(micro)
         except Exception as error:  # an OOM or a mode that fails is a row of the table
             status, note = failure_status_and_note(error)
-            if status == "OOM" and ran_before:
-                print(f"mb {micro}: out of memory after earlier runs in this process; again in a fresh one",
-                      flush=True)
-                status = measure_alone(micro)
-            else:
-                record(micro, status, note=note)
-            if status != "ok":
-                break  # larger micro-batches would fail the same way; hf_throughput frees what this one left
+        else:
+            ran_before = True
+            record(micro, "ok", rate, peak,
+                   f"CUDA graphs skipped in {skips} compiled graphs (inductor's warning says why)" if skips else "")
             continue
-        ran_before = True
-        record(micro, "ok", rate, peak,
-               f"CUDA graphs skipped in {skips} compiled graphs (inductor's warning says why)" if skips else "")
+        # Past the except block the failed run's frames (its model, activations) are gone: free them before a
+        # fresh process asks the same GPU for memory.
+        if status == "OOM" and ran_before:
+            print(f"mb {micro}: out of memory after earlier runs in this process; again in a fresh one", flush=True)
+            _release_cuda_memory()
+            status = measure_alone(micro)
+        else:
+            record(micro, status, note=note)
+        if status != "ok":
+            break  # larger micro-batches would fail the same way; hf_throughput frees what this one left
     return ran_before
+
+
+def _release_cuda_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()

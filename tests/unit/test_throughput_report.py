@@ -71,17 +71,25 @@ def test_mfu_is_model_flops_over_the_peak():
 def test_an_hf_micro_batch_out_of_memory_after_earlier_runs_gets_a_fresh_process():
     """The sweep's second micro-batch runs out of memory in the process that ran the first (fragmentation, seen
     at 1.5B mb 16): it is run again alone in a new process, whose row is the one kept; an OOM there ends the sweep."""
+    import weakref
+
     import torch
 
-    measured, alone, kept = [], [], []
+    measured, alone, kept, failed_models = [], [], [], []
+
+    class Model:  # stands for what a failed run holds on the GPU
+        pass
 
     def measure(micro):
         measured.append(micro)
+        model = Model()
+        failed_models.append(weakref.ref(model))
         if micro > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.27 GiB")
         return 100.0, 1.0, 0
 
     def measure_alone(micro):  # the fresh process records its own row
+        assert failed_models[-1]() is None, "the failed run's frames still hold its model while the fresh one runs"
         alone.append(micro)
         kept.append((micro, "ok" if micro == 2 else "OOM"))
         return kept[-1][1]
