@@ -38,37 +38,10 @@ from megatron_patch import hardware
 from megatron_patch.harness.host_memory import TreeMemory
 from megatron_patch.harness.iteration_log import megatron_iteration_times
 from megatron_patch.harness.launcher_runs import clean_environ, launcher_argv, start_launcher, stop
-from megatron_patch.harness.matrix_assets import CONVERTOR, prepare_assets
+from megatron_patch.harness.matrix_assets import CONVERTOR, prepare_assets, write_random_hf_folder
 
 EXPORT_START = re.compile(r"writing the Hugging Face folder of iteration (\d+)")
 EXPORT_END = re.compile(r"wrote \S+/iter_(\d{7}) \(([\d.]+) s\)")
-
-
-def write_random_weights(size_name: str, folder: Path, tokenizer: Path) -> None:
-    """A random Qwen2.5 HF folder as the releases ship it (5 GB bf16 shards, index, config, tokenizer), written
-    tensor by tensor (a 7B one in a minute or two, with little memory; transformers' init takes far longer)."""
-    import torch
-
-    from megatron_patch.convert.hf_io import HFShardWriter
-    from megatron_patch.convert.mapping import hf_shapes
-    from megatron_patch.hf_checkpoint import TOKENIZER_FILES, hf_config_for
-    from megatron_patch.model_sizes import get_size
-
-    size = get_size(size_name)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    hf_config_for(size, overrides={"architectures": ["Qwen2ForCausalLM"]}).to_json_file(partial / "config.json")
-    for name in TOKENIZER_FILES:
-        if (tokenizer / name).is_file():
-            shutil.copy(tokenizer / name, partial / name)
-    writer, generator = HFShardWriter(partial, 5 * 1000**3), torch.Generator().manual_seed(1234)
-    for name, shape in hf_shapes(size).items():
-        std = 1.0 if "norm" in name else 0.02
-        writer.add(name, (torch.randn(shape, generator=generator) * std + (1.0 if "norm" in name else 0.0))
-                   .to(torch.bfloat16))
-    writer.close()
-    partial.rename(folder)
 
 
 def drop_caches() -> None:
@@ -124,7 +97,7 @@ def prepare(args) -> Path:
     hf = args.work / f"hf-{args.size}"
     if not (hf / "config.json").is_file():
         start = time.monotonic()
-        write_random_weights(args.size, hf, assets.tokenizer)
+        write_random_hf_folder(args.size, hf, assets.tokenizer)
         print(f"wrote {hf} in {time.monotonic() - start:.0f} s", flush=True)
     return hf
 

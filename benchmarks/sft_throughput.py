@@ -147,12 +147,12 @@ def run_hf(args, record: Recorder, may_start, started: float) -> None:
 def lora_base(args, assets: SFTAssets) -> str:
     """A random Qwen2.5 HF folder of --size (5 GB bf16 shards, written once per --out): LoRA's frozen base, which
     each rank reads straight from the safetensors files (PRETRAIN_CHECKPOINT_PATH = the folder)."""
-    from benchmarks.hf_in_out import write_random_weights
+    from megatron_patch.harness.matrix_assets import write_random_hf_folder
 
     folder = args.out / f"hf-{args.size}"
     if not (folder / "config.json").is_file():
         start = time.time()
-        write_random_weights(args.size, folder, assets.tokenizer)
+        write_random_hf_folder(args.size, folder, assets.tokenizer)
         print(f"LoRA base: random HF Qwen2.5-{args.size} written in {time.time() - start:.0f} s", flush=True)
     return str(folder)
 

@@ -138,3 +138,30 @@ def converted_checkpoint(work: Path, model_size: str, precision: str, assets: As
         raise RuntimeError(f"conversion failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
     print(f"gpu_matrix: converted checkpoint ready in {time.time() - start:.0f} s: {mcore}", flush=True)
     return mcore, how
+
+
+def write_random_hf_folder(size_name: str, folder: Path, tokenizer: Path) -> None:
+    """A random Qwen2.5 HF folder as the releases ship it (5 GB bf16 shards, index, config, tokenizer), written
+    tensor by tensor (a 7B one in a minute or two, with little memory; transformers' init takes far longer)."""
+    import torch
+
+    from megatron_patch.convert.hf_io import HFShardWriter
+    from megatron_patch.convert.mapping import hf_shapes
+    from megatron_patch.hf_checkpoint import TOKENIZER_FILES, hf_config_for
+    from megatron_patch.model_sizes import get_size
+
+    size = get_size(size_name)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    hf_config_for(size, overrides={"architectures": ["Qwen2ForCausalLM"]}).to_json_file(partial / "config.json")
+    for name in TOKENIZER_FILES:
+        if (tokenizer / name).is_file():
+            shutil.copy(tokenizer / name, partial / name)
+    writer, generator = HFShardWriter(partial, 5 * 1000**3), torch.Generator().manual_seed(1234)
+    for name, shape in hf_shapes(size).items():
+        std = 1.0 if "norm" in name else 0.02
+        writer.add(name, (torch.randn(shape, generator=generator) * std + (1.0 if "norm" in name else 0.0))
+                   .to(torch.bfloat16))
+    writer.close()
+    partial.rename(folder)

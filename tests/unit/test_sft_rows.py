@@ -108,3 +108,23 @@ def test_the_hf_loop_trains_lora_on_the_rows_and_counts_their_real_tokens(assets
     assert sum(p.numel() for p in trained) == 2 * 4 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 128)
                                                        + (128 + 64))
     assert all(p.dtype == torch.float32 for p in trained)  # (a): fp32 adapters over the bf16 base
+
+
+def test_random_hf_folder_is_one_transformers_and_the_launcher_take(tmp_path, default_tokenizer_dir):
+    """The benchmarks' LoRA base (written tensor by tensor, no transformers init): a folder transformers loads with
+    every weight present, the launcher reads as the size it was written for, and no partial folder beside it."""
+    from transformers import Qwen2ForCausalLM
+
+    from megatron_patch.convert.hf_direct import hf_model
+    from megatron_patch.harness.matrix_assets import write_random_hf_folder
+    from megatron_patch.model_sizes import get_size
+
+    folder = tmp_path / "hf-tiny"
+    write_random_hf_folder("tiny", folder, default_tokenizer_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf-tiny"]
+    model, info = Qwen2ForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weights
+    assert (folder / "tokenizer_config.json").is_file()
+    assert hf_model(folder) == get_size("tiny")
+    weight = model.model.layers[0].mlp.down_proj.weight
+    assert abs(weight.float().std().item() - 0.02) < 0.002 and weight.dtype == torch.bfloat16
