@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +15,11 @@ from training_utils import REPO_ROOT  # noqa: E402,F401
 # The project's shared data (real CMMLU CSVs): beside the checkout, or inside it where a copy of the tree carries it.
 SHARED_DIR = next((p for p in (REPO_ROOT.parent / "shared", REPO_ROOT / "shared") if p.is_dir()),
                   REPO_ROOT.parent / "shared")
+
+# A run started in the background by a shell without job control inherits SIGINT ignored, as would every process
+# the tests start; the Ctrl-C tests need it delivered (ignored signals survive exec, handled ones do not).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Nothing in the tests may reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
