@@ -121,6 +121,11 @@ def torch_dist_index(folder: Path, holds: Callable[[str], bool] = lambda key: Tr
 
 # ---------------------------------------------------------------- the run folder
 
+def iteration_folder_name(tag: int | str) -> str:
+    """Megatron's folder of one saved iteration (a number, or "release") in a run folder."""
+    return "release" if tag == "release" else f"iter_{int(tag):07d}"
+
+
 def iteration_folders(checkpoint_dir: Path) -> dict[int, Path]:
     """{iteration: folder} of the iter_* folders, any state."""
     if not checkpoint_dir.is_dir():
@@ -167,7 +172,7 @@ def resume_state(checkpoint_dir: str | os.PathLike) -> ResumeState:
             state.iteration = 0
         return state
     if tracked is not None:
-        problem = checkpoint_problem(iterations.get(tracked, folder / f"iter_{tracked:07d}"))
+        problem = checkpoint_problem(iterations.get(tracked, folder / iteration_folder_name(tracked)))
         if problem is None:
             state.iteration = tracked
             newer = [i for i in iterations if i > tracked]

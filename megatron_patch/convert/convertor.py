@@ -36,6 +36,7 @@ from megatron_patch.convert.mapping import (
     stacked_key,
 )
 from megatron_patch.atomic_write import StagedFolder
+from megatron_patch.checkpoint_state import iteration_folder_name
 from megatron_patch.convert.staging import check_save_dir
 from megatron_patch.convert.torch_dist_io import checkpoint_args, mcore_tensor_metadata, read_mcore_tensors
 from megatron_patch.errors import UserError
@@ -244,7 +245,7 @@ def find_mcore_checkpoint(load_dir: Path) -> Path:
             raise UserError(f"error: {tracker} should name an iteration (a number or 'release') but reads {tag!r} "
                             "(a run killed while writing it?); pass one iteration folder (e.g. "
                             f"{iterations[-1]}) as LOAD_DIR instead.")
-        ckpt = load_dir / ("release" if tag == "release" else f"iter_{int(tag):07d}")
+        ckpt = load_dir / iteration_folder_name(tag)
         if not ckpt.is_dir():
             raise UserError(f"error: {tracker} names iteration '{tag}', but {ckpt} is missing.")
     else:

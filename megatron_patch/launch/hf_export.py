@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_patch.atomic_write import StagedFolder, leftover_targets, recover_interrupted, remove_folder
+from megatron_patch.checkpoint_state import iteration_folder_name, iteration_folders, read_tracker
 from megatron_patch.errors import STOP_SIGNALS, signal_name, stop_signals_handled_by
 from megatron_patch.hf_checkpoint import TOKENIZER_FILES
 from megatron_patch.launch.positional import Launch
@@ -91,20 +92,11 @@ def export_source(launch: Launch, tokenizer: str) -> Path:
 
 def export_command(launch: Launch, iteration: int, source: Path) -> list[str]:
     """MG2HF of one saved iteration into its folder under OUTPUT_BASEPATH/hf."""
-    name = f"iter_{iteration:07d}"
+    name = iteration_folder_name(iteration)
     command = [sys.executable, "-m", "megatron_patch.convert", "--mg2hf", "--model-size", "auto",
                "--load-dir", str(launch.checkpoint_dir / name), "--save-dir", str(export_folder(launch) / name),
                "--hf-dir", str(source), "--precision", export_precision(launch), "--overwrite"]
     return command + (["--merge-lora"] if launch.lora is not None and launch.save_hf == "merged" else [])
-
-
-def tracked_iteration(checkpoint_dir: Path) -> int | None:
-    """The iteration the run folder's tracker names (None before the first save)."""
-    try:
-        text = (checkpoint_dir / "latest_checkpointed_iteration.txt").read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return int(text) if text.isdigit() else None
 
 
 def _export_preexec() -> None:
@@ -150,7 +142,7 @@ class HFExports:
             self._finished(self.running)
         if stopping:
             return
-        self.queue += [i for i in self._newly_saved() if not (self.folder / f"iter_{i:07d}").is_dir()]
+        self.queue += [i for i in self._newly_saved() if not (self.folder / iteration_folder_name(i)).is_dir()]
         keep = self.launch.save_hf_keep
         if keep is not None and len(self.queue) > keep:  # older ones would be deleted as soon as written
             skipped, self.queue = self.queue[:-keep], self.queue[-keep:]
@@ -166,17 +158,16 @@ class HFExports:
     def _newly_saved(self) -> list[int]:
         """The iterations saved since the last look: the tracker's first (a resumed run's), then every saved
         iteration up to the tracker's."""
-        newest = tracked_iteration(self.launch.checkpoint_dir)
-        if newest is None or newest == self.seen:
+        newest = read_tracker(self.launch.checkpoint_dir)[0]
+        if not isinstance(newest, int) or newest == self.seen:  # before the first save, or mid-write
             return []
         seen, self.seen = self.seen, newest
         if seen is None:
             return [newest]
-        folders = self.launch.checkpoint_dir.glob("iter_*")
-        return sorted(i for i in (int(p.name[5:]) for p in folders if p.name[5:].isdigit()) if seen < i <= newest)
+        return sorted(i for i in iteration_folders(self.launch.checkpoint_dir) if seen < i <= newest)
 
     def _start(self, iteration: int) -> None:
-        log = self.log_prefix.with_name(f"{self.log_prefix.name}_hf_iter_{iteration:07d}.log")
+        log = self.log_prefix.with_name(f"{self.log_prefix.name}_hf_{iteration_folder_name(iteration)}.log")
         try:
             log.parent.mkdir(parents=True, exist_ok=True)
             with open(log, "w") as out:
@@ -194,7 +185,7 @@ class HFExports:
 
     def _finished(self, export: Export) -> None:
         self.running = None
-        target = self.folder / f"iter_{export.iteration:07d}"
+        target = self.folder / iteration_folder_name(export.iteration)
         if export.proc.returncode == 0 and target.is_dir():
             self.say(f"run_mcore_qwen: wrote {target} ({time.monotonic() - export.started:.1f} s)\n")
             self._prune()
@@ -211,7 +202,7 @@ class HFExports:
         if keep is None:
             return
         start = Path(self.launch.pretrain_checkpoint).resolve() if self.launch.pretrain_checkpoint else None
-        folders = sorted(p for p in self.folder.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
+        folders = [folder for _, folder in sorted(iteration_folders(self.folder).items())]
         for old in folders[:-keep]:
             if old.resolve() == start:
                 continue
@@ -237,7 +228,7 @@ class HFExports:
                     self.poll()
         unwritten = self._pending()
         if stopped_by is not None:  # what was saved since the last look, the stop's own save included
-            unwritten += [i for i in self._newly_saved() if not (self.folder / f"iter_{i:07d}").is_dir()]
+            unwritten += [i for i in self._newly_saved() if not (self.folder / iteration_folder_name(i)).is_dir()]
         self._stop_running()
         lines = [f"run_mcore_qwen: not exported to Hugging Face: iteration(s) {', '.join(map(str, unwritten))} "
                  f"(complete checkpoints; export one with: "

@@ -177,7 +177,7 @@ def _feature_problems(launch: Launch, machine: Machine, found: Findings) -> list
         found.notes.append("SFT steps at small micro-batches wait on the host's kernel launches; MP_CUDA_GRAPH=true "
                            "replays each iteration from one CUDA graph (the guide's SFT command: 81 instead of "
                            "1,160 ms per iteration on one H200, docs/benchmarks.md).")
-    if launch.cuda_graph and launch.sft_packing and not uses_te(launch, machine):
+    if launch.cuda_graph and launch.sft_packing:  # the graph keeps packed rows off TE's spec too
         found.notes.append("MP_CUDA_GRAPH=true with MP_SFT_PACKING=true: a replay cannot take each batch's sample "
                            "boundaries, so attention runs over whole rows under a block mask, its cost growing with "
                            "the row rather than the samples; without the graph packed samples take the "

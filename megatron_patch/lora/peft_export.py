@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_patch.checkpoint_state import iteration_folder_name
 from megatron_patch.convert.mapping import Mapping, qwen2_5_mappings, stacked_key
 from megatron_patch.errors import UserError
 from megatron_patch.lora.targets import HF_BASE, PARENTS, LoraSettings
@@ -105,7 +106,7 @@ def lora_checkpoint(folder: Path, args) -> LoraCheckpoint | None:
         return None
     iteration, base = args.lora_base_iteration, Path(args.lora_base_checkpoint)
     if iteration != HF_BASE:  # else the base is a Hugging Face folder itself
-        base = base / ("release" if iteration == "release" else f"iter_{int(iteration):07d}")
+        base = base / iteration_folder_name(iteration)
     return LoraCheckpoint(folder, settings, base)
 
 
