@@ -95,11 +95,18 @@ def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return ~(causal[None] & same_sample)[:, None]
 
 
+def sample_starts(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] bool, True where a packed sample starts: every row's first token, and wherever the id changes (so
+    the padding after the last sample too)."""
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return starts
+
+
 def sample_boundaries(segment_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(cumulative lengths of the packed samples over the rows of segment_ids [b, s] read one after the other, int32;
     the longest sample's length). A row always starts a new sample; so does its padding."""
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    starts = sample_starts(segment_ids)
     total = torch.tensor([segment_ids.numel()])
     cu_seqlens = torch.cat([starts.reshape(-1).nonzero().squeeze(1), total]).to(torch.int32)
     return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
@@ -112,6 +119,27 @@ def packed_seq_params_for(segment_ids: torch.Tensor, device) -> PackedSamples:
     row = segment_ids.shape[1]
     return PackedSamples(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                          max_seqlen_q=row, max_seqlen_kv=row, longest_sample=longest)
+
+
+def static_packed_seq_params(segment_ids: torch.Tensor, position_ids: torch.Tensor, bounds) -> PackedSamples:
+    """packed_seq_params_for in fixed shapes, computed where segment_ids lie without reading them on the host, so that
+    a whole-iteration CUDA graph replays it with each batch's own boundaries. Cuts at every sample start and every
+    `bounds.longest` tokens of padding (positions count on from 0 through the padding; no sample is longer), then
+    repeats the total up to `b x bounds.segments` samples (empty ones, which the kernel skips). The kernel's grid is
+    sized by the datasets' longest sample (sft_providers.PackedRowBounds), not by this batch's, which the host
+    cannot know inside a replay."""
+    rows, row = segment_ids.shape
+    capacity = rows * bounds.segments
+    starts = (sample_starts(segment_ids) | (position_ids % bounds.longest == 0)).reshape(-1)
+    total = starts.numel()
+    # Start k goes to slot k + 1 of the buffer, every other token to slot 0, dropped; a start past the capacity
+    # indexes out of the buffer and fails (the bounds cover every row of the datasets, so it cannot happen).
+    slot = torch.where(starts, starts.cumsum(0), 0)
+    buffer = torch.full((capacity + 1,), total, dtype=torch.int64, device=starts.device)
+    buffer.scatter_(0, slot, torch.arange(total, device=starts.device))
+    cu_seqlens = torch.cat([buffer[1:], buffer.new_full((1,), total)]).to(torch.int32)
+    return PackedSamples(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                         max_seqlen_q=row, max_seqlen_kv=row, longest_sample=bounds.longest)
 
 
 def thd_packed_seq_params(segment_ids: torch.Tensor, device) -> PackedSeqParams:
@@ -134,13 +162,22 @@ def thd_batch(batch: dict, segment_ids: torch.Tensor, device) -> dict:
 def packed_attention_by_varlen(args) -> bool:
     """Packed samples go to the local spec's SDPA attention as boundaries (variable-length flash kernel) where it
     can run: a GPU, a torch that has it, bf16/fp16, no attention dropout, no context parallelism (its split of the
-    sequence needs the mask), no whole-iteration CUDA graph (the boundaries are host values a replay would
-    freeze; the mask is built on the GPU from the static batch), not --plain-kernels (megatron-core's own
-    DotProductAttention takes masks only). Otherwise as the dense block mask."""
+    sequence needs the mask), not --plain-kernels (megatron-core's own DotProductAttention takes masks only).
+    Otherwise as the dense block mask. (Under a whole-iteration CUDA graph the boundaries take fixed shapes:
+    static_packed_seq_params.)"""
     return (varlen_available() and args.transformer_impl == "local" and not args.plain_kernels
             and (args.bf16 or args.fp16)
-            and not args.attention_dropout and mpu.get_context_parallel_world_size() == 1
-            and args.cuda_graph_impl != "full_iteration")
+            and not args.attention_dropout and mpu.get_context_parallel_world_size() == 1)
+
+
+def graphed_row_bounds(args):
+    """Under a whole-iteration CUDA graph, the bounds of this run's packed rows (sft_providers.PackedRowBounds) that
+    size the replayed boundaries; None without the graph, or with no packed SFT datasets built."""
+    if args.cuda_graph_impl != "full_iteration":
+        return None
+    from megatron_patch.data.sft_providers import packed_row_bounds_of_this_run
+
+    return packed_row_bounds_of_this_run()
 
 
 MODEL_INPUTS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")
@@ -155,15 +192,19 @@ def get_batch(data_iterator) -> dict:
     out = {key: batch[key].to(device, non_blocking=True) for key in MODEL_INPUTS if torch.is_tensor(batch.get(key))}
     segment_ids = batch.get("segment_ids")
     cp_size = mpu.get_context_parallel_world_size()
-    if segment_ids is not None and get_args().transformer_impl == "transformer_engine":
-        args = get_args()
+    args = get_args()
+    if segment_ids is not None and args.transformer_impl == "transformer_engine":
         if cp_size > 1 or (args.pipeline_model_parallel_size > 1 and args.micro_batch_size > 1):
             # The launcher trains these layouts on the local spec (launch/machine.py, packed_samples_need_masks).
             raise UserError("error: packed SFT samples with CP > 1, or with PP > 1 and a micro-batch above 1, need "
                             "--transformer-impl local: TE's thd format needs sample lengths divisible by 2 x CP, and "
                             "its one row of b x s tokens is not the activation shape pipeline stages exchange.")
         return thd_batch(out, segment_ids.cpu(), device)
-    if segment_ids is not None and packed_attention_by_varlen(get_args()):
+    varlen = segment_ids is not None and packed_attention_by_varlen(args)
+    if varlen and (bounds := graphed_row_bounds(args)) is not None:
+        out["packed_seq_params"] = static_packed_seq_params(segment_ids.to(device, non_blocking=True),
+                                                            out["position_ids"], bounds)
+    elif varlen and args.cuda_graph_impl != "full_iteration":
         # Computed from the reader's CPU tensor: the longest sample's length needs no GPU sync.
         out["packed_seq_params"] = packed_seq_params_for(segment_ids.cpu(), device)
     elif segment_ids is not None and cp_size == 1:

@@ -89,6 +89,22 @@ class EpochShuffledRows(torch.utils.data.Dataset):
     def row_samples(self, row: int) -> list[SFTSample]:
         raise NotImplementedError
 
+    def sample_length(self, i: int) -> int:
+        """Sample i's token count as stored (row_lengths cuts it to its row)."""
+        raise NotImplementedError
+
+    def row_lengths(self, row: int) -> list[int]:
+        """The token counts of the row's samples as make_training_item lays them out: each cut to what is left of
+        the row, a sample with nothing left dropped."""
+        lengths, left = [], self.seq_length
+        for i in self.rows[row]:
+            n = min(self.sample_length(i), left)
+            if n <= 0:
+                break
+            lengths.append(n)
+            left -= n
+        return lengths
+
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         return make_training_item(self.row_samples(self.row_index(idx)), self.seq_length, self.packing)
 
@@ -146,6 +162,9 @@ class SFTIdxMapDataset(EpochShuffledRows):
             samples.append(SFTSample(tokens, mask, truncated=False))
         return samples
 
+    def sample_length(self, i: int) -> int:
+        return int(self.text.sequence_lengths[i])
+
 
 class RawJSONSFTDataset(EpochShuffledRows):
     """SFT records from a JSON array / JSONL file, tokenized on the fly with build_sft_sample.
@@ -181,3 +200,6 @@ class RawJSONSFTDataset(EpochShuffledRows):
 
     def row_samples(self, row: int) -> list[SFTSample]:
         return [self._sample(i) for i in self.rows[row]]
+
+    def sample_length(self, i: int) -> int:
+        return len(self._sample(i))

@@ -3,6 +3,8 @@ one dataset or a blend of several (`W1 P1 W2 P2 ...`, drawn as Megatron draws it
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -12,7 +14,7 @@ from megatron.training import print_rank_0
 
 from megatron_patch.data.blend import Blend, read_blend
 from megatron_patch.data.dataset_checks import check_dataset, locate_sft_idxmap
-from megatron_patch.data.sft_dataset import RawJSONSFTDataset, SFTIdxMapDataset
+from megatron_patch.data.sft_dataset import EpochShuffledRows, RawJSONSFTDataset, SFTIdxMapDataset
 from megatron_patch.data.upstream_sft_idxmap import UpstreamSFTIdxMapDataset
 from megatron_patch.errors import UserError
 
@@ -57,6 +59,41 @@ class BlendedSFTDataset(torch.utils.data.Dataset):
         return self.datasets[self.dataset_index[idx]][int(self.dataset_sample_index[idx])]
 
 
+@dataclass(frozen=True)
+class PackedRowBounds:
+    """What every packed row of a run's SFT datasets fits in: samples of at most `longest` tokens, and at most
+    `segments` attention segments per row once the row's padding is cut into runs of at most `longest` tokens.
+    A whole-iteration CUDA graph replays the samples' boundaries in buffers of this size (data/providers.py)."""
+    longest: int
+    segments: int
+
+
+def _row_datasets(dataset) -> list[EpochShuffledRows]:
+    return [d for part in dataset.datasets for d in _row_datasets(part)] if isinstance(dataset, BlendedSFTDataset) \
+        else [dataset]
+
+
+def packed_row_bounds(datasets) -> PackedRowBounds | None:
+    """The bounds over every row of `datasets` (blends opened up); None when they hold no sample token."""
+    rows = [(d.seq_length, d.row_lengths(r)) for dataset in datasets for d in _row_datasets(dataset)
+            for r in range(d.row_count)]
+    longest = max((max(lengths, default=0) for _, lengths in rows), default=0)
+    if longest == 0:
+        return None
+    segments = max(len(lengths) + math.ceil((seq - sum(lengths)) / longest) for seq, lengths in rows)
+    return PackedRowBounds(longest, segments)
+
+
+_packed_sft: dict = {}  # this process's packed SFT datasets, and their bounds once asked for
+
+
+def packed_row_bounds_of_this_run() -> PackedRowBounds | None:
+    """packed_row_bounds of the datasets build_sft_datasets built last with packing (None if it did not)."""
+    if "bounds" not in _packed_sft:
+        _packed_sft["bounds"] = packed_row_bounds(_packed_sft.get("datasets", []))
+    return _packed_sft["bounds"]
+
+
 def _blend(words, what: str) -> Blend:
     if not words:
         raise UserError(f"error: SFT needs --{what}-data-path (DATASET_PATH / VALID_DATASET_PATH in run_mcore_qwen.sh).")
@@ -93,4 +130,7 @@ def build_sft_datasets(args, num_samples):
         if datasets[-1] is not None:
             print_rank_0(f"> SFT {('train', 'valid', 'test')[offset]}: {datasets[-1].describe()}, {n} samples"
                          + (", packed" if packing else ""))
+    _packed_sft.clear()
+    if packing:
+        _packed_sft["datasets"] = [d for d in datasets if d is not None]
     return tuple(datasets)

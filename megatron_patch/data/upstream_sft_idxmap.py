@@ -69,6 +69,9 @@ class UpstreamSFTIdxMapDataset(EpochShuffledRows):
             samples.append(SFTSample(tokens[: self.seq_length], mask[: self.seq_length], truncated=False))
         return samples
 
+    def sample_length(self, i: int) -> int:
+        return int(self.sample_end[i] - self.sample_start[i])
+
 
 def _rows_of(prefix: str) -> np.ndarray:
     """The .bin as a read-only [rows, 2 x S] int32 array, once the .idx says the rows lie end to end, all of one

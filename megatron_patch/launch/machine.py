@@ -70,8 +70,8 @@ def packed_samples_need_masks(launch: Launch) -> str | None:
     if not launch.sft_packing:
         return None
     if launch.cuda_graph:
-        return "MP_CUDA_GRAPH=true (a replay would keep the first batch's sample boundaries; the block mask is built " \
-               "on the GPU inside the step)"
+        return "MP_CUDA_GRAPH=true (a replay refills the samples' boundaries in fixed-size buffers on the GPU, which " \
+               "the local spec's attention takes; TE's thd boundaries are read on the host)"
     if launch.cp > 1:
         return f"CP={launch.cp} (TE's thd format needs every sample's length divisible by 2 x CP)"
     if launch.pp > 1 and launch.batch_size > 1:

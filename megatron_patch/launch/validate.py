@@ -126,7 +126,7 @@ def _feature_problems(launch: Launch, machine: Machine, found: Findings) -> list
         # TE's attention takes packed samples as thd boundaries only; the local spec's SDPA attention takes masks.
         if launch.precision == "fp8" or launch.activation_checkpointing == "offload":
             errors.append(f"MP_SFT_PACKING=true with {needs_masks} trains on megatron-core's local spec (packed "
-                          "samples as block attention masks), but PR=fp8 and AC=offload need the Transformer Engine "
+                          "samples through its own attention), but PR=fp8 and AC=offload need the Transformer Engine "
                           "spec. Change that setting, turn packing off, or use PR=bf16 with AC=sel/full/false.")
         found.warnings.append(f"MP_SFT_PACKING=true with {needs_masks}: training on the local spec, whose attention "
                               "keeps packed samples apart (variable-length flash kernel on the GPU, block masks "

@@ -16,6 +16,7 @@ import torch
 from megatron_patch.data.records import InputError
 from megatron_patch.data.sft import SFTRecordError, build_sft_sample, plan_packing, record_to_messages
 from megatron_patch.data.sft_dataset import RawJSONSFTDataset, SFTIdxMapDataset
+from megatron_patch.data.sft_providers import packed_row_bounds
 from megatron_patch.data.sft_preprocess import (
     build_sft_idxmap,
     label_prefix,
@@ -183,6 +184,29 @@ def assert_same_items(a, b, indices):
             assert torch.equal(x[key], y[key]), f"item {i} differs in {key}"
 
 
+def assert_bounds_fit_every_row(datasets, bounds) -> None:
+    """The run's PackedRowBounds against every row of `datasets` as the trainer reads it: the fixed-size
+    boundaries a CUDA graph replays (static_packed_seq_params) refine the row's own, cut no sample, and fit the
+    bounds, which are tight (some row has that many segments, some sample that many tokens)."""
+    from megatron_patch.data.providers import packed_seq_params_for, static_packed_seq_params
+    from megatron_patch.data.sft_dataset import make_training_item
+
+    most, longest = 0, 0
+    for dataset in datasets:
+        for row in range(dataset.row_count):
+            item = make_training_item(dataset.row_samples(row), dataset.seq_length, packing=True)
+            segments, positions = item["segment_ids"][None], item["position_ids"][None]
+            cuts = static_packed_seq_params(segments, positions, bounds).cu_seqlens_q.tolist()
+            own = packed_seq_params_for(segments, "cpu").cu_seqlens_q.tolist()
+            used = sorted(set(cuts))
+            assert set(own) <= set(used) and len(cuts) == bounds.segments + 1 and cuts[-1] == own[-1]
+            assert max(b - a for a, b in zip(used, used[1:])) <= bounds.longest
+            samples = dataset.row_lengths(row)
+            assert own[1 : len(samples) + 1] == np.cumsum(samples).tolist()  # row_lengths: the item's samples
+            most, longest = max(most, len(used) - 1), max(longest, *samples)
+    assert (most, longest) == (bounds.segments, bounds.longest)
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_raw_json_and_idxmap_datasets_give_identical_items(tmp_path, default_tokenizer_dir, tok, packing):
     array, lines = write_sft_files(tmp_path)
@@ -198,6 +222,10 @@ def test_raw_json_and_idxmap_datasets_give_identical_items(tmp_path, default_tok
         raw = RawJSONSFTDataset(source, tok, seq_length, num_samples, seed=11, packing=packing)
         assert len(raw) == len(idxmap) == num_samples
         assert_same_items(idxmap, raw, range(num_samples))
+        if packing:
+            assert_bounds_fit_every_row([raw], packed_row_bounds([raw]))
+    if packing:
+        assert_bounds_fit_every_row([idxmap], packed_row_bounds([idxmap]))
     item = idxmap[0]
     expected_keys = {"tokens", "labels", "loss_mask", "position_ids"} | ({"segment_ids"} if packing else set())
     assert set(item) == expected_keys
@@ -586,7 +614,8 @@ def test_an_sft_blend_draws_by_its_weights(tmp_path, default_tokenizer_dir, tok,
 
     from megatron_patch.megatron_flags import add_extra_args
     from megatron_patch.data.sft_providers import open_sft_idxmap
-    from megatron_patch.data.sft_providers import BlendedSFTDataset, build_sft_datasets
+    from megatron_patch.data.sft_providers import BlendedSFTDataset, build_sft_datasets, \
+        packed_row_bounds_of_this_run
 
     array, _ = write_sft_files(tmp_path)
     build_sft_idxmap(array, tmp_path / "ours", default_tokenizer_dir, 160, show_progress=False)
@@ -598,6 +627,8 @@ def test_an_sft_blend_draws_by_its_weights(tmp_path, default_tokenizer_dir, tok,
                                       "--valid-data-path", theirs])
     train, valid, test = build_sft_datasets(parse_args(add_extra_args), [100, 5, 0])
     assert isinstance(train, BlendedSFTDataset) and len(train) == 100 and test is None
+    # What a CUDA graph sizes the packed samples' boundaries by: every row of both layouts, blend opened up.
+    assert_bounds_fit_every_row(train.datasets + [valid], packed_row_bounds_of_this_run())
     assert "Pai-Megatron-Patch's layout" in valid.describe() and len(valid) == 5
     assert_drawn_by_weight(train.dataset_index, [1, 3])
     # Each item is its dataset's own item, each dataset read in its own order.

@@ -120,6 +120,53 @@ def test_packed_seq_params_count_samples_row_by_row():
     assert packed_seq_params_for(torch.tensor([[0, 0, 0], [0, 1, 1]]), "cpu").cu_seqlens_q.tolist() == [0, 3, 4, 6]
 
 
+def test_static_boundaries_cut_the_padding_and_end_in_empty_samples():
+    """The boundaries a CUDA graph replays: the eager ones, plus a cut every `longest` tokens of padding, then the
+    total repeated up to rows x segments entries; a row with more segments than the bounds fails, never merges."""
+    from megatron_patch.data.providers import packed_seq_params_for, static_packed_seq_params
+    from megatron_patch.data.sft_providers import PackedRowBounds
+
+    # Row 1: samples of 3 and 2 tokens, 7 of padding; row 2: samples of 5 and 7 tokens, no padding.
+    segments = torch.tensor([[0] * 3 + [1] * 2 + [2] * 7, [0] * 5 + [1] * 7])
+    positions = torch.tensor([[0, 1, 2, 0, 1, *range(7)], [*range(5), *range(7)]])
+    eager = packed_seq_params_for(segments, "cpu")
+    assert eager.cu_seqlens_q.tolist() == [0, 3, 5, 12, 17, 24] and eager.longest_sample == 7
+    static = static_packed_seq_params(segments, positions, PackedRowBounds(longest=7, segments=4))
+    assert static.cu_seqlens_q.tolist() == [0, 3, 5, 12, 17, 24, 24, 24, 24] and static.cu_seqlens_q.dtype == torch.int32
+    assert (static.max_seqlen_q, static.longest_sample) == (12, 7)
+    # Samples of at most 5 tokens elsewhere in the data would make runs of 7 impossible: the padding is cut at 5.
+    assert static_packed_seq_params(segments[:1], positions[:1], PackedRowBounds(5, 4)).cu_seqlens_q.tolist() == \
+        [0, 3, 5, 10, 12]  # one row: 4 segments, all used
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        static_packed_seq_params(segments, positions, PackedRowBounds(longest=7, segments=2))
+
+
+def test_packed_row_bounds_cover_the_rows_and_their_padding_runs():
+    from megatron_patch.data.sft_dataset import EpochShuffledRows
+    from megatron_patch.data.sft_providers import BlendedSFTDataset, packed_row_bounds
+
+    class Rows(EpochShuffledRows):
+        def __init__(self, rows, lengths, seq_length):
+            self.rows, self.lengths = rows, lengths
+            super().__init__(len(rows), seq_length, None, 0, packing=True)
+
+        def sample_length(self, i):
+            return self.lengths[i]
+
+    # Rows of 10: [5, 3] + 2 padding, [8] + 2, [2, 2, 2] + 4, and [9, 4 -> cut to 1]: longest 9
+    first = Rows([[0, 1], [2], [3, 4, 5], [6, 7]], [5, 3, 8, 2, 2, 2, 9, 4], 10)
+    assert first.row_lengths(3) == [9, 1]
+    bounds = packed_row_bounds([first])
+    assert (bounds.longest, bounds.segments) == (9, 4)
+    # Another dataset of the run: samples of 3 at most, rows of 12 of which 11 padding: 1 + ceil(11 / 9) segments.
+    second = Rows([[0]], [1], 12)
+    blend = BlendedSFTDataset.__new__(BlendedSFTDataset)
+    blend.datasets = [first, second]
+    assert (packed_row_bounds([blend]).longest, packed_row_bounds([blend]).segments) == (9, 4)
+    assert packed_row_bounds([Rows([[0]], [1], 40)]).segments == 1 + 39
+    assert packed_row_bounds([Rows([[0]], [0], 10)]) is None  # no sample token anywhere
+
+
 @pytest.mark.gpu
 def test_cuda_packed_samples_through_varlen_match_fp32_block_mask(model_parallel):
     from megatron_patch import attention
@@ -150,6 +197,8 @@ def _reference_varlen_flash_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     assert max_q >= max(b - a for a, b in zip(bounds, bounds[1:]))
     out = []
     for start, end in zip(bounds, bounds[1:]):
+        if start == end:  # an empty sample (the fixed-size boundaries a CUDA graph replays end with them)
+            continue
         qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
         out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)[0]
                    .transpose(0, 1))
@@ -182,7 +231,9 @@ class PackedBatch:
     """Two rows of packed samples: 9, 20 and 3 tokens then 8 of padding; 37 tokens and a short last sample."""
 
     def __init__(self):
-        from megatron_patch.data.providers import packed_attention_mask, packed_seq_params_for
+        from megatron_patch.data.providers import packed_attention_mask, packed_seq_params_for, \
+            static_packed_seq_params
+        from megatron_patch.data.sft_providers import PackedRowBounds
 
         self.segments = torch.tensor([[0] * 9 + [1] * 20 + [2] * 3 + [3] * 8, [0] * 37 + [1] * 3])
         torch.manual_seed(7)
@@ -191,12 +242,18 @@ class PackedBatch:
         self.position_ids = torch.arange(40, device=DEVICE).expand(2, 40)
         self.mask = packed_attention_mask(self.segments).to(DEVICE)
         self.bounds = packed_seq_params_for(self.segments, DEVICE)
+        # As a CUDA graph replays them: positions restarting in each sample and the padding, samples of at most 37
+        # tokens, at most 5 segments a row (the padding of 8 cut into runs of at most 37: one).
+        restart = [list(range(n)) for n in (9, 20, 3, 8)], [list(range(37)), list(range(3))]
+        self.restarting_positions = torch.tensor([sum(row, []) for row in restart], device=DEVICE)
+        self.static_bounds = static_packed_seq_params(self.segments.to(DEVICE), self.restarting_positions,
+                                                      PackedRowBounds(longest=37, segments=5))
 
     def losses(self, model, attention: str) -> torch.Tensor:
-        """Per-token losses [2, 40] with the block mask, the samples' boundaries (variable-length attention), or
-        plain causal attention across the samples."""
+        """Per-token losses [2, 40] with the block mask, the samples' boundaries (variable-length attention), the
+        same in fixed shapes, or plain causal attention across the samples."""
         mask = self.mask if attention == "block mask" else None
-        bounds = self.bounds if attention == "boundaries" else None
+        bounds = {"boundaries": self.bounds, "static boundaries": self.static_bounds}.get(attention)
         return model(self.tokens, self.position_ids, mask, labels=self.labels, packed_seq_params=bounds)
 
 
@@ -211,6 +268,9 @@ def test_model_with_packed_seq_params_matches_block_mask(model_parallel, monkeyp
     with_mask, with_bounds = batch.losses(model, "block mask"), batch.losses(model, "boundaries")
     assert with_bounds.shape == with_mask.shape == (2, 40)
     torch.testing.assert_close(with_bounds, with_mask, atol=TOL, rtol=TOL)
+    # The fixed-size boundaries (a CUDA graph's): the same samples; the padding's own losses are never counted.
+    real = batch.segments.to(DEVICE) != torch.tensor([[3], [1]], device=DEVICE)
+    torch.testing.assert_close(batch.losses(model, "static boundaries")[real], with_mask[real], atol=TOL, rtol=TOL)
     # ... and not what plain causal attention across the samples gives.
     assert (batch.losses(model, "causal") - with_mask).abs().max() > 1e-3
 
@@ -333,7 +393,7 @@ def test_model_with_fused_single_qkv_rope_matches_the_split_path(model_parallel,
     ({"bf16": False}, False),  # fp32: the flash kernel takes bf16/fp16 only
     ({"transformer_impl": "transformer_engine"}, False),
     ({"attention_dropout": 0.1}, False),  # the kernel has no dropout
-    ({"cuda_graph_impl": "full_iteration"}, False),  # a replay would keep the first batch's boundaries
+    ({"cuda_graph_impl": "full_iteration"}, True),  # in fixed shapes (static_packed_seq_params)
     ({"plain_kernels": True}, False),  # megatron-core's DotProductAttention takes masks only
 ])
 def test_packed_samples_take_varlen_only_where_it_runs(model_parallel, monkeypatch, changes, expected):
@@ -347,6 +407,62 @@ def test_packed_samples_take_varlen_only_where_it_runs(model_parallel, monkeypat
     assert providers.packed_attention_by_varlen(args) is expected
     monkeypatch.setattr(providers, "varlen_available", lambda: False)  # a CPU, or a GPU before Ampere
     assert providers.packed_attention_by_varlen(args) is False
+
+
+def _packed_rows(lengths_per_row: list[list[int]], seq: int = 40) -> dict[str, torch.Tensor]:
+    """Rows of packed samples of these lengths, padded to `seq` (its own segment; positions restart in each
+    sample and in the padding), random tokens and labels, on DEVICE; `real` marks the samples' tokens."""
+    rows = {"segments": [], "positions": [], "real": []}
+    for lengths in lengths_per_row:
+        padding = seq - sum(lengths)
+        rows["segments"].append(sum(([k] * n for k, n in enumerate(lengths + [padding])), []))
+        rows["positions"].append(sum((list(range(n)) for n in lengths + [padding]), []))
+        rows["real"].append([True] * sum(lengths) + [False] * padding)
+    out = {key: torch.tensor(value, device=DEVICE) for key, value in rows.items()}
+    out["tokens"] = torch.randint(0, 96, out["segments"].shape, device=DEVICE)
+    out["labels"] = torch.randint(0, 96, out["segments"].shape, device=DEVICE)
+    return out
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_the_fixed_size_boundaries_of_each_batch(model_parallel):
+    """Forward and backward of the bf16 GPTModel on packed rows through the variable-length kernel, captured once
+    in a CUDA graph with the boundaries computed inside it (as MP_CUDA_GRAPH trains packed SFT), then replayed on
+    batches of other sample layouts copied into its inputs: every replay gives the losses and the QKV weight's
+    gradient of an eager step on that batch with its own boundaries. A replay that kept the captured boundaries,
+    or attended across samples, would not."""
+    from megatron_patch.data.providers import packed_seq_params_for, static_packed_seq_params
+    from megatron_patch.data.sft_providers import PackedRowBounds
+
+    model = tiny_gpt().bfloat16()
+    weight = model.decoder.layers[0].self_attention.linear_qkv.weight
+    bounds = PackedRowBounds(longest=20, segments=6)
+    torch.manual_seed(11)
+    batches = [_packed_rows(rows) for rows in ([[9, 20, 3], [20, 17]], [[5, 5, 5, 5], [20, 20]], [[1], [12, 12, 12]])]
+
+    def step(batch, params):
+        losses = model(batch["tokens"], batch["positions"], None, labels=batch["labels"], packed_seq_params=params)
+        (grad,) = torch.autograd.grad((losses.float() * batch["real"]).sum(), [weight])
+        return losses, grad
+
+    static = {key: value.clone() for key, value in batches[0].items()}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the capture, as megatron-core's graph does
+        for _ in range(2):
+            step(static, static_packed_seq_params(static["segments"], static["positions"], bounds))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        losses, grad = step(static, static_packed_seq_params(static["segments"], static["positions"], bounds))
+    for batch in batches[1:] + batches[:1]:
+        for key in static:
+            static[key].copy_(batch[key])
+        graph.replay()
+        want_losses, want_grad = step(batch, packed_seq_params_for(batch["segments"].cpu(), DEVICE))
+        real = batch["real"]
+        torch.testing.assert_close(losses[real], want_losses[real], atol=0, rtol=0)
+        torch.testing.assert_close(grad, want_grad, atol=1e-3, rtol=1e-2)
 
 
 def test_varlen_call_matches_this_torchs_public_api():
@@ -404,3 +520,30 @@ def test_get_batch_hands_packed_samples_to_te_as_thd_and_refuses_what_thd_cannot
     args.pipeline_model_parallel_size = 2  # a stage's activations are [s, b, h], not one row of b x s
     with pytest.raises(UserError, match="need --transformer-impl local"):
         providers.get_batch(iter([item]))
+
+
+def test_get_batch_under_a_cuda_graph_hands_over_fixed_size_boundaries(model_parallel, monkeypatch):
+    """Under MP_CUDA_GRAPH the packed samples still take the variable-length kernel, their boundaries in the fixed
+    shapes a replay can refill; without the run's bounds (no packed SFT dataset built) the block mask instead."""
+    from types import SimpleNamespace
+
+    from megatron_patch.data import providers, sft_providers
+
+    segments = torch.tensor([[0] * 3 + [1] * 2 + [2] * 7, [0] * 5 + [1] * 7])
+    item = {"tokens": torch.arange(24).view(2, 12), "labels": torch.arange(24).view(2, 12),
+            "loss_mask": torch.ones(2, 12), "segment_ids": segments,
+            "position_ids": torch.tensor([[0, 1, 2, 0, 1, *range(7)], [*range(5), *range(7)]])}
+    args = SimpleNamespace(transformer_impl="local", bf16=True, fp16=False, attention_dropout=0.0,
+                           plain_kernels=False, cuda_graph_impl="full_iteration")
+    monkeypatch.setattr(providers, "get_args", lambda: args)
+    monkeypatch.setattr(providers, "varlen_available", lambda: True)
+    monkeypatch.setattr(sft_providers, "packed_row_bounds_of_this_run", lambda: sft_providers.PackedRowBounds(7, 4))
+    batch = providers.get_batch(iter([item]))
+    assert "attention_mask" not in batch and batch["packed_seq_params"].longest_sample == 7
+    assert batch["packed_seq_params"].cu_seqlens_q.tolist() == [0, 3, 5, 12, 17, 24, 24, 24, 24]
+    args.cuda_graph_impl = "none"  # eager: this batch's own boundaries, read on the host
+    assert providers.get_batch(iter([item]))["packed_seq_params"].cu_seqlens_q.tolist() == [0, 3, 5, 12, 17, 24]
+    args.cuda_graph_impl = "full_iteration"
+    monkeypatch.setattr(sft_providers, "packed_row_bounds_of_this_run", lambda: None)
+    batch = providers.get_batch(iter([item]))
+    assert "packed_seq_params" not in batch and batch["attention_mask"].shape == (2, 1, 12, 12)

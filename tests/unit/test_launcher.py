@@ -980,7 +980,7 @@ def test_packed_finetuning_takes_the_te_spec_where_te_is_present(paths, override
 
 
 @pytest.mark.parametrize("overrides, environ, why", [
-    ({}, {"MP_CUDA_GRAPH": "true"}, "MP_CUDA_GRAPH=true (a replay would keep the first batch's sample boundaries"),
+    ({}, {"MP_CUDA_GRAPH": "true"}, "MP_CUDA_GRAPH=true (a replay refills the samples' boundaries in fixed-size buffers"),
     ({"CP": "2"}, {}, "CP=2 (TE's thd format needs every sample's length divisible by 2 x CP)"),
     ({"PP": "2", "BATCH_SIZE": "2", "GLOBAL_BATCH_SIZE": "16"}, {}, "PP > 1 with BATCH_SIZE > 1"),
     ({"PR": "fp32"}, {}, "PR=fp32 (TE's thd attention kernels take 16-bit inputs)"),
@@ -993,7 +993,7 @@ def test_packed_finetuning_keeps_the_local_spec_where_thd_cannot_go(paths, overr
     with pytest.raises(UserError) as err:
         api_flags(paths, SFT="true", AC="offload", environ={"MP_SFT_PACKING": "true", **environ}, **overrides)
     assert f"MP_SFT_PACKING=true with {why}" in str(err.value)
-    assert "trains on megatron-core's local spec (packed samples as block attention masks), but PR=fp8 and " \
+    assert "trains on megatron-core's local spec (packed samples through its own attention), but PR=fp8 and " \
            "AC=offload need the Transformer Engine spec" in str(err.value)
 
 
