@@ -55,9 +55,8 @@ ENV_KNOBS = {
     "MP_ROPE_SCALING": ("", "`yarn:F`: YaRN RoPE scaling by F over the model's positions for this run, e.g. "
                             "`yarn:4` takes a 32k model to 128k (Qwen2.5's documented long-context setting); "
                             "without it a checkpoint's config.json rope_scaling is followed"),
-    "MP_CUDA_GRAPH": ("false", "`true`: replay each iteration from one CUDA graph (GPU, PP=1); with MP_SFT_PACKING "
-                      "the packed rows then attend under a block mask (whole-row cost) instead of the "
-                      "variable-length kernel, a note says so"),
+    "MP_CUDA_GRAPH": ("false", "`true`: replay each iteration from one CUDA graph (GPU, PP=1); packed SFT samples "
+                      "keep the variable-length kernel, their boundaries refilled in fixed-size buffers each replay"),
     "MP_SAVE": ("true", "`false`: save no checkpoint at all (throughput runs): no `--save`, SAVE_INTERVAL is ignored, "
                         "no free-space check, and a stop keeps nothing of the run"),
     "MP_LORA_RANK": ("0", "LoRA/DoRA adapter rank, e.g. `16`; `0`: full fine-tuning. With a rank, "

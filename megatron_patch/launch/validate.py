@@ -173,17 +173,10 @@ def _feature_problems(launch: Launch, machine: Machine, found: Findings) -> list
     graph_obstacle = cuda_graph_obstacle(launch, machine)
     if launch.cuda_graph and graph_obstacle:
         errors.append(f"MP_CUDA_GRAPH=true, but {graph_obstacle}. Unset MP_CUDA_GRAPH (or set it to false).")
-    if launch.sft and not launch.cuda_graph and not graph_obstacle and not launch.sft_packing:
+    if launch.sft and not launch.cuda_graph and not graph_obstacle:
         found.notes.append("SFT steps at small micro-batches wait on the host's kernel launches; MP_CUDA_GRAPH=true "
                            "replays each iteration from one CUDA graph (the guide's SFT command: 81 instead of "
                            "1,160 ms per iteration on one H200, docs/benchmarks.md).")
-    if launch.cuda_graph and launch.sft_packing:  # the graph keeps packed rows off TE's spec too
-        found.notes.append("MP_CUDA_GRAPH=true with MP_SFT_PACKING=true: a replay cannot take each batch's sample "
-                           "boundaries, so attention runs over whole rows under a block mask, its cost growing with "
-                           "the row rather than the samples; without the graph packed samples take the "
-                           "variable-length flash kernel. For rows much longer than their samples that can be the "
-                           "faster of the two (1.5B, 4,096-token rows of 245-token samples, one H100: the eager "
-                           "step's kernels 596 ms, the graphed step 865 ms; docs/benchmarks.md).")
     if launch.dataset_type == "raw" and not launch.sft:
         errors.append("MP_DATASET_TYPE=raw is for fine-tuning (SFT=true); pre-training reads idxmap data.")
     if launch.sft_packing and not launch.sft:

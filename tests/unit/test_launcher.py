@@ -677,8 +677,8 @@ def test_sft_on_a_gpu_suggests_the_cuda_graph_where_it_can_replay(paths):
         return any("MP_CUDA_GRAPH=true" in note for note in launch.notes)
 
     assert suggested(api_flags(paths, SFT="true")[0])
-    # packed rows would attend under a block mask in the graph (the next test)
-    assert not suggested(api_flags(paths, SFT="true", environ={"MP_SFT_PACKING": "true"})[0])
+    # packed rows too: the graph replays their own boundaries (data/providers.py, static_packed_seq_params)
+    assert suggested(api_flags(paths, SFT="true", environ={"MP_SFT_PACKING": "true"})[0])
     assert not suggested(api_flags(paths, SFT="true", environ={"MP_CUDA_GRAPH": "true"})[0])  # already on
     assert not suggested(api_flags(paths, SFT="true", PP="2")[0])  # cannot replay
     assert not suggested(api_flags(paths)[0])  # pre-training: left to the benchmarks
@@ -933,7 +933,7 @@ GPU_INVALID = [
     ("packing_on_the_local_spec_ac_offload", GPU_TE, {"SFT": "true", "AC": "offload", "CP": "2"},
      {"MP_SFT_PACKING": "true"},
      "MP_SFT_PACKING=true with CP=2 (TE's thd format needs every sample's length divisible by 2 x CP) trains on "
-     "megatron-core's local spec (packed samples as block attention masks), but PR=fp8 and AC=offload need the "
+     "megatron-core's local spec (packed samples through its own attention), but PR=fp8 and AC=offload need the "
      "Transformer Engine spec."),
     ("fp8_on_a_gpu_without_te", GPU_WITHOUT_TE, {"PR": "fp8"}, {},
      "PR=fp8 needs Transformer Engine on a GPU, and it is not importable here. Use PR=bf16"),
@@ -995,21 +995,6 @@ def test_packed_finetuning_keeps_the_local_spec_where_thd_cannot_go(paths, overr
     assert f"MP_SFT_PACKING=true with {why}" in str(err.value)
     assert "trains on megatron-core's local spec (packed samples through its own attention), but PR=fp8 and " \
            "AC=offload need the Transformer Engine spec" in str(err.value)
-
-
-@pytest.mark.parametrize("machine", [GPU_TE, GPU_WITHOUT_TE], ids=["te", "no-te"])
-def test_cuda_graph_advice_for_sft_weighs_the_packed_rows_block_mask(paths, machine):
-    """Packed SFT under the graph is told that its attention then runs over whole rows under a block mask (the
-    variable-length kernel runs only eagerly); nothing else is."""
-    mask_cost = "attention runs over whole rows"
-
-    def notes(environ):
-        return " ".join(plan(paths, machine, environ, argv(paths, SFT="true", FL="false")).notes)
-
-    assert mask_cost not in notes({}) and mask_cost not in notes({"MP_SFT_PACKING": "true"})
-    packed_graph = notes({"MP_SFT_PACKING": "true", "MP_CUDA_GRAPH": "true"})
-    assert mask_cost in packed_graph and "variable-length flash kernel" in packed_graph
-    assert mask_cost not in notes({"MP_CUDA_GRAPH": "true"})
 
 
 def test_packed_fp8_and_activation_offload_stay_refused_without_transformer_engine(paths):
