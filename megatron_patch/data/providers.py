@@ -192,7 +192,7 @@ def get_batch(data_iterator) -> dict:
     out = {key: batch[key].to(device, non_blocking=True) for key in MODEL_INPUTS if torch.is_tensor(batch.get(key))}
     segment_ids = batch.get("segment_ids")
     cp_size = mpu.get_context_parallel_world_size()
-    args = get_args()
+    args = get_args() if segment_ids is not None else None  # pre-training batches need no settings
     if segment_ids is not None and args.transformer_impl == "transformer_engine":
         if cp_size > 1 or (args.pipeline_model_parallel_size > 1 and args.micro_batch_size > 1):
             # The launcher trains these layouts on the local spec (launch/machine.py, packed_samples_need_masks).
