@@ -168,6 +168,9 @@ def report_stalls(args, out: Path, text: str, events: dict[tuple[str, int], floa
 
     quiet = [times[i][1] for i in times
              if i > 3 and i - 1 not in saved and not any(during(i, w) for w in windows.values())]
+    if not quiet:
+        raise SystemExit(f"stall: every iteration after the 3rd ran beside an export or right after a save; raise "
+                         f"--save-interval (now {args.save_interval}) above an export's time in iterations")
     base = statistics.median(quiet)
     (ckpt,) = (out / "checkpoint").iterdir()
     last = max(int(p.name[5:]) for p in ckpt.glob("iter_*"))

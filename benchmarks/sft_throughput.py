@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     for text in args.mcore or []:
         McoreRun.parse(text)
     rows = PackedRows(assets.rows_file(args.seq_len), args.global_batch)
-    record = Recorder(args.size, args.seq_len, args.global_batch, args.json, args.peak_tflops, rows.attention_span)
+    record = Recorder(args.size, args.seq_len, args.global_batch, args.json, args.peak_tflops, rows.attention_span,
+                      frozen_weights=bool(args.lora))
     if args.hf_alone:
         hf_sweep(args, record, args.hf_alone)
         return

@@ -79,15 +79,18 @@ class Qwen25Size:
         embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + embeddings + h
 
-    def training_flops_per_token(self, seq_len: int) -> float:
+    def training_flops_per_token(self, seq_len: int, frozen_weights: bool = False) -> float:
         """Model FLOPs of one training token (forward + backward) in a full causal sequence of `seq_len`: 6 x the
         GEMM weights (q, k, v, o, gate, up, down, output layer) + 6 x layers x q-heads' width x seq_len (scores and
         context, 12 per token halved by the causal mask). Megatron-core's own count for the TFLOP/s it logs
-        (megatron.training.training.num_floating_point_operations); tests/unit/test_launcher.py holds them equal."""
+        (megatron.training.training.num_floating_point_operations); tests/unit/test_launcher.py holds them equal.
+        frozen_weights (LoRA: the base takes no gradient): 4 x the weights, no weight-gradient GEMMs; the adapters'
+        own (rank r: about r x (in + out) / (in x out) of their layer, 1% at rank 16 and 1.5B) are left out."""
         h, q, kv = self.hidden_size, self.num_attention_heads * self.head_dim, self.num_query_groups * self.head_dim
         layer_weights = h * (q + 2 * kv) + q * h + 3 * h * self.ffn_hidden_size
         output_weights = self.vocab_size * h
-        return 6 * (self.num_layers * layer_weights + output_weights) + 6 * self.num_layers * q * seq_len
+        per_weight = 4 if frozen_weights else 6
+        return per_weight * (self.num_layers * layer_weights + output_weights) + 6 * self.num_layers * q * seq_len
 
 
 QWEN2_5_SIZES: dict[str, Qwen25Size] = {

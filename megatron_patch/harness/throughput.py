@@ -49,19 +49,20 @@ def mfu_peak(device: str, override_tflops: float | None = None) -> tuple[float |
     return None, f"MFU peak unknown for {device}; pass --peak-tflops"
 
 
-def mfu(tokens_per_s: float, size, seq_len: int, peak_flops: float | None) -> tuple[float, float | None]:
+def mfu(tokens_per_s: float, size, seq_len: int, peak_flops: float | None, frozen_weights: bool = False
+        ) -> tuple[float, float | None]:
     """(TFLOP/s per GPU, model FLOPs utilization against peak_flops; None without a peak): the one place MFU is
-    computed."""
-    flops = tokens_per_s * size.training_flops_per_token(seq_len)
+    computed. frozen_weights: a LoRA run's (no weight gradients of the base)."""
+    flops = tokens_per_s * size.training_flops_per_token(seq_len, frozen_weights)
     return flops / 1e12, flops / peak_flops if peak_flops else None
 
 
 def report(name: str, tokens_per_s: float, size, seq_len: int, peak_gib: float,
-           peak_flops: float | None = None) -> dict[str, float | None]:
+           peak_flops: float | None = None, frozen_weights: bool = False) -> dict[str, float | None]:
     """Prints one result line and returns its figures. peak_flops: the MFU peak, by default this device's."""
     if peak_flops is None:
         peak_flops = mfu_peak(device_name())[0]
-    tflops, utilization = mfu(tokens_per_s, size, seq_len, peak_flops)
+    tflops, utilization = mfu(tokens_per_s, size, seq_len, peak_flops, frozen_weights)
     shown = f"{100 * utilization:5.1f}%" if utilization is not None else "  n/a "
     print(f"{name:58s} {tokens_per_s:10,.0f} tokens/s/GPU  {tflops:6.1f} TFLOP/s/GPU  MFU {shown}  "
           f"peak {peak_gib:5.1f} GiB", flush=True)
@@ -101,15 +102,16 @@ def comma_list(item_type):
 
 class Recorder:
     """Prints each result row, keeps it (`rows`) and appends it to `json_path`. MFU counts attention over
-    `mfu_seq_len` (default the sequence; packed samples attend over less)."""
+    `mfu_seq_len` (default the sequence; packed samples attend over less), and no weight gradients where
+    `frozen_weights` (LoRA)."""
 
     def __init__(self, size_name: str, seq_len: int, global_batch: int, json_path: Path | None = None,
-                 peak_tflops: float | None = None, mfu_seq_len: float | None = None):
+                 peak_tflops: float | None = None, mfu_seq_len: float | None = None, frozen_weights: bool = False):
         from megatron_patch.model_sizes import get_size
 
         self.size_name, self.size, self.seq_len, self.global_batch = size_name, get_size(size_name), seq_len, \
             global_batch
-        self.json_path, self.mfu_seq_len = json_path, mfu_seq_len or seq_len
+        self.json_path, self.mfu_seq_len, self.frozen_weights = json_path, mfu_seq_len or seq_len, frozen_weights
         self.stack, self.peak_flops = versions(), mfu_peak(device_name(), peak_tflops)[0]
         self.rows: list[dict] = []
 
@@ -119,7 +121,7 @@ class Recorder:
         name = f"{side} {variant}, mb {micro}"
         figures = NO_FIGURES
         if status == "ok":
-            figures = report(name, rate, self.size, self.mfu_seq_len, peak_gib, self.peak_flops)
+            figures = report(name, rate, self.size, self.mfu_seq_len, peak_gib, self.peak_flops, self.frozen_weights)
         if status != "ok" or note:
             print(f"{name:58s} {status}{': ' + note if note else ''}", flush=True)
         if extra:

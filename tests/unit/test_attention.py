@@ -441,9 +441,12 @@ def test_cuda_graph_replays_the_fixed_size_boundaries_of_each_batch(model_parall
     batches = [_packed_rows(rows) for rows in ([[9, 20, 3], [20, 17]], [[5, 5, 5, 5], [20, 20]], [[1], [12, 12, 12]])]
 
     def step(batch, params):
-        losses = model(batch["tokens"], batch["positions"], None, labels=batch["labels"], packed_seq_params=params)
-        (grad,) = torch.autograd.grad((losses.float() * batch["real"]).sum(), [weight])
-        return losses, grad
+        # Logits, and the loss from them here: the model's own loss all-reduces over its (gloo) group, which a
+        # capture cannot hold; training's graph holds NCCL's.
+        logits = model(batch["tokens"], batch["positions"], None, packed_seq_params=params)
+        losses = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none")
+        (grad,) = torch.autograd.grad((losses.view(batch["real"].shape) * batch["real"]).sum(), [weight])
+        return losses.view(batch["real"].shape), grad
 
     static = {key: value.clone() for key, value in batches[0].items()}
     side = torch.cuda.Stream()

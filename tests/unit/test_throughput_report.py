@@ -66,6 +66,10 @@ def test_mfu_is_model_flops_over_the_peak():
     tflops, utilization = tt.mfu(50_000, size, 2048, 989e12)
     assert tflops == 50_000 * size.training_flops_per_token(2048) / 1e12 and utilization == tflops / 989
     assert tt.mfu(50_000, size, 2048, None)[1] is None
+    # LoRA: the frozen base takes no weight-gradient GEMMs, 2 of the 6 FLOPs per weight and token; attention stays
+    weights = size.training_flops_per_token(0) / 6
+    frozen = tt.mfu(50_000, size, 2048, 989e12, frozen_weights=True)[0]
+    assert frozen == pytest.approx(tflops - 50_000 * 2 * weights / 1e12, rel=1e-12) and 0.6 < frozen / tflops < 0.7
 
 
 def test_an_hf_micro_batch_out_of_memory_after_earlier_runs_gets_a_fresh_process():
