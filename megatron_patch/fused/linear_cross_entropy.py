@@ -204,6 +204,20 @@ def _loss_without_gradients(hidden, weight, labels, token_weight, tp_group, chun
     return loss_sum
 
 
+def _add_weight_gradient(grad_weight, grad_logits, h, one_chunk: bool, accumulate_in_gemm: bool):
+    """The chunk's output-layer weight gradient, added to the sum (the sum itself when it is the only chunk)."""
+    if not h.is_cuda:  # fp32 GEMMs (see _gemm_weight); the fp32 sum is the gradient
+        product = grad_logits.t() @ h
+        return product if one_chunk else grad_weight.add_(product)
+    if one_chunk:  # nothing to sum: the GEMM's output is the gradient, rounded once as in the fp32 sum
+        return grad_logits.t() @ h
+    if accumulate_in_gemm:
+        wgrad_gemm_accum_fp32(h, grad_logits, grad_weight)
+    else:
+        grad_weight += (grad_logits.t() @ h).float()
+    return grad_weight
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, token_weight, tp_group, chunk_tokens):
@@ -214,7 +228,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         one_chunk = tokens <= chunk_tokens
-        grad_weight = None if one_chunk else torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # A frozen output layer (LoRA) takes no weight gradient: neither its GEMMs nor the fp32 sum.
+        wants_weight = ctx.needs_input_grad[1]
+        grad_weight = None if one_chunk or not wants_weight else \
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         # On CUDA the GEMM adds each chunk's bf16 product straight into the fp32 sum (beta = 1): no bf16
         # product, fp32 copy and separate add per chunk (about 60 GB of memory traffic per 1.5B step).
         accumulate_in_gemm = hidden.is_cuda and out_dtype_addmm_available()
@@ -226,26 +243,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = h.to(gemm_weight.dtype)
             chunk_loss, grad_logits = chunk_maths(_chunk_logits(h, gemm_weight), target, inside, w, tp_group)
             loss_sum += chunk_loss
-            if not hidden.is_cuda:  # fp32 GEMMs (see _gemm_weight); the fp32 sum is the gradient
-                grad_hidden[start:end] = grad_logits @ gemm_weight
-                product = grad_logits.t() @ h
-                grad_weight = product if one_chunk else grad_weight.add_(product)
-                continue
-            torch.matmul(grad_logits, weight, out=grad_hidden[start:end])
-            if one_chunk:  # nothing to sum: the GEMM's output is the gradient, rounded once as in the fp32 sum
-                grad_weight = grad_logits.t() @ h
-            elif accumulate_in_gemm:
-                wgrad_gemm_accum_fp32(h, grad_logits, grad_weight)
+            if hidden.is_cuda:
+                torch.matmul(grad_logits, weight, out=grad_hidden[start:end])
             else:
-                grad_weight += (grad_logits.t() @ h).float()
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+                grad_hidden[start:end] = grad_logits @ gemm_weight
+            if wants_weight:
+                grad_weight = _add_weight_gradient(grad_weight, grad_logits, h, one_chunk, accumulate_in_gemm)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if wants_weight else None)
         return loss_sum
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), \
-            None, None, None, None
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), \
+            None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype), None, None, None, None
 
 
 def chunk_tokens_for(vocab_shard: int, dtype_bytes: int) -> int:

@@ -307,6 +307,28 @@ def test_linear_cross_entropy_matches_logits_then_cross_entropy(dtype, tol, chun
     assert h_ours.grad.dtype == dtype and w_ours.grad.dtype == dtype
 
 
+@pytest.mark.parametrize("chunk_tokens", [5, 64])
+def test_a_frozen_output_layer_takes_no_weight_gradient(chunk_tokens, monkeypatch):
+    """LoRA freezes the output layer: the loss and the hidden states' gradient are as before, and none of the
+    weight-gradient GEMMs runs (at 7B they cost a 152,064 x 3,584 product per token chunk and a 2.2 GB fp32 sum)."""
+    hidden, weight, labels, mask = _ce_inputs(torch.float32)
+    calls = []
+    add = lce._add_weight_gradient
+    monkeypatch.setattr(lce, "_add_weight_gradient", lambda *args: calls.append(1) or add(*args))
+    h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone()
+    h_ours, w_ours = hidden.clone().requires_grad_(), weight.clone()
+    expected = _plain_loss(h_ref, w_ref, labels, mask)
+    got = lce.linear_cross_entropy(h_ours, w_ours, labels, mask, chunk_tokens=chunk_tokens)
+    _close(got, expected, 1e-5, 1e-5, "loss")
+    got.backward()
+    expected.backward()
+    _close(h_ours.grad, h_ref.grad, 1e-5, 1e-5, "hidden gradient")
+    assert calls == [] and w_ours.grad is None
+    w_trained = weight.clone().requires_grad_()  # the same call with a trained weight does run them
+    lce.linear_cross_entropy(hidden.clone().requires_grad_(), w_trained, labels, mask, chunk_tokens=chunk_tokens)
+    assert len(calls) == -(-37 // chunk_tokens)
+
+
 def test_linear_cross_entropy_chunks_by_logit_bytes():
     # 0.5B at micro-batch 8 x 2048: chunks keep one chunk's bf16 logits near 1 GiB.
     chunk = lce.chunk_tokens_for(151936, 2)
