@@ -170,11 +170,9 @@ def packed_attention_by_varlen(args) -> bool:
             and not args.attention_dropout and mpu.get_context_parallel_world_size() == 1)
 
 
-def graphed_row_bounds(args):
-    """Under a whole-iteration CUDA graph, the bounds of this run's packed rows (sft_providers.PackedRowBounds) that
-    size the replayed boundaries; None without the graph, or with no packed SFT datasets built."""
-    if args.cuda_graph_impl != "full_iteration":
-        return None
+def _packed_row_bounds():
+    """This run's sft_providers.PackedRowBounds (None when no packed SFT dataset was built), imported when asked
+    as train_valid_test_datasets_provider imports the SFT datasets: pre-training never loads them."""
     from megatron_patch.data.sft_providers import packed_row_bounds_of_this_run
 
     return packed_row_bounds_of_this_run()
@@ -201,12 +199,12 @@ def get_batch(data_iterator) -> dict:
                             "its one row of b x s tokens is not the activation shape pipeline stages exchange.")
         return thd_batch(out, segment_ids.cpu(), device)
     varlen = segment_ids is not None and packed_attention_by_varlen(args)
-    if varlen and (bounds := graphed_row_bounds(args)) is not None:
-        out["packed_seq_params"] = static_packed_seq_params(segment_ids.to(device, non_blocking=True),
-                                                            out["position_ids"], bounds)
-    elif varlen and args.cuda_graph_impl != "full_iteration":
+    if varlen and args.cuda_graph_impl != "full_iteration":
         # Computed from the reader's CPU tensor: the longest sample's length needs no GPU sync.
         out["packed_seq_params"] = packed_seq_params_for(segment_ids.cpu(), device)
+    elif varlen and (bounds := _packed_row_bounds()) is not None:  # in a replay: fixed shapes, sized by the data
+        out["packed_seq_params"] = static_packed_seq_params(segment_ids.to(device, non_blocking=True),
+                                                            out["position_ids"], bounds)
     elif segment_ids is not None and cp_size == 1:
         out["attention_mask"] = packed_attention_mask(segment_ids.to(device, non_blocking=True))
     if cp_size > 1:
