@@ -17,6 +17,10 @@ Only rank-sized tensors (r values per token) cross ranks. Transformer Engine's l
 (TELayerNormColumnParallelLinear) are asked for their normalized input (return_layernorm_output), which is
 what the adapter reads.
 
+At TP 1, LoRA on megatron's local layers runs as one autograd function with the frozen base
+(FrozenLinearWithLora): its backward writes the input's gradient once, the base's dgrad GEMM and then the
+adapter's part added in place, where two autograd branches would write both and a third pass sum them.
+
 DoRA (PEFT's use_dora): out = base + (m / n - 1) * base_without_bias + (m / n) * s * B A x, where
 n = ||W + s B A|| per output row is detached (DoRA paper, section 4.3) and m is the trained magnitude. A
 row-parallel weight's row norms are summed over TP.
@@ -51,6 +55,41 @@ def parallel_kind(module: torch.nn.Module) -> str:
     raise TypeError(f"{type(module).__name__} is not a column- or row-parallel linear layer; LoRA cannot adapt it")
 
 
+class FrozenLinearWithLora(torch.autograd.Function):
+    """x W^T (+ bias) + s (x A^T) B^T for a frozen W, TP 1, no dropout: the bias in the base GEMM's epilogue, the
+    update added in place by its own GEMM's epilogue (beta = 1); backward: dL/dx = g W + (s g B) A written once,
+    and only the adapter's gradients."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")  # as megatron's linears: backward under forward's autocast state
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.mm(flat, weight.t()) if bias is None else torch.addmm(bias, flat, weight.t())
+        h = torch.mm(flat, lora_A.t())
+        out.addmm_(h, lora_B.t(), alpha=scaling)
+        ctx.save_for_backward(x, h, weight, lora_A, lora_B)
+        ctx.scaling = scaling
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad):
+        x, h, weight, lora_A, lora_B = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_h = torch.mm(g, lora_B).mul_(ctx.scaling)
+        grad_B = torch.mm(g.t(), h).mul_(ctx.scaling)
+        grad_A = torch.mm(grad_h.t(), x.reshape(-1, x.shape[-1]))
+        grad_x = torch.mm(g, weight).addmm_(grad_h, lora_A).view(x.shape) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, grad_A, grad_B, None
+
+
+def is_local_linear(module: torch.nn.Module) -> bool:
+    """megatron-core's own (not Transformer Engine's) column- or row-parallel linear layer."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    return isinstance(module, (ColumnParallelLinear, RowParallelLinear))
+
+
 class Adapter(torch.nn.Module):
     """A base layer's low-rank update: lora_A [r, in_local], lora_B [out_local, r] (local: this rank's part of the
     base weight's shape) and, for DoRA, the magnitude [out_local]. `fused_halves` = 2 for SwiGLU's [gate; up]
@@ -70,6 +109,8 @@ class Adapter(torch.nn.Module):
         self.lora_B = torch.nn.Parameter(torch.zeros(out_local, settings.rank, **like))
         self.magnitude = torch.nn.Parameter(torch.ones(out_local, **like)) if settings.dora else None
         self.dropout = torch.nn.Dropout(settings.dropout) if settings.dropout > 0 else torch.nn.Identity()
+        # FrozenLinearWithLora's case, set by `adapt`; dropout in training still takes the separate path
+        self.inside_base = False
         for name, param in self.named_parameters():
             axis = SPLIT_AXES[kind].get(name)
             param.tensor_model_parallel, param.partition_dim, param.partition_stride = \
@@ -110,6 +151,10 @@ class Adapter(torch.nn.Module):
             with get_cuda_rng_tracker().fork() if split_input else contextlib.nullcontext():
                 x = self.dropout(x)
         return self.combine_over_tp(F.linear(x, self.lora_A))
+
+    def runs_inside_base(self) -> bool:
+        """Whether this forward's update runs inside the base layer's GEMMs (FrozenLinearWithLora)."""
+        return self.inside_base and not (self.training and isinstance(self.dropout, torch.nn.Dropout))
 
     def combine_over_tp(self, h: torch.Tensor) -> torch.Tensor:
         """A x as B needs it (the module docstring says why each)."""
@@ -187,7 +232,16 @@ class AdaptedLinear:
 
     adapter: Adapter
 
+    def _forward_impl(self, input, weight, *args, **kwargs):  # megatron's local layers' GEMM, at TP 1 only
+        if not self.adapter.runs_inside_base():
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        adapter = self.adapter
+        return FrozenLinearWithLora.apply(input, weight, kwargs.get("bias"), adapter.lora_A, adapter.lora_B,
+                                          adapter.scaling)
+
     def forward(self, x, *args, **kwargs):
+        if self.adapter.runs_inside_base():
+            return super().forward(x, *args, **kwargs)
         output, bias, adapter_input = split_linear_output(super().forward(x, *args, **kwargs), x)
         return self.adapter(adapter_input, output, self.weight, bias_inside_output(self, bias)), bias
 
@@ -219,6 +273,7 @@ def adapt(module: torch.nn.Module, settings: LoraSettings, fused_halves: int = 1
         tp_group = getattr(module, "_tp_group", None)
     tp_group = get_tensor_model_parallel_group_if_none(tp_group)
     module.adapter = Adapter(settings, kind, module.weight, tp_group, module.config.sequence_parallel, fused_halves)
+    module.adapter.inside_base = is_local_linear(module) and module.adapter.tp_size == 1 and not settings.dora
     if base_class not in _ADAPTED_CLASSES:
         _ADAPTED_CLASSES[base_class] = type(f"Adapted{base_class.__name__}", (AdaptedLinear, base_class), {})
     module.__class__ = _ADAPTED_CLASSES[base_class]
