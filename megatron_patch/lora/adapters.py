@@ -18,8 +18,8 @@ Only rank-sized tensors (r values per token) cross ranks. Transformer Engine's l
 what the adapter reads.
 
 At TP 1, LoRA on megatron's local layers runs as one autograd function with the frozen base
-(FrozenLinearWithLora): its backward writes the input's gradient once, the base's dgrad GEMM and then the
-adapter's part added in place, where two autograd branches would write both and a third pass sum them.
+(FrozenLinearWithLora): the layer's output and its input's gradient are each written by the adapter's small GEMM
+and completed in place by the base's GEMM, where separate autograd branches would write each twice and sum them.
 
 DoRA (PEFT's use_dora): out = base + (m / n - 1) * base_without_bias + (m / n) * s * B A x, where
 n = ||W + s B A|| per output row is detached (DoRA paper, section 4.3) and m is the trained magnitude. A
@@ -56,17 +56,18 @@ def parallel_kind(module: torch.nn.Module) -> str:
 
 
 class FrozenLinearWithLora(torch.autograd.Function):
-    """x W^T (+ bias) + s (x A^T) B^T for a frozen W, TP 1, no dropout: the bias in the base GEMM's epilogue, the
-    update added in place by its own GEMM's epilogue (beta = 1); backward: dL/dx = g W + (s g B) A written once,
-    and only the adapter's gradients."""
+    """x W^T (+ bias) + s (x A^T) B^T for a frozen W, TP 1, no dropout. The rank-16 products are bandwidth-bound,
+    the base's compute-bound: so the update (with the bias in its epilogue) is written first and the base GEMM adds
+    onto it in its epilogue (beta = 1), where reading it costs no time; likewise dL/dx = (s g B) A + g W. Only
+    the adapter's gradients are computed."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")  # as megatron's linears: backward under forward's autocast state
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
         flat = x.reshape(-1, x.shape[-1])
-        out = torch.mm(flat, weight.t()) if bias is None else torch.addmm(bias, flat, weight.t())
-        h = torch.mm(flat, lora_A.t())
-        out.addmm_(h, lora_B.t(), alpha=scaling)
+        h = torch.mm(flat, lora_A.t()).mul_(scaling)  # s A x, rank-sized
+        out = torch.mm(h, lora_B.t()) if bias is None else torch.addmm(bias, h, lora_B.t())
+        out.addmm_(flat, weight.t())
         ctx.save_for_backward(x, h, weight, lora_A, lora_B)
         ctx.scaling = scaling
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -76,10 +77,10 @@ class FrozenLinearWithLora(torch.autograd.Function):
     def backward(ctx, grad):
         x, h, weight, lora_A, lora_B = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
-        grad_h = torch.mm(g, lora_B).mul_(ctx.scaling)
-        grad_B = torch.mm(g.t(), h).mul_(ctx.scaling)
+        grad_h = torch.mm(g, lora_B).mul_(ctx.scaling)  # dL/d(A x)
+        grad_B = torch.mm(g.t(), h)
         grad_A = torch.mm(grad_h.t(), x.reshape(-1, x.shape[-1]))
-        grad_x = torch.mm(g, weight).addmm_(grad_h, lora_A).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_x = torch.mm(grad_h, lora_A).addmm_(g, weight).view(x.shape) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, grad_A, grad_B, None
 
 

@@ -464,7 +464,10 @@ def test_cuda_graph_replays_the_fixed_size_boundaries_of_each_batch(model_parall
         graph.replay()
         want_losses, want_grad = step(batch, packed_seq_params_for(batch["segments"].cpu(), DEVICE))
         real = batch["real"]
-        torch.testing.assert_close(losses[real], want_losses[real], atol=0, rtol=0)
+        # The replay runs the kernel over more (empty) samples and another grid than the eager step: bf16 noise at
+        # most, where attention across samples moves these losses by ~1e-2 (the varlen test above)
+        error = ((losses[real] - want_losses[real]).norm() / want_losses[real].norm()).item()
+        assert error <= 1e-3, error
         torch.testing.assert_close(grad, want_grad, atol=1e-3, rtol=1e-2)
 
 
