@@ -56,7 +56,7 @@ def parallel_kind(module: torch.nn.Module) -> str:
 
 
 class FrozenLinearWithLora(torch.autograd.Function):
-    """x W^T (+ bias) + s (x A^T) B^T for a frozen W, TP 1, no dropout. The rank-16 products are bandwidth-bound,
+    """x W^T (+ bias) + s (x A^T) B^T for a frozen W, TP 1, no dropout. The rank-sized products are bandwidth-bound,
     the base's compute-bound: so the update (with the bias in its epilogue) is written first and the base GEMM adds
     onto it in its epilogue (beta = 1), where reading it costs no time; likewise dL/dx = (s g B) A + g W. Only
     the adapter's gradients are computed."""
@@ -233,15 +233,18 @@ class AdaptedLinear:
 
     adapter: Adapter
 
+    def _update_inside_base(self) -> bool:
+        return self.adapter.runs_inside_base() and not self.weight.requires_grad
+
     def _forward_impl(self, input, weight, *args, **kwargs):  # megatron's local layers' GEMM, at TP 1 only
-        if not self.adapter.runs_inside_base():
+        if not self._update_inside_base():
             return super()._forward_impl(input, weight, *args, **kwargs)
         adapter = self.adapter
         return FrozenLinearWithLora.apply(input, weight, kwargs.get("bias"), adapter.lora_A, adapter.lora_B,
                                           adapter.scaling)
 
     def forward(self, x, *args, **kwargs):
-        if self.adapter.runs_inside_base():
+        if self._update_inside_base():
             return super().forward(x, *args, **kwargs)
         output, bias, adapter_input = split_linear_output(super().forward(x, *args, **kwargs), x)
         return self.adapter(adapter_input, output, self.weight, bias_inside_output(self, bias)), bias

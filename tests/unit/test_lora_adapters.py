@@ -130,6 +130,27 @@ def test_te_shaped_layers_take_the_adapter_peft_computes_on_their_linear_input(l
     torch.testing.assert_close(output, reference(layer.normed(x)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_base_and_its_update_in_one_function_match_separate_autograd(with_bias):
+    """FrozenLinearWithLora (LoRA at TP 1: the update written first, the base GEMM adding onto it; dL/dx likewise)
+    against x W^T + b + s B A x by autograd, in fp64: the output and the gradients of x, A and B; W and b frozen."""
+    from megatron_patch.lora.adapters import FrozenLinearWithLora
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 2, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight, bias = torch.randn(6, 8, dtype=torch.float64, generator=generator), torch.randn(6, dtype=torch.float64)
+    lora_A = torch.randn(3, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    lora_B = torch.randn(6, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    upstream = torch.randn(5, 2, 6, dtype=torch.float64, generator=generator)
+    bias = bias if with_bias else None
+    ours = FrozenLinearWithLora.apply(x, weight, bias, lora_A, lora_B, 1.5)
+    reference = F.linear(x, weight, bias) + 1.5 * F.linear(F.linear(x, lora_A), lora_B)
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(ours, [x, lora_A, lora_B], upstream),
+                         torch.autograd.grad(reference, [x, lora_A, lora_B], upstream)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_merged_weights_are_peft_merge(method):
     """The convertor's --merge-lora maths (megatron_patch.lora.peft_export.merged_weight) against peft's own
