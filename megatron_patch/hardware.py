@@ -68,6 +68,17 @@ def free_gpu_bytes() -> int | None:
     return torch.cuda.mem_get_info()[0]
 
 
+def available_host_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Memory the host can give a new process without swapping (Linux's MemAvailable), or None where unknown."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 # Rendezvous ports are drawn below the kernel's ephemeral range: a port from that range that is free now can be
 # taken, before the rendezvous listens on it, as the source port of any outgoing connection on the host (gloo
 # opens many), which fails the run with EADDRINUSE.

@@ -29,6 +29,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 GPU_ONLY = "gpu"  # the pytest mark of tests that need a CUDA GPU (pyproject.toml registers it)
 
 
+@pytest.fixture(autouse=True)
+def ample_host_memory(monkeypatch):
+    """Launch plans made in the tests' own process, for machines described rather than detected, are not judged by
+    this host's free memory (the OPTIMIZER_OFFLOAD check); the tests of that check set their own figure."""
+    from megatron_patch import hardware
+
+    monkeypatch.setattr(hardware, "available_host_bytes", lambda: 2**50)
+
+
 def _gpu_run(config) -> bool:
     """`pytest -m gpu` (make test-gpu)."""
     return config.option.markexpr.strip() == GPU_ONLY

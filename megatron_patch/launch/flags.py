@@ -152,25 +152,43 @@ def _recompute_flags(launch: Launch) -> list[str]:
 def _optimizer_offload_flags(launch: Launch, machine: Machine) -> list[str]:
     if launch.optimizer_offload == "false":
         return []
-    if launch.optimizer_offload == "static":
-        fraction = 1.0
-    else:
-        fraction = auto_offload_fraction(launch, machine, hardware.free_gpu_bytes())
     return ["--optimizer-cpu-offload", "--use-precision-aware-optimizer",
-            "--optimizer-offload-fraction", f"{fraction:.2f}", "--overlap-cpu-optimizer-d2h-h2d"]
+            "--optimizer-offload-fraction", f"{offload_fraction(launch, machine):.2f}",
+            "--overlap-cpu-optimizer-d2h-h2d"]
+
+
+# Adam's state per trained parameter: fp32 master weights and two fp32 moments. Offloaded, megatron-core's hybrid
+# optimizer also keeps a pinned fp32 copy of the gradients on the host for its CPU step.
+ADAM_STATE_BYTES = 12
+OFFLOADED_HOST_BYTES = 16
+
+
+def optimizer_shard_parameters(launch: Launch, machine: Machine) -> float:
+    """Trained parameters (the real shape's count, or a LoRA run's adapters) whose optimizer state one rank holds:
+    split over TP and PP, and by the distributed optimizer over the data- and context-parallel ranks."""
+    model_parallel = launch.tp * launch.pp
+    return launch.trained_parameters / model_parallel / max(1, machine.world_size // model_parallel)
+
+
+def offload_fraction(launch: Launch, machine: Machine) -> float:
+    """Share of the optimizer state OPTIMIZER_OFFLOAD puts on the host: all of it (static), or what auto sizes."""
+    if launch.optimizer_offload == "static":
+        return 1.0
+    return auto_offload_fraction(launch, machine, hardware.free_gpu_bytes())
+
+
+def offloaded_host_bytes(launch: Launch, machine: Machine) -> float:
+    """Host memory the offloaded optimizer state of this node's ranks takes."""
+    return OFFLOADED_HOST_BYTES * optimizer_shard_parameters(launch, machine) * offload_fraction(launch, machine) \
+        * machine.nproc_per_node
 
 
 def auto_offload_fraction(launch: Launch, machine: Machine, free_gpu_bytes: int | None) -> float:
-    """Share of optimizer state to keep on the CPU so the rest fits in free GPU memory.
-
-    Adam keeps fp32 master weights and two moments: 12 bytes per trained parameter (the real shape's count, or a
-    LoRA run's adapters), split over the model-parallel ranks and, by the distributed optimizer, over
-    data-parallel ranks. Half of the GPU's free memory is left for weights, grads and activations.
-    """
+    """Share of optimizer state to keep on the CPU so the rest fits in free GPU memory; half of the GPU's free
+    memory is left for weights, grads and activations."""
     if free_gpu_bytes is None:
         return 1.0
-    dp = max(1, machine.world_size // (launch.tp * launch.pp * launch.cp))
-    state_bytes = 12 * launch.trained_parameters / (launch.tp * launch.pp) / dp
+    state_bytes = ADAM_STATE_BYTES * optimizer_shard_parameters(launch, machine)
     on_gpu = min(1.0, 0.5 * free_gpu_bytes / state_bytes)
     return round(max(0.0, 1.0 - on_gpu), 2)
 

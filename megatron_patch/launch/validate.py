@@ -9,8 +9,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_patch import hardware
 from megatron_patch.data.blend import data_path_problem
 from megatron_patch.data.dataset_checks import dataset_problem
+from megatron_patch.launch.flags import OFFLOADED_HOST_BYTES, offloaded_host_bytes
 from megatron_patch.launch.positional import Launch
 from megatron_patch.launch.machine import Machine, packed_samples_need_masks, uses_te
 from megatron_patch.errors import UserError
@@ -96,6 +98,7 @@ def problems(launch: Launch, machine: Machine) -> Findings:
     found.errors += _schedule_problems(launch)
     found.errors += _path_problems(launch)
     found.errors += _lora_problems(launch)
+    found.errors += _host_memory_problems(launch, machine)
     if launch.save_hf != "false" and not launch.save_checkpoints:
         found.errors.append(f"MP_SAVE_HF={launch.save_hf} exports each saved checkpoint, but MP_SAVE=false saves "
                             "none. Unset one of them.")
@@ -111,6 +114,24 @@ def problems(launch: Launch, machine: Machine) -> Findings:
         found.warnings.append(f"MP_SAVE=false: this run saves no checkpoint (SAVE_INTERVAL={launch.save_interval} is "
                               "ignored); when it ends or is stopped, nothing of its training is kept.")
     return found
+
+
+def _host_memory_problems(launch: Launch, machine: Machine) -> list[str]:
+    """An offloaded optimizer state this host cannot hold: refused now, not killed by the kernel's OOM killer
+    minutes into the run, after the model has been built."""
+    if launch.optimizer_offload == "false" or not machine.has_gpu:
+        return []
+    available = hardware.available_host_bytes()
+    needed = offloaded_host_bytes(launch, machine)
+    if available is None or needed <= available:
+        return []
+    return [f"OPTIMIZER_OFFLOAD={launch.optimizer_offload} keeps the optimizer state of this node's "
+            f"{machine.nproc_per_node} rank(s) on the host: about {needed / 2**30:.0f} GiB ({OFFLOADED_HOST_BYTES} "
+            f"bytes per trained parameter: fp32 master weights, Adam's two fp32 moments and a pinned fp32 copy of "
+            f"the gradients; {launch.trained_parameters / 1e9:.2f}B parameters trained, split over "
+            f"TP*PP = {launch.tp * launch.pp} and the data-parallel ranks), but only {available / 2**30:.0f} GiB of "
+            "host memory is available (MemAvailable). Use OPTIMIZER_OFFLOAD=auto (it keeps on the GPU what fits), "
+            "more GPUs, or LoRA (MP_LORA_RANK), or free host memory."]
 
 
 def _feature_problems(launch: Launch, machine: Machine, found: Findings) -> list[str]:

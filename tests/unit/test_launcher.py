@@ -724,6 +724,48 @@ def test_auto_optimizer_offload_keeps_what_fits(paths, monkeypatch):
     assert launch_flags.auto_offload_fraction(launch, GPU_TE, int(state)) == 0.5
 
 
+def test_auto_optimizer_offload_splits_the_state_over_context_parallel_ranks_too(paths):
+    # The distributed optimizer shards over data x context parallel: 8 GPUs at CP=2 still hold 1/8 each.
+    launch = positional.parse(argv(paths, MODEL_SIZE="0.5B", OPTIMIZER_OFFLOAD="auto", CP="2"), {})
+    state = 12 * launch.size.parameter_count / 8
+    assert launch_flags.auto_offload_fraction(launch, GPU_TE, int(state)) == 0.5
+
+
+def test_available_host_memory_is_linuxs_memavailable(tmp_path, monkeypatch):
+    monkeypatch.undo()  # the suite's ample_host_memory stand-in
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32768000 kB\nMemFree:          102400 kB\nMemAvailable:   20480000 kB\n")
+    assert hardware.available_host_bytes(meminfo) == 20480000 * 1024
+    meminfo.write_text("MemTotal:       32768000 kB\n")  # a kernel older than 3.14
+    assert hardware.available_host_bytes(meminfo) is None
+    assert hardware.available_host_bytes(tmp_path / "absent") is None
+
+
+@pytest.mark.parametrize("offload", ["static", "auto"])
+def test_optimizer_offload_is_refused_where_the_host_cannot_hold_its_state(paths, monkeypatch, offload):
+    """16 bytes per trained parameter on the host (master weights, two moments, the gradients' copy), for the
+    node's ranks together: refused before torchrun when MemAvailable is less, with the figures and the fixes."""
+    monkeypatch.setattr(hardware, "free_gpu_bytes", lambda: 2**30)  # auto: almost all of it goes to the host
+    launch = positional.parse(argv(paths, MODEL_SIZE="0.5B", OPTIMIZER_OFFLOAD=offload), {})
+    fraction = 1.0 if offload == "static" else launch_flags.auto_offload_fraction(launch, GPU_TE, 2**30)
+    needed = 16 * launch.size.parameter_count * fraction  # 8 ranks on this node, 1/8 of the state each
+    monkeypatch.setattr(hardware, "available_host_bytes", lambda: int(needed) - 2**20)
+    with pytest.raises(UserError) as err:
+        api_flags(paths, MODEL_SIZE="0.5B", OPTIMIZER_OFFLOAD=offload)
+    message = str(err.value)
+    assert f"OPTIMIZER_OFFLOAD={offload} keeps the optimizer state of this node's 8 rank(s) on the host: about " \
+           f"{needed / 2**30:.0f} GiB" in message
+    assert "0.49B parameters trained" in message and "Use OPTIMIZER_OFFLOAD=auto" in message
+    monkeypatch.setattr(hardware, "available_host_bytes", lambda: int(needed) + 2**20)
+    _, flags = api_flags(paths, MODEL_SIZE="0.5B", OPTIMIZER_OFFLOAD=offload)
+    assert "--optimizer-cpu-offload" in flags
+    # A LoRA run offloads its adapters' state only, which the same host holds easily
+    monkeypatch.setattr(hardware, "available_host_bytes", lambda: 2**30)
+    planned, _ = api_flags(paths, MODEL_SIZE="0.5B", OPTIMIZER_OFFLOAD=offload, environ={"MP_LORA_RANK": "16"},
+                           PRETRAIN_CHECKPOINT_PATH=str(paths.checkpoint_05b))
+    assert planned.lora is not None
+
+
 @pytest.mark.parametrize("size_name", ["0.5B", "7B", "14B"])
 def test_offload_sizing_counts_the_real_model_parameters(size_name):
     # The count offload sizing uses is the HF model's own (GQA, SwiGLU's three matrices, tied or untied output).
