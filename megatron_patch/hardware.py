@@ -59,8 +59,9 @@ def flash_attn_importable() -> bool:
                for name in ("flash_attn", "flash_attn_3", "flash_attn_interface"))
 
 
+@functools.cache  # one figure per launch: the host-memory check and the offload flags size the same fraction
 def free_gpu_bytes() -> int | None:
-    """Free memory on the current GPU, or None without one."""
+    """Free memory on the current GPU before the run, or None without one."""
     if gpu_count() == 0:
         return None
     import torch

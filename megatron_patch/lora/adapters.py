@@ -110,7 +110,7 @@ class Adapter(torch.nn.Module):
         self.lora_B = torch.nn.Parameter(torch.zeros(out_local, settings.rank, **like))
         self.magnitude = torch.nn.Parameter(torch.ones(out_local, **like)) if settings.dora else None
         self.dropout = torch.nn.Dropout(settings.dropout) if settings.dropout > 0 else torch.nn.Identity()
-        # FrozenLinearWithLora's case, set by `adapt`; dropout in training still takes the separate path
+        # FrozenLinearWithLora's case (local layer, TP 1, LoRA), set by `adapt`; AdaptedLinear adds the rest
         self.inside_base = False
         for name, param in self.named_parameters():
             axis = SPLIT_AXES[kind].get(name)
@@ -152,10 +152,6 @@ class Adapter(torch.nn.Module):
             with get_cuda_rng_tracker().fork() if split_input else contextlib.nullcontext():
                 x = self.dropout(x)
         return self.combine_over_tp(F.linear(x, self.lora_A))
-
-    def runs_inside_base(self) -> bool:
-        """Whether this forward's update runs inside the base layer's GEMMs (FrozenLinearWithLora)."""
-        return self.inside_base and not (self.training and isinstance(self.dropout, torch.nn.Dropout))
 
     def combine_over_tp(self, h: torch.Tensor) -> torch.Tensor:
         """A x as B needs it (the module docstring says why each)."""
@@ -234,7 +230,10 @@ class AdaptedLinear:
     adapter: Adapter
 
     def _update_inside_base(self) -> bool:
-        return self.adapter.runs_inside_base() and not self.weight.requires_grad
+        """Whether this forward's update runs inside the base layer's GEMMs (FrozenLinearWithLora)."""
+        adapter = self.adapter
+        return adapter.inside_base and not self.weight.requires_grad \
+            and not (adapter.training and isinstance(adapter.dropout, torch.nn.Dropout))
 
     def _forward_impl(self, input, weight, *args, **kwargs):  # megatron's local layers' GEMM, at TP 1 only
         if not self._update_inside_base():
