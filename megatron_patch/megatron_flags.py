@@ -133,6 +133,7 @@ def add_extra_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "own TP/PP shards into the model before the optimizer copies it; not read when --load holds "
                             "a checkpoint (a resumed run continues from its own)")
     group.add_argument("--cpu-threads", type=int, default=None,
-                       help="CPU runs: torch threads per process (default: cores / processes)")
+                       help="CPU runs: torch threads per process (default: OMP_NUM_THREADS where set, as the launcher sets "
+                            "it; else cores / processes)")
     add_lora_args(parser)
     return parser

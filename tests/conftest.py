@@ -46,6 +46,14 @@ def _gpu_run(config) -> bool:
 def pytest_configure(config):
     from megatron_patch.hardware import gpu_count
 
+    # pytest-xdist's workers split the host's cores: a worker and all it starts use its share
+    # (training_utils.worker_cores), unless the caller's OMP_NUM_THREADS says otherwise.
+    if hasattr(config, "workerinput") and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // config.workerinput["workercount"]))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
     if _gpu_run(config) and gpu_count() == 0:
         raise pytest.UsageError("pytest -m gpu (make test-gpu) runs the tests that need a CUDA GPU, and torch sees "
                                 "none here. Run it on a GPU machine; `make test` runs the rest.")

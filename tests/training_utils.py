@@ -186,6 +186,14 @@ def run_fresh_rank(workdir: Path, args: list[str], timeout: int = 600, check: bo
     return _kept(workdir, proc, check)
 
 
+def worker_cores() -> int:
+    """The cores this test process may keep busy: its pytest-xdist worker's share of the host (conftest.py sets
+    OMP_NUM_THREADS). Every process a test starts sizes its threads from it: ranks of two workers that each ran as
+    many threads as the host has cores spent half their time spinning against each other."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else os.cpu_count() or 1
+
+
 def _entrypoint_argv(workdir: Path, args: list[str]) -> list[str]:
     return [*args, "--tensorboard-dir", str(workdir / "tb"), "--tensorboard-log-interval", "1"]
 
@@ -194,7 +202,7 @@ def _ranks_env(nproc: int) -> dict[str, str]:
     """torchrun's variables for a one-node job of nproc ranks (each rank adds its RANK and LOCAL_RANK). The
     repository goes first on PYTHONPATH, which keeps what was there (a GPU machine's carried packages)."""
     python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return dict(os.environ, PYTHONPATH=python_path, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)),
+    return dict(os.environ, PYTHONPATH=python_path, OMP_NUM_THREADS=str(max(1, worker_cores() // nproc)),
                 WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(free_port()))
 
@@ -212,7 +220,7 @@ def run_tool(cmd: list, check: bool = True, cwd: Path | None = None) -> subproce
     """A toolkit script or CLI in a subprocess (Megatron keeps its setup in process globals)."""
     # The caller's PYTHONPATH stays behind the repository's (where a test dependency such as peft may live).
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH"))
-                                                       if p), OMP_NUM_THREADS="2")
+                                                       if p), OMP_NUM_THREADS=str(worker_cores()))
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -228,7 +236,7 @@ def run_stopped(cmd: list, point: str, workdir: Path, signal_name: str = "SIGINT
     import signal
     import time
 
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="2", MP_FAULT_INJECT=f"{signal_name}@{point}",
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(worker_cores()), MP_FAULT_INJECT=f"{signal_name}@{point}",
                **env)
     console = workdir / f"stopped-at-{point.replace(':', '-')}.console"
     with open(console, "w") as out:  # a file, not a pipe: a process left behind cannot hang the test

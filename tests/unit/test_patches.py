@@ -326,3 +326,31 @@ def test_nan_and_inf_checks_name_likely_causes(monkeypatch, caplog):
     machine = RerunStateMachine(mode=RerunMode.DISABLED)
     with pytest.raises(RuntimeError, match=r"message='Spiky loss'\)$"):
         machine.validate_result(result=torch.tensor(50.0), rejection_func=lambda r: True, message="Spiky loss")
+
+
+@pytest.mark.parametrize("cpu_threads, omp, local_world, expected", [
+    (None, "3", "2", 3),   # OMP_NUM_THREADS, as the launcher or a test worker sets it
+    (2, "3", "1", 2),      # --cpu-threads wins
+    (None, None, "2", None),  # neither: the host's cores over the node's ranks
+    (None, "junk", "1", None),
+])
+def test_a_cpu_rank_takes_its_thread_count_from_the_flag_then_omp_num_threads(monkeypatch, capsys, cpu_threads, omp,
+                                                                               local_world, expected):
+    from megatron_patch.patches import cpu_backend
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    monkeypatch.setenv("WORLD_SIZE", local_world)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(cpu_backend.os, "cpu_count", lambda: 8)
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    try:
+        cpu_backend.share_cores(SimpleNamespace(cpu_threads=cpu_threads))
+        threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert threads == (expected or 8 // int(local_world))
+    assert f"({local_world} processes, {threads} threads each)" in capsys.readouterr().out
