@@ -2,11 +2,11 @@
 # What the one-GPU calls of docs/benchmarks.md ("The one-GPU calls still to run") need on a lent device machine,
 # which has torch and transformers but no package registry and none of this project's data.
 #
-#   bash benchmarks/device_prep.sh          here, once (after `make setup`): the wheels the device lacks, at the
+#   bash scripts/device_prep.sh          here, once (after `make setup`): the wheels the device lacks, at the
 #                                           lock's versions, into .device/whl, and the benchmarks' data into
 #                                           output/sft-bench-assets and output/hf-io-assets (all git-ignored: pass
 #                                           them to the device tool's carry)
-#   source benchmarks/device_prep.sh use    on the device, first in each call: installs the wheels into /tmp/site,
+#   source scripts/device_prep.sh use    on the device, first in each call: installs the wheels into /tmp/site,
 #                                           sets the environment, puts the HF-in/out assets where the benchmarks
 #                                           share them, and prints the card and the versions
 CARRY=(.device output/sft-bench-assets output/hf-io-assets)
@@ -44,5 +44,5 @@ print("torch", torch.__version__, "transformers", transformers.__version__, "meg
 case "${1:-prepare}" in
   prepare) prepare ;;
   use) use ;;
-  *) echo "usage: bash benchmarks/device_prep.sh [prepare] | source benchmarks/device_prep.sh use" >&2; false ;;
+  *) echo "usage: bash scripts/device_prep.sh [prepare] | source scripts/device_prep.sh use" >&2; false ;;
 esac
