@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import random
 import socket
 from pathlib import Path
@@ -67,6 +68,15 @@ def free_gpu_bytes() -> int | None:
     import torch
 
     return torch.cuda.mem_get_info()[0]
+
+
+def omp_threads() -> int | None:
+    """OMP_NUM_THREADS where it names a thread count. The launcher sets it per CPU rank, and whoever shares the host
+    with other work (a scheduler's CPU slice, a test runner's workers) sets it lower: more threads than the cores a
+    process gets make OpenMP's workers spin against each other (two tiny runs side by side on 2 cores: 41 s at 2
+    threads each, 22 s at 1)."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def available_host_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:

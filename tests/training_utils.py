@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 from megatron_patch.harness.iteration_log import tensorboard_scalars
-from megatron_patch.hardware import free_port  # noqa: F401  (tests import it from here)
+from megatron_patch.hardware import free_port, omp_threads  # noqa: F401  (tests import free_port from here)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONVERTOR = REPO_ROOT / "toolkits" / "distributed_checkpoints_convertor"
@@ -190,8 +190,7 @@ def worker_cores() -> int:
     """The cores this test process may keep busy: its pytest-xdist worker's share of the host (conftest.py sets
     OMP_NUM_THREADS). Every process a test starts sizes its threads from it: ranks of two workers that each ran as
     many threads as the host has cores spent half their time spinning against each other."""
-    value = os.environ.get("OMP_NUM_THREADS", "")
-    return int(value) if value.isdigit() and int(value) > 0 else os.cpu_count() or 1
+    return omp_threads() or os.cpu_count() or 1
 
 
 def _entrypoint_argv(workdir: Path, args: list[str]) -> list[str]:
@@ -236,8 +235,8 @@ def run_stopped(cmd: list, point: str, workdir: Path, signal_name: str = "SIGINT
     import signal
     import time
 
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(worker_cores()), MP_FAULT_INJECT=f"{signal_name}@{point}",
-               **env)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(worker_cores()),
+               MP_FAULT_INJECT=f"{signal_name}@{point}", **env)
     console = workdir / f"stopped-at-{point.replace(':', '-')}.console"
     with open(console, "w") as out:  # a file, not a pipe: a process left behind cannot hang the test
         proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=out, stderr=subprocess.STDOUT,

@@ -27,6 +27,8 @@ import time
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_patch import hardware
+
 
 _real_torch_compile = torch.compile
 
@@ -235,19 +237,10 @@ def place_cuda_tensors_on_cpu() -> None:
     _CudaOnCpu().__enter__()
 
 
-def _threads_from_environment() -> int | None:
-    """OMP_NUM_THREADS, where it names a thread count: the launcher sets it per rank, and whoever shares the host
-    with other work (a scheduler's CPU slice, a test runner's workers) sets it lower. More threads than the cores
-    a process gets make OpenMP's workers spin against each other (two tiny runs side by side on 2 cores: 41 s at
-    2 threads each, 22 s at 1)."""
-    value = os.environ.get("OMP_NUM_THREADS", "").strip()
-    return int(value) if value.isdigit() and int(value) > 0 else None
-
-
 def share_cores(args) -> None:
     """Share the host's cores among the ranks, and say once that the run is on the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    threads = args.cpu_threads or _threads_from_environment() or \
+    threads = args.cpu_threads or hardware.omp_threads() or \
         max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     torch.set_num_threads(threads)
     if int(os.environ.get("RANK", "0")) == 0:
